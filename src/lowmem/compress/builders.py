@@ -1,0 +1,229 @@
+"""Plan builders: from a measured SNR trajectory, and the published fixed rules (DESIGN §4).
+
+The SNR builder follows Kalra, Kirchenbauer, Barkeshli, Goldstein, "When Can You Get Away with
+Low Memory Adam?" (2025): time-mean SNR over a window of measured steps, a subset passes when its
+SNR is strictly above the threshold, the highest-SNR passing subset wins, norms are never
+compressed. Options: prefer the most compression among passing subsets; average the SNR over
+depth for layers of one role and shape so they share one decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from torch import nn
+
+from lowmem.compress.plan import LayerPlan, PartPlan, Plan, kept_entries, model_record
+from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
+from lowmem.snr.trajectory import SnrTrajectory
+from lowmem.snr.views import View, describe_subset, param_views
+
+PRESETS = ("slimadam-rules",)
+
+# Roles whose `v` is never averaged (DESIGN §4; unknown layers keep full Adam, DESIGN §2).
+_NEVER = {"norm": "norms keep full Adam", "other": "unknown layer type: full Adam"}
+
+
+def _full(info: ParamInfo, why: str, snr=None) -> LayerPlan:
+    return LayerPlan(list(info.shape), info.role, list(info.shape), None, why, snr, None, list(info.aliases[1:]))
+
+
+def _subset_key(view: View, subset: str) -> str:
+    return subset if view.name == "raw" else f"{view.name}:{subset}"
+
+
+def build_plan(
+    model: nn.Module,
+    trajectory: SnrTrajectory,
+    threshold: float = 1.0,
+    window: tuple[int | None, int | None] | None = None,
+    prefer: str = "snr",
+    depth_average: bool = False,
+    allow_token: bool = False,
+    layers: ModelLayers | None = None,
+    source: dict | None = None,
+) -> Plan:
+    """Build a plan from the time-mean SNR of each parameter's views and axis subsets.
+
+    Args:
+        model: the model the trajectory was measured on (names, shapes, fingerprint).
+        trajectory: the measured samples (`lowmem.snr.SnrTrajectory`).
+        threshold: a subset passes when its time-mean SNR is strictly above this.
+        window: ``(start, end)`` steps, inclusive, either may be None; default all steps.
+        prefer: ``"snr"`` (highest-SNR passing subset) or ``"compression"`` (fewest `v` entries
+            kept among passing subsets, ties to the higher SNR).
+        depth_average: average SNR over layers with the same role and shape before deciding.
+        allow_token: allow averaging over an embedding's ``token`` axis (off by default).
+        layers: pre-resolved layers (default: resolved from `model`).
+        source: extra provenance merged into the plan's ``source``.
+
+    Returns:
+        A `Plan`; layers without samples keep full Adam and say so.
+    """
+    if prefer not in ("snr", "compression"):
+        raise ValueError(f"prefer must be 'snr' or 'compression', got {prefer!r}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    layers = layers if layers is not None else resolve_layers(model, warn=False)
+    means = trajectory.time_mean(window)
+    by_name: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
+    for (name, view, subset), m in means.items():
+        by_name[name][(view, subset)] = m.snr
+
+    if depth_average:
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for info in layers:
+            groups[(info.role, info.shape)].append(info.name)
+        averaged = {}
+        for names in groups.values():
+            keys = set().union(*(by_name[n].keys() for n in names))
+            avg = {}
+            for k in keys:
+                vals = [by_name[n][k] for n in names if k in by_name[n]]
+                avg[k] = sum(vals) / len(vals)
+            for n in names:
+                averaged[n] = avg
+        by_name = defaultdict(dict, averaged)
+
+    plan_layers = {}
+    for info in layers:
+        snr = by_name.get(info.name) or {}
+        plan_layers[info.name] = _decide(info, snr, threshold, prefer, allow_token)
+    steps = trajectory.steps
+    win = [window[0] if window and window[0] is not None else (steps[0] if steps else None),
+           window[1] if window and window[1] is not None else (steps[-1] if steps else None)]
+    src = {"method": "snr", "threshold": threshold, "window": win, "prefer": prefer,
+           "depth_average": depth_average, "measurements": len(steps)}
+    src.update(source or {})
+    return Plan(model=model_record(model), layers=plan_layers, source=src)
+
+
+def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefer, allow_token) -> LayerPlan:
+    if info.role in _NEVER:
+        return _full(info, _NEVER[info.role], _snr_record(info, snr) or None)
+    if not snr:
+        return _full(info, "no SNR samples (no gradient seen): full Adam")
+    views = param_views(info)
+    if info.parts:
+        parts = []
+        for part, size in info.parts:
+            pviews = [v for v in views if v.part == part]
+            choice = _best(pviews, snr, threshold, prefer, allow_token)
+            base = pviews[0]
+            parts.append(_part_plan(part, base, choice, snr, threshold))
+        lp = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+                       "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
+                       parts, list(info.aliases[1:]))
+        return lp
+    choice = _best(views, snr, threshold, prefer, allow_token)
+    if choice is None:
+        return _full(info, _why_not(views, snr, threshold, allow_token), _snr_record(info, snr))
+    view, subset, value = choice
+    return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
+                     f"SNR along {describe_subset(view.axes, subset)}{_in_view(view)} {value:.2f} > {threshold:g}",
+                     _snr_record(info, snr), None, list(info.aliases[1:]))
+
+
+def _in_view(view: View) -> str:
+    return "" if view.name in ("raw",) or view.part and "." not in view.name else f" ({view.name} view)"
+
+
+def _candidates(views, snr, allow_token):
+    for view in views:
+        for (vlabel, subset), value in snr.items():
+            if vlabel != view.label() or not math.isfinite(value):
+                continue
+            dims = tuple(int(x) for x in subset.split(","))
+            if not allow_token and any(view.axes[d] == "token" for d in dims):
+                continue
+            yield view, dims, value
+
+
+def _best(views, snr, threshold, prefer, allow_token):
+    passing = [(v, s, x) for v, s, x in _candidates(views, snr, allow_token) if x > threshold]
+    if not passing:
+        return None
+    if prefer == "compression":
+        # Fewest kept entries; ties to the higher SNR, then to the simpler (earlier) view.
+        return min(passing, key=lambda c: (kept_entries(list(c[0].shape), list(c[1])), -c[2]))
+    return max(passing, key=lambda c: (c[2], -views.index(c[0])))
+
+
+def _why_not(views, snr, threshold, allow_token) -> str:
+    cands = list(_candidates(views, snr, allow_token))
+    if not cands:
+        return "no admissible subset measured: full Adam"
+    v, s, x = max(cands, key=lambda c: c[2])
+    return f"best SNR {x:.2f} (along {describe_subset(v.axes, s)}) not > {threshold:g}: full Adam"
+
+
+def _part_plan(part, base: View, choice, snr, threshold) -> PartPlan:
+    rec = {f"{vl.split(':')[0]}:{s}": x for (vl, s), x in snr.items() if vl.split(":")[0].split(".")[0] == part}
+    if choice is None:
+        return PartPlan(part, base.dim, base.start, base.stop, list(base.shape), None,
+                        _why_not([base], snr, threshold, False), rec)
+    view, subset, value = choice
+    return PartPlan(part, base.dim, base.start, base.stop, list(view.shape), list(subset),
+                    f"SNR along {describe_subset(view.axes, subset)}{_in_view(view)} {value:.2f} > {threshold:g}", rec)
+
+
+def _snr_record(info: ParamInfo, snr: dict[tuple[str, str], float]) -> dict[str, float]:
+    out = {}
+    for (vlabel, subset), value in sorted(snr.items()):
+        name = vlabel.split(":")[0]
+        out[subset if name == "raw" else f"{name}:{subset}"] = value
+    return out
+
+
+# -- presets -------------------------------------------------------------------------------
+
+# Kalra et al. 2025, the published fixed rules: which axis of `v` each role averages over.
+_SLIMADAM_RULES = {
+    "attn_q": ("in",), "attn_k": ("in",),
+    "attn_v": ("out",), "attn_out": ("out",),
+    "mlp_up": ("out",), "mlp_gate": ("out",), "mlp_down": ("out",),
+    "embedding": ("model",),
+    "lm_head": ("in",),
+}
+_PART_ROLE = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}
+
+
+def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
+    """The published fixed rules of SlimAdam (Kalra et al. 2025) as a plan.
+
+    Q/K average over fan_in; V, attention output and MLP over fan_out; embeddings over the model
+    dim (one value per token); the LM head over fan_in (one per vocabulary row); norms, biases,
+    convolutions and unknown layers keep full Adam. A fused Q/K/V projection gets the rule of
+    each part. Works on a model built on the meta device.
+    """
+    layers = layers if layers is not None else resolve_layers(model, warn=False)
+    plan_layers = {}
+    for info in layers:
+        if info.parts:
+            parts = []
+            for view in (v for v in param_views(info) if "." not in v.name):
+                axes = _SLIMADAM_RULES[_PART_ROLE[view.part]]
+                dims = [d for d, a in enumerate(view.axes) if a in axes]
+                parts.append(PartPlan(view.part, view.dim, view.start, view.stop, list(view.shape), dims,
+                                      f"published rule for {_PART_ROLE[view.part]}: average over {describe_subset(view.axes, tuple(dims))}"))
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+                                               "published rules per part", None, parts, list(info.aliases[1:]))
+            continue
+        axes = _SLIMADAM_RULES.get(info.role)
+        dims = [d for d, a in enumerate(info.axes) if axes and a in axes]
+        if not dims:
+            plan_layers[info.name] = _full(info, f"published rules keep full Adam for {info.role}")
+            continue
+        plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
+                                           f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
+                                           None, None, list(info.aliases[1:]))
+    return Plan(model=model_record(model), layers=plan_layers,
+                source={"method": "preset", "preset": "slimadam-rules"})
+
+
+def build_preset(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:
+    """A named preset plan (see `PRESETS`)."""
+    if name == "slimadam-rules":
+        return slimadam_rules(model, layers)
+    raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -1,0 +1,314 @@
+"""The compression plan: which dims of each parameter's `v` are averaged (DESIGN §4).
+
+One JSON document (schema ``lowmem.plan/1``)::
+
+    {"schema": "lowmem.plan/1",
+     "model": {"class": "GPT", "parameters": 10650112, "fingerprint": "sha256:…"},
+     "source": {"method": "snr", "threshold": 1.0, "window": [200, 1000], "probe_lr": 3e-4},
+     "layers": {"blocks.0.attn.q.weight": {"shape": [256, 256], "role": "attn_q",
+                                           "view": [256, 256], "reduce": [1], "snr": {...}, "why": "…"}},
+     "summary": {"v_full": 10650112, "v_kept": 61440, "v_saved": 0.9942}}
+
+`view` reshapes the parameter; `reduce` lists dims of the view over which `v` is averaged
+(``null``: full Adam; every dim: one scalar). A fused Q/K/V projection may instead carry
+``parts``: slices ``[start, stop)`` of one raw dim, each with its own `view` and `reduce`; the
+slices tile that dim and the layer's own `reduce` is then ``null``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from lowmem.layers import normalize_name
+
+SCHEMA = "lowmem.plan/1"
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or is inconsistent; the message says where."""
+
+
+class PlanMismatchError(PlanError):
+    """A plan made for another model; the message names the parameters that differ."""
+
+
+def _prod(xs) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def kept_entries(view: list[int], reduce: list[int] | None) -> int:
+    """How many `v` entries remain after averaging `view` over `reduce`."""
+    if reduce is None:
+        return _prod(view)
+    return _prod(s for i, s in enumerate(view) if i not in set(reduce))
+
+
+@dataclass
+class PartPlan:
+    """One slice of a fused parameter (e.g. the ``k`` rows of ``c_attn``) and its reduction."""
+
+    name: str
+    dim: int
+    start: int
+    stop: int
+    view: list[int]
+    reduce: list[int] | None
+    why: str = ""
+    snr: dict[str, float] | None = None
+
+    @property
+    def v_kept(self) -> int:
+        return kept_entries(self.view, self.reduce)
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "dim": self.dim, "start": self.start, "stop": self.stop,
+             "view": list(self.view), "reduce": None if self.reduce is None else list(self.reduce)}
+        if self.snr is not None:
+            d["snr"] = {k: _round(v) for k, v in self.snr.items()}
+        d["why"] = self.why
+        return d
+
+
+@dataclass
+class LayerPlan:
+    """What to keep of one parameter's `v`.
+
+    Attributes:
+        shape: the parameter's shape.
+        role: its role (see `lowmem.layers.ROLES`).
+        view: a reshape of the parameter (same number of entries).
+        reduce: dims of `view` averaged over; None keeps full Adam.
+        why: one line a person can read.
+        snr: the SNR behind the decision, keyed ``"subset"`` for the raw view and
+            ``"view:subset"`` for others.
+        parts: slices of a fused parameter with their own view/reduce (then `reduce` is None).
+        aliases: other names of a tied parameter.
+    """
+
+    shape: list[int]
+    role: str
+    view: list[int]
+    reduce: list[int] | None
+    why: str = ""
+    snr: dict[str, float] | None = None
+    parts: list[PartPlan] | None = None
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return _prod(self.shape)
+
+    @property
+    def v_kept(self) -> int:
+        if self.parts:
+            return sum(p.v_kept for p in self.parts)
+        return kept_entries(self.view, self.reduce)
+
+    @property
+    def compressed(self) -> bool:
+        return self.v_kept < self.numel
+
+    def check(self, name: str) -> None:
+        """Raise `PlanError` naming `name` when view, reduce or parts are inconsistent."""
+        if _prod(self.view) != self.numel:
+            raise PlanError(f"layer {name!r}: view {self.view} has {_prod(self.view)} entries, shape {self.shape} has {self.numel}")
+        if self.reduce is not None:
+            bad = [d for d in self.reduce if not isinstance(d, int) or not 0 <= d < len(self.view)]
+            if bad or len(set(self.reduce)) != len(self.reduce):
+                raise PlanError(f"layer {name!r}: reduce {self.reduce} is not a set of dims of view {self.view}")
+        if self.parts:
+            if self.reduce is not None:
+                raise PlanError(f"layer {name!r}: a layer with parts must have reduce null")
+            dims = {p.dim for p in self.parts}
+            if len(dims) != 1 or not 0 <= next(iter(dims)) < len(self.shape):
+                raise PlanError(f"layer {name!r}: parts must slice one dim of shape {self.shape}")
+            d = dims.pop()
+            pos = 0
+            for p in sorted(self.parts, key=lambda p: p.start):
+                if p.start != pos or p.stop <= p.start:
+                    raise PlanError(f"layer {name!r}: part {p.name!r} [{p.start}, {p.stop}) does not continue at {pos}")
+                pos = p.stop
+                n = self.numel // self.shape[d] * (p.stop - p.start)
+                if _prod(p.view) != n:
+                    raise PlanError(f"layer {name!r}: part {p.name!r} view {p.view} has {_prod(p.view)} entries, the slice has {n}")
+                if p.reduce is not None and any(not 0 <= r < len(p.view) for r in p.reduce):
+                    raise PlanError(f"layer {name!r}: part {p.name!r} reduce {p.reduce} is out of range for view {p.view}")
+            if pos != self.shape[d]:
+                raise PlanError(f"layer {name!r}: parts cover {pos} of {self.shape[d]} along dim {d}")
+
+    def to_json(self) -> dict:
+        d: dict = {"shape": list(self.shape), "role": self.role, "view": list(self.view),
+                   "reduce": None if self.reduce is None else list(self.reduce)}
+        if self.snr is not None:
+            d["snr"] = {k: _round(v) for k, v in self.snr.items()}
+        if self.parts:
+            d["parts"] = [p.to_json() for p in self.parts]
+        if self.aliases:
+            d["aliases"] = list(self.aliases)
+        d["why"] = self.why
+        return d
+
+
+def _round(x: float) -> float | None:
+    return round(float(x), 6) if math.isfinite(x) else None
+
+
+def model_fingerprint(named_shapes: list[tuple[str, tuple[int, ...]]]) -> str:
+    """``sha256:`` of the ordered (name, shape) list, names normalised."""
+    h = hashlib.sha256()
+    for name, shape in named_shapes:
+        h.update(f"{normalize_name(name)}:{','.join(map(str, shape))};".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def model_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Ordered (canonical name, shape) of the trainable parameters, as a plan records them."""
+    return [(normalize_name(n), tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@dataclass
+class Plan:
+    """A per-layer compression plan for one model; see the module docstring for the format."""
+
+    model: dict
+    layers: dict[str, LayerPlan]
+    source: dict = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    # -- numbers ---------------------------------------------------------------------------
+    @property
+    def v_full(self) -> int:
+        return sum(lp.numel for lp in self.layers.values())
+
+    @property
+    def v_kept(self) -> int:
+        return sum(lp.v_kept for lp in self.layers.values())
+
+    @property
+    def summary(self) -> dict:
+        full, kept = self.v_full, self.v_kept
+        return {"v_full": full, "v_kept": kept, "v_saved": round(1 - kept / full, 6) if full else 0.0}
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"schema": self.schema, "model": dict(self.model), "source": dict(self.source),
+                "layers": {n: lp.to_json() for n, lp in self.layers.items()}, "summary": self.summary}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan atomically (temporary file in the same folder, then rename)."""
+        return write_atomic(path, self.dumps())
+
+    @classmethod
+    def from_json(cls, doc: dict, where: str = "plan") -> "Plan":
+        if not isinstance(doc, dict):
+            raise PlanError(f"{where}: expected a JSON object, found {type(doc).__name__}")
+        if doc.get("schema") != SCHEMA:
+            raise PlanError(f"{where}: \"schema\" is {doc.get('schema')!r}, expected {SCHEMA!r}")
+        for key, typ in (("model", dict), ("layers", dict)):
+            if not isinstance(doc.get(key), typ):
+                raise PlanError(f"{where}: \"{key}\" must be a JSON object")
+        layers = {}
+        for name, d in doc["layers"].items():
+            at = f"{where}: layers[{name!r}]"
+            try:
+                parts = [PartPlan(p["name"], int(p["dim"]), int(p["start"]), int(p["stop"]),
+                                  [int(x) for x in p["view"]],
+                                  None if p["reduce"] is None else [int(x) for x in p["reduce"]],
+                                  p.get("why", ""), _snr_in(p.get("snr")))
+                         for p in d["parts"]] if d.get("parts") else None
+                lp = LayerPlan([int(x) for x in d["shape"]], str(d["role"]), [int(x) for x in d["view"]],
+                               None if d["reduce"] is None else [int(x) for x in d["reduce"]],
+                               d.get("why", ""), _snr_in(d.get("snr")), parts, list(d.get("aliases", [])))
+            except (KeyError, TypeError, ValueError) as e:
+                missing = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+                raise PlanError(f"{at}: {missing}") from None
+            lp.check(name)
+            layers[name] = lp
+        return cls(model=doc["model"], layers=layers, source=doc.get("source") or {})
+
+    @classmethod
+    def loads(cls, text: str, where: str = "plan") -> "Plan":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{where}: line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_json(doc, where)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read a plan file; `PlanError` says which file, line or layer is wrong."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as e:
+            raise PlanError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        return cls.loads(text, str(path))
+
+    # -- checks against a model -------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise `PlanMismatchError` if this plan was made for a model with other parameters."""
+        ours = {normalize_name(n): list(s) for n, s in
+                ((n, lp.shape) for n, lp in self.layers.items())}
+        theirs = {n: list(s) for n, s in model_shapes(model)}
+        if self.model.get("fingerprint") == model_fingerprint(model_shapes(model)) and ours.keys() == theirs.keys():
+            return
+        missing = [n for n in theirs if n not in ours]
+        extra = [n for n in ours if n not in theirs]
+        shape = [f"{n} (plan {ours[n]}, model {theirs[n]})" for n in ours if n in theirs and ours[n] != theirs[n]]
+        problems = []
+        if shape:
+            problems.append("different shapes: " + _some(shape))
+        if missing:
+            problems.append("in the model, not in the plan: " + _some(missing))
+        if extra:
+            problems.append("in the plan, not in the model: " + _some(extra))
+        if not problems:
+            problems.append("parameter order differs (fingerprint mismatch)")
+            if list(ours) == list(theirs):
+                return  # same names, shapes and order: a hand-edited fingerprint is not a mismatch
+        raise PlanMismatchError(
+            f"plan was made for {self.model.get('class', '?')} with {self.model.get('parameters', '?')} "
+            f"parameters, this model is {type(model).__name__}: " + "; ".join(problems))
+
+
+def _some(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" … ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _snr_in(d) -> dict[str, float] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise TypeError(f"\"snr\" must be an object, found {type(d).__name__}")
+    return {str(k): (float("nan") if v is None else float(v)) for k, v in d.items()}
+
+
+def model_record(model: nn.Module) -> dict:
+    """The plan's ``model`` entry: class, trainable parameter count, fingerprint."""
+    shapes = model_shapes(model)
+    return {"class": type(getattr(model, "_orig_mod", getattr(model, "module", model))).__name__,
+            "parameters": sum(_prod(s) for _, s in shapes),
+            "fingerprint": model_fingerprint(shapes)}
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` so that a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

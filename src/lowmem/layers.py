@@ -1,0 +1,358 @@
+"""What each parameter of a model *is*: its role, the meaning of each axis, heads, tied names.
+
+Names are resolved here, once. Everything downstream (SNR views, plans, optimizers) reads the
+`ParamInfo` records and never parses parameter names itself.
+
+Axis names (DESIGN §2): ``out`` / ``in`` (fan_out / fan_in of a matrix or conv), ``token``
+(vocabulary or position rows of an embedding), ``model`` (the hidden width of an embedding or a
+norm), ``kh`` / ``kw`` / ``kd`` (kernel dims of a conv). In head-split views ``head`` is the
+head index and ``part`` the q/k/v part of a fused projection.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+ROLES = (
+    "embedding", "lm_head", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out",
+    "mlp_up", "mlp_gate", "mlp_down", "norm", "bias", "conv", "other",
+)
+
+# Last name component of a Linear-like weight -> role. Context (the parent's name) decides
+# the ambiguous ones (nanoGPT's `c_proj`, BERT's `dense`) in `_linear_role`.
+_Q_NAMES = {"q", "q_proj", "query", "wq", "to_q", "q_lin"}
+_K_NAMES = {"k", "k_proj", "key", "wk", "to_k", "k_lin"}
+_V_NAMES = {"v", "v_proj", "value", "wv", "to_v", "v_lin"}
+_QKV_NAMES = {"c_attn", "qkv", "wqkv", "qkv_proj", "in_proj", "query_key_value", "to_qkv"}
+_OUT_NAMES = {"o_proj", "out_proj", "wo", "to_out", "o", "out_lin", "attn_out"}
+_UP_NAMES = {"c_fc", "fc1", "up_proj", "w1", "w3", "fc_in", "lin1", "wi", "wi_0", "wi_1"}
+_GATE_NAMES = {"gate_proj", "gate"}
+_DOWN_NAMES = {"fc2", "down_proj", "w2", "fc_out", "lin2", "wo_mlp"}
+_HEAD_NAMES = {"lm_head", "head", "classifier", "output", "embed_out", "score"}
+_ATTN_CONTEXT = ("attn", "attention", "self_attn", "mixer")
+_MLP_CONTEXT = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+               nn.modules.batchnorm._NormBase)
+_HEAD_ATTRS = ("n_head", "num_heads", "num_attention_heads", "n_heads", "nheads", "heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head", "kv_heads")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter (once, however many names it has) and what its axes mean.
+
+    Attributes:
+        name: canonical name (the first name `named_parameters` yields).
+        aliases: every name of the parameter, canonical first (tied weights have several).
+        shape: the tensor's shape.
+        role: one of `ROLES`.
+        axes: the meaning of each dim, e.g. ``("out", "in")`` or, for HF `Conv1D`, ``("in", "out")``.
+        module: class name of the owning module.
+        heads: number of heads of this projection's output (Q: query heads; K/V: key-value heads).
+        head_dim: width of one head.
+        parts: for a fused projection, ``(("q", size), ("k", size), ("v", size))`` along the
+            ``out`` axis, each with its own head count in `part_heads`.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    role: str
+    axes: tuple[str, ...]
+    module: str
+    heads: int | None = None
+    head_dim: int | None = None
+    parts: tuple[tuple[str, int], ...] | None = None
+    part_heads: tuple[int, ...] | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def tied(self) -> bool:
+        return len(self.aliases) > 1
+
+    def dims(self, *axis_names: str) -> tuple[int, ...]:
+        """Dims of the raw tensor whose axis name is one of `axis_names`."""
+        return tuple(i for i, a in enumerate(self.axes) if a in axis_names)
+
+    @property
+    def fan_in_dims(self) -> tuple[int, ...]:
+        return self.dims("in", "kh", "kw", "kd")
+
+    @property
+    def fan_out_dims(self) -> tuple[int, ...]:
+        return self.dims("out")
+
+
+@dataclass
+class ModelLayers:
+    """All parameters of a model, resolved; iterate it for `ParamInfo` records in model order."""
+
+    params: dict[str, ParamInfo]
+    unknown: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.params.values())
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __getitem__(self, name: str) -> ParamInfo:
+        return self.params[normalize_name(name)] if normalize_name(name) in self.params \
+            else self.params[self._alias_index()[normalize_name(name)]]
+
+    def _alias_index(self) -> dict[str, str]:
+        return {a: p.name for p in self.params.values() for a in p.aliases}
+
+
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+def normalize_name(name: str) -> str:
+    """Strip the wrappers' prefixes (`torch.compile`'s ``_orig_mod.``, DDP's ``module.``)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+            name2 = name.replace("." + prefix, ".")
+            if name2 != name:
+                name, changed = name2, True
+    return name
+
+
+def resolve_layers(
+    model: nn.Module,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    roles: dict[str, str] | None = None,
+    warn: bool = True,
+) -> ModelLayers:
+    """Resolve role, axes, heads and tied names for every trainable parameter of `model`.
+
+    Args:
+        model: any `nn.Module` (wrapped by `torch.compile` or DDP is fine).
+        heads: attention heads, overriding what the modules / config say.
+        kv_heads: key-value heads (GQA), overriding what the modules / config say.
+        roles: explicit roles by (normalised) parameter name, overriding the resolver.
+        warn: issue one warning listing the parameters that fell back to role ``other``.
+
+    Returns:
+        `ModelLayers`, parameters in `named_parameters` order, names normalised.
+    """
+    roles = {normalize_name(k): v for k, v in (roles or {}).items()}
+    for name, role in roles.items():
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} for {name!r}; expected one of {', '.join(ROLES)}")
+    modules = {normalize_name(k): m for k, m in model.named_modules(remove_duplicate=False)}
+    config = getattr(model, "config", None)
+
+    names_by_param: dict[int, list[str]] = {}
+    param_by_id: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(p), []).append(normalize_name(name))
+        param_by_id[id(p)] = p
+
+    params: dict[str, ParamInfo] = {}
+    unknown: list[str] = []
+    for pid, names in names_by_param.items():
+        p = param_by_id[pid]
+        if not p.requires_grad:
+            continue
+        names = list(dict.fromkeys(names))
+        infos = [_resolve_one(n, p, modules, config, heads, kv_heads) for n in names]
+        # A tied weight takes the role of its most specific name (embedding beats lm_head).
+        info = min(infos, key=lambda i: _ROLE_PRIORITY.get(i.role, 99))
+        info = ParamInfo(**{**info.__dict__, "name": names[0], "aliases": tuple(names)})
+        if names[0] in roles or any(n in roles for n in names):
+            forced = next(roles[n] for n in names if n in roles)
+            info = _with_role(info, forced, heads, kv_heads)
+        if info.role == "other":
+            unknown.append(info.name)
+        params[info.name] = info
+    if unknown and warn:
+        warnings.warn(
+            f"lowmem: {len(unknown)} parameter(s) of unknown layer types get role 'other' and "
+            f"full Adam: {', '.join(unknown[:8])}{' …' if len(unknown) > 8 else ''}",
+            stacklevel=2,
+        )
+    return ModelLayers(params, unknown)
+
+
+_ROLE_PRIORITY = {"embedding": 0, "lm_head": 1}
+
+
+def _owner(name: str, modules: dict[str, nn.Module]) -> tuple[str, str, nn.Module | None, list[nn.Module]]:
+    """(module path, attribute, owning module, ancestors nearest first) of a parameter name."""
+    path, _, attr = name.rpartition(".")
+    owner = modules.get(path)
+    ancestors = []
+    parts = path.split(".") if path else []
+    for i in range(len(parts) - 1, -1, -1):
+        m = modules.get(".".join(parts[:i]))
+        if m is not None:
+            ancestors.append(m)
+    return path, attr, owner, ancestors
+
+
+def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
+    path, attr, owner, ancestors = _owner(name, modules)
+    shape = tuple(p.shape)
+    mod_name = type(owner).__name__ if owner is not None else "?"
+    last = path.rpartition(".")[2].lower()
+    context = path.lower()
+    base = dict(name=name, aliases=(name,), shape=shape, module=mod_name)
+
+    def info(role, axes, **kw):
+        return ParamInfo(**base, role=role, axes=tuple(axes), **kw)
+
+    if owner is None:
+        return info("other", _generic_axes(shape))
+
+    # Vectors: norms, biases, and everything one-dimensional.
+    if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
+        return info("norm", ["model"] * len(shape))
+    if attr.endswith("bias") or (p.dim() == 1 and attr != "weight"):
+        if p.dim() == 1:
+            return info("bias", ["out"])
+        return info("other", _generic_axes(shape))
+
+    if isinstance(owner, nn.Embedding) or isinstance(owner, nn.EmbeddingBag):
+        return info("embedding", ["token", "model"])
+
+    if isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
+        h = heads or owner.num_heads
+        d = owner.embed_dim
+        return _qkv_info(info, ("out", "in"), shape[0], (d, d, d), h, h)
+    if isinstance(owner, nn.MultiheadAttention) and attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        role = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}[attr[0]]
+        h = heads or owner.num_heads
+        return info(role, ["out", "in"], heads=h, head_dim=shape[0] // h)
+
+    is_conv1d_hf = type(owner).__name__ == "Conv1D" and p.dim() == 2
+    if isinstance(owner, nn.Linear) or is_conv1d_hf:
+        axes = ("in", "out") if is_conv1d_hf else ("out", "in")
+        out_features = shape[axes.index("out")]
+        role = _linear_role(last, context, attr)
+        if role == "other" and p.dim() == 2:
+            # A Linear with a name we do not know is still a Linear: its axes are known, its role is not.
+            return info("other", axes)
+        if role == "attn_qkv":
+            hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
+            return _qkv_info(info, axes, out_features, None, hq, hkv)
+        if role in ("attn_q", "attn_k", "attn_v"):
+            hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
+            h = hq if role == "attn_q" else hkv
+            if h and out_features % h == 0:
+                return info(role, axes, heads=h, head_dim=out_features // h)
+            return info(role, axes)
+        return info(role, axes)
+
+    if isinstance(owner, nn.modules.conv._ConvNd):
+        k = p.dim() - 2
+        kernel_axes = {1: ["kw"], 2: ["kh", "kw"], 3: ["kd", "kh", "kw"]}[k]
+        if isinstance(owner, nn.modules.conv._ConvTransposeMixin):
+            return info("conv", ["in", "out", *kernel_axes])
+        return info("conv", ["out", "in", *kernel_axes])
+
+    return info("other", _generic_axes(shape))
+
+
+def _generic_axes(shape) -> list[str]:
+    return [f"d{i}" for i in range(len(shape))]
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    return "rmsnorm" in type(m).__name__.lower() or "layernorm" in type(m).__name__.lower() \
+        or type(m).__name__.lower().endswith("norm")
+
+
+def _linear_role(last: str, context: str, attr: str) -> str:
+    if last in _QKV_NAMES:
+        return "attn_qkv"
+    if last in _Q_NAMES:
+        return "attn_q"
+    if last in _K_NAMES:
+        return "attn_k"
+    if last in _V_NAMES:
+        return "attn_v"
+    if last in _GATE_NAMES:
+        return "mlp_gate"
+    if last in _UP_NAMES:
+        return "mlp_up"
+    if last in _DOWN_NAMES:
+        return "mlp_down"
+    parent = context.rpartition(".")[0]
+    in_attn = any(c in seg for seg in parent.split(".") for c in _ATTN_CONTEXT)
+    in_mlp = any(c in seg for seg in parent.split(".") for c in _MLP_CONTEXT)
+    if last in _OUT_NAMES or (last in ("c_proj", "proj", "dense") and in_attn and not in_mlp):
+        return "attn_out"
+    if last in ("c_proj", "proj", "dense") and in_mlp:
+        return "mlp_up" if "intermediate" in parent.split(".")[-1:] else "mlp_down"
+    if last == "dense" and parent.endswith("output"):
+        # BERT: `layer.N.output.dense` is the MLP's down projection.
+        return "mlp_down"
+    if last in _HEAD_NAMES and "." not in context:
+        return "lm_head"
+    if last in _HEAD_NAMES:
+        return "lm_head"
+    return "other"
+
+
+def _find_attr(modules: Iterable, names: tuple[str, ...]) -> int | None:
+    for m in modules:
+        if m is None:
+            continue
+        for n in names:
+            v = getattr(m, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _heads(owner, ancestors, config, heads, kv_heads) -> tuple[int | None, int | None]:
+    """(query heads, key-value heads) from overrides, the module and its ancestors, then a config."""
+    configs = [getattr(m, "config", None) for m in [owner, *ancestors]] + [config]
+    chain = [owner, *ancestors, *configs]
+    hq = heads or _find_attr(chain, _HEAD_ATTRS)
+    hkv = kv_heads or _find_attr(chain, _KV_HEAD_ATTRS) or hq
+    return hq, hkv
+
+
+def _qkv_info(info, axes, out_features, sizes, hq, hkv) -> ParamInfo:
+    """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware)."""
+    if sizes is None:
+        if hq and hkv and hq != hkv:
+            head_dim = out_features // (hq + 2 * hkv)
+            sizes = (hq * head_dim, hkv * head_dim, hkv * head_dim)
+        else:
+            sizes = (out_features // 3,) * 3
+    if sum(sizes) != out_features:
+        return info("attn_qkv", axes)
+    head_dim = sizes[0] // hq if hq and sizes[0] % hq == 0 else None
+    part_heads = (hq, hkv, hkv) if head_dim and hkv and sizes[1] == hkv * head_dim else None
+    return info("attn_qkv", axes, heads=hq, head_dim=head_dim if part_heads else None,
+                parts=(("q", sizes[0]), ("k", sizes[1]), ("v", sizes[2])), part_heads=part_heads)
+
+
+def _with_role(info: ParamInfo, role: str, heads, kv_heads) -> ParamInfo:
+    d = dict(info.__dict__)
+    d["role"] = role
+    if role in ("attn_q", "attn_k", "attn_v") and len(info.shape) == 2:
+        h = heads if role == "attn_q" else (kv_heads or heads)
+        out = info.shape[info.axes.index("out")] if "out" in info.axes else info.shape[0]
+        if h and out % h == 0:
+            d["heads"], d["head_dim"] = h, out // h
+    return ParamInfo(**d)

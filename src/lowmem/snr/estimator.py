@@ -1,0 +1,70 @@
+"""The signal-to-noise ratio of a second-moment tensor along a subset of its axes (pure math).
+
+    SNR_K(V) = mean over K' of [ (mean_K V)^2 / var_K V ]
+
+with the population variance (no Bessel correction), no epsilon, and slices whose ratio is not
+finite (zero variance, never-seen embedding rows) left out of the mean over K'. The value is
+invariant to scaling V, so raw and bias-corrected `exp_avg_sq` give the same SNR.
+
+Reference: Kalra, Kirchenbauer, Barkeshli, Goldstein, "When Can You Get Away with Low Memory
+Adam?", 2025.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+
+
+@dataclass(frozen=True)
+class SnrValue:
+    """SNR along one axis subset, with the two averages it is made of (each over the kept slices)."""
+
+    snr: float
+    mean_sq: float
+    var: float
+
+
+def axis_subsets(ndim: int) -> list[tuple[int, ...]]:
+    """All non-empty subsets of ``range(ndim)``, smallest first: (0,), (1,), (0, 1), …"""
+    return [c for k in range(1, ndim + 1) for c in combinations(range(ndim), k)]
+
+
+def snr_terms(v: torch.Tensor, subset: tuple[int, ...]) -> torch.Tensor:
+    """SNR, mean_sq and var along `subset` of `v` as one 3-element tensor on `v`'s device.
+
+    Stays on the device (no host synchronisation), so a caller can stack many of these and move
+    them to the host in one transfer. A subset whose every slice is non-finite gives NaN.
+    """
+    x = v if v.dtype in (torch.float32, torch.float64) else v.float()
+    var, mean = torch.var_mean(x, dim=subset, correction=0)
+    mean_sq = mean * mean
+    ratio = mean_sq / var
+    keep = torch.isfinite(ratio)
+    n = keep.sum()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    # Sums over kept slices divided by their count; 0/0 -> NaN flags "no finite slice".
+    return torch.stack([
+        torch.where(keep, ratio, zero).sum(),
+        torch.where(keep, mean_sq, zero).sum(),
+        torch.where(keep, var, zero).sum(),
+    ]) / n
+
+
+def estimate_snr(v: torch.Tensor, subsets: list[tuple[int, ...]] | None = None) -> dict[tuple[int, ...], SnrValue]:
+    """SNR of `v` along each axis subset (all non-empty subsets by default).
+
+    Args:
+        v: the second-moment tensor, or a view of it (e.g. split by heads), any float dtype.
+        subsets: axis subsets to evaluate; default `axis_subsets(v.dim())`.
+
+    Returns:
+        ``{subset: SnrValue}``; one host transfer for all subsets.
+    """
+    subsets = axis_subsets(v.dim()) if subsets is None else subsets
+    if not subsets:
+        return {}
+    values = torch.stack([snr_terms(v, s) for s in subsets]).double().cpu().tolist()
+    return {s: SnrValue(*row) for s, row in zip(subsets, values)}

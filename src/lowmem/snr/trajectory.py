@@ -1,0 +1,151 @@
+"""SNR trajectories on disk: a CSV streamed one measurement at a time, and its reader.
+
+Header: ``step,name,shape,view,subset,snr,mean_sq,var`` (DESIGN §3). ``shape`` is the parameter's
+shape (``256x256``), ``view`` the view's name and shape (``heads:4x64x256``), ``subset`` the
+view's dims averaged over (``0,1``).
+
+The writer streams into ``<path>.part`` and flushes after every measurement, so a killed run
+keeps every sample it took; `close` renames it to ``<path>`` in one atomic step, so a reader of
+``<path>`` never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+HEADER = ("step", "name", "shape", "view", "subset", "snr", "mean_sq", "var")
+
+
+class TrajectoryError(ValueError):
+    """A trajectory file that cannot be read; the message says where."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int
+    name: str
+    shape: str
+    view: str
+    subset: str
+    snr: float
+    mean_sq: float
+    var: float
+
+
+class TrajectoryWriter:
+    """Append measurements to a trajectory CSV; see the module docstring for the file protocol."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".part")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "w", newline="")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(HEADER)
+        self._file.flush()
+        self.rows = 0
+
+    def write(self, samples: Iterable[Sample]) -> None:
+        """Write one measurement's samples and flush them to the OS."""
+        for s in samples:
+            self._csv.writerow((s.step, s.name, s.shape, s.view, s.subset,
+                                _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var)))
+            self.rows += 1
+        self._file.flush()
+
+    def close(self) -> Path:
+        """Finish the file and move it into place; safe to call twice."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.partial, self.path)
+        return self.path
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else "nan"
+
+
+def read_trajectory(path: str | os.PathLike) -> list[Sample]:
+    """Read a trajectory CSV (also a ``.part`` file a killed run left).
+
+    Raises:
+        TrajectoryError: naming the file and line of the first malformed row.
+    """
+    path = Path(path)
+    samples = []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(header) != HEADER:
+            raise TrajectoryError(f"{path}: line 1: expected header {','.join(HEADER)}, found {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(HEADER):
+                # A torn last line from a killed writer is dropped; anything else is an error.
+                if lineno > 2 and f.read(1) == "":
+                    break
+                raise TrajectoryError(f"{path}: line {lineno}: expected {len(HEADER)} fields, found {len(row)}")
+            try:
+                samples.append(Sample(int(row[0]), row[1], row[2], row[3], row[4],
+                                      float(row[5]), float(row[6]), float(row[7])))
+            except ValueError as e:
+                raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
+    return samples
+
+
+@dataclass(frozen=True)
+class MeanSnr:
+    """Time-mean SNR of one (name, view, subset) over the measurements in a window."""
+
+    snr: float
+    samples: int
+
+
+class SnrTrajectory:
+    """All samples of a run, indexed for the plan builders."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "SnrTrajectory":
+        return cls(read_trajectory(path))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({s.step for s in self.samples})
+
+    def time_mean(self, window: tuple[int | None, int | None] | None = None) -> dict[tuple[str, str, str], MeanSnr]:
+        """Mean SNR over the measured steps in ``[start, end]`` (inclusive), non-finite samples skipped.
+
+        Returns:
+            ``{(name, view, subset): MeanSnr}``.
+        """
+        start, end = window if window else (None, None)
+        sums: dict[tuple[str, str, str], list[float]] = {}
+        for s in self.samples:
+            if (start is not None and s.step < start) or (end is not None and s.step > end):
+                continue
+            if not math.isfinite(s.snr):
+                continue
+            acc = sums.setdefault((s.name, s.view, s.subset), [0.0, 0])
+            acc[0] += s.snr
+            acc[1] += 1
+        return {k: MeanSnr(total / n, n) for k, (total, n) in sums.items()}
+
+    def final(self) -> dict[tuple[str, str, str], float]:
+        """SNR at the last measured step of each (name, view, subset)."""
+        last: dict[tuple[str, str, str], Sample] = {}
+        for s in self.samples:
+            key = (s.name, s.view, s.subset)
+            if key not in last or s.step >= last[key].step:
+                last[key] = s
+        return {k: s.snr for k, s in last.items()}

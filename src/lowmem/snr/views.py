@@ -1,0 +1,89 @@
+"""Views of a parameter in which SNR is measured: the raw tensor, per-head splits, fused Q/K/V parts.
+
+A view is a slice of one axis (for a fused projection's q, k or v part) followed by a reshape
+that splits the ``out`` axis into ``(head, out)``. Both are expressible in a plan (`view` is the
+reshape, a part's ``start:stop`` the slice), so whatever the SNR favours can be built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowmem.layers import ParamInfo
+
+_AXIS_WORDS = {"out": "fan_out", "in": "fan_in", "token": "token", "model": "model",
+               "head": "head", "kh": "kh", "kw": "kw", "kd": "kd"}
+
+
+@dataclass(frozen=True)
+class View:
+    """One way of looking at a parameter's `v`.
+
+    Attributes:
+        name: ``raw``, ``heads``, ``q``, ``q.heads``, …
+        part: for a fused projection, the part name (``q``/``k``/``v``), else None.
+        dim: the sliced dim of the raw tensor (parts only).
+        start, stop: the slice along `dim` (parts only).
+        shape: the view's shape (after slicing and reshaping).
+        axes: the meaning of each dim of the view.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    part: str | None = None
+    dim: int | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        if self.part is not None:
+            t = t.narrow(self.dim, self.start, self.stop - self.start)
+        return t.reshape(self.shape)
+
+    def label(self) -> str:
+        """``name:shape`` as written in the trajectory CSV, e.g. ``heads:4x32x128``."""
+        return f"{self.name}:{'x'.join(map(str, self.shape))}"
+
+
+def describe_subset(axes: tuple[str, ...], subset: tuple[int, ...]) -> str:
+    """Human words for averaging over `subset`, e.g. ``fan_in`` or ``head+fan_out``."""
+    return "+".join(_AXIS_WORDS.get(axes[d], axes[d]) for d in subset)
+
+
+def _split_heads(shape, axes, heads):
+    """Split the ``out`` axis into (head, out); None when heads do not divide it."""
+    if not heads or "out" not in axes:
+        return None
+    d = axes.index("out")
+    if shape[d] % heads or heads == 1:
+        return None
+    new_shape = (*shape[:d], heads, shape[d] // heads, *shape[d + 1:])
+    new_axes = (*axes[:d], "head", "out", *axes[d + 1:])
+    return new_shape, new_axes
+
+
+def param_views(info: ParamInfo) -> list[View]:
+    """Every view in which the SNR of this parameter is measured (DESIGN §3)."""
+    shape, axes = tuple(info.shape), tuple(info.axes)
+    if info.parts:
+        views = []
+        d = axes.index("out")
+        start = 0
+        heads = info.part_heads or (None,) * len(info.parts)
+        for (part, size), h in zip(info.parts, heads):
+            pshape = (*shape[:d], size, *shape[d + 1:])
+            views.append(View(part, pshape, axes, part, d, start, start + size))
+            split = _split_heads(pshape, axes, h)
+            if split:
+                views.append(View(f"{part}.heads", split[0], split[1], part, d, start, start + size))
+            start += size
+        return views
+    views = [View("raw", shape, axes)]
+    if info.role in ("attn_q", "attn_k", "attn_v") and info.heads:
+        split = _split_heads(shape, axes, info.heads)
+        if split:
+            views.append(View("heads", split[0], split[1]))
+    return views
