@@ -1,0 +1,1 @@
+"""The lowmem-analyze command line."""

@@ -1,0 +1,251 @@
+"""`lowmem-analyze`: probe-train a model, measure the SNR of Adam's `v`, write a compression plan.
+
+Exit codes (DESIGN §8): 0 done; 1 analysis finished but a requested bar (``--require-saved``)
+was not met; 2 usage error (bad flags, missing file, unreadable or mismatched plan); 3 the
+user's code failed or broke the `model.py` contract (including a NaN/inf loss); 4 internal
+error; 130 interrupted by Ctrl-C (the trajectory and a plan from what was captured are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lowmem.cli.contract import UsageError, load_example, load_task
+from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
+from lowmem.examples import EXAMPLES
+from lowmem.layers import resolve_layers
+from lowmem.probe import DEFAULTS, TaskError, build, run_probe
+from lowmem.reports.terminal import PlanSummary, PlanTable, RoleSnrTable
+from lowmem.snr.capture import NoAdamStateError
+from lowmem.snr.summary import median_by_role
+from lowmem.snr.trajectory import SnrTrajectory
+
+EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+PROG = "lowmem-analyze"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code is 2 as well; keep its format, add a hint
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the options.\n")
+
+
+def _window(text: str) -> tuple[int | None, int | None]:
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected START:END (either may be empty), got {text!r}")
+    try:
+        w = (int(start) if start else None, int(end) if end else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integer steps in START:END, got {text!r}") from None
+    if w[0] is not None and w[1] is not None and w[0] > w[1]:
+        raise argparse.ArgumentTypeError(f"window start {w[0]} is after its end {w[1]}")
+    return w
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Train a model briefly with AdamW, measure per layer and axis how well Adam's v is "
+                    "replaced by its mean (SNR), and write a compression plan.",
+        epilog="Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
+               "or broke the model.py contract; 4 internal error; 130 interrupted (results so far kept).",
+    )
+    p.add_argument("target", nargs="?", help="model.py or model.py:factory defining build_model, get_batch, loss_fn")
+    p.add_argument("--example", choices=sorted(EXAMPLES), help="run a built-in example instead of a model.py")
+    p.add_argument("--steps", type=_positive_int, help=f"probe training steps (default {DEFAULTS['steps']}, or LOWMEM['steps'])")
+    p.add_argument("--every", type=_positive_int, help=f"measure SNR every N optimizer steps (default {DEFAULTS['every']})")
+    p.add_argument("--lr", type=_positive_float, help=f"probe learning rate of the default AdamW (default {DEFAULTS['lr']:g})")
+    p.add_argument("--threshold", type=_nonneg_float, default=1.0, help="compress along a subset when its SNR is > this (default 1.0)")
+    p.add_argument("--window", type=_window, help="steps START:END (inclusive) averaged for the plan; default all measured steps")
+    p.add_argument("--prefer", choices=("snr", "compression"), default="snr",
+                   help="among passing subsets take the highest SNR (default) or the most compression")
+    p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
+    p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
+    p.add_argument("--preset", choices=PRESETS, help="write a preset plan for the model without training")
+    p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
+    p.add_argument("--require-saved", type=float, metavar="FRACTION",
+                   help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
+    p.add_argument("--out", default="lowmem-out", metavar="DIR", help="output folder for plan.json and snr.csv (default lowmem-out)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return _run(args, err)
+    except UsageError as e:
+        err.print(f"{PROG}: error: {e}", markup=False)
+        return EXIT_USAGE
+    except PlanError as e:
+        err.print(f"{PROG}: error: {e}", markup=False)
+        return EXIT_USAGE
+    except (TaskError, NoAdamStateError) as e:
+        err.print(f"{PROG}: error: {e}", markup=False)
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_USER
+    except KeyboardInterrupt:
+        err.print(f"{PROG}: interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    except Exception:
+        err.print(f"{PROG}: internal error (please report it with the traceback below)", markup=False)
+        traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+def _run(args, err: Console) -> int:
+    if args.target and args.example:
+        raise UsageError("give either a model.py or --example, not both")
+    if not args.target and not args.example:
+        raise UsageError(f"nothing to analyze: give a model.py (e.g. {PROG} model.py) or a built-in example "
+                         f"({PROG} --example shakespeare)")
+    if args.plan and args.preset:
+        raise UsageError("--plan and --preset are alternatives; give one")
+    task = load_example(args.example) if args.example else load_task(args.target)
+    device = _device(args.device)
+    settings = {**DEFAULTS, **task.defaults}
+    steps = args.steps or settings["steps"]
+    every = args.every or settings["every"]
+    lr = args.lr or settings["lr"]
+    out = Path(args.out)
+    quiet = args.quiet or not err.is_terminal
+    note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
+
+    if args.plan or args.preset:
+        model, _ = build(task, device, lr, args.seed)
+        layers = resolve_layers(model, warn=False)
+        if args.plan:
+            plan = Plan.load(args.plan)
+            plan.validate(model)
+        else:
+            plan = build_preset(args.preset, model, layers)
+            plan.save(out / "plan.json")
+            note(f"wrote {out / 'plan.json'}")
+        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out)
+
+    csv_path = out / "snr.csv"
+    progress = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TimeRemainingColumn(), console=err, transient=True, disable=quiet)
+    bar = progress.add_task("probe", total=steps, loss="—")
+    with progress:
+        result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
+                           on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
+    traj = SnrTrajectory(result.capture.samples)
+    failure = result.nonfinite
+    status = "interrupted" if result.interrupted else "nonfinite_loss" if failure else "complete"
+    if not traj.samples:
+        if failure:
+            note(f"no SNR measurement was taken before the loss became non-finite; {csv_path} holds the header only")
+            raise failure
+        if result.interrupted:
+            note(f"interrupted after {result.steps_done} step(s), before the first measurement (every {every}); "
+                 f"{csv_path} holds the header only; no plan written")
+            return EXIT_INTERRUPTED
+        raise UsageError(f"no SNR measurement in {result.steps_done} steps: --every {every} is larger than --steps {steps}")
+    plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
+                      layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
+    plan.save(out / "plan.json")
+    if failure:
+        note(f"kept {len(traj.steps)} measurement(s) in {csv_path} and wrote {out / 'plan.json'} from them")
+        raise failure
+    if result.interrupted:
+        note(f"interrupted at step {result.steps_done} of {steps}: kept {len(traj.steps)} measurement(s) in "
+             f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
+    code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
+                                                    "final_loss": result.losses[-1] if result.losses else None}, out)
+    return EXIT_INTERRUPTED if result.interrupted else code
+
+
+def _source(task, lr, steps, every, steps_done, status) -> dict:
+    return {"probe_lr": lr, "probe_steps": steps, "every": every, "steps_done": steps_done, "status": status,
+            "task": task.source}
+
+
+def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path) -> int:
+    mem = plan_state_memory(plan)
+    saved = plan.summary["v_saved"]
+    bar_failed = args.require_saved is not None and saved < args.require_saved
+    if args.format == "json":
+        doc = {"plan": plan.to_json(),
+               "memory": {"adamw_bytes": mem.adamw_bytes, "plan_bytes": mem.plan_bytes, "saved": round(mem.saved, 6)},
+               "run": run,
+               "files": {"plan": str(out / "plan.json")} | ({"snr": str(out / "snr.csv")} if traj else {})}
+        if traj is not None:
+            doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    else:
+        # A pipe has no width; give the tables room rather than folding layer names.
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+        console.print(PlanTable(plan, layers))
+        console.print()
+        if traj is not None:
+            console.print(RoleSnrTable(median_by_role(traj, layers, args.window), args.threshold))
+            console.print()
+        console.print(PlanSummary(plan))
+    if bar_failed:
+        Console(stderr=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
+                                   markup=False)
+        return EXIT_BAR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

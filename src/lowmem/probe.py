@@ -1,0 +1,172 @@
+"""The probe run: train a task with Adam for a few hundred steps while capturing the SNR of `v`.
+
+A *task* is what a `model.py` provides (DESIGN §7): ``build_model()``, ``get_batch(step)``,
+``loss_fn(model, batch)``, optionally ``build_optimizer(model)`` and ``LOWMEM`` defaults. The
+probe checks every value the user's code returns and turns a broken contract into a
+`TaskError` naming the function, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowmem.layers import ModelLayers, resolve_layers
+from lowmem.snr.capture import SnrCapture
+
+DEFAULTS = {"steps": 500, "lr": 3e-4, "every": 10}
+
+
+class TaskError(RuntimeError):
+    """The user's code failed or broke the `model.py` contract (exit code 3)."""
+
+
+class NonFiniteLossError(TaskError):
+    """The loss became NaN or infinite; `step` is the `get_batch` step it happened at."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss is {value} at step {step} (get_batch({step})); stopped before the "
+                         "optimizer step, so every SNR sample taken so far is kept. Lower the learning rate "
+                         "(--lr) or check the data")
+        self.step, self.value = step, value
+
+
+@dataclass
+class Task:
+    """What the probe needs from a `model.py` (or a built-in example)."""
+
+    build_model: Callable[[], nn.Module]
+    get_batch: Callable[[int], Any]
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
+    defaults: dict = field(default_factory=dict)
+    source: str = "?"
+
+
+@dataclass
+class ProbeResult:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    capture: SnrCapture
+    layers: ModelLayers
+    steps_done: int = 0
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    nonfinite: NonFiniteLossError | None = None   # set when a NaN/inf loss stopped the run
+
+
+def _call(task: Task, what: str, fn, *args):
+    """Call user code; its exceptions become a `TaskError` carrying the user's frames."""
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, TaskError):
+        raise
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        user = [f for f in frames if "/lowmem/" not in f.filename.replace(os.sep, "/")] or frames[-1:]
+        where = "".join(traceback.format_list(user[-3:])).rstrip()
+        raise TaskError(f"{what} in {task.source} raised {type(e).__name__}: {e}\n{where}") from e
+
+
+def to_device(batch, device: torch.device):
+    """Move the tensors of a (nested) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(b, device) for b in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def build(task: Task, device: torch.device, lr: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The task's model on `device` and its optimizer (AdamW(lr) unless the task builds one)."""
+    torch.manual_seed(seed)
+    model = _call(task, "build_model()", task.build_model)
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"build_model() in {task.source} must return a torch.nn.Module, "
+                        f"it returned {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TaskError(f"build_model() in {task.source} returned a {type(model).__name__} with no "
+                        "trainable parameters")
+    model.to(device).train()
+    if task.build_optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    else:
+        optimizer = _call(task, "build_optimizer(model)", task.build_optimizer, model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TaskError(f"build_optimizer(model) in {task.source} must return a torch.optim.Optimizer, "
+                            f"it returned {type(optimizer).__name__}")
+    return model, optimizer
+
+
+def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.device | str = "cpu",
+              out: str | os.PathLike | None = None, seed: int = 0, shadow: bool = False,
+              on_step: Callable[[int, float], None] | None = None) -> ProbeResult:
+    """Train `task` for `steps` steps with capture attached; stop cleanly on Ctrl-C.
+
+    Args:
+        task: the user's task.
+        steps: optimizer steps to run.
+        every: measure the SNR every `every` optimizer steps.
+        lr: learning rate of the default AdamW (ignored when the task builds its optimizer).
+        device: where to train.
+        out: trajectory CSV, streamed.
+        seed: `torch.manual_seed` before `build_model()`.
+        shadow: estimate `v` from gradients (for optimizers without ``exp_avg_sq``).
+        on_step: called with (steps done, loss) after every step.
+
+    Returns:
+        A `ProbeResult`; ``interrupted`` is True when Ctrl-C stopped it, ``nonfinite`` holds the
+        error when a NaN/inf loss stopped it (before that step's update, so every sample is kept).
+
+    Raises:
+        TaskError: the user's code failed or broke the contract (the trajectory file is kept).
+    """
+    device = torch.device(device)
+    model, optimizer = build(task, device, lr, seed)
+    layers = resolve_layers(model)
+    cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers)
+    result = ProbeResult(model, optimizer, cap, layers)
+    cap.attach()
+    try:
+        for step in range(steps):
+            batch = to_device(_call(task, f"get_batch({step})", task.get_batch, step), device)
+            loss = _call(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
+            _check_loss(task, loss, step)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                result.nonfinite = NonFiniteLossError(step, value)
+                break
+            _call(task, "loss.backward()", loss.backward)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.steps_done = step + 1
+            result.losses.append(value)
+            if on_step is not None:
+                on_step(step + 1, value)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        cap.close()
+    return result
+
+
+def _check_loss(task: Task, loss, step: int) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor, "
+                        f"it returned {type(loss).__name__} at step {step}")
+    if loss.numel() != 1:
+        raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar (mean-reduced) loss, "
+                        f"it returned a tensor of shape {tuple(loss.shape)} at step {step}; "
+                        "use reduction='mean' or call .mean()")
+    if not loss.requires_grad:
+        raise TaskError(f"loss_fn(model, batch) in {task.source} returned a loss that does not require grad "
+                        f"at step {step}: is the model used inside loss_fn, and not under torch.no_grad()?")

@@ -1,0 +1,1 @@
+"""Reports: terminal renderables (and, later, the HTML report)."""

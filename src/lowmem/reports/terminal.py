@@ -1,0 +1,123 @@
+"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role.
+
+Each is an object with ``__rich_console__``, so the CLI only prints it and tests render it into
+``Console(file=io.StringIO(), width=100, color_system=None)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+
+from lowmem.compress.memory import format_bytes, plan_state_memory
+from lowmem.compress.plan import LayerPlan, Plan
+from lowmem.layers import ModelLayers
+from lowmem.snr.summary import RoleSnr
+from lowmem.snr.views import describe_subset, param_views
+
+
+def _shape(shape) -> str:
+    return "×".join(map(str, shape))
+
+
+def _fmt_snr(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.2f}"
+
+
+def _best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple[str, float | None]:
+    """(subset in words, SNR) of the highest time-mean SNR recorded for this layer."""
+    if not lp.snr:
+        return "—", None
+    key, value = max(((k, v) for k, v in lp.snr.items() if math.isfinite(v)), key=lambda kv: kv[1],
+                     default=(None, None))
+    if key is None:
+        return "—", None
+    view_name, _, subset = key.rpartition(":")
+    view_name = view_name or "raw"
+    words = subset
+    if layers is not None and name in layers.params:
+        for view in param_views(layers.params[name]):
+            if view.name == view_name:
+                words = describe_subset(view.axes, tuple(int(d) for d in subset.split(",")))
+    return (words if view_name == "raw" else f"{words} ({view_name})"), value
+
+
+def _decision(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
+    if lp.parts:
+        return ", ".join(f"{p.name}: {'full' if p.reduce is None else 'avg ' + ','.join(map(str, p.reduce))}"
+                         for p in lp.parts)
+    if lp.reduce is None:
+        return "full Adam"
+    if layers is not None and name in layers.params:
+        for view in param_views(layers.params[name]):
+            if list(view.shape) == lp.view and view.part is None:
+                return "avg over " + describe_subset(view.axes, tuple(lp.reduce))
+    return f"avg dims {','.join(map(str, lp.reduce))} of {_shape(lp.view)}"
+
+
+class PlanTable:
+    """One row per layer: role, shape, best measured subset and its SNR, decision, v kept."""
+
+    def __init__(self, plan: Plan, layers: ModelLayers | None = None):
+        self.plan, self.layers = plan, layers
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title="Compression plan", title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("layer", no_wrap=True, overflow="ignore")
+        table.add_column("role", no_wrap=True)
+        table.add_column("shape", no_wrap=True)
+        table.add_column("best subset", overflow="fold", min_width=10)
+        table.add_column("SNR", justify="right", no_wrap=True)
+        table.add_column("decision", overflow="fold", min_width=10)
+        table.add_column("v kept", justify="right", no_wrap=True)
+        for name, lp in self.plan.layers.items():
+            best, snr = _best_measured(name, lp, self.layers)
+            table.add_row(name, lp.role, _shape(lp.shape), best, _fmt_snr(snr),
+                          _decision(lp, self.layers, name), f"{lp.v_kept:,}")
+        yield table
+
+
+class PlanSummary:
+    """v entries kept and saved, optimizer-state bytes of AdamW vs the plan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        p = self.plan
+        mem = plan_state_memory(p)
+        full, kept = p.v_full, p.v_kept
+        table = Table(title="Summary", title_justify="left", show_header=False, show_edge=False, pad_edge=False)
+        table.add_column(no_wrap=True)
+        table.add_column(justify="right", no_wrap=True)
+        table.add_row("parameters (v entries under AdamW)", f"{full:,}")
+        table.add_row("v entries kept by the plan", f"{kept:,}")
+        table.add_row("v entries saved", f"{full - kept:,} ({(1 - kept / full) if full else 0:.2%})")
+        table.add_row("optimizer state, AdamW (m + v, fp32)", format_bytes(mem.adamw_bytes))
+        table.add_row("optimizer state, plan (m + reduced v)", format_bytes(mem.plan_bytes))
+        table.add_row("optimizer state saved", f"{format_bytes(mem.adamw_bytes - mem.plan_bytes)} ({mem.saved:.2%})")
+        compressed = sum(1 for lp in p.layers.values() if lp.compressed)
+        table.add_row("layers compressed", f"{compressed:,} of {len(p.layers):,}")
+        yield table
+
+
+class RoleSnrTable:
+    """Median time-mean SNR per role, view and axis subset (the SlimAdam paper's per-role view)."""
+
+    def __init__(self, rows: list[RoleSnr], threshold: float = 1.0):
+        self.rows, self.threshold = rows, threshold
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title=f"SNR by role (median over layers; > {self.threshold:g} compresses)",
+                      title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("role", no_wrap=True)
+        table.add_column("view", no_wrap=True)
+        table.add_column("average over", overflow="fold")
+        table.add_column("median SNR", justify="right", no_wrap=True)
+        table.add_column("layers", justify="right", no_wrap=True)
+        for r in self.rows:
+            mark = "*" if r.median > self.threshold else " "
+            table.add_row(r.role, r.view, r.axes, f"{_fmt_snr(r.median)}{mark}", str(r.layers))
+        yield table

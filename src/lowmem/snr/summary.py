@@ -1,0 +1,43 @@
+"""Summaries of a trajectory: median time-mean SNR per role, view and axis subset."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from lowmem.layers import ModelLayers
+from lowmem.snr.trajectory import SnrTrajectory
+from lowmem.snr.views import describe_subset, param_views
+
+
+@dataclass(frozen=True)
+class RoleSnr:
+    """Median over the layers of one role of the time-mean SNR along one subset of one view."""
+
+    role: str
+    view: str          # view name: raw, heads, q, q.heads, …
+    subset: str        # dims of the view, "0,1"
+    axes: str          # the same in words, "fan_out+fan_in"
+    median: float
+    layers: int
+
+
+def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
+                   window: tuple[int | None, int | None] | None = None) -> list[RoleSnr]:
+    """Median over layers of each role of the time-mean SNR, per view and subset, in model order."""
+    by_name: dict[str, list] = defaultdict(list)
+    for (name, vlabel, subset), m in trajectory.time_mean(window).items():
+        by_name[name].append((vlabel, subset, m))
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    words: dict[tuple[str, str, str], str] = {}
+    for info in layers:
+        for view in param_views(info):
+            for vlabel, subset, m in by_name.get(info.name, ()):
+                if vlabel != view.label():
+                    continue
+                key = (info.role, view.name, subset)
+                values[key].append(m.snr)
+                words[key] = describe_subset(view.axes, tuple(int(d) for d in subset.split(",")))
+    return [RoleSnr(role, view, subset, words[(role, view, subset)], statistics.median(v), len(v))
+            for (role, view, subset), v in values.items()]
