@@ -156,7 +156,10 @@ def resolve_layers(
     for name, role in roles.items():
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} for {name!r}; expected one of {', '.join(ROLES)}")
-    modules = {normalize_name(k): m for k, m in model.named_modules(remove_duplicate=False)}
+    # A wrapper's path and its wrapped module's path normalise to the same key (the trailing dot
+    # lets a final `._orig_mod` / `.module` be stripped); the wrapped module comes later in
+    # `named_modules` and wins, so a compiled `nn.Linear` is still seen as a Linear.
+    modules = {normalize_name(k + ".")[:-1]: m for k, m in model.named_modules(remove_duplicate=False)}
     config = getattr(model, "config", None)
 
     names_by_param: dict[int, list[str]] = {}
@@ -263,7 +266,8 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     if isinstance(owner, nn.modules.conv._ConvNd):
         k = p.dim() - 2
         kernel_axes = {1: ["kw"], 2: ["kh", "kw"], 3: ["kd", "kh", "kw"]}[k]
-        if isinstance(owner, nn.modules.conv._ConvTransposeMixin):
+        # `transposed`, not `_ConvTransposeMixin`: the mixin is no longer a base of ConvTransposeNd.
+        if owner.transposed:
             return info("conv", ["in", "out", *kernel_axes])
         return info("conv", ["out", "in", *kernel_axes])
 

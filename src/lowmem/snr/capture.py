@@ -68,7 +68,7 @@ class SnrCapture:
         self._writer = TrajectoryWriter(out) if out is not None else None
         self._handle = None
         self._calls = 0
-        self._known_step = 0        # last step read from the optimizer's state
+        self._known_step = None     # last step read from the optimizer's state; None: read it next call
         self._calls_at_known = 0    # hook calls when it was read
         self._last_measured = None
         if beta2 is None:
@@ -92,6 +92,7 @@ class SnrCapture:
     def attach(self) -> "SnrCapture":
         if self._handle is None:
             self._handle = self.optimizer.register_step_post_hook(self._hook)
+            self._known_step = None   # steps taken while detached are not in the hook count
         return self
 
     def detach(self) -> None:
@@ -133,7 +134,7 @@ class SnrCapture:
         """(step, on_device) of the first tracked parameter with Adam state, or None before any."""
         for p, *_ in self._tracked:
             st = self.optimizer.state.get(p)
-            if st and "step" in st:
+            if st and "step" in st and "exp_avg_sq" in st:
                 s = st["step"]
                 if isinstance(s, torch.Tensor):
                     return s, s.device.type != "cpu"
@@ -155,10 +156,12 @@ class SnrCapture:
             return int(s)
         # Avoid a host sync every step: predict the step from hook calls and read the device
         # tensor only when a measurement may be due. A skipped AMP step makes the prediction run
-        # ahead, never behind; reading the true value then puts it right.
-        predicted = self._known_step + (self._calls - self._calls_at_known)
-        if predicted % self.every:
-            return None
+        # ahead, never behind; reading the true value then puts it right. The first call after
+        # attaching reads it, since the optimizer may have stepped before.
+        if self._known_step is not None:
+            predicted = self._known_step + (self._calls - self._calls_at_known)
+            if predicted % self.every:
+                return None
         self._known_step, self._calls_at_known = int(s), self._calls
         return self._known_step
 

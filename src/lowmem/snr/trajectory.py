@@ -12,6 +12,7 @@ keeps every sample it took; `close` renames it to ``<path>`` in one atomic step,
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def _fmt(x: float) -> str:
 
 
 def read_trajectory(path: str | os.PathLike) -> list[Sample]:
-    """Read a trajectory CSV (also a ``.part`` file a killed run left).
+    """Read a trajectory CSV (also a ``.part`` file a killed run left; its torn last line is dropped).
 
     Raises:
         TrajectoryError: naming the file and line of the first malformed row.
@@ -81,23 +82,25 @@ def read_trajectory(path: str | os.PathLike) -> list[Sample]:
     path = Path(path)
     samples = []
     with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(header) != HEADER:
-            raise TrajectoryError(f"{path}: line 1: expected header {','.join(HEADER)}, found {header}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(HEADER):
-                # A torn last line from a killed writer is dropped; anything else is an error.
-                if lineno > 2 and f.read(1) == "":
-                    break
-                raise TrajectoryError(f"{path}: line {lineno}: expected {len(HEADER)} fields, found {len(row)}")
-            try:
-                samples.append(Sample(int(row[0]), row[1], row[2], row[3], row[4],
-                                      float(row[5]), float(row[6]), float(row[7])))
-            except ValueError as e:
-                raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
+        text = f.read()
+    if not text.endswith(("\n", "\r")):
+        # The writer ends every row with a line break, so an unterminated last line is one a killed
+        # writer tore (possibly inside a number that still parses): drop it.
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or tuple(header) != HEADER:
+        raise TrajectoryError(f"{path}: line 1: expected header {','.join(HEADER)}, found {header}")
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(HEADER):
+            raise TrajectoryError(f"{path}: line {lineno}: expected {len(HEADER)} fields, found {len(row)}")
+        try:
+            samples.append(Sample(int(row[0]), row[1], row[2], row[3], row[4],
+                                  float(row[5]), float(row[6]), float(row[7])))
+        except ValueError as e:
+            raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
     return samples
 
 
