@@ -595,3 +595,44 @@ def test_views_of_nanogpt_c_attn_and_tied_embedding():
     assert (views["v"].dim, views["v"].start, views["v"].stop) == (0, 48, 72)
     assert views["q.heads"].shape == (3, 8, 24)
     assert list(_views(layers["transformer.wte.weight"])) == ["raw"]
+
+
+def test_meta_llama_names_w1_gate_w3_up_w2_down_and_t5_wo_is_mlp_down():
+    # Meta's reference Llama: attention.wq/wk/wv/wo, feed_forward.w2(silu(w1 x) * w3 x);
+    # T5: layer.DenseReluDense.wi/wo, where wo is the MLP's down projection, not attention's.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.n_heads, self.n_kv_heads = 4, 2
+            self.wq, self.wk = nn.Linear(16, 16, bias=False), nn.Linear(16, 8, bias=False)
+            self.wv, self.wo = nn.Linear(16, 8, bias=False), nn.Linear(16, 16, bias=False)
+
+    class FeedForward(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3 = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+            self.w2 = nn.Linear(32, 16, bias=False)
+
+    class T5Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wi, self.wo = nn.Linear(16, 32, bias=False), nn.Linear(32, 16, bias=False)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.feed_forward = Attention(), FeedForward()
+            self.DenseReluDense = T5Dense()
+
+    layers = resolve_layers(Layer())
+    role = {i.name: i.role for i in layers}
+    assert role == {
+        "attention.wq.weight": "attn_q", "attention.wk.weight": "attn_k",
+        "attention.wv.weight": "attn_v", "attention.wo.weight": "attn_out",
+        "feed_forward.w1.weight": "mlp_gate", "feed_forward.w3.weight": "mlp_up",
+        "feed_forward.w2.weight": "mlp_down",
+        "DenseReluDense.wi.weight": "mlp_up", "DenseReluDense.wo.weight": "mlp_down",
+    }
+    # 4 query heads of 16/4 = 4; GQA: 2 kv heads of 8/2 = 4.
+    assert (layers["attention.wq.weight"].heads, layers["attention.wq.weight"].head_dim) == (4, 4)
+    assert (layers["attention.wk.weight"].heads, layers["attention.wk.weight"].head_dim) == (2, 4)

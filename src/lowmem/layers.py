@@ -30,12 +30,13 @@ _K_NAMES = {"k", "k_proj", "key", "wk", "to_k", "k_lin"}
 _V_NAMES = {"v", "v_proj", "value", "wv", "to_v", "v_lin"}
 _QKV_NAMES = {"c_attn", "qkv", "wqkv", "qkv_proj", "in_proj", "query_key_value", "to_qkv"}
 _OUT_NAMES = {"o_proj", "out_proj", "wo", "to_out", "o", "out_lin", "attn_out"}
-_UP_NAMES = {"c_fc", "fc1", "up_proj", "w1", "w3", "fc_in", "lin1", "wi", "wi_0", "wi_1"}
-_GATE_NAMES = {"gate_proj", "gate"}
+# Meta's Llama/Mixtral: w2(silu(w1 x) * w3 x), so w1 is the gate and w3 the up projection.
+_UP_NAMES = {"c_fc", "fc1", "up_proj", "w3", "fc_in", "lin1", "wi", "wi_1"}
+_GATE_NAMES = {"gate_proj", "gate", "w1", "wi_0"}
 _DOWN_NAMES = {"fc2", "down_proj", "w2", "fc_out", "lin2", "wo_mlp"}
 _HEAD_NAMES = {"lm_head", "head", "classifier", "output", "embed_out", "score"}
 _ATTN_CONTEXT = ("attn", "attention", "self_attn", "mixer")
-_MLP_CONTEXT = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
+_MLP_CONTEXT = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "densereludense")
 
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                nn.modules.batchnorm._NormBase)
@@ -301,6 +302,8 @@ def _linear_role(last: str, context: str, attr: str) -> str:
     parent = context.rpartition(".")[0]
     in_attn = any(c in seg for seg in parent.split(".") for c in _ATTN_CONTEXT)
     in_mlp = any(c in seg for seg in parent.split(".") for c in _MLP_CONTEXT)
+    if last in _OUT_NAMES and in_mlp and not in_attn:
+        return "mlp_down"   # T5's DenseReluDense.wo
     if last in _OUT_NAMES or (last in ("c_proj", "proj", "dense") and in_attn and not in_mlp):
         return "attn_out"
     if last in ("c_proj", "proj", "dense") and in_mlp:
@@ -308,8 +311,6 @@ def _linear_role(last: str, context: str, attr: str) -> str:
     if last == "dense" and parent.endswith("output"):
         # BERT: `layer.N.output.dense` is the MLP's down projection.
         return "mlp_down"
-    if last in _HEAD_NAMES and "." not in context:
-        return "lm_head"
     if last in _HEAD_NAMES:
         return "lm_head"
     return "other"
