@@ -5,6 +5,12 @@ Low Memory Adam?" (2025): time-mean SNR over a window of measured steps, a subse
 SNR is strictly above the threshold, the highest-SNR passing subset wins, norms are never
 compressed. Options: prefer the most compression among passing subsets; average the SNR over
 depth for layers of one role and shape so they share one decision.
+
+Head-split views (``heads``, ``q.heads``, …) are measured over every axis subset, but only
+subsets that keep the ``head`` axis are plan candidates: those that average over it either
+repeat a raw-view subset (``head+out`` is fan_out) or pool entries of different heads that sit
+at the same in-head position, which no structure of the model aligns; with few heads their SNR
+is also inflated by the small sample (4 heads: the population variance of 4 values).
 """
 
 from __future__ import annotations
@@ -129,15 +135,21 @@ def _in_view(view: View) -> str:
     return "" if view.name in ("raw",) or view.part and "." not in view.name else f" ({view.name} view)"
 
 
+def is_candidate(view: View, dims: tuple[int, ...], allow_token: bool = False) -> bool:
+    """Whether averaging `view` over `dims` may enter a plan (see the module docstring)."""
+    if not allow_token and any(view.axes[d] == "token" for d in dims):
+        return False
+    return not any(view.axes[d] == "head" for d in dims)
+
+
 def _candidates(views, snr, allow_token):
     for view in views:
         for (vlabel, subset), value in snr.items():
             if vlabel != view.label() or not math.isfinite(value):
                 continue
             dims = tuple(int(x) for x in subset.split(","))
-            if not allow_token and any(view.axes[d] == "token" for d in dims):
-                continue
-            yield view, dims, value
+            if is_candidate(view, dims, allow_token):
+                yield view, dims, value
 
 
 def _best(views, snr, threshold, prefer, allow_token):

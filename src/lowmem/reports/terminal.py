@@ -11,6 +11,7 @@ import math
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
+from lowmem.compress.builders import is_candidate
 from lowmem.compress.memory import format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import ModelLayers
@@ -26,22 +27,29 @@ def _fmt_snr(x: float | None) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.2f}"
 
 
+def _words(view, dims) -> str:
+    words = describe_subset(view.axes, dims)
+    return f"{words} per head" if "head" in view.axes and all(view.axes[d] != "head" for d in dims) else words
+
+
 def _best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple[str, float | None]:
-    """(subset in words, SNR) of the highest time-mean SNR recorded for this layer."""
-    if not lp.snr:
+    """(subset in words, SNR) of the highest time-mean SNR among the plan's candidate subsets."""
+    if not lp.snr or layers is None or name not in layers.params:
         return "—", None
-    key, value = max(((k, v) for k, v in lp.snr.items() if math.isfinite(v)), key=lambda kv: kv[1],
-                     default=(None, None))
-    if key is None:
+    views = {v.name: v for v in param_views(layers.params[name])}
+    best = None
+    # Raw-view keys first, so a head-view subset equal to a raw one ("fan_in") reads as raw.
+    for key, value in sorted(lp.snr.items(), key=lambda kv: ":" in kv[0]):
+        view_name, _, subset = key.rpartition(":")
+        view = views.get(view_name or "raw")
+        if view is None or not math.isfinite(value):
+            continue
+        dims = tuple(int(d) for d in subset.split(","))
+        if is_candidate(view, dims) and (best is None or value > best[2]):
+            best = (view, dims, value)
+    if best is None:
         return "—", None
-    view_name, _, subset = key.rpartition(":")
-    view_name = view_name or "raw"
-    words = subset
-    if layers is not None and name in layers.params:
-        for view in param_views(layers.params[name]):
-            if view.name == view_name:
-                words = describe_subset(view.axes, tuple(int(d) for d in subset.split(",")))
-    return (words if view_name == "raw" else f"{words} ({view_name})"), value
+    return _words(best[0], best[1]), best[2]
 
 
 def _decision(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
@@ -53,7 +61,7 @@ def _decision(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
     if layers is not None and name in layers.params:
         for view in param_views(layers.params[name]):
             if list(view.shape) == lp.view and view.part is None:
-                return "avg over " + describe_subset(view.axes, tuple(lp.reduce))
+                return "avg over " + _words(view, tuple(lp.reduce))
     return f"avg dims {','.join(map(str, lp.reduce))} of {_shape(lp.view)}"
 
 
