@@ -72,19 +72,41 @@ class PlanTable:
         self.plan, self.layers = plan, layers
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title="Compression plan", title_justify="left", show_edge=False, pad_edge=False)
-        table.add_column("layer", no_wrap=True, overflow="ignore")
-        table.add_column("role", no_wrap=True)
-        table.add_column("shape", no_wrap=True)
-        table.add_column("best subset", overflow="fold", min_width=10)
-        table.add_column("SNR", justify="right", no_wrap=True)
-        table.add_column("decision", overflow="fold", min_width=10)
-        table.add_column("v kept", justify="right", no_wrap=True)
+        rows = []
         for name, lp in self.plan.layers.items():
             best, snr = _best_measured(name, lp, self.layers)
-            table.add_row(name, lp.role, _shape(lp.shape), best, _fmt_snr(snr),
-                          _decision(lp, self.layers, name), f"{lp.v_kept:,}")
+            rows.append([name, lp.role, _shape(lp.shape), best, _fmt_snr(snr),
+                         _decision(lp, self.layers, name), f"{lp.v_kept:,}"])
+        headers = ["layer", "role", "shape", "best subset", "SNR", "decision", "v kept"]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        # Give the other columns their natural width and wrap names that do not fit at dots, so a
+        # name is never cut inside a component.
+        longest_piece = max((len(piece) + 1 for r in rows for piece in r[0].split(".")), default=0)
+        name_width = max(16, longest_piece, options.max_width - sum(widths[1:]) - 3 * (len(headers) - 1))
+        table = Table(title="Compression plan", title_justify="left", show_edge=False, pad_edge=False)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="right" if h in ("SNR", "v kept") else "left",
+                             no_wrap=i != 3 and i != 5, overflow="fold",
+                             max_width=name_width if i == 0 else None)
+        for r in rows:
+            table.add_row(_wrap_at_dots(r[0], name_width), *r[1:])
         yield table
+
+
+def _wrap_at_dots(name: str, width: int) -> str:
+    """Break `name` into lines of at most `width` characters after dots."""
+    if len(name) <= width:
+        return name
+    lines, line = [], ""
+    for piece in name.split("."):
+        piece = piece if not line and not lines else "." + piece
+        if line and len(line) + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line += piece
+    lines.append(line)
+    return "\n".join(lines)
 
 
 class PlanSummary:

@@ -1,0 +1,92 @@
+"""Terminal renderables rendered at width 100 without colour, compared with expected text."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from torch import nn
+
+from lowmem.compress.plan import LayerPlan, Plan
+from lowmem.layers import resolve_layers
+from lowmem.reports.terminal import PlanSummary, PlanTable, RoleSnrTable
+from lowmem.snr.summary import RoleSnr
+
+
+def _render(renderable) -> str:
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n_head = 2
+        self.q = nn.Linear(8, 8, bias=False)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.ModuleDict({"decoder": nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({
+            "self_attention_block": _Attn()})])})})
+        self.ln = nn.LayerNorm(8, bias=False)
+
+
+Q = "model.decoder.layers.0.self_attention_block.q.weight"
+
+
+def _plan():
+    q = Q
+    layers = {
+        q: LayerPlan([8, 8], "attn_q", [8, 8], [1], "SNR along fan_in 3.46 > 1",
+                     {"0": 0.6, "1": 3.46, "0,1": 0.25, "heads:0": 9.0, "heads:1": 1.2}),
+        "ln.weight": LayerPlan([8], "norm", [8], None, "norms keep full Adam", {"0": 0.4}),
+    }
+    return Plan(model={"class": "_Tiny", "parameters": 72, "fingerprint": "sha256:x"}, layers=layers)
+
+
+def test_plan_table_skips_head_axis_subsets():
+    text = _render(PlanTable(_plan(), resolve_layers(_Tiny(), warn=False)))
+    lines = text.splitlines()
+    row = next(line for line in lines if line.startswith("model.decoder"))
+    # Best admissible subset is fan_in (3.46), not heads:0 (9.0, which pools different heads).
+    assert "fan_in" in row and "3.46" in row and "avg over fan_in" in row
+    assert row.rstrip().endswith("8")          # v kept: 8 rows of 8x8 averaged over fan_in
+    norm = next(line for line in lines if line.startswith("ln.weight"))
+    assert "full Adam" in norm and norm.rstrip().endswith("8")
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_plan_summary_counts_and_bytes_by_hand():
+    text = _render(PlanSummary(_plan()))
+    # v_full = 64 + 8 = 72; kept = 8 + 8 = 16; AdamW 2*72*4 = 576 B; plan (72+16)*4 = 352 B.
+    assert "72" in text and "16" in text
+    assert "56 (77.78%)" in text
+    assert "576 B" in text and "352 B" in text
+    assert "224 B (38.89%)" in text
+    assert "1 of 2" in text
+
+
+def test_role_snr_table_marks_passing_medians():
+    rows = [RoleSnr("attn_q", "raw", "1", "fan_in", 2.3333, 4), RoleSnr("attn_q", "raw", "0", "fan_out", 0.86, 4)]
+    text = _render(RoleSnrTable(rows, threshold=1.0))
+    assert "2.33*" in text and "0.86 " in text and "0.86*" not in text
+
+
+def test_long_names_wrap_at_dots_never_inside_a_component():
+    for width in (60, 72):
+        console = Console(file=io.StringIO(), width=width, color_system=None)
+        console.print(PlanTable(_plan(), resolve_layers(_Tiny(), warn=False)))
+        lines = console.file.getvalue().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("model."))
+        cells = []
+        for line in lines[start:]:
+            cell = line.split("│")[0].strip()
+            if cell.startswith("ln."):
+                break
+            cells.append(cell)
+        assert len(cells) > 1                               # it had to wrap at this width
+        assert "".join(cells) == Q                          # nothing lost
+        assert all(c.startswith(".") for c in cells[1:])    # every break is before a dot
