@@ -232,7 +232,10 @@ class Plan:
             except (KeyError, TypeError, ValueError) as e:
                 missing = f"missing key {e}" if isinstance(e, KeyError) else str(e)
                 raise PlanError(f"{at}: {missing}") from None
-            lp.check(name)
+            try:
+                lp.check(name)
+            except PlanError as e:
+                raise PlanError(f"{where}: {e}") from None
             layers[name] = lp
         return cls(model=doc["model"], layers=layers, source=doc.get("source") or {})
 
