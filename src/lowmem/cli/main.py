@@ -128,7 +128,7 @@ def _device(text: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return _run(args, err)
     except UsageError as e:
@@ -241,7 +241,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             console.print()
         console.print(PlanSummary(plan))
     if bar_failed:
-        Console(stderr=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
+        Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
                                    markup=False)
         return EXIT_BAR
     return EXIT_OK
