@@ -31,7 +31,7 @@ from torch import nn
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name, resolve_layers
 from lowmem.snr.estimator import axis_subsets, snr_terms
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
-from lowmem.snr.views import View, param_views
+from lowmem.snr.views import View, param_views, unsplit_subset
 
 
 class NoAdamStateError(RuntimeError):
@@ -195,12 +195,18 @@ class SnrCapture:
                 if v is None or tuple(v.shape) != tuple(info.shape):
                     continue
                 v = v.detach()
+                terms = pending.setdefault(v.device, [])
+                done: dict[tuple[str, tuple[int, ...]], int] = {}
                 for view, subs in zip(views, subsets):
                     x = view.apply(v)
                     for s in subs:
-                        terms = pending.setdefault(v.device, [])
-                        rows.append((v.device, len(terms), info, view, s))
-                        terms.append(snr_terms(x, s))
+                        # A head-view subset equal to an unsplit one reuses its numbers.
+                        same = unsplit_subset(view, s)
+                        index = done.get(same) if same else None
+                        if index is None:
+                            index = done[(view.name, s)] = len(terms)
+                            terms.append(snr_terms(x, s))
+                        rows.append((v.device, index, info, view, s))
             host = {dev: torch.stack(ts).double().cpu() for dev, ts in pending.items()}
         samples = []
         for dev, i, info, view, s in rows:

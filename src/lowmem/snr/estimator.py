@@ -39,18 +39,18 @@ def snr_terms(v: torch.Tensor, subset: tuple[int, ...]) -> torch.Tensor:
     them to the host in one transfer. A subset whose every slice is non-finite gives NaN.
     """
     x = v if v.dtype in (torch.float32, torch.float64) else v.float()
-    var, mean = torch.var_mean(x, dim=subset, correction=0)
+    # Two passes (mean, then mean squared deviation): as exact as torch.var_mean and 5-25x
+    # faster on CPU, where var_mean's Welford kernel dominated a measurement.
+    mean = x.mean(dim=subset, keepdim=True)
+    dev = x - mean
+    var = (dev * dev).mean(dim=subset)
+    mean = mean.reshape(var.shape)
     mean_sq = mean * mean
     ratio = mean_sq / var
     keep = torch.isfinite(ratio)
-    n = keep.sum()
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    terms = torch.stack([ratio, mean_sq, var]).reshape(3, -1)
     # Sums over kept slices divided by their count; 0/0 -> NaN flags "no finite slice".
-    return torch.stack([
-        torch.where(keep, ratio, zero).sum(),
-        torch.where(keep, mean_sq, zero).sum(),
-        torch.where(keep, var, zero).sum(),
-    ]) / n
+    return torch.where(keep.reshape(1, -1), terms, 0).sum(dim=1) / keep.sum()
 
 
 def estimate_snr(v: torch.Tensor, subsets: list[tuple[int, ...]] | None = None) -> dict[tuple[int, ...], SnrValue]:

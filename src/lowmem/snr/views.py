@@ -87,3 +87,19 @@ def param_views(info: ParamInfo) -> list[View]:
         if split:
             views.append(View("heads", split[0], split[1]))
     return views
+
+
+def unsplit_subset(view: View, subset: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """The (view name, subset) of the unsplit view that averages the same entries, if any.
+
+    A head-split view turns one ``out`` axis into ``(head, out)``. A subset that takes both or
+    neither of them groups the entries exactly as a subset of the unsplit view does, so its
+    statistics are the same numbers (``head+out`` is fan_out; ``in`` is fan_in).
+    """
+    if "head" not in view.axes:
+        return None
+    h = view.axes.index("head")
+    if (h in subset) != (h + 1 in subset):
+        return None
+    base = sorted({d if d < h else h if d <= h + 1 else d - 1 for d in subset})
+    return ("raw" if view.name == "heads" else view.name.rsplit(".", 1)[0]), tuple(base)
