@@ -220,6 +220,8 @@ class Plan:
         layers = {}
         for name, d in doc["layers"].items():
             at = f"{where}: layers[{name!r}]"
+            if not isinstance(d, dict):
+                raise PlanError(f"{at}: expected a JSON object, found {type(d).__name__}")
             try:
                 parts = [PartPlan(p["name"], int(p["dim"]), int(p["start"]), int(p["stop"]),
                                   [int(x) for x in p["view"]],
@@ -229,7 +231,7 @@ class Plan:
                 lp = LayerPlan([int(x) for x in d["shape"]], str(d["role"]), [int(x) for x in d["view"]],
                                None if d["reduce"] is None else [int(x) for x in d["reduce"]],
                                d.get("why", ""), _snr_in(d.get("snr")), parts, list(d.get("aliases", [])))
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 missing = f"missing key {e}" if isinstance(e, KeyError) else str(e)
                 raise PlanError(f"{at}: {missing}") from None
             try:
@@ -299,7 +301,10 @@ def _snr_in(d) -> dict[str, float] | None:
 def model_record(model: nn.Module) -> dict:
     """The plan's ``model`` entry: class, trainable parameter count, fingerprint."""
     shapes = model_shapes(model)
-    return {"class": type(getattr(model, "_orig_mod", getattr(model, "module", model))).__name__,
+    inner = model
+    while isinstance(getattr(inner, "_orig_mod", getattr(inner, "module", None)), nn.Module):
+        inner = getattr(inner, "_orig_mod", getattr(inner, "module", None))  # DDP(compile(model)) nests both
+    return {"class": type(inner).__name__,
             "parameters": sum(_prod(s) for _, s in shapes),
             "fingerprint": model_fingerprint(shapes)}
 
@@ -309,9 +314,13 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the old file and no temporary
+        raise
     return path

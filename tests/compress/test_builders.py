@@ -1,0 +1,348 @@
+"""build_plan from hand-written SNR trajectories: window, strict threshold, choice rules, norms,
+token axis, depth averaging, missing samples and fused Q/K/V, each against hand arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.compress import Plan, build_plan
+from lowmem.layers import resolve_layers
+from lowmem.snr.trajectory import Sample, SnrTrajectory
+from lowmem.snr.views import param_views
+
+# -- a small nanoGPT: width 8, 2 heads of 4, vocab 10, block 4, no biases, tied head --------------
+
+
+class Attn(nn.Module):
+    def __init__(self, fused):
+        super().__init__()
+        self.n_head = 2
+        if fused:
+            self.c_attn = nn.Linear(8, 24, bias=False)      # (24, 8): q rows [0, 8), k [8, 16), v [16, 24)
+        else:
+            self.q = nn.Linear(8, 8, bias=False)            # (8, 8); heads view (2, 4, 8)
+            self.k = nn.Linear(8, 8, bias=False)
+            self.v = nn.Linear(8, 8, bias=False)
+        self.c_proj = nn.Linear(8, 8, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = nn.Linear(8, 16, bias=False)            # (16, 8)
+        self.c_proj = nn.Linear(16, 8, bias=False)          # (8, 16)
+
+
+class Block(nn.Module):
+    def __init__(self, fused):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(8, bias=False)
+        self.attn = Attn(fused)
+        self.ln_2 = nn.LayerNorm(8, bias=False)
+        self.mlp = MLP()
+
+
+class GPT(nn.Module):
+    def __init__(self, n_layer=2, fused=False):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(10, 8), wpe=nn.Embedding(4, 8),
+            h=nn.ModuleList([Block(fused) for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(8, bias=False)))
+        self.lm_head = nn.Linear(8, 10, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+
+def model(**kw) -> GPT:
+    with torch.device("meta"):
+        return GPT(**kw)
+
+
+def h(i: int, rest: str) -> str:
+    return f"transformer.h.{i}.{rest}"
+
+
+Q0, K0, Q1 = h(0, "attn.q.weight"), h(0, "attn.k.weight"), h(1, "attn.q.weight")
+FC0, FC1, FC2 = h(0, "mlp.c_fc.weight"), h(1, "mlp.c_fc.weight"), h(2, "mlp.c_fc.weight")
+DOWN0 = h(0, "mlp.c_proj.weight")
+LN0 = h(0, "ln_1.weight")
+WTE = "transformer.wte.weight"
+QKV = h(0, "attn.c_attn.weight")
+
+# View labels written by hand, as `param_views` labels them (checked below).
+RAW_Q, HEADS_Q = "raw:8x8", "heads:2x4x8"
+RAW_FC = "raw:16x8"
+
+
+def traj(rows) -> SnrTrajectory:
+    """rows: (step, name, view label, subset, snr); shape and moments are not read by build_plan."""
+    return SnrTrajectory([Sample(step, name, "?", view, subset, snr, 0.0, 0.0)
+                          for step, name, view, subset, snr in rows])
+
+
+def test_hand_written_view_labels_are_the_ones_param_views_gives():
+    # If these drift, every hand-written sample below silently stops matching a view.
+    labels = {info.name: [v.label() for v in param_views(info)] for info in resolve_layers(model(), warn=False)}
+    assert labels[Q0] == [RAW_Q, HEADS_Q]
+    assert labels[FC0] == [RAW_FC]
+    assert labels[WTE] == ["raw:10x8"]
+    assert labels[LN0] == ["raw:8"]
+    fused = {i.name: [v.label() for v in param_views(i)] for i in resolve_layers(model(fused=True), warn=False)}
+    assert fused[QKV] == ["q:8x8", "q.heads:2x4x8", "k:8x8", "k.heads:2x4x8", "v:8x8", "v.heads:2x4x8"]
+
+
+# -- window and threshold ------------------------------------------------------------------------
+
+STEPS = [(100, 9.0), (200, 0.4), (300, 1.8), (400, 9.0)]     # q fan_in SNR at each measured step
+
+
+@pytest.mark.parametrize("window, mean", [
+    ((200, 300), (0.4 + 1.8) / 2),            # 1.1: both ends inclusive
+    ((200, 200), 0.4),
+    ((300, 300), 1.8),
+    ((None, 200), (9.0 + 0.4) / 2),           # 4.7
+    ((300, None), (1.8 + 9.0) / 2),           # 5.4
+    (None, (9.0 + 0.4 + 1.8 + 9.0) / 4),      # 5.05
+    ((150, 350), (0.4 + 1.8) / 2),            # bounds between measurements
+])
+def test_time_mean_over_an_inclusive_window(window, mean):
+    t = traj([(step, Q0, RAW_Q, "1", snr) for step, snr in STEPS])
+    lp = build_plan(model(), t, window=window).layers[Q0]
+    assert lp.snr == {"1": pytest.approx(mean)}
+    if mean > 1.0:
+        assert (lp.reduce, lp.v_kept) == ([1], 8)
+        assert f"{mean:.2f} > 1" in lp.why
+    else:
+        assert lp.reduce is None and lp.v_kept == 64
+
+
+def test_source_records_the_window_threshold_and_options():
+    t = traj([(step, Q0, RAW_Q, "1", snr) for step, snr in STEPS])
+    src = build_plan(model(), t, threshold=1.5, window=(200, None), prefer="compression",
+                     depth_average=True, source={"probe_lr": 3e-4}).source
+    assert src == {"method": "snr", "threshold": 1.5, "window": [200, 400], "prefer": "compression",
+                   "depth_average": True, "measurements": 4, "probe_lr": 3e-4}
+    assert build_plan(model(), t).source["window"] == [100, 400]
+
+
+def test_a_subset_at_exactly_the_threshold_does_not_pass():
+    t = traj([
+        (100, Q0, RAW_Q, "1", 0.5), (200, Q0, RAW_Q, "1", 1.5),      # mean exactly 1.0
+        (100, Q0, RAW_Q, "0", 1.0),
+        (100, Q0, HEADS_Q, "1,2", 1.0),
+    ])
+    lp = build_plan(model(), t).layers[Q0]
+    assert lp.reduce is None and lp.v_kept == 64
+    assert "best SNR 1.00" in lp.why and "not > 1" in lp.why and "full Adam" in lp.why
+
+
+def test_a_subset_just_above_the_threshold_passes():
+    t = traj([(100, Q0, RAW_Q, "1", 1.0 + 1e-9)])
+    assert build_plan(model(), t).layers[Q0].reduce == [1]
+
+
+def test_another_threshold_is_strict_too_and_named_in_why():
+    t = traj([(100, FC0, RAW_FC, "0", 2.0), (100, FC1, RAW_FC, "0", 2.5)])
+    plan = build_plan(model(), t, threshold=2.0)
+    assert plan.layers[FC0].reduce is None and "best SNR 2.00 (along fan_out) not > 2" in plan.layers[FC0].why
+    assert plan.layers[FC1].reduce == [0] and plan.layers[FC1].why == "SNR along fan_out 2.50 > 2"
+
+
+def test_non_finite_samples_are_skipped_in_the_time_mean():
+    t = traj([(100, FC0, RAW_FC, "0", float("nan")), (200, FC0, RAW_FC, "0", 3.0),
+              (300, FC0, RAW_FC, "0", 0.0), (400, FC0, RAW_FC, "0", float("inf"))])
+    lp = build_plan(model(), t).layers[FC0]
+    assert lp.snr == {"0": pytest.approx(1.5)}       # (3.0 + 0.0) / 2
+    assert lp.reduce == [0]
+
+
+# -- which passing subset wins ----------------------------------------------------------------------
+
+Q_CHOICES = [
+    (100, Q0, RAW_Q, "0", 1.5),          # fan_out: keeps 8
+    (100, Q0, RAW_Q, "1", 3.0),          # fan_in: keeps 8
+    (100, Q0, RAW_Q, "0,1", 0.9),        # one scalar: would keep 1 but does not pass
+    (100, Q0, HEADS_Q, "1,2", 1.2),      # one per head: keeps 2
+    (100, Q0, HEADS_Q, "0", 50.0),       # pools heads: never a candidate
+    (100, Q0, HEADS_Q, "0,1,2", 40.0),   # pools heads: never a candidate
+]
+
+
+def test_the_highest_snr_passing_subset_wins():
+    lp = build_plan(model(), traj(Q_CHOICES)).layers[Q0]
+    assert (lp.view, lp.reduce, lp.v_kept) == ([8, 8], [1], 8)
+    assert lp.why == "SNR along fan_in 3.00 > 1"
+
+
+def test_a_head_view_subset_wins_when_its_snr_is_highest():
+    rows = Q_CHOICES + [(100, Q0, HEADS_Q, "2", 3.5)]          # (head, out) kept: 2 · 4 = 8
+    lp = build_plan(model(), traj(rows)).layers[Q0]
+    assert (lp.view, lp.reduce, lp.v_kept) == ([2, 4, 8], [2], 8)
+    assert lp.why == "SNR along fan_in (heads view) 3.50 > 1"
+
+
+def test_prefer_compression_picks_the_fewest_kept_entries_among_passing_subsets():
+    lp = build_plan(model(), traj(Q_CHOICES), prefer="compression").layers[Q0]
+    # Passing: fan_out 8, fan_in 8, heads (out, in) 2; the scalar (1) fails at 0.9.
+    assert (lp.view, lp.reduce, lp.v_kept) == ([2, 4, 8], [1, 2], 2)
+    assert "1.20 > 1" in lp.why and "heads view" in lp.why
+
+
+def test_prefer_compression_breaks_ties_by_snr():
+    t = traj([(100, FC0, RAW_FC, "0", 1.5), (100, FC0, RAW_FC, "1", 2.5)])   # fan_out keeps 8, fan_in 16
+    assert build_plan(model(), t, prefer="compression").layers[FC0].reduce == [0]
+    t = traj([(100, Q0, RAW_Q, "0", 1.5), (100, Q0, RAW_Q, "1", 2.5)])       # both keep 8
+    assert build_plan(model(), t, prefer="compression").layers[Q0].reduce == [1]
+
+
+def test_head_pooling_subsets_alone_never_compress():
+    t = traj([(100, Q0, HEADS_Q, "0", 50.0), (100, Q0, HEADS_Q, "0,1", 50.0)])
+    lp = build_plan(model(), t).layers[Q0]
+    assert lp.reduce is None and "no admissible subset" in lp.why
+
+
+# -- norms and embeddings -------------------------------------------------------------------------
+
+def test_norms_are_never_compressed_even_with_high_snr():
+    t = traj([(100, LN0, "raw:8", "0", 100.0), (100, "transformer.ln_f.weight", "raw:8", "0", 100.0)])
+    for kw in ({}, {"prefer": "compression"}, {"depth_average": True}, {"threshold": 0.0}):
+        plan = build_plan(model(), t, **kw)
+        for name in (LN0, "transformer.ln_f.weight"):
+            lp = plan.layers[name]
+            assert (lp.reduce, lp.v_kept, lp.why) == (None, 8, "norms keep full Adam")
+    assert build_plan(model(), t).layers[LN0].snr == {"0": 100.0}     # the measurement is still shown
+
+
+WTE_ROWS = [
+    (100, WTE, "raw:10x8", "0", 9.0),      # over tokens: one per model dim, keeps 8
+    (100, WTE, "raw:10x8", "0,1", 5.0),    # over everything: keeps 1
+    (100, WTE, "raw:10x8", "1", 2.0),      # over the model dim: one per token, keeps 10
+]
+
+
+def test_embedding_token_axis_subsets_are_excluded_by_default():
+    lp = build_plan(model(), traj(WTE_ROWS)).layers[WTE]
+    assert (lp.reduce, lp.v_kept) == ([1], 10)
+    assert lp.why == "SNR along model 2.00 > 1"
+    assert lp.aliases == ["lm_head.weight"]
+    assert build_plan(model(), traj(WTE_ROWS), prefer="compression").layers[WTE].reduce == [1]
+
+
+def test_embedding_token_axis_subsets_are_allowed_on_request():
+    lp = build_plan(model(), traj(WTE_ROWS), allow_token=True).layers[WTE]
+    assert (lp.reduce, lp.v_kept) == ([0], 8)
+    lp = build_plan(model(), traj(WTE_ROWS), allow_token=True, prefer="compression").layers[WTE]
+    assert (lp.reduce, lp.v_kept) == ([0, 1], 1)
+
+
+def test_embedding_with_only_token_subsets_passing_keeps_full_adam():
+    rows = [r for r in WTE_ROWS if r[3] != "1"] + [(100, WTE, "raw:10x8", "1", 0.5)]
+    lp = build_plan(model(), traj(rows)).layers[WTE]
+    assert lp.reduce is None and "best SNR 0.50 (along model) not > 1" in lp.why
+
+
+# -- depth averaging ------------------------------------------------------------------------------
+
+def test_depth_average_shares_one_decision_from_the_mean_snr():
+    t = traj([
+        (100, FC0, RAW_FC, "0", 3.0), (100, FC1, RAW_FC, "0", 0.3), (100, FC2, RAW_FC, "0", 0.3),
+        (100, FC0, RAW_FC, "1", 2.0), (100, FC1, RAW_FC, "1", 0.5), (100, FC2, RAW_FC, "1", 0.4),
+    ])
+    alone = build_plan(model(n_layer=3), t)
+    assert [alone.layers[n].reduce for n in (FC0, FC1, FC2)] == [[0], None, None]
+    shared = build_plan(model(n_layer=3), t, depth_average=True)
+    # fan_out (3.0 + 0.3 + 0.3) / 3 = 1.2 > 1; fan_in (2.0 + 0.5 + 0.4) / 3 = 0.9667
+    for n in (FC0, FC1, FC2):
+        lp = shared.layers[n]
+        assert lp.reduce == [0] and lp.v_kept == 8
+        assert lp.snr == {"0": pytest.approx(1.2), "1": pytest.approx(2.9 / 3)}
+        assert lp.why == "SNR along fan_out 1.20 > 1"
+
+
+def test_depth_average_can_turn_compression_off_for_every_layer():
+    t = traj([(100, FC0, RAW_FC, "0", 2.0), (100, FC1, RAW_FC, "0", 0.5), (100, FC2, RAW_FC, "0", 0.4)])
+    shared = build_plan(model(n_layer=3), t, depth_average=True)
+    # (2.0 + 0.5 + 0.4) / 3 = 0.9667, not > 1
+    assert [shared.layers[n].reduce for n in (FC0, FC1, FC2)] == [None, None, None]
+    assert "best SNR 0.97" in shared.layers[FC0].why
+
+
+def test_depth_average_does_not_mix_roles_or_shapes():
+    t = traj([
+        (100, Q0, RAW_Q, "1", 3.0), (100, K0, RAW_Q, "1", 0.2),           # same shape (8, 8), other role
+        (100, Q1, RAW_Q, "1", 0.6),                                       # mean with Q0: 1.8
+        (100, DOWN0, "raw:8x16", "0", 0.2),                               # mlp_down (8, 16)
+        (100, FC0, RAW_FC, "0", 5.0), (100, FC1, RAW_FC, "0", 5.0),       # mlp_up (16, 8)
+    ])
+    plan = build_plan(model(), t, depth_average=True)
+    assert plan.layers[Q0].reduce == plan.layers[Q1].reduce == [1]
+    assert plan.layers[Q1].snr == {"1": pytest.approx(1.8)}
+    assert plan.layers[K0].reduce is None and plan.layers[K0].snr == {"1": pytest.approx(0.2)}
+    assert plan.layers[DOWN0].reduce is None and plan.layers[DOWN0].snr == {"0": pytest.approx(0.2)}
+    assert plan.layers[FC0].reduce == [0]
+
+
+# -- missing samples and fused Q/K/V ------------------------------------------------------------
+
+def test_a_layer_with_no_samples_keeps_full_adam_and_says_so():
+    plan = build_plan(model(), traj([(100, FC0, RAW_FC, "0", 2.0)]))
+    lp = plan.layers[FC1]
+    assert lp.reduce is None and lp.snr is None and "no SNR samples" in lp.why
+    # Only FC0 compresses: 128 entries keep 8.
+    assert plan.summary["v_kept"] == plan.summary["v_full"] - 128 + 8
+
+
+def test_samples_outside_the_window_count_as_no_samples():
+    t = traj([(100, FC0, RAW_FC, "0", 2.0)])
+    lp = build_plan(model(), t, window=(200, 300)).layers[FC0]
+    assert lp.reduce is None and "no SNR samples" in lp.why
+
+
+def test_fused_qkv_decides_each_part():
+    t = traj([
+        (100, QKV, "q:8x8", "1", 2.0),                 # q: fan_in, keeps 8
+        (100, QKV, "q:8x8", "0", 1.5),
+        (100, QKV, "k:8x8", "0", 0.5), (100, QKV, "k:8x8", "1", 0.7),    # k: nothing passes, keeps 64
+        (100, QKV, "v:8x8", "0", 3.0),                 # v: fan_out 3.0 …
+        (100, QKV, "v.heads:2x4x8", "1,2", 4.0),       # … but one per head 4.0 wins, keeps 2
+        (100, QKV, "v.heads:2x4x8", "0", 90.0),        # pools heads: never a candidate
+    ])
+    plan = build_plan(model(fused=True), t)
+    lp = plan.layers[QKV]
+    assert lp.reduce is None and lp.view == [24, 8]
+    assert [(p.name, p.dim, p.start, p.stop, p.view, p.reduce) for p in lp.parts] == [
+        ("q", 0, 0, 8, [8, 8], [1]),
+        ("k", 0, 8, 16, [8, 8], None),
+        ("v", 0, 16, 24, [2, 4, 8], [1, 2]),
+    ]
+    assert lp.v_kept == 8 + 64 + 2
+    q, k, v = lp.parts
+    assert q.why == "SNR along fan_in 2.00 > 1"
+    assert "best SNR 0.70 (along fan_in) not > 1" in k.why
+    assert "4.00 > 1" in v.why and "v.heads view" in v.why
+    assert q.snr == {"q:1": 2.0, "q:0": 1.5} and v.snr["v.heads:1,2"] == 4.0
+    lp.check(QKV)
+    assert Plan.loads(plan.dumps()).to_json() == plan.to_json()
+
+
+def test_fused_qkv_with_prefer_compression_decides_each_part():
+    t = traj([
+        (100, QKV, "q:8x8", "1", 2.0), (100, QKV, "q:8x8", "0,1", 1.1),      # q: scalar passes, keeps 1
+        (100, QKV, "v:8x8", "0", 3.0),                                         # v: fan_out, keeps 8
+    ])
+    lp = build_plan(model(fused=True), t, prefer="compression").layers[QKV]
+    assert [(p.name, p.reduce) for p in lp.parts] == [("q", [0, 1]), ("k", None), ("v", [0])]
+    assert lp.v_kept == 1 + 64 + 8
+
+
+def test_fused_qkv_with_depth_average_averages_each_part():
+    t = traj([
+        (100, QKV, "k:8x8", "1", 1.7), (100, h(1, "attn.c_attn.weight"), "k:8x8", "1", 0.5),   # mean 1.1
+    ])
+    plan = build_plan(model(fused=True), t, depth_average=True)
+    for i in (0, 1):
+        parts = plan.layers[h(i, "attn.c_attn.weight")].parts
+        assert [(p.name, p.reduce) for p in parts] == [("q", None), ("k", [1]), ("v", None)]
+        assert parts[1].snr == {"k:1": pytest.approx(1.1)}
