@@ -87,6 +87,7 @@ class SnrCapture:
                     continue
                 views = param_views(info)
                 self._tracked.append((p, info, views, [axis_subsets(len(v.shape)) for v in views]))
+        self._largest = max((p.numel() for p, *_ in self._tracked), default=0)
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "SnrCapture":
@@ -189,12 +190,19 @@ class SnrCapture:
         """Measure every tracked parameter now; one host transfer per device."""
         pending: dict[torch.device, list[torch.Tensor]] = {}
         rows: list[tuple[torch.device, int, ParamInfo, View, tuple[int, ...]]] = []
+        # One scratch buffer per device and dtype for the deviations, instead of a full-size
+        # temporary per subset: on CPU those allocations slowed the next training steps.
+        work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         with torch.no_grad():
             for p, info, views, subsets in self._tracked:
                 v = self._v_of(p)
                 if v is None or tuple(v.shape) != tuple(info.shape):
                     continue
                 v = v.detach()
+                dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+                buf = work.get((v.device, dtype))
+                if buf is None or buf.numel() < v.numel():
+                    buf = work[(v.device, dtype)] = torch.empty(self._largest, dtype=dtype, device=v.device)
                 terms = pending.setdefault(v.device, [])
                 done: dict[tuple[str, tuple[int, ...]], int] = {}
                 for view, subs in zip(views, subsets):
@@ -205,7 +213,7 @@ class SnrCapture:
                         index = done.get(same) if same else None
                         if index is None:
                             index = done[(view.name, s)] = len(terms)
-                            terms.append(snr_terms(x, s))
+                            terms.append(snr_terms(x, s, buf))
                         rows.append((v.device, index, info, view, s))
             host = {dev: torch.stack(ts).double().cpu() for dev, ts in pending.items()}
         samples = []
