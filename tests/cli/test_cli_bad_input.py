@@ -141,7 +141,7 @@ def test_plan_for_another_model_and_corrupt_plans(tmp_path):
 
 
 def test_bad_flags_and_require_saved_bar(tmp_path):
-    for flags, text in ((["--every", "0"], "expected a positive integer, got 0"),
+    for flags, text in ((["--every", "0"], "expected a positive integer, got '0'"),
                         (["--window", "5:2"], "window start 5 is after its end 2"),
                         (["--threshold", "-1"], "expected a finite number >= 0")):
         r = run(tmp_path, "model.py", *flags, source=TINY)

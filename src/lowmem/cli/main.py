@@ -52,34 +52,23 @@ def _window(text: str) -> tuple[int | None, int | None]:
     return w
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _number(convert, accept, expected: str):
+    """An argparse type: `convert` the text, refuse it unless `accept(value)`, naming `expected`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+_nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -103,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
     p.add_argument("--preset", choices=PRESETS, help="write a preset plan for the model without training")
     p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
-    p.add_argument("--require-saved", type=float, metavar="FRACTION",
+    p.add_argument("--require-saved", type=_fraction, metavar="FRACTION",
                    help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out", metavar="DIR", help="output folder for plan.json and snr.csv (default lowmem-out)")
