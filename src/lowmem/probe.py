@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sysconfig
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -68,10 +69,27 @@ def _call(task: Task, what: str, fn, *args):
     except (KeyboardInterrupt, TaskError):
         raise
     except Exception as e:
-        frames = traceback.extract_tb(e.__traceback__)
-        user = [f for f in frames if "/lowmem/" not in f.filename.replace(os.sep, "/")] or frames[-1:]
-        where = "".join(traceback.format_list(user[-3:])).rstrip()
-        raise TaskError(f"{what} in {task.source} raised {type(e).__name__}: {e}\n{where}") from e
+        raise TaskError(f"{what} in {task.source} raised {type(e).__name__}: {e}\n{_where(e)}") from e
+
+
+# Frames from these folders are not the task's code: lowmem itself (but for its built-in
+# examples), torch, the standard library and installed packages.
+_LOWMEM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+_EXAMPLES_DIR = os.path.join(_LOWMEM_DIR, "examples", "")
+_LIBRARY_DIRS = (_LOWMEM_DIR, os.path.join(os.path.dirname(torch.__file__), ""),
+                 *(os.path.join(os.path.abspath(d), "") for d in
+                   (sysconfig.get_paths().get(k) for k in ("stdlib", "purelib", "platlib")) if d))
+
+
+def _where(e: BaseException) -> str:
+    """The last frames of the task's own code in `e`'s traceback, then the frame that raised it."""
+    frames = traceback.extract_tb(e.__traceback__)
+    paths = [os.path.abspath(f.filename) for f in frames]
+    own = [f for f, path in zip(frames, paths) if path.startswith(_EXAMPLES_DIR) or not path.startswith(_LIBRARY_DIRS)]
+    shown = own[-3:]
+    if frames and (not shown or shown[-1] is not frames[-1]) and not paths[-1].startswith(_LOWMEM_DIR):
+        shown.append(frames[-1])   # where a library (e.g. torch) rejected what the task's code passed
+    return "".join(traceback.format_list(shown or frames[-1:])).rstrip()
 
 
 def to_device(batch, device: torch.device):

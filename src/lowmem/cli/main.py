@@ -9,9 +9,12 @@ error; 130 interrupted by Ctrl-C (the trajectory and a plan from what was captur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        return _run(args, err)
+        with _warnings_to(err, args.quiet):
+            return _run(args, err)
     except UsageError as e:
         err.print(f"{PROG}: error: {e}", markup=False)
         return EXIT_USAGE
@@ -140,6 +144,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+_LOWMEM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+
+
+@contextlib.contextmanager
+def _warnings_to(err: Console, quiet: bool):
+    """lowmem's own warnings as one line without its source (none with -q); others as Python shows them."""
+    with warnings.catch_warnings():
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if os.path.abspath(filename).startswith(_LOWMEM_DIR):
+                err.print(f"{PROG}: warning: {str(message).removeprefix('lowmem: ')}", markup=False)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        if quiet:
+            warnings.simplefilter("ignore")
+        yield
+
+
+def _user_code():
+    """While the user's code runs its print()s go to stderr: stdout carries the result only."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _run(args, err: Console) -> int:
     if args.target and args.example:
         raise UsageError("give either a model.py or --example, not both")
@@ -148,7 +178,8 @@ def _run(args, err: Console) -> int:
                          f"({PROG} --example shakespeare)")
     if args.plan and args.preset:
         raise UsageError("--plan and --preset are alternatives; give one")
-    task = load_example(args.example) if args.example else load_task(args.target)
+    with _user_code():
+        task = load_example(args.example) if args.example else load_task(args.target)
     device = _device(args.device)
     settings = {**DEFAULTS, **task.defaults}
     steps = args.steps or settings["steps"]
@@ -159,7 +190,8 @@ def _run(args, err: Console) -> int:
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
 
     if args.plan or args.preset:
-        model, _ = build(task, device, lr, args.seed)
+        with _user_code():
+            model, _ = build(task, device, lr, args.seed)
         layers = resolve_layers(model, warn=False)
         if args.plan:
             plan = Plan.load(args.plan)
@@ -174,7 +206,7 @@ def _run(args, err: Console) -> int:
     progress = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeRemainingColumn(), console=err, transient=True, disable=quiet)
     bar = progress.add_task("probe", total=steps, loss="—")
-    with progress:
+    with progress, _user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
     traj = SnrTrajectory(result.capture.samples)
