@@ -104,8 +104,10 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-def build(task: Task, device: torch.device, lr: float, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The task's model on `device` and its optimizer (AdamW(lr) unless the task builds one)."""
+def build(task: Task, device: torch.device, lr: float, seed: int,
+          with_optimizer: bool = True) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """The task's model on `device` and its optimizer (AdamW(lr) unless the task builds one; None
+    without `with_optimizer`, for callers that do not train)."""
     torch.manual_seed(seed)
     model = _call(task, "build_model()", task.build_model)
     if not isinstance(model, nn.Module):
@@ -115,6 +117,8 @@ def build(task: Task, device: torch.device, lr: float, seed: int) -> tuple[nn.Mo
         raise TaskError(f"build_model() in {task.source} returned a {type(model).__name__} with no "
                         "trainable parameters")
     model.to(device).train()
+    if not with_optimizer:
+        return model, None
     if task.build_optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     else:

@@ -57,9 +57,14 @@ def write(tmp_path: Path, source: str, name: str = "model.py") -> Path:
     return path
 
 
+# One intra-op thread: the models are tiny, and on a small shared runner torch's default of one
+# thread per core makes the example's 20 steps take 50 s instead of 8.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def lowmem_analyze(cwd: Path, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lowmem.cli.main", *map(str, args), "--device", "cpu"],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def failed(r: subprocess.CompletedProcess, code: int) -> str:
@@ -189,6 +194,7 @@ def test_plan_for_another_model_and_broken_plan_files(tmp_path):
     assert r.returncode == 0, r.stderr
     plan_file = tmp_path / "pa" / "plan.json"
     err = failed(lowmem_analyze(tmp_path, "b.py", "--plan", plan_file), 2)
+    assert f"{plan_file} does not fit the model of b.py" in err
     assert "2.weight (plan [2, 8], model [3, 8])" in err and "2.bias (plan [2], model [3])" in err
     assert "0.weight" not in err                              # only the parameters that differ
     r = lowmem_analyze(tmp_path, "a.py", "--plan", plan_file, "-q")
@@ -223,7 +229,7 @@ def test_ctrl_c_keeps_the_trajectory_and_plans_from_what_was_captured(tmp_path):
     part = out / "snr.csv.part"
     proc = subprocess.Popen([sys.executable, "-m", "lowmem.cli.main", "model.py", "--steps", "100000",
                              "--every", "2", "--out", "o", "--device", "cpu"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             preexec_fn=_default_sigint)
     seen: list[int] = []
     try:

@@ -191,11 +191,14 @@ def _run(args, err: Console) -> int:
 
     if args.plan or args.preset:
         with _user_code():
-            model, _ = build(task, device, lr, args.seed)
+            model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
         layers = resolve_layers(model, warn=False)
         if args.plan:
             plan = Plan.load(args.plan)
-            plan.validate(model)
+            try:
+                plan.validate(model)
+            except PlanError as e:   # name the file and the model, like every other message
+                raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
         else:
             plan = build_preset(args.preset, model, layers)
             plan.save(out / "plan.json")
