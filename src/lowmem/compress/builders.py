@@ -127,8 +127,12 @@ def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefe
         return _full(info, _why_not(views, snr, threshold, allow_token), _snr_record(info, snr))
     view, subset, value = choice
     return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
-                     f"SNR along {describe_subset(view.axes, subset)}{_in_view(view)} {value:.2f} > {threshold:g}",
+                     _why_passed(view, subset, value, threshold),
                      _snr_record(info, snr), None, list(info.aliases[1:]))
+
+
+def _why_passed(view: View, subset, value: float, threshold: float) -> str:
+    return f"SNR along {describe_subset(view.axes, subset)}{_in_view(view)} {value:.2f} > {threshold:g}"
 
 
 def _in_view(view: View) -> str:
@@ -177,7 +181,7 @@ def _part_plan(part, base: View, choice, snr, threshold) -> PartPlan:
                         _why_not([base], snr, threshold, False), rec)
     view, subset, value = choice
     return PartPlan(part, base.dim, base.start, base.stop, list(view.shape), list(subset),
-                    f"SNR along {describe_subset(view.axes, subset)}{_in_view(view)} {value:.2f} > {threshold:g}", rec)
+                    _why_passed(view, subset, value, threshold), rec)
 
 
 def _snr_record(info: ParamInfo, snr: dict[tuple[str, str], float]) -> dict[str, float]:
