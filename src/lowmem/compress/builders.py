@@ -23,9 +23,9 @@ from torch import nn
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, kept_entries, model_record
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.snr.trajectory import SnrTrajectory
-from lowmem.snr.views import View, describe_subset, param_views
+from lowmem.snr.views import View, describe_subset, param_views, split_heads
 
-PRESETS = ("slimadam-rules",)
+PRESETS = ("slimadam-rules", "eve", "adam-mini", "adam-mini-paper", "adalayer")
 
 # Roles whose `v` is never averaged (DESIGN §4; unknown layers keep full Adam, DESIGN §2).
 _NEVER = {"norm": "norms keep full Adam", "other": "unknown layer type: full Adam"}
@@ -238,8 +238,89 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
                 source={"method": "preset", "preset": "slimadam-rules"})
 
 
+# -- the other presets: one rule per role, as data (DESIGN §5) ---------------------------------
+#
+# Each rule names what is *kept* of `v`: "full" (Adam), "row" (one value per output row / token:
+# average over fan_in, or over the model dim of an embedding), "head" (one per attention head),
+# "scalar" (one value for the tensor). A fused Q/K/V projection gets the rule of each part.
+
+_MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "lm_head",
+                 "conv", "other")
+
+# Tomar et al. 2024, "Eve: Less Memory, Same Might": M×N -> M×1 for every matrix, vectors full.
+_EVE = {**{r: "row" for r in _MATRIX_ROLES}, "embedding": "row", "norm": "full", "bias": "full"}
+# The published adam-mini 1.1.1 package (Zhang et al. 2024): Q/K per head; V, attention output,
+# MLP, embedding and output per row; biases full Adam; norms and everything else one scalar.
+_ADAM_MINI = {"attn_q": "head", "attn_k": "head", "attn_v": "row", "attn_out": "row", "mlp_up": "row",
+              "mlp_gate": "row", "mlp_down": "row", "embedding": "row", "lm_head": "row", "bias": "full",
+              "norm": "scalar", "conv": "scalar", "other": "scalar"}
+# Adam-mini's paper (Algorithms 1-4): Q/K per head, embedding and output full Adam, every other
+# block (the default PyTorch partition: one block per tensor) one scalar.
+_ADAM_MINI_PAPER = {**{r: "scalar" for r in _MATRIX_ROLES}, "attn_q": "head", "attn_k": "head",
+                    "embedding": "full", "lm_head": "full", "norm": "scalar", "bias": "scalar"}
+# AdaLayer (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language Models"):
+# one scalar per tensor, except the LM head and norms, which keep Adam.
+_ADALAYER = {**{r: "scalar" for r in _MATRIX_ROLES}, "embedding": "scalar", "bias": "scalar",
+             "lm_head": "full", "norm": "full"}
+
+_ROLE_RULES = {"eve": _EVE, "adam-mini": _ADAM_MINI, "adam-mini-paper": _ADAM_MINI_PAPER,
+               "adalayer": _ADALAYER}
+_RULE_WORDS = {"full": "full Adam", "row": "one value per row", "head": "one value per head",
+               "scalar": "one value for the tensor"}
+
+
+def _rule_view(shape, axes, heads, rule) -> tuple[list[int], list[int] | None, str]:
+    """(view, reduce, words) that keep what `rule` names for a tensor with these axes."""
+    shape, axes = tuple(shape), tuple(axes)
+    if rule == "head":
+        split = split_heads(shape, axes, heads)
+        if split is None:   # heads unknown or not dividing the rows: per row is the closest block
+            return _rule_view(shape, axes, None, "row")
+        vshape, vaxes = split
+        return list(vshape), [d for d, a in enumerate(vaxes) if a != "head"], _RULE_WORDS["head"]
+    if rule == "row" and len(shape) >= 2:
+        dims = [d for d, a in enumerate(axes) if a in ("in", "kh", "kw", "kd", "model")]
+        if not dims or len(dims) == len(shape):
+            dims = list(range(1, len(shape)))   # unknown axes: a row is everything after dim 0
+        return list(shape), dims, _RULE_WORDS["row"]
+    if rule == "scalar":
+        return list(shape), list(range(len(shape))), _RULE_WORDS["scalar"]
+    return list(shape), None, _RULE_WORDS["full"]
+
+
+def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:
+    """A preset that keeps one kind of `v` block per role: ``eve``, ``adam-mini``,
+    ``adam-mini-paper`` or ``adalayer`` (see the tables above). Works on a meta-device model.
+
+    A weight shared by the embedding and the LM head follows the LM head's rule where the two
+    differ (AdaLayer keeps Adam for it); a 1-D tensor never has rows, so "row" keeps it full.
+    """
+    rules = _ROLE_RULES[name]
+    layers = layers if layers is not None else resolve_layers(model, warn=False)
+    plan_layers = {}
+    for info in layers:
+        role = "lm_head" if info.role == "embedding" and info.tied and rules["lm_head"] == "full" else info.role
+        if info.parts:
+            parts = []
+            for view in (v for v in param_views(info) if "." not in v.name):
+                prole = _PART_ROLE[view.part]
+                h = info.part_heads[[p for p, _ in info.parts].index(view.part)] if info.part_heads else None
+                vshape, reduce, words = _rule_view(view.shape, view.axes, h, rules[prole])
+                parts.append(PartPlan(view.part, view.dim, view.start, view.stop, vshape, reduce,
+                                      f"{name} for {prole}: {words}"))
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+                                               f"{name} rules per part", None, parts, list(info.aliases[1:]))
+            continue
+        vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))
+        plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
+                                           f"{name} for {role}: {words}", None, None, list(info.aliases[1:]))
+    return Plan(model=model_record(model), layers=plan_layers, source={"method": "preset", "preset": name})
+
+
 def build_preset(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:
-    """A named preset plan (see `PRESETS`)."""
+    """A named preset plan (see `PRESETS`); works on a model built on the meta device."""
     if name == "slimadam-rules":
         return slimadam_rules(model, layers)
+    if name in _ROLE_RULES:
+        return role_rule_plan(name, model, layers)
     raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -53,7 +53,7 @@ def describe_subset(axes: tuple[str, ...], subset: tuple[int, ...]) -> str:
     return "+".join(_AXIS_WORDS.get(axes[d], axes[d]) for d in subset)
 
 
-def _split_heads(shape, axes, heads):
+def split_heads(shape, axes, heads):
     """Split the ``out`` axis into (head, out); None when heads do not divide it."""
     if not heads or "out" not in axes:
         return None
@@ -76,14 +76,14 @@ def param_views(info: ParamInfo) -> list[View]:
         for (part, size), h in zip(info.parts, heads):
             pshape = (*shape[:d], size, *shape[d + 1:])
             views.append(View(part, pshape, axes, part, d, start, start + size))
-            split = _split_heads(pshape, axes, h)
+            split = split_heads(pshape, axes, h)
             if split:
                 views.append(View(f"{part}.heads", split[0], split[1], part, d, start, start + size))
             start += size
         return views
     views = [View("raw", shape, axes)]
     if info.role in ("attn_q", "attn_k", "attn_v") and info.heads:
-        split = _split_heads(shape, axes, info.heads)
+        split = split_heads(shape, axes, info.heads)
         if split:
             views.append(View("heads", split[0], split[1]))
     return views
