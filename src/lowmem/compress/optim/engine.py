@@ -1,0 +1,491 @@
+"""One engine for every "AdamW with `v` averaged over some dims" optimizer (DESIGN §5).
+
+For each parameter the plan gives a `view` (a reshape) and `reduce` (dims of the view over which
+`v` is averaged), or `parts` (slices of one raw dim, each with its own view and reduce). With
+``r`` the reduce dims, one step is::
+
+    m ← β1 m + (1−β1) g
+    v ← β2 v + (1−β2) mean_r(g²)              (kept with keepdim, broadcast in the update)
+    θ ← θ (1 − lr·λ)                           (decoupled decay, first, as torch.optim.AdamW)
+    θ ← θ − lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + ε)
+
+With no reduction anywhere this is `torch.optim.AdamW` (same operations in the same order). The
+engine reads views and reduce dims from the plan and never parses parameter names.
+
+Paths, chosen by `_choose_path` as torch chooses between its kernels: the readable single-tensor
+path (``foreach=False``), a foreach path (the default) that batches the element-wise work over
+tensors of one device and dtype and computes every reduction along the contiguous axis without
+full-size temporaries, and an opt-in ``compiled=True`` path (`torch.compile` of the per-tensor
+update; one fused kernel per tensor on CUDA and on CPU). Tests prove each equals the readable one.
+
+State keys are AdamW's: ``step`` (a float32 scalar tensor), ``exp_avg`` (full, like the
+parameter) and ``exp_avg_sq`` (the kept entries: the view's shape with reduced dims of size 1;
+the parameter's shape where nothing is reduced; a flat vector of every part's kept entries for
+a parameter with parts). States are fp32 for bf16/fp16 parameters and fp64 for fp64 ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, named_trainable,
+                                           param_groups_for, state_dtype_for)
+from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError
+
+# Row chunks of at most this many bytes when squaring for a reduction that keeps the last dim.
+_CHUNK_BYTES = 1 << 18
+
+
+@dataclass(frozen=True)
+class Block:
+    """A region of a parameter with one reduction of `v`.
+
+    Attributes:
+        view: the region's shape after reshaping.
+        reduce: dims of `view` averaged over, or None (full Adam).
+        dim, start, stop: the slice of the raw tensor (parts only; `dim` is None for the whole tensor).
+        offset: where the region's kept entries start in a flat ``exp_avg_sq`` (parts only).
+    """
+
+    view: tuple[int, ...]
+    reduce: tuple[int, ...] | None
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+    offset: int = 0
+
+    @property
+    def kept_shape(self) -> tuple[int, ...]:
+        if self.reduce is None:
+            return self.view
+        return tuple(1 if d in self.reduce else s for d, s in enumerate(self.view))
+
+    @property
+    def kept(self) -> int:
+        return math.prod(self.kept_shape)
+
+    def narrow(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.dim is None else t.narrow(self.dim, self.start, self.stop - self.start)
+
+    def region(self, t: torch.Tensor) -> torch.Tensor:
+        """The block's entries of a parameter-shaped tensor, in view shape (a copy if not viewable)."""
+        return self.narrow(t).reshape(self.view)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one parameter's `v` is kept: its blocks and the shape of ``exp_avg_sq``."""
+
+    blocks: tuple[Block, ...]
+    v_shape: tuple[int, ...]
+    flat: bool
+
+    @property
+    def compressed(self) -> bool:
+        return any(b.reduce is not None for b in self.blocks)
+
+    def v_region(self, exp_avg_sq: torch.Tensor, block: Block) -> torch.Tensor:
+        if self.flat:
+            return exp_avg_sq[block.offset:block.offset + block.kept].view(block.kept_shape)
+        return exp_avg_sq.view(block.kept_shape)
+
+
+def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
+    """The `Layout` a plan entry gives a parameter of `shape` (None: full Adam)."""
+    shape = tuple(shape)
+    if lp is None or (not lp.parts and lp.reduce is None):
+        return Layout((Block(shape, None),), shape, False)
+    if not lp.parts:
+        block = Block(tuple(lp.view), tuple(sorted(lp.reduce)))
+        return Layout((block,), block.kept_shape, False)
+    blocks, offset = [], 0
+    for part in sorted(lp.parts, key=lambda p: p.start):
+        b = Block(tuple(part.view), None if part.reduce is None else tuple(sorted(part.reduce)),
+                  part.dim, part.start, part.stop, offset)
+        blocks.append(b)
+        offset += b.kept
+    return Layout(tuple(blocks), (offset,), True)
+
+
+def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
+    """``(x * x).mean(reduce, keepdim=True)`` computed along the contiguous axis, without a
+    full-size temporary: trailing reductions through `vector_norm`, reductions that keep the last
+    dim by squaring row chunks of bounded size. Other layouts fall back to the plain formula."""
+    n = math.prod(x.shape[d] for d in reduce)
+    kept_shape = tuple(1 if d in reduce else s for d, s in enumerate(x.shape))
+    k = x.dim() - len(reduce)
+    if x.is_contiguous() and tuple(reduce) == tuple(range(k, x.dim())):
+        norm = torch.linalg.vector_norm(x.view(*x.shape[:k], -1), 2, dim=-1)
+        return norm.square_().div_(n).view(kept_shape)
+    if x.is_contiguous() and x.dim() >= 2 and x.dim() - 1 not in reduce:
+        rows = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+        if 0 in reduce:
+            acc = torch.zeros(kept_shape, dtype=x.dtype, device=x.device)
+            for c in x.split(rows, dim=0):
+                acc.add_((c * c).sum(dim=reduce, keepdim=True))
+            return acc.div_(n)
+        out = torch.empty(kept_shape, dtype=x.dtype, device=x.device)
+        for i, c in enumerate(x.split(rows, dim=0)):
+            out[i * rows:i * rows + c.shape[0]] = (c * c).sum(dim=reduce, keepdim=True).div_(n)
+        return out
+    return (x * x).mean(dim=reduce, keepdim=True)
+
+
+def _add_update(target: torch.Tensor, block: Block, m: torch.Tensor, denom: torch.Tensor, value: float) -> None:
+    """``target[block] += value · m[block] / denom``, in place on the parameter."""
+    region = block.narrow(target)
+    try:
+        region_view = region.view(block.view)
+    except RuntimeError:   # a non-contiguous parameter whose view needs a copy: update through one
+        region.add_((block.region(m) / denom).mul_(value).reshape(region.shape))
+        return
+    region_view.addcdiv_(block.region(m), denom, value=value)
+
+
+def _compiled_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps, bc1,
+                     bc2_sqrt, view: tuple[int, ...], reduce: tuple[int, ...], v_view: tuple[int, ...]):
+    """The whole step of one single-block tensor in one function, for `torch.compile` to fuse.
+    Scalars are 0-dim tensors so a new step does not recompile."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    g = grad.view(view)
+    if reduce:
+        exp_avg_sq.view(v_view).mul_(beta2).add_((g * g).mean(dim=reduce, keepdim=True) * (1 - beta2))
+    else:
+        exp_avg_sq.view(v_view).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = exp_avg_sq.view(v_view).sqrt() / bc2_sqrt + eps
+    param.view(view).sub_(exp_avg.view(view) / denom * (lr / bc1))
+
+
+_compiled_fn: Callable | None = None
+
+
+def _compiled() -> Callable:
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_update, dynamic=True, fullgraph=True)
+    return _compiled_fn
+
+
+class ReducedAdamW(torch.optim.Optimizer):
+    """AdamW whose second moment `v` is averaged over the dims a `Plan` gives per parameter.
+
+    Args:
+        model: the model whose trainable parameters are optimised (names and shapes come from it).
+        plan: a `Plan` (validated against `model`), a path to ``plan.json``, or None for full
+            AdamW on every parameter.
+        lr, betas, eps, weight_decay: as `torch.optim.AdamW` (decoupled weight decay).
+        param_groups: torch-style groups (a list of parameters, or of dicts with ``"params"`` and
+            per-group options); every parameter must belong to `model`. Default: one group.
+        maximize: ascend instead of descend.
+        foreach: True for the batched fast path, False for the readable single-tensor path,
+            None to choose (the fast path).
+        compiled: use `torch.compile` for each single-block tensor's update (first steps compile).
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``; default fp32 (fp64 for fp64 parameters).
+
+    Raises:
+        ValueError: a hyper-parameter out of range (the value is in the message), or a parameter
+            group holding a tensor that is not a trainable parameter of `model`.
+        PlanMismatchError: the plan was made for another model.
+    """
+
+    kind = "plan"
+
+    def __init__(self, model: nn.Module, plan: Plan | str | None = None, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 *, param_groups: Iterable | None = None, maximize: bool = False, foreach: bool | None = None,
+                 compiled: bool = False, state_dtype: torch.dtype | None = None):
+        check_hparams(lr, betas, eps, weight_decay)
+        if state_dtype is not None and not state_dtype.is_floating_point:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected a floating-point dtype)")
+        if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
+            plan = Plan.load(plan)
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a lowmem Plan, a path to plan.json or None, got {type(plan).__name__}")
+        if plan is not None:
+            plan.validate(model)
+        self.plan = plan
+        self.state_dtype = state_dtype
+        names = named_trainable(model)
+        groups = param_groups_for(model, param_groups)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, compiled=compiled)
+        super().__init__(groups, defaults)
+        for g in self.param_groups:   # per-group overrides are checked as eagerly as the defaults
+            check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+        layers = plan.layers if plan is not None else {}
+        # Keyed by the parameter tensor (as `self.state` is), so deepcopy keeps them consistent.
+        self._names: dict[torch.Tensor, str] = {}
+        self._layouts: dict[torch.Tensor, Layout] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                name = names[id(p)]
+                self._names[p] = name
+                self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            work = [p for p in group["params"] if p.grad is not None]
+            for p in work:
+                check_grad(p.grad, self._names[p], type(self).__name__)
+                self._init_state(p)
+            if not work:
+                continue
+            path = _choose_path(group, work, self)
+            if path == "single":
+                for p in work:
+                    self._single_tensor_step(p, group)
+            elif path == "compiled":
+                self._compiled_step(work, group)
+            else:
+                self._foreach_step(work, group)
+        return loss
+
+    def _dtype(self, p: torch.Tensor) -> torch.dtype:
+        return state_dtype_for(p, self.state_dtype)
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if state:
+            return
+        dtype = self._dtype(p)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(self._layouts[p].v_shape, dtype=dtype, device=p.device)
+
+    def _single_tensor_step(self, p: torch.Tensor, group: dict) -> None:
+        """The readable reference path: one tensor at a time, in AdamW's order of operations."""
+        state, layout = self.state[p], self._layouts[p]
+        lr, (beta1, beta2), eps, wd = as_float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        dtype = self._dtype(p)
+        grad = p.grad.to(dtype)
+        if group["maximize"]:
+            grad = -grad
+        param = p if p.dtype == dtype else p.detach().to(dtype)   # low-precision params: via a state-dtype copy
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+        state["step"] += 1
+        step = state["step"].item()
+        param.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        step_size = lr / bias_correction1
+        for block in layout.blocks:
+            g = block.region(grad)
+            v = layout.v_region(exp_avg_sq, block)
+            if block.reduce is None:
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            else:
+                v.mul_(beta2).add_((g * g).mean(dim=block.reduce, keepdim=True), alpha=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            _add_update(param, block, exp_avg, denom, -step_size)
+        if param is not p:
+            p.copy_(param)
+
+    def _foreach_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """The fast path: element-wise work batched with `torch._foreach_*` over tensors of one
+        device and dtype, reductions along the contiguous axis (`mean_sq`). Tensors it cannot
+        take (low-precision or non-contiguous parameters) go through the readable path."""
+        fast: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            if p.dtype == self._dtype(p) and p.is_contiguous() and p.grad.is_contiguous():
+                fast.setdefault((p.device, p.dtype), []).append(p)
+            else:
+                self._single_tensor_step(p, group)
+        lr, (beta1, beta2), eps, wd = as_float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        for ps in fast.values():
+            states = [self.state[p] for p in ps]
+            grads = [p.grad for p in ps]
+            if group["maximize"]:
+                grads = torch._foreach_neg(grads)
+            exp_avgs = [s["exp_avg"] for s in states]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)
+            if wd != 0:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            # One entry per block: its v, grad region, param region, m region, step size, bc2.
+            full_v, full_g, red_v, red_sq = [], [], [], []
+            blocks = []
+            for p, s, g in zip(ps, states, grads):
+                layout = self._layouts[p]
+                step = s["step"].item()
+                step_size = lr / (1 - beta1 ** step)
+                bc2_sqrt = (1 - beta2 ** step) ** 0.5
+                for block in layout.blocks:
+                    v = layout.v_region(s["exp_avg_sq"], block)
+                    gb = block.region(g)
+                    if block.reduce is None:
+                        full_v.append(v)
+                        full_g.append(gb)
+                    else:
+                        red_v.append(v)
+                        red_sq.append(mean_sq(gb, block.reduce))
+                    blocks.append((p, block, s["exp_avg"], v, step_size, bc2_sqrt))
+            if full_v:
+                torch._foreach_mul_(full_v, beta2)
+                torch._foreach_addcmul_(full_v, full_g, full_g, value=1 - beta2)
+            if red_v:
+                torch._foreach_mul_(red_v, beta2)
+                torch._foreach_add_(red_v, red_sq, alpha=1 - beta2)
+            denoms = torch._foreach_sqrt([b[3] for b in blocks])
+            torch._foreach_div_(denoms, [b[5] for b in blocks])
+            torch._foreach_add_(denoms, eps)
+            for (p, block, m, _, step_size, _), denom in zip(blocks, denoms):
+                _add_update(p, block, m, denom, -step_size)
+
+    def _compiled_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """`torch.compile`d update for single-block tensors in the state dtype; others use the
+        foreach path."""
+        rest = []
+        lr, (beta1, beta2), eps, wd = as_float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        fn = _compiled()
+        for p in params:
+            layout = self._layouts[p]
+            if layout.flat or p.dtype != self._dtype(p) or not p.is_contiguous() or group["maximize"]:
+                rest.append(p)
+                continue
+            s = self.state[p]
+            s["step"] += 1
+            step = s["step"].item()
+            block = layout.blocks[0]
+            scalars = [torch.tensor(x, dtype=p.dtype, device=p.device) for x in
+                       (lr, wd, beta1, beta2, eps, 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5)]
+            fn(p, p.grad.contiguous(), s["exp_avg"], s["exp_avg_sq"], *scalars,
+               block.view, block.reduce or (), block.kept_shape)
+        if rest:
+            self._foreach_step(rest, group)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _lowmem_meta(self) -> dict:
+        names = [self._names[p] for g in self.param_groups for p in g["params"]]
+        return {"optimizer": type(self).__name__, "kind": self.kind, "names": names,
+                "plan": self.plan.to_json() if self.plan is not None else None}
+
+    def state_dict(self) -> dict:
+        """torch's state dict plus ``"lowmem"``: the optimizer, parameter names in group order and
+        the plan, as plain data (survives ``torch.load(weights_only=True)``)."""
+        sd = super().state_dict()
+        sd["lowmem"] = self._lowmem_meta()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer, of another lowmem plan optimizer made under the
+        same plan, or of `torch.optim.AdamW` (full ``exp_avg_sq`` is then averaged per plan).
+
+        State tensors keep their dtype (fp32 `v` for bf16 parameters survives) and are copied,
+        never shared with the dict loaded.
+
+        Raises:
+            PlanError: the checkpoint was made under another plan, or a state has the wrong shape.
+        """
+        meta = state_dict.get("lowmem")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if meta is not None:
+            self._check_checkpoint_plan(meta)
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})   # groups and hyper-parameters only
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            self.state[p] = self._state_from_checkpoint(p, saved_state[pid])
+
+    def _check_checkpoint_plan(self, meta: dict) -> None:
+        theirs = ((meta.get("plan") or {}).get("layers")) or {}
+        ours = self.plan.layers if self.plan is not None else {}
+        for p, name in self._names.items():
+            a = layout_of(tuple(p.shape), ours.get(name))
+            try:
+                lp = LayerPlan(**_layer_plan_args(theirs[name])) if name in theirs else None
+            except (KeyError, TypeError) as e:
+                raise PlanError(f"checkpoint: plan entry for {name!r} is unreadable ({e})") from None
+            b = layout_of(tuple(p.shape), lp)
+            if a.blocks != b.blocks:
+                raise PlanError(
+                    f"checkpoint was made under another plan: parameter {name!r} keeps v as "
+                    f"{_describe(b)} there and as {_describe(a)} here; build the optimizer from the "
+                    "checkpoint's plan (state_dict['lowmem']['plan']) or load an AdamW checkpoint instead")
+
+    def _state_from_checkpoint(self, p: torch.Tensor, saved: dict) -> dict:
+        layout, name = self._layouts[p], self._names[p]
+        dtype = self._dtype(p)
+        out = {}
+        for key, value in saved.items():
+            if not isinstance(value, torch.Tensor):
+                out[key] = value
+            elif key == "step":
+                out[key] = value.detach().to(dtype=torch.float32, device="cpu").clone()
+            else:
+                keep = value.dtype if value.is_floating_point() else dtype
+                out[key] = value.detach().to(device=p.device, dtype=keep).clone()
+        v = out.get("exp_avg_sq")
+        if v is not None and tuple(v.shape) != layout.v_shape:
+            if tuple(v.shape) == tuple(p.shape) and layout.compressed:
+                out["exp_avg_sq"] = reduce_v(v, layout)   # a full AdamW v: average it per plan
+            else:
+                raise PlanError(f"checkpoint: exp_avg_sq of {name!r} has shape {tuple(v.shape)}, expected "
+                                f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
+        for k in ("max_exp_avg_sq",):   # AMSGrad state has no meaning here
+            out.pop(k, None)
+        return out
+
+    def __repr__(self) -> str:
+        src = self.plan.source if self.plan is not None else {"method": "none (full AdamW)"}
+        what = src.get("preset") or src.get("method", "?")
+        n = sum(len(g["params"]) for g in self.param_groups)
+        g0 = self.param_groups[0]
+        kept = sum(lay.blocks and sum(b.kept for b in lay.blocks) for lay in self._layouts.values())
+        full = sum(p.numel() for p in self._layouts)
+        return (f"{type(self).__name__}(plan={what!r}, params={n}, v kept {kept:,} of {full:,}, "
+                f"lr={g0['lr']}, betas={g0['betas']}, eps={g0['eps']}, weight_decay={g0['weight_decay']})")
+
+
+def reduce_v(exp_avg_sq: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A full (parameter-shaped) `v` averaged per `layout`: what a compressed optimizer keeps."""
+    out = torch.empty(layout.v_shape, dtype=exp_avg_sq.dtype, device=exp_avg_sq.device)
+    for block in layout.blocks:
+        region = block.region(exp_avg_sq)
+        kept = region if block.reduce is None else region.mean(dim=block.reduce, keepdim=True)
+        layout.v_region(out, block).copy_(kept)
+    return out
+
+
+def _layer_plan_args(d: dict) -> dict:
+    parts = [PartPlan(p["name"], p["dim"], p["start"], p["stop"], p["view"], p["reduce"]) for p in d["parts"]] \
+        if d.get("parts") else None
+    return dict(shape=d["shape"], role=d.get("role", "other"), view=d["view"], reduce=d["reduce"], parts=parts)
+
+
+def _describe(layout: Layout) -> str:
+    def one(b: Block) -> str:
+        where = "" if b.dim is None else f"[{b.start}:{b.stop}] "
+        return f"{where}view {list(b.view)} reduce {None if b.reduce is None else list(b.reduce)}"
+    return "; ".join(one(b) for b in layout.blocks)
+
+
+def _choose_path(group: dict, params: list[torch.Tensor], opt: ReducedAdamW) -> str:
+    """``single``, ``foreach`` or ``compiled``, as the group asks; the fast path by default
+    (unlike torch's AdamW on CPU, the batched path is also the faster one there, because its
+    reductions avoid full-size temporaries)."""
+    if group.get("compiled"):
+        return "compiled"
+    if group.get("foreach") is False or torch.jit.is_scripting():
+        return "single"
+    return "foreach"
+
+
+__all__ = ["Block", "Layout", "ReducedAdamW", "layout_of", "mean_sq", "reduce_v"]
