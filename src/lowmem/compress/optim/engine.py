@@ -98,14 +98,14 @@ class Layout:
 def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
     """The `Layout` a plan entry gives a parameter of `shape` (None: full Adam)."""
     shape = tuple(shape)
-    if lp is None or (not lp.parts and lp.reduce is None):
+    if lp is None or (not lp.parts and not lp.reduce):   # reduce [] averages over nothing: full Adam
         return Layout((Block(shape, None),), shape, False)
     if not lp.parts:
         block = Block(tuple(lp.view), tuple(sorted(lp.reduce)))
         return Layout((block,), block.kept_shape, False)
     blocks, offset = [], 0
     for part in sorted(lp.parts, key=lambda p: p.start):
-        b = Block(tuple(part.view), None if part.reduce is None else tuple(sorted(part.reduce)),
+        b = Block(tuple(part.view), tuple(sorted(part.reduce)) if part.reduce else None,
                   part.dim, part.start, part.stop, offset)
         blocks.append(b)
         offset += b.kept
@@ -147,19 +147,38 @@ def _add_update(target: torch.Tensor, block: Block, m: torch.Tensor, denom: torc
     region_view.addcdiv_(block.region(m), denom, value=value)
 
 
-def _compiled_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps, bc1,
-                     bc2_sqrt, view: tuple[int, ...], reduce: tuple[int, ...], v_view: tuple[int, ...]):
-    """The whole step of one single-block tensor in one function, for `torch.compile` to fuse.
-    Scalars are 0-dim tensors so a new step does not recompile."""
+def _compiled_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps, bc1, bc2_sqrt,
+                     dim: int | None):
+    """The whole step of one tensor in canonical form, for `torch.compile` to fuse into one kernel:
+    `param` 1-D with `exp_avg_sq` full (``dim`` None) or one value (``dim`` 0), or 2-D with `v`
+    averaged over ``dim``. Scalars are 0-dim tensors, so a new step does not recompile."""
     param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    g = grad.view(view)
-    if reduce:
-        exp_avg_sq.view(v_view).mul_(beta2).add_((g * g).mean(dim=reduce, keepdim=True) * (1 - beta2))
+    exp_avg.mul_(beta1).add_(grad * (1 - beta1))
+    if dim is None:
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     else:
-        exp_avg_sq.view(v_view).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = exp_avg_sq.view(v_view).sqrt() / bc2_sqrt + eps
-    param.view(view).sub_(exp_avg.view(view) / denom * (lr / bc1))
+        exp_avg_sq.mul_(beta2).add_((grad * grad).mean(dim=dim, keepdim=True) * (1 - beta2))
+    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+    param.sub_(exp_avg / denom * (lr / bc1))
+
+
+def _canonical(block: Block) -> tuple[tuple[int, ...], tuple[int, ...], int | None] | None:
+    """(shape, v shape, dim) of the block as a 1-D or 2-D problem, or None when its reduce dims
+    are neither leading nor trailing. Few canonical forms keep `torch.compile` to few graphs."""
+    view, reduce = block.view, block.reduce
+    n = math.prod(view)
+    if reduce is None:
+        return (n,), (n,), None
+    if len(reduce) == len(view):
+        return (n,), (1,), 0
+    k = len(view) - len(reduce)
+    if reduce == tuple(range(k, len(view))):
+        rows = math.prod(view[:k])
+        return (rows, n // rows), (rows, 1), 1
+    if reduce == tuple(range(len(reduce))):
+        rows = math.prod(view[:len(reduce)])
+        return (rows, n // rows), (1, n // rows), 0
+    return None
 
 
 _compiled_fn: Callable | None = None
@@ -348,26 +367,35 @@ class ReducedAdamW(torch.optim.Optimizer):
                 _add_update(p, block, m, denom, -step_size)
 
     def _compiled_step(self, params: list[torch.Tensor], group: dict) -> None:
-        """`torch.compile`d update for single-block tensors in the state dtype; others use the
-        foreach path."""
+        """`torch.compile`d update of single-block contiguous tensors in the state dtype whose
+        reduction is leading or trailing (`_canonical`); the others take the foreach path."""
         rest = []
         lr, (beta1, beta2), eps, wd = as_float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
         fn = _compiled()
         for p in params:
             layout = self._layouts[p]
-            if layout.flat or p.dtype != self._dtype(p) or not p.is_contiguous() or group["maximize"]:
+            form = None if layout.flat else _canonical(layout.blocks[0])
+            # 0-dim tensors stay eager: their in-place update is lost in the compiled graph (torch 2.13).
+            if (form is None or p.dim() == 0 or p.dtype != self._dtype(p) or not p.is_contiguous()
+                    or group["maximize"]):
                 rest.append(p)
                 continue
+            shape, v_shape, dim = form
             s = self.state[p]
             s["step"] += 1
             step = s["step"].item()
-            block = layout.blocks[0]
             scalars = [torch.tensor(x, dtype=p.dtype, device=p.device) for x in
                        (lr, wd, beta1, beta2, eps, 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5)]
-            fn(p, p.grad.contiguous(), s["exp_avg"], s["exp_avg_sq"], *scalars,
-               block.view, block.reduce or (), block.kept_shape)
+            with torch._dynamo.config.patch(recompile_limit=max(32, torch._dynamo.config.recompile_limit)):
+                fn(p.view(shape), p.grad.reshape(shape), s["exp_avg"].view(shape), s["exp_avg_sq"].view(v_shape),
+                   *scalars, dim)
         if rest:
             self._foreach_step(rest, group)
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
+        extra = ("plan", "state_dtype", "variant", "_names", "_layouts")
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra if k in self.__dict__}}
 
     # -- checkpoints ------------------------------------------------------------------------
     def _lowmem_meta(self) -> dict:
