@@ -250,10 +250,11 @@ _MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate",
 # Tomar et al. 2024, "Eve: Less Memory, Same Might": M×N -> M×1 for every matrix, vectors full.
 _EVE = {**{r: "row" for r in _MATRIX_ROLES}, "embedding": "row", "norm": "full", "bias": "full"}
 # The published adam-mini 1.1.1 package (Zhang et al. 2024): Q/K per head; V, attention output,
-# MLP, embedding and output per row; biases full Adam; norms and everything else one scalar.
+# MLP, embedding and output per row; biases (a norm's bias too) full Adam; norm weights and
+# everything else one scalar.
 _ADAM_MINI = {"attn_q": "head", "attn_k": "head", "attn_v": "row", "attn_out": "row", "mlp_up": "row",
               "mlp_gate": "row", "mlp_down": "row", "embedding": "row", "lm_head": "row", "bias": "full",
-              "norm": "scalar", "conv": "scalar", "other": "scalar"}
+              "norm": "scalar", "norm_bias": "full", "conv": "scalar", "other": "scalar"}
 # Adam-mini's paper (Algorithms 1-4): Q/K per head, embedding and output full Adam, every other
 # block (the default PyTorch partition: one block per tensor) one scalar.
 _ADAM_MINI_PAPER = {**{r: "scalar" for r in _MATRIX_ROLES}, "attn_q": "head", "attn_k": "head",
@@ -300,6 +301,8 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
     plan_layers = {}
     for info in layers:
         role = "lm_head" if info.role == "embedding" and info.tied and rules["lm_head"] == "full" else info.role
+        if role == "norm" and info.name.rpartition(".")[2] == "bias" and "norm_bias" in rules:
+            role = "norm_bias"   # a norm's `bias` tensor, where a preset treats it as a bias
         if info.parts:
             parts = []
             for view in (v for v in param_views(info) if "." not in v.name):
