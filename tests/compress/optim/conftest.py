@@ -72,7 +72,8 @@ def tiny_batch(step: int, vocab: int = 13) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_loss(model: nn.Module, step: int) -> torch.Tensor:
-    x, y = tiny_batch(step)
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in tiny_batch(step))
     logits = model(x)
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 

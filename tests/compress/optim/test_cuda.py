@@ -70,5 +70,7 @@ def test_cuda_run_matches_the_cpu_run(info):
         opt.zero_grad()
         tiny_loss(model, s).backward()
         opt.step()
+    # The forward and backward passes themselves round differently on the GPU (~1e-9 here, which
+    # Adam's normalisation carries into the update); an optimizer bug would show at 1e-2.
     for a, b in zip(gpu.parameters(), model.parameters()):
-        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)
