@@ -98,25 +98,27 @@ def test_maximize_ascends(plan_info):
 class Strided(nn.Module):
     def __init__(self):
         super().__init__()
-        base = torch.randn(4, 12)
-        self.lin = nn.Linear(6, 4, bias=False)
+        base = torch.randn(4, 12, dtype=torch.float64)
+        self.lin = nn.Linear(6, 4, bias=False, dtype=torch.float64)
         self.lin.weight = nn.Parameter(base[:, ::2])   # non-contiguous (4, 6)
 
 
 def test_non_contiguous_parameters_update_like_contiguous_ones(optim_info):
+    # float64: layouts change BLAS rounding, and AdaMeM's residual direction amplifies float32
+    # round-off by |G| / |G - P Pᵀ G| (its projector moves by round-off / spectral gap).
     torch.manual_seed(0)
     a = Strided()
     assert not a.lin.weight.is_contiguous()
     b = copy.deepcopy(a)
     b.lin.weight = nn.Parameter(a.lin.weight.detach().contiguous())
-    x = torch.randn(3, 6)
+    x = torch.randn(3, 6, dtype=torch.float64)
     for m in (a, b):
         opt = optim_info(m)
         for _ in range(5):
             opt.zero_grad()
             (m.lin(x) ** 2).mean().backward()
             opt.step()
-    torch.testing.assert_close(a.lin.weight, b.lin.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.lin.weight, b.lin.weight, rtol=1e-12, atol=1e-13)
 
 
 # 3 -------------------------------------------------------------------------------------------
@@ -334,11 +336,13 @@ def test_deepcopy_repr_and_state_after_one_step(optim_info):
     ({"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
 ])
 def test_bad_hyper_parameters_are_refused_eagerly(optim_info, kw, text):
-    if "betas" in kw and optim_info.name == "adafactor-momentum":
-        kw = {"beta1": kw["betas"][0]} if kw["betas"][0] > 1 else None
-        if kw is None:
-            pytest.skip("adafactor-momentum has no beta2 (it follows torch's beta2_decay schedule)")
-        text = "1.2"
+    if optim_info.name == "adafactor-momentum":      # torch.optim.Adafactor's arguments
+        if "betas" in kw:
+            if kw["betas"][0] <= 1:
+                pytest.skip("adafactor-momentum has no beta2 (it follows torch's beta2_decay schedule)")
+            kw, text = {"beta1": kw["betas"][0]}, "Invalid beta1 value: 1.2"
+        if "eps" in kw:
+            kw = {"eps": (None, kw["eps"])}           # (eps1, eps2)
     with pytest.raises(ValueError, match=text.replace("(", r"\(").replace(".", r"\.")):
         optim_info(tiny_model(), **kw)
 

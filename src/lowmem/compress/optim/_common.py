@@ -102,3 +102,17 @@ def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[di
                                  "trainable parameter of the model the optimizer was built for")
         out.append({**g, "params": ps})
     return out
+
+
+def load_state_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """`torch.optim.Optimizer.load_state_dict`, except that state tensors keep their dtype (torch
+    casts them to the parameter's: fp32 states of bf16 parameters would become bf16) and are
+    copied onto the parameter's device, never shared with the dict loaded."""
+    saved = state_dict["state"]
+    torch.optim.Optimizer.load_state_dict(optimizer, {**state_dict, "state": {}})   # groups only
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for pid, p in zip(ids, params):
+        if pid in saved:
+            optimizer.state[p] = {k: v.detach().clone() if k == "step" else v.detach().to(p.device, copy=True)
+                                  if isinstance(v, torch.Tensor) else v for k, v in saved[pid].items()}

@@ -1,0 +1,429 @@
+"""AdaMeM and Adafactor with momentum: the optimizers that drop Adam's `v` for Adafactor's
+factored statistics and keep momentum only where it pays.
+
+**AdaMeM** — Vyas, Morwani, Kakade, "AdaMeM: Memory Efficient Momentum for Adafactor" (2024),
+Algorithms 1–4. For a weight viewed as a matrix G (m×n, m ≤ n, else transposed):
+
+    P      = top-r left singular vectors of G, at the first step and every T steps   (m×r)
+    R      = Pᵀ G,  S = G − P R                                  (low-rank part, residual)
+    M      = β1 M + (1 − β1) R                                   (momentum, r×n, kept in P's basis)
+    row    = β2 row + (1 − β2) mean_cols(M²),  col = β2 col + (1 − β2) mean_rows(M²)
+    N1     = (M / bc1) / (sqrt(row ⊗ col / mean(row) / bc2) + ε)          (Adafactor, Alg. 3)
+    res    = β2 res + (1 − β2) mean_rows(S²)                     (one statistic per column, n)
+    N2     = S / (sqrt(res / bc2) + ε)                                    (one-sided, Alg. 4)
+    W     ← W (1 − η λ) − η (P N1 + δ N2)
+
+with bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ (the paper leaves bias correction and ε out "for simplicity";
+they are Adam's here). Algorithm 4 is typeset garbled in the paper; the proof of its Claim 3.1
+needs the residual scaled from the right, B = (I − PPᵀ) G D₃ with D₃ an n×n diagonal, and its
+memory count r + n + n needs one statistic per column, so that is what `res` is: P N1 = P D₁ M D₂
+and N2 stay orthogonal (Pᵀ N2 = 0). Momentum and statistics carry over a projector refresh, as
+in GaLore. Embeddings, the LM head and every vector get Adafactor without momentum (Alg. 3 on G
+itself, factored for matrices, a full statistic for vectors): the paper trains the first and
+last layers with Adafactor, and AdamW there would cost the full 2× state AdaMeM exists to avoid.
+
+State per projected m×n matrix: P (m·r) + M (r·n) + row (r) + col (n) + res (n) entries, i.e.
+(m + n)·r + r + 2n — the paper's count — in fp32 (fp64 for fp64 parameters).
+
+**AdafactorMomentum** — `torch.optim.Adafactor`'s rule (Shazeer & Stern 2018 as torch implements
+it: β2ₜ = 1 − t^beta2_decay, relative step size, update clipping by d, decoupled weight decay by
+lr) with momentum β1 on the clipped update, the baseline the AdaMeM paper compares with. With
+``beta1=0`` it is `torch.optim.Adafactor`; its state keeps torch's keys and shapes plus
+``exp_avg``, so a `torch.optim.Adafactor` checkpoint loads into it.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, load_state_keeping_dtypes,
+                                           named_trainable, param_groups_for, state_dtype_for)
+from lowmem.layers import resolve_layers
+
+# Roles that get Adafactor without momentum instead of a projected momentum (the paper's "first
+# and last layers").
+PLAIN_ROLES = ("embedding", "lm_head")
+PROJECTORS = ("svd", "randomized")
+
+
+def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+    """A tensor of 2+ dims as the matrix AdaMeM treats: (first dim, product of the rest)."""
+    if len(shape) < 2:
+        return None
+    return int(shape[0]), math.prod(shape[1:])
+
+
+def adamem_rank(m: int, n: int, rank: int | None = None, rank_fraction: float = 0.25) -> int:
+    """The projection rank for an m×n matrix: `rank`, or ⌊rank_fraction · min(m, n)⌋, within [1, min(m, n)]."""
+    k = min(m, n)
+    r = rank if rank is not None else int(rank_fraction * k)
+    return max(1, min(int(r), k))
+
+
+def _projected(model: nn.Module) -> dict[int, bool]:
+    """``id(param) -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
+    layers = resolve_layers(model, warn=False)
+    return {id(p): layers[name].role not in PLAIN_ROLES and p.dim() >= 2 for name, p in _trainable(model)}
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    seen, out = set(), []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction: float = 0.25) -> int:
+    """State entries AdaMeM keeps for `model` (its ``step`` scalars left out); shapes only, so a
+    model on the meta device works. Projected m×n matrix: (m + n)·r + r + 2n; other matrices
+    (Adafactor): m + n; vectors: their size."""
+    total = 0
+    projected = _projected(model)
+    for _, p in _trainable(model):
+        mn = matrix_shape(p.shape)
+        if mn is None:
+            total += p.numel()
+            continue
+        m, n = sorted(mn)
+        if projected[id(p)]:
+            r = adamem_rank(m, n, rank, rank_fraction)
+            total += (m + n) * r + r + 2 * n
+        else:
+            total += m + n
+    return total
+
+
+def adafactor_state_numel(model: nn.Module, momentum: bool = True) -> int:
+    """State entries `torch.optim.Adafactor` keeps for `model` (``step`` scalars left out), plus
+    one momentum entry per parameter entry with `momentum`: a tensor of 2+ dims factors its last
+    two, (…, m, n) → (…, m) + (…, n); others keep a full statistic."""
+    total = 0
+    for _, p in _trainable(model):
+        s = tuple(p.shape)
+        total += math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1] if len(s) >= 2 else p.numel()
+        total += p.numel() if momentum else 0
+    return total
+
+
+# -- projectors ---------------------------------------------------------------------------------
+def top_left_singular_vectors(g: torch.Tensor, r: int) -> torch.Tensor:
+    """The exact top-r left singular vectors of `g` (m×n), by a full thin SVD."""
+    u, _, _ = torch.linalg.svd(g, full_matrices=False)
+    return u[:, :r].contiguous()
+
+
+def randomized_left_singular_vectors(g: torch.Tensor, r: int, start: torch.Tensor | None,
+                                     generator: torch.Generator, oversample: int = 8,
+                                     iters: int = 2) -> torch.Tensor:
+    """Top-r left singular vectors of `g` (m×n) by subspace iteration (Halko, Martinsson, Tropp
+    2011, Alg. 4.4) on G Gᵀ with `oversample` extra columns, warm-started from the previous
+    projector `start` when there is one, then a Rayleigh–Ritz step on the small matrix Qᵀ G.
+    Costs O(m·n·(r + oversample)·(2·iters + 1)) instead of a full SVD's O(m²·n)."""
+    m = g.shape[0]
+    k = min(m, r + oversample)
+    q = torch.randn(m, k, dtype=g.dtype, device=g.device, generator=generator)
+    if start is not None:
+        q[:, :start.shape[1]] = start
+    q = torch.linalg.qr(g @ (g.T @ q)).Q
+    for _ in range(iters - 1):
+        q = torch.linalg.qr(g @ (g.T @ q)).Q
+    u_small, _, _ = torch.linalg.svd(q.T @ g, full_matrices=False)   # k×k
+    return (q @ u_small[:, :r]).contiguous()
+
+
+def adamem_directions(g: torch.Tensor, state: dict, t: int, betas: tuple[float, float],
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdaMeM step's two directions for a matrix gradient `g` (m×n, m ≤ n) whose projector
+    ``state["proj"]`` (P, m×r) is current: N1 (r×n, Algorithm 3 on the momentum of Pᵀ G) and
+    N2 (m×n, Algorithm 4 on G − P Pᵀ G). Updates ``exp_avg``, ``row_var``, ``col_var`` and
+    ``res_col_var`` in `state` for step `t` (1-based). P N1 and N2 are orthogonal (Claim 3.1)."""
+    beta1, beta2 = betas
+    proj, exp_avg = state["proj"], state["exp_avg"]
+    low = proj.T @ g                                        # R = Pᵀ G            (r×n)
+    residual = g - proj @ low                               # S = G − P R         (m×n)
+    exp_avg.lerp_(low, 1 - beta1)
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    # Adafactor on M (Algorithm 3): factored second moment, one row and one column statistic.
+    n1 = _factored_precondition(exp_avg / bc1, exp_avg.square(), state, beta2, bc2, eps)
+    # One-sided Adafactor on S (Algorithm 4): one statistic per column, so N2 = S D₃.
+    state["res_col_var"].lerp_(residual.square().mean(dim=0), 1 - beta2)
+    n2 = residual.div_((state["res_col_var"] / bc2).sqrt_().add_(eps))
+    return n1, n2
+
+
+def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2: float, bc2: float,
+                           eps: float) -> torch.Tensor:
+    """x / (sqrt(V̂ / bc2) + ε) with V̂ = row ⊗ col / mean(row), after folding the squares `x2`
+    (a matrix) into ``state["row_var"]`` (its row means) and ``state["col_var"]`` (column means)."""
+    state["row_var"].lerp_(x2.mean(dim=1), 1 - beta2)
+    state["col_var"].lerp_(x2.mean(dim=0), 1 - beta2)
+    row = state["row_var"]
+    v_hat = torch.outer(row / row.mean().clamp(min=torch.finfo(row.dtype).tiny), state["col_var"])
+    return x / v_hat.div_(bc2).sqrt_().add_(eps)
+
+
+# -- AdaMeM -------------------------------------------------------------------------------------
+class AdaMeM(torch.optim.Optimizer):
+    """AdaMeM: Adafactor with momentum kept on the top-r singular subspace of the gradient.
+
+    Args:
+        model: the model to train (which tensors are embeddings / LM head comes from
+            `lowmem.layers`).
+        lr: η. betas: (β1, β2) of the momentum and of the Adafactor statistics.
+        eps: added to the square root of the statistics. weight_decay: decoupled, as AdamW.
+        rank: the projection rank r for every projected matrix (capped at min(m, n)); None uses
+            ``rank_fraction`` · min(m, n).
+        update_proj_gap: T, steps between projector refreshes (the first step computes one).
+        scale: δ, the weight of the residual's update.
+        projector: ``"svd"`` (exact) or ``"randomized"`` (`randomized_left_singular_vectors`,
+            warm-started from the previous projector).
+        param_groups: torch-style groups of `model`'s parameters; any of the above per group.
+        maximize: ascend instead. state_dtype: of the states (default fp32; fp64 for fp64 params).
+        seed: of the randomized projector's draws (each refresh draws from (seed, parameter, step),
+            so a resumed run draws the same).
+
+    Raises:
+        ValueError: an out-of-range hyper-parameter, named with its value.
+    """
+
+    kind = "adamem"
+
+    def __init__(self, model: nn.Module, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: int | None = None,
+                 rank_fraction: float = 0.25, update_proj_gap: int = 200, scale: float = 1.0,
+                 projector: str = "svd", param_groups=None, maximize: bool = False,
+                 state_dtype: torch.dtype | None = None, seed: int = 0):
+        check_hparams(lr, betas, eps, weight_decay)
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"Invalid rank: {rank} (expected a positive integer or None)")
+        if not isinstance(rank_fraction, (int, float)) or not 0.0 < rank_fraction <= 1.0:
+            raise ValueError(f"Invalid rank_fraction: {rank_fraction} (expected 0 < rank_fraction <= 1)")
+        if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
+            raise ValueError(f"Invalid update_proj_gap: {update_proj_gap} (expected a positive integer)")
+        if not isinstance(scale, (int, float)) or not scale >= 0.0:
+            raise ValueError(f"Invalid scale: {scale}")
+        if projector not in PROJECTORS:
+            raise ValueError(f"Invalid projector: {projector!r} (expected one of {', '.join(PROJECTORS)})")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                        rank_fraction=rank_fraction, update_proj_gap=update_proj_gap, scale=scale,
+                        projector=projector, maximize=maximize)
+        super().__init__(param_groups_for(model, param_groups), defaults)
+        # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
+        names, projected = named_trainable(model), _projected(model)
+        self._names = {p: names[id(p)] for _, p in _trainable(model)}
+        self._projected = {p: projected[id(p)] for _, p in _trainable(model)}
+        self._state_dtype = state_dtype
+        self.seed = seed
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_names": self._names, "_projected": self._projected,
+                "_state_dtype": self._state_dtype, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that states keep their dtype (fp32 states of bf16 parameters)."""
+        load_state_keeping_dtypes(self, state_dict)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        n = sum(len(gr["params"]) for gr in self.param_groups)
+        return (f"AdaMeM(params={n}, projected={sum(self._projected.values())}, lr={g['lr']}, "
+                f"betas={g['betas']}, eps={g['eps']}, weight_decay={g['weight_decay']}, rank={g['rank']}, "
+                f"rank_fraction={g['rank_fraction']}, update_proj_gap={g['update_proj_gap']}, "
+                f"scale={g['scale']}, projector={g['projector']!r})")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdaMeM step for every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
+                dtype = state_dtype_for(p, self._state_dtype)
+                grad = p.grad.to(dtype)
+                if group["maximize"]:
+                    grad = -grad
+                update = (self._projected_update(p, grad, group) if self._projected.get(p)
+                          else self._adafactor_update(p, grad, group))
+                lr = as_float(group["lr"])
+                param = p if p.dtype == dtype else p.detach().to(dtype)   # low precision: via a copy
+                param.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
+                if param is not p:
+                    p.copy_(param)
+        return loss
+
+    def _init_step(self, p: torch.Tensor) -> tuple[dict, int]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] += 1
+        return state, int(state["step"].item())
+
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """P N1 + δ N2 for a projected matrix, in `p`'s shape."""
+        state, t = self._init_step(p)
+        g = grad.reshape(grad.shape[0], -1)
+        transposed = g.shape[0] > g.shape[1]
+        if transposed:
+            g = g.T                                         # m ≤ n
+        m, n = g.shape
+        r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
+        if "proj" not in state:
+            state.update(proj=g.new_zeros(m, r), exp_avg=g.new_zeros(r, n), row_var=g.new_zeros(r),
+                         col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
+        if (t - 1) % group["update_proj_gap"] == 0:
+            state["proj"].copy_(self._project(g, r, state["proj"] if t > 1 else None, group, p, t))
+        n1, n2 = adamem_directions(g, state, t, group["betas"], group["eps"])
+        update = torch.addmm(n2, state["proj"], n1, beta=group["scale"])   # P N1 + δ N2
+        return (update.T if transposed else update).reshape(p.shape)
+
+    def _project(self, g, r, previous, group, p, t) -> torch.Tensor:
+        if group["projector"] == "svd":
+            return top_left_singular_vectors(g, r)
+        gen = torch.Generator(device=g.device)
+        name = zlib.crc32(self._names.get(p, "").encode())
+        gen.manual_seed(((self.seed * 1_000_003 + name) * 1_000_003 + t) % (1 << 63))
+        return randomized_left_singular_vectors(g, r, previous, gen)
+
+    def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """Algorithm 3 on the gradient itself, without momentum (embeddings, LM head, vectors)."""
+        state, t = self._init_step(p)
+        beta2, eps = group["betas"][1], group["eps"]
+        bc2 = 1 - beta2 ** t
+        mn = matrix_shape(grad.shape)
+        if mn is None:
+            if "variance" not in state:
+                state["variance"] = torch.zeros_like(grad)
+            state["variance"].lerp_(grad.square(), 1 - beta2)
+            return grad / (state["variance"] / bc2).sqrt_().add_(eps)
+        g = grad.reshape(mn)
+        if "row_var" not in state:
+            state.update(row_var=g.new_zeros(mn[0]), col_var=g.new_zeros(mn[1]))
+        return _factored_precondition(g, g.square(), state, beta2, bc2, eps).reshape(grad.shape)
+
+
+# -- Adafactor with momentum --------------------------------------------------------------------
+class AdafactorMomentum(torch.optim.Adafactor):
+    """`torch.optim.Adafactor` with momentum β1 on its clipped update (``beta1=0``: Adafactor).
+
+    Per step t, for a parameter with gradient G (torch's rule): β̂2 = 1 − t^beta2_decay;
+    factored statistics over the last two dims (full for vectors); U = G / sqrt(V̂) clipped to
+    RMS ≤ d; α = max(eps2, RMS(θ)) · min(lr, 1/√t); then m ← β1 m + (1 − β1) U and
+    θ ← θ (1 − lr λ) − α m.
+
+    Args:
+        model: the model to train. lr, beta2_decay, eps (eps1, eps2), d, weight_decay, maximize:
+            as `torch.optim.Adafactor`. beta1: the momentum (0.9 as in the AdaMeM paper's baseline).
+        param_groups: torch-style groups of `model`'s parameters. state_dtype: of the states
+            (default fp32; fp64 for fp64 parameters).
+    """
+
+    kind = "adafactor-momentum"
+
+    def __init__(self, model: nn.Module, lr: float | torch.Tensor = 1e-2, beta1: float = 0.9,
+                 beta2_decay: float = -0.8, eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0,
+                 weight_decay: float = 0.0, *, param_groups=None, maximize: bool = False,
+                 state_dtype: torch.dtype | None = None):
+        check_hparams(lr, weight_decay=weight_decay)
+        if not isinstance(beta1, (int, float)) or not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1 value: {beta1}")
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"eps must be a pair (eps1, eps2) as torch.optim.Adafactor takes, got {eps!r}")
+        for e in eps:
+            if e is not None:
+                check_hparams(0.0, eps=e)
+        super().__init__(param_groups_for(model, param_groups), lr=lr, beta2_decay=beta2_decay,
+                         eps=tuple(eps), d=d, weight_decay=weight_decay, maximize=maximize)
+        for group in self.param_groups:
+            group.setdefault("beta1", beta1)
+        self.defaults["beta1"] = beta1
+        names = named_trainable(model)
+        self._names = {p: names[id(p)] for _, p in _trainable(model)}
+        self._state_dtype = state_dtype
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_names": self._names, "_state_dtype": self._state_dtype}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)   # also what load_state_dict calls: a torch Adafactor checkpoint
+        for group in self.param_groups:   # has no beta1, and takes this optimizer's
+            group.setdefault("beta1", self.defaults.get("beta1", 0.0))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's (a `torch.optim.Adafactor` checkpoint loads too, taking this optimizer's
+        beta1), except that states keep their dtype (fp32 states of bf16 parameters)."""
+        load_state_keeping_dtypes(self, state_dict)
+
+    def __repr__(self) -> str:
+        g = self.param_groups[0]
+        n = sum(len(gr["params"]) for gr in self.param_groups)
+        return (f"AdafactorMomentum(params={n}, lr={g['lr']}, beta1={g['beta1']}, "
+                f"beta2_decay={g['beta2_decay']}, eps={g['eps']}, d={g['d']}, weight_decay={g['weight_decay']})")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every parameter with a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
+                    self._step_one(p, group)
+        return loss
+
+    def _step_one(self, p: torch.Tensor, group: dict) -> None:
+        dtype = state_dtype_for(p, self._state_dtype)
+        grad = p.grad.to(dtype)
+        if group["maximize"]:
+            grad = -grad
+        param = p if p.dtype == dtype else p.detach().to(dtype)
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if grad.dim() > 1:   # torch's shapes: (…, m, 1) and (…, 1, n)
+                state["row_var"] = grad.new_zeros(*grad.shape[:-1], 1)
+                state["col_var"] = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
+            else:
+                state["variance"] = torch.zeros_like(grad)
+        if group["beta1"] > 0 and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+        lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
+        eps1, eps2 = group["eps"]
+        eps1 = torch.finfo(dtype).eps if eps1 is None else eps1
+
+        state["step"] += 1
+        t = state["step"].item()
+        one_minus_beta2_t = t ** group["beta2_decay"]
+        alpha = max(eps2, param.norm(2).item() / param.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        if wd != 0:
+            param.mul_(1 - lr * wd)
+        if grad.dim() > 1:
+            row_var, col_var = state["row_var"], state["col_var"]
+            row_var.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.shape[-1]),
+                          one_minus_beta2_t)
+            col_var.lerp_(torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_().div_(grad.shape[-2]),
+                          one_minus_beta2_t)
+            var_estimate = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
+        else:
+            state["variance"].lerp_(grad * grad, one_minus_beta2_t)
+            var_estimate = state["variance"].clone()
+        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+        update.div_(max(1.0, update.norm(2).item() / (update.numel() ** 0.5 * d)))
+        if group["beta1"] > 0:
+            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
+        param.add_(update, alpha=-alpha)
+        if param is not p:
+            p.copy_(param)

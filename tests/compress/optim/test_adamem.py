@@ -1,0 +1,328 @@
+"""AdaMeM and Adafactor with momentum against independent numbers: torch.optim.Adafactor, a
+numpy float64 transcription of the AdaMeM paper's Algorithms 1–4, exact SVDs, hand counts."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lowmem import AdafactorMomentum, AdaMeM
+from lowmem.compress.optim.adamem import (adafactor_state_numel, adamem_directions, adamem_state_numel,
+                                          randomized_left_singular_vectors, top_left_singular_vectors)
+
+
+class Net(nn.Module):
+    """An embedding (Adafactor), a wide and a tall matrix (projected; the tall one transposed),
+    a bias and a 3-D weight (projected as 4 × 6)."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.wte = nn.Embedding(7, 6, dtype=dtype)
+        self.wide = nn.Linear(10, 6, bias=True, dtype=dtype)      # (6, 10)
+        self.tall = nn.Linear(5, 12, bias=False, dtype=dtype)     # (12, 5)
+        self.cube = nn.Parameter(torch.randn(4, 2, 3, dtype=dtype))
+
+    def loss(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, 7, (5,), generator=g)
+        x = torch.randn(5, 10, generator=g, dtype=self.wide.weight.dtype)
+        h = torch.tanh(self.wide(x) + self.wte(idx))                          # (5, 6)
+        y = self.tall(torch.cat([h[:, :5]], dim=1))                            # (5, 12)
+        z = torch.einsum("bi,ijk->bjk", h[:, :4], self.cube)                   # (5, 2, 3)
+        return (y ** 2).mean() + (z.sin() ** 2).mean() + 0.1 * (h ** 3).mean()
+
+
+def grads_of(model):
+    return {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+# -- AdaMeM against a numpy transcription of the paper ------------------------------------------
+class NumpyAdaMeM:
+    """Algorithm 1 with Algorithms 2–4, as the paper writes them, plus Adam's bias correction and
+    ε (which the paper leaves out "for simplicity"), the one-sided statistic per column (what
+    Claim 3.1's proof uses) and Adafactor without momentum for the embedding and vectors."""
+
+    def __init__(self, params, lr, beta1, beta2, eps, wd, rank, gap, projected):
+        self.p = {k: v.copy() for k, v in params.items()}
+        self.lr, self.b1, self.b2, self.eps, self.wd, self.rank, self.gap = lr, beta1, beta2, eps, wd, rank, gap
+        self.projected, self.s, self.t = projected, {}, 0
+
+    def step(self, grads):
+        self.t += 1
+        t, b1, b2, eps = self.t, self.b1, self.b2, self.eps
+        for k, g in grads.items():
+            shape = g.shape
+            s = self.s.setdefault(k, {})
+            if k in self.projected:
+                G = g.reshape(shape[0], -1)
+                tr = G.shape[0] > G.shape[1]
+                G = G.T if tr else G
+                m, n = G.shape
+                if (t - 1) % self.gap == 0:
+                    s["P"] = np.linalg.svd(G, full_matrices=False)[0][:, :self.rank]
+                P = s["P"]
+                R = P.T @ G
+                S = G - P @ R
+                s["M"] = b1 * s.get("M", 0) + (1 - b1) * R
+                M2 = s["M"] ** 2
+                s["r"] = b2 * s.get("r", 0) + (1 - b2) * M2.sum(axis=1) / n
+                s["c"] = b2 * s.get("c", 0) + (1 - b2) * M2.sum(axis=0) / self.rank
+                V = np.outer(s["r"], s["c"]) / s["r"].mean()
+                N1 = (s["M"] / (1 - b1 ** t)) / (np.sqrt(V / (1 - b2 ** t)) + eps)
+                s["os"] = b2 * s.get("os", 0) + (1 - b2) * (S ** 2).sum(axis=0) / m
+                N2 = S / (np.sqrt(s["os"] / (1 - b2 ** t)) + eps)
+                U = P @ N1 + N2
+                U = (U.T if tr else U).reshape(shape)
+            elif g.ndim >= 2:
+                G = g.reshape(shape[0], -1)
+                s["r"] = b2 * s.get("r", 0) + (1 - b2) * (G ** 2).mean(axis=1)
+                s["c"] = b2 * s.get("c", 0) + (1 - b2) * (G ** 2).mean(axis=0)
+                V = np.outer(s["r"], s["c"]) / s["r"].mean()
+                U = (G / (np.sqrt(V / (1 - b2 ** t)) + eps)).reshape(shape)
+            else:
+                s["v"] = b2 * s.get("v", 0) + (1 - b2) * g ** 2
+                U = g / (np.sqrt(s["v"] / (1 - b2 ** t)) + eps)
+            self.p[k] = self.p[k] * (1 - self.lr * self.wd) - self.lr * U
+
+
+def test_adamem_equals_a_numpy_transcription_of_the_paper_in_float64():
+    torch.manual_seed(0)
+    model = Net()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdaMeM(model, rank=2, update_proj_gap=1000, **kw)   # one projector: SVD sign conventions
+    ref = NumpyAdaMeM({n: p.detach().numpy() for n, p in model.named_parameters()}, 1e-2, 0.9, 0.95,
+                      1e-8, 0.1, 2, 1000, projected={"wide.weight", "tall.weight", "cube"})
+    for step in range(12):
+        opt.zero_grad()
+        model.loss(step).backward()
+        ref.step(grads_of(model))
+        opt.step()
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), ref.p[n], rtol=1e-10, atol=1e-12, err_msg=n)
+
+
+def test_projector_is_refreshed_at_the_first_step_and_every_T_steps_keeping_momentum():
+    torch.manual_seed(0)
+    model = Net()
+    opt = AdaMeM(model, lr=1e-2, rank=2, update_proj_gap=3)
+    w = model.wide.weight
+    seen = []
+    for step in range(7):
+        opt.zero_grad()
+        model.loss(step).backward()
+        g = w.grad.detach().clone()
+        before = opt.state[w]["exp_avg"].clone() if step else None
+        opt.step()
+        P, M = opt.state[w]["proj"], opt.state[w]["exp_avg"]
+        seen.append(P.clone())
+        if step % 3 == 0:                                   # steps 1, 4, 7: P spans G's top-2
+            u = np.linalg.svd(g.numpy())[0][:, :2]
+            np.testing.assert_allclose((P @ P.T).numpy(), u @ u.T, atol=1e-10)
+        if before is not None:                              # momentum carried over, never reset
+            np.testing.assert_allclose(M.numpy(), (0.9 * before + 0.1 * P.T @ g).numpy(), atol=1e-12)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert not torch.allclose(seen[2], seen[3])
+
+
+# -- Claim 3.1 ----------------------------------------------------------------------------------
+def _states(m, n, r, g, dtype=torch.float64):
+    return {"proj": top_left_singular_vectors(g, r), "exp_avg": torch.zeros(r, n, dtype=dtype),
+            "row_var": torch.zeros(r, dtype=dtype), "col_var": torch.zeros(n, dtype=dtype),
+            "res_col_var": torch.zeros(n, dtype=dtype)}
+
+
+def test_claim_3_1_the_two_preconditioned_parts_stay_orthogonal():
+    torch.manual_seed(0)
+    m, n, r = 16, 40, 4
+    g0 = torch.randn(m, n, dtype=torch.float64)
+    state = _states(m, n, r, g0)
+    for t in range(1, 6):
+        g = g0 + 0.3 * torch.randn(m, n, dtype=torch.float64)
+        n1, n2 = adamem_directions(g, state, t, (0.9, 0.95), 1e-8)
+        a = state["proj"] @ n1
+        scale = a.norm() * n2.norm()
+        assert scale > 1
+        assert float((a.T @ n2).abs().max()) < 1e-12 * float(scale)     # Aᵀ B = 0, column by column
+        assert abs(float((a * n2).sum())) < 1e-12 * float(scale)
+
+
+def test_two_sided_adafactor_on_the_residual_would_break_orthogonality():
+    # The paper's "Variant 2": scaling S from the left too leaves P's orthogonal complement.
+    torch.manual_seed(0)
+    m, n, r = 16, 40, 4
+    g = torch.randn(m, n, dtype=torch.float64)
+    P = top_left_singular_vectors(g, r)
+    S = g - P @ (P.T @ g)
+    rows, cols = (S ** 2).mean(dim=1), (S ** 2).mean(dim=0)
+    two_sided = S / torch.outer(rows / rows.mean(), cols).sqrt()
+    a = P @ (P.T @ g)
+    assert abs(float((a * two_sided).sum())) > 1e-3 * float(a.norm() * two_sided.norm())
+
+
+# -- projectors ---------------------------------------------------------------------------------
+def _subspace_distance(p, q):
+    return float(torch.linalg.matrix_norm(p @ p.T - q @ q.T, ord=2))
+
+
+def test_randomized_projector_finds_the_exact_top_r_subspace():
+    torch.manual_seed(0)
+    m, n, r = 64, 200, 8
+    u = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(n, m, dtype=torch.float64)).Q
+    s = torch.cat([torch.linspace(10, 5, r), 0.5 ** torch.arange(1, m - r + 1)]).double()   # a gap after r
+    g = u @ torch.diag(s) @ v.T
+    exact = top_left_singular_vectors(g, r)
+    np.testing.assert_allclose((exact @ exact.T).numpy(), (u[:, :r] @ u[:, :r].T).numpy(), atol=1e-10)
+    gen = torch.Generator().manual_seed(1)
+    cold = randomized_left_singular_vectors(g, r, None, gen)
+    assert _subspace_distance(cold, exact) < 1e-8
+    assert torch.allclose(cold.T @ cold, torch.eye(r, dtype=torch.float64), atol=1e-12)
+    # warm start from a nearby subspace (the previous projector) on a matrix with no gap
+    g2 = torch.randn(m, n, dtype=torch.float64)
+    exact2 = top_left_singular_vectors(g2, r)
+    warm = randomized_left_singular_vectors(g2 + 1e-3 * torch.randn(m, n, dtype=torch.float64), r,
+                                            exact2, gen)
+    captured = float((warm.T @ g2).norm() ** 2 / (exact2.T @ g2).norm() ** 2)
+    assert captured > 0.999
+
+
+def test_randomized_adamem_resumes_bit_identically_across_a_refresh():
+    torch.manual_seed(0)
+    model = Net(torch.float32)
+    opt = AdaMeM(model, lr=1e-2, rank=2, update_proj_gap=2, projector="randomized", seed=3)
+    for step in range(3):
+        opt.zero_grad()
+        model.loss(step).backward()
+        opt.step()
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = AdaMeM(clone, lr=1e-2, rank=2, update_proj_gap=2, projector="randomized", seed=3)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for m, o in ((model, opt), (clone, opt2)):
+        for step in range(3, 6):                          # refreshes at steps 5
+            o.zero_grad()
+            m.loss(step).backward()
+            o.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+# -- memory -------------------------------------------------------------------------------------
+def _state_numel(opt):
+    return sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
+
+
+def test_adamem_memory_is_m_plus_n_times_r_plus_adafactor_statistics():
+    torch.manual_seed(0)
+    model = Net()
+    opt = AdaMeM(model, rank=2)
+    model.loss(0).backward()
+    opt.step()
+    # by hand: wide 6×10: (6+10)·2 + 2 + 2·10 = 54; tall 12×5 → 5×12: 17·2 + 2 + 24 = 60;
+    # cube 4×6: 10·2 + 2 + 12 = 34; embedding 7×6 (Adafactor): 13; bias: 6
+    assert _state_numel(opt) == 54 + 60 + 34 + 13 + 6 == adamem_state_numel(model, rank=2)
+    w = opt.state[model.tall.weight]
+    assert w["proj"].shape == (5, 2) and w["exp_avg"].shape == (2, 12)
+
+
+def test_memory_estimates_need_no_memory_on_the_meta_device():
+    with torch.device("meta"):
+        big = nn.Sequential(nn.Linear(4096, 11008, bias=False), nn.Linear(11008, 4096, bias=False))
+    # each matrix: m = 4096, n = 11008, r = 1024 → (m + n)·r + r + 2n
+    assert adamem_state_numel(big) == 2 * ((4096 + 11008) * 1024 + 1024 + 2 * 11008)
+    assert adafactor_state_numel(big, momentum=False) == 2 * (4096 + 11008)
+    assert adafactor_state_numel(big) == 2 * (4096 + 11008 + 4096 * 11008)
+
+
+def test_adafactor_memory_counts_what_torch_adafactor_keeps():
+    torch.manual_seed(0)
+    model = Net()
+    opt = AdafactorMomentum(model)
+    model.loss(0).backward()
+    opt.step()
+    assert _state_numel(opt) == adafactor_state_numel(model)
+
+
+# -- Adafactor with momentum --------------------------------------------------------------------
+def _run(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        model.loss(step).backward()
+        opt.step()
+
+
+def test_adafactor_momentum_without_momentum_is_torch_adafactor():
+    torch.manual_seed(0)
+    a = Net()
+    b = copy.deepcopy(a)
+    _run(a, torch.optim.Adafactor(a.parameters(), lr=3e-2, weight_decay=0.1, d=1.0), 20)
+    _run(b, AdafactorMomentum(b, lr=3e-2, beta1=0.0, weight_decay=0.1), 20)
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14)
+
+
+def test_adafactor_momentum_is_momentum_on_the_clipped_update():
+    # Reference: torch.optim.Adafactor's update U (read off a beta1=0 twin from the same point),
+    # then m ← β1 m + (1 − β1) U and θ ← θ(1 − lr λ) − α m with α recomputed by hand.
+    torch.manual_seed(0)
+    model = Net()
+    opt = AdafactorMomentum(model, lr=3e-2, beta1=0.9, weight_decay=0.1)
+    twin = copy.deepcopy(model)
+    plain = AdafactorMomentum(twin, lr=3e-2, beta1=0.0, weight_decay=0.0)
+    momentum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for step in range(6):
+        t = step + 1
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+        _run(twin, plain, 1, start=step)
+        _run(model, opt, 1, start=step)
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            alpha = max(1e-3, float(before[n].norm() / before[n].numel() ** 0.5)) * min(3e-2, t ** -0.5)
+            update = (before[n] - q.detach()) / alpha          # the plain step moved θ by α U
+            momentum[n] = 0.9 * momentum[n] + 0.1 * update
+            expected = before[n] * (1 - 3e-2 * 0.1) - alpha * momentum[n]
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_a_torch_adafactor_checkpoint_loads_and_continues_like_torch():
+    torch.manual_seed(0)
+    a = Net()
+    torch_opt = torch.optim.Adafactor(a.parameters(), lr=3e-2)
+    _run(a, torch_opt, 4)
+    b = copy.deepcopy(a)
+    ours = AdafactorMomentum(b, lr=3e-2, beta1=0.0)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    _run(a, torch_opt, 4, start=4)
+    _run(b, ours, 4, start=4)
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14)
+
+
+# -- arguments ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, text", [
+    ({"rank": 0}, "Invalid rank: 0"),
+    ({"rank_fraction": 1.5}, "Invalid rank_fraction: 1.5"),
+    ({"update_proj_gap": 0}, "Invalid update_proj_gap: 0"),
+    ({"scale": -1.0}, "Invalid scale: -1.0"),
+    ({"projector": "qr"}, "Invalid projector: 'qr'"),
+])
+def test_bad_adamem_arguments_are_refused_with_the_value(kw, text):
+    with pytest.raises(ValueError, match=text.replace(".", r"\.")):
+        AdaMeM(Net(), **kw)
+
+
+def test_rank_defaults_to_a_quarter_of_the_smaller_side():
+    model = nn.Linear(64, 32, bias=False)
+    opt = AdaMeM(model)
+    model(torch.randn(3, 64)).square().sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["proj"].shape == (32, 8)
