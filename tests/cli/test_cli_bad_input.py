@@ -138,6 +138,8 @@ def test_plan_for_another_model_and_corrupt_plans(tmp_path):
     broken.write_text(json.dumps(doc))
     r = run(tmp_path, "model.py", "--plan", broken)
     assert r.returncode == 2 and "layers['0.weight']: missing key 'reduce'" in r.stderr
+    r = run(tmp_path, "model.py", "--plan", "nope.json")
+    assert r.returncode == 2 and "nope.json: no such plan file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_flags_and_require_saved_bar(tmp_path):

@@ -481,8 +481,8 @@ def test_state_memory_of_a_small_plan_by_hand():
 
 
 @pytest.mark.parametrize("n, text", [
-    (0, "0 B"), (1023, "1,023 B"), (1024, "1.00 KiB"), (1536, "1.50 KiB"),
-    (3 * 2**20, "3.00 MiB"), (5 * 2**30 // 2, "2.50 GiB"), (2048 * 2**30, "2,048.00 GiB"),
+    (0, "0 B"), (999, "999 B"), (1023, "1.00 KiB"), (1024, "1.00 KiB"), (1536, "1.50 KiB"),
+    (3 * 2**20, "3.00 MiB"), (1000 * 2**20, "0.98 GiB"), (999 * 2**20, "999.00 MiB"), (5 * 2**30 // 2, "2.50 GiB"), (2048 * 2**30, "2,048.00 GiB"),
 ])
 def test_format_bytes(n, text):
     assert format_bytes(n) == text

@@ -7,9 +7,10 @@ import io
 from rich.console import Console
 from torch import nn
 
+from lowmem.compress.memory import MemoryEstimate, MemoryRow
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import resolve_layers
-from lowmem.reports.terminal import PlanSummary, PlanTable, RoleSnrTable
+from lowmem.reports.terminal import MemoryTable, PlanSummary, PlanTable, RoleSnrTable
 from lowmem.snr.summary import RoleSnr
 
 
@@ -90,3 +91,21 @@ def test_long_names_wrap_at_dots_never_inside_a_component():
         assert len(cells) > 1                               # it had to wrap at this width
         assert "".join(cells) == Q                          # nothing lost
         assert all(c.startswith(".") for c in cells[1:])    # every break is before a dot
+
+
+def test_memory_table_at_width_100():
+    gib, mib = 1 << 30, 1 << 20
+    rows = (MemoryRow("adamw", 3 * gib, 3 * gib, 6 * gib, 0.0, 0.0),
+            MemoryRow("eve", 3 * gib, 12 * mib, 3 * gib + 12 * mib, 1 - 12 / 3072, 1 - (3072 + 12) / 6144),
+            MemoryRow("factored", None, None, 64, None, 1 - 64 / (6 * gib)))
+    console = Console(width=100, color_system=None, record=True)
+    console.print(MemoryTable(MemoryEstimate("Linear", 805_306_368, 4, rows), "one Linear", "plan.json"))
+    assert console.export_text() == (
+        "Optimizer state of one Linear (Linear, 805,306,368 parameters), 4 bytes per entry\n"
+        "optimizer ┃        m ┃         v ┃    total ┃ v saved ┃ total saved\n"
+        "━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━\n"
+        "adamw     │ 3.00 GiB │  3.00 GiB │ 6.00 GiB │   0.00% │       0.00%\n"
+        "eve       │ 3.00 GiB │ 12.00 MiB │ 3.01 GiB │  99.61% │      49.80%\n"
+        "factored  │        — │         — │     64 B │       — │     100.00%\n"
+        "step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)\n"
+        "plan: plan.json\n")

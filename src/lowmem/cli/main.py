@@ -1,5 +1,8 @@
 """`lowmem-analyze`: probe-train a model, measure the SNR of Adam's `v`, write a compression plan.
 
+``lowmem-analyze model.py`` (or ``--example NAME``) runs the probe; ``lowmem-analyze COMMAND …``
+runs one of `SUBCOMMANDS` (``memory``: optimizer-state memory, see `lowmem.cli.memory`).
+
 Exit codes (DESIGN §8): 0 done; 1 analysis finished but a requested bar (``--require-saved``)
 was not met; 2 usage error (bad flags, missing file, unreadable or mismatched plan); 3 the
 user's code failed or broke the `model.py` contract (including a NaN/inf loss); 4 internal
@@ -9,18 +12,17 @@ error; 130 interrupted by Ctrl-C (the trajectory and a plan from what was captur
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import json
-import os
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
+                               ArgumentParser, load_plan_file, run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.examples import EXAMPLES
@@ -31,15 +33,12 @@ from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
 from lowmem.snr.trajectory import SnrTrajectory
 
-EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+__all__ = ["EXIT_BAR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "EXIT_USER", "PROG",
+           "SUBCOMMANDS", "main", "make_parser"]
 
-PROG = "lowmem-analyze"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own exit code is 2 as well; keep its format, add a hint
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the options.\n")
+# `lowmem-analyze NAME …` runs the `main(argv)` of these modules; anything else is a model.py
+# (a file literally named like a command is reached as ./NAME).
+SUBCOMMANDS = {"memory": "lowmem.cli.memory"}
 
 
 def _window(text: str) -> tuple[int | None, int | None]:
@@ -75,11 +74,14 @@ _fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog=PROG,
+        usage=f"%(prog)s [model.py | --example NAME] [options]\n       %(prog)s {{{','.join(SUBCOMMANDS)}}} …",
         description="Train a model briefly with AdamW, measure per layer and axis how well Adam's v is "
                     "replaced by its mean (SNR), and write a compression plan.",
-        epilog="Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
+        epilog="Other commands: memory (optimizer-state memory of AdamW, the presets and a plan, from shapes; "
+               f"'{PROG} memory --help'). "
+               "Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
                "or broke the model.py contract; 4 internal error; 130 interrupted (results so far kept).",
     )
     p.add_argument("target", nargs="?", help="model.py or model.py:factory defining build_model, get_batch, loss_fn")
@@ -119,55 +121,12 @@ def _device(text: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = make_parser().parse_args(argv)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        with _warnings_to(err, args.quiet):
-            return _run(args, err)
-    except UsageError as e:
-        err.print(f"{PROG}: error: {e}", markup=False)
-        return EXIT_USAGE
-    except PlanError as e:
-        err.print(f"{PROG}: error: {e}", markup=False)
-        return EXIT_USAGE
-    except (TaskError, NoAdamStateError) as e:
-        err.print(f"{PROG}: error: {e}", markup=False)
-        if args.debug:
-            traceback.print_exc()
-        return EXIT_USER
-    except KeyboardInterrupt:
-        err.print(f"{PROG}: interrupted", markup=False)
-        return EXIT_INTERRUPTED
-    except Exception:
-        err.print(f"{PROG}: internal error (please report it with the traceback below)", markup=False)
-        traceback.print_exc()
-        return EXIT_INTERNAL
-
-
-_LOWMEM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
-
-
-@contextlib.contextmanager
-def _warnings_to(err: Console, quiet: bool):
-    """lowmem's own warnings as one line without its source (none with -q); others as Python shows them."""
-    with warnings.catch_warnings():
-        python_shows = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if os.path.abspath(filename).startswith(_LOWMEM_DIR):
-                err.print(f"{PROG}: warning: {str(message).removeprefix('lowmem: ')}", markup=False)
-            else:
-                python_shows(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        if quiet:
-            warnings.simplefilter("ignore")
-        yield
-
-
-def _user_code():
-    """While the user's code runs its print()s go to stderr: stdout carries the result only."""
-    return contextlib.redirect_stdout(sys.stderr)
+    return run_guarded(lambda err: _run(args, err), quiet=args.quiet, debug=args.debug,
+                       user_errors=(TaskError, NoAdamStateError))
 
 
 def _run(args, err: Console) -> int:
@@ -178,7 +137,7 @@ def _run(args, err: Console) -> int:
                          f"({PROG} --example shakespeare)")
     if args.plan and args.preset:
         raise UsageError("--plan and --preset are alternatives; give one")
-    with _user_code():
+    with user_code():
         task = load_example(args.example) if args.example else load_task(args.target)
     device = _device(args.device)
     settings = {**DEFAULTS, **task.defaults}
@@ -190,11 +149,11 @@ def _run(args, err: Console) -> int:
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
 
     if args.plan or args.preset:
-        with _user_code():
+        with user_code():
             model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
         layers = resolve_layers(model, warn=False)
         if args.plan:
-            plan = Plan.load(args.plan)
+            plan = load_plan_file(args.plan)
             try:
                 plan.validate(model)
             except PlanError as e:   # name the file and the model, like every other message
@@ -209,7 +168,7 @@ def _run(args, err: Console) -> int:
     progress = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeRemainingColumn(), console=err, transient=True, disable=quiet)
     bar = progress.add_task("probe", total=steps, loss="—")
-    with progress, _user_code():
+    with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
     traj = SnrTrajectory(result.capture.samples)

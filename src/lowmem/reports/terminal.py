@@ -1,4 +1,5 @@
-"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role.
+"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role, and
+optimizer-state memory per optimizer.
 
 Each is an object with ``__rich_console__``, so the CLI only prints it and tests render it into
 ``Console(file=io.StringIO(), width=100, color_system=None)``.
@@ -10,9 +11,10 @@ import math
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from rich.text import Text
 
 from lowmem.compress.builders import is_candidate
-from lowmem.compress.memory import format_bytes, plan_state_memory
+from lowmem.compress.memory import MemoryEstimate, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import ModelLayers
 from lowmem.snr.summary import RoleSnr
@@ -151,3 +153,35 @@ class RoleSnrTable:
             mark = "*" if r.median > self.threshold else " "
             table.add_row(r.role, r.view, r.axes, f"{_fmt_snr(r.median)}{mark}", str(r.layers))
         yield table
+
+
+def _share(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2%}"
+
+
+def _size(n: int | None) -> str:
+    return "—" if n is None else format_bytes(n)
+
+
+class MemoryTable:
+    """Optimizer-state bytes per optimizer (AdamW first): m, v, total, and the shares of v and of
+    the whole state saved against AdamW, under a line naming the model and its size."""
+
+    def __init__(self, estimate: MemoryEstimate, name: str, plan: str | None = None):
+        self.estimate, self.name, self.plan = estimate, name, plan
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        e = self.estimate
+        yield Text(f"Optimizer state of {self.name} ({e.model}, {e.parameters:,} parameters), "
+                   f"{e.bytes_per_state} bytes per entry")
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("optimizer", no_wrap=True)
+        for header in ("m", "v", "total", "v saved", "total saved"):
+            table.add_column(header, justify="right", no_wrap=True)
+        for r in e.rows:
+            table.add_row(r.name, _size(r.m_bytes), _size(r.v_bytes), format_bytes(r.total_bytes),
+                          _share(r.v_saved), _share(r.total_saved))
+        yield table
+        yield Text("step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)", style="dim")
+        if self.plan:
+            yield Text(f"plan: {self.plan}", style="dim")

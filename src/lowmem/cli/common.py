@@ -1,0 +1,102 @@
+"""What every `lowmem-analyze` command shares: exit codes, the argument parser, error handling.
+
+Exit codes (DESIGN §8): 0 done; 1 analysis finished but a requested bar was not met; 2 usage
+error (bad flags, missing file, unreadable or mismatched plan); 3 the user's code failed or broke
+the `model.py` contract; 4 internal error; 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+import warnings
+from typing import Callable
+
+from rich.console import Console
+
+from lowmem.cli.contract import UsageError
+from lowmem.compress import Plan, PlanError
+from lowmem.probe import TaskError
+
+EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+PROG = "lowmem-analyze"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code is 2 as well; keep its format, add a hint
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the options.\n")
+
+
+def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool = False, debug: bool = False,
+                user_errors: tuple[type[BaseException], ...] = (TaskError,)) -> int:
+    """Run a command, turning every failure into one message on stderr and its exit code.
+
+    Args:
+        run: the command; gets the stderr console, returns the exit code.
+        prog: the name that starts every message.
+        quiet: hide lowmem's own warnings.
+        debug: show the traceback of a failure in the user's code.
+        user_errors: exceptions that mean the user's code failed (exit 3).
+    """
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        with warnings_to(err, quiet, prog):
+            return run(err)
+    except (UsageError, PlanError) as e:
+        err.print(f"{prog}: error: {e}", markup=False)
+        return EXIT_USAGE
+    except user_errors as e:
+        err.print(f"{prog}: error: {e}", markup=False)
+        if debug:
+            traceback.print_exc()
+        return EXIT_USER
+    except KeyboardInterrupt:
+        err.print(f"{prog}: interrupted", markup=False)
+        return EXIT_INTERRUPTED
+    except Exception:
+        err.print(f"{prog}: internal error (please report it with the traceback below)", markup=False)
+        traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+_LOWMEM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
+
+
+@contextlib.contextmanager
+def warnings_to(err: Console, quiet: bool, prog: str = PROG):
+    """lowmem's own warnings as one line without its source (none with -q); others as Python shows them."""
+    with warnings.catch_warnings():
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if os.path.abspath(filename).startswith(_LOWMEM_DIR):
+                err.print(f"{prog}: warning: {str(message).removeprefix('lowmem: ')}", markup=False)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        if quiet:
+            warnings.simplefilter("ignore")
+        yield
+
+
+def user_code():
+    """While the user's code runs its print()s go to stderr: stdout carries the result only."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def load_plan_file(path: str | os.PathLike) -> Plan:
+    """`Plan.load`, with a file that cannot be opened reported as a usage error."""
+    try:
+        return Plan.load(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such plan file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder; give the plan.json file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the plan ({e.strerror})") from None

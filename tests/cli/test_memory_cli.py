@@ -1,0 +1,176 @@
+"""`lowmem-analyze memory`: the table and the JSON document for configs, model.py files and
+examples, a plan row, and every bad input's exit code and message (stdout stays empty)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowmem.cli.main import main
+from lowmem.compress import PRESETS, slimadam_rules
+from lowmem.compress.configs import build_config_model
+from lowmem.compress.memory import estimate_state_memory
+
+LLAMA2_7B = 6_738_415_616
+ROWS = ["adamw", *PRESETS, "adamem", "adafactor-momentum"]
+
+MODEL = '''\
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+def get_batch(step):
+    x = torch.randn(8, 4)
+    return x, x[:, :2]
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+'''
+MODEL_PARAMETERS = 4 * 8 + 8 + 8 * 2 + 2      # 58
+
+
+def memory(capsys, *args) -> tuple[int, str, str]:
+    """Run ``lowmem-analyze memory ARGS`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main(["memory", *map(str, args)])
+    except SystemExit as e:                     # argparse refuses the flags
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *args) -> str:
+    code, out, err = memory(capsys, *args)
+    assert code == 2, err
+    assert out == ""
+    assert "lowmem-analyze memory: error: " in err and "Traceback" not in err
+    return err
+
+
+def test_text_names_the_model_and_lists_adamw_every_preset_and_adamem(capsys):
+    code, out, err = memory(capsys, "--config", "llama2-7b")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"Optimizer state of llama2-7b (LlamaForCausalLM, {LLAMA2_7B:,} parameters), 4 bytes per entry"
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ROWS}
+    assert list(rows) == ROWS
+    adamw_gib = f"{2 * 4 * LLAMA2_7B / 2**30:,.2f} GiB"        # 50.21 GiB
+    assert adamw_gib in rows["adamw"] and "0.00%" in rows["adamw"]
+
+
+def test_json_is_one_document_with_the_library_estimate_in_raw_bytes(capsys):
+    code, out, err = memory(capsys, "--config", "llama2-7b", "--format", "json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["model"] == {"name": "llama2-7b", "class": "LlamaForCausalLM", "parameters": LLAMA2_7B}
+    assert (doc["config"], doc["plan"], doc["bytes_per_state"]) == ("llama2-7b", None, 4)
+    assert doc["optimizers"] == estimate_state_memory(build_config_model("llama2-7b")).to_json()["optimizers"]
+    adamw = doc["optimizers"][0]
+    assert adamw["name"] == "adamw" and adamw["total_bytes"] == 2 * 4 * LLAMA2_7B == 53_907_324_928
+
+
+def test_bytes_per_state_scales_every_row(capsys):
+    docs = [json.loads(memory(capsys, "--config", "gpt2-124m", "--format", "json", "--bytes-per-state", b)[1])
+            for b in (4, 2)]
+    assert docs[1]["bytes_per_state"] == 2
+    for four, two in zip(docs[0]["optimizers"], docs[1]["optimizers"]):
+        assert 2 * two["total_bytes"] == four["total_bytes"] and two["total_saved"] == four["total_saved"]
+    assert "expected a positive integer, got '0'" in refused(capsys, "--config", "gpt2-124m", "--bytes-per-state", "0")
+
+
+def test_a_plan_written_by_lowmem_adds_a_row(capsys, tmp_path):
+    plan = slimadam_rules(build_config_model("gpt2-124m"))
+    path = plan.save(tmp_path / "plan.json")
+    code, out, err = memory(capsys, "--config", "gpt2-124m", "--plan", path, "--format", "json")
+    assert (code, err) == (0, "")
+    doc = json.loads(out)
+    row = doc["optimizers"][-1]
+    assert [r["name"] for r in doc["optimizers"]] == [*ROWS, "plan"] and doc["plan"] == str(path)
+    assert row["v_bytes"] == 4 * plan.v_kept and row["m_bytes"] == 4 * plan.v_full == 4 * 124_439_808
+    code, out, _ = memory(capsys, "--config", "gpt2-124m", "--plan", path)
+    assert code == 0 and any(line.startswith("plan ") for line in out.splitlines())
+    assert out.splitlines()[-1] == f"plan: {path}"
+
+
+def test_unknown_config_lists_the_known_ones(capsys):
+    err = refused(capsys, "--config", "llama2-7x")
+    assert "unknown config 'llama2-7x'; known: gpt2-124m, gpt2-1.5b, tinyllama-1.1b, llama2-7b" in err
+    assert "Did you mean 'llama2-7b'?" in err
+
+
+def test_missing_corrupt_and_mismatched_plans_are_usage_errors(capsys, tmp_path):
+    assert "nope.json: no such plan file" in refused(capsys, "--config", "gpt2-124m", "--plan", tmp_path / "nope.json")
+    path = slimadam_rules(build_config_model("gpt2-124m")).save(tmp_path / "plan.json")
+    err = refused(capsys, "--config", "tinyllama-1.1b", "--plan", path)
+    assert f"{path} does not fit tinyllama-1.1b" in err and "GPT2LMHeadModel" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text(path.read_text()[:100])
+    assert "broken.json: line" in refused(capsys, "--config", "gpt2-124m", "--plan", broken)
+
+
+def test_one_model_source_exactly(capsys, tmp_path):
+    assert "nothing to measure" in refused(capsys)
+    assert "not model.py and --config" in refused(capsys, "model.py", "--config", "gpt2-124m")
+    assert "--meta applies to a model.py" in refused(capsys, "--config", "gpt2-124m", "--meta")
+    assert "nope.py: no such file" in refused(capsys, tmp_path / "nope.py")
+
+
+def test_model_py_built_normally_and_on_meta(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.py").write_text(MODEL)
+    docs = []
+    for extra in ([], ["--meta"]):
+        code, out, err = memory(capsys, "model.py", "--format", "json", *extra)
+        assert (code, err) == (0, "")
+        docs.append(json.loads(out))
+    assert docs[0] == docs[1]
+    assert docs[0]["model"] == {"name": "model.py", "class": "Sequential", "parameters": MODEL_PARAMETERS}
+    assert docs[0]["optimizers"][0]["total_bytes"] == 2 * 4 * MODEL_PARAMETERS
+
+
+def test_model_py_that_cannot_be_built_on_meta_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.py").write_text(MODEL.replace("nn.Linear(8, 2))", "nn.Linear(8, 2)).to('cpu')"))
+    assert memory(capsys, "model.py")[0] == 0
+    code, out, err = memory(capsys, "model.py", "--meta")
+    assert code == 3 and out == ""
+    assert "build_model() in model.py raised" in err and "ran on the meta device because of --meta" in err
+
+
+def test_built_in_example(capsys):
+    from lowmem.examples import shakespeare
+    n = sum(p.numel() for p in shakespeare.build_model().parameters())
+    code, out, err = memory(capsys, "--example", "shakespeare", "--format", "json")
+    assert (code, err) == (0, "")
+    assert json.loads(out)["model"] == {"name": "example 'shakespeare'", "class": "GPT", "parameters": n}
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_subcommand_runs_from_the_command_line_and_model_py_still_does(tmp_path):
+    run = [sys.executable, "-m", "lowmem.cli.main"]
+    r = subprocess.run([*run, "memory", "--config", "gpt2-124m", "--format", "json"], capture_output=True,
+                       text=True, env=ENV, timeout=120)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert json.loads(r.stdout)["model"]["parameters"] == 124_439_808
+    r = subprocess.run([*run, "memory", "--config", "nope"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and "unknown config 'nope'" in r.stderr
+    (tmp_path / "model.py").write_text(MODEL)
+    r = subprocess.run([*run, "model.py", "--preset", "eve", "--format", "json", "--device", "cpu"], cwd=tmp_path,
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["plan"]["source"]["preset"] == "eve"
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_of_the_main_command_names_the_memory_command(capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        main([flag])
+    assert e.value.code == 0 and "lowmem-analyze memory --help" in " ".join(capsys.readouterr().out.split())
