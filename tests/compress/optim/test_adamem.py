@@ -326,3 +326,24 @@ def test_rank_defaults_to_a_quarter_of_the_smaller_side():
     model(torch.randn(3, 64)).square().sum().backward()
     opt.step()
     assert opt.state[model.weight]["proj"].shape == (32, 8)
+
+
+def test_two_matmul_update_equals_the_readable_directions_in_float64():
+    from lowmem.compress.optim.adamem import adamem_update
+    torch.manual_seed(0)
+    for m, n, r, scale in ((16, 40, 4, 1.0), (16, 40, 4, 0.5), (40, 40, 40, 1.0)):
+        # r = m: S is round-off, which the readable form divides by its own size (N2 is O(1)
+        # noise) and the two-matmul form by ~sqrt(round-off) (N2 ≈ 0, the exact answer).
+        full_rank = r == m
+        g0 = torch.randn(m, n, dtype=torch.float64)
+        a, b = _states(m, n, r, g0), _states(m, n, r, g0)
+        for t in range(1, 5):
+            g = g0 + 0.3 * torch.randn(m, n, dtype=torch.float64)
+            n1, n2 = adamem_directions(g, a, t, (0.9, 0.95), 1e-8)
+            column_major = g.T.contiguous().T                   # as a transposed weight's gradient
+            fast = adamem_update(column_major if t % 2 else g, b, t, (0.9, 0.95), 1e-8, scale)
+            expected = a["proj"] @ n1 if full_rank else a["proj"] @ n1 + scale * n2
+            torch.testing.assert_close(fast, expected, rtol=1e-10, atol=1e-6 if full_rank else 1e-12)
+            for k in a:
+                if not (full_rank and k == "res_col_var"):
+                    torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)

@@ -22,6 +22,10 @@ in GaLore. Embeddings, the LM head and every vector get Adafactor without moment
 itself, factored for matrices, a full statistic for vectors): the paper trains the first and
 last layers with Adafactor, and AdamW there would cost the full 2× state AdaMeM exists to avoid.
 
+The optimizer computes P N1 + δ N2 as P (N1 − δ R D₃) + δ G D₃ (`adamem_update`: two m×n×r
+matmuls, the floor of any projection method, and no m×n residual); `adamem_directions` is the
+readable form, term by term, that the tests hold it to.
+
 State per projected m×n matrix: P (m·r) + M (r·n) + row (r) + col (n) + res (n) entries, i.e.
 (m + n)·r + r + 2n — the paper's count — in fp32 (fp64 for fp64 parameters).
 
@@ -42,6 +46,7 @@ from torch import nn
 
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, load_state_keeping_dtypes,
                                            named_trainable, param_groups_for, state_dtype_for)
+from lowmem.compress.optim.engine import mean_sq
 from lowmem.layers import resolve_layers
 
 # Roles that get Adafactor without momentum instead of a projected momentum (the paper's "first
@@ -155,6 +160,37 @@ def adamem_directions(g: torch.Tensor, state: dict, t: int, betas: tuple[float, 
     state["res_col_var"].lerp_(residual.square().mean(dim=0), 1 - beta2)
     n2 = residual.div_((state["res_col_var"] / bc2).sqrt_().add_(eps))
     return n1, n2
+
+
+def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, float], eps: float,
+                  scale: float) -> torch.Tensor:
+    """P N1 + δ N2 of `adamem_directions` (same state updates) with two m×n×r matmuls instead of
+    three, never forming the residual S: P's columns are orthonormal, so S's column means of
+    squares are G's minus R's (Pythagoras), and with N2 = S D₃ = (G − P R) D₃,
+
+        P N1 + δ N2 = P (N1 − δ R D₃) + δ G D₃.
+
+    When S is tiny next to G the subtraction loses digits (in fp32, columns whose residual is
+    below ~3e-4 of their norm); it is clamped at 0."""
+    beta1, beta2 = betas
+    proj, exp_avg = state["proj"], state["exp_avg"]
+    m = g.shape[0]
+    low = proj.T @ g                                        # R = Pᵀ G            (r×n)
+    exp_avg.lerp_(low, 1 - beta1)
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    n1 = _factored_precondition(exp_avg / bc1, exp_avg.square(), state, beta2, bc2, eps)
+    res = (_column_sq_sum(g) - low.square().sum(dim=0)).div_(m).clamp_(min=0)
+    state["res_col_var"].lerp_(res, 1 - beta2)
+    d3 = (state["res_col_var"] / bc2).sqrt_().add_(eps).reciprocal_()     # D₃'s diagonal (n)
+    x = n1.sub_(low.mul_(d3), alpha=scale)                  # N1 − δ R D₃         (r×n)
+    return (g * d3.mul_(scale)).addmm_(proj, x)             # δ G D₃ + P (…)      (m×n)
+
+
+def _column_sq_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ_i g_ij² per column, reducing along the contiguous axis where there is one."""
+    if g.T.is_contiguous():                                 # a transposed weight: its rows
+        return torch.linalg.vector_norm(g.T, dim=1).square_()
+    return mean_sq(g, (0,)).view(-1).mul_(g.shape[0])
 
 
 def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2: float, bc2: float,
@@ -283,8 +319,7 @@ class AdaMeM(torch.optim.Optimizer):
                          col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
         if (t - 1) % group["update_proj_gap"] == 0:
             state["proj"].copy_(self._project(g, r, state["proj"] if t > 1 else None, group, p, t))
-        n1, n2 = adamem_directions(g, state, t, group["betas"], group["eps"])
-        update = torch.addmm(n2, state["proj"], n1, beta=group["scale"])   # P N1 + δ N2
+        update = adamem_update(g, state, t, group["betas"], group["eps"], group["scale"])
         return (update.T if transposed else update).reshape(p.shape)
 
     def _project(self, g, r, previous, group, p, t) -> torch.Tensor:
