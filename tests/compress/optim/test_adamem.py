@@ -43,9 +43,10 @@ def grads_of(model):
 
 # -- AdaMeM against a numpy transcription of the paper ------------------------------------------
 class NumpyAdaMeM:
-    """Algorithm 1 with Algorithms 2–4, as the paper writes them, plus Adam's bias correction and
-    ε (which the paper leaves out "for simplicity"), the one-sided statistic per column (what
-    Claim 3.1's proof uses) and Adafactor without momentum for the embedding and vectors."""
+    """Algorithm 1 with Algorithms 2–4, as the paper writes them, plus bias correction (statistics
+    of the corrected momentum) and ε (which the paper leaves out "for simplicity"), the one-sided
+    statistic per column (what Claim 3.1's proof uses), residual columns at round-off taken as 0,
+    and Adafactor without momentum for the embedding and vectors."""
 
     def __init__(self, params, lr, beta1, beta2, eps, wd, rank, gap, projected):
         self.p = {k: v.copy() for k, v in params.items()}
@@ -69,13 +70,15 @@ class NumpyAdaMeM:
                 R = P.T @ G
                 S = G - P @ R
                 s["M"] = b1 * s.get("M", 0) + (1 - b1) * R
-                M2 = s["M"] ** 2
+                Mhat = s["M"] / (1 - b1 ** t)
+                M2 = Mhat ** 2
                 s["r"] = b2 * s.get("r", 0) + (1 - b2) * M2.sum(axis=1) / n
                 s["c"] = b2 * s.get("c", 0) + (1 - b2) * M2.sum(axis=0) / self.rank
                 V = np.outer(s["r"], s["c"]) / s["r"].mean()
-                N1 = (s["M"] / (1 - b1 ** t)) / (np.sqrt(V / (1 - b2 ** t)) + eps)
-                s["os"] = b2 * s.get("os", 0) + (1 - b2) * (S ** 2).sum(axis=0) / m
-                N2 = S / (np.sqrt(s["os"] / (1 - b2 ** t)) + eps)
+                N1 = Mhat / (np.sqrt(V / (1 - b2 ** t)) + eps)
+                live = (S ** 2).sum(axis=0) > 64 * np.finfo(S.dtype).eps * (G ** 2).sum(axis=0)
+                s["os"] = b2 * s.get("os", 0) + (1 - b2) * live * (S ** 2).sum(axis=0) / m
+                N2 = live * S / (np.sqrt(s["os"] / (1 - b2 ** t)) + eps)
                 U = P @ N1 + N2
                 U = (U.T if tr else U).reshape(shape)
             elif g.ndim >= 2:
@@ -244,10 +247,13 @@ def test_memory_estimates_need_no_memory_on_the_meta_device():
 def test_adafactor_memory_counts_what_torch_adafactor_keeps():
     torch.manual_seed(0)
     model = Net()
-    opt = AdafactorMomentum(model)
+    ours, theirs = AdafactorMomentum(model), torch.optim.Adafactor(model.parameters())
     model.loss(0).backward()
-    opt.step()
-    assert _state_numel(opt) == adafactor_state_numel(model)
+    ours.step()
+    theirs.step()
+    numel = sum(p.numel() for p in model.parameters())
+    assert _state_numel(theirs) == adafactor_state_numel(model, momentum=False)
+    assert _state_numel(ours) == _state_numel(theirs) + numel == adafactor_state_numel(model)
 
 
 # -- Adafactor with momentum --------------------------------------------------------------------
@@ -269,13 +275,14 @@ def test_adafactor_momentum_without_momentum_is_torch_adafactor():
 
 
 def test_adafactor_momentum_is_momentum_on_the_clipped_update():
-    # Reference: torch.optim.Adafactor's update U (read off a beta1=0 twin from the same point),
-    # then m ← β1 m + (1 − β1) U and θ ← θ(1 − lr λ) − α m with α recomputed by hand.
+    # Reference: torch.optim.Adafactor's update U, read off a twin that takes one plain step from
+    # the same point with the same gradient (so the same statistics), then m ← β1 m + (1 − β1) U
+    # and θ ← θ(1 − lr λ) − α m with α recomputed by hand.
     torch.manual_seed(0)
     model = Net()
     opt = AdafactorMomentum(model, lr=3e-2, beta1=0.9, weight_decay=0.1)
     twin = copy.deepcopy(model)
-    plain = AdafactorMomentum(twin, lr=3e-2, beta1=0.0, weight_decay=0.0)
+    plain = torch.optim.Adafactor(twin.parameters(), lr=3e-2)
     momentum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for step in range(6):
         t = step + 1
@@ -347,3 +354,65 @@ def test_two_matmul_update_equals_the_readable_directions_in_float64():
             for k in a:
                 if not (full_rank and k == "res_col_var"):
                     torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)
+
+
+# -- numerical safeguards and per-group arguments -----------------------------------------------
+def test_a_gradient_inside_the_projected_span_gives_a_bounded_orthogonal_update_in_float32():
+    # A rank-1 gradient (one token) with r = 8: the residual is round-off. Taken at face value it
+    # would be divided by its own round-off-sized statistic into an O(1) random direction.
+    from lowmem.compress.optim.adamem import adamem_update
+    torch.manual_seed(0)
+    m, n, r = 32, 64, 8
+    for t, form in ((1, "fast"), (1, "readable")):
+        g = torch.outer(torch.randn(m), torch.randn(n))
+        state = _states(m, n, r, g, torch.float32)
+        if form == "fast":
+            update = adamem_update(g, state, t, (0.9, 0.95), 1e-8, 1.0)
+        else:
+            n1, n2 = adamem_directions(g, state, t, (0.9, 0.95), 1e-8)
+            update = state["proj"] @ n1 + n2
+        low = state["proj"] @ (state["proj"].T @ update)       # its part inside P's span
+        assert float(update.abs().max()) < 10, form            # |N1| ≈ 1, N2 = 0 here
+        torch.testing.assert_close(update, low, rtol=0, atol=1e-5)
+
+
+def test_first_step_of_a_constant_gradient_has_unit_size_in_both_parts():
+    # With the statistics of the bias-corrected momentum, |N1| is 1 from the first step, like
+    # Adam's update and like the residual's N2; on an uncorrected M it would be 1 / (1 − β1) = 10.
+    torch.manual_seed(0)
+    m, n, r = 8, 20, 2
+    g = torch.randn(m, n, dtype=torch.float64)
+    state = _states(m, n, r, g)
+    rms = lambda x: float(x.square().mean().sqrt())
+    for t in range(1, 6):
+        n1, n2 = adamem_directions(g, state, t, (0.9, 0.95), 1e-12)
+        assert 0.7 < rms(n1) < 1.4                     # factored: about 1, not exactly
+        assert rms(n2) == pytest.approx(1.0, rel=1e-9)  # one statistic per column: exactly 1
+
+
+def test_a_torch_adafactor_checkpoint_of_bf16_parameters_loads():
+    torch.manual_seed(0)
+    a = Net(torch.bfloat16)
+    torch_opt = torch.optim.Adafactor(a.parameters(), lr=3e-2)
+    _run(a, torch_opt, 2)
+    b = copy.deepcopy(a)
+    ours = AdafactorMomentum(b, lr=3e-2, beta1=0.0)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    _run(a, torch_opt, 3, start=2)
+    _run(b, ours, 3, start=2)                                # fp32 statistics from then on
+    assert all(t.dtype == torch.float32 for s in ours.state.values() for k, t in s.items() if k != "step")
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(y.float(), x.float(), rtol=0.02, atol=0.02)
+
+
+def test_param_group_arguments_are_checked_and_the_rank_is_fixed_once_trained():
+    model = Net()
+    with pytest.raises(ValueError, match="Invalid update_proj_gap: 0"):
+        AdaMeM(model, param_groups=[{"params": [model.wide.weight], "update_proj_gap": 0},
+                                    {"params": [p for n, p in model.named_parameters() if n != "wide.weight"]}])
+    opt = AdaMeM(model, rank=2)
+    model.loss(0).backward()
+    opt.step()
+    opt.param_groups[0]["rank"] = 3
+    with pytest.raises(ValueError, match="rank cannot change"):
+        opt.step()

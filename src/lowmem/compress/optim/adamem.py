@@ -7,14 +7,17 @@ Algorithms 1–4. For a weight viewed as a matrix G (m×n, m ≤ n, else transpo
     P      = top-r left singular vectors of G, at the first step and every T steps   (m×r)
     R      = Pᵀ G,  S = G − P R                                  (low-rank part, residual)
     M      = β1 M + (1 − β1) R                                   (momentum, r×n, kept in P's basis)
-    row    = β2 row + (1 − β2) mean_cols(M²),  col = β2 col + (1 − β2) mean_rows(M²)
-    N1     = (M / bc1) / (sqrt(row ⊗ col / mean(row) / bc2) + ε)          (Adafactor, Alg. 3)
+    M̂      = M / bc1
+    row    = β2 row + (1 − β2) mean_cols(M̂²),  col = β2 col + (1 − β2) mean_rows(M̂²)
+    N1     = M̂ / (sqrt(row ⊗ col / mean(row) / bc2) + ε)                  (Adafactor, Alg. 3)
     res    = β2 res + (1 − β2) mean_rows(S²)                     (one statistic per column, n)
     N2     = S / (sqrt(res / bc2) + ε)                                    (one-sided, Alg. 4)
     W     ← W (1 − η λ) − η (P N1 + δ N2)
 
 with bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ (the paper leaves bias correction and ε out "for simplicity";
-they are Adam's here). Algorithm 4 is typeset garbled in the paper; the proof of its Claim 3.1
+here the statistics are of the bias-corrected momentum M̂, so |N1| ≈ 1 from the first step, as
+Adam's update is). A residual column at round-off level (the gradient inside P's span there)
+counts as 0 (`RESIDUAL_ROUNDOFF`). Algorithm 4 is typeset garbled in the paper; the proof of its Claim 3.1
 needs the residual scaled from the right, B = (I − PPᵀ) G D₃ with D₃ an n×n diagonal, and its
 memory count r + n + n needs one statistic per column, so that is what `res` is: P N1 = P D₁ M D₂
 and N2 stay orthogonal (Pᵀ N2 = 0). Momentum and statistics carry over a projector refresh, as
@@ -154,36 +157,53 @@ def adamem_directions(g: torch.Tensor, state: dict, t: int, betas: tuple[float, 
     residual = g - proj @ low                               # S = G − P R         (m×n)
     exp_avg.lerp_(low, 1 - beta1)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    # Adafactor on M (Algorithm 3): factored second moment, one row and one column statistic.
-    n1 = _factored_precondition(exp_avg / bc1, exp_avg.square(), state, beta2, bc2, eps)
+    # Adafactor on M̂ = M / bc1 (Algorithm 3): factored second moment of M̂ itself.
+    m_hat = exp_avg / bc1
+    n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps)
     # One-sided Adafactor on S (Algorithm 4): one statistic per column, so N2 = S D₃.
-    state["res_col_var"].lerp_(residual.square().mean(dim=0), 1 - beta2)
-    n2 = residual.div_((state["res_col_var"] / bc2).sqrt_().add_(eps))
+    live, res = _residual_columns(g.square().sum(dim=0), residual.square().sum(dim=0), g.shape[0])
+    state["res_col_var"].lerp_(res, 1 - beta2)
+    n2 = residual.mul_(live / (state["res_col_var"] / bc2).sqrt_().add_(eps))
     return n1, n2
 
 
 def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, float], eps: float,
                   scale: float) -> torch.Tensor:
     """P N1 + δ N2 of `adamem_directions` (same state updates) with two m×n×r matmuls instead of
-    three, never forming the residual S: P's columns are orthonormal, so S's column means of
+    three, never forming the residual S: P's columns are orthonormal, so S's column sums of
     squares are G's minus R's (Pythagoras), and with N2 = S D₃ = (G − P R) D₃,
 
         P N1 + δ N2 = P (N1 − δ R D₃) + δ G D₃.
 
-    When S is tiny next to G the subtraction loses digits (in fp32, columns whose residual is
-    below ~3e-4 of their norm); it is clamped at 0."""
+    Both forms take a residual column at round-off level as 0 (`_residual_columns`), so the
+    subtraction's lost digits never reach the update."""
     beta1, beta2 = betas
     proj, exp_avg = state["proj"], state["exp_avg"]
-    m = g.shape[0]
     low = proj.T @ g                                        # R = Pᵀ G            (r×n)
     exp_avg.lerp_(low, 1 - beta1)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    n1 = _factored_precondition(exp_avg / bc1, exp_avg.square(), state, beta2, bc2, eps)
-    res = (_column_sq_sum(g) - low.square().sum(dim=0)).div_(m).clamp_(min=0)
+    m_hat = exp_avg / bc1
+    n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps)
+    col_g2 = _column_sq_sum(g)
+    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), g.shape[0])
     state["res_col_var"].lerp_(res, 1 - beta2)
-    d3 = (state["res_col_var"] / bc2).sqrt_().add_(eps).reciprocal_()     # D₃'s diagonal (n)
+    d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)            # D₃'s diagonal (n)
     x = n1.sub_(low.mul_(d3), alpha=scale)                  # N1 − δ R D₃         (r×n)
     return (g * d3.mul_(scale)).addmm_(proj, x)             # δ G D₃ + P (…)      (m×n)
+
+
+# A residual column whose squared norm is at most this many machine epsilons of its gradient
+# column's is round-off (the gradient lies in P's span there, e.g. a batch of fewer tokens than
+# r): it is taken as exactly 0, as exact arithmetic would give, instead of being divided by its
+# own round-off-sized statistic and turned into an O(1) random direction.
+RESIDUAL_ROUNDOFF = 64
+
+
+def _residual_columns(col_g2: torch.Tensor, col_s2: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(live, res): 1.0 where a residual column is more than round-off, else 0.0; and the
+    residual's per-column mean of squares, 0 where not live."""
+    live = (col_s2 > RESIDUAL_ROUNDOFF * torch.finfo(col_s2.dtype).eps * col_g2).to(col_s2.dtype)
+    return live, col_s2.clamp(min=0).mul_(live).div_(m)
 
 
 def _column_sq_sum(g: torch.Tensor) -> torch.Tensor:
@@ -202,6 +222,30 @@ def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2
     row = state["row_var"]
     v_hat = torch.outer(row / row.mean().clamp(min=torch.finfo(row.dtype).tiny), state["col_var"])
     return x / v_hat.div_(bc2).sqrt_().add_(eps)
+
+
+def _check_adamem_group(g: dict) -> None:
+    """Refuse an out-of-range AdaMeM hyper-parameter (defaults or one param group), naming it."""
+    check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
+    rank, fraction, gap, scale = g["rank"], g["rank_fraction"], g["update_proj_gap"], g["scale"]
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"Invalid rank: {rank} (expected a positive integer or None)")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"Invalid rank_fraction: {fraction} (expected 0 < rank_fraction <= 1)")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"Invalid update_proj_gap: {gap} (expected a positive integer)")
+    if not isinstance(scale, (int, float)) or not scale >= 0.0:
+        raise ValueError(f"Invalid scale: {scale}")
+    if g["projector"] not in PROJECTORS:
+        raise ValueError(f"Invalid projector: {g['projector']!r} (expected one of {', '.join(PROJECTORS)})")
+
+
+def _cast_states(state: dict, dtype: torch.dtype) -> None:
+    """Bring floating states (not ``step``) to the state dtype, e.g. a torch checkpoint's bf16
+    statistics of bf16 parameters, which lowmem keeps in fp32."""
+    for k, v in state.items():
+        if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
+            state[k] = v.to(dtype)
 
 
 # -- AdaMeM -------------------------------------------------------------------------------------
@@ -235,20 +279,11 @@ class AdaMeM(torch.optim.Optimizer):
                  rank_fraction: float = 0.25, update_proj_gap: int = 200, scale: float = 1.0,
                  projector: str = "svd", param_groups=None, maximize: bool = False,
                  state_dtype: torch.dtype | None = None, seed: int = 0):
-        check_hparams(lr, betas, eps, weight_decay)
-        if rank is not None and (not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"Invalid rank: {rank} (expected a positive integer or None)")
-        if not isinstance(rank_fraction, (int, float)) or not 0.0 < rank_fraction <= 1.0:
-            raise ValueError(f"Invalid rank_fraction: {rank_fraction} (expected 0 < rank_fraction <= 1)")
-        if not isinstance(update_proj_gap, int) or update_proj_gap < 1:
-            raise ValueError(f"Invalid update_proj_gap: {update_proj_gap} (expected a positive integer)")
-        if not isinstance(scale, (int, float)) or not scale >= 0.0:
-            raise ValueError(f"Invalid scale: {scale}")
-        if projector not in PROJECTORS:
-            raise ValueError(f"Invalid projector: {projector!r} (expected one of {', '.join(PROJECTORS)})")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
                         rank_fraction=rank_fraction, update_proj_gap=update_proj_gap, scale=scale,
-                        projector=projector, maximize=maximize)
+                        projector=projector)
+        _check_adamem_group(defaults)
+        defaults = dict(defaults, betas=tuple(betas), maximize=maximize)
         super().__init__(param_groups_for(model, param_groups), defaults)
         # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
         names, projected = named_trainable(model), _projected(model)
@@ -260,6 +295,11 @@ class AdaMeM(torch.optim.Optimizer):
     def __getstate__(self):
         return {**super().__getstate__(), "_names": self._names, "_projected": self._projected,
                 "_state_dtype": self._state_dtype, "seed": self.seed}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, with every group's hyper-parameters checked (not only the defaults)."""
+        super().add_param_group(param_group)
+        _check_adamem_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that states keep their dtype (fp32 states of bf16 parameters)."""
@@ -317,6 +357,11 @@ class AdaMeM(torch.optim.Optimizer):
         if "proj" not in state:
             state.update(proj=g.new_zeros(m, r), exp_avg=g.new_zeros(r, n), row_var=g.new_zeros(r),
                          col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
+        elif state["proj"].shape != (m, r):
+            raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projector is {tuple(state['proj'].shape)} "
+                             f"but the group's rank asks for {(m, r)}; the rank cannot change once "
+                             "training has started")
+        _cast_states(state, g.dtype)
         if (t - 1) % group["update_proj_gap"] == 0:
             state["proj"].copy_(self._project(g, r, state["proj"] if t > 1 else None, group, p, t))
         update = adamem_update(g, state, t, group["betas"], group["eps"], group["scale"])
@@ -335,6 +380,7 @@ class AdaMeM(torch.optim.Optimizer):
         state, t = self._init_step(p)
         beta2, eps = group["betas"][1], group["eps"]
         bc2 = 1 - beta2 ** t
+        _cast_states(state, grad.dtype)
         mn = matrix_shape(grad.shape)
         if mn is None:
             if "variance" not in state:
@@ -435,9 +481,10 @@ class AdafactorMomentum(torch.optim.Adafactor):
                 state["variance"] = torch.zeros_like(grad)
         if group["beta1"] > 0 and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
+        _cast_states(state, dtype)
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
-        eps1 = torch.finfo(dtype).eps if eps1 is None else eps1
+        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1   # torch's default: the parameter's eps
 
         state["step"] += 1
         t = state["step"].item()
