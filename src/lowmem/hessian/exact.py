@@ -1,0 +1,470 @@
+"""Exact block Hessians of a model's loss through Hessian-vector products (DESIGN §6).
+
+The loss is the `model.py` contract's ``loss_fn(model, batch)``, averaged over `batches`. A
+*piece* is one parameter or a sub-view of it (``"h.0.attn.c_attn.weight[part=q, head=1]"``,
+``"mlp.c_fc.weight[0:16]"``); a block is H_AB = ∂²L / ∂θ_A ∂θ_B over two pieces (A = B for a
+diagonal block), each flattened row-major in the parameter's own index order.
+
+How: the pieces become free variables x (one tensor per parameter touched, holding the union of
+the entries the pieces take from it), substituted into the parameters with an out-of-place
+``index_put`` and run through `torch.func.functional_call`, so nothing else of the model enters
+the graph as a variable. One forward and one backward with ``create_graph=True`` give ∇ₓL; each
+row of H_AB is then the gradient of ⟨eᵢ, ∇_A L⟩ with respect to x_B, computed for a chunk of
+rows at a time with one batched double backward (``is_grads_batched``, vmap over the backward
+graph) that reuses the graph: about one backward pass per row, memory bounded by the chunk.
+Rows fall back to a plain loop where an operator has no batching rule.
+
+The model runs in ``eval()`` (restored afterwards), in float64 on request (on a copy), with
+scaled-dot-product attention forced to the math kernel: the fused CPU kernels have no double
+backward. A forward pass that is still random in eval() (functional dropout, sampling) is
+refused, since its "Hessian" would change from call to call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lowmem.layers import ParamInfo, normalize_name, resolve_layers
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+DEFAULT_CHUNK = 64
+
+
+class HessianError(ValueError):
+    """A block Hessian that cannot be computed as asked; the message says why and what to do."""
+
+
+class HessianTooLarge(HessianError):
+    """The dense block would not fit in the memory allowed."""
+
+
+class RandomForwardError(HessianError):
+    """The loss differs between two identical forward passes in eval() mode."""
+
+
+# -- pieces -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """A parameter or a sub-view of it: `name` (canonical), the parameter's `shape`, `index`,
+    the flat row-major positions it takes (ascending), `box`, the shape of the sub-view, and
+    `label`, the selector as the user wrote it."""
+
+    name: str
+    shape: tuple[int, ...]
+    index: torch.Tensor
+    box: tuple[int, ...]
+    label: str
+
+    @property
+    def numel(self) -> int:
+        return int(self.index.numel())
+
+
+_SELECTOR = re.compile(r"^(?P<name>[^\[\]]+?)\s*(?:\[(?P<spec>[^\[\]]*)\])?$")
+
+
+def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
+    """Resolve a selector into a `Piece`.
+
+    Grammar: ``NAME`` or ``NAME[ITEMS]``, ITEMS comma-separated: ``a:b`` slices the parameter's
+    dims in order (as numpy does); ``part=q|k|v`` takes one part of a fused Q/K/V projection and
+    ``head=K`` one head, both along the parameter's output axis (`lowmem.layers` says which dim
+    that is and how wide a head is).
+
+    Raises:
+        HessianError: unknown parameter, malformed selector, or a part/head the layer lacks.
+    """
+    if isinstance(selector, Piece):
+        return selector
+    m = _SELECTOR.match(selector.strip())
+    if not m:
+        raise HessianError(f"cannot read block selector {selector!r}; expected NAME or NAME[a:b, part=q, head=0]")
+    layers = layers if layers is not None else resolve_layers(model, warn=False)
+    name = normalize_name(m.group("name").strip())
+    try:
+        info = layers[name]
+    except KeyError:
+        near = [n for n in layers.params if name.split(".")[-1] in n][:5]
+        raise HessianError(f"no trainable parameter {name!r} in the model"
+                           + (f"; similar: {', '.join(near)}" if near else "")) from None
+    shape = tuple(info.shape)
+    box = [slice(0, s) for s in shape]
+    out = info.fan_out_dims[0] if info.fan_out_dims else 0
+    part_start, dim = 0, 0
+    for item in filter(None, (s.strip() for s in (m.group("spec") or "").split(","))):
+        key, eq, value = item.partition("=")
+        if eq:
+            box, part_start = _apply_keyword(info, selector, key.strip(), value.strip(), box, out, part_start)
+            continue
+        if dim >= len(shape):                 # positional slices apply to dims 0, 1, … in order
+            raise HessianError(f"{selector!r}: more slices than the parameter has dims ({len(shape)})")
+        sub = _parse_slice(item, box[dim].stop - box[dim].start, selector)
+        box[dim] = slice(box[dim].start + sub.start, box[dim].start + sub.stop)
+        dim += 1
+    flat = torch.arange(math.prod(shape)).view(shape)[tuple(box)].reshape(-1)
+    return Piece(info.name, shape, flat, tuple(s.stop - s.start for s in box), selector)   # tied: canonical
+
+
+def _apply_keyword(info: ParamInfo, selector: str, key: str, value: str, box: list[slice], out: int,
+                   part_start: int) -> tuple[list[slice], int]:
+    if key == "part":
+        if not info.parts:
+            raise HessianError(f"{selector!r}: {info.name} is not a fused Q/K/V projection (it has no parts)")
+        names = [n for n, _ in info.parts]
+        if value not in names:
+            raise HessianError(f"{selector!r}: part must be one of {', '.join(names)}")
+        i = names.index(value)
+        start = sum(size for _, size in info.parts[:i])
+        box[out] = slice(start, start + info.parts[i][1])
+        return box, start
+    if key == "head":
+        heads, width = _heads_of(info, box[out], part_start)
+        if heads is None:
+            raise HessianError(f"{selector!r}: the number of heads of {info.name} is not known "
+                               "(select rows with a slice instead, e.g. [0:16])")
+        try:
+            h = int(value)
+        except ValueError:
+            raise HessianError(f"{selector!r}: head must be an integer, got {value!r}") from None
+        if not 0 <= h < heads:
+            raise HessianError(f"{selector!r}: head {h} out of range (0..{heads - 1})")
+        start = box[out].start + h * width
+        box[out] = slice(start, start + width)
+        return box, part_start
+    raise HessianError(f"{selector!r}: unknown key {key!r} (expected part= or head=)")
+
+
+def _heads_of(info: ParamInfo, rows: slice, part_start: int) -> tuple[int | None, int | None]:
+    size = rows.stop - rows.start
+    if info.parts:
+        i = [s for _, s in info.parts].index(size) if size in [s for _, s in info.parts] else None
+        heads = info.part_heads[i] if i is not None and info.part_heads else None
+    else:
+        heads = info.heads
+    return (heads, size // heads) if heads and size % heads == 0 else (None, None)
+
+
+def _parse_slice(text: str, size: int, selector: str) -> slice:
+    a, colon, b = text.partition(":")
+    try:
+        if not colon:
+            i = int(a)
+            start, stop = (i + size if i < 0 else i), None
+            stop = start + 1
+        else:
+            start = int(a) if a.strip() else 0
+            stop = int(b) if b.strip() else size
+            start, stop = (start + size if start < 0 else start), (stop + size if stop < 0 else stop)
+    except ValueError:
+        raise HessianError(f"{selector!r}: cannot read slice {text!r}") from None
+    if not 0 <= start < stop <= size:
+        raise HessianError(f"{selector!r}: slice {text!r} is out of range for a dim of size {size}")
+    return slice(start, stop)
+
+
+# -- memory ------------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes the OS says are available (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def block_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
+    """Bytes of the dense (rows × cols) block."""
+    return rows * cols * torch.finfo(dtype).bits // 8
+
+
+def check_fits(a: Piece, b: Piece, dtype: torch.dtype, max_bytes: int | None) -> None:
+    """Refuse a block whose dense result exceeds `max_bytes` (default: half the available memory).
+
+    Raises:
+        HessianTooLarge: with the size and what to do instead.
+    """
+    need = block_bytes(a.numel, b.numel, dtype)
+    limit = max_bytes if max_bytes is not None else (available_memory() or 8 << 30) // 2
+    if need > limit:
+        raise HessianTooLarge(
+            f"the block {a.label} × {b.label} is {a.numel:,} × {b.numel:,} entries: {need / 2**30:.2f} GiB "
+            f"in {str(dtype).replace('torch.', '')}, over the {limit / 2**30:.2f} GiB allowed. Select a "
+            f"sub-view (e.g. '{a.name}[head=0]' or '{a.name}[0:16]'), or use the estimates in "
+            "lowmem.hessian.estimates (Hutchinson diagonal, Lanczos eigenvalues, partition mass from "
+            "probes), which need only Hessian-vector products")
+
+
+# -- the model, prepared ------------------------------------------------------------------------
+class _Loss(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so `functional_call` can substitute parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _cast(batch, dtype: torch.dtype | None):
+    if dtype is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cast(b, dtype) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _cast(v, dtype) for k, v in batch.items()}
+    return batch
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, dtype: torch.dtype | None):
+    """The model in eval() (in `dtype` on a copy when it differs), attention on the math kernel."""
+    params = list(model.parameters())
+    base_dtype = params[0].dtype if params else torch.float32
+    work = model if dtype is None or dtype == base_dtype else copy.deepcopy(model).to(dtype)
+    was_training = work.training
+    work.eval()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:   # older torch: its default falls back to math for double backward anyway
+        kernel = contextlib.nullcontext()
+    try:
+        with kernel:
+            yield work
+    finally:
+        work.train(was_training)
+
+
+def check_deterministic(loss_module: nn.Module, batch) -> None:
+    """Refuse a forward pass whose loss changes between two identical calls in eval() mode."""
+    with torch.no_grad():
+        a, b = float(loss_module(batch)), float(loss_module(batch))
+    if a != b and not (math.isnan(a) and math.isnan(b)):
+        raise RandomForwardError(
+            f"the loss is random even in eval() mode ({a!r} then {b!r} on the same batch): an exact "
+            "Hessian needs a deterministic loss. Remove functional dropout / sampling from the forward "
+            "pass or fix their seed inside loss_fn")
+    if not math.isfinite(a):
+        raise HessianError(f"the loss is not finite ({a}) on the first batch")
+
+
+# -- the block ----------------------------------------------------------------------------------
+class _Variables:
+    """The free variables for a set of pieces: per parameter, the union of the entries the pieces
+    take from it, concatenated into one vector space U; where each piece sits in U."""
+
+    def __init__(self, pieces: Sequence[Piece], model: nn.Module):
+        self.names: list[str] = []
+        self.index: dict[str, torch.Tensor] = {}
+        for p in pieces:
+            if p.name not in self.index:
+                self.names.append(p.name)
+                self.index[p.name] = p.index
+            else:
+                self.index[p.name] = torch.unique(torch.cat([self.index[p.name], p.index]))
+        self.offset, start = {}, 0
+        for n in self.names:
+            self.offset[n] = start
+            start += self.index[n].numel()
+        self.dim = start
+        # canonical name -> (the name functional_call knows it by, the parameter)
+        self.params = {normalize_name(n): (n, p) for n, p in model.named_parameters()}
+
+    def position(self, p: Piece) -> torch.Tensor:
+        """Positions of `p`'s entries (in its order) within U."""
+        return torch.searchsorted(self.index[p.name], p.index) + self.offset[p.name]   # both ascending
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.params[n][1].detach().reshape(-1)[self.index[n]].clone().requires_grad_(True)
+                for n in self.names]
+
+    def substituted(self, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, x in zip(self.names, xs):
+            raw, param = self.params[n]
+            base = param.detach()
+            out["model." + raw] = base.reshape(-1).index_put((self.index[n].to(base.device),), x).view(base.shape)
+        return out
+
+
+def block_hessian(model: nn.Module, loss_fn: LossFn, batches: Iterable, name: str | Piece,
+                  other: str | Piece | None = None, dtype: torch.dtype | None = None, *,
+                  chunk: int = DEFAULT_CHUNK, max_bytes: int | None = None,
+                  batched: bool | None = None) -> torch.Tensor:
+    """The exact Hessian block of the mean loss over `batches`.
+
+    Args:
+        model: any module; it is put in eval() for the computation and restored.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (the `model.py` contract).
+        batches: one or more batches; the loss is their mean (each batch weighs the same).
+        name: the piece A (a selector, see `piece`, or a `Piece`).
+        other: the piece B for a cross block H_AB; None for the diagonal block H_AA.
+        dtype: compute in this dtype on a copy of the model (e.g. ``torch.float64``).
+        chunk: rows per batched double backward (bounds the extra memory).
+        max_bytes: refuse a result larger than this (default: half the available memory).
+        batched: rows by vmap over the backward graph (True) or a loop of double backwards
+            (False); None: whichever is faster on the first chunk.
+
+    Returns:
+        A dense (numel_A, numel_B) tensor, pieces flattened row-major, in `dtype` (or the
+        model's dtype), on the model's device.
+
+    Raises:
+        HessianError: a bad selector or a non-finite loss; HessianTooLarge: the block would not
+        fit; RandomForwardError: the forward pass is random in eval() mode.
+    """
+    batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
+    if not batches:
+        raise HessianError("no batches given: the Hessian is of the mean loss over at least one batch")
+    layers = resolve_layers(model, warn=False)
+    a = piece(model, name, layers)
+    b = piece(model, other, layers) if other is not None else a
+    work_dtype = dtype or next(model.parameters()).dtype
+    check_fits(a, b, work_dtype, max_bytes)
+    with prepared(model, dtype) as work:
+        loss_module = _Loss(work, loss_fn)
+        variables = _Variables([a, b] if b is not a else [a], work)
+        pos_a, pos_b = variables.position(a), variables.position(b)
+        device = variables.params[a.name][1].device
+        out = torch.zeros(a.numel, b.numel, dtype=work_dtype, device=device)
+        casted = [_cast(batch, dtype) for batch in batches]
+        check_deterministic(loss_module, casted[0])
+        for batch in casted:
+            out += _rows(loss_module, variables, batch, pos_a.to(device), pos_b.to(device), chunk, batched)
+        return out.div_(len(casted))
+
+
+def _rows(loss_module: nn.Module, variables: _Variables, batch, pos_a: torch.Tensor, pos_b: torch.Tensor,
+          chunk: int, batched: bool | None) -> torch.Tensor:
+    """H_AB of one batch: the gradient with respect to U of ⟨V, ∇_U L⟩ for one-hot rows V at A's
+    positions, `chunk` rows at a time, columns read at B's positions. With `batched` None, the
+    first chunk is timed both ways (vmap over the backward graph, and a loop) and the faster
+    per row does the rest: which wins depends on the model, the batch and the device."""
+    xs = variables.leaves()
+    loss = torch.func.functional_call(loss_module, variables.substituted(xs), (batch,), strict=False)
+    grads = torch.autograd.grad(loss, xs, create_graph=True)
+    g = torch.cat([t.reshape(-1) for t in grads])
+
+    def one_hot(sel):
+        v = torch.zeros(sel.numel(), variables.dim, dtype=g.dtype, device=g.device)
+        v[torch.arange(sel.numel(), device=g.device), sel] = 1
+        return v
+
+    rows, start = [], 0
+    if batched is None and pos_a.numel() > 1:
+        half = max(1, min(chunk, pos_a.numel()) // 2)
+        per_row = {}
+        for mode, sel in ((True, pos_a[:half]), (False, pos_a[half:2 * half])):
+            t0 = time.perf_counter()
+            rows.append(_double_backward(g, xs, one_hot(sel), mode)[:, pos_b])
+            _sync(g.device)
+            per_row[mode] = (time.perf_counter() - t0) / max(1, sel.numel())
+        start, batched = 2 * half, per_row[True] < per_row[False]
+    for start in range(start, pos_a.numel(), chunk):
+        rows.append(_double_backward(g, xs, one_hot(pos_a[start:start + chunk]), bool(batched))[:, pos_b])
+    return torch.cat(rows)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _double_backward(g: torch.Tensor, xs: list[torch.Tensor], v: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Rows vᵢᵀ ∂g/∂x for a batch of vectors (k, dim U): one batched double backward (vmap over
+    the backward graph) or a loop of plain ones; batched falls back to the loop where an
+    operator has no batching rule."""
+    if batched:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*performance drop.*")
+                parts = torch.autograd.grad(g, xs, grad_outputs=v, retain_graph=True, is_grads_batched=True,
+                                            allow_unused=True)
+            return _flat(parts, xs, v.shape[0])
+        except (RuntimeError, UserWarning):
+            pass
+    out = []
+    for row in v:
+        parts = torch.autograd.grad(g, xs, grad_outputs=row, retain_graph=True, allow_unused=True)
+        out.append(_flat(parts, xs, None))
+    return torch.stack(out)
+
+
+def _flat(parts, xs, k: int | None) -> torch.Tensor:
+    flat = []
+    for p, x in zip(parts, xs):
+        shape = (k, x.numel()) if k is not None else (x.numel(),)
+        flat.append(torch.zeros(shape, dtype=x.dtype, device=x.device) if p is None else p.reshape(shape))
+    return torch.cat(flat, dim=-1)
+
+
+# -- Hessian-vector products for the estimates -------------------------------------------------
+class HessianOperator:
+    """V ↦ H V for the Hessian of the mean loss over `batches` with respect to the concatenation
+    of `pieces` (rows of V are vectors in that space), for `lowmem.hessian.estimates`. Each call
+    runs one double backward per batch through graphs built once and kept (memory: one graph
+    per batch)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Iterable, pieces: Sequence[str | Piece],
+                 dtype: torch.dtype | None = None):
+        self.batches = list(batches)
+        if not self.batches:
+            raise HessianError("no batches given")
+        layers = resolve_layers(model, warn=False)
+        self.pieces = [piece(model, p, layers) for p in pieces]
+        self._stack = contextlib.ExitStack()
+        work = self._stack.enter_context(prepared(model, dtype))
+        loss_module = _Loss(work, loss_fn)
+        self._vars = _Variables(self.pieces, work)
+        self._pos = torch.cat([self._vars.position(p) for p in self.pieces])
+        casted = [_cast(b, dtype) for b in self.batches]
+        check_deterministic(loss_module, casted[0])
+        self._graphs = []
+        for batch in casted:
+            xs = self._vars.leaves()
+            loss = torch.func.functional_call(loss_module, self._vars.substituted(xs), (batch,), strict=False)
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, xs, create_graph=True)])
+            self._graphs.append((g, xs))
+        self.dim = int(self._pos.numel())
+        self.dtype = self._graphs[0][0].dtype
+        self.device = self._graphs[0][0].device
+        self.calls = 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        single = v.dim() == 1
+        v = v.reshape(-1, self.dim).to(self.dtype)
+        full = torch.zeros(v.shape[0], self._vars.dim, dtype=self.dtype, device=self.device)
+        full[:, self._pos.to(self.device)] = v
+        out = sum(_double_backward(g, xs, full, v.shape[0] > 1) for g, xs in self._graphs) / len(self._graphs)
+        self.calls += v.shape[0]
+        out = out[:, self._pos.to(self.device)]
+        return out[0] if single else out
+
+    def close(self) -> None:
+        """Free the kept graphs and restore the model's mode."""
+        self._graphs.clear()
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
