@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowmem.hessian.structure import (BLOCK_DIAGONAL_BY_HEADS, BLOCK_DIAGONAL_FOUND, DENSE, ZERO, Partition,
+from lowmem.hessian.structure import (BLOCK_DIAGONAL_BY_HEADS, BLOCK_DIAGONAL_BY_ROWS, BLOCK_DIAGONAL_FOUND, DENSE, ZERO, Partition,
                                       block_spectrum, candidate_partitions, classify, find_partition,
                                       partition_mass)
 
@@ -278,3 +278,15 @@ def test_structure_of_a_cuda_block_matches_the_cpu():
     assert sets(find_partition(h.cuda(), p)) == sets(find_partition(h, p)) == run_sets([2, 3], 4)
     torch.testing.assert_close(block_spectrum(h.cuda(), p).groups[1].eigenvalues.cpu(),
                                block_spectrum(h, p).groups[1].eigenvalues)
+
+
+def test_classify_finds_one_dense_block_per_output_row():
+    # Rows are find_partition's atoms, so per-row structure is tested on its own; with 2 heads
+    # the per-head test comes first and also holds (rows lie inside heads), so use no heads.
+    gen = torch.Generator().manual_seed(3)
+    h = planted_rows([1] * 8, 6, gen) + 0.02 * random_symmetric(48, gen)
+    c = classify(h, (8, 6))
+    assert (c.label, c.hessian_class) == (BLOCK_DIAGONAL_BY_ROWS, 1)
+    assert sets(c.partition) == {frozenset(range(6 * r, 6 * r + 6)) for r in range(8)}
+    assert c.mass.inside == pytest.approx(
+        sum(float(h[6 * r:6 * r + 6, 6 * r:6 * r + 6].square().sum()) for r in range(8)) / float(h.square().sum()))

@@ -109,3 +109,27 @@ def test_memory_table_at_width_100():
         "factored  │        — │         — │     64 B │       — │     100.00%\n"
         "step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)\n"
         "plan: plan.json\n")
+
+
+def test_hessian_table_at_width_100():
+    from lowmem.reports.terminal import HessianRow, HessianTable
+
+    rows = [HessianRow("transformer.h.0.attn.c_attn.weight[part=q]", 1024, "block-diagonal by heads",
+                       (0.98765, 0.25), 4, 0.012345678, 123456.7),
+            HessianRow("transformer.h.0.attn.c_proj.weight", 1024, "dense", None, 1, 0.5, float("nan")),
+            HessianRow("mlp.c_fc.weight", 4096, failure="4,096 × 4,096 entries: 0.12 GiB, over the 0.01 GiB allowed",
+                       status="too large")]
+    console = Console(width=100, color_system=None, record=True)
+    console.print(HessianTable(rows, "Exact Hessian blocks"))
+    assert console.export_text() == (
+        "Exact Hessian blocks" + " " * 80 + "\n"
+        "block                ┃  size ┃ class              ┃ head mass (dense) ┃ groups ┃    λmax ┃ condition\n"
+        "━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━\n"
+        "transformer.h.0.attn │ 1,024 │ block-diag (heads) │     0.988 (0.250) │      4 │ 0.01235 │  1.23e+05\n"
+        ".c_attn              │       │                    │                   │        │         │          \n"
+        ".weight[part=q]      │       │                    │                   │        │         │          \n"
+        "transformer.h.0.attn │ 1,024 │ dense              │                 — │      1 │     0.5 │         —\n"
+        ".c_proj.weight       │       │                    │                   │        │         │          \n"
+        "mlp.c_fc.weight      │ 4,096 │ too large          │                 — │      — │       — │         —\n"
+        "mlp.c_fc.weight: 4,096 × 4,096 entries: 0.12 GiB, over the 0.01 GiB allowed\n"
+        "head mass: share of ‖H‖²_F in the per-head diagonal blocks (dense: that of evenly spread mass)\n")

@@ -38,7 +38,7 @@ __all__ = ["EXIT_BAR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USA
 
 # `lowmem-analyze NAME …` runs the `main(argv)` of these modules; anything else is a model.py
 # (a file literally named like a command is reached as ./NAME).
-SUBCOMMANDS = {"memory": "lowmem.cli.memory"}
+SUBCOMMANDS = {"memory": "lowmem.cli.memory", "hessian": "lowmem.cli.hessian"}
 
 
 def _window(text: str) -> tuple[int | None, int | None]:
@@ -80,7 +80,8 @@ def make_parser() -> argparse.ArgumentParser:
         description="Train a model briefly with AdamW, measure per layer and axis how well Adam's v is "
                     "replaced by its mean (SNR), and write a compression plan.",
         epilog="Other commands: memory (optimizer-state memory of AdamW, the presets and a plan, from shapes; "
-               f"'{PROG} memory --help'). "
+               f"'{PROG} memory --help'); hessian (exact Hessian blocks, their structure and spectra; "
+               f"'{PROG} hessian --help'). "
                "Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
                "or broke the model.py contract; 4 internal error; 130 interrupted (results so far kept).",
     )

@@ -309,6 +309,7 @@ def _kmeans(x: Tensor, k: int, seed: int, restarts: int, iters: int = 100) -> Te
 
 BLOCK_DIAGONAL_BY_HEADS = "block-diagonal by heads"
 BLOCK_DIAGONAL_FOUND = "block-diagonal (found partition)"
+BLOCK_DIAGONAL_BY_ROWS = "block-diagonal by rows"
 DENSE = "dense"
 ZERO = "zero"
 
@@ -363,7 +364,9 @@ def classify(H: Tensor, shape: tuple[int, ...] | list[int] | torch.Size, heads: 
     1. heads > 1 divide the rows and excess(per head) ≥ threshold: ``"block-diagonal by heads"``;
     2. the partition found with rows as atoms (`find_partition`) has more than one group and
        excess ≥ threshold: ``"block-diagonal (found partition)"``;
-    3. otherwise ``"dense"``.
+    3. excess(per row) ≥ threshold: ``"block-diagonal by rows"`` (one block per output neuron;
+       rows are `find_partition`'s atoms, so this is tested on its own);
+    4. otherwise ``"dense"``.
 
     The default threshold 0.75 means an in-partition share ≥ 0.8125 with 4 heads (baseline 0.25),
     ≥ 0.875 with 2 and ≥ 0.766 with 16; a dense random matrix scores an excess near 0.
@@ -400,11 +403,21 @@ def classify(H: Tensor, shape: tuple[int, ...] | list[int] | torch.Size, heads: 
             return Classification(BLOCK_DIAGONAL_FOUND, 1, found, m, found, threshold,
                                   f"{len(found)} found blocks hold {m.inside:.3f} of the mass (dense: "
                                   f"{m.baseline:.3f}), excess {m.excess:.3f} >= {threshold:g}")
-    tested = per_head if per_head is not None else found if len(found) > 1 else candidates["per row"]
+    # Rows are the atoms `find_partition` keeps whole, so a block concentrated within output rows
+    # (one dense sub-block per neuron, the adam-mini package's choice for V, output and MLP) is
+    # tested on its own.
+    rows = candidates["per row"]
+    m_rows = partition_mass(H, rows)
+    if len(rows) > 1 and m_rows.excess >= threshold:
+        return Classification(BLOCK_DIAGONAL_BY_ROWS, 1, rows, m_rows, found, threshold,
+                              f"{len(rows)} rows hold {m_rows.inside:.3f} of the mass (dense: {m_rows.baseline:.3f}), "
+                              f"excess {m_rows.excess:.3f} >= {threshold:g}")
+    tested = per_head if per_head is not None else found if len(found) > 1 else rows
     m = partition_mass(H, tested)
     return Classification(DENSE, 2, tested, m, found, threshold,
                           f"{tested.name} holds {m.inside:.3f} of the mass (dense: {m.baseline:.3f}), excess "
-                          f"{m.excess:.3f} < {threshold:g}; {len(found)} group(s) found")
+                          f"{m.excess:.3f} < {threshold:g}; per row {m_rows.inside:.3f} (excess "
+                          f"{m_rows.excess:.3f}); {len(found)} group(s) found")
 
 
 # -- spectra ---------------------------------------------------------------------------------

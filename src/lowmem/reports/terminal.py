@@ -1,5 +1,5 @@
-"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role, and
-optimizer-state memory per optimizer.
+"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role,
+optimizer-state memory per optimizer, and exact Hessian blocks.
 
 Each is an object with ``__rich_console__``, so the CLI only prints it and tests render it into
 ``Console(file=io.StringIO(), width=100, color_system=None)``.
@@ -8,6 +8,7 @@ Each is an object with ``__rich_console__``, so the CLI only prints it and tests
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
@@ -185,3 +186,79 @@ class MemoryTable:
         yield Text("step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)", style="dim")
         if self.plan:
             yield Text(f"plan: {self.plan}", style="dim")
+
+
+# -- exact Hessian blocks ----------------------------------------------------------------------
+
+_CLASS_WORDS = {"block-diagonal by heads": "block-diag (heads)",
+                "block-diagonal (found partition)": "block-diag (found)"}
+
+
+@dataclass(frozen=True)
+class HessianRow:
+    """What the terminal shows of one Hessian block.
+
+    Attributes:
+        block: the selector (``NAME``, ``NAME[part=q]``, …).
+        size: entries of the piece, d of the d × d block.
+        label: the class (`lowmem.hessian.classify`'s label); None when the block failed.
+        head_mass: (in-partition share, dense baseline) of the per-head partition; None
+            without heads.
+        groups: groups of the partition found from |H|.
+        lambda_max: largest eigenvalue.
+        condition: max|λ| / min|λ| over the non-null eigenvalues.
+        failure: why the block was not computed (too large, the model failed, …).
+        status: what the class column says of a failed block (``"too large"``, ``"failed"``).
+    """
+
+    block: str
+    size: int
+    label: str | None = None
+    head_mass: tuple[float, float] | None = None
+    groups: int | None = None
+    lambda_max: float | None = None
+    condition: float | None = None
+    failure: str | None = None
+    status: str = "failed"
+
+
+def _fmt_num(x: float | None, spec: str) -> str:
+    return "—" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+class HessianTable:
+    """One row per Hessian block: size, class, per-head mass against the dense baseline, the
+    number of groups found from |H|, λmax and the condition number; the reasons of blocks that
+    failed below the table. Names wrap at dots, never inside a component."""
+
+    def __init__(self, rows: list[HessianRow], title: str = "Exact Hessian blocks"):
+        self.rows, self.title = rows, title
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        cells = []
+        for r in self.rows:
+            if r.failure is not None:
+                cells.append([r.block, f"{r.size:,}", r.status, "—", "—", "—", "—"])
+                continue
+            mass = "—" if r.head_mass is None else f"{_fmt_num(r.head_mass[0], '.3f')} ({r.head_mass[1]:.3f})"
+            cells.append([r.block, f"{r.size:,}", _CLASS_WORDS.get(r.label, r.label or "—"), mass,
+                          "—" if r.groups is None else f"{r.groups:,}", _fmt_num(r.lambda_max, ".4g"),
+                          _fmt_num(r.condition, ".3g")])
+        headers = ["block", "size", "class", "head mass (dense)", "groups", "λmax", "condition"]
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+        # As in PlanTable: the other columns keep their natural width, names wrap at dots only.
+        longest_piece = max((len(p) + 1 for c in cells for p in c[0].split(".")), default=0)
+        name_width = max(16, longest_piece, options.max_width - sum(widths[1:]) - 3 * (len(headers) - 1))
+        table = Table(title=self.title, title_justify="left", show_edge=False, pad_edge=False)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i in (0, 2) else "right", no_wrap=True, overflow="fold",
+                             max_width=name_width if i == 0 else None)
+        for c in cells:   # Text: a selector's "[part=q]" is not rich markup
+            table.add_row(Text(_wrap_at_dots(c[0], name_width)), *c[1:])
+        yield table
+        failed = [r for r in self.rows if r.failure is not None]
+        for r in failed:
+            yield Text(f"{r.block}: {r.failure}", style="dim")
+        if any(r.head_mass is not None for r in self.rows):
+            yield Text("head mass: share of ‖H‖²_F in the per-head diagonal blocks (dense: that of evenly spread "
+                       "mass)", style="dim")
