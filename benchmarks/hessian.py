@@ -42,6 +42,13 @@ Fairness:
   time is reported in its row; "x floor" of a row repeated `--repeats` times (lowmem, loop,
   floor: cheap) is the median of its paired ratios, its time the median time. torch.func and
   autograd.functional run once per size (each takes minutes; ``--repeats-slow``);
+- the children run with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``
+  (printed; not where the environment sets MALLOC_* itself, or with ``--glibc-defaults``): with
+  glibc's defaults a fresh process returns the temporaries of every HVP to the OS and
+  page-faults them in again, until some large block freed raises glibc's dynamic mmap threshold.
+  Measured here: one HVP 26 ms in a fresh process, 18 ms after a `block_hessian` call in the same
+  process, 17 ms from the start with these settings. Without them the floor row (a fresh process
+  doing only HVPs) and the floors paired after a method run in different allocator states;
 - torch's thread count is set explicitly in every child and printed. On a shared machine whose
   other processes keep the cores busy, OpenMP's spin-waiting makes torch with as many threads as
   cores dramatically slower on this model's small ops (measured on a 2-core machine while another
@@ -107,6 +114,7 @@ LABELS = {
 }
 # The issue's measurements at d = 1,024 (float64, 2 cores), used to estimate when this run has none.
 ISSUE_PEAK_1024 = {"torch.func": 5.9e9, "autograd.functional": 22e9}
+CHILD_ALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 ALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
              "MALLOC_MMAP_MAX_", "MALLOC_CONF", "GLIBC_TUNABLES", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF",
              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -309,9 +317,10 @@ def run_child(method: str, d: int, args, tmp: str) -> dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load = (_load() or [None])[0]
+    env = {**os.environ, **args.child_env}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"method": method, "d": d, "status": "timeout", "load_1min_at_start": load,
                 "note": f"timeout (> {args.timeout:.0f} s, killed)"}
@@ -496,6 +505,9 @@ def main() -> int:
                     help="skip torch.func / autograd.functional rows estimated above this (default: 80%% of "
                          "MemAvailable at start on CPU, of the GPU's memory on CUDA)")
     ap.add_argument("--force", action="store_true", help="run rows even when estimated above the memory limit")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help=f"run the children with glibc's default allocator settings instead of "
+                         f"{' '.join(f'{k}={v}' for k, v in CHILD_ALLOC_ENV.items())} (see the module doc)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of children that fail")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     ap.add_argument("--_one", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
@@ -530,20 +542,23 @@ def main() -> int:
     else:
         limit = 0.8 * (_meminfo("MemAvailable") or 8e9)
     env = _allocator_env()
+    own = any(k.startswith("MALLOC_") for k in env)
+    args.child_env = {} if (args.glibc_defaults or own or device.type != "cpu") else dict(CHILD_ALLOC_ENV)
     machine = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "threads": threads, "python": platform.python_version(),
                "libc": " ".join(platform.libc_ver()), "mem_total_bytes": _meminfo("MemTotal"),
                "mem_available_bytes_at_start": _meminfo("MemAvailable"), "allocator_env": env,
-               "load_avg_at_start": _load()}
+               "load_avg_at_start": _load(), "child_allocator_env": {**env, **args.child_env}}
     if not args.json:
         gpu = f" ({machine['gpu']})" if machine["gpu"] else ""
         mt, ma = machine["mem_total_bytes"], machine["mem_available_bytes_at_start"]
         print(f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs, {_gb(mt)} RAM ({_gb(ma)} available) | "
               f"device {machine['device']}{gpu} | torch {machine['torch']} | torch threads {threads} | "
               f"python {machine['python']} | {machine['libc']}")
-        print(f"load average (1/5/15 min) at start: {machine['load_avg_at_start']} | allocator env: "
-              + (" ".join(f"{k}={v}" for k, v in env.items()) or "none set"))
+        cenv = machine["child_allocator_env"]
+        print(f"load average (1/5/15 min) at start: {machine['load_avg_at_start']} | children's allocator env: "
+              + (" ".join(f"{k}={v}" for k, v in cenv.items()) or "none set (glibc defaults)"))
         print("model: lowmem.examples.binary.build_model() (torch.manual_seed(0); 4 layers, width 32, 4 heads), "
               "batch = dataset() (16 x 41 tokens), mean cross-entropy; float64; eval(); SDPA forced to the math "
               "kernel (the fused CPU kernel has no double backward)")
