@@ -32,6 +32,23 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the options.\n")
 
 
+def number(convert, accept, expected: str):
+    """An argparse type: `convert` the text, refuse it unless `accept(value)`, naming `expected`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+positive_float = number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+
+
 def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool = False, debug: bool = False,
                 user_errors: tuple[type[BaseException], ...] = (TaskError,)) -> int:
     """Run a command, turning every failure into one message on stderr and its exit code.

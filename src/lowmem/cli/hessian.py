@@ -42,7 +42,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lowmem.cli.common import PROG, ArgumentParser, run_guarded, user_code
+from lowmem.cli.common import PROG, ArgumentParser, positive_float, positive_int, run_guarded, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
@@ -75,22 +75,6 @@ def _at(text: str) -> int:
     return steps
 
 
-def _number(convert, accept, expected: str):
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=NAME,
@@ -107,17 +91,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="model.py or model.py:factory (the contract of lowmem-analyze)")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example instead of a model.py")
     p.add_argument("--block", action="append", metavar="SELECTOR", help="a block to compute (repeatable)")
-    p.add_argument("--max-entries", type=_positive_int, default=DEFAULT_MAX_ENTRIES, metavar="N",
+    p.add_argument("--max-entries", type=positive_int, default=DEFAULT_MAX_ENTRIES, metavar="N",
                    help=f"default blocks larger than N entries are skipped (default {DEFAULT_MAX_ENTRIES:,}: "
                         "a 4,096 x 4,096 block)")
     p.add_argument("--at", type=_at, default=0, metavar="init|N",
                    help="Hessian at initialisation (default) or after N training steps on get_batch(0 … N-1)")
-    p.add_argument("--lr", type=_positive_float, help=f"learning rate of the AdamW that trains --at N steps "
+    p.add_argument("--lr", type=positive_float, help=f"learning rate of the AdamW that trains --at N steps "
                                                       f"(default LOWMEM['lr'] or {DEFAULTS['lr']:g})")
-    p.add_argument("--batches", type=_positive_int, metavar="N",
+    p.add_argument("--batches", type=positive_int, metavar="N",
                    help="mean loss over get_batch(0 … N-1) (default: an example's whole dataset(), else 1)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float64", help="precision of the Hessian (default float64)")
-    p.add_argument("--max-gib", type=_positive_float, metavar="G",
+    p.add_argument("--max-gib", type=positive_float, metavar="G",
                    help="refuse a block whose dense H exceeds G GiB (default: half the available memory)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")

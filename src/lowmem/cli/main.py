@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
-                               ArgumentParser, load_plan_file, run_guarded, user_code)
+                               ArgumentParser, load_plan_file, number, positive_float, positive_int, run_guarded,
+                               user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.examples import EXAMPLES
@@ -54,23 +55,8 @@ def _window(text: str) -> tuple[int | None, int | None]:
     return w
 
 
-def _number(convert, accept, expected: str):
-    """An argparse type: `convert` the text, refuse it unless `accept(value)`, naming `expected`."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
-_nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-_fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+_nonneg_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_fraction = number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -87,9 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", nargs="?", help="model.py or model.py:factory defining build_model, get_batch, loss_fn")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="run a built-in example instead of a model.py")
-    p.add_argument("--steps", type=_positive_int, help=f"probe training steps (default {DEFAULTS['steps']}, or LOWMEM['steps'])")
-    p.add_argument("--every", type=_positive_int, help=f"measure SNR every N optimizer steps (default {DEFAULTS['every']})")
-    p.add_argument("--lr", type=_positive_float, help=f"probe learning rate of the default AdamW (default {DEFAULTS['lr']:g})")
+    p.add_argument("--steps", type=positive_int, help=f"probe training steps (default {DEFAULTS['steps']}, or LOWMEM['steps'])")
+    p.add_argument("--every", type=positive_int, help=f"measure SNR every N optimizer steps (default {DEFAULTS['every']})")
+    p.add_argument("--lr", type=positive_float, help=f"probe learning rate of the default AdamW (default {DEFAULTS['lr']:g})")
     p.add_argument("--threshold", type=_nonneg_float, default=1.0, help="compress along a subset when its SNR is > this (default 1.0)")
     p.add_argument("--window", type=_window, help="steps START:END (inclusive) averaged for the plan; default all measured steps")
     p.add_argument("--prefer", choices=("snr", "compression"), default="snr",

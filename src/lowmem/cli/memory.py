@@ -23,7 +23,7 @@ import sys
 import torch
 from rich.console import Console
 
-from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, run_guarded, user_code
+from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, positive_int, run_guarded, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PlanError
 from lowmem.compress.configs import CONFIGS, build_config_model
@@ -33,16 +33,6 @@ from lowmem.probe import DEFAULTS, TaskError, build
 from lowmem.reports.terminal import MemoryTable
 
 NAME = f"{PROG} memory"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -59,7 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="FILE", help="add a row for this plan.json (checked against the model)")
     p.add_argument("--format", choices=("text", "table", "json"), default="text",
                    help="stdout: a table (text or table) or one JSON document with raw bytes")
-    p.add_argument("--bytes-per-state", type=_positive_int, default=STATE_BYTES, metavar="N",
+    p.add_argument("--bytes-per-state", type=positive_int, default=STATE_BYTES, metavar="N",
                    help=f"bytes of one state entry (default {STATE_BYTES}: fp32; 2 for bf16 states)")
     p.add_argument("--meta", action="store_true", help="build model.py's model on the meta device (no memory used)")
     p.add_argument("-q", "--quiet", action="store_true", help="no notes or warnings on stderr")
