@@ -53,31 +53,11 @@ import torch
 import lowmem
 from lowmem.examples import shakespeare as ex
 
+from _machine import cpu_model, quartiles, sync   # beside this script
+
 GOAL = 0.03
 LR = 1e-3
 CONFIGS = {"no capture": None, "capture every=1": 1, "capture every=10": 10}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _kernel(choice: str, params: list[torch.Tensor]) -> tuple[dict, str]:
@@ -126,7 +106,7 @@ def main() -> int:
     # Every batch the run will use, built and on the device before any clock is read.
     n_batches = args.warmup + args.rounds * args.steps
     batches = [tuple(t.to(device) for t in ex.get_batch(s)) for s in range(n_batches)]
-    _sync(device)
+    sync(device)
 
     tmp = Path(tempfile.mkdtemp(prefix="lowmem-bench-"))
     runs = {}
@@ -160,11 +140,11 @@ def main() -> int:
             first = args.warmup + r * args.steps
             for name in order:
                 model, opt, _ = runs[name]
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 stamps = []
                 train(model, opt, first, args.steps, stamps)
-                _sync(device)
+                sync(device)
                 times[name].append((time.perf_counter() - t0) / args.steps)
                 prev = t0
                 for step, t in stamps:
@@ -184,10 +164,10 @@ def main() -> int:
         probe.detach()
         costs = []
         for _ in range(args.direct):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             probe.measure(0)
-            _sync(device)
+            sync(device)
             costs.append(time.perf_counter() - t0)
         probe.close()
         for _, _, cap in runs.values():
@@ -224,7 +204,7 @@ def main() -> int:
 
     result = {
         "command": " ".join(["python", *sys.argv]),
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "python": platform.python_version(),
@@ -237,7 +217,7 @@ def main() -> int:
         "steps_per_s": {k: round(1 / v, 3) for k, v in med.items()},
         "ms_per_step_per_round": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()},
         "slowdown_median_paired": {k: round(v, 4) for k, v in slow.items()},
-        "slowdown_paired_quartiles": {k: [round(q, 4) for q in _quartiles(v)] for k, v in paired.items()},
+        "slowdown_paired_quartiles": {k: [round(q, 4) for q in quartiles(v)] for k, v in paired.items()},
         "slowdown_paired_min_max": {k: [round(min(v), 4), round(max(v), 4)] for k, v in paired.items()},
         "slowdown_ratio_of_medians": {k: round(v, 4) for k, v in slow_of_medians.items()},
         "ms_per_measurement_every1": round(cost_every1_ms, 3),
@@ -263,7 +243,7 @@ def main() -> int:
           f"warm-up steps; ms/step: median over rounds; slowdown: median of per-round paired ratios")
     print(f"{'configuration':<18} {'ms/step':>9} {'steps/s':>8} {'slower':>8} {'(quartiles over rounds)':>24} {'measurements':>13}")
     for name in names:
-        lo, _, hi = _quartiles(paired[name])
+        lo, _, hi = quartiles(paired[name])
         spread = f"{lo:+.1%}..{hi:+.1%}" if name != "no capture" else ""
         print(f"{name:<18} {med[name] * 1e3:>9.1f} {1 / med[name]:>8.2f} {slow[name]:>+8.1%} {spread:>24} "
               f"{measurements[name]:>13}")

@@ -102,6 +102,8 @@ from pathlib import Path
 
 import torch
 
+from _machine import allocator_env, cpu_model, load_average, sync   # beside this script
+
 PARAM = "transformer.h.1.attn.c_attn.weight"
 METHODS = ("floor", "lowmem", "loop", "torch.func", "autograd.functional")
 SLOW = ("torch.func", "autograd.functional")
@@ -121,16 +123,6 @@ ALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOL
 
 
 # -- machine ------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def _meminfo(key: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -139,20 +131,6 @@ def _meminfo(key: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _allocator_env() -> dict[str, str]:
-    keys = set(ALLOC_ENV) | {k for k in os.environ if k.startswith("MALLOC_")}
-    return {k: os.environ[k] for k in sorted(keys) if k in os.environ}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- the block ------------------------------------------------------------------------------------
@@ -174,7 +152,7 @@ def _maxrss() -> int:
 
 
 def child(method: str, d: int, args) -> int:
-    out: dict = {"method": method, "d": d, "load_1min_at_start": (_load() or [None])[0]}
+    out: dict = {"method": method, "d": d, "load_1min_at_start": (load_average() or [None])[0]}
     try:
         _child(method, d, args, out)
     except Exception as e:
@@ -223,7 +201,7 @@ def _child(method: str, d: int, args, out: dict) -> None:
     xw = x0.clone().requires_grad_(True)
     torch.autograd.grad(f(xw), xw)
     del xw
-    _sync(device)
+    sync(device)
 
     # Baseline.
     rss0 = _maxrss()
@@ -254,7 +232,7 @@ def _child(method: str, d: int, args, out: dict) -> None:
         extra = {"hvp_s": t_hvp, "graph_s": t_graph}
     else:
         raise ValueError(f"unknown method {method!r}")
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - t0
     if method == "floor":
         elapsed = d * extra["hvp_s"]
@@ -291,10 +269,10 @@ def _loss(model64, params64, weight, batch) -> torch.Tensor:
 def _hvp_cost(f, x0: torch.Tensor, k: int, device: torch.device) -> tuple[float, float]:
     """(median seconds of one double backward through a kept graph, seconds to build the graph)."""
     x = x0.clone().requires_grad_(True)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     (g,) = torch.autograd.grad(f(x), x, create_graph=True)
-    _sync(device)
+    sync(device)
     t_graph = time.perf_counter() - t0
     gen = torch.Generator(device="cpu").manual_seed(0)
     vs = torch.randn(k + 1, x.numel(), generator=gen, dtype=x.dtype)
@@ -302,10 +280,10 @@ def _hvp_cost(f, x0: torch.Tensor, k: int, device: torch.device) -> tuple[float,
     torch.autograd.grad(g, x, grad_outputs=vs[0], retain_graph=True)   # untimed first call
     ts = []
     for v in vs[1:]:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts), t_graph
 
@@ -316,7 +294,7 @@ def run_child(method: str, d: int, args, tmp: str) -> dict:
            "--hvps", str(args.hvps), "--_dir", tmp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    load = (_load() or [None])[0]
+    load = (load_average() or [None])[0]
     env = {**os.environ, **args.child_env}
     t0 = time.perf_counter()
     try:
@@ -380,7 +358,7 @@ def bench_size(d: int, methods: list[str], args, tmp: str, done: dict, limit: fl
             if runs[m] and runs[m][-1]["status"] != "ok":
                 continue   # a failed or timed-out row is not repeated
             if not args.json:
-                print(f"  .. {LABELS[m]} at d = {d:,} (round {r + 1}, load {(_load() or ['?'])[0]})",
+                print(f"  .. {LABELS[m]} at d = {d:,} (round {r + 1}, load {(load_average() or ['?'])[0]})",
                       file=sys.stderr, flush=True)
             runs[m].append(run_child(m, d, args, tmp))
 
@@ -541,15 +519,15 @@ def main() -> int:
         limit = 0.8 * torch.cuda.get_device_properties(device).total_memory
     else:
         limit = 0.8 * (_meminfo("MemAvailable") or 8e9)
-    env = _allocator_env()
+    env = allocator_env(ALLOC_ENV)
     own = any(k.startswith("MALLOC_") for k in env)
     args.child_env = {} if (args.glibc_defaults or own or device.type != "cpu") else dict(CHILD_ALLOC_ENV)
-    machine = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
+    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "threads": threads, "python": platform.python_version(),
                "libc": " ".join(platform.libc_ver()), "mem_total_bytes": _meminfo("MemTotal"),
                "mem_available_bytes_at_start": _meminfo("MemAvailable"), "allocator_env": env,
-               "load_avg_at_start": _load(), "child_allocator_env": {**env, **args.child_env}}
+               "load_avg_at_start": load_average(), "child_allocator_env": {**env, **args.child_env}}
     if not args.json:
         gpu = f" ({machine['gpu']})" if machine["gpu"] else ""
         mt, ma = machine["mem_total_bytes"], machine["mem_available_bytes_at_start"]
@@ -587,7 +565,7 @@ def main() -> int:
                 print_size(res, args)
                 sys.stdout.flush()
     wall = time.perf_counter() - t_start
-    machine["load_avg_at_end"] = _load()
+    machine["load_avg_at_end"] = load_average()
     if not args.json:
         lm = [(r["d"], x) for r in results for x in r["rows"] if x["method"] == "lowmem" and x["status"] == "ok"]
         if lm:

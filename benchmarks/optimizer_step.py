@@ -75,7 +75,10 @@ import torch
 from torch import nn
 
 import lowmem
+from lowmem.compress import optimizer_state_bytes
 from lowmem.examples import shakespeare as ex
+
+from _machine import allocator_env, cpu_model, quartiles, sync   # beside this script
 
 LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -89,55 +92,14 @@ RECOMMENDED_ENV = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=429496
 
 
 # -- machine ------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _allocator_env() -> dict[str, str]:
-    keys = set(ALLOC_ENV) | {k for k in os.environ if k.startswith("MALLOC_")}
-    return {k: os.environ[k] for k in sorted(keys) if k in os.environ}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(_tensor_bytes(s) for s in opt.state.values())
-
-
 def _peak_temp_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
     """Peak bytes allocated during `fn()` above what was allocated before it (see module doc)."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -329,10 +291,10 @@ def _time_refresh(projs, grads: dict, device, reps: int) -> dict:
                      ("randomized, warm start (as at a refresh)", warm)):
         ts = []
         for _ in range(max(1, reps)):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             ts.append(time.perf_counter() - t0)
         out[name] = statistics.median(ts)
     return out
@@ -349,10 +311,10 @@ def _impl_refresh(base: nn.Module, grads: dict, device, reps: int, steps_ms: dic
             opt.step()
             ts = []
             for _ in range(max(1, reps)):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 opt.step()
-                _sync(device)
+                sync(device)
                 ts.append(time.perf_counter() - t0)
             t = statistics.median(ts)
             usual = steps_ms.get(f"AdaMeM {proj}")
@@ -395,10 +357,10 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
     for row in list(live):
         try:
             for i in range(max(1, args.warmup)):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 row.step()
-                _sync(device)
+                sync(device)
                 if i == 0 and row.compiled:
                     row.compile_s = time.perf_counter() - t0
         except Exception as e:
@@ -430,18 +392,18 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
     for r in range(args.rounds):
         k = r % len(live)
         for row in live[k:] + live[:k]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 row.step()
-            _sync(device)
+            sync(device)
             row.times.append((time.perf_counter() - t0) / args.steps)
 
     # Memory, after the timed rounds (one more step each, under the profiler on CPU).
     for row in live:
         if row.kind != "optimizer":
             continue
-        row.state_bytes = _state_bytes(row.opt)
+        row.state_bytes = optimizer_state_bytes(row.opt).total
         try:
             row.temp_bytes = _peak_temp_bytes(row.step, device)
         except Exception as e:
@@ -458,7 +420,7 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
             if other in ref:
                 ratios = [a / b for a, b in zip(row.times, ref[other].times)]
                 d[f"ratio_{key}"] = round(statistics.median(ratios), 4)
-                d[f"ratio_{key}_quartiles"] = [round(q, 4) for q in _quartiles(ratios)]
+                d[f"ratio_{key}_quartiles"] = [round(q, 4) for q in quartiles(ratios)]
         if row.kind == "optimizer":
             d["state_mib"] = round(row.state_bytes / 2**20, 3) if row.state_bytes is not None else None
             d["temp_mib"] = round(row.temp_bytes / 2**20, 3) if row.temp_bytes is not None else None
@@ -572,8 +534,8 @@ def main() -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     hp = dict(lr=args.lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay)
-    env = _allocator_env()
-    machine = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
+    env = allocator_env(ALLOC_ENV)
+    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "python": platform.python_version(), "libc": " ".join(platform.libc_ver()),
