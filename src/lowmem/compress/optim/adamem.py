@@ -72,10 +72,10 @@ def adamem_rank(m: int, n: int, rank: int | None = None, rank_fraction: float = 
     return max(1, min(int(r), k))
 
 
-def _projected(model: nn.Module) -> dict[int, bool]:
-    """``id(param) -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
+def _projected(model: nn.Module) -> dict[torch.Tensor, bool]:
+    """``param -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
     layers = resolve_layers(model, warn=False)
-    return {id(p): layers[name].role not in PLAIN_ROLES and p.dim() >= 2 for name, p in _trainable(model)}
+    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 for name, p in _trainable(model)}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -85,6 +85,12 @@ def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             seen.add(id(p))
             out.append((name, p))
     return out
+
+
+def _names_by_param(model: nn.Module) -> dict[torch.Tensor, str]:
+    """``param -> canonical name`` for every trainable parameter (tied weights once)."""
+    names = named_trainable(model)
+    return {p: names[id(p)] for _, p in _trainable(model)}
 
 
 def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction: float = 0.25) -> int:
@@ -99,7 +105,7 @@ def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction:
             total += p.numel()
             continue
         m, n = sorted(mn)
-        if projected[id(p)]:
+        if projected[p]:
             r = adamem_rank(m, n, rank, rank_fraction)
             total += (m + n) * r + r + 2 * n
         else:
@@ -286,9 +292,8 @@ class AdaMeM(torch.optim.Optimizer):
         defaults = dict(defaults, betas=tuple(betas), maximize=maximize)
         super().__init__(param_groups_for(model, param_groups), defaults)
         # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
-        names, projected = named_trainable(model), _projected(model)
-        self._names = {p: names[id(p)] for _, p in _trainable(model)}
-        self._projected = {p: projected[id(p)] for _, p in _trainable(model)}
+        self._names = _names_by_param(model)
+        self._projected = _projected(model)
         self._state_dtype = state_dtype
         self.seed = seed
 
@@ -428,8 +433,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
         for group in self.param_groups:
             group.setdefault("beta1", beta1)
         self.defaults["beta1"] = beta1
-        names = named_trainable(model)
-        self._names = {p: names[id(p)] for _, p in _trainable(model)}
+        self._names = _names_by_param(model)
         self._state_dtype = state_dtype
 
     def __getstate__(self):
