@@ -116,6 +116,40 @@ class ModelLayers:
     def _alias_index(self) -> dict[str, str]:
         return {a: p.name for p in self.params.values() for a in p.aliases}
 
+    def to_json(self) -> dict:
+        """``{"schema": "lowmem.layers/1", "params": [...], "unknown": [...]}``: every `ParamInfo`
+        field, so a report can be rebuilt from a run folder without importing the model."""
+        return {"schema": LAYERS_SCHEMA, "params": [_info_json(p) for p in self.params.values()],
+                "unknown": list(self.unknown)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "ModelLayers":
+        """Inverse of `to_json`; raises ValueError on another schema or a malformed record."""
+        if not isinstance(doc, dict) or doc.get("schema") != LAYERS_SCHEMA:
+            found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"expected schema {LAYERS_SCHEMA!r}, found {found!r}")
+        try:
+            infos = [ParamInfo(
+                name=r["name"], aliases=tuple(r["aliases"]), shape=tuple(int(s) for s in r["shape"]),
+                role=r["role"], axes=tuple(r["axes"]), module=r["module"], heads=r.get("heads"),
+                head_dim=r.get("head_dim"),
+                parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
+                part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]))
+                for r in doc["params"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed parameter record: {e!r}") from None
+        return cls({i.name: i for i in infos}, list(doc.get("unknown", [])))
+
+
+LAYERS_SCHEMA = "lowmem.layers/1"
+
+
+def _info_json(p: ParamInfo) -> dict:
+    return {"name": p.name, "aliases": list(p.aliases), "shape": list(p.shape), "role": p.role,
+            "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
+            "parts": None if p.parts is None else [list(x) for x in p.parts],
+            "part_heads": None if p.part_heads is None else list(p.part_heads)}
+
 
 _PREFIXES = ("_orig_mod.", "module.")
 

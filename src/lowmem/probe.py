@@ -131,7 +131,8 @@ def build(task: Task, device: torch.device, lr: float, seed: int,
 
 def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.device | str = "cpu",
               out: str | os.PathLike | None = None, seed: int = 0, shadow: bool = False,
-              on_step: Callable[[int, float], None] | None = None) -> ProbeResult:
+              on_step: Callable[[int, float], None] | None = None,
+              on_start: Callable[[nn.Module, ModelLayers], None] | None = None) -> ProbeResult:
     """Train `task` for `steps` steps with capture attached; stop cleanly on Ctrl-C.
 
     Args:
@@ -144,6 +145,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
         seed: `torch.manual_seed` before `build_model()`.
         shadow: estimate `v` from gradients (for optimizers without ``exp_avg_sq``).
         on_step: called with (steps done, loss) after every step.
+        on_start: called with (model, layers) once they are built, before the first step (the CLI
+            writes ``layers.json`` there, so even a killed run can be reported).
 
     Returns:
         A `ProbeResult`; ``interrupted`` is True when Ctrl-C stopped it, ``nonfinite`` holds the
@@ -155,6 +158,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     device = torch.device(device)
     model, optimizer = build(task, device, lr, seed)
     layers = resolve_layers(model)
+    if on_start is not None:
+        on_start(model, layers)
     cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers)
     result = ProbeResult(model, optimizer, cap, layers)
     cap.attach()

@@ -26,9 +26,13 @@ from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_O
                                user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
+from lowmem.compress.memory import estimate_state_memory
+from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
+from lowmem.reports.html import write_report
+from lowmem.reports.run import read_run
 from lowmem.reports.terminal import PlanSummary, PlanTable, RoleSnrTable
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
@@ -39,7 +43,7 @@ __all__ = ["EXIT_BAR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USA
 
 # `lowmem-analyze NAME …` runs the `main(argv)` of these modules; anything else is a model.py
 # (a file literally named like a command is reached as ./NAME).
-SUBCOMMANDS = {"memory": "lowmem.cli.memory", "hessian": "lowmem.cli.hessian"}
+SUBCOMMANDS = {"memory": "lowmem.cli.memory", "hessian": "lowmem.cli.hessian", "report": "lowmem.cli.report"}
 
 
 def _window(text: str) -> tuple[int | None, int | None]:
@@ -67,7 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "replaced by its mean (SNR), and write a compression plan.",
         epilog="Other commands: memory (optimizer-state memory of AdamW, the presets and a plan, from shapes; "
                f"'{PROG} memory --help'); hessian (exact Hessian blocks, their structure and spectra; "
-               f"'{PROG} hessian --help'). "
+               f"'{PROG} hessian --help'); report (rebuild the terminal views and report.html from a run folder; "
+               f"'{PROG} report --help'). "
                "Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
                "or broke the model.py contract; 4 internal error; 130 interrupted (results so far kept).",
     )
@@ -87,7 +92,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-saved", type=_fraction, metavar="FRACTION",
                    help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
-    p.add_argument("--out", default="lowmem-out", metavar="DIR", help="output folder for plan.json and snr.csv (default lowmem-out)")
+    p.add_argument("--out", default="lowmem-out", metavar="DIR",
+                   help="output folder for plan.json, snr.csv, layers.json, memory.json and report.html (default lowmem-out)")
+    p.add_argument("--no-html", action="store_true", help="do not write report.html")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
@@ -147,8 +154,11 @@ def _run(args, err: Console) -> int:
                 raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
         else:
             plan = build_preset(args.preset, model, layers)
+            _write_layers(out, model, layers)
             plan.save(out / "plan.json")
+            _write_memory(out, model, layers, plan)
             note(f"wrote {out / 'plan.json'}")
+            _write_report(args, out, note)
         return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out)
 
     csv_path = out / "snr.csv"
@@ -157,7 +167,8 @@ def _run(args, err: Console) -> int:
     bar = progress.add_task("probe", total=steps, loss="—")
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
-                           on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
+                           on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"),
+                           on_start=lambda model, layers: _write_layers(out, model, layers))
     traj = SnrTrajectory(result.capture.samples)
     failure = result.nonfinite
     status = "interrupted" if result.interrupted else "nonfinite_loss" if failure else "complete"
@@ -173,6 +184,8 @@ def _run(args, err: Console) -> int:
     plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
                       layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
     plan.save(out / "plan.json")
+    _write_memory(out, result.model, result.layers, plan)
+    _write_report(args, out, note)
     if failure:
         note(f"kept {len(traj.steps)} measurement(s) in {csv_path} and wrote {out / 'plan.json'} from them")
         raise failure
@@ -182,6 +195,29 @@ def _run(args, err: Console) -> int:
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
                                                     "final_loss": result.losses[-1] if result.losses else None}, out)
     return EXIT_INTERRUPTED if result.interrupted else code
+
+
+def _write_layers(out: Path, model, layers) -> None:
+    """layers.json: what each parameter is, so `lowmem-analyze report` needs no model (written
+    before training, so a killed run has it too)."""
+    write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
+
+
+def _write_memory(out: Path, model, layers, plan: Plan) -> None:
+    estimate = estimate_state_memory(model, plan, layers=layers)
+    write_atomic(out / "memory.json", json.dumps(estimate.to_json(), indent=2) + "\n")
+
+
+def _write_report(args, out: Path, note) -> None:
+    """report.html from the files just written; a failure here loses none of them."""
+    if args.no_html:
+        return
+    try:
+        path = write_report(read_run(out))
+    except Exception as e:   # the plan and trajectory are on disk; the report can be made again
+        note(f"report.html not written ({type(e).__name__}: {e}); '{PROG} report {out}' retries it")
+        return
+    note(f"wrote {path}")
 
 
 def _source(task, lr, steps, every, steps_done, status) -> dict:

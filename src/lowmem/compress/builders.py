@@ -40,7 +40,7 @@ def _subset_key(view: View, subset: str) -> str:
 
 
 def build_plan(
-    model: nn.Module,
+    model: nn.Module | dict,
     trajectory: SnrTrajectory,
     threshold: float = 1.0,
     window: tuple[int | None, int | None] | None = None,
@@ -53,7 +53,9 @@ def build_plan(
     """Build a plan from the time-mean SNR of each parameter's views and axis subsets.
 
     Args:
-        model: the model the trajectory was measured on (names, shapes, fingerprint).
+        model: the model the trajectory was measured on (names, shapes, fingerprint), or its plan
+            record (``{"class", "parameters", "fingerprint"}``, e.g. from a run folder's
+            ``layers.json``) together with `layers`, to rebuild a plan without the model.
         trajectory: the measured samples (`lowmem.snr.SnrTrajectory`).
         threshold: a subset passes when its time-mean SNR is strictly above this.
         window: ``(start, end)`` steps, inclusive, either may be None; default all steps.
@@ -71,6 +73,8 @@ def build_plan(
         raise ValueError(f"prefer must be 'snr' or 'compression', got {prefer!r}")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if isinstance(model, dict) and layers is None:
+        raise ValueError("build_plan from a model record needs the resolved layers")
     layers = layers if layers is not None else resolve_layers(model, warn=False)
     means = trajectory.time_mean(window)
     by_name: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
@@ -102,7 +106,8 @@ def build_plan(
     src = {"method": "snr", "threshold": threshold, "window": win, "prefer": prefer,
            "depth_average": depth_average, "measurements": len(steps)}
     src.update(source or {})
-    return Plan(model=model_record(model), layers=plan_layers, source=src)
+    record = dict(model) if isinstance(model, dict) else model_record(model)
+    return Plan(model=record, layers=plan_layers, source=src)
 
 
 def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefer, allow_token) -> LayerPlan:

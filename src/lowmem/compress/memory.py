@@ -184,6 +184,16 @@ class MemoryEstimate:
         return {"model": {"class": self.model, "parameters": self.parameters},
                 "bytes_per_state": self.bytes_per_state, "optimizers": [r.to_json() for r in self.rows]}
 
+    @classmethod
+    def from_json(cls, doc: dict) -> "MemoryEstimate":
+        """Inverse of `to_json` (the savings as rounded there); ValueError on a malformed document."""
+        try:
+            rows = tuple(MemoryRow(str(r["name"]), r["m_bytes"], r["v_bytes"], int(r["total_bytes"]),
+                                   r["v_saved"], float(r["total_saved"])) for r in doc["optimizers"])
+            return cls(str(doc["model"]["class"]), int(doc["model"]["parameters"]), int(doc["bytes_per_state"]), rows)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed memory document: {e!r}") from None
+
 
 def estimate_state_memory(
     model: nn.Module,

@@ -19,23 +19,18 @@ from lowmem.compress.memory import MemoryEstimate, format_bytes, plan_state_memo
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import ModelLayers
 from lowmem.snr.summary import RoleSnr
-from lowmem.snr.views import describe_subset, param_views
+from lowmem.snr.views import param_views, subset_words
 
 
-def _shape(shape) -> str:
+def shape_text(shape) -> str:
     return "×".join(map(str, shape))
 
 
-def _fmt_snr(x: float | None) -> str:
+def snr_text(x: float | None) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.2f}"
 
 
-def _words(view, dims) -> str:
-    words = describe_subset(view.axes, dims)
-    return f"{words} per head" if "head" in view.axes and all(view.axes[d] != "head" for d in dims) else words
-
-
-def _best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple[str, float | None]:
+def best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple[str, float | None]:
     """(subset in words, SNR) of the highest time-mean SNR among the plan's candidate subsets."""
     if not lp.snr or layers is None or name not in layers.params:
         return "—", None
@@ -52,10 +47,10 @@ def _best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tupl
             best = (view, dims, value)
     if best is None:
         return "—", None
-    return _words(best[0], best[1]), best[2]
+    return subset_words(best[0], best[1]), best[2]
 
 
-def _decision(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
+def decision_words(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
     if lp.parts:
         return ", ".join(f"{p.name}: {'full' if p.reduce is None else 'avg ' + ','.join(map(str, p.reduce))}"
                          for p in lp.parts)
@@ -64,8 +59,8 @@ def _decision(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
     if layers is not None and name in layers.params:
         for view in param_views(layers.params[name]):
             if list(view.shape) == lp.view and view.part is None:
-                return "avg over " + _words(view, tuple(lp.reduce))
-    return f"avg dims {','.join(map(str, lp.reduce))} of {_shape(lp.view)}"
+                return "avg over " + subset_words(view, tuple(lp.reduce))
+    return f"avg dims {','.join(map(str, lp.reduce))} of {shape_text(lp.view)}"
 
 
 class PlanTable:
@@ -77,9 +72,9 @@ class PlanTable:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         rows = []
         for name, lp in self.plan.layers.items():
-            best, snr = _best_measured(name, lp, self.layers)
-            rows.append([name, lp.role, _shape(lp.shape), best, _fmt_snr(snr),
-                         _decision(lp, self.layers, name), f"{lp.v_kept:,}"])
+            best, snr = best_measured(name, lp, self.layers)
+            rows.append([name, lp.role, shape_text(lp.shape), best, snr_text(snr),
+                         decision_words(lp, self.layers, name), f"{lp.v_kept:,}"])
         headers = ["layer", "role", "shape", "best subset", "SNR", "decision", "v kept"]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
         # Give the other columns their natural width and wrap names that do not fit at dots, so a
@@ -152,7 +147,7 @@ class RoleSnrTable:
         table.add_column("layers", justify="right", no_wrap=True)
         for r in self.rows:
             mark = "*" if r.median > self.threshold else " "
-            table.add_row(r.role, r.view, r.axes, f"{_fmt_snr(r.median)}{mark}", str(r.layers))
+            table.add_row(r.role, r.view, r.axes, f"{snr_text(r.median)}{mark}", str(r.layers))
         yield table
 
 

@@ -53,6 +53,14 @@ def describe_subset(axes: tuple[str, ...], subset: tuple[int, ...]) -> str:
     return "+".join(_AXIS_WORDS.get(axes[d], axes[d]) for d in subset)
 
 
+def subset_words(view: View, subset: tuple[int, ...]) -> str:
+    """`describe_subset` in `view`, saying "per head" when a head view keeps its heads apart."""
+    words = describe_subset(view.axes, subset)
+    if "head" in view.axes and all(view.axes[d] != "head" for d in subset):
+        return f"{words} per head"
+    return words
+
+
 def split_heads(shape, axes, heads):
     """Split the ``out`` axis into (head, out); None when heads do not divide it."""
     if not heads or "out" not in axes:

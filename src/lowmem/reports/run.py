@@ -1,0 +1,321 @@
+"""A run folder read back: whatever files an analysis left, so a report can be rebuilt without
+retraining, also after an interrupted run.
+
+Files (all optional, but at least one of ``plan.json`` and ``snr.csv``/``snr.csv.part``):
+
+==========================  =====================================================================
+``plan.json``               the plan (`lowmem.compress.Plan`, schema ``lowmem.plan/1``)
+``layers.json``             `ModelLayers.to_json` plus ``"model"``: the plan's model record. Written
+                            before the first training step, so a killed run still has it.
+``snr.csv``                 the SNR trajectory; ``snr.csv.part`` when the run was killed
+``memory.json``             `MemoryEstimate.to_json`: AdamW, each preset, AdaMeM, the plan
+``hessian.json``            ``lowmem-analyze hessian``'s document, here or in ``hessian/``
+``compare.csv``             one row per (optimizer, learning rate) training run, here or in
+                            ``compare/``: `COMPARE_COLUMNS` (more columns are kept, not required)
+``curves.csv``              beside ``compare.csv``: `CURVE_COLUMNS`, one row per run and logged step
+==========================  =====================================================================
+
+Without ``plan.json`` but with ``layers.json`` and a trajectory (a run killed before it wrote
+its plan), the plan is rebuilt from the trajectory with the default threshold and said so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowmem.compress.builders import build_plan, is_candidate
+from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_memory
+from lowmem.compress.plan import Plan, PlanError
+from lowmem.layers import ModelLayers, ParamInfo
+from lowmem.snr.trajectory import SnrTrajectory, TrajectoryError, read_trajectory
+from lowmem.snr.views import param_views, subset_words
+
+COMPARE_COLUMNS = ("optimizer", "lr", "status", "steps_done", "final_train_loss", "final_val_loss",
+                   "state_bytes", "step_seconds")
+CURVE_COLUMNS = ("optimizer", "lr", "step", "train_loss", "val_loss", "distance_to_adamw")
+
+_PART_ROLE = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be reported: missing, empty or with an unreadable file."""
+
+
+@dataclass
+class HessianBlock:
+    """One block of ``hessian.json``: its record and the array files found beside it."""
+
+    record: dict
+    matrix: Path | None = None       # BLOCK.npy, the d × d Hessian
+    eigenvalues: Path | None = None  # BLOCK.eigvals.npy, ascending
+
+
+@dataclass
+class Run:
+    """Everything a report shows, read from a run folder (see the module docstring)."""
+
+    folder: Path
+    plan: Plan | None = None
+    layers: ModelLayers | None = None
+    model: dict | None = None
+    trajectory: SnrTrajectory | None = None
+    trajectory_path: Path | None = None
+    memory: MemoryEstimate | None = None
+    hessian: dict | None = None
+    hessian_blocks: list[HessianBlock] = field(default_factory=list)
+    compare: list[dict] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``complete``, ``interrupted``, ``nonfinite_loss``, ``preset``, … as the run recorded it."""
+        if self.trajectory_path is not None and self.trajectory_path.suffix == ".part":
+            return "interrupted"
+        source = self.plan.source if self.plan else {}
+        if source.get("method") == "preset":
+            return "preset"
+        return source.get("status", "complete")
+
+    @property
+    def model_name(self) -> str:
+        record = self.model or (self.plan.model if self.plan else {}) or {}
+        return str(record.get("class", "model"))
+
+    @property
+    def parameters(self) -> int | None:
+        record = self.model or (self.plan.model if self.plan else {}) or {}
+        return record.get("parameters")
+
+    def memory_rows(self) -> list[MemoryRow]:
+        """Optimizer-state rows: ``memory.json``'s, else AdamW vs the plan from the plan alone."""
+        if self.memory is not None:
+            return list(self.memory.rows)
+        if self.plan is None:
+            return []
+        mem = plan_state_memory(self.plan)
+        half = mem.adamw_bytes // 2
+        return [MemoryRow("adamw", half, half, mem.adamw_bytes, 0.0, 0.0),
+                MemoryRow("plan", half, mem.plan_bytes - half, mem.plan_bytes,
+                          1 - (mem.plan_bytes - half) / half if half else 0.0, mem.saved)]
+
+
+def read_run(folder: str | os.PathLike) -> Run:
+    """Read what a run left in `folder`.
+
+    Raises:
+        RunFolderError: the folder is missing or holds neither a plan nor a trajectory, or a file
+            in it is unreadable (the message names the file).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunFolderError(f"{folder} is not a folder; give the --out folder of a lowmem-analyze run")
+    run = Run(folder)
+    _read_layers(run)
+    plan_path = folder / "plan.json"
+    if plan_path.exists():
+        try:
+            run.plan = Plan.load(plan_path)
+        except PlanError as e:
+            raise RunFolderError(str(e)) from None
+    for name in ("snr.csv", "snr.csv.part"):
+        path = folder / name
+        if path.exists():
+            try:
+                run.trajectory = SnrTrajectory(read_trajectory(path))
+            except (TrajectoryError, OSError, UnicodeDecodeError) as e:
+                raise RunFolderError(f"{path}: {e}") from None
+            run.trajectory_path = path
+            if name.endswith(".part"):
+                run.notes.append(f"{name}: the run did not finish; its {len(run.trajectory.steps)} "
+                                 "measurement(s) are shown")
+            break
+    if run.plan is None and run.trajectory is None:
+        raise RunFolderError(f"{folder} holds neither plan.json nor snr.csv: nothing to report "
+                             f"(is it the --out folder of a lowmem-analyze run?)")
+    if run.plan is None and run.layers is not None and run.model is not None and run.trajectory.samples:
+        run.plan = build_plan(run.model, run.trajectory, layers=run.layers,
+                              source={"status": "interrupted", "rebuilt_by": "report"})
+        run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps)")
+    elif run.plan is None:
+        run.notes.append("no plan.json and no layers.json: SNR shown, no plan")
+    if run.layers is None:
+        run.layers = _layers_from_files(run)
+    memory_path = folder / "memory.json"
+    if memory_path.exists():
+        try:
+            run.memory = MemoryEstimate.from_json(_json(memory_path))
+        except ValueError as e:
+            raise RunFolderError(f"{memory_path}: {e}") from None
+    _read_hessian(run)
+    _read_compare(run)
+    return run
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path}: not readable JSON ({e})") from None
+
+
+def _read_layers(run: Run) -> None:
+    path = run.folder / "layers.json"
+    if not path.exists():
+        return
+    doc = _json(path)
+    try:
+        run.layers = ModelLayers.from_json(doc)
+    except ValueError as e:
+        raise RunFolderError(f"{path}: {e}") from None
+    run.model = doc.get("model")
+
+
+def _layers_from_files(run: Run) -> ModelLayers:
+    """Parameters known from the plan or the trajectory, their axes unknown (``d0``, ``d1``, …):
+    subsets then read as dims, and head views are left out."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    if run.plan is not None:
+        shapes = {n: (tuple(lp.shape), lp.role) for n, lp in run.plan.layers.items()}
+    elif run.trajectory is not None:
+        for s in run.trajectory.samples:
+            shapes.setdefault(s.name, (tuple(int(x) for x in s.shape.split("x")), "other"))
+    run.notes.append("no layers.json: axes are shown as dims d0, d1, …")
+    return ModelLayers({n: ParamInfo(n, (n,), shape, role, tuple(f"d{i}" for i in range(len(shape))), "?")
+                        for n, (shape, role) in shapes.items()})
+
+
+def _read_hessian(run: Run) -> None:
+    for where in (run.folder, run.folder / "hessian"):
+        path = where / "hessian.json"
+        if not path.exists():
+            continue
+        doc = _json(path)
+        if not isinstance(doc, dict) or doc.get("schema") != "lowmem.hessian/1":
+            raise RunFolderError(f"{path}: expected schema 'lowmem.hessian/1'")
+        run.hessian = doc
+        for record in doc.get("blocks", []):
+            files = record.get("files") or {}
+            run.hessian_blocks.append(HessianBlock(record, _beside(where, files.get("npy")),
+                                                   _beside(where, files.get("eigvals"))))
+        return
+
+
+def _beside(folder: Path, recorded: str | None) -> Path | None:
+    """A file the document names, looked up beside the document first (the folder may have moved)."""
+    if not recorded:
+        return None
+    for candidate in (folder / Path(recorded).name, Path(recorded)):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _read_compare(run: Run) -> None:
+    for where in (run.folder, run.folder / "compare"):
+        path = where / "compare.csv"
+        if not path.exists():
+            continue
+        run.compare = [_typed(r) for r in _csv_rows(path, COMPARE_COLUMNS)]
+        curves = where / "curves.csv"
+        if curves.exists():
+            run.curves = [_typed(r) for r in _csv_rows(curves, CURVE_COLUMNS)]
+        return
+
+
+def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise RunFolderError(f"{path}: missing column(s) {', '.join(missing)}")
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RunFolderError(f"{path}: {e}") from None
+
+
+def _typed(row: dict) -> dict:
+    """Numbers as floats (empty cells as None); names and statuses stay text."""
+    out = {}
+    for k, v in row.items():
+        if k in ("optimizer", "status") or v is None:
+            out[k] = v
+        elif v == "":
+            out[k] = None
+        else:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+# -- SNR per layer, the figures' common input ----------------------------------------------------
+
+
+@dataclass
+class SubsetSnr:
+    """One candidate axis subset of one layer: its time-mean SNR and its trajectory."""
+
+    words: str                 # "fan_in", "fan_out per head", …
+    mean: float
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class LayerSnr:
+    """The candidate subsets of one parameter (or one part of a fused projection)."""
+
+    label: str                 # the parameter name, with " [q]" for a fused projection's part
+    name: str
+    role: str                  # a part's own role (attn_q for the q part of c_attn)
+    depth: int                 # index among the layers of the same role, in model order
+    subsets: dict[str, SubsetSnr]
+
+
+def layer_snr(layers: ModelLayers, trajectory: SnrTrajectory,
+              window: tuple[int | None, int | None] | None = None) -> list[LayerSnr]:
+    """Per parameter (and fused part), the SNR of every subset a plan may average over.
+
+    The time mean is over `window` (the plan's); the trajectories hold every measured step.
+    Subsets that are no plan candidates (over heads or tokens) are left out, as in the plan.
+    """
+    means = trajectory.time_mean(window)
+    series: dict[tuple[str, str, str], tuple[list[int], list[float]]] = {}
+    for s in sorted(trajectory.samples, key=lambda s: s.step):
+        steps, values = series.setdefault((s.name, s.view, s.subset), ([], []))
+        steps.append(s.step)
+        values.append(s.snr if math.isfinite(s.snr) else float("nan"))
+    out: list[LayerSnr] = []
+    depth: dict[str, int] = {}
+    for info in layers:
+        rows: dict[str, LayerSnr] = {}
+        for view in param_views(info):
+            for dims in _all_subsets(len(view.shape)):
+                key = (info.name, view.label(), ",".join(map(str, dims)))
+                if key not in means or not is_candidate(view, dims):
+                    continue
+                part = view.part
+                label = info.name if part is None else f"{info.name} [{part}]"
+                if label not in rows:
+                    role = _PART_ROLE.get(part, info.role) if part else info.role
+                    rows[label] = LayerSnr(label, info.name, role, 0, {})
+                words = subset_words(view, dims)
+                if words not in rows[label].subsets:   # a raw view's words win over an equal head view's
+                    rows[label].subsets[words] = SubsetSnr(words, means[key].snr, *series[key])
+        for row in rows.values():
+            row.depth = depth.get(row.role, 0)
+            depth[row.role] = row.depth + 1
+            out.append(row)
+    return out
+
+
+def _all_subsets(n: int) -> list[tuple[int, ...]]:
+    return [tuple(d for d in range(n) if mask >> d & 1) for mask in range(1, 1 << n)]
