@@ -13,7 +13,8 @@ when it has one, else ``get_batch(0 … N-1)`` (``--batches N``, default 1).
 
 Written to ``--out`` as each block finishes, so an interrupted or failing run keeps what it
 computed: ``BLOCK.npy`` (H, the piece flattened row-major as `block_hessian` returns it),
-``BLOCK.png`` (a heatmap of |H|, log colour scale, rows = output units) and ``hessian.json``
+``BLOCK.eigvals.npy`` (its eigenvalues, ascending), ``BLOCK.png`` (a heatmap of |H|, log colour
+scale, rows = output units) and ``hessian.json``
 (every number; replaced atomically after each block). ``--plan-out`` writes a plan with one `v`
 value per measured dense block (`lowmem.hessian.plan_from_partitions`).
 
@@ -201,13 +202,13 @@ def _mass_record(m) -> dict:
             "ratio": _finite(m.ratio), "excess": _finite(m.excess)}
 
 
-def analyze_block(H: torch.Tensor, p: Piece, info: ParamInfo) -> tuple[dict, Partition, HessianRow]:
+def analyze_block(H: torch.Tensor, p: Piece, info: ParamInfo) -> tuple[dict, Partition, HessianRow, torch.Tensor]:
     """Class, partition masses, found partition and spectrum of one block.
 
     Returns:
         (the JSON record of the numbers, the partition a plan should use over the piece's flat
         indices: the classification's partition for a block-diagonal block, one group for a dense
-        one, and the table row).
+        one, the table row, and the eigenvalues, ascending).
     """
     perm, shape = rows_first(p, info)
     Hr = H if perm is None else H[perm][:, perm]
@@ -225,6 +226,7 @@ def analyze_block(H: torch.Tensor, p: Piece, info: ParamInfo) -> tuple[dict, Par
                   "threshold": c.threshold, "why": c.why},
         "heads": heads,
         "rows_first_shape": list(shape),
+        "out_axis": info.fan_out_dims[0] if info.fan_out_dims and len(p.box) > 1 else 0,
         "mass": masses,
         "found": {"groups": len(c.found), "sizes": c.found.sizes,
                   "rows": [torch.nonzero(found_rows == j).flatten().tolist() for j in range(len(c.found))]},
@@ -243,7 +245,7 @@ def analyze_block(H: torch.Tensor, p: Piece, info: ParamInfo) -> tuple[dict, Par
     head = masses.get("per head")
     row = HessianRow(p.label, p.numel, c.label, (head["inside"], head["baseline"]) if head else None,
                      len(c.found), spectrum.lambda_max, spectrum.condition)
-    return record, use, row
+    return record, use, row, eig
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -452,15 +454,17 @@ def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamI
             traceback.print_exc()
         return _failed(selector, p, info, base, "failed", reason, "failed")
     seconds = time.perf_counter() - t0
-    record, use, row = analyze_block(H, p, info)
+    record, use, row, eigenvalues = analyze_block(H, p, info)
     stem = file_stem(selector, taken)
     H_np = H.detach().cpu().numpy()
     save_array(H_np, out / f"{stem}.npy")
+    save_array(eigenvalues.detach().cpu().numpy(), out / f"{stem}.eigvals.npy")
     perm, _ = rows_first(p, info)
     shown = H_np if perm is None else H_np[perm.numpy()][:, perm.numpy()]
     save_heatmap(shown, out / f"{stem}.png", f"|H| of {selector}: {record['class']['label']}", record["heads"])
     record = {**base, "status": "done", "reason": None, "seconds": round(seconds, 3), **record,
-              "files": {"npy": str(out / f"{stem}.npy"), "png": str(out / f"{stem}.png")}}
+              "files": {"npy": str(out / f"{stem}.npy"), "eigvals": str(out / f"{stem}.eigvals.npy"),
+                        "png": str(out / f"{stem}.png")}}
     return BlockResult(selector, p, info, record, use, row)
 
 

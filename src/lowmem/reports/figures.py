@@ -288,13 +288,20 @@ def _short(label: str, width: int = 44) -> str:
 # -- Hessian -----------------------------------------------------------------------------------------
 
 
-def pooled_abs(path, cells: int = 192) -> np.ndarray:
-    """|H| max-pooled to at most `cells` × `cells`, read through a memory map (blocks can be GBs)."""
+def pooled_abs(path, cells: int = 192, shape: list[int] | None = None, out_axis: int = 0) -> np.ndarray:
+    """|H| max-pooled to at most `cells` × `cells`, read through a memory map (blocks can be GBs).
+
+    With the piece's `shape` and `out_axis` (``hessian.json``'s ``shape`` and ``out_axis``),
+    entries are first put output-unit major, as the Hessian heatmaps and head lines read them.
+    """
     H = np.load(path, mmap_mode="r")
     d = H.shape[0]
-    edges = np.linspace(0, d, min(cells, d) + 1).astype(int)[:-1]
-    rows = [np.abs(H[edges[i]:(edges[i + 1] if i + 1 < len(edges) else d)]).max(axis=0) for i in range(len(edges))]
-    return np.maximum.reduceat(np.stack(rows), edges, axis=1)
+    order = np.arange(d)
+    if shape is not None and out_axis and len(shape) > 1 and int(np.prod(shape)) == d:
+        order = np.moveaxis(order.reshape(shape), out_axis, 0).reshape(-1)
+    edges = np.linspace(0, d, min(cells, d) + 1).astype(int)
+    rows = [np.abs(H[np.sort(order[edges[i]:edges[i + 1]])]).max(axis=0)[order] for i in range(len(edges) - 1)]
+    return np.maximum.reduceat(np.stack(rows), edges[:-1], axis=1)
 
 
 def hessian_block(block: dict, pooled: np.ndarray | None, eigenvalues: np.ndarray | None, index: int) -> Figure | None:
@@ -342,7 +349,7 @@ def hessian_block(block: dict, pooled: np.ndarray | None, eigenvalues: np.ndarra
             ax.set_title("spectrum", fontsize=9)
         name = block.get("block", f"block {index}")
         label = (block.get("class") or {}).get("label") or block.get("status", "")
-        return _encode(fig, f"fig-hessian-{index}", name, f"{name}: {label}",
+        return _encode(fig, f"fig-hessian-{index}", "Class", label,
                        f"heatmap and spectrum of the Hessian block {name}")
 
 

@@ -100,7 +100,8 @@ def _hessian_section(run: Run) -> dict | None:
         pooled = eig = None
         if r.get("status") == "done":
             try:
-                pooled = figures.pooled_abs(b.matrix) if b.matrix else None
+                pooled = figures.pooled_abs(b.matrix, shape=r.get("shape"), out_axis=r.get("out_axis", 0)) \
+                    if b.matrix else None
                 eig = np.load(b.eigenvalues) if b.eigenvalues else None
             except (OSError, ValueError) as e:   # a file cut short by a killed run: show the numbers only
                 run.notes.append(f"{b.matrix or b.eigenvalues}: not readable ({e}); figure left out")

@@ -1,0 +1,437 @@
+"""The HTML report and `lowmem-analyze report`: a real run folder (a tiny model trained by the CLI,
+its Hessian blocks, a comparison written in the documented CSV schema) read back and checked with
+a real HTML parser against the files and against numbers recomputed here."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import io
+import json
+import shutil
+import struct
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+from lowmem.cli.main import main
+from lowmem.compress.memory import MemoryRow
+from lowmem.reports import figures
+from lowmem.reports.html import render_report, script_json, write_report
+from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS, LayerSnr, SubsetSnr, read_run
+
+ODD = "blk<b>&amp;"        # a module name that is HTML: it must come out as text
+MODEL = f'''\
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+WIDTH, HEADS, T = 8, 2, 5
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n_head = HEADS
+        self.q = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.k = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.v = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.o = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(WIDTH)
+        self.attn = Attention()
+        self.c_fc = nn.Linear(WIDTH, 2 * WIDTH)
+        self.c_proj = nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln(x))
+        return x + self.c_proj(torch.tanh(self.c_fc(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList([Block(), Block(), Block()])
+        self.add_module({ODD!r}, nn.Linear(WIDTH, WIDTH, bias=False))
+
+    def forward(self, x):
+        for block in self.h:
+            x = block(x)
+        return getattr(self, {ODD!r})(x)
+
+
+def build_model():
+    return Net()
+
+
+def get_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(4, T, WIDTH, generator=g)
+    return x, torch.roll(x, 1, dims=1)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+LOWMEM = {{"steps": 40, "every": 4, "lr": 3e-3}}
+'''
+
+
+def cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+# Comparison results in the documented schema (lowmem.reports.run), written by hand: AdamW and
+# SlimAdam over three learning rates, SlimAdam diverging at the highest.
+COMPARE = [
+    ("adamw", 1e-3, "complete", 20, 0.90, 0.95, 1000, 0.010),
+    ("adamw", 3e-3, "complete", 20, 0.70, 0.75, 1000, 0.010),
+    ("adamw", 1e-2, "complete", 20, 0.80, 0.85, 1000, 0.010),
+    ("slimadam", 1e-3, "complete", 20, 0.92, 0.97, 600, 0.012),
+    ("slimadam", 3e-3, "complete", 20, 0.71, 0.78, 600, 0.012),
+    ("slimadam", 1e-2, "diverged", 7, float("nan"), None, 600, 0.012),
+]
+
+
+def _write_compare(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "compare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COMPARE_COLUMNS)
+        for row in COMPARE:
+            w.writerow(["" if x is None else x for x in row])
+    with open(folder / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CURVE_COLUMNS)
+        for opt, lr, *_ in COMPARE:
+            for step in range(0, 21, 5):
+                w.writerow([opt, lr, step, 2.0 / (1 + step * lr * 100), "", 0.0 if opt == "adamw" else step * 0.01])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real analysis of the tiny model, its Hessian blocks and a comparison, in one folder."""
+    root = tmp_path_factory.mktemp("report")
+    (root / "model.py").write_text(MODEL)
+    out = root / "out"
+    code, stdout, err = cli(root / "model.py", "--out", out)
+    assert code == 0, err
+    code, _, err = cli("hessian", root / "model.py", "--block", "h.0.attn.q.weight", "--block", "h.1.c_fc.weight",
+                       "--out", out / "hessian")
+    assert code == 0, err
+    _write_compare(out / "compare")
+    write_report(read_run(out))
+    return out
+
+
+class _Page(HTMLParser):
+    """Every element with its attributes, the ids, the text, and the content of each <script>."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.ids: set[str] = set()
+        self.text: list[str] = []
+        self.scripts: dict[str, str] = {}
+        self._script: str | None = None
+        self._style = False
+        self.styles: list[str] = []
+        self.feed(text)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if "id" in a:
+            assert a["id"] not in self.ids, f"duplicate id {a['id']}"
+            self.ids.add(a["id"])
+        if tag == "script":
+            self._script = a.get("id", f"anonymous-{len(self.scripts)}")
+            self.scripts[self._script] = ""
+        self._style = tag == "style"
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._script = None
+        self._style = False
+
+    def handle_data(self, data):
+        if self._script is not None:
+            self.scripts[self._script] += data
+        elif self._style:
+            self.styles.append(data)
+        else:
+            self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def page(run_dir) -> _Page:
+    return _Page((run_dir / "report.html").read_text())
+
+
+def test_analysis_writes_every_file_a_report_needs(run_dir):
+    for name in ("plan.json", "snr.csv", "layers.json", "memory.json", "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*.tmp"))        # atomic writes leave no temporary behind
+
+
+def test_report_links_nothing_outside_itself(page):
+    for tag, attrs in page.tags:
+        assert tag != "link", attrs
+        if "src" in attrs:
+            assert attrs["src"].startswith("data:image/png;base64,"), (tag, attrs["src"][:60])
+        if "href" in attrs:
+            assert attrs["href"].startswith("#"), (tag, attrs["href"])
+        if tag == "script":
+            assert "src" not in attrs
+    css = "".join(page.styles)
+    assert "url(" not in css and "@import" not in css
+
+
+def test_every_anchor_resolves(page):
+    anchors = [a["href"][1:] for _, a in page.tags if a.get("href", "").startswith("#")]
+    assert len(anchors) >= 7                                    # the navigation and the Hessian table
+    assert [a for a in anchors if a not in page.ids] == []
+
+
+def test_each_expected_section_is_present(page):
+    for section in ("summary", "plan", "snr-heatmap", "snr-depth", "trajectories", "hessian", "compare"):
+        assert section in page.ids, section
+
+
+def test_names_that_look_like_html_are_escaped(run_dir, page):
+    raw = (run_dir / "report.html").read_text()
+    name = f"{ODD}.weight"
+    assert name in "".join(page.text)                  # shown as the literal text
+    assert ODD not in raw                              # never as markup
+    assert not any(tag == "b" for tag, _ in page.tags)
+
+
+def test_embedded_plan_equals_plan_json(run_dir, page):
+    assert json.loads(page.scripts["lowmem-plan"]) == json.loads((run_dir / "plan.json").read_text())
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_figure_is_a_png_of_its_stated_size_with_content(page):
+    images = [a for tag, a in page.tags if tag == "img"]
+    # memory, heatmap, depth, trajectories, 2 Hessian blocks, loss vs lr, best-lr curves, distance
+    assert len(images) == 9
+    for a in images:
+        data = base64.b64decode(a["src"].split(",", 1)[1])
+        assert _png_size(data) == (int(a["width"]), int(a["height"]))
+        pixels = matplotlib.image.imread(io.BytesIO(data), format="png")
+        assert pixels[..., :3].std() > 0.02, a["alt"]       # not a blank canvas
+        assert a["alt"]
+
+
+def test_viewer_data_is_the_trajectory_csv(run_dir, page):
+    """Every value the in-page viewer draws is a row of snr.csv (to the 4 digits it keeps)."""
+    viewer = json.loads(page.scripts["lowmem-snr"])
+    rows = list(csv.DictReader(open(run_dir / "snr.csv")))
+    by_name: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        by_name.setdefault(r["name"], {}).setdefault(int(r["step"]), []).append(float(r["snr"]))
+    labels = {layer["label"] for layer in viewer["layers"]}
+    assert {r["name"] for r in rows} == labels
+    for layer in viewer["layers"]:
+        for s in layer["subsets"]:
+            assert s["steps"] == sorted(by_name[layer["label"]])
+            for step, value in zip(s["steps"], s["values"]):
+                assert min(abs(value - x) / x for x in by_name[layer["label"]][step]) < 5e-4
+
+
+def test_time_means_are_the_csv_means_over_the_plan_window(run_dir):
+    """layer_snr's means against a plain average of the CSV rows of the chosen subset."""
+    run = read_run(run_dir)
+    from lowmem.reports.run import layer_snr
+
+    rows = list(csv.DictReader(open(run_dir / "snr.csv")))
+    for layer in layer_snr(run.layers, run.trajectory):
+        if layer.name != "h.1.attn.q.weight":
+            continue
+        fan_in = layer.subsets["fan_in"]
+        expected = np.mean([float(r["snr"]) for r in rows
+                            if r["name"] == layer.name and r["view"].startswith("raw:") and r["subset"] == "1"])
+        assert fan_in.mean == pytest.approx(expected, rel=1e-12)
+        assert run.plan.layers[layer.name].snr["1"] == pytest.approx(expected, abs=1e-6)   # the plan rounds to 6
+
+
+def test_memory_table_is_memory_json(run_dir, page):
+    doc = json.loads((run_dir / "memory.json").read_text())
+    table = next(i for i, (tag, a) in enumerate(page.tags) if a.get("id") == "memory-table")
+    names = [r["name"] for r in doc["optimizers"]]
+    text = "".join(page.text)
+    assert all(n in text for n in names)
+    assert table >= 0 and names[0] == "adamw" and names[-1] == "plan"
+
+
+def test_compare_section_shows_best_lr_gap_and_divergence(run_dir):
+    run = read_run(run_dir)
+    # Held-out loss decides: AdamW best at 3e-3 (0.75), SlimAdam at 3e-3 (0.78); 1e-2 diverged.
+    assert figures.best_learning_rates(run.compare) == {"adamw": 3e-3, "slimadam": 3e-3}
+    html = render_report(run)
+    compare = html[html.index('id="compare-table"'):]
+    compare = compare[:compare.index("</table>")]
+    assert "+0.0300" in compare          # 0.78 - 0.75 at 3e-3
+    assert "+0.0200" in compare          # 0.97 - 0.95 at 1e-3
+    assert compare.count("diverged") == 1
+    assert compare.count("best lr") == 2
+
+
+def test_figures_leave_the_users_matplotlib_state_alone():
+    rows = [MemoryRow("adamw", 4 << 20, 4 << 20, 8 << 20, 0.0, 0.0), MemoryRow("plan", 4 << 20, 1 << 10, (4 << 20) + 1024, 0.99, 0.49)]
+    plain = figures.memory_bars(rows, "M")
+    before = dict(matplotlib.rcParams)
+    with matplotlib.rc_context({"axes.facecolor": "red", "font.size": 30, "lines.linewidth": 9}):
+        styled = figures.memory_bars(rows, "M")
+        assert matplotlib.rcParams["axes.facecolor"] == "red"      # still the user's inside their context
+    assert styled.png == plain.png                                 # the user's style did not reach the figure
+    assert dict(matplotlib.rcParams) == before
+    import matplotlib.pyplot as plt
+    assert plt.get_fignums() == []
+
+
+def test_pooled_heatmap_is_the_blockwise_max_of_abs_h(tmp_path):
+    rng = np.random.default_rng(0)
+    shape = (6, 5)                                  # a piece of shape (in=6, out=5): out_axis 1
+    d = 30
+    H = rng.standard_normal((d, d))
+    np.save(tmp_path / "H.npy", H)
+    pooled = figures.pooled_abs(tmp_path / "H.npy", cells=4, shape=list(shape), out_axis=1)
+    # Reference: permute to output-unit-major order by hand, then max over each bin.
+    order = np.array([i * 5 + o for o in range(5) for i in range(6)])
+    A = np.abs(H[np.ix_(order, order)])
+    edges = [0, 7, 15, 22, 30]
+    expected = np.array([[A[edges[i]:edges[i + 1], edges[j]:edges[j + 1]].max() for j in range(4)] for i in range(4)])
+    np.testing.assert_array_equal(pooled, expected)
+    np.testing.assert_array_equal(figures.pooled_abs(tmp_path / "H.npy", cells=64), np.abs(H))   # small: unpooled
+
+
+def test_many_layers_pool_into_role_depth_bins_by_median():
+    layers = [LayerSnr(f"l{i}.{role}", f"l{i}.{role}", role, i, {"fan_in": SubsetSnr("fan_in", float(i + 1), [1], [1.0])})
+              for role in ("attn_q", "mlp_up") for i in range(150)]
+    labels, values, pooled = figures._pool_rows(layers, ["fan_in"])
+    assert pooled and len(labels) == figures.MAX_HEATMAP_ROWS
+    # attn_q layers 0..149 in 40 bins: the first bin holds depths 0..2 (150*1//40 = 3), median 2.
+    assert labels[0] == "attn_q depth 0–2 (3)" and values[0, 0] == np.median([1.0, 2.0, 3.0])
+    assert figures.snr_heatmap(layers, 1.0).height < 2000
+
+
+def test_script_json_cannot_close_its_script_and_parses_back():
+    value = {"name": "</script><script>alert(1)</script>", "x": "a&b"}
+    text = script_json(value)
+    assert "</" not in text and "<" not in text
+    assert json.loads(text) == value
+
+
+# -- rebuilding from files, interrupted runs, bad folders ---------------------------------------------
+
+
+def test_report_command_rebuilds_views_and_html_from_the_folder(run_dir, tmp_path):
+    target = tmp_path / "again.html"
+    code, out, err = cli("report", run_dir, "--html", target)
+    assert code == 0, err
+    assert "Compression plan" in out and "Summary" in out and "Exact Hessian blocks" in out
+    assert "h.0.attn.q.weight" in out
+    page = _Page(target.read_text())
+    assert json.loads(page.scripts["lowmem-plan"]) == json.loads((run_dir / "plan.json").read_text())
+
+
+def test_killed_run_is_reported_with_a_plan_rebuilt_from_its_trajectory(run_dir, tmp_path):
+    """A run killed before its plan leaves layers.json and snr.csv.part; the report rebuilds the
+    same per-layer decisions the finished run wrote."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(run_dir / "layers.json", killed)
+    text = (run_dir / "snr.csv").read_text()
+    (killed / "snr.csv.part").write_text(text + "40,h.0.attn.q.weight,8x8,raw:8")    # a torn last line
+    code, out, err = cli("report", killed)
+    assert code == 0, err
+    assert "did not finish" in err and "rebuilt" in err
+    page = _Page((killed / "report.html").read_text())
+    rebuilt = json.loads(page.scripts["lowmem-plan"])
+    original = json.loads((run_dir / "plan.json").read_text())
+    assert rebuilt["layers"] == original["layers"]
+    assert rebuilt["model"] == original["model"]
+    assert "interrupted" in "".join(page.text)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "holds neither plan.json nor snr.csv"),
+    (lambda d: (d / "plan.json").write_text("{not json"), "plan.json"),
+    (lambda d: (d / "snr.csv").write_text("step,name\n1,x\n"), "snr.csv: line 1"),
+])
+def test_bad_run_folders_exit_2_naming_the_file(tmp_path, setup, message):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    setup(folder)
+    code, out, err = cli("report", folder)
+    assert code == 2
+    assert message in err and out == ""
+    assert not (folder / "report.html").exists()
+
+
+def test_missing_folder_exits_2(tmp_path):
+    code, _, err = cli("report", tmp_path / "nope")
+    assert code == 2 and "is not a folder" in err
+
+
+def test_no_html_flag_writes_nothing(run_dir, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", "hessian", "compare"))
+    code, out, _ = cli("report", folder, "--no-html", "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["report"] is None and doc["measurements"] == 10 and not (folder / "report.html").exists()
+
+
+# -- a real browser ----------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import browser  # noqa: E402  (tests/reports/browser.py: headless Chromium over the DevTools pipe)
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None and not os.environ.get("LOWMEM_REQUIRE_BROWSER"),
+                    reason="no Chromium here (.ci/run installs Debian's chromium and requires this test)")
+def test_report_renders_in_headless_chromium_without_errors(run_dir, tmp_path):
+    shot = Path(os.environ.get("LOWMEM_SCREENSHOT_DIR", tmp_path)) / "report.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page = browser.render_page(run_dir / "report.html", shot, width=1280)
+    assert page.console_errors == []
+    assert page.requests == []                       # nothing fetched: the page is self-contained
+    assert page.anchors_ok is True
+    imgs = [i for i in page.images if i["tag"] == "img"]
+    assert len(imgs) == 9
+    for i in imgs:
+        assert i["complete"] and i["natural_width"] > 0 and i["natural_height"] > 0, i
+        assert i["width"] > 100 and i["height"] > 100, i
+    # The trajectory viewer is drawn by the page's own script: its SVG exists and has a size.
+    svgs = [i for i in page.images if i["tag"] == "svg"]
+    assert len(svgs) == 1 and svgs[0]["width"] > 100 and svgs[0]["height"] > 100
+    assert _png_size(shot.read_bytes())[1] > 2000    # the whole page, not one viewport
