@@ -183,6 +183,30 @@ def test_ctrl_c_keeps_trajectory_and_writes_plan_from_it(tmp_path):
     assert plan.source["status"] == "interrupted"
     assert "interrupted at step" in stderr and "from what was captured" in stderr
     assert "Compression plan" in stdout
+    report = (out / "report.html").read_text()
+    assert "status: interrupted" in report and "lowmem-plan" in report
+
+
+def test_a_killed_run_can_still_be_reported(tmp_path):
+    """SIGKILL leaves no plan.json, only layers.json and snr.csv.part; `report` rebuilds the plan."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent(TINY).replace(
+        "def get_batch(step):\n", "def get_batch(step):\n    import time; time.sleep(0.02)\n"))
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem.cli.main", "slow.py", "--steps", "100000", "--every", "5",
+                             "--out", str(out), "--device", "cpu", "-q"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    part = out / "snr.csv.part"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (part.exists() and len(part.read_text().splitlines()) > 20):
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (out / "plan.json").exists() and (out / "layers.json").exists()
+    r = subprocess.run([sys.executable, "-m", "lowmem.cli.main", "report", "o"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "plan rebuilt from the trajectory" in r.stderr and "Compression plan" in r.stdout
+    assert "status: interrupted" in (out / "report.html").read_text()
 
 
 def test_builtin_example_end_to_end(tmp_path):

@@ -150,6 +150,8 @@ def test_json_numbers_match_numpy_on_the_saved_arrays(default_run):
         eig = np.linalg.eigvalsh(H)
         assert math.isclose(b["spectrum"]["lambda_max"], eig[-1], rel_tol=1e-10)
         assert math.isclose(b["spectrum"]["lambda_min"], eig[0], rel_tol=1e-10)
+        np.testing.assert_allclose(np.load(b["files"]["eigvals"]), eig, rtol=0, atol=1e-10 * np.abs(eig).max())
+        assert b["out_axis"] == 0                                  # nn.Linear: rows are output units
         rows = b["shape"][0]
         assert math.isclose(b["mass"]["per row"]["inside"], diagonal_mass(H, rows), rel_tol=1e-10)
         assert b["mass"]["per row"]["baseline"] == 1 / rows
