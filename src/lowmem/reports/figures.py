@@ -268,6 +268,18 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
+def _plain_labels(minor: bool = False):
+    """Tick labels as plain numbers (0.003); minor ticks labelled only at 2 and 5 × a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(v, _):
+        if not minor:
+            return f"{v:g}"
+        lead = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
+        return f"{v:g}" if lead in (2, 3, 5) else ""
+    return FuncFormatter(label)
+
+
 def _integer_ticks():
     from matplotlib.ticker import MaxNLocator
 
@@ -380,6 +392,8 @@ def loss_vs_lr(rows: list[dict]) -> Figure | None:
                 ax.scatter(bad, [top] * len(bad), marker="x", color=color, s=45,
                            label=None if ok else f"{opt} (diverged)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_plain_labels())
+        ax.xaxis.set_minor_formatter(_plain_labels(minor=True))
         ax.set_xlabel("learning rate")
         ax.set_ylabel(key.replace("_", " "))
         ax.legend(fontsize=8)
@@ -408,7 +422,7 @@ def best_lr_curves(rows: list[dict], curves: list[dict], column: str = "train_lo
         ax.set_xlabel("step")
         ax.set_ylabel(column.replace("_", " "))
         if column != "distance_to_adamw":
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.legend(fontsize=8)
         what = "Distance to AdamW's weights" if column == "distance_to_adamw" else "Loss at the best learning rate"
         return _encode(fig, f"fig-{column.replace('_', '-')}", what,
