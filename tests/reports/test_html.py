@@ -250,19 +250,26 @@ def test_every_figure_is_a_png_of_its_stated_size_with_content(page):
 
 
 def test_viewer_data_is_the_trajectory_csv(run_dir, page):
-    """Every value the in-page viewer draws is a row of snr.csv (to the 4 digits it keeps)."""
+    """Every series the in-page viewer draws is its (name, view, subset) rows of snr.csv, step by
+    step (to the 4 digits it keeps), and covers every candidate subset of every layer."""
     viewer = json.loads(page.scripts["lowmem-snr"])
     rows = list(csv.DictReader(open(run_dir / "snr.csv")))
-    by_name: dict[str, dict[int, list[float]]] = {}
+    series: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in rows:
-        by_name.setdefault(r["name"], {}).setdefault(int(r["step"]), []).append(float(r["snr"]))
-    labels = {layer["label"] for layer in viewer["layers"]}
-    assert {r["name"] for r in rows} == labels
+        series.setdefault((r["name"], r["view"], r["subset"]), {})[int(r["step"])] = float(r["snr"])
+    assert {layer["label"] for layer in viewer["layers"]} == {r["name"] for r in rows}
+    drawn = 0
     for layer in viewer["layers"]:
         for s in layer["subsets"]:
-            assert s["steps"] == sorted(by_name[layer["label"]])
-            for step, value in zip(s["steps"], s["values"]):
-                assert min(abs(value - x) / x for x in by_name[layer["label"]][step]) < 5e-4
+            expected = series[(layer["label"], s["view"], s["subset"])]
+            assert s["steps"] == sorted(expected)
+            np.testing.assert_allclose(s["values"], [expected[k] for k in s["steps"]], rtol=5e-4)
+            drawn += 1
+    # q of each block: raw fan_out, fan_in, both; heads view fan_out/fan_in/both per head = 6.
+    q = next(layer for layer in viewer["layers"] if layer["label"] == "h.0.attn.q.weight")
+    assert sorted(s["words"] for s in q["subsets"]) == sorted(
+        ["fan_out", "fan_in", "fan_out+fan_in", "fan_out per head", "fan_in per head", "fan_out+fan_in per head"])
+    assert drawn > 30
 
 
 def test_time_means_are_the_csv_means_over_the_plan_window(run_dir):
@@ -281,13 +288,57 @@ def test_time_means_are_the_csv_means_over_the_plan_window(run_dir):
         assert run.plan.layers[layer.name].snr["1"] == pytest.approx(expected, abs=1e-6)   # the plan rounds to 6
 
 
-def test_memory_table_is_memory_json(run_dir, page):
-    doc = json.loads((run_dir / "memory.json").read_text())
-    table = next(i for i, (tag, a) in enumerate(page.tags) if a.get("id") == "memory-table")
-    names = [r["name"] for r in doc["optimizers"]]
-    text = "".join(page.text)
-    assert all(n in text for n in names)
-    assert table >= 0 and names[0] == "adamw" and names[-1] == "plan"
+def _table_rows(html: str, table_id: str) -> list[list[str]]:
+    """The cell texts of each body row of one table, read with the HTML parser."""
+    start = html.index(f'id="{table_id}"')
+    chunk = html[html.rindex("<table", 0, start):html.index("</table>", start)]
+    cells: list[list[str]] = []
+
+    class _Rows(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.in_body = self.in_cell = False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tbody":
+                self.in_body = True
+            elif tag == "tr" and self.in_body:
+                cells.append([])
+            elif tag == "td" and self.in_body:
+                self.in_cell = True
+                cells[-1].append("")
+
+        def handle_endtag(self, tag):
+            self.in_cell = self.in_cell and tag != "td"
+
+        def handle_data(self, data):
+            if self.in_cell:
+                cells[-1][-1] += data
+
+    _Rows().feed(chunk)
+    return [[c.strip() for c in row] for row in cells]
+
+
+def test_memory_table_matches_hand_arithmetic(run_dir):
+    """AdamW keeps 2 fp32 entries per parameter; the plan keeps m plus the product of the kept
+    dims of each layer's view: recomputed from plan.json's views here."""
+    plan = json.loads((run_dir / "plan.json").read_text())
+    n = sum(int(np.prod(lp["shape"])) for lp in plan["layers"].values())
+
+    def kept(view, reduce):
+        return int(np.prod([d for i, d in enumerate(view) if reduce is None or i not in reduce]))
+
+    v_plan = sum(sum(kept(p["view"], p["reduce"]) for p in lp["parts"]) if lp.get("parts") else kept(lp["view"], lp["reduce"])
+                 for lp in plan["layers"].values())
+    rows = {r[0]: r for r in _table_rows((run_dir / "report.html").read_text(), "memory-table")}
+    assert list(rows)[0] == "adamw" and list(rows)[-1] == "plan"
+    memory = {r["name"]: r for r in json.loads((run_dir / "memory.json").read_text())["optimizers"]}
+    assert memory["adamw"]["total_bytes"] == 8 * n
+    assert memory["plan"]["total_bytes"] == 4 * (n + v_plan)
+    # The page prints them in binary units: KiB here (n is a few thousand).
+    assert rows["adamw"][3] == f"{8 * n / 1024:.2f} KiB"
+    assert rows["plan"][3] == f"{4 * (n + v_plan) / 1024:.2f} KiB"
+    assert rows["plan"][4] == f"{1 - v_plan / n:.1%}"
 
 
 def test_compare_section_shows_best_lr_gap_and_divergence(run_dir):
@@ -410,6 +461,55 @@ def test_no_html_flag_writes_nothing(run_dir, tmp_path):
     assert doc["report"] is None and doc["measurements"] == 10 and not (folder / "report.html").exists()
 
 
+def test_fused_qkv_parts_have_their_own_rows_and_decisions(tmp_path):
+    """The built-in binary example has GPT-2's fused c_attn: its q, k and v parts are separate
+    rows of the heatmap and viewer, and the plan row states each part's decision."""
+    out = tmp_path / "bin"
+    code, _, err = cli("--example", "binary", "--steps", "8", "--every", "4", "--out", out, "-q")
+    assert code == 0, err
+    page = _Page((out / "report.html").read_text())
+    viewer = json.loads(page.scripts["lowmem-snr"])
+    labels = [layer["label"] for layer in viewer["layers"]]
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert [f"{name} [q]", f"{name} [k]", f"{name} [v]"] == [l for l in labels if l.startswith(name)]
+    roles = {layer["label"]: layer["role"] for layer in viewer["layers"]}
+    assert roles[f"{name} [k]"] == "attn_k"
+    plan = json.loads((out / "plan.json").read_text())
+    row = next(r for r in _table_rows((out / "report.html").read_text(), "plan-table") if r[0] == name)
+    for part in plan["layers"][name]["parts"]:
+        assert f"{part['name']}: " in row[6]          # "q: avg 1, k: full, …" as the terminal shows
+    assert json.loads(page.scripts["lowmem-plan"]) == plan
+
+
+def test_dollar_signs_in_names_are_text_not_math():
+    layer = LayerSnr("a$_$b.weight", "a$_$b.weight", "mlp_up", 0,
+                     {"fan_in": SubsetSnr("fan_in", 2.0, [1, 2], [1.5, 2.5])})
+    assert figures.snr_trajectories([layer], 1.0).width > 0
+    assert figures.snr_heatmap([layer], 1.0).width > 0
+
+
+def test_malformed_compare_csv_exits_2_naming_line_and_column(run_dir, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", "hessian"))
+    text = (folder / "compare" / "compare.csv").read_text().splitlines()
+    text[2] = text[2].replace("0.003", "auto")
+    (folder / "compare" / "compare.csv").write_text("\n".join(text) + "\n")
+    code, out, err = cli("report", folder)
+    assert code == 2 and "compare.csv: line 3: column lr must be a number, found 'auto'" in err
+
+
+def test_a_new_run_replaces_an_earlier_runs_files(run_dir, tmp_path):
+    """A preset written into a probe's folder leaves no stale trajectory for the report to mix in."""
+    folder = tmp_path / "reuse"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("hessian", "compare"))
+    code, _, err = cli(run_dir.parent / "model.py", "--preset", "eve", "--out", folder, "-q")
+    assert code == 0, err
+    assert not (folder / "snr.csv").exists()
+    page = _Page((folder / "report.html").read_text())
+    assert json.loads(page.scripts["lowmem-plan"])["source"]["preset"] == "eve"
+    assert "lowmem-snr" not in page.scripts and "snr-heatmap" not in page.ids
+
+
 # -- a real browser ----------------------------------------------------------------------------------
 
 import os  # noqa: E402
@@ -435,3 +535,18 @@ def test_report_renders_in_headless_chromium_without_errors(run_dir, tmp_path):
     svgs = [i for i in page.images if i["tag"] == "svg"]
     assert len(svgs) == 1 and svgs[0]["width"] > 100 and svgs[0]["height"] > 100
     assert _png_size(shot.read_bytes())[1] > 2000    # the whole page, not one viewport
+
+
+@pytest.mark.skipif(browser.CHROMIUM is None and not os.environ.get("LOWMEM_REQUIRE_BROWSER"),
+                    reason="no Chromium here (.ci/run installs Debian's chromium and requires this test)")
+def test_viewer_draws_with_threshold_zero(run_dir, tmp_path):
+    """log10(0) must not reach the axis loop of the viewer (it once spun forever)."""
+    folder = tmp_path / "t0"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("report.html", "hessian", "compare"))
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["source"]["threshold"] = 0
+    (folder / "plan.json").write_text(json.dumps(plan))
+    write_report(read_run(folder))
+    page = browser.render_page(folder / "report.html", timeout=60)
+    assert page.console_errors == []
+    assert [i["width"] for i in page.images if i["tag"] == "svg"] == [760]

@@ -154,7 +154,7 @@ def _run(args, err: Console) -> int:
                 raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
         else:
             plan = build_preset(args.preset, model, layers)
-            _write_layers(out, model, layers)
+            _start_run(out, model, layers)
             plan.save(out / "plan.json")
             _write_memory(out, model, layers, plan)
             note(f"wrote {out / 'plan.json'}")
@@ -168,7 +168,7 @@ def _run(args, err: Console) -> int:
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"),
-                           on_start=lambda model, layers: _write_layers(out, model, layers))
+                           on_start=lambda model, layers: _start_run(out, model, layers))
     traj = SnrTrajectory(result.capture.samples)
     failure = result.nonfinite
     status = "interrupted" if result.interrupted else "nonfinite_loss" if failure else "complete"
@@ -197,9 +197,17 @@ def _run(args, err: Console) -> int:
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
-def _write_layers(out: Path, model, layers) -> None:
-    """layers.json: what each parameter is, so `lowmem-analyze report` needs no model (written
-    before training, so a killed run has it too)."""
+RUN_FILES = ("plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html")
+
+
+def _start_run(out: Path, model, layers) -> None:
+    """Start a run in `out`: drop the files an earlier run left there (a run killed now must not
+    be reported with an earlier run's plan or trajectory), then write layers.json, what each
+    parameter is, so `lowmem-analyze report` needs no model, even for a killed run."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_file():     # on_start runs before capture opens snr.csv.part: all are earlier runs'
+            path.unlink()
     write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
 
 

@@ -61,8 +61,13 @@ def _run(args, err: Console) -> int:
     for n in run.notes:
         note(f"note: {n}")
     html = None
+    if args.html and Path(args.html).is_dir():
+        raise UsageError(f"--html {args.html} is a folder; give the file to write, e.g. {Path(args.html) / 'report.html'}")
     if not args.no_html:
-        html = write_report(run, args.html)
+        try:
+            html = write_report(run, args.html)
+        except OSError as e:
+            raise UsageError(f"cannot write {args.html or run.folder / 'report.html'}: {e.strerror or e}") from None
         note(f"wrote {html}")
     if args.format == "json":
         doc = {"folder": str(run.folder), "status": run.status,

@@ -48,7 +48,7 @@ def _style():
 
     rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.85),
           "figure.dpi": DPI, "savefig.dpi": DPI, "axes.prop_cycle": matplotlib.cycler(color=sns.color_palette("colorblind")),
-          "svg.hashsalt": "lowmem"}
+          "svg.hashsalt": "lowmem", "text.parse_math": False}   # a "$" in a layer name is text
     with matplotlib.style.context("default"), matplotlib.rc_context(rc):
         yield
 

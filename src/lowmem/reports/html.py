@@ -87,7 +87,8 @@ def _viewer_data(layers, threshold: float) -> dict:
 
     return {"threshold": threshold,
             "layers": [{"label": l.label, "role": l.role,
-                        "subsets": [{"words": s.words, "steps": s.steps, "values": clean(s.values)}
+                        "subsets": [{"words": s.words, "view": s.view, "subset": s.subset, "steps": s.steps,
+                                     "values": clean(s.values)}
                                     for s in l.subsets.values()]} for l in layers if l.subsets]}
 
 

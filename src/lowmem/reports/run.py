@@ -123,18 +123,21 @@ def read_run(folder: str | os.PathLike) -> Run:
             run.plan = Plan.load(plan_path)
         except PlanError as e:
             raise RunFolderError(str(e)) from None
-    for name in ("snr.csv", "snr.csv.part"):
-        path = folder / name
-        if path.exists():
-            try:
-                run.trajectory = SnrTrajectory(read_trajectory(path))
-            except (TrajectoryError, OSError, UnicodeDecodeError) as e:
-                raise RunFolderError(f"{path}: {e}") from None
-            run.trajectory_path = path
-            if name.endswith(".part"):
-                run.notes.append(f"{name}: the run did not finish; its {len(run.trajectory.steps)} "
-                                 "measurement(s) are shown")
-            break
+        except OSError as e:
+            raise RunFolderError(f"{plan_path}: {e.strerror or e}") from None
+    # A run streams into snr.csv.part and renames it at its end; when both exist (a run killed
+    # in a folder an earlier run finished in), the newer one is this folder's last run.
+    paths = [p for p in (folder / "snr.csv", folder / "snr.csv.part") if p.is_file()]
+    if paths:
+        path = max(paths, key=lambda p: p.stat().st_mtime)
+        try:
+            run.trajectory = SnrTrajectory(read_trajectory(path))
+        except (TrajectoryError, OSError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{path}: {e}") from None
+        run.trajectory_path = path
+        if path.suffix == ".part":
+            run.notes.append(f"{path.name}: the run did not finish; its {len(run.trajectory.steps)} "
+                             "measurement(s) are shown")
     if run.plan is None and run.trajectory is None:
         raise RunFolderError(f"{folder} holds neither plan.json nor snr.csv: nothing to report "
                              f"(is it the --out folder of a lowmem-analyze run?)")
@@ -173,7 +176,10 @@ def _read_layers(run: Run) -> None:
         run.layers = ModelLayers.from_json(doc)
     except ValueError as e:
         raise RunFolderError(f"{path}: {e}") from None
-    run.model = doc.get("model")
+    model = doc.get("model")
+    if model is not None and not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)):
+        raise RunFolderError(f"{path}: 'model' must be the plan's model record, found {model!r:.80}")
+    run.model = model
 
 
 def _layers_from_files(run: Run) -> ModelLayers:
@@ -185,9 +191,17 @@ def _layers_from_files(run: Run) -> ModelLayers:
     elif run.trajectory is not None:
         for s in run.trajectory.samples:
             shapes.setdefault(s.name, (tuple(int(x) for x in s.shape.split("x")), "other"))
-    run.notes.append("no layers.json: axes are shown as dims d0, d1, …")
-    return ModelLayers({n: ParamInfo(n, (n,), shape, role, tuple(f"d{i}" for i in range(len(shape))), "?")
+    run.notes.append("no layers.json: axes are shown as dims d0, d1, … (an embedding's as token, model)")
+    return ModelLayers({n: ParamInfo(n, (n,), shape, role, _axes_from_role(role, shape), "?")
                         for n, (shape, role) in shapes.items()})
+
+
+def _axes_from_role(role: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    # Only an embedding's axes follow from its role alone (nn.Embedding is (token, model)); a
+    # matrix may be a Linear (out, in) or a transposed HF Conv1D (in, out), so it stays generic.
+    if role == "embedding" and len(shape) == 2:
+        return ("token", "model")
+    return tuple(f"d{i}" for i in range(len(shape)))
 
 
 def _read_hessian(run: Run) -> None:
@@ -198,8 +212,12 @@ def _read_hessian(run: Run) -> None:
         doc = _json(path)
         if not isinstance(doc, dict) or doc.get("schema") != "lowmem.hessian/1":
             raise RunFolderError(f"{path}: expected schema 'lowmem.hessian/1'")
+        blocks = doc.get("blocks", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks) \
+                or not all(isinstance(b.get("files") or {}, dict) for b in blocks):
+            raise RunFolderError(f"{path}: 'blocks' must be a list of block records")
         run.hessian = doc
-        for record in doc.get("blocks", []):
+        for record in blocks:
             files = record.get("files") or {}
             run.hessian_blocks.append(HessianBlock(record, _beside(where, files.get("npy")),
                                                    _beside(where, files.get("eigvals"))))
@@ -221,10 +239,10 @@ def _read_compare(run: Run) -> None:
         path = where / "compare.csv"
         if not path.exists():
             continue
-        run.compare = [_typed(r) for r in _csv_rows(path, COMPARE_COLUMNS)]
+        run.compare = _typed_rows(path, COMPARE_COLUMNS, required=("lr",))
         curves = where / "curves.csv"
         if curves.exists():
-            run.curves = [_typed(r) for r in _csv_rows(curves, CURVE_COLUMNS)]
+            run.curves = _typed_rows(curves, CURVE_COLUMNS, required=("lr", "step"))
         return
 
 
@@ -240,20 +258,28 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
         raise RunFolderError(f"{path}: {e}") from None
 
 
-def _typed(row: dict) -> dict:
-    """Numbers as floats (empty cells as None); names and statuses stay text."""
-    out = {}
-    for k, v in row.items():
-        if k in ("optimizer", "status") or v is None:
-            out[k] = v
-        elif v == "":
-            out[k] = None
-        else:
+_TEXT_COLUMNS = ("optimizer", "status")
+
+
+def _typed_rows(path: Path, columns: tuple[str, ...], required: tuple[str, ...]) -> list[dict]:
+    """Rows with the numbers of `columns` as floats (an empty cell: None, except in `required`);
+    other columns stay text. A cell that is not a number names its file, line and column."""
+    rows = []
+    for line, row in enumerate(_csv_rows(path, columns), start=2):
+        out = dict(row)
+        for k in columns:
+            if k in _TEXT_COLUMNS:
+                continue
+            v = (row.get(k) or "").strip()
+            if v == "" and k not in required:
+                out[k] = None
+                continue
             try:
                 out[k] = float(v)
             except ValueError:
-                out[k] = v
-    return out
+                raise RunFolderError(f"{path}: line {line}: column {k} must be a number, found {v!r}") from None
+        rows.append(out)
+    return rows
 
 
 # -- SNR per layer, the figures' common input ----------------------------------------------------
@@ -267,6 +293,8 @@ class SubsetSnr:
     mean: float
     steps: list[int]
     values: list[float]
+    view: str = ""             # the trajectory CSV's view label and subset this comes from
+    subset: str = ""
 
 
 @dataclass
@@ -309,7 +337,7 @@ def layer_snr(layers: ModelLayers, trajectory: SnrTrajectory,
                     rows[label] = LayerSnr(label, info.name, role, 0, {})
                 words = subset_words(view, dims)
                 if words not in rows[label].subsets:   # a raw view's words win over an equal head view's
-                    rows[label].subsets[words] = SubsetSnr(words, means[key].snr, *series[key])
+                    rows[label].subsets[words] = SubsetSnr(words, means[key].snr, *series[key], key[1], key[2])
         for row in rows.values():
             row.depth = depth.get(row.role, 0)
             depth[row.role] = row.depth + 1
