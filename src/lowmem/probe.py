@@ -48,6 +48,7 @@ class Task:
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
     defaults: dict = field(default_factory=dict)
     source: str = "?"
+    get_val_batch: Callable[[int], Any] | None = None   # held-out batch i; None: no held-out split
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ProbeResult:
     nonfinite: NonFiniteLossError | None = None   # set when a NaN/inf loss stopped the run
 
 
-def _call(task: Task, what: str, fn, *args):
+def call_user(task: Task, what: str, fn, *args):
     """Call user code; its exceptions become a `TaskError` carrying the user's frames."""
     try:
         return fn(*args)
@@ -109,7 +110,7 @@ def build(task: Task, device: torch.device, lr: float, seed: int,
     """The task's model on `device` and its optimizer (AdamW(lr) unless the task builds one; None
     without `with_optimizer`, for callers that do not train)."""
     torch.manual_seed(seed)
-    model = _call(task, "build_model()", task.build_model)
+    model = call_user(task, "build_model()", task.build_model)
     if not isinstance(model, nn.Module):
         raise TaskError(f"build_model() in {task.source} must return a torch.nn.Module, "
                         f"it returned {type(model).__name__}")
@@ -122,7 +123,7 @@ def build(task: Task, device: torch.device, lr: float, seed: int,
     if task.build_optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     else:
-        optimizer = _call(task, "build_optimizer(model)", task.build_optimizer, model)
+        optimizer = call_user(task, "build_optimizer(model)", task.build_optimizer, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TaskError(f"build_optimizer(model) in {task.source} must return a torch.optim.Optimizer, "
                             f"it returned {type(optimizer).__name__}")
@@ -165,14 +166,14 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     cap.attach()
     try:
         for step in range(steps):
-            batch = to_device(_call(task, f"get_batch({step})", task.get_batch, step), device)
-            loss = _call(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
-            _check_loss(task, loss, step)
+            batch = to_device(call_user(task, f"get_batch({step})", task.get_batch, step), device)
+            loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
+            check_loss(task, loss, step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 result.nonfinite = NonFiniteLossError(step, value)
                 break
-            _call(task, "loss.backward()", loss.backward)
+            call_user(task, "loss.backward()", loss.backward)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.steps_done = step + 1
@@ -186,7 +187,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     return result
 
 
-def _check_loss(task: Task, loss, step: int) -> None:
+def check_loss(task: Task, loss, step: int) -> None:
     if not isinstance(loss, torch.Tensor):
         raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor, "
                         f"it returned {type(loss).__name__} at step {step}")

@@ -15,6 +15,7 @@ import traceback
 import warnings
 from typing import Callable
 
+import torch
 from rich.console import Console
 
 from lowmem.cli.contract import UsageError
@@ -117,3 +118,16 @@ def load_plan_file(path: str | os.PathLike) -> Plan:
         raise UsageError(f"{path}: is a folder; give the plan.json file") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read the plan ({e.strerror})") from None
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device``: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda, cuda:N."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+    return dev

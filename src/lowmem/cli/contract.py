@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lowmem.examples import EXAMPLES
 from lowmem.probe import Task, TaskError
 
 REQUIRED = ("build_model", "get_batch", "loss_fn")
-OPTIONAL = ("build_optimizer",)
+OPTIONAL = ("build_optimizer", "get_val_batch")
 DEFAULT_KEYS = {"steps": int, "lr": float, "every": int}
 
 
@@ -98,4 +99,22 @@ def _task_from(obj, source: str) -> Task:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
             raise TaskError(f"{source}: LOWMEM[{k!r}] must be {'an integer' if typ is int else 'a number'}, found {v!r}")
     return Task(obj.build_model, obj.get_batch, obj.loss_fn, build_optimizer,
-                {k: DEFAULT_KEYS[k](v) for k, v in defaults.items()}, source)
+                {k: DEFAULT_KEYS[k](v) for k, v in defaults.items()}, source, _val_batches(obj, source))
+
+
+def _val_batches(obj, source: str):
+    """Held-out batches: ``get_val_batch(i)`` when defined, else ``get_batch(i, split="val")``
+    when `get_batch` takes a ``split`` argument (as the built-in examples do), else None."""
+    fn = getattr(obj, "get_val_batch", None)
+    if fn is not None:
+        if not callable(fn):
+            raise TaskError(f"{source}: get_val_batch is a {type(fn).__name__}, expected a function")
+        return fn
+    try:
+        params = inspect.signature(obj.get_batch).parameters
+    except (TypeError, ValueError):
+        return None
+    if "split" in params:
+        get_batch = obj.get_batch
+        return lambda i: get_batch(i, split="val")
+    return None

@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lowmem.cli.common import PROG, ArgumentParser, positive_float, positive_int, run_guarded, user_code
+from lowmem.cli.common import PROG, ArgumentParser, parse_device, positive_float, positive_int, run_guarded, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
@@ -333,7 +333,7 @@ def _run(args, err: Console) -> int:
     if not args.target and not args.example:
         raise UsageError(f"nothing to analyze: give a model.py (e.g. {NAME} model.py) or a built-in example "
                          f"({NAME} --example binary)")
-    device = _device(args.device)
+    device = parse_device(args.device)
     dtype = _DTYPES[args.dtype]
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(f"{NAME}: {msg}", markup=False))
     with user_code():
@@ -505,14 +505,6 @@ def _write_plan(results: list[BlockResult], model, layers: ModelLayers, path: Pa
 # -- the task ----------------------------------------------------------------------------------
 
 
-def _device(text: str) -> torch.device:
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
-    return dev
 
 
 def _user(task: Task, what: str, fn, *args):

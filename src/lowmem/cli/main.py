@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,18 +23,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
-                               ArgumentParser, load_plan_file, number, positive_float, positive_int, run_guarded,
-                               user_code)
+                               ArgumentParser, load_plan_file, number, parse_device, positive_float, positive_int,
+                               run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
-from lowmem.compress.memory import estimate_state_memory
+from lowmem.compare import SweepSettings, compare_rows, plan_digest, run_sweep
+from lowmem.compress.memory import estimate_state_memory, format_bytes
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
 from lowmem.reports.html import write_report
 from lowmem.reports.run import read_run
-from lowmem.reports.terminal import PlanSummary, PlanTable, RoleSnrTable
+from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
 from lowmem.snr.trajectory import SnrTrajectory
@@ -43,7 +45,8 @@ __all__ = ["EXIT_BAR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USA
 
 # `lowmem-analyze NAME …` runs the `main(argv)` of these modules; anything else is a model.py
 # (a file literally named like a command is reached as ./NAME).
-SUBCOMMANDS = {"memory": "lowmem.cli.memory", "hessian": "lowmem.cli.hessian", "report": "lowmem.cli.report"}
+SUBCOMMANDS = {"memory": "lowmem.cli.memory", "hessian": "lowmem.cli.hessian", "report": "lowmem.cli.report",
+               "compare": "lowmem.cli.compare"}
 
 
 def _window(text: str) -> tuple[int | None, int | None]:
@@ -72,7 +75,8 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Other commands: memory (optimizer-state memory of AdamW, the presets and a plan, from shapes; "
                f"'{PROG} memory --help'); hessian (exact Hessian blocks, their structure and spectra; "
                f"'{PROG} hessian --help'); report (rebuild the terminal views and report.html from a run folder; "
-               f"'{PROG} report --help'). "
+               f"'{PROG} report --help'); compare (train with several optimizers over a learning-rate grid; "
+               f"'{PROG} compare --help'). "
                "Exit codes: 0 done; 1 a --require-saved bar was not met; 2 usage error; 3 your code failed "
                "or broke the model.py contract; 4 internal error; 130 interrupted (results so far kept).",
     )
@@ -95,6 +99,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lowmem-out", metavar="DIR",
                    help="output folder for plan.json, snr.csv, layers.json, memory.json and report.html (default lowmem-out)")
     p.add_argument("--no-html", action="store_true", help="do not write report.html")
+    p.add_argument("--validate", type=positive_int, metavar="N",
+                   help="after writing the plan, train AdamW and the plan's optimizer for N steps from the same start "
+                        "and report the loss gap and memory saved (runs in OUT/validate)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
@@ -102,16 +109,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
-    return dev
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +130,7 @@ def _run(args, err: Console) -> int:
         raise UsageError("--plan and --preset are alternatives; give one")
     with user_code():
         task = load_example(args.example) if args.example else load_task(args.target)
-    device = _device(args.device)
+    device = parse_device(args.device)
     settings = {**DEFAULTS, **task.defaults}
     steps = args.steps or settings["steps"]
     every = args.every or settings["every"]
@@ -185,6 +182,14 @@ def _run(args, err: Console) -> int:
                       layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
     plan.save(out / "plan.json")
     _write_memory(out, result.model, result.layers, plan)
+    validation = None
+    if args.validate and not failure and not result.interrupted:
+        try:
+            validation = _validate(args, task, plan, lr, device, out, err, quiet, note)
+        except KeyboardInterrupt:
+            note(f"validation interrupted; the plan is in {out / 'plan.json'}")
+            _write_report(args, out, note)
+            return EXIT_INTERRUPTED
     _write_report(args, out, note)
     if failure:
         note(f"kept {len(traj.steps)} measurement(s) in {csv_path} and wrote {out / 'plan.json'} from them")
@@ -193,11 +198,12 @@ def _run(args, err: Console) -> int:
         note(f"interrupted at step {result.steps_done} of {steps}: kept {len(traj.steps)} measurement(s) in "
              f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
-                                                    "final_loss": result.losses[-1] if result.losses else None}, out)
+                                                    "final_loss": result.losses[-1] if result.losses else None}, out,
+                 validation)
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
-RUN_FILES = ("plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html")
+RUN_FILES = ("plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html", "validate")
 
 
 def _start_run(out: Path, model, layers) -> None:
@@ -206,9 +212,29 @@ def _start_run(out: Path, model, layers) -> None:
     parameter is, so `lowmem-analyze report` needs no model, even for a killed run."""
     for name in RUN_FILES:
         path = out / name
-        if path.is_file():     # on_start runs before capture opens snr.csv.part: all are earlier runs'
+        if path.is_dir():      # an earlier run's validation, against its own plan
+            shutil.rmtree(path)
+        elif path.is_file():   # on_start runs before capture opens snr.csv.part: all are earlier runs'
             path.unlink()
     write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
+
+
+def _validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console, quiet: bool, note) -> list:
+    """AdamW and the plan's optimizer, `--validate` steps each from the same start at the probe's lr."""
+    steps = args.validate
+    settings = SweepSettings(steps=steps, warmup=steps // 20, eval_every=max(1, steps // 10), seed=args.seed,
+                             slimadam=plan_digest(plan), task=task.source)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
+                        disable=quiet)
+    bar = progress.add_task("validate", total=steps, loss="—")
+    with progress, user_code():
+        results = run_sweep(task, ["adamw", "plan"], [lr], settings, out / "validate", device, plan,
+                            on_run_start=lambda name, *_: progress.reset(bar, total=steps, description=f"validate {name}",
+                                                                         loss="—"),
+                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
+    note(f"validation runs in {out / 'validate'}")
+    return results
 
 
 def _write_memory(out: Path, model, layers, plan: Plan) -> None:
@@ -228,12 +254,24 @@ def _write_report(args, out: Path, note) -> None:
     note(f"wrote {path}")
 
 
+def _validation_summary(results) -> dict:
+    adamw, mine = (next(r for r in results if r.optimizer == n) for n in ("adamw", "plan"))
+    held_out = adamw.final_val_loss is not None
+    key = "final_val_loss" if held_out else "final_train_loss"
+    a, b = getattr(adamw, key), getattr(mine, key)
+    gap = b - a if a is not None and b is not None else None
+    return {"steps": adamw.steps_done, "lr": adamw.lr, "loss_name": "held-out loss" if held_out else "training loss",
+            "adamw": adamw.row(), "plan": mine.row(), "loss_gap": gap, "relative_gap": gap / a if gap is not None else None,
+            "adamw_state_bytes": adamw.state_bytes, "plan_state_bytes": mine.state_bytes,
+            "state_saved": 1 - mine.state_bytes / adamw.state_bytes if adamw.state_bytes else 0.0}
+
+
 def _source(task, lr, steps, every, steps_done, status) -> dict:
     return {"probe_lr": lr, "probe_steps": steps, "every": every, "steps_done": steps_done, "status": status,
             "task": task.source}
 
 
-def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path) -> int:
+def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None) -> int:
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
@@ -244,6 +282,8 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                "files": {"plan": str(out / "plan.json")} | ({"snr": str(out / "snr.csv")} if traj else {})}
         if traj is not None:
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
+        if validation:
+            doc["validation"] = _validation_summary(validation)
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         # A pipe has no width; give the tables room rather than folding layer names.
@@ -254,6 +294,15 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             console.print(RoleSnrTable(median_by_role(traj, layers, args.window), args.threshold))
             console.print()
         console.print(PlanSummary(plan))
+        if validation:
+            console.print()
+            console.print(CompareTable(compare_rows(validation), title=f"Validation: {validation[0].steps_done:,} steps "
+                                       f"from the same start at lr {validation[0].lr:g} (gap to AdamW in brackets)"))
+            v = _validation_summary(validation)
+            if v["loss_gap"] is not None:
+                console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f} "
+                              f"({v['relative_gap']:+.2%}); optimizer state {format_bytes(v['plan_state_bytes'])} vs "
+                              f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
     if bar_failed:
         Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
                                    markup=False)

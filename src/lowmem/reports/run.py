@@ -1,7 +1,8 @@
 """A run folder read back: whatever files an analysis left, so a report can be rebuilt without
 retraining, also after an interrupted run.
 
-Files (all optional, but at least one of ``plan.json`` and ``snr.csv``/``snr.csv.part``):
+Files (all optional, but at least one of ``plan.json``, ``snr.csv``/``snr.csv.part`` and
+``compare.csv``):
 
 ==========================  =====================================================================
 ``plan.json``               the plan (`lowmem.compress.Plan`, schema ``lowmem.plan/1``)
@@ -138,16 +139,17 @@ def read_run(folder: str | os.PathLike) -> Run:
         if path.suffix == ".part":
             run.notes.append(f"{path.name}: the run did not finish; its {len(run.trajectory.steps)} "
                              "measurement(s) are shown")
-    if run.plan is None and run.trajectory is None:
-        raise RunFolderError(f"{folder} holds neither plan.json nor snr.csv: nothing to report "
+    _read_compare(run)
+    if run.plan is None and run.trajectory is None and not run.compare:
+        raise RunFolderError(f"{folder} holds no plan.json, snr.csv or compare.csv: nothing to report "
                              f"(is it the --out folder of a lowmem-analyze run?)")
-    if run.plan is None and run.layers is not None and run.model is not None and run.trajectory.samples:
+    if run.plan is None and run.layers is not None and run.model is not None and run.trajectory and run.trajectory.samples:
         run.plan = build_plan(run.model, run.trajectory, layers=run.layers,
                               source={"status": "interrupted", "rebuilt_by": "report"})
         run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps)")
-    elif run.plan is None:
+    elif run.plan is None and run.trajectory is not None:
         run.notes.append("no plan.json and no layers.json: SNR shown, no plan")
-    if run.layers is None:
+    if run.layers is None and (run.plan is not None or run.trajectory is not None):
         run.layers = _layers_from_files(run)
     memory_path = folder / "memory.json"
     if memory_path.exists():
@@ -156,7 +158,6 @@ def read_run(folder: str | os.PathLike) -> Run:
         except ValueError as e:
             raise RunFolderError(f"{memory_path}: {e}") from None
     _read_hessian(run)
-    _read_compare(run)
     return run
 
 
@@ -235,7 +236,7 @@ def _beside(folder: Path, recorded: str | None) -> Path | None:
 
 
 def _read_compare(run: Run) -> None:
-    for where in (run.folder, run.folder / "compare"):
+    for where in (run.folder, run.folder / "compare", run.folder / "validate"):
         path = where / "compare.csv"
         if not path.exists():
             continue

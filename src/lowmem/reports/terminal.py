@@ -257,3 +257,60 @@ class HessianTable:
         if any(r.head_mass is not None for r in self.rows):
             yield Text("head mass: share of ‖H‖²_F in the per-head diagonal blocks (dense: that of evenly spread "
                        "mass)", style="dim")
+
+
+# -- optimizers across learning rates -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompareRow:
+    """What the terminal shows of one (optimizer, lr) run."""
+
+    optimizer: str
+    lr: float
+    status: str                    # complete / diverged
+    loss: float | None             # final held-out loss (training loss without a held-out split)
+    state_bytes: int
+    step_seconds: float | None
+
+
+class CompareTable:
+    """Optimizer × learning rate: the final loss of each run (``div`` when it diverged) with its
+    gap to AdamW's at the same lr, then each optimizer's best lr, its state and step time."""
+
+    def __init__(self, rows: list[CompareRow], loss_name: str = "held-out loss", title: str | None = None):
+        self.rows, self.loss_name = rows, loss_name
+        self.title = title or f"Final {loss_name} by optimizer and learning rate (gap to AdamW in brackets)"
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lrs = sorted({r.lr for r in self.rows})
+        names = list(dict.fromkeys(r.optimizer for r in self.rows))
+        cell = {(r.optimizer, r.lr): r for r in self.rows}
+        adamw = {r.lr: r.loss for r in self.rows if r.optimizer == "adamw" and r.status == "complete"}
+        table = Table(title=self.title, title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("optimizer", no_wrap=True)
+        for lr in lrs:
+            table.add_column(f"lr {lr:g}", justify="right", no_wrap=True)
+        for h in ("best lr", "best loss", "state", "step"):
+            table.add_column(h, justify="right", no_wrap=True)
+        for name in names:
+            cells = []
+            for lr in lrs:
+                r = cell.get((name, lr))
+                if r is None:
+                    cells.append("")
+                elif r.status == "diverged" or r.loss is None or not math.isfinite(r.loss):
+                    cells.append("div")
+                else:
+                    gap = "" if name == "adamw" or lr not in adamw else f" ({r.loss - adamw[lr]:+.3f})"
+                    cells.append(f"{r.loss:.3f}{gap}")
+            done = [r for r in self.rows if r.optimizer == name and r.status == "complete" and r.loss is not None
+                    and math.isfinite(r.loss)]
+            best = min(done, key=lambda r: r.loss) if done else None
+            any_run = next(r for r in self.rows if r.optimizer == name)
+            times = [r.step_seconds for r in self.rows if r.optimizer == name and r.step_seconds]
+            table.add_row(name, *cells, "—" if best is None else f"{best.lr:g}", "—" if best is None else f"{best.loss:.3f}",
+                          format_bytes(any_run.state_bytes), "—" if not times else f"{1000 * sorted(times)[len(times) // 2]:.1f} ms")
+        yield table
+        yield Text(f"div: a NaN/inf loss stopped the run; state: optimizer state without step counters; "
+                   f"step: median time of a training step", style="dim")

@@ -1,0 +1,199 @@
+"""`lowmem-analyze compare`: train a model with several optimizers over a learning-rate grid,
+from the same initial weights on the same batches, and compare their losses.
+
+    lowmem-analyze compare --example shakespeare --lrs 3e-4,1e-3,3e-3,1e-2 --steps 400
+    lowmem-analyze compare model.py --optimizers adamw,slimadam,eve --plan lowmem-out/plan.json
+
+Writes to ``--out`` (default ``lowmem-out/compare``) as each run ends: ``runs/NAME@LR.json``,
+``compare.csv`` and ``curves.csv`` (columns in `lowmem.compare`), then ``report.html`` (in the
+run folder above ``--out`` when it holds a plan, else in ``--out``). Running the same command
+again skips the finished runs; ``--fresh`` starts over.
+
+Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (diverged runs are results); 2 usage error
+(unknown optimizer, bad grid, a plan for another model, ``--out`` holding another sweep);
+3 the user's code failed or broke the contract; 4 internal error; 130 interrupted (finished
+runs kept; the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, load_plan_file, number, parse_device,
+                               positive_int, run_guarded, user_code)
+from lowmem.cli.contract import UsageError, load_example, load_task
+from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, compare_rows, plan_digest, run_sweep
+from lowmem.compress import PlanError
+from lowmem.examples import EXAMPLES
+from lowmem.probe import DEFAULTS, TaskError, build
+from lowmem.reports.html import write_report
+from lowmem.reports.run import read_run
+from lowmem.reports.terminal import CompareTable
+
+NAME = f"{PROG} compare"
+LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rates spanning 33x
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(unknown) or '(none)'}; "
+                                         f"known: {','.join(OPTIMIZERS)}")
+    return list(dict.fromkeys(names))
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected learning rates separated by commas, e.g. 1e-3,3e-3; got {text!r}") from None
+    if not lrs or any(not (0 < x < float("inf")) for x in lrs):
+        raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0; got {text!r}")
+    return sorted(dict.fromkeys(lrs))
+
+
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        b = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) like 0.9,0.95; got {text!r}")
+    return b
+
+
+_nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+_nonneg_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_fraction = number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog=NAME,
+        description="Train a model with several optimizers over a learning-rate grid from the same initial weights "
+                    "on the same batches; record loss curves, final train and held-out loss, divergence, "
+                    "optimizer-state bytes and step time.",
+        epilog="Exit codes: 0 done (diverged runs are results); 2 usage error; 3 your code failed or broke the "
+               "model.py contract; 4 internal error; 130 interrupted (finished runs kept: run the same command "
+               "to resume).",
+    )
+    p.add_argument("target", nargs="?", help="model.py or model.py:factory (the contract of lowmem-analyze)")
+    p.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example instead of a model.py")
+    p.add_argument("--optimizers", type=_names, default=list(OPTIMIZERS), metavar="A,B,…",
+                   help=f"optimizers to train (default all: {','.join(OPTIMIZERS)})")
+    p.add_argument("--lrs", type=_lrs, metavar="LR,LR,…",
+                   help="peak learning rates (default the task's lr times " + ", ".join(f"{f:g}" for f in LR_FACTORS) + ")")
+    p.add_argument("--steps", type=positive_int, help=f"steps per run (default the task's, else {DEFAULTS['steps']})")
+    p.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps (default steps/20)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="after warm-up (default cosine)")
+    p.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="cosine floor as a share of the lr (default 0.1)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="decoupled weight decay (default 0)")
+    p.add_argument("--betas", type=_betas, default=(0.9, 0.95), help="beta1,beta2 (default 0.9,0.95)")
+    p.add_argument("--eval-every", type=positive_int, help="steps between held-out evaluations (default steps/10)")
+    p.add_argument("--eval-batches", type=_nonneg_int, default=4, help="held-out batches per evaluation (default 4)")
+    p.add_argument("--plan", metavar="FILE", help="SlimAdam from this plan.json (default: the published rules)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
+    p.add_argument("--out", default="lowmem-out/compare", metavar="DIR", help="output folder (default lowmem-out/compare)")
+    p.add_argument("--fresh", action="store_true", help="delete the runs already in --out and start over")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: a table or one JSON document")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model and each run (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks of failures in your code")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return run_guarded(lambda err: _run(args, err), prog=NAME, quiet=args.quiet, debug=args.debug)
+
+
+
+
+def _run(args, err: Console) -> int:
+    if bool(args.target) == bool(args.example):
+        raise UsageError("give a model.py or --example NAME (one of them)")
+    with user_code():
+        task = load_example(args.example) if args.example else load_task(args.target)
+    device = parse_device(args.device)
+    settings_lr = task.defaults.get("lr", DEFAULTS["lr"])
+    steps = args.steps or task.defaults.get("steps", DEFAULTS["steps"])
+    lrs = args.lrs or sorted(settings_lr * f for f in LR_FACTORS)
+    plan = None
+    if args.plan:
+        plan = load_plan_file(args.plan)
+        with user_code():
+            model, _ = build(task, torch.device("cpu"), settings_lr, args.seed, with_optimizer=False)
+        try:
+            plan.validate(model)
+        except PlanError as e:
+            raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
+    if args.warmup is not None and args.warmup >= steps:
+        raise UsageError(f"--warmup {args.warmup} must be below --steps {steps}")
+    settings = SweepSettings(steps=steps, warmup=steps // 20 if args.warmup is None else args.warmup,
+                             schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+                             betas=tuple(args.betas), eval_every=args.eval_every or max(1, steps // 10),
+                             eval_batches=args.eval_batches, seed=args.seed,
+                             slimadam=plan_digest(plan) if plan else "slimadam-rules", task=task.source)
+    out = Path(args.out)
+    if args.fresh:
+        for name in ("runs", "compare.csv", "curves.csv", "settings.json"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    quiet = args.quiet or not err.is_terminal
+    note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
+    if task.get_val_batch is None:
+        note(f"{task.source} has no held-out split (get_val_batch(i), or get_batch(step, split='val')): "
+             "final losses are training losses")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
+                        disable=quiet)
+    bar = progress.add_task("", total=steps, loss="—")
+
+    def start(name, lr, i, total):
+        progress.reset(bar, total=steps, description=f"{name} lr {lr:g} ({i + 1}/{total})", loss="—")
+
+    def done(result: RunResult, resumed: bool):
+        if resumed:
+            note(f"{result.optimizer} lr {result.lr:g}: finished earlier in {out}, kept")
+        elif result.status == "diverged":
+            note(f"{result.optimizer} lr {result.lr:g}: diverged at step {result.steps_done + 1} (NaN/inf loss)")
+
+    try:
+        with progress:
+            results = run_sweep(task, args.optimizers, lrs, settings, out, device, plan, on_run_start=start,
+                                on_run_done=done, on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"))
+    except SweepMismatch as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        note(f"interrupted: the finished runs are in {out}; run the same command to resume the rest")
+        return EXIT_INTERRUPTED
+    _report(out, note)
+    loss_name = "held-out loss" if task.get_val_batch is not None else "training loss"
+    if args.format == "json":
+        doc = {"settings": settings.to_json(), "lrs": lrs, "runs": [r.row() for r in results],
+               "files": {"compare": str(out / "compare.csv"), "curves": str(out / "curves.csv")}}
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    else:
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        console.print(CompareTable(compare_rows(results), loss_name))
+    return EXIT_OK
+
+
+def _report(out: Path, note) -> None:
+    """report.html of the run folder above `out` when it has a plan, else of `out` itself."""
+    folder = out.parent if (out.parent / "plan.json").exists() else out
+    try:
+        path = write_report(read_run(folder))
+    except Exception as e:   # the runs are on disk; `lowmem-analyze report` can make it again
+        note(f"report.html not written ({type(e).__name__}: {e})")
+        return
+    note(f"wrote {path}")

@@ -1,0 +1,460 @@
+"""Train one task with several optimizers over a learning-rate grid, from the same start.
+
+Every run starts from the same initial weights (one `build_model()` under the seed, copied) and
+sees the same batches (`get_batch(step)` for step 0 … N−1, checked by hashing them), with the
+same warm-up and cosine schedule. A run records its training-loss curve, held-out loss at each
+evaluation, its Euclidean distance to AdamW's weights at the same steps and learning rate (as
+Zhang et al., *Adam-mini*, 2024, Figure 16), the optimizer-state bytes and its step time.
+
+Nothing is lost to an interruption: each finished run is written to ``runs/NAME@LR.json`` as
+it ends (AdamW's weights at the evaluation steps beside it, for the distances), and
+``compare.csv`` / ``curves.csv`` are rewritten from all finished runs; running the same sweep
+again skips them. ``settings.json`` pins what a run depends on, so a folder never mixes sweeps.
+
+Files (the report reads them, `lowmem.reports.run`):
+
+``compare.csv``: `COMPARE_COLUMNS` plus ``opt_step_seconds``, ``init_sha``, ``batches_sha``, one
+row per (optimizer, lr) run in sweep order. ``final_train_loss`` is the mean training loss of
+the last `tail` steps (a single batch is noisy); ``final_val_loss`` the mean loss over
+``eval_batches`` held-out batches after the last step (empty without a held-out split);
+``status`` is ``complete`` or ``diverged`` (a NaN/inf loss stopped it); ``state_bytes`` counts
+the optimizer's state tensors but its step counters; ``step_seconds`` is the median time of a
+whole training step (forward, backward, optimizer), ``opt_step_seconds`` of `optimizer.step()`.
+
+``curves.csv``: `CURVE_COLUMNS`, one row per run and step; ``val_loss`` and
+``distance_to_adamw`` only at evaluation steps (and step 0), empty elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowmem.compress.memory import optimizer_state_bytes
+from lowmem.compress.optim import AdaLayer, AdafactorMomentum, AdaMeM, AdamMini, Eve, SlimAdam
+from lowmem.compress.plan import Plan, write_atomic
+from lowmem.probe import Task, TaskError, build, call_user, check_loss, to_device
+from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
+
+OPTIMIZERS = ("adamw", "slimadam", "eve", "adam-mini", "adam-mini-paper", "adalayer", "adamem", "adafactor-momentum")
+EXTRA_COLUMNS = ("opt_step_seconds", "init_sha", "batches_sha")
+SCHEMA = "lowmem.compare/1"
+
+
+class SweepMismatch(ValueError):
+    """The output folder holds runs of a sweep with other settings (a usage error)."""
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything a run's numbers depend on besides its optimizer and learning rate.
+
+    Attributes:
+        steps: optimizer steps per run.
+        warmup: steps of linear warm-up from lr/warmup to lr.
+        schedule: ``"cosine"`` (decay to ``min_lr_ratio``·lr at the last step) or ``"constant"``.
+        min_lr_ratio: the cosine schedule's floor, as a share of lr.
+        weight_decay: decoupled weight decay of every optimizer.
+        betas: (β1, β2) of the Adam-type optimizers and AdaMeM; Adafactor with momentum takes β1
+            and keeps its own β2 schedule.
+        eval_every: steps between held-out evaluations and distance measurements.
+        eval_batches: held-out batches per evaluation (``get_val_batch(0 … n−1)``).
+        tail: steps averaged for the final training loss.
+        seed: `torch.manual_seed` before building the model and before each run.
+        slimadam: what SlimAdam runs from: ``"slimadam-rules"`` or the plan's fingerprint.
+        task: the task's source, for the record.
+    """
+
+    steps: int
+    warmup: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eval_every: int = 50
+    eval_batches: int = 4
+    tail: int = 10
+    seed: int = 0
+    slimadam: str = "slimadam-rules"
+    task: str = "?"
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0 <= self.warmup < max(self.steps, 1):
+            raise ValueError(f"warmup must be in [0, steps), got {self.warmup} with {self.steps} steps")
+
+    def lr_at(self, step: int, lr: float) -> float:
+        """The learning rate of optimizer step `step` (0-based): linear warm-up, then cosine or flat."""
+        if step < self.warmup:
+            return lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return lr
+        span = max(self.steps - 1 - self.warmup, 1)
+        progress = (step - self.warmup) / span
+        return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self), "betas": list(self.betas)}
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, settings: SweepSettings,
+                   plan: Plan | None = None) -> torch.optim.Optimizer:
+    """The optimizer `name` (one of `OPTIMIZERS`, or ``"plan"``: the optimizer `plan` describes)."""
+    common = dict(lr=lr, weight_decay=settings.weight_decay)
+    betas = tuple(settings.betas)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), betas=betas, **common)
+    if name in ("slimadam", "plan"):
+        if name == "plan" and plan is None:
+            raise ValueError("optimizer 'plan' needs a plan")
+        return SlimAdam(model, plan, betas=betas, **common)
+    if name == "eve":
+        return Eve(model, betas=betas, **common)
+    if name == "adam-mini":
+        return AdamMini(model, betas=betas, **common)
+    if name == "adam-mini-paper":
+        return AdamMini(model, variant="paper", betas=betas, **common)
+    if name == "adalayer":
+        return AdaLayer(model, betas=betas, **common)
+    if name == "adamem":
+        return AdaMeM(model, betas=betas, **common)
+    if name == "adafactor-momentum":
+        return AdafactorMomentum(model, beta1=betas[0], **common)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+@dataclass
+class RunResult:
+    """One (optimizer, learning rate) run; see the module docstring for each number."""
+
+    optimizer: str
+    lr: float
+    status: str
+    steps_done: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    state_bytes: int
+    step_seconds: float | None
+    opt_step_seconds: float | None
+    init_sha: str
+    batches_sha: str
+    train_loss: list[float] = field(default_factory=list)                  # per step
+    evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)  # (step, val, distance)
+
+    def row(self) -> dict:
+        return {"optimizer": self.optimizer, "lr": self.lr, "status": self.status, "steps_done": self.steps_done,
+                "final_train_loss": self.final_train_loss, "final_val_loss": self.final_val_loss,
+                "state_bytes": self.state_bytes, "step_seconds": self.step_seconds,
+                "opt_step_seconds": self.opt_step_seconds, "init_sha": self.init_sha, "batches_sha": self.batches_sha}
+
+    def to_json(self) -> dict:
+        return {**self.row(), "train_loss": self.train_loss, "evals": [list(e) for e in self.evals]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "RunResult":
+        fields = {k: doc[k] for k in ("optimizer", "lr", "status", "steps_done", "final_train_loss", "final_val_loss",
+                                      "state_bytes", "step_seconds", "opt_step_seconds", "init_sha", "batches_sha")}
+        return cls(**fields, train_loss=list(doc["train_loss"]), evals=[tuple(e) for e in doc["evals"]])
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _sha_tensors(tensors, h=None) -> "hashlib._Hash":
+    h = h or hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
+def _batch_tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (list, tuple)):
+        for b in batch:
+            yield from _batch_tensors(b)
+    elif isinstance(batch, dict):
+        for k in sorted(batch, key=str):
+            yield from _batch_tensors(batch[k])
+
+
+def _flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in model.parameters() if p.requires_grad])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: torch.device) -> float | None:
+    if task.get_val_batch is None or settings.eval_batches == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = []
+            for i in range(settings.eval_batches):
+                batch = to_device(call_user(task, f"get_val_batch({i})", task.get_val_batch, i), device)
+                losses.append(float(call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)))
+        return sum(losses) / len(losses)
+    finally:
+        model.train(was_training)
+
+
+def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: nn.Module, device: torch.device,
+              plan: Plan | None = None, reference: dict[int, torch.Tensor] | None = None,
+              snapshots: dict[int, torch.Tensor] | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> RunResult:
+    """Train a copy of `base` with optimizer `name` at peak learning rate `lr`.
+
+    Args:
+        base: the initial model (copied, never trained itself).
+        reference: AdamW's flat weights by evaluation step, for ``distance_to_adamw``.
+        snapshots: filled with this run's flat weights by evaluation step (for AdamW's run).
+        on_step: called with (steps done, loss) after every step.
+
+    Raises:
+        TaskError: the user's code failed or broke the contract.
+    """
+    model = copy.deepcopy(base).to(device).train()
+    init_sha = _sha_tensors(p for p in model.state_dict().values()).hexdigest()
+    torch.manual_seed(settings.seed)
+    opt = make_optimizer(name, model, lr, settings, plan)
+    batches = hashlib.sha256()
+    result = RunResult(name, lr, "complete", 0, None, None, 0, None, None, init_sha, "")
+    step_times, opt_times = [], []
+
+    def evaluate(step: int) -> bool:
+        flat = _flat_params(model) if (reference is not None or snapshots is not None) else None
+        if snapshots is not None:
+            snapshots[step] = flat.cpu()
+        distance = None
+        if reference is not None and step in reference:
+            distance = float(torch.linalg.vector_norm(flat.cpu() - reference[step]))
+        val = _val_loss(task, model, settings, device)
+        result.evals.append((step, val, distance))
+        return val is None or math.isfinite(val)
+
+    evaluate(0)
+    for step in range(settings.steps):
+        for group in opt.param_groups:
+            group["lr"] = settings.lr_at(step, lr)
+        batch = call_user(task, f"get_batch({step})", task.get_batch, step)
+        _sha_tensors(_batch_tensors(batch), batches)
+        batch = to_device(batch, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
+        check_loss(task, loss, step)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            result.status = "diverged"
+            result.train_loss.append(value)
+            break
+        call_user(task, "loss.backward()", loss.backward)
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        step_times.append(t2 - t0)
+        opt_times.append(t2 - t1)
+        result.train_loss.append(value)
+        result.steps_done = step + 1
+        if on_step is not None:
+            on_step(step + 1, value)
+        if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+            if not evaluate(step + 1):
+                result.status = "diverged"
+                break
+    result.batches_sha = batches.hexdigest()
+    result.state_bytes = optimizer_state_bytes(opt).without_step
+    result.step_seconds = statistics.median(step_times) if step_times else None
+    result.opt_step_seconds = statistics.median(opt_times) if opt_times else None
+    if result.status == "complete":
+        tail = result.train_loss[-settings.tail:]
+        result.final_train_loss = sum(tail) / len(tail) if tail else None
+        last = result.evals[-1]
+        result.final_val_loss = last[1] if last[0] == result.steps_done else None
+    return result
+
+
+def run_file(out: Path, name: str, lr: float) -> Path:
+    return out / "runs" / f"{name}@{lr:g}.json"
+
+
+def check_settings(out: Path, settings: SweepSettings) -> None:
+    """Write ``settings.json``, or refuse when the folder holds a sweep with other settings."""
+    path = out / "settings.json"
+    doc = settings.to_json()
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SweepMismatch(f"{path}: unreadable ({e}); remove it or use another --out") from None
+        if old != doc:
+            diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in doc.items() if old.get(k) != v]
+            raise SweepMismatch(f"{out} holds runs of a sweep with other settings ({'; '.join(diff)}); "
+                                "use another --out, or --fresh to start over there")
+        return
+    write_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: SweepSettings, out: str | os.PathLike,
+              device: torch.device | str = "cpu", plan: Plan | None = None,
+              on_run_start: Callable[[str, float, int, int], None] | None = None,
+              on_run_done: Callable[[RunResult, bool], None] | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> list[RunResult]:
+    """Run every (optimizer, lr) not already finished in `out`; AdamW first at each lr.
+
+    Args:
+        optimizers: names from `OPTIMIZERS` (or ``"plan"`` with `plan`).
+        lrs: peak learning rates.
+        on_run_start: called with (name, lr, index, total) before each run that trains.
+        on_run_done: called with (result, resumed) after each run, finished now or earlier.
+
+    Returns:
+        All results in sweep order (lr-major, optimizers in the order given, AdamW first).
+
+    Raises:
+        SweepMismatch: `out` holds a sweep with other settings.
+        TaskError: the user's code failed; KeyboardInterrupt: the run in progress is lost,
+            every finished one is on disk.
+    """
+    out = Path(out)
+    device = torch.device(device)
+    check_settings(out, settings)
+    order = sorted(dict.fromkeys(optimizers), key=lambda n: n != "adamw")
+    base, _ = build(task, torch.device("cpu"), lrs[0], settings.seed, with_optimizer=False)
+    results: list[RunResult] = []
+    total = len(order) * len(lrs)
+    for lr in lrs:
+        reference = None
+        for name in order:
+            path = run_file(out, name, lr)
+            if path.exists():
+                result = RunResult.from_json(json.loads(path.read_text()))
+                results.append(result)
+                if on_run_done is not None:
+                    on_run_done(result, True)
+                if name == "adamw":
+                    reference = _load_weights(out, lr)
+                continue
+            if on_run_start is not None:
+                on_run_start(name, lr, len(results), total)
+            snapshots = {} if name == "adamw" and len(order) > 1 else None
+            result = train_one(task, name, lr, settings, base, device, plan,
+                               reference=reference if name != "adamw" else None, snapshots=snapshots, on_step=on_step)
+            if snapshots is not None:
+                _save_weights(out, lr, snapshots)
+                reference = snapshots
+            _check_same_batches(task, results, result)
+            write_atomic(path, json.dumps(result.to_json(), allow_nan=True) + "\n")
+            results.append(result)
+            write_tables(out, results)
+            if on_run_done is not None:
+                on_run_done(result, False)
+    write_tables(out, results)
+    return results
+
+
+def _check_same_batches(task: Task, done: list[RunResult], new: RunResult) -> None:
+    """Every run that finished all its steps saw the same batches (hash of every batch tensor)."""
+    for r in done:
+        if r.status == new.status == "complete" and r.steps_done == new.steps_done and r.batches_sha != new.batches_sha:
+            raise TaskError(f"get_batch in {task.source} gave other batches to {new.optimizer} at lr {new.lr:g} than to "
+                            f"{r.optimizer} at lr {r.lr:g}: it must be deterministic per step for a fair comparison "
+                            "(seed a torch.Generator with the step, as the built-in examples do)")
+        if r.init_sha != new.init_sha:
+            raise AssertionError(f"runs started from different weights ({r.optimizer}, {new.optimizer})")
+
+
+def _weights_path(out: Path, lr: float) -> Path:
+    return out / "runs" / f"adamw@{lr:g}.weights.pt"
+
+
+def _save_weights(out: Path, lr: float, snapshots: dict[int, torch.Tensor]) -> None:
+    path = _weights_path(out, lr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(snapshots, tmp)
+    os.replace(tmp, path)
+
+
+def _load_weights(out: Path, lr: float) -> dict[int, torch.Tensor] | None:
+    path = _weights_path(out, lr)
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def _cell(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(x) if math.isfinite(x) else ("nan" if math.isnan(x) else repr(x))
+    return str(x)
+
+
+def write_tables(out: Path, results: list[RunResult]) -> None:
+    """Rewrite ``compare.csv`` and ``curves.csv`` from `results` (each atomically)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    columns = (*COMPARE_COLUMNS, *EXTRA_COLUMNS)
+    w.writerow(columns)
+    for r in results:
+        row = r.row()
+        w.writerow([_cell(row[c]) for c in columns])
+    write_atomic(out / "compare.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CURVE_COLUMNS)
+    for r in results:
+        evals = {s: (v, d) for s, v, d in r.evals}
+        v0, d0 = evals.get(0, (None, None))
+        w.writerow([r.optimizer, _cell(r.lr), 0, "", _cell(v0), _cell(d0)])
+        for i, loss in enumerate(r.train_loss):
+            v, d = evals.get(i + 1, (None, None))
+            w.writerow([r.optimizer, _cell(r.lr), i + 1, _cell(loss), _cell(v), _cell(d)])
+    write_atomic(out / "curves.csv", buf.getvalue())
+
+
+def best_lr(results: list[RunResult], name: str) -> RunResult | None:
+    """The run of `name` with the lowest final held-out loss (training loss without a held-out split)."""
+    def loss(r):
+        return r.final_val_loss if r.final_val_loss is not None else r.final_train_loss
+    runs = [r for r in results if r.optimizer == name and r.status == "complete" and loss(r) is not None]
+    return min(runs, key=loss) if runs else None
+
+
+def plan_digest(plan: Plan) -> str:
+    """What a plan optimizer depends on, as one string: the hash of the plan's layers."""
+    text = json.dumps(plan.to_json()["layers"], sort_keys=True)
+    return "plan sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def compare_rows(results: list[RunResult]) -> list:
+    """The terminal table's rows (`lowmem.reports.terminal.CompareRow`): held-out loss where recorded."""
+    from lowmem.reports.terminal import CompareRow
+
+    return [CompareRow(r.optimizer, r.lr, r.status,
+                       r.final_val_loss if r.final_val_loss is not None else r.final_train_loss,
+                       r.state_bytes, r.step_seconds) for r in results]
