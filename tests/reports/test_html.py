@@ -433,7 +433,7 @@ def test_killed_run_is_reported_with_a_plan_rebuilt_from_its_trajectory(run_dir,
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "holds neither plan.json nor snr.csv"),
+    (lambda d: None, "holds no plan.json, snr.csv or compare.csv"),
     (lambda d: (d / "plan.json").write_text("{not json"), "plan.json"),
     (lambda d: (d / "snr.csv").write_text("step,name\n1,x\n"), "snr.csv: line 1"),
 ])

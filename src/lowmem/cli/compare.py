@@ -6,7 +6,7 @@ from the same initial weights on the same batches, and compare their losses.
 
 Writes to ``--out`` (default ``lowmem-out/compare``) as each run ends: ``runs/NAME@LR.json``,
 ``compare.csv`` and ``curves.csv`` (columns in `lowmem.compare`), then ``report.html`` (in the
-run folder above ``--out`` when it holds a plan, else in ``--out``). Running the same command
+run folder when ``--out`` is its ``compare/`` folder, as by default, else in ``--out``). Running the same command
 again skips the finished runs; ``--fresh`` starts over.
 
 Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (diverged runs are results); 2 usage error
@@ -189,8 +189,8 @@ def _run(args, err: Console) -> int:
 
 
 def _report(out: Path, note) -> None:
-    """report.html of the run folder above `out` when it has a plan, else of `out` itself."""
-    folder = out.parent if (out.parent / "plan.json").exists() else out
+    """report.html of the run folder when `out` is its ``compare/`` (the default), else of `out`."""
+    folder = out.parent if out.name == "compare" and (out.parent / "plan.json").exists() else out
     try:
         path = write_report(read_run(folder))
     except Exception as e:   # the runs are on disk; `lowmem-analyze report` can make it again

@@ -403,31 +403,45 @@ def loss_vs_lr(rows: list[dict]) -> Figure | None:
 
 
 def best_lr_curves(rows: list[dict], curves: list[dict], column: str = "train_loss") -> Figure | None:
-    """Loss curves at each optimizer's best learning rate (as the Eve paper's Figure 3); with
-    ``column="distance_to_adamw"`` the distance of the weights to AdamW's (Adam-mini Figure 16)."""
+    """Training loss at each optimizer's best learning rate (as the Eve paper's Figure 3), as a
+    moving average over ~1/40 of the run; with ``column="distance_to_adamw"``, every optimizer's
+    distance to AdamW's weights at AdamW's best learning rate (as the Adam-mini paper's Figure 16)."""
     best = best_learning_rates(rows)
+    distance = column == "distance_to_adamw"
+    if distance and "adamw" in best:
+        best = {opt: best["adamw"] for opt in dict.fromkeys(r["optimizer"] for r in rows) if opt != "adamw"}
     lines = {}
     for opt, lr in best.items():
-        pts = [(c["step"], c[column]) for c in curves if c["optimizer"] == opt and c["lr"] == lr
-               and isinstance(c.get(column), float) and math.isfinite(c[column])]
+        pts = sorted((c["step"], c[column]) for c in curves if c["optimizer"] == opt and c["lr"] == lr
+                     and isinstance(c.get(column), float) and math.isfinite(c[column]))
         if pts:
-            lines[(opt, lr)] = sorted(pts)
+            lines[(opt, lr)] = pts
     if not lines:
         return None
+    window = 1 if distance else max(1, max(len(p) for p in lines.values()) // 40)
     with _style():
         fig = _new(6.5, 4.2)
         ax = fig.add_subplot()
         for (opt, lr), pts in lines.items():
-            ax.plot(*zip(*pts), lw=1.3, label=f"{opt} (lr {lr:g})")
+            steps, values = np.array(pts).T
+            if window > 1 and len(values) >= window:
+                values = np.convolve(values, np.ones(window) / window, mode="valid")
+                steps = steps[window - 1:]
+            ax.plot(steps, values, lw=1.3, marker="o" if distance else None, ms=3, label=f"{opt} (lr {lr:g})")
         ax.set_xlabel("step")
         ax.set_ylabel(column.replace("_", " "))
-        if column != "distance_to_adamw":
+        if not distance:
             _log_y(ax)
         ax.legend(fontsize=8)
-        what = "Distance to AdamW's weights" if column == "distance_to_adamw" else "Loss at the best learning rate"
-        return _encode(fig, f"fig-{column.replace('_', '-')}", what,
-                       f"{column.replace('_', ' ')} over training at each optimizer's best learning rate.",
-                       f"{what} over training")
+        if distance:
+            return _encode(fig, "fig-distance-to-adamw", "Distance to AdamW's weights",
+                           "Euclidean distance of all weights to AdamW's at the same step, every optimizer at "
+                           "AdamW's best learning rate, from the same start and batches.",
+                           "distance to AdamW's weights over training")
+        smooth = f", moving average over {window} steps" if window > 1 else ""
+        return _encode(fig, "fig-train-loss", "Loss at the best learning rate",
+                       f"Training loss at each optimizer's best learning rate{smooth}.",
+                       "training loss over steps at each optimizer's best learning rate")
 
 
 def best_learning_rates(rows: list[dict]) -> dict[str, float]:
