@@ -340,7 +340,7 @@ def test_ctrl_c_keeps_finished_runs_and_the_same_command_resumes(tmp_path):
 
 
 def test_held_out_split_comes_from_get_val_batch_or_a_split_argument(tmp_path):
-    (tmp_path / "a.py").write_text(MODEL.replace('def get_batch(step, split="train"):', 'def get_batch(step, split="train"):'))
+    (tmp_path / "a.py").write_text(MODEL)
     assert load_task(str(tmp_path / "a.py")).get_val_batch is not None
     (tmp_path / "b.py").write_text(MODEL.replace('def get_batch(step, split="train"):', 'def get_batch(step):').replace(
         '(split != "train")', '0'))
@@ -350,5 +350,68 @@ def test_held_out_split_comes_from_get_val_batch_or_a_split_argument(tmp_path):
     x, _ = task.get_val_batch(2)
     assert torch.equal(x, task.get_batch(1002)[0])
     from lowmem.cli.contract import load_example
-    shakespeare = load_example("shakespeare")
-    assert not torch.equal(shakespeare.get_val_batch(0)[0], shakespeare.get_batch(0)[0])
+    assert load_example("binary").get_val_batch is None       # 16 random sequences: nothing to hold out
+
+
+def test_shakespeare_held_out_windows_come_from_text_never_trained_on():
+    """Every held-out window lies in the last 10% of the text and every training window in the
+    first 90%, found by searching the raw bytes."""
+    from lowmem.cli.contract import load_example
+    from lowmem.examples import shakespeare
+    ids, _ = shakespeare._corpus()
+    n_val = int(len(ids) * shakespeare.val_fraction)
+    train, val = bytes(ids[:-n_val].tolist()), bytes(ids[-n_val:].tolist())
+    task = load_example("shakespeare")
+    for i in range(3):
+        for row in task.get_val_batch(i)[0]:
+            assert val.find(bytes(row.tolist())) >= 0
+        for row in task.get_batch(i)[0]:
+            assert train.find(bytes(row.tolist())) >= 0
+
+
+def test_a_get_batch_that_is_not_deterministic_is_refused(tmp_path):
+    # Seeded by a call counter: the second run gets other batches (a global seed would not show it,
+    # since every run starts from torch.manual_seed(seed)).
+    (tmp_path / "model.py").write_text(MODEL.replace("g = torch.Generator().manual_seed(step * 2 + (split != \"train\"))",
+                                                     "g = torch.Generator().manual_seed(next(CALLS))")
+                                       + "\nimport itertools\nCALLS = itertools.count()\n")
+    code, _, err = cli("compare", tmp_path / "model.py", "--optimizers", "adamw,eve", "--lrs", "1e-2", "--steps", "4",
+                       "--out", tmp_path / "c")
+    assert code == 3 and "must be deterministic per step" in err
+
+
+def test_an_edited_model_does_not_join_an_earlier_sweep(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL)
+    args = ["compare", tmp_path / "model.py", "--optimizers", "adamw", "--lrs", "1e-2", "--steps", "4", "--out", tmp_path / "c"]
+    assert cli(*args)[0] == 0
+    (tmp_path / "model.py").write_text(MODEL.replace("self.head = nn.Linear(WIDTH, 11, bias=False)",
+                                                     "self.head = nn.Linear(WIDTH, 11, bias=True)"))
+    code, _, err = cli(*args)
+    assert code == 2 and "initial weights differ" in err
+
+
+def test_an_unreadable_run_file_is_trained_again(task, tmp_path):
+    first = run_sweep(task, ["adamw", "eve"], [1e-2], settings(), tmp_path)
+    (tmp_path / "runs" / "eve@0.01.json").write_text('{"optimizer": "eve", "lr": 0.0')      # cut short
+    trained = []
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = run_sweep(task, ["adamw", "eve"], [1e-2], settings(), tmp_path,
+                          on_run_done=lambda r, was_done: was_done or trained.append(r.optimizer))
+    assert trained == ["eve"]
+    assert again[1].train_loss == first[1].train_loss
+
+
+def test_training_loss_is_named_as_such_without_held_out_batches(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL)
+    code, out, err = cli("compare", tmp_path / "model.py", "--optimizers", "adamw", "--lrs", "1e-2", "--steps", "4",
+                         "--eval-batches", "0", "--out", tmp_path / "c")
+    assert code == 0 and "Final training loss" in out and "--eval-batches 0" in err
+
+
+def test_validate_runs_for_a_preset_plan_too(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL)
+    code, out, err = cli(tmp_path / "model.py", "--preset", "eve", "--validate", "4", "--out", tmp_path / "o",
+                         "--format", "json", "-q")
+    assert code == 0, err
+    v = json.loads(out)["validation"]
+    assert v["steps"] == 4 and v["plan_state_bytes"] < v["adamw_state_bytes"]

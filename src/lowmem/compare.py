@@ -36,6 +36,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -214,7 +215,12 @@ def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: tor
             losses = []
             for i in range(settings.eval_batches):
                 batch = to_device(call_user(task, f"get_val_batch({i})", task.get_val_batch, i), device)
-                losses.append(float(call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)))
+                loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar (mean-reduced) "
+                                    f"tensor, it returned {type(loss).__name__} "
+                                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} on held-out batch {i}")
+                losses.append(float(loss))
         return sum(losses) / len(losses)
     finally:
         model.train(was_training)
@@ -254,8 +260,9 @@ def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: n
         result.evals.append((step, val, distance))
         return val is None or math.isfinite(val)
 
-    evaluate(0)
-    for step in range(settings.steps):
+    if not evaluate(0):
+        result.status = "diverged"
+    for step in range(settings.steps if result.status == "complete" else 0):
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step, lr)
         batch = call_user(task, f"get_batch({step})", task.get_batch, step)
@@ -303,17 +310,19 @@ def run_file(out: Path, name: str, lr: float) -> Path:
     return out / "runs" / f"{name}@{lr:g}.json"
 
 
-def check_settings(out: Path, settings: SweepSettings) -> None:
-    """Write ``settings.json``, or refuse when the folder holds a sweep with other settings."""
+def check_settings(out: Path, settings: SweepSettings, init_sha: str) -> None:
+    """Write ``settings.json``, or refuse when the folder holds a sweep with other settings or
+    another model (`init_sha`: the hash of the initial weights)."""
     path = out / "settings.json"
-    doc = settings.to_json()
+    doc = {**settings.to_json(), "init_sha": init_sha}
     if path.exists():
         try:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SweepMismatch(f"{path}: unreadable ({e}); remove it or use another --out") from None
         if old != doc:
-            diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in doc.items() if old.get(k) != v]
+            diff = [f"{k}: {old.get(k)!r} there, {v!r} now" if k != "init_sha" else
+                    "initial weights differ (the model or build_model changed)" for k, v in doc.items() if old.get(k) != v]
             raise SweepMismatch(f"{out} holds runs of a sweep with other settings ({'; '.join(diff)}); "
                                 "use another --out, or --fresh to start over there")
         return
@@ -343,17 +352,18 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
     """
     out = Path(out)
     device = torch.device(device)
-    check_settings(out, settings)
     order = sorted(dict.fromkeys(optimizers), key=lambda n: n != "adamw")
     base, _ = build(task, torch.device("cpu"), lrs[0], settings.seed, with_optimizer=False)
+    # The initial weights pin the model too: an edited model.py must not join an earlier sweep.
+    check_settings(out, settings, _sha_tensors(base.state_dict().values()).hexdigest())
     results: list[RunResult] = []
     total = len(order) * len(lrs)
     for lr in lrs:
         reference = None
         for name in order:
             path = run_file(out, name, lr)
-            if path.exists():
-                result = RunResult.from_json(json.loads(path.read_text()))
+            result = _load_run(path)
+            if result is not None:
                 results.append(result)
                 if on_run_done is not None:
                     on_run_done(result, True)
@@ -362,7 +372,7 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
                 continue
             if on_run_start is not None:
                 on_run_start(name, lr, len(results), total)
-            snapshots = {} if name == "adamw" and len(order) > 1 else None
+            snapshots = {} if name == "adamw" else None
             result = train_one(task, name, lr, settings, base, device, plan,
                                reference=reference if name != "adamw" else None, snapshots=snapshots, on_step=on_step)
             if snapshots is not None:
@@ -376,6 +386,29 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
                 on_run_done(result, False)
     write_tables(out, results)
     return results
+
+
+def _load_run(path: Path) -> RunResult | None:
+    """A finished run, or None (to train it) when its file is missing or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return RunResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"lowmem: {path} is unreadable ({type(e).__name__}: {e}); training that run again", stacklevel=3)
+        return None
+
+
+def _other_runs(out: Path, results: list[RunResult]) -> list[RunResult]:
+    """Finished runs in `out` outside this sweep's grid (same settings: an earlier --lrs or
+    --optimizers), so compare.csv keeps every run the folder holds."""
+    mine = {(r.optimizer, r.lr) for r in results}
+    others = []
+    for path in sorted((out / "runs").glob("*@*.json")):
+        r = _load_run(path)
+        if r is not None and (r.optimizer, r.lr) not in mine:
+            others.append(r)
+    return sorted(others, key=lambda r: (r.lr, r.optimizer != "adamw", r.optimizer))
 
 
 def _check_same_batches(task: Task, done: list[RunResult], new: RunResult) -> None:
@@ -397,13 +430,25 @@ def _save_weights(out: Path, lr: float, snapshots: dict[int, torch.Tensor]) -> N
     path = _weights_path(out, lr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(snapshots, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(snapshots, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_weights(out: Path, lr: float) -> dict[int, torch.Tensor] | None:
     path = _weights_path(out, lr)
-    return torch.load(path, weights_only=True) if path.exists() else None
+    if not path.exists():
+        warnings.warn(f"lowmem: {path} is missing: distances to AdamW at lr {lr:g} are left empty", stacklevel=3)
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:   # torch raises several types for a damaged file
+        warnings.warn(f"lowmem: {path} is unreadable ({type(e).__name__}); distances to AdamW at lr {lr:g} are "
+                      "left empty", stacklevel=3)
+        return None
 
 
 def _cell(x) -> str:
@@ -415,7 +460,9 @@ def _cell(x) -> str:
 
 
 def write_tables(out: Path, results: list[RunResult]) -> None:
-    """Rewrite ``compare.csv`` and ``curves.csv`` from `results` (each atomically)."""
+    """Rewrite ``compare.csv`` and ``curves.csv`` from `results` and any other finished run in
+    `out` (each file atomically)."""
+    results = [*results, *_other_runs(out, results)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     columns = (*COMPARE_COLUMNS, *EXTRA_COLUMNS)

@@ -153,6 +153,8 @@ def _run(args, err: Console) -> int:
     if task.get_val_batch is None:
         note(f"{task.source} has no held-out split (get_val_batch(i), or get_batch(step, split='val')): "
              "final losses are training losses")
+    elif args.eval_batches == 0:
+        note("--eval-batches 0: final losses are training losses")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
                         disable=quiet)
@@ -165,7 +167,7 @@ def _run(args, err: Console) -> int:
         if resumed:
             note(f"{result.optimizer} lr {result.lr:g}: finished earlier in {out}, kept")
         elif result.status == "diverged":
-            note(f"{result.optimizer} lr {result.lr:g}: diverged at step {result.steps_done + 1} (NaN/inf loss)")
+            note(f"{result.optimizer} lr {result.lr:g}: diverged after {result.steps_done} step(s) (NaN/inf loss)")
 
     try:
         with progress:
@@ -177,7 +179,7 @@ def _run(args, err: Console) -> int:
         note(f"interrupted: the finished runs are in {out}; run the same command to resume the rest")
         return EXIT_INTERRUPTED
     _report(out, note)
-    loss_name = "held-out loss" if task.get_val_batch is not None else "training loss"
+    loss_name = "held-out loss" if any(r.final_val_loss is not None for r in results) else "training loss"
     if args.format == "json":
         doc = {"settings": settings.to_json(), "lrs": lrs, "runs": [r.row() for r in results],
                "files": {"compare": str(out / "compare.csv"), "curves": str(out / "curves.csv")}}

@@ -155,8 +155,12 @@ def _run(args, err: Console) -> int:
             plan.save(out / "plan.json")
             _write_memory(out, model, layers, plan)
             note(f"wrote {out / 'plan.json'}")
+        validation = _maybe_validate(args, task, plan, lr, device, out, err, quiet, note, "")
+        if validation is _INTERRUPTED:
+            return EXIT_INTERRUPTED
+        if args.preset:
             _write_report(args, out, note)
-        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out)
+        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation)
 
     csv_path = out / "snr.csv"
     progress = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -182,14 +186,10 @@ def _run(args, err: Console) -> int:
                       layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
     plan.save(out / "plan.json")
     _write_memory(out, result.model, result.layers, plan)
-    validation = None
-    if args.validate and not failure and not result.interrupted:
-        try:
-            validation = _validate(args, task, plan, lr, device, out, err, quiet, note)
-        except KeyboardInterrupt:
-            note(f"validation interrupted; the plan is in {out / 'plan.json'}")
-            _write_report(args, out, note)
-            return EXIT_INTERRUPTED
+    skipped = "the probe was interrupted" if result.interrupted else "the loss became non-finite" if failure else ""
+    validation = _maybe_validate(args, task, plan, lr, device, out, err, quiet, note, skipped)
+    if validation is _INTERRUPTED:
+        return EXIT_INTERRUPTED
     _write_report(args, out, note)
     if failure:
         note(f"kept {len(traj.steps)} measurement(s) in {csv_path} and wrote {out / 'plan.json'} from them")
@@ -219,9 +219,33 @@ def _start_run(out: Path, model, layers) -> None:
     write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
 
 
+_INTERRUPTED = object()   # what _maybe_validate returns after Ctrl-C
+
+
+def _maybe_validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console, quiet: bool, note,
+                    skipped: str):
+    """`--validate`'s runs, None without it, or `_INTERRUPTED` after Ctrl-C. The report is
+    written before a failure of the user's code propagates, so the plan's report is never lost."""
+    if not args.validate:
+        return None
+    if skipped:
+        note(f"--validate skipped: {skipped}")
+        return None
+    try:
+        return _validate(args, task, plan, lr, device, out, err, quiet, note)
+    except KeyboardInterrupt:
+        note(f"validation interrupted; the plan is in {out / 'plan.json'}")
+        _write_report(args, out, note)
+        return _INTERRUPTED
+    except TaskError:
+        _write_report(args, out, note)
+        raise
+
+
 def _validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console, quiet: bool, note) -> list:
     """AdamW and the plan's optimizer, `--validate` steps each from the same start at the probe's lr."""
     steps = args.validate
+    shutil.rmtree(out / "validate", ignore_errors=True)    # runs against another plan are no use here
     settings = SweepSettings(steps=steps, warmup=steps // 20, eval_every=max(1, steps // 10), seed=args.seed,
                              slimadam=plan_digest(plan), task=task.source)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -260,8 +284,9 @@ def _validation_summary(results) -> dict:
     key = "final_val_loss" if held_out else "final_train_loss"
     a, b = getattr(adamw, key), getattr(mine, key)
     gap = b - a if a is not None and b is not None else None
+    relative = gap / abs(a) if gap is not None and a != 0 else None
     return {"steps": adamw.steps_done, "lr": adamw.lr, "loss_name": "held-out loss" if held_out else "training loss",
-            "adamw": adamw.row(), "plan": mine.row(), "loss_gap": gap, "relative_gap": gap / a if gap is not None else None,
+            "adamw": adamw.row(), "plan": mine.row(), "loss_gap": gap, "relative_gap": relative,
             "adamw_state_bytes": adamw.state_bytes, "plan_state_bytes": mine.state_bytes,
             "state_saved": 1 - mine.state_bytes / adamw.state_bytes if adamw.state_bytes else 0.0}
 
@@ -300,8 +325,8 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                                        f"from the same start at lr {validation[0].lr:g} (gap to AdamW in brackets)"))
             v = _validation_summary(validation)
             if v["loss_gap"] is not None:
-                console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f} "
-                              f"({v['relative_gap']:+.2%}); optimizer state {format_bytes(v['plan_state_bytes'])} vs "
+                relative = "" if v["relative_gap"] is None else f" ({v['relative_gap']:+.2%})"
+                console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f}{relative}; optimizer state {format_bytes(v['plan_state_bytes'])} vs "
                               f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
     if bar_failed:
         Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",

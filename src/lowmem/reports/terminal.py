@@ -307,10 +307,10 @@ class CompareTable:
             done = [r for r in self.rows if r.optimizer == name and r.status == "complete" and r.loss is not None
                     and math.isfinite(r.loss)]
             best = min(done, key=lambda r: r.loss) if done else None
-            any_run = next(r for r in self.rows if r.optimizer == name)
+            state = max(r.state_bytes for r in self.rows if r.optimizer == name)   # a run stopped at step 0 has none
             times = [r.step_seconds for r in self.rows if r.optimizer == name and r.step_seconds]
             table.add_row(name, *cells, "—" if best is None else f"{best.lr:g}", "—" if best is None else f"{best.loss:.3f}",
-                          format_bytes(any_run.state_bytes), "—" if not times else f"{1000 * sorted(times)[len(times) // 2]:.1f} ms")
+                          format_bytes(state), "—" if not times else f"{1000 * sorted(times)[len(times) // 2]:.1f} ms")
         yield table
         yield Text(f"div: a NaN/inf loss stopped the run; state: optimizer state without step counters; "
                    f"step: median time of a training step", style="dim")
