@@ -368,6 +368,11 @@ def hessian_block(block: dict, pooled: np.ndarray | None, eigenvalues: np.ndarra
 # -- comparison ----------------------------------------------------------------------------------------
 
 
+def _optimizer_colors(rows: list[dict]) -> dict[str, str]:
+    """One colour per optimizer, by its first appearance in `rows`, the same in every figure."""
+    return {opt: f"C{i % 10}" for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in rows))}
+
+
 def loss_vs_lr(rows: list[dict]) -> Figure | None:
     """Final loss against learning rate per optimizer (as the Eve paper's Figure 2); diverged runs
     are drawn as crosses at the top edge."""
@@ -380,11 +385,10 @@ def loss_vs_lr(rows: list[dict]) -> Figure | None:
         fig = _new(6.5, 4.2)
         ax = fig.add_subplot()
         top = max(finite) * 1.05 if finite else 1.0
-        for i, opt in enumerate(dict.fromkeys(r["optimizer"] for r in rows)):
+        for opt, color in _optimizer_colors(rows).items():
             mine = sorted((r for r in rows if r["optimizer"] == opt), key=lambda r: r["lr"])
             ok = [(r["lr"], r[key]) for r in mine if r.get("status") != "diverged"
                   and isinstance(r.get(key), float) and math.isfinite(r[key])]
-            color = f"C{i % 10}"
             if ok:
                 ax.plot(*zip(*ok), marker="o", lw=1.4, color=color, label=opt)
             bad = [r["lr"] for r in mine if r.get("status") == "diverged"]
@@ -419,6 +423,7 @@ def best_lr_curves(rows: list[dict], curves: list[dict], column: str = "train_lo
     if not lines:
         return None
     window = 1 if distance else max(1, max(len(p) for p in lines.values()) // 40)
+    colors = _optimizer_colors(rows)
     with _style():
         fig = _new(6.5, 4.2)
         ax = fig.add_subplot()
@@ -427,7 +432,8 @@ def best_lr_curves(rows: list[dict], curves: list[dict], column: str = "train_lo
             if window > 1 and len(values) >= window:
                 values = np.convolve(values, np.ones(window) / window, mode="valid")
                 steps = steps[window - 1:]
-            ax.plot(steps, values, lw=1.3, marker="o" if distance else None, ms=3, label=f"{opt} (lr {lr:g})")
+            ax.plot(steps, values, lw=1.3, marker="o" if distance else None, ms=3, label=f"{opt} (lr {lr:g})",
+                    color=colors[opt])
         ax.set_xlabel("step")
         ax.set_ylabel(column.replace("_", " "))
         if not distance:

@@ -122,19 +122,35 @@ def _hessian_section(run: Run) -> dict | None:
 
 
 def _compare_section(run: Run) -> dict | None:
+    """Optimizer × learning rate: each cell the final loss and its gap to AdamW at that lr."""
     if not run.compare:
         return None
     best = figures.best_learning_rates(run.compare)
     key = "final_val_loss" if any(isinstance(r.get("final_val_loss"), float) for r in run.compare) else "final_train_loss"
-    adamw = {r["lr"]: r.get(key) for r in run.compare if r["optimizer"] == "adamw"}
+    adamw = {r["lr"]: r.get(key) for r in run.compare if r["optimizer"] == "adamw" and r.get("status") != "diverged"}
+    lrs = sorted({r["lr"] for r in run.compare})
     rows = []
-    for r in run.compare:
-        loss, ref = r.get(key), adamw.get(r["lr"])
-        gap = loss - ref if isinstance(loss, float) and isinstance(ref, float) and r["optimizer"] != "adamw" else None
-        rows.append({**r, "loss": loss, "gap": gap, "best": best.get(r["optimizer"]) == r["lr"]})
+    for opt in dict.fromkeys(r["optimizer"] for r in run.compare):
+        mine = {r["lr"]: r for r in run.compare if r["optimizer"] == opt}
+        cells = []
+        for lr in lrs:
+            r = mine.get(lr)
+            if r is None:
+                cells.append(None)
+                continue
+            loss, ref = r.get(key), adamw.get(lr)
+            ok = r.get("status") != "diverged" and isinstance(loss, float) and math.isfinite(loss)
+            gap = loss - ref if ok and isinstance(ref, float) and opt != "adamw" else None
+            cells.append({"loss": loss if ok else None, "gap": gap, "diverged": not ok, "best": best.get(opt) == lr})
+        states = [r["state_bytes"] for r in mine.values() if isinstance(r.get("state_bytes"), float)]
+        times = sorted(r["step_seconds"] for r in mine.values() if isinstance(r.get("step_seconds"), float))
+        rows.append({"optimizer": opt, "cells": cells, "best_lr": best.get(opt),
+                     "state": int(max(states)) if states else None,
+                     "step": times[len(times) // 2] if times else None})
     figs = [figures.loss_vs_lr(run.compare), figures.best_lr_curves(run.compare, run.curves),
             figures.best_lr_curves(run.compare, run.curves, "distance_to_adamw")]
-    return {"rows": rows, "key": key.replace("_", " "), "figures": [f for f in figs if f is not None]}
+    return {"lrs": lrs, "rows": rows, "key": key.replace("_", " "), "runs": len(run.compare),
+            "figures": [f for f in figs if f is not None]}
 
 
 def render_report(run: Run) -> str:
