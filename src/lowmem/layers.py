@@ -154,6 +154,13 @@ def _info_json(p: ParamInfo) -> dict:
 _PREFIXES = ("_orig_mod.", "module.")
 
 
+def sharded_parameters(model: nn.Module) -> dict[str, tuple]:
+    """``{name: placements}`` of the trainable parameters that are DTensors (FSDP2, tensor
+    parallel): lowmem does not support them yet, and its optimizers and capture refuse them."""
+    return {normalize_name(n): tuple(p.placements) for n, p in model.named_parameters()
+            if p.requires_grad and getattr(p, "placements", None) is not None}
+
+
 def normalize_name(name: str) -> str:
     """Strip the wrappers' prefixes (`torch.compile`'s ``_orig_mod.``, DDP's ``module.``)."""
     changed = True

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowmem.layers import ModelLayers, ParamInfo, normalize_name, resolve_layers
+from lowmem.layers import ModelLayers, ParamInfo, normalize_name, resolve_layers, sharded_parameters
 from lowmem.snr.estimator import axis_subsets, snr_terms
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
@@ -58,6 +58,12 @@ class SnrCapture:
                  on_sample: Callable[[list[Sample]], None] | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        sharded = sharded_parameters(model)
+        if sharded:   # one shard's v is not the parameter's v: its SNR would be wrong, not approximate
+            name, placements = next(iter(sharded.items()))
+            raise NotImplementedError(f"parameter {name!r} is a DTensor sharded as {placements} (FSDP2 / tensor "
+                                      "parallel): capture does not support sharded parameters yet; capture a "
+                                      "single-process or DistributedDataParallel run")
         self.optimizer = optimizer
         self.every = every
         self.shadow = shadow

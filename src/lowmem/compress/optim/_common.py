@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from lowmem.layers import normalize_name
+from lowmem.layers import normalize_name, sharded_parameters
 
 
 def check_hparams(lr: Any, betas: Any = None, eps: Any = None, weight_decay: Any = None) -> None:
@@ -74,6 +74,18 @@ def named_trainable(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """A mean over a sharded dim needs a collective that the optimizers do not make: refuse
+    FSDP2 / DTensor parameters rather than average one shard."""
+    sharded = sharded_parameters(model)
+    if sharded:
+        name, placements = next(iter(sharded.items()))
+        raise NotImplementedError(
+            f"parameter {name!r} is a DTensor sharded as {placements} (FSDP2 / tensor parallel; {len(sharded)} "
+            "such parameter(s)): lowmem's optimizers do not support sharded parameters yet; use them in one "
+            "process or with DistributedDataParallel")
+
+
 def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[dict]:
     """The optimizer's groups: every trainable parameter of `model` in one group, or the
     torch-style ``param_groups`` given (a list of parameters or of dicts with ``"params"``),
@@ -83,6 +95,7 @@ def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[di
         ValueError: a group holds a parameter that is not a trainable parameter of `model`.
     """
     names = named_trainable(model)
+    _refuse_sharded(model)
     if param_groups is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in names]}]
     groups = list(param_groups)
