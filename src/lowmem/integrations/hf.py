@@ -1,0 +1,55 @@
+"""Capture the SNR of Adam's `v` inside a Hugging Face `Trainer` run.
+
+    from lowmem.integrations.hf import LowmemCallback
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[LowmemCallback(every=10, out="snr.csv")])
+    trainer.train()
+    plan = lowmem.build_plan(model, lowmem.SnrTrajectory.read("snr.csv"))
+
+A thin adapter over `lowmem.capture`: at ``on_train_begin`` it unwraps the optimizer from
+accelerate's ``AcceleratedOptimizer`` and the model from its DDP / ``torch.compile`` wrappers and
+attaches an `SnrCapture`; at ``on_train_end`` it closes it (the CSV is then in place). Only the
+main process captures: under DDP `v` is replicated, so one rank's `v` is the whole of it.
+Needs ``pip install lowmem[hf]`` (transformers, accelerate).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from lowmem.snr.capture import SnrCapture
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer that does the work: accelerate's ``AcceleratedOptimizer`` (itself a
+    torch `Optimizer` subclass) and Lightning's ``LightningOptimizer`` keep it in ``.optimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class LowmemCallback(TrainerCallback):
+    """Attach `lowmem.capture` to a `Trainer`'s optimizer for the whole run.
+
+    Args:
+        every: measure every `every` optimizer steps.
+        out: the trajectory CSV (streamed to ``out.part``, moved into place when training ends).
+        shadow: estimate `v` from gradients when the optimizer keeps no ``exp_avg_sq``.
+    """
+
+    def __init__(self, every: int = 10, out: str | os.PathLike = "lowmem-out/snr.csv", shadow: bool = False):
+        self.every, self.out, self.shadow = every, out, shadow
+        self.capture: SnrCapture | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not state.is_world_process_zero or optimizer is None or model is None:
+            return
+        self.capture = SnrCapture(unwrap_optimizer(optimizer), model, every=self.every, out=self.out,
+                                  shadow=self.shadow).attach()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
