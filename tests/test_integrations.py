@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import lowmem  # noqa: E402
-from lowmem.integrations.hf import LowmemCallback, unwrap_optimizer  # noqa: E402
+from lowmem.integrations import unwrap_optimizer  # noqa: E402
+from lowmem.integrations.hf import LowmemCallback  # noqa: E402
 from lowmem.snr.trajectory import read_trajectory  # noqa: E402
 
 STEPS, BATCH, VOCAB, T = 6, 4, 50, 12

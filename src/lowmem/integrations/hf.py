@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 from transformers import TrainerCallback
 
+from lowmem.integrations import unwrap_optimizer
 from lowmem.snr.capture import SnrCapture
-
-
-def unwrap_optimizer(optimizer):
-    """The torch optimizer that does the work: accelerate's ``AcceleratedOptimizer`` (itself a
-    torch `Optimizer` subclass) and Lightning's ``LightningOptimizer`` keep it in ``.optimizer``."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class LowmemCallback(TrainerCallback):

@@ -1,0 +1,44 @@
+"""Capture the SNR of Adam's `v` inside a PyTorch Lightning run.
+
+    from lowmem.integrations.lightning import LowmemCallback
+    trainer = lightning.Trainer(callbacks=[LowmemCallback(every=10, out="snr.csv")], ...)
+    trainer.fit(module, dataloader)
+
+A thin adapter over `lowmem.capture`: at ``on_train_start`` it takes the module's first optimizer
+(unwrapping ``LightningOptimizer``) and attaches an `SnrCapture` on global rank 0 (under DDP `v`
+is replicated); at ``on_train_end`` it closes it. Needs ``pip install lowmem[lightning]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.callbacks import Callback
+
+from lowmem.integrations import unwrap_optimizer
+from lowmem.snr.capture import SnrCapture
+
+
+class LowmemCallback(Callback):
+    """Attach `lowmem.capture` to a Lightning module's optimizer for the whole fit.
+
+    Args:
+        every: measure every `every` optimizer steps.
+        out: the trajectory CSV (streamed to ``out.part``, moved into place when training ends).
+        shadow: estimate `v` from gradients when the optimizer keeps no ``exp_avg_sq``.
+    """
+
+    def __init__(self, every: int = 10, out: str | os.PathLike = "lowmem-out/snr.csv", shadow: bool = False):
+        self.every, self.out, self.shadow = every, out, shadow
+        self.capture: SnrCapture | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or not trainer.optimizers:
+            return
+        self.capture = SnrCapture(unwrap_optimizer(trainer.optimizers[0]), pl_module, every=self.every,
+                                  out=self.out, shadow=self.shadow).attach()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None

@@ -1,0 +1,86 @@
+"""The Lightning callback against the core API: a tiny Lightning module trained by
+`lightning.Trainer` with `LowmemCallback` writes the trajectory that `lowmem.capture` writes
+around a plain PyTorch loop doing the same training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+L = pytest.importorskip("lightning")
+
+import lowmem  # noqa: E402
+from lowmem.integrations import unwrap_optimizer  # noqa: E402
+from lowmem.integrations.lightning import LowmemCallback  # noqa: E402
+from lowmem.snr.trajectory import read_trajectory  # noqa: E402
+
+STEPS, BATCH = 6, 8
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 16)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(16, 32), "c_proj": nn.Linear(32, 16)})
+        self.head = nn.Linear(16, 11, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.mlp["c_proj"](torch.tanh(self.mlp["c_fc"](x)))
+        return self.head(x)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 11, (STEPS * BATCH, 6), generator=g)
+    return torch.utils.data.TensorDataset(x[:, :-1], x[:, 1:])
+
+
+def _loss(net, x, y):
+    return F.cross_entropy(net(x).reshape(-1, 11), y.reshape(-1))
+
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Net()
+
+    def training_step(self, batch, _):
+        return _loss(self.net, *batch)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_lightning_callback_writes_the_core_api_trajectory(tmp_path):
+    callback = LowmemCallback(every=2, out=tmp_path / "pl.csv")
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(Module(), torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False))
+    assert callback.capture is None
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv"):
+        for x, y in torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False):
+            _loss(net, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    pl = {(s.step, s.name.removeprefix("net."), s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "pl.csv")}
+    core = {(s.step, s.name, s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "core.csv")}
+    assert set(pl) == set(core) and {k[0] for k in core} == {2, 4, 6}
+    for key, value in core.items():
+        assert pl[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_unwrap_finds_the_torch_optimizer_inside_lightnings_wrapper():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    inner = torch.optim.AdamW(nn.Linear(2, 2).parameters())
+    assert unwrap_optimizer(LightningOptimizer(inner)) is inner
