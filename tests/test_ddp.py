@@ -73,7 +73,8 @@ def batch(step: int):
 
 
 def loss_of(model, x, y):
-    return F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1))
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def train(model, opt, rows=slice(None), capture_to=None):
@@ -151,7 +152,19 @@ def test_snr_captured_on_one_rank_equals_the_single_process_snr(ddp_run, tmp_pat
         assert ddp[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
 
 
-# -- FSDP2: not supported yet, refused by name rather than computed on one shard -------------------
+# -- FSDP2 ------------------------------------------------------------------------------------------
+
+ENGINE = ("slimadam", "eve", "adam-mini", "adam-mini-paper", "adalayer")   # the v-averaging engine
+OTHERS = ("adamem", "adafactor-momentum")                                  # not sharded yet: refused
+
+
+class EvenNet(Net):
+    """Net with every dim 0 even, so 2 ranks hold equal shards (and Q's 2 heads one each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, WIDTH)
+        self.head = nn.Linear(WIDTH, 12, bias=False)
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -160,32 +173,55 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = Net()
-        fully_shard(model)
-        messages = {}
-        for name in OPTIMIZERS:
+        messages, params = {}, {}
+        for name in (*ENGINE, *OTHERS):
+            torch.manual_seed(0)
+            model = EvenNet()
+            fully_shard(model)
             try:
-                make_optimizer(name, model, 1e-2, SETTINGS)
-                messages[name] = None
+                opt = make_optimizer(name, model, 1e-2, SETTINGS)
             except NotImplementedError as e:
                 messages[name] = str(e)
+                continue
+            half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            train(model, opt, half)
+            params[name] = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(0)
+        model = EvenNet()
+        fully_shard(model)
         try:
             lowmem.capture(torch.optim.AdamW(model.parameters()), model)
-            messages["capture"] = None
         except NotImplementedError as e:
             messages["capture"] = str(e)
         if rank == 0:
-            torch.save(messages, os.path.join(out, "messages.pt"))
+            torch.save({"messages": messages, "params": params}, os.path.join(out, "fsdp.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_sharded_parameters_are_refused_by_name(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
     pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2")
-    mp.start_processes(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    messages = torch.load(tmp_path / "messages.pt", weights_only=True)
-    assert messages["adamw"] is None                                   # torch's AdamW handles DTensors itself
-    for name in [*OPTIMIZERS[1:], "capture"]:
-        assert messages[name] is not None, name
-        assert "'emb.weight' is a DTensor sharded as (Shard(dim=0),)" in messages[name], (name, messages[name])
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    return torch.load(out / "fsdp.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_fsdp2_parameters_equal_a_single_process_run(fsdp_run, name):
+    """Means over sharded dims (Eve's rows of the vocabulary-sharded head, Adam-mini's per-head
+    and per-tensor means) are exact across the 2 shards."""
+    torch.manual_seed(0)
+    model = EvenNet()
+    torch.manual_seed(0)
+    train(model, make_optimizer(name, model, 1e-2, SETTINGS))
+    got = fsdp_run["params"][name]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=2e-5, atol=2e-6, msg=f"{name}: {k}")
+
+
+def test_fsdp2_refuses_what_is_not_sharded_yet_by_name(fsdp_run):
+    messages = fsdp_run["messages"]
+    for name in (*OTHERS, "capture"):
+        assert "'emb.weight' is a DTensor sharded as (Shard(dim=0),)" in messages[name], (name, messages.get(name))
+    assert not set(messages) & set(ENGINE)

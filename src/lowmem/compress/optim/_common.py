@@ -75,18 +75,18 @@ def named_trainable(model: nn.Module) -> dict[int, str]:
 
 
 def _refuse_sharded(model: nn.Module) -> None:
-    """A mean over a sharded dim needs a collective that the optimizers do not make: refuse
-    FSDP2 / DTensor parameters rather than average one shard."""
+    """Refuse FSDP2 / DTensor parameters in an optimizer that does not handle them (AdaMeM,
+    Adafactor with momentum) rather than compute on one shard."""
     sharded = sharded_parameters(model)
     if sharded:
         name, placements = next(iter(sharded.items()))
         raise NotImplementedError(
             f"parameter {name!r} is a DTensor sharded as {placements} (FSDP2 / tensor parallel; {len(sharded)} "
-            "such parameter(s)): lowmem's optimizers do not support sharded parameters yet; use them in one "
-            "process or with DistributedDataParallel")
+            "such parameter(s)): this optimizer does not support sharded parameters yet (lowmem's plan "
+            "optimizers do); use it in one process or with DistributedDataParallel")
 
 
-def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[dict]:
+def param_groups_for(model: nn.Module, param_groups: Iterable | None, allow_sharded: bool = False) -> list[dict]:
     """The optimizer's groups: every trainable parameter of `model` in one group, or the
     torch-style ``param_groups`` given (a list of parameters or of dicts with ``"params"``),
     whose parameters must all belong to `model`.
@@ -95,7 +95,8 @@ def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[di
         ValueError: a group holds a parameter that is not a trainable parameter of `model`.
     """
     names = named_trainable(model)
-    _refuse_sharded(model)
+    if not allow_sharded:
+        _refuse_sharded(model)
     if param_groups is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in names]}]
     groups = list(param_groups)

@@ -240,7 +240,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         self.plan = plan
         self.state_dtype = state_dtype
         names = named_trainable(model)
-        groups = param_groups_for(model, param_groups)
+        groups = param_groups_for(model, param_groups, allow_sharded=True)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, compiled=compiled)
         super().__init__(groups, defaults)
@@ -255,6 +255,11 @@ class ReducedAdamW(torch.optim.Optimizer):
                 name = names[id(p)]
                 self._names[p] = name
                 self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
+                if _is_dtensor(p) and self._layouts[p].flat:
+                    raise NotImplementedError(
+                        f"parameter {name!r} is a DTensor sharded as {tuple(p.placements)} and its plan splits it "
+                        "into parts (fused q/k/v): sharded parts are not supported yet; shard the model without "
+                        "fusing q/k/v, or train it in one process or with DistributedDataParallel")
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -269,6 +274,12 @@ class ReducedAdamW(torch.optim.Optimizer):
             for p in work:
                 check_grad(p.grad, self._names[p], type(self).__name__)
                 self._init_state(p)
+            if not work:
+                continue
+            sharded = [p for p in work if _is_dtensor(p)]
+            for p in sharded:           # DTensor parameters (FSDP2): the single-tensor path, whose
+                self._single_tensor_step(p, group)   # ops DTensor distributes (means over shards included)
+            work = [p for p in work if not _is_dtensor(p)]
             if not work:
                 continue
             path = _choose_path(group, work, self)
@@ -290,6 +301,15 @@ class ReducedAdamW(torch.optim.Optimizer):
             return
         dtype = self._dtype(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if _is_dtensor(p):
+            # Sharded like the parameter; a v averaged over a sharded dim is a Partial(avg) DTensor,
+            # which the linear updates keep consistent and sqrt() reduces across ranks when used.
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+            block = self._layouts[p].blocks[0]
+            region = block.region(p.detach().to(dtype))
+            state["exp_avg_sq"] = torch.zeros_like(region if block.reduce is None else
+                                                   region.mean(dim=block.reduce, keepdim=True))
+            return
         state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(self._layouts[p].v_shape, dtype=dtype, device=p.device)
 
@@ -533,6 +553,10 @@ def _describe(layout: Layout) -> str:
         where = "" if b.dim is None else f"[{b.start}:{b.stop}] "
         return f"{where}view {list(b.view)} reduce {None if b.reduce is None else list(b.reduce)}"
     return "; ".join(one(b) for b in layout.blocks)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return getattr(t, "placements", None) is not None
 
 
 def _choose_path(group: dict, params: list[torch.Tensor], opt: ReducedAdamW) -> str:
