@@ -77,3 +77,21 @@ def test_unwrap_finds_the_torch_optimizer_inside_accelerates_wrapper():
     inner = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
     assert unwrap_optimizer(AcceleratedOptimizer(inner, device_placement=False)) is inner
     assert unwrap_optimizer(inner) is inner
+
+
+def test_hf_example_runs_the_probe_plan_train_loop(tmp_path):
+    """examples/hf_trainer.py end to end: the plan it writes fits the model, and the measured
+    state of the plan's optimizer is the plan's estimate (m + reduced v, fp32)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "10", "--out", str(tmp_path)])
+    plan = lowmem.Plan.load(result["plan"])
+    plan.validate(example._model())
+    assert result["plan_bytes"] == lowmem.compress.plan_state_memory(plan).plan_bytes
+    assert result["adamw_bytes"] == 8 * sum(p.numel() for p in example._model().parameters())
+    assert sorted({s.step for s in read_trajectory(tmp_path / "snr.csv")}) == [5, 10]

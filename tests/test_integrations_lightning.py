@@ -84,3 +84,18 @@ def test_unwrap_finds_the_torch_optimizer_inside_lightnings_wrapper():
 
     inner = torch.optim.AdamW(nn.Linear(2, 2).parameters())
     assert unwrap_optimizer(LightningOptimizer(inner)) is inner
+
+
+def test_lightning_example_runs_the_probe_plan_train_loop(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "lightning_fit.py"
+    spec = importlib.util.spec_from_file_location("lightning_fit_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "10", "--out", str(tmp_path)])
+    plan = lowmem.Plan.load(result["plan"])
+    plan.validate(example.GPT())                         # names as the callback saw them: the module's
+    assert sorted({s.step for s in read_trajectory(tmp_path / "snr.csv")}) == [5, 10]
+    assert result["adamw_bytes"] == 8 * 814_208          # the built-in GPT's parameters, by hand (README)
