@@ -172,10 +172,6 @@ class RunResult:
         return cls(**fields, train_loss=list(doc["train_loss"]), evals=[tuple(e) for e in doc["evals"]])
 
 
-def _finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def _sha_tensors(tensors, h=None) -> "hashlib._Hash":
     h = h or hashlib.sha256()
     for t in tensors:
@@ -482,14 +478,6 @@ def write_tables(out: Path, results: list[RunResult]) -> None:
             v, d = evals.get(i + 1, (None, None))
             w.writerow([r.optimizer, _cell(r.lr), i + 1, _cell(loss), _cell(v), _cell(d)])
     write_atomic(out / "curves.csv", buf.getvalue())
-
-
-def best_lr(results: list[RunResult], name: str) -> RunResult | None:
-    """The run of `name` with the lowest final held-out loss (training loss without a held-out split)."""
-    def loss(r):
-        return r.final_val_loss if r.final_val_loss is not None else r.final_train_loss
-    runs = [r for r in results if r.optimizer == name and r.status == "complete" and loss(r) is not None]
-    return min(runs, key=loss) if runs else None
 
 
 def plan_digest(plan: Plan) -> str:

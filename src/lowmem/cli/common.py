@@ -48,6 +48,9 @@ def number(convert, accept, expected: str):
 
 positive_int = number(int, lambda v: v >= 1, "a positive integer")
 positive_float = number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+nonneg_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+fraction = number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool = False, debug: bool = False,

@@ -27,13 +27,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, load_plan_file, number, parse_device,
-                               positive_int, run_guarded, user_code)
+from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, fraction, load_plan_file, nonneg_float,
+                               nonneg_int, parse_device, positive_int, run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, compare_rows, plan_digest, run_sweep
 from lowmem.compress import PlanError
 from lowmem.examples import EXAMPLES
-from lowmem.probe import DEFAULTS, TaskError, build
+from lowmem.probe import DEFAULTS, build
 from lowmem.reports.html import write_report
 from lowmem.reports.run import read_run
 from lowmem.reports.terminal import CompareTable
@@ -71,9 +71,6 @@ def _betas(text: str) -> tuple[float, float]:
     return b
 
 
-_nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
-_nonneg_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-_fraction = number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -93,13 +90,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", type=_lrs, metavar="LR,LR,…",
                    help="peak learning rates (default the task's lr times " + ", ".join(f"{f:g}" for f in LR_FACTORS) + ")")
     p.add_argument("--steps", type=positive_int, help=f"steps per run (default the task's, else {DEFAULTS['steps']})")
-    p.add_argument("--warmup", type=_nonneg_int, help="linear warm-up steps (default steps/20)")
+    p.add_argument("--warmup", type=nonneg_int, help="linear warm-up steps (default steps/20)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="after warm-up (default cosine)")
-    p.add_argument("--min-lr-ratio", type=_fraction, default=0.1, help="cosine floor as a share of the lr (default 0.1)")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="decoupled weight decay (default 0)")
+    p.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="cosine floor as a share of the lr (default 0.1)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="decoupled weight decay (default 0)")
     p.add_argument("--betas", type=_betas, default=(0.9, 0.95), help="beta1,beta2 (default 0.9,0.95)")
     p.add_argument("--eval-every", type=positive_int, help="steps between held-out evaluations (default steps/10)")
-    p.add_argument("--eval-batches", type=_nonneg_int, default=4, help="held-out batches per evaluation (default 4)")
+    p.add_argument("--eval-batches", type=nonneg_int, default=4, help="held-out batches per evaluation (default 4)")
     p.add_argument("--plan", metavar="FILE", help="SlimAdam from this plan.json (default: the published rules)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out/compare", metavar="DIR", help="output folder (default lowmem-out/compare)")

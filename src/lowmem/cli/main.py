@@ -18,13 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
-                               ArgumentParser, load_plan_file, number, parse_device, positive_float, positive_int,
-                               run_guarded, user_code)
+                               ArgumentParser, fraction, load_plan_file, nonneg_float, parse_device, positive_float,
+                               positive_int, run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.compare import SweepSettings, compare_rows, plan_digest, run_sweep
@@ -62,8 +61,6 @@ def _window(text: str) -> tuple[int | None, int | None]:
     return w
 
 
-_nonneg_float = number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-_fraction = number(float, lambda v: 0 <= v <= 1, "a fraction between 0 and 1")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -85,7 +82,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help=f"probe training steps (default {DEFAULTS['steps']}, or LOWMEM['steps'])")
     p.add_argument("--every", type=positive_int, help=f"measure SNR every N optimizer steps (default {DEFAULTS['every']})")
     p.add_argument("--lr", type=positive_float, help=f"probe learning rate of the default AdamW (default {DEFAULTS['lr']:g})")
-    p.add_argument("--threshold", type=_nonneg_float, default=1.0, help="compress along a subset when its SNR is > this (default 1.0)")
+    p.add_argument("--threshold", type=nonneg_float, default=1.0, help="compress along a subset when its SNR is > this (default 1.0)")
     p.add_argument("--window", type=_window, help="steps START:END (inclusive) averaged for the plan; default all measured steps")
     p.add_argument("--prefer", choices=("snr", "compression"), default="snr",
                    help="among passing subsets take the highest SNR (default) or the most compression")
@@ -93,7 +90,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
     p.add_argument("--preset", choices=PRESETS, help="write a preset plan for the model without training")
     p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
-    p.add_argument("--require-saved", type=_fraction, metavar="FRACTION",
+    p.add_argument("--require-saved", type=fraction, metavar="FRACTION",
                    help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out", metavar="DIR",

@@ -312,5 +312,5 @@ class CompareTable:
             table.add_row(name, *cells, "—" if best is None else f"{best.lr:g}", "—" if best is None else f"{best.loss:.3f}",
                           format_bytes(state), "—" if not times else f"{1000 * sorted(times)[len(times) // 2]:.1f} ms")
         yield table
-        yield Text(f"div: a NaN/inf loss stopped the run; state: optimizer state without step counters; "
-                   f"step: median time of a training step", style="dim")
+        yield Text("div: a NaN/inf loss stopped the run; state: optimizer state without step counters; "
+                   "step: median time of a training step", style="dim")
