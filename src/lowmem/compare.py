@@ -485,11 +485,3 @@ def plan_digest(plan: Plan) -> str:
     text = json.dumps(plan.to_json()["layers"], sort_keys=True)
     return "plan sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
-
-def compare_rows(results: list[RunResult]) -> list:
-    """The terminal table's rows (`lowmem.reports.terminal.CompareRow`): held-out loss where recorded."""
-    from lowmem.reports.terminal import CompareRow
-
-    return [CompareRow(r.optimizer, r.lr, r.status,
-                       r.final_val_loss if r.final_val_loss is not None else r.final_train_loss,
-                       r.state_bytes, r.step_seconds) for r in results]

@@ -30,13 +30,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, fraction, load_plan_file, nonneg_float,
                                nonneg_int, parse_device, positive_int, run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
-from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, compare_rows, plan_digest, run_sweep
+from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, plan_digest, run_sweep
 from lowmem.compress import PlanError
 from lowmem.examples import EXAMPLES
 from lowmem.probe import DEFAULTS, build
 from lowmem.reports.html import write_report
-from lowmem.reports.run import read_run
-from lowmem.reports.terminal import CompareTable
+from lowmem.reports.run import loss_column, read_run
+from lowmem.reports.terminal import CompareTable, compare_rows
 
 NAME = f"{PROG} compare"
 LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rates spanning 33x
@@ -176,14 +176,15 @@ def _run(args, err: Console) -> int:
         note(f"interrupted: the finished runs are in {out}; run the same command to resume the rest")
         return EXIT_INTERRUPTED
     _report(out, note)
-    loss_name = "held-out loss" if any(r.final_val_loss is not None for r in results) else "training loss"
+    rows = [r.row() for r in results]
+    loss_name = "held-out loss" if loss_column(rows) == "final_val_loss" else "training loss"
     if args.format == "json":
         doc = {"settings": settings.to_json(), "lrs": lrs, "runs": [r.row() for r in results],
                "files": {"compare": str(out / "compare.csv"), "curves": str(out / "curves.csv")}}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-        console.print(CompareTable(compare_rows(results), loss_name))
+        console.print(CompareTable(compare_rows(rows), loss_name))
     return EXIT_OK
 
 

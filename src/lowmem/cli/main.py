@@ -26,7 +26,7 @@ from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_O
                                positive_int, run_guarded, user_code)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
-from lowmem.compare import SweepSettings, compare_rows, plan_digest, run_sweep
+from lowmem.compare import SweepSettings, plan_digest, run_sweep
 from lowmem.compress.memory import estimate_state_memory, format_bytes
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
@@ -34,7 +34,7 @@ from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
 from lowmem.reports.html import write_report
 from lowmem.reports.run import read_run
-from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable
+from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, compare_rows
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
 from lowmem.snr.trajectory import SnrTrajectory
@@ -318,7 +318,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
         console.print(PlanSummary(plan))
         if validation:
             console.print()
-            console.print(CompareTable(compare_rows(validation), title=f"Validation: {validation[0].steps_done:,} steps "
+            console.print(CompareTable(compare_rows([r.row() for r in validation]), title=f"Validation: {validation[0].steps_done:,} steps "
                                        f"from the same start at lr {validation[0].lr:g} (gap to AdamW in brackets)"))
             v = _validation_summary(validation)
             if v["loss_gap"] is not None:

@@ -21,9 +21,9 @@ from rich.console import Console
 from lowmem.cli.common import PROG, ArgumentParser, run_guarded
 from lowmem.cli.contract import UsageError
 from lowmem.reports.html import write_report
-from lowmem.reports.run import RunFolderError, read_run
-from lowmem.reports.terminal import (CompareRow, CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
-                                    PlanTable, RoleSnrTable)
+from lowmem.reports.run import RunFolderError, loss_column, read_run
+from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
+                                    PlanTable, RoleSnrTable, compare_rows)
 from lowmem.snr.summary import median_by_role
 
 NAME = f"{PROG} report"
@@ -97,11 +97,8 @@ def _run(args, err: Console) -> int:
         console.print(HessianTable([_hessian_row(b.record) for b in run.hessian_blocks]))
         console.print()
     if run.compare:
-        held_out = any(r.get("final_val_loss") is not None for r in run.compare)
-        console.print(CompareTable([CompareRow(r["optimizer"], r["lr"], r.get("status") or "complete",
-                                               r.get("final_val_loss") if held_out else r.get("final_train_loss"),
-                                               int(r.get("state_bytes") or 0), r.get("step_seconds"))
-                                    for r in run.compare], "held-out loss" if held_out else "training loss"))
+        held_out = loss_column(run.compare) == "final_val_loss"
+        console.print(CompareTable(compare_rows(run.compare), "held-out loss" if held_out else "training loss"))
         console.print()
     if run.plan is not None:
         console.print(PlanSummary(run.plan))

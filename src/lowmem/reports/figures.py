@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowmem.compress.memory import MemoryRow
-from lowmem.reports.run import LayerSnr
+from lowmem.reports.run import LayerSnr, loss_column
 
 MAX_HEATMAP_ROWS = 80
 DPI = 100
@@ -379,7 +379,7 @@ def loss_vs_lr(rows: list[dict]) -> Figure | None:
     rows = [r for r in rows if isinstance(r.get("lr"), float)]
     if not rows:
         return None
-    key = "final_val_loss" if any(isinstance(r.get("final_val_loss"), float) for r in rows) else "final_train_loss"
+    key = loss_column(rows)
     finite = [r[key] for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
     with _style():
         fig = _new(6.5, 4.2)
@@ -452,7 +452,7 @@ def best_lr_curves(rows: list[dict], curves: list[dict], column: str = "train_lo
 
 def best_learning_rates(rows: list[dict]) -> dict[str, float]:
     """The learning rate of each optimizer's lowest final (held-out if recorded) loss."""
-    key = "final_val_loss" if any(isinstance(r.get("final_val_loss"), float) for r in rows) else "final_train_loss"
+    key = loss_column(rows)
     best: dict[str, tuple[float, float]] = {}
     for r in rows:
         loss = r.get(key)

@@ -23,7 +23,7 @@ from markupsafe import Markup, escape
 from lowmem.compress.memory import format_bytes
 from lowmem.compress.plan import write_atomic
 from lowmem.reports import figures
-from lowmem.reports.run import Run, layer_snr
+from lowmem.reports.run import Run, layer_snr, loss_column
 from lowmem.reports.terminal import best_measured, decision_words, shape_text
 
 ROLE_ORDER = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
@@ -126,7 +126,7 @@ def _compare_section(run: Run) -> dict | None:
     if not run.compare:
         return None
     best = figures.best_learning_rates(run.compare)
-    key = "final_val_loss" if any(isinstance(r.get("final_val_loss"), float) for r in run.compare) else "final_train_loss"
+    key = loss_column(run.compare)
     adamw = {r["lr"]: r.get(key) for r in run.compare if r["optimizer"] == "adamw" and r.get("status") != "diverged"}
     lrs = sorted({r["lr"] for r in run.compare})
     rows = []

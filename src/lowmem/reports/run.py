@@ -40,6 +40,12 @@ COMPARE_COLUMNS = ("optimizer", "lr", "status", "steps_done", "final_train_loss"
                    "state_bytes", "step_seconds")
 CURVE_COLUMNS = ("optimizer", "lr", "step", "train_loss", "val_loss", "distance_to_adamw")
 
+def loss_column(rows: list[dict]) -> str:
+    """The final loss a comparison ranks by: ``final_val_loss`` when any run has a held-out
+    loss, else ``final_train_loss``."""
+    return "final_val_loss" if any(isinstance(r.get("final_val_loss"), float) for r in rows) else "final_train_loss"
+
+
 _PART_ROLE = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}
 
 

@@ -18,6 +18,7 @@ from lowmem.compress.builders import is_candidate
 from lowmem.compress.memory import MemoryEstimate, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import ModelLayers
+from lowmem.reports.run import loss_column
 from lowmem.snr.summary import RoleSnr
 from lowmem.snr.views import param_views, subset_words
 
@@ -272,6 +273,14 @@ class CompareRow:
     loss: float | None             # final held-out loss (training loss without a held-out split)
     state_bytes: int
     step_seconds: float | None
+
+
+def compare_rows(rows: list[dict]) -> list[CompareRow]:
+    """`CompareRow`s of comparison runs given as ``compare.csv`` rows (or `RunResult.row()`),
+    ranked by `loss_column`: the held-out loss when recorded."""
+    key = loss_column(rows)
+    return [CompareRow(r["optimizer"], r["lr"], r.get("status") or "complete", r.get(key),
+                       int(r.get("state_bytes") or 0), r.get("step_seconds")) for r in rows]
 
 
 class CompareTable:
