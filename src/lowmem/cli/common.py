@@ -17,10 +17,13 @@ from typing import Callable
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.contract import UsageError
 from lowmem.compress import Plan, PlanError
 from lowmem.probe import TaskError
+from lowmem.reports.html import write_report
+from lowmem.reports.run import read_run
 
 EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -134,3 +137,22 @@ def parse_device(text: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
     return dev
+
+
+def training_progress(err: Console, disable: bool) -> Progress:
+    """The progress bar of a training loop on stderr: the task's description, steps done of
+    total, the last loss (the task's ``loss`` field) and the time left; gone when it ends."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
+                    disable=disable)
+
+
+def write_folder_report(folder: str | os.PathLike, note: Callable[[str], None]) -> None:
+    """report.html of a run folder from its files. A failure here is a note, not an error: the
+    results are on disk and ``lowmem-analyze report FOLDER`` makes the report again."""
+    try:
+        path = write_report(read_run(folder))
+    except Exception as e:
+        note(f"report.html not written ({type(e).__name__}: {e}); '{PROG} report {folder}' retries it")
+        return
+    note(f"wrote {path}")

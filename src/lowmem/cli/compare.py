@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, fraction, load_plan_file, nonneg_float,
-                               nonneg_int, parse_device, positive_int, run_guarded, user_code)
+                               nonneg_int, parse_device, positive_int, run_guarded, training_progress, user_code,
+                               write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, plan_digest, run_sweep
 from lowmem.compress import PlanError
 from lowmem.examples import EXAMPLES
 from lowmem.probe import DEFAULTS, build
-from lowmem.reports.html import write_report
-from lowmem.reports.run import loss_column, read_run
+from lowmem.reports.run import loss_column
 from lowmem.reports.terminal import CompareTable, compare_rows
 
 NAME = f"{PROG} compare"
@@ -152,9 +151,7 @@ def _run(args, err: Console) -> int:
              "final losses are training losses")
     elif args.eval_batches == 0:
         note("--eval-batches 0: final losses are training losses")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
-                        disable=quiet)
+    progress = training_progress(err, disable=quiet)
     bar = progress.add_task("", total=steps, loss="—")
 
     def start(name, lr, i, total):
@@ -190,10 +187,4 @@ def _run(args, err: Console) -> int:
 
 def _report(out: Path, note) -> None:
     """report.html of the run folder when `out` is its ``compare/`` (the default), else of `out`."""
-    folder = out.parent if out.name == "compare" and (out.parent / "plan.json").exists() else out
-    try:
-        path = write_report(read_run(folder))
-    except Exception as e:   # the runs are on disk; `lowmem-analyze report` can make it again
-        note(f"report.html not written ({type(e).__name__}: {e})")
-        return
-    note(f"wrote {path}")
+    write_folder_report(out.parent if out.name == "compare" and (out.parent / "plan.json").exists() else out, note)

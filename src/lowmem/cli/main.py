@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
                                ArgumentParser, fraction, load_plan_file, nonneg_float, parse_device, positive_float,
-                               positive_int, run_guarded, user_code)
+                               positive_int, run_guarded, training_progress, user_code, write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.compare import SweepSettings, plan_digest, run_sweep
@@ -32,8 +31,6 @@ from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
-from lowmem.reports.html import write_report
-from lowmem.reports.run import read_run
 from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, compare_rows
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
@@ -160,8 +157,7 @@ def _run(args, err: Console) -> int:
         return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation)
 
     csv_path = out / "snr.csv"
-    progress = Progress(TextColumn("probe"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeRemainingColumn(), console=err, transient=True, disable=quiet)
+    progress = training_progress(err, disable=quiet)
     bar = progress.add_task("probe", total=steps, loss="—")
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
@@ -245,9 +241,7 @@ def _validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console
     shutil.rmtree(out / "validate", ignore_errors=True)    # runs against another plan are no use here
     settings = SweepSettings(steps=steps, warmup=steps // 20, eval_every=max(1, steps // 10), seed=args.seed,
                              slimadam=plan_digest(plan), task=task.source)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=err, transient=True,
-                        disable=quiet)
+    progress = training_progress(err, disable=quiet)
     bar = progress.add_task("validate", total=steps, loss="—")
     with progress, user_code():
         results = run_sweep(task, ["adamw", "plan"], [lr], settings, out / "validate", device, plan,
@@ -265,14 +259,8 @@ def _write_memory(out: Path, model, layers, plan: Plan) -> None:
 
 def _write_report(args, out: Path, note) -> None:
     """report.html from the files just written; a failure here loses none of them."""
-    if args.no_html:
-        return
-    try:
-        path = write_report(read_run(out))
-    except Exception as e:   # the plan and trajectory are on disk; the report can be made again
-        note(f"report.html not written ({type(e).__name__}: {e}); '{PROG} report {out}' retries it")
-        return
-    note(f"wrote {path}")
+    if not args.no_html:
+        write_folder_report(out, note)
 
 
 def _validation_summary(results) -> dict:
