@@ -212,10 +212,7 @@ def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: tor
             for i in range(settings.eval_batches):
                 batch = to_device(call_user(task, f"get_val_batch({i})", task.get_val_batch, i), device)
                 loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar (mean-reduced) "
-                                    f"tensor, it returned {type(loss).__name__} "
-                                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''} on held-out batch {i}")
+                check_loss(task, loss, i, needs_grad=False, where=f"on held-out batch {i}")
                 losses.append(float(loss))
         return sum(losses) / len(losses)
     finally:

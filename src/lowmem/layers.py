@@ -154,11 +154,16 @@ def _info_json(p: ParamInfo) -> dict:
 _PREFIXES = ("_orig_mod.", "module.")
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (FSDP2, tensor parallel): it has placements over a device mesh."""
+    return getattr(t, "placements", None) is not None
+
+
 def sharded_parameters(model: nn.Module) -> dict[str, tuple]:
     """``{name: placements}`` of the trainable parameters that are DTensors (FSDP2, tensor
-    parallel): lowmem does not support them yet, and its optimizers and capture refuse them."""
+    parallel), for the parts of lowmem that refuse them by name."""
     return {normalize_name(n): tuple(p.placements) for n, p in model.named_parameters()
-            if p.requires_grad and getattr(p, "placements", None) is not None}
+            if p.requires_grad and is_sharded(p)}
 
 
 def normalize_name(name: str) -> str:

@@ -187,14 +187,17 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     return result
 
 
-def check_loss(task: Task, loss, step: int) -> None:
+def check_loss(task: Task, loss, step: int, needs_grad: bool = True, where: str | None = None) -> None:
+    """Refuse a loss that is not a scalar tensor (with a gradient, for training); `where` names the
+    batch in the message (default ``at step STEP``)."""
+    where = where or f"at step {step}"
     if not isinstance(loss, torch.Tensor):
         raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor, "
-                        f"it returned {type(loss).__name__} at step {step}")
+                        f"it returned {type(loss).__name__} {where}")
     if loss.numel() != 1:
         raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar (mean-reduced) loss, "
-                        f"it returned a tensor of shape {tuple(loss.shape)} at step {step}; "
+                        f"it returned a tensor of shape {tuple(loss.shape)} {where}; "
                         "use reduction='mean' or call .mean()")
-    if not loss.requires_grad:
+    if needs_grad and not loss.requires_grad:
         raise TaskError(f"loss_fn(model, batch) in {task.source} returned a loss that does not require grad "
-                        f"at step {step}: is the model used inside loss_fn, and not under torch.no_grad()?")
+                        f"{where}: is the model used inside loss_fn, and not under torch.no_grad()?")

@@ -36,6 +36,7 @@ from torch import nn
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, named_trainable,
                                            param_groups_for, state_dtype_for)
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError
+from lowmem.layers import is_sharded
 
 # Row chunks of at most this many bytes when squaring for a reduction that keeps the last dim:
 # large enough that per-chunk dispatch is amortised (256 KiB chunks made SlimAdam's column
@@ -255,7 +256,7 @@ class ReducedAdamW(torch.optim.Optimizer):
                 name = names[id(p)]
                 self._names[p] = name
                 self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
-                if _is_dtensor(p) and self._layouts[p].flat:
+                if is_sharded(p) and self._layouts[p].flat:
                     raise NotImplementedError(
                         f"parameter {name!r} is a DTensor sharded as {tuple(p.placements)} and its plan splits it "
                         "into parts (fused q/k/v): sharded parts are not supported yet; shard the model without "
@@ -276,10 +277,10 @@ class ReducedAdamW(torch.optim.Optimizer):
                 self._init_state(p)
             if not work:
                 continue
-            sharded = [p for p in work if _is_dtensor(p)]
+            sharded = [p for p in work if is_sharded(p)]
             for p in sharded:           # DTensor parameters (FSDP2): the single-tensor path, whose
                 self._single_tensor_step(p, group)   # ops DTensor distributes (means over shards included)
-            work = [p for p in work if not _is_dtensor(p)]
+            work = [p for p in work if not is_sharded(p)]
             if not work:
                 continue
             path = _choose_path(group, work, self)
@@ -301,7 +302,7 @@ class ReducedAdamW(torch.optim.Optimizer):
             return
         dtype = self._dtype(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if _is_dtensor(p):
+        if is_sharded(p):
             # Sharded like the parameter; a v averaged over a sharded dim is a Partial(avg) DTensor,
             # which the linear updates keep consistent and sqrt() reduces across ranks when used.
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
@@ -553,10 +554,6 @@ def _describe(layout: Layout) -> str:
         where = "" if b.dim is None else f"[{b.start}:{b.stop}] "
         return f"{where}view {list(b.view)} reduce {None if b.reduce is None else list(b.reduce)}"
     return "; ".join(one(b) for b in layout.blocks)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return getattr(t, "placements", None) is not None
 
 
 def _choose_path(group: dict, params: list[torch.Tensor], opt: ReducedAdamW) -> str:
