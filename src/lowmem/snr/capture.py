@@ -15,6 +15,12 @@ state's device and moved to the host in one transfer per device. Between measure
 does no host synchronisation: a device-resident ``step`` is read only when a measurement may
 be due.
 
+FSDP2: with parameters sharded by `torch.distributed.fsdp.fully_shard` (DTensors sharded along
+dim 0), every rank must attach a capture, since a measurement is collective: each rank reduces
+its shard's entries and two all-reduces of partial sums per measurement give every rank the
+SNR of the whole `v` (equal to a single-process measurement up to float round-off); per-row and
+per-head statistics that a shard holds whole stay on their rank. Only global rank 0 writes `out`.
+
 Shadow-v mode (``shadow=True``) keeps ``v ← β2 v + (1−β2) g²`` from the gradients itself, for
 optimizers that keep no ``exp_avg_sq`` (SGD, Adafactor, lowmem's own optimizers); it costs one
 full-size tensor per parameter and counts steps by hook calls.
@@ -28,8 +34,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lowmem.layers import ModelLayers, ParamInfo, normalize_name, resolve_layers, sharded_parameters
-from lowmem.snr.estimator import axis_subsets, snr_terms
+from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
+from lowmem.sharding import RowShards, ShardedRegion, all_reduce_sum, local_region, row_shards, sharded_region
+from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
 
@@ -45,7 +52,8 @@ class SnrCapture:
         optimizer: a torch optimizer over (some of) `model`'s parameters.
         model: the model, used for names, roles and heads (`lowmem.layers.resolve_layers`).
         every: measure when ``state["step"] % every == 0``.
-        out: trajectory CSV path, streamed (see `lowmem.snr.trajectory`); None keeps samples in memory only.
+        out: trajectory CSV path, streamed (see `lowmem.snr.trajectory`); None keeps samples in memory
+            only. With sharded parameters only global rank 0 writes it.
         shadow: keep a shadow `v` from the gradients instead of reading ``exp_avg_sq``.
         beta2: decay of the shadow `v`; default the optimizer's ``betas[1]`` or 0.999.
         layers: pre-resolved layers (default: resolved from `model`).
@@ -58,12 +66,6 @@ class SnrCapture:
                  on_sample: Callable[[list[Sample]], None] | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        sharded = sharded_parameters(model)
-        if sharded:   # one shard's v is not the parameter's v: its SNR would be wrong, not approximate
-            name, placements = next(iter(sharded.items()))
-            raise NotImplementedError(f"parameter {name!r} is a DTensor sharded as {placements} (FSDP2 / tensor "
-                                      "parallel): capture does not support sharded parameters yet; capture a "
-                                      "single-process or DistributedDataParallel run")
         self.optimizer = optimizer
         self.every = every
         self.shadow = shadow
@@ -71,7 +73,6 @@ class SnrCapture:
         self.on_sample = on_sample
         self.samples: list[Sample] = []
         self.measured_steps: list[int] = []
-        self._writer = TrajectoryWriter(out) if out is not None else None
         self._handle = None
         self._calls = 0
         self._known_step = None     # last step read from the optimizer's state; None: read it next call
@@ -86,14 +87,25 @@ class SnrCapture:
         by_name = {normalize_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
         names = {id(by_name[info.name]): info for info in self.layers if info.name in by_name}
         self._tracked: list[tuple[nn.Parameter, ParamInfo, list[View], list[list[tuple[int, ...]]]]] = []
+        # Sharded parameters (FSDP2): their rows per rank, and each (view, subset)'s share of this rank.
+        self._shards: dict[nn.Parameter, tuple[RowShards, dict[tuple[str, tuple[int, ...]], ShardedRegion]]] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 info = names.get(id(p))
                 if info is None:
                     continue
                 views = param_views(info)
-                self._tracked.append((p, info, views, [axis_subsets(len(v.shape)) for v in views]))
-        self._largest = max((p.numel() for p, *_ in self._tracked), default=0)
+                subsets = [axis_subsets(len(v.shape)) for v in views]
+                self._tracked.append((p, info, views, subsets))
+                if is_sharded(p):
+                    shards = row_shards(p, info.name)
+                    self._shards[p] = (shards, {(view.name, s): sharded_region(
+                        shards, tuple(info.shape), view.shape, s, view.dim, view.start or 0, view.stop or 0)
+                        for view, subs in zip(views, subsets) for s in subs})
+        self._largest = max((p.to_local().numel() if is_sharded(p) else p.numel() for p, *_ in self._tracked),
+                            default=0)
+        writes = not self._shards or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self._writer = TrajectoryWriter(out) if out is not None and writes else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "SnrCapture":
@@ -193,9 +205,11 @@ class SnrCapture:
         return st.get("exp_avg_sq") if st else None
 
     def measure(self, step: int) -> list[Sample]:
-        """Measure every tracked parameter now; one host transfer per device."""
-        pending: dict[torch.device, list[torch.Tensor]] = {}
-        rows: list[tuple[torch.device, int, ParamInfo, View, tuple[int, ...]]] = []
+        """Measure every tracked parameter now; one host transfer per device (collective when
+        parameters are sharded: every rank must measure at the same step)."""
+        terms: list[torch.Tensor | None] = []
+        rows: list[tuple[int, ParamInfo, View, tuple[int, ...]]] = []
+        sharded = _ShardedMeasurement()
         # One scratch buffer per device and dtype for the deviations, instead of a full-size
         # temporary per subset: on CPU those allocations slowed the next training steps.
         work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -205,26 +219,40 @@ class SnrCapture:
                 if v is None or tuple(v.shape) != tuple(info.shape):
                     continue
                 v = v.detach()
+                shards, regions = self._shards.get(p, (None, None))
+                if shards is not None:
+                    v = v.to_local()
                 dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
                 buf = work.get((v.device, dtype))
                 if buf is None or buf.numel() < v.numel():
                     buf = work[(v.device, dtype)] = torch.empty(self._largest, dtype=dtype, device=v.device)
-                terms = pending.setdefault(v.device, [])
                 done: dict[tuple[str, tuple[int, ...]], int] = {}
                 for view, subs in zip(views, subsets):
-                    x = view.apply(v)
+                    x = view.apply(v) if shards is None else \
+                        local_region(v, shards.rows, view.dim, view.start or 0, view.stop or 0)
                     for s in subs:
                         # A head-view subset equal to an unsplit one reuses its numbers.
                         same = unsplit_subset(view, s)
                         index = done.get(same) if same else None
                         if index is None:
                             index = done[(view.name, s)] = len(terms)
-                            terms.append(snr_terms(x, s, buf))
-                        rows.append((v.device, index, info, view, s))
-            host = {dev: torch.stack(ts).double().cpu() for dev, ts in pending.items()}
+                            if shards is None:
+                                terms.append(snr_terms(x, s, buf))
+                            else:
+                                terms.append(None)
+                                sharded.add(index, regions[(view.name, s)], x, shards.group, buf)
+                        rows.append((index, info, view, s))
+            sharded.finish(terms)
+            pending: dict[torch.device, list[int]] = {}
+            for i, t in enumerate(terms):
+                pending.setdefault(t.device, []).append(i)
+            host = {}
+            for dev, indices in pending.items():
+                for i, values in zip(indices, torch.stack([terms[i] for i in indices]).double().cpu()):
+                    host[i] = values
         samples = []
-        for dev, i, info, view, s in rows:
-            snr, mean_sq, var = host[dev][i].tolist()
+        for i, info, view, s in rows:
+            snr, mean_sq, var = host[i].tolist()
             samples.append(Sample(step, info.name, "x".join(map(str, info.shape)), view.label(),
                                   ",".join(map(str, s)), snr, mean_sq, var))
         self.samples.extend(samples)
@@ -235,6 +263,54 @@ class SnrCapture:
         if self.on_sample is not None:
             self.on_sample(samples)
         return samples
+
+
+class _ShardedMeasurement:
+    """The SNR terms of sharded `v`s (see `lowmem.sharding`), in two all-reduces per process group.
+
+    A (view, subset) whose slices each rank holds whole gives per-rank sums of the kept slices'
+    ratios, mean² and var, and their count; summed over ranks they are the whole `v`'s. Otherwise
+    pass 1 sums each box of this rank's range into the kept entries (all-reduced: the slice means),
+    and pass 2 sums the squared deviations from those means (all-reduced: the variances).
+    """
+
+    def __init__(self):
+        self.local: list[tuple[int, torch.Tensor, object]] = []            # (index, sums, group)
+        self.spread: list[tuple[int, ShardedRegion, torch.Tensor, object, torch.Tensor]] = []
+
+    def add(self, index: int, region: ShardedRegion, x: torch.Tensor, group, buf: torch.Tensor) -> None:
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if region.is_local:
+            self.local.append((index, snr_sums(x.reshape(region.local_shape), region.local_reduce, buf), group))
+            return
+        flat = x.reshape(-1)
+        sums = torch.zeros(region.kept_shape, dtype=x.dtype, device=x.device)
+        for box in region.boxes:
+            xb = flat[box.lo - region.lo:box.hi - region.lo].view(box.shape)
+            sums[box.kept_index(region.reduce)] += xb.sum(dim=region.reduce, keepdim=True)
+        self.spread.append((index, region, flat, group, sums))
+
+    def finish(self, terms: list[torch.Tensor | None]) -> None:
+        groups = list(dict.fromkeys(g for *_, g in self.local) | dict.fromkeys(g for _, _, _, g, _ in self.spread))
+        for group in groups:
+            all_reduce_sum([sums for _, _, _, g, sums in self.spread if g is group], group)
+        squares = []
+        for _, region, flat, _, sums in self.spread:
+            mean = sums.div_(region.count)
+            sq = torch.zeros_like(mean)
+            for box in region.boxes:
+                k = box.kept_index(region.reduce)
+                dev = flat[box.lo - region.lo:box.hi - region.lo].view(box.shape) - mean[k]
+                sq[k] += dev.mul_(dev).sum(dim=region.reduce, keepdim=True)
+            squares.append(sq)
+        for group in groups:
+            all_reduce_sum([sq for sq, (*_, g, _) in zip(squares, self.spread) if g is group]
+                           + [sums for _, sums, g in self.local if g is group], group)
+        for (index, region, _, _, mean), sq in zip(self.spread, squares):
+            sums = slice_sums(mean, sq.div_(region.count))
+            terms[index] = sums[:3] / sums[3]
+        for index, sums, _ in self.local:
+            terms[index] = sums[:3] / sums[3]
 
 
 def capture(optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 10,
