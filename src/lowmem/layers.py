@@ -159,13 +159,6 @@ def is_sharded(t: torch.Tensor) -> bool:
     return getattr(t, "placements", None) is not None
 
 
-def sharded_parameters(model: nn.Module) -> dict[str, tuple]:
-    """``{name: placements}`` of the trainable parameters that are DTensors (FSDP2, tensor
-    parallel), for the parts of lowmem that refuse them by name."""
-    return {normalize_name(n): tuple(p.placements) for n, p in model.named_parameters()
-            if p.requires_grad and is_sharded(p)}
-
-
 def normalize_name(name: str) -> str:
     """Strip the wrappers' prefixes (`torch.compile`'s ``_orig_mod.``, DDP's ``module.``)."""
     changed = True

@@ -159,6 +159,10 @@ class ShardedRegion:
         return ((self.hi - self.lo) // self.window, *self.view[d:])
 
     @property
+    def local_kept_shape(self) -> tuple[int, ...]:
+        return tuple(1 if d in self.local_reduce else s for d, s in enumerate(self.local_shape))
+
+    @property
     def local_reduce(self) -> tuple[int, ...]:
         d = min(self.reduce)
         return tuple(r - d + 1 for r in self.reduce)

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from lowmem.layers import normalize_name, sharded_parameters
+from lowmem.layers import is_sharded, normalize_name
+from lowmem.sharding import row_shards
 
 
 def check_hparams(lr: Any, betas: Any = None, eps: Any = None, weight_decay: Any = None) -> None:
@@ -74,19 +75,24 @@ def named_trainable(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _refuse_sharded(model: nn.Module) -> None:
-    """Refuse FSDP2 / DTensor parameters in an optimizer that does not handle them (AdaMeM,
-    Adafactor with momentum) rather than compute on one shard."""
-    sharded = sharded_parameters(model)
-    if sharded:
-        name, placements = next(iter(sharded.items()))
-        raise NotImplementedError(
-            f"parameter {name!r} is a DTensor sharded as {placements} (FSDP2 / tensor parallel; {len(sharded)} "
-            "such parameter(s)): this optimizer does not support sharded parameters yet (lowmem's plan "
-            "optimizers do); use it in one process or with DistributedDataParallel")
+def row_ranges(model: nn.Module) -> dict[torch.Tensor, tuple[int, int]]:
+    """``{param: (first, last + 1)}`` of the rows this rank holds, for each row-sharded (FSDP2)
+    trainable parameter (`lowmem.sharding.row_shards`, which refuses other layouts by name)."""
+    return {p: row_shards(p, name).rows for name, p in ((normalize_name(n), p) for n, p in model.named_parameters())
+            if p.requires_grad and is_sharded(p)}
 
 
-def param_groups_for(model: nn.Module, param_groups: Iterable | None, allow_sharded: bool = False) -> list[dict]:
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (an all-gather) for a DTensor; `t` itself otherwise."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage); `t` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def param_groups_for(model: nn.Module, param_groups: Iterable | None) -> list[dict]:
     """The optimizer's groups: every trainable parameter of `model` in one group, or the
     torch-style ``param_groups`` given (a list of parameters or of dicts with ``"params"``),
     whose parameters must all belong to `model`.
@@ -95,8 +101,6 @@ def param_groups_for(model: nn.Module, param_groups: Iterable | None, allow_shar
         ValueError: a group holds a parameter that is not a trainable parameter of `model`.
     """
     names = named_trainable(model)
-    if not allow_sharded:
-        _refuse_sharded(model)
     if param_groups is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in names]}]
     groups = list(param_groups)

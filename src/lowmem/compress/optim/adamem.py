@@ -47,8 +47,8 @@ import zlib
 import torch
 from torch import nn
 
-from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, load_state_keeping_dtypes,
-                                           named_trainable, param_groups_for, state_dtype_for)
+from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, gathered, load_state_keeping_dtypes,
+                                           local, named_trainable, param_groups_for, row_ranges, state_dtype_for)
 from lowmem.compress.optim.engine import mean_sq
 from lowmem.layers import resolve_layers
 
@@ -294,12 +294,13 @@ class AdaMeM(torch.optim.Optimizer):
         # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
         self._names = _names_by_param(model)
         self._projected = _projected(model)
+        self._rows = row_ranges(model)
         self._state_dtype = state_dtype
         self.seed = seed
 
     def __getstate__(self):
         return {**super().__getstate__(), "_names": self._names, "_projected": self._projected,
-                "_state_dtype": self._state_dtype, "seed": self.seed}
+                "_rows": self._rows, "_state_dtype": self._state_dtype, "seed": self.seed}
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, with every group's hyper-parameters checked (not only the defaults)."""
@@ -331,16 +332,21 @@ class AdaMeM(torch.optim.Optimizer):
                     continue
                 check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
                 dtype = state_dtype_for(p, self._state_dtype)
-                grad = p.grad.to(dtype)
+                # FSDP2: the whole gradient on every rank, whose projection and factored statistics
+                # need all of it; the state is then the same on every rank, and each updates its rows.
+                grad = gathered(p.grad).to(dtype)
                 if group["maximize"]:
                     grad = -grad
                 update = (self._projected_update(p, grad, group) if self._projected.get(p)
                           else self._adafactor_update(p, grad, group))
+                if p in self._rows:
+                    update = update[slice(*self._rows[p])]
                 lr = as_float(group["lr"])
-                param = p if p.dtype == dtype else p.detach().to(dtype)   # low precision: via a copy
+                shard = local(p)
+                param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
                 param.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
-                if param is not p:
-                    p.copy_(param)
+                if param is not shard:
+                    shard.copy_(param)
         return loss
 
     def _init_step(self, p: torch.Tensor) -> tuple[dict, int]:
@@ -434,10 +440,12 @@ class AdafactorMomentum(torch.optim.Adafactor):
             group.setdefault("beta1", beta1)
         self.defaults["beta1"] = beta1
         self._names = _names_by_param(model)
+        self._rows = row_ranges(model)
         self._state_dtype = state_dtype
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_names": self._names, "_state_dtype": self._state_dtype}
+        return {**super().__getstate__(), "_names": self._names, "_rows": self._rows,
+                "_state_dtype": self._state_dtype}
 
     def __setstate__(self, state):
         super().__setstate__(state)   # also what load_state_dict calls: a torch Adafactor checkpoint
@@ -471,10 +479,15 @@ class AdafactorMomentum(torch.optim.Adafactor):
 
     def _step_one(self, p: torch.Tensor, group: dict) -> None:
         dtype = state_dtype_for(p, self._state_dtype)
-        grad = p.grad.to(dtype)
+        # FSDP2: the statistics, the clipping and RMS(θ) are of the whole tensor, so the gradient
+        # and the parameter are gathered; the factored state is then the same on every rank, and
+        # the momentum is sharded like the parameter.
+        rows = self._rows.get(p)
+        grad = gathered(p.grad).to(dtype)
         if group["maximize"]:
             grad = -grad
-        param = p if p.dtype == dtype else p.detach().to(dtype)
+        shard = local(p)
+        param = shard if shard.dtype == dtype else shard.detach().to(dtype)
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -484,7 +497,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
             else:
                 state["variance"] = torch.zeros_like(grad)
         if group["beta1"] > 0 and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg"] = torch.zeros_like(param) if rows is None else torch.zeros_like(p, dtype=dtype)
         _cast_states(state, dtype)
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
@@ -493,7 +506,8 @@ class AdafactorMomentum(torch.optim.Adafactor):
         state["step"] += 1
         t = state["step"].item()
         one_minus_beta2_t = t ** group["beta2_decay"]
-        alpha = max(eps2, param.norm(2).item() / param.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        whole = param if rows is None else gathered(p.detach()).to(dtype)
+        alpha = max(eps2, whole.norm(2).item() / whole.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
         if wd != 0:
             param.mul_(1 - lr * wd)
         if grad.dim() > 1:
@@ -508,8 +522,10 @@ class AdafactorMomentum(torch.optim.Adafactor):
             var_estimate = state["variance"].clone()
         update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
         update.div_(max(1.0, update.norm(2).item() / (update.numel() ** 0.5 * d)))
+        if rows is not None:
+            update = update[slice(*rows)]
         if group["beta1"] > 0:
-            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
+            update = local(state["exp_avg"]).lerp_(update, 1 - group["beta1"])
         param.add_(update, alpha=-alpha)
-        if param is not p:
-            p.copy_(param)
+        if param is not shard:
+            shard.copy_(param)

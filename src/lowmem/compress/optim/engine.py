@@ -33,10 +33,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, named_trainable,
+from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, local, named_trainable,
                                            param_groups_for, state_dtype_for)
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError
 from lowmem.layers import is_sharded
+from lowmem.sharding import RowShards, ShardedRegion, all_reduce_sum, local_region, region_range, row_shards, \
+    sharded_region
 
 # Row chunks of at most this many bytes when squaring for a reduction that keeps the last dim:
 # large enough that per-chunk dispatch is amortised (256 KiB chunks made SlimAdam's column
@@ -115,6 +117,91 @@ def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
     return Layout(tuple(blocks), (offset,), True)
 
 
+@dataclass(frozen=True)
+class ShardedBlock:
+    """A block of a row-sharded (FSDP2) parameter as this rank keeps it.
+
+    Attributes:
+        block: the block of the parameter's `Layout`.
+        region: this rank's share of the block's reduction, or None for full Adam.
+        offset, size: where this rank's `v` entries of the block lie in its flat ``exp_avg_sq``:
+            the region's local entries (full Adam), the local range of the kept entries (a
+            reduction that stays on the rank), or every kept entry, the same on all ranks (a
+            reduction across ranks).
+    """
+
+    block: Block
+    region: ShardedRegion | None
+    offset: int
+    size: int
+    rows: tuple[int, int]
+
+    def entries(self, shard: torch.Tensor) -> torch.Tensor:
+        """This rank's entries of the block from its shard of a parameter-shaped tensor."""
+        b = self.block
+        return local_region(shard, self.rows, b.dim, b.start, b.stop)
+
+
+@dataclass(frozen=True)
+class ShardedLayout:
+    """How this rank keeps `v` for a row-sharded parameter (see `lowmem.sharding`): a DTensor
+    like the parameter when it keeps full Adam, else a flat local tensor of `v_size` entries."""
+
+    shards: RowShards
+    blocks: tuple[ShardedBlock, ...]
+    v_size: int
+    like_param: bool
+
+
+def sharded_layout(layout: Layout, shape: tuple[int, ...], shards: RowShards) -> ShardedLayout:
+    """This rank's `ShardedLayout` of a parameter of `shape` kept as `layout`."""
+    blocks, offset = [], 0
+    for b in layout.blocks:
+        lo, hi = region_range(shape, shards.rows, b.dim, b.start, b.stop)
+        if b.reduce is None:
+            region, size = None, hi - lo
+        else:
+            region = sharded_region(shards, shape, b.view, b.reduce, b.dim, b.start, b.stop)
+            size = (region.local_kept[1] - region.local_kept[0]) if region.is_local else b.kept
+        blocks.append(ShardedBlock(b, region, offset, size, shards.rows))
+        offset += size
+    return ShardedLayout(shards, tuple(blocks), offset, not layout.flat and not layout.compressed)
+
+
+def sharded_means(items: list[tuple[ShardedLayout, torch.Tensor]], square: bool) -> list[list[torch.Tensor | None]]:
+    """For each (layout, local shard of a parameter-shaped tensor x), the mean of x² (or x) over
+    each block's reduce dims: this rank's `v` entries of the block, flat (None for full-Adam
+    blocks). Reductions across ranks are all-reduced as partial sums, one collective per group."""
+    out: list[list[torch.Tensor | None]] = []
+    spread: list[tuple[torch.Tensor, object]] = []
+    for lay, x in items:
+        means = []
+        for sb in lay.blocks:
+            r = sb.region
+            if r is None:
+                means.append(None)
+                continue
+            xr = sb.entries(x).reshape(-1)
+            if r.is_local:
+                xr = xr.view(r.local_shape)
+                means.append((xr * xr if square else xr).mean(dim=r.local_reduce).reshape(-1))
+                continue
+            sums = torch.zeros(r.kept_shape, dtype=x.dtype, device=x.device)
+            for box in r.boxes:
+                xb = xr[box.lo - r.lo:box.hi - r.lo].view(box.shape)
+                sums[box.kept_index(r.reduce)] += (xb * xb if square else xb).sum(dim=r.reduce, keepdim=True)
+            means.append(sums)
+            spread.append((sums, lay.shards.group))
+        out.append(means)
+    for group in dict.fromkeys(g for _, g in spread):
+        all_reduce_sum([t for t, g in spread if g is group], group)
+    for (lay, _), means in zip(items, out):
+        for i, (sb, m) in enumerate(zip(lay.blocks, means)):
+            if m is not None and not sb.region.is_local:
+                means[i] = m.div_(sb.region.count).reshape(-1)
+    return out
+
+
 def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
     """``(x * x).mean(reduce, keepdim=True)`` computed along the contiguous axis, without a
     full-size temporary: trailing reductions through `vector_norm`, reductions that keep the last
@@ -155,6 +242,26 @@ def _add_update(target: torch.Tensor, block: Block, m: torch.Tensor, denom: torc
         region.add_((block.region(m) / denom).mul_(value).reshape(region.shape))
         return
     region_view.addcdiv_(block.region(m), denom, value=value)
+
+
+def _add_sharded_update(param: torch.Tensor, sb: ShardedBlock, m: torch.Tensor, denom: torch.Tensor,
+                        value: float) -> None:
+    """``param[block] += value · m[block] / denom`` on this rank's shard of a sharded block;
+    `denom` is flat: the block's local `v` entries."""
+    target = sb.entries(param)
+    work = target if target.is_contiguous() else target.contiguous()
+    flat, mr, r = work.view(-1), sb.entries(m).reshape(-1), sb.region
+    if r is None:
+        flat.addcdiv_(mr, denom, value=value)
+    elif r.is_local:
+        flat.view(r.local_shape).addcdiv_(mr.view(r.local_shape), denom.view(r.local_kept_shape), value=value)
+    else:
+        denom = denom.view(r.kept_shape)
+        for box in r.boxes:
+            i, j = box.lo - r.lo, box.hi - r.lo
+            flat[i:j].view(box.shape).addcdiv_(mr[i:j].view(box.shape), denom[box.kept_index(r.reduce)], value=value)
+    if work is not target:
+        target.copy_(work)
 
 
 def _compiled_update(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps, bc1, bc2_sqrt,
@@ -241,7 +348,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         self.plan = plan
         self.state_dtype = state_dtype
         names = named_trainable(model)
-        groups = param_groups_for(model, param_groups, allow_sharded=True)
+        groups = param_groups_for(model, param_groups)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, compiled=compiled)
         super().__init__(groups, defaults)
@@ -251,16 +358,14 @@ class ReducedAdamW(torch.optim.Optimizer):
         # Keyed by the parameter tensor (as `self.state` is), so deepcopy keeps them consistent.
         self._names: dict[torch.Tensor, str] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
+        self._sharded: dict[torch.Tensor, ShardedLayout] = {}   # FSDP2 parameters: this rank's share
         for g in self.param_groups:
             for p in g["params"]:
                 name = names[id(p)]
                 self._names[p] = name
                 self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
-                if is_sharded(p) and self._layouts[p].flat:
-                    raise NotImplementedError(
-                        f"parameter {name!r} is a DTensor sharded as {tuple(p.placements)} and its plan splits it "
-                        "into parts (fused q/k/v): sharded parts are not supported yet; shard the model without "
-                        "fusing q/k/v, or train it in one process or with DistributedDataParallel")
+                if is_sharded(p):
+                    self._sharded[p] = sharded_layout(self._layouts[p], tuple(p.shape), row_shards(p, name))
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -277,10 +382,10 @@ class ReducedAdamW(torch.optim.Optimizer):
                 self._init_state(p)
             if not work:
                 continue
-            sharded = [p for p in work if is_sharded(p)]
-            for p in sharded:           # DTensor parameters (FSDP2): the single-tensor path, whose
-                self._single_tensor_step(p, group)   # ops DTensor distributes (means over shards included)
-            work = [p for p in work if not is_sharded(p)]
+            sharded = [p for p in work if p in self._sharded]
+            if sharded:
+                self._sharded_step(sharded, group)
+            work = [p for p in work if p not in self._sharded]
             if not work:
                 continue
             path = _choose_path(group, work, self)
@@ -302,14 +407,11 @@ class ReducedAdamW(torch.optim.Optimizer):
             return
         dtype = self._dtype(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if is_sharded(p):
-            # Sharded like the parameter; a v averaged over a sharded dim is a Partial(avg) DTensor,
-            # which the linear updates keep consistent and sqrt() reduces across ranks when used.
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-            block = self._layouts[p].blocks[0]
-            region = block.region(p.detach().to(dtype))
-            state["exp_avg_sq"] = torch.zeros_like(region if block.reduce is None else
-                                                   region.mean(dim=block.reduce, keepdim=True))
+        lay = self._sharded.get(p)
+        if lay is not None:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)      # a DTensor sharded like the parameter
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype) if lay.like_param else \
+                torch.zeros(lay.v_size, dtype=dtype, device=local(p).device)
             return
         state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(self._layouts[p].v_shape, dtype=dtype, device=p.device)
@@ -343,6 +445,41 @@ class ReducedAdamW(torch.optim.Optimizer):
             _add_update(param, block, exp_avg, denom, -step_size)
         if param is not p:
             p.copy_(param)
+
+    def _sharded_step(self, params: list[torch.Tensor], group: dict) -> None:
+        """The step of row-sharded (FSDP2) parameters on each rank's shard, in the readable path's
+        order of operations; the means of g² across ranks take one all-reduce for all of them."""
+        lr, (beta1, beta2), eps, wd = as_float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        work = []
+        for p in params:
+            state, dtype = self.state[p], self._dtype(p)
+            grad = local(p.grad).to(dtype)
+            if group["maximize"]:
+                grad = -grad
+            shard = local(p)
+            param = shard if shard.dtype == dtype else shard.detach().to(dtype)
+            state["step"] += 1
+            param.mul_(1 - lr * wd)
+            local(state["exp_avg"]).lerp_(grad, 1 - beta1)
+            work.append((p, shard, param, grad))
+        means = sharded_means([(self._sharded[p], grad) for p, _, _, grad in work], square=True)
+        for (p, shard, param, grad), block_means in zip(work, means):
+            state, lay = self.state[p], self._sharded[p]
+            step = state["step"].item()
+            bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+            step_size = lr / (1 - beta1 ** step)
+            m, v_all = local(state["exp_avg"]), local(state["exp_avg_sq"]).view(-1)
+            for sb, mean in zip(lay.blocks, block_means):
+                v = v_all[sb.offset:sb.offset + sb.size]
+                if mean is None:
+                    g = sb.entries(grad).reshape(-1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                else:
+                    v.mul_(beta2).add_(mean, alpha=1 - beta2)
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                _add_sharded_update(param, sb, m, denom, -step_size)
+            if param is not shard:
+                shard.copy_(param)
 
     def _foreach_step(self, params: list[torch.Tensor], group: dict) -> None:
         """The fast path: element-wise work batched with `torch._foreach_*` over tensors of one
@@ -445,7 +582,7 @@ class ReducedAdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
-        extra = ("plan", "state_dtype", "variant", "_names", "_layouts")
+        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra if k in self.__dict__}}
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -512,7 +649,18 @@ class ReducedAdamW(torch.optim.Optimizer):
                 keep = value.dtype if value.is_floating_point() else dtype
                 out[key] = value.detach().to(device=p.device, dtype=keep).clone()
         v = out.get("exp_avg_sq")
-        if v is not None and tuple(v.shape) != layout.v_shape:
+        lay = self._sharded.get(p)
+        if v is not None and lay is not None and not lay.like_param:
+            if tuple(v.shape) == tuple(p.shape) and is_sharded(v):   # a sharded AdamW v: average it per plan
+                shard = v.to_local()
+                means = sharded_means([(lay, shard)], square=False)[0]
+                out["exp_avg_sq"] = torch.cat([sb.entries(shard).reshape(-1) if m is None else m
+                                               for sb, m in zip(lay.blocks, means)])
+            elif tuple(v.shape) != (lay.v_size,):
+                raise PlanError(f"checkpoint: exp_avg_sq of {name!r} on this rank has shape {tuple(v.shape)}, "
+                                f"expected ({lay.v_size},) (or a DTensor of the parameter's shape {tuple(p.shape)} "
+                                "for an AdamW checkpoint)")
+        elif v is not None and tuple(v.shape) != layout.v_shape:
             if tuple(v.shape) == tuple(p.shape) and layout.compressed:
                 out["exp_avg_sq"] = reduce_v(v, layout)   # a full AdamW v: average it per plan
             else:
