@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 import lowmem
 from lowmem.compare import OPTIMIZERS, SweepSettings, make_optimizer
+from lowmem.integrations import captures_here
 from lowmem.snr.trajectory import read_trajectory
 
 STEPS, BATCH, WIDTH, HEADS = 4, 12, 8, 2      # BATCH divides among 2 and 3 ranks
@@ -112,6 +113,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             if rank == 0:
                 torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()},
                            os.path.join(out, f"{name}.pt"))
+        with open(os.path.join(out, f"captures_here.{rank}"), "w") as f:
+            f.write(str(captures_here(model, is_main=rank == 0)))
     finally:
         dist.destroy_process_group()
 
@@ -150,6 +153,12 @@ def test_snr_captured_on_one_rank_equals_the_single_process_snr(ddp_run, tmp_pat
     assert set(ddp) == set(single) and len(single) > 20      # DDP's "module." prefix is normalised away
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_integrations_capture_on_the_main_process_under_ddp_and_on_every_rank_under_fsdp2(ddp_run, fsdp_run):
+    assert [(ddp_run / f"captures_here.{r}").read_text() for r in range(2)] == ["True", "False"]
+    world, out, _ = fsdp_run
+    assert [(out / f"captures_here.{r}").read_text() for r in range(world)] == ["True"] * world
 
 
 # -- FSDP2 ------------------------------------------------------------------------------------------
@@ -261,6 +270,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 build()
             except NotImplementedError as e:
                 result["refused"][what] = str(e)
+        with open(os.path.join(out, f"captures_here.{rank}"), "w") as f:
+            f.write(str(captures_here(_fsdp_model("even", shard=True), is_main=rank == 0)))
         if rank == 0:
             torch.save(result, os.path.join(out, "fsdp.pt"))
     finally:

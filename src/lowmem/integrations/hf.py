@@ -7,8 +7,9 @@
 
 A thin adapter over `lowmem.capture`: at ``on_train_begin`` it unwraps the optimizer from
 accelerate's ``AcceleratedOptimizer`` and the model from its DDP / ``torch.compile`` wrappers and
-attaches an `SnrCapture`; at ``on_train_end`` it closes it (the CSV is then in place). Only the
-main process captures: under DDP `v` is replicated, so one rank's `v` is the whole of it.
+attaches an `SnrCapture`; at ``on_train_end`` it closes it (the CSV is then in place). Under DDP
+only the main process captures (`v` is replicated, so one rank's `v` is the whole of it); under
+FSDP2 every process does, since the measurement is collective, and the main process writes.
 Needs ``pip install lowmem[hf]`` (transformers, accelerate).
 """
 
@@ -18,7 +19,7 @@ import os
 
 from transformers import TrainerCallback
 
-from lowmem.integrations import unwrap_optimizer
+from lowmem.integrations import captures_here, unwrap_optimizer
 from lowmem.snr.capture import SnrCapture
 
 
@@ -36,7 +37,7 @@ class LowmemCallback(TrainerCallback):
         self.capture: SnrCapture | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not state.is_world_process_zero or optimizer is None or model is None:
+        if optimizer is None or model is None or not captures_here(model, state.is_world_process_zero):
             return
         self.capture = SnrCapture(unwrap_optimizer(optimizer), model, every=self.every, out=self.out,
                                   shadow=self.shadow).attach()

@@ -6,7 +6,8 @@
 
 A thin adapter over `lowmem.capture`: at ``on_train_start`` it takes the module's first optimizer
 (unwrapping ``LightningOptimizer``) and attaches an `SnrCapture` on global rank 0 (under DDP `v`
-is replicated); at ``on_train_end`` it closes it. Needs ``pip install lowmem[lightning]``.
+is replicated; under FSDP2 on every rank, since the measurement is collective, with rank 0
+writing); at ``on_train_end`` it closes it. Needs ``pip install lowmem[lightning]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 
 from lightning.pytorch.callbacks import Callback
 
-from lowmem.integrations import unwrap_optimizer
+from lowmem.integrations import captures_here, unwrap_optimizer
 from lowmem.snr.capture import SnrCapture
 
 
@@ -33,7 +34,7 @@ class LowmemCallback(Callback):
         self.capture: SnrCapture | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.global_rank != 0 or not trainer.optimizers:
+        if not trainer.optimizers or not captures_here(pl_module, trainer.global_rank == 0):
             return
         self.capture = SnrCapture(unwrap_optimizer(trainer.optimizers[0]), pl_module, every=self.every,
                                   out=self.out, shadow=self.shadow).attach()
