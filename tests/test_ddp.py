@@ -240,6 +240,21 @@ def _resumed(kind: str, rows, shard: bool, first: str = "slimadam") -> dict:
     return _gather(model2)
 
 
+def _plan_optimizer(model, path):
+    return lowmem.optimizer_from_plan(model, path, lr=1e-2, betas=(0.9, 0.95))
+
+
+def _plan_on_one_process(kind: str, path) -> lowmem.Plan:
+    """A plan measured and built in one process, generous enough (threshold 0.3, fewest entries
+    kept) to average `v` across shards, within heads that shards cut, and within fused parts."""
+    model = _fsdp_model(kind, shard=False)
+    csv = path.with_suffix(".csv")
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), capture_to=csv)
+    plan = lowmem.build_plan(model, lowmem.SnrTrajectory.read(csv), threshold=0.3, prefer="compression")
+    plan.save(path)
+    return plan
+
+
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -247,7 +262,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        result = {"params": {}, "resumed": {}, "from_adamw": {}}
+        result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}}
         for kind in FSDP_RUNS[world]:
             for name in OPTIMIZERS:
                 model = _fsdp_model(kind, shard=True)
@@ -255,6 +270,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 opt = make_optimizer(name, model, 1e-2, SETTINGS)
                 train(model, opt, rows, capture_to=os.path.join(out, f"{kind}.csv") if name == "adamw" else None)
                 result["params"][kind, name] = _gather(model)
+            model = _fsdp_model(kind, shard=True)
+            train(model, _plan_optimizer(model, os.path.join(out, f"{kind}.plan.json")), rows)
+            result["from_plan"][kind] = _gather(model)
             result["resumed"][kind] = _resumed(kind, rows, shard=True)
             result["from_adamw"][kind] = _resumed(kind, rows, shard=True, first="adamw")
         # A layout lowmem does not take (sharded along dim 1, as tensor parallelism does).
@@ -283,6 +301,8 @@ def fsdp_run(request, tmp_path_factory):
     pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2")
     world = request.param
     out = tmp_path_factory.mktemp(f"fsdp{world}")
+    for kind in FSDP_RUNS[world]:
+        _plan_on_one_process(kind, out / f"{kind}.plan.json")
     mp.start_processes(_fsdp_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True,
                        start_method="spawn")
     return world, out, torch.load(out / "fsdp.pt", weights_only=True)
@@ -325,6 +345,17 @@ def test_fsdp2_captured_snr_equals_the_single_process_snr(fsdp_run, tmp_path):
             # round-off is relative to mean², and so is the SNR's, times the SNR itself
             assert got.var == pytest.approx(want.var, rel=1e-4, abs=1e-6 * want.mean_sq, nan_ok=True), (kind, key)
             assert got.snr == pytest.approx(want.snr, rel=1e-4 + 1e-6 * want.snr, nan_ok=True), (kind, key)
+
+
+def test_fsdp2_applies_a_plan_built_in_one_process(fsdp_run):
+    world, out, result = fsdp_run
+    for kind in FSDP_RUNS[world]:
+        plan = lowmem.Plan.load(out / f"{kind}.plan.json")
+        reduced = [lp for lp in plan.layers.values() if lp.compressed]
+        assert len(reduced) >= 5 and any(lp.parts for lp in reduced) == (kind == "fused"), kind
+        model = _fsdp_model(kind, shard=False)
+        train(model, _plan_optimizer(model, out / f"{kind}.plan.json"))
+        _assert_params_equal(result["from_plan"][kind], _gather(model), f"one-process plan on {kind}")
 
 
 def test_fsdp2_checkpoint_round_trip_and_adamw_checkpoint_equal_a_single_process_run(fsdp_run):

@@ -1,0 +1,190 @@
+"""Optimizer step time on FSDP2-sharded parameters, each lowmem optimizer as a ratio to torch's
+AdamW on the same sharded model in the same run.
+
+    python benchmarks/fsdp_step.py [--world 2] [--layers 4] [--width 512] [--heads 8]
+        [--vocab 8192] [--rounds 8] [--steps 3] [--warmup 2] [--threads 1] [--json]
+
+`--world` processes (gloo, CPU) each `fully_shard` a GPT-shaped stack (embedding, `--layers`
+blocks of q, k, v, o and a 4x MLP, LM head; default 20,996,096 parameters) per block and at the
+root, so every parameter is a DTensor sharded along dim 0. Gradients are random DTensors drawn
+once and never recomputed: only ``opt.step()`` is timed, in blocks of `--steps` steps between
+two barriers, on every rank (the slowest rank's time is reported). Rows run interleaved in
+`--rounds` rounds, the order rotated every round; ms/step is the median over rounds, ratios are
+medians of per-round paired ratios to ``torch.optim.AdamW(foreach=True)`` (what FSDP2 uses by
+default).
+
+What the ratio says: lowmem's plan optimizers run on each rank's shard with per-tensor ops (no
+`_foreach` batching) plus one all-reduce of partial sums per step for means across shards;
+AdaMeM and Adafactor gather each gradient. The script is a measurement and always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model, load_average   # beside this script  # noqa: E402
+
+import lowmem  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.n_head = heads
+        self.ln = nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.ln(x)
+        q, k, v = (m(h).view(B, T, self.n_head, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+        return x + self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def optimizers(model):
+    return {
+        "AdamW (foreach)": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
+        "SlimAdam (rules)": lambda: lowmem.SlimAdam(model, lr=1e-3),
+        "Eve": lambda: lowmem.Eve(model, lr=1e-3),
+        "Adam-mini": lambda: lowmem.AdamMini(model, lr=1e-3),
+        "AdaLayer": lambda: lowmem.AdaLayer(model, lr=1e-3),
+        "AdaMeM": lambda: lowmem.AdaMeM(model, lr=1e-3),
+        "Adafactor-momentum": lambda: lowmem.AdafactorMomentum(model),
+    }
+
+
+def _worker(rank: int, args, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    try:
+        names, models, opts = [], {}, {}
+        torch.manual_seed(0)
+        base = GPT(args.vocab, args.width, args.layers, args.heads)
+        grads = {n: torch.randn_like(p) * 1e-3 for n, p in base.named_parameters()}
+        for name in optimizers(base):
+            model = GPT(args.vocab, args.width, args.layers, args.heads)
+            model.load_state_dict(base.state_dict())
+            for b in model.blocks:
+                fully_shard(b)
+            fully_shard(model)
+            for n, p in model.named_parameters():     # the same random gradient, sharded like p
+                p.grad = distribute_tensor(grads[n], p.device_mesh, p.placements)
+            names.append(name)
+            models[name] = model
+            opts[name] = optimizers(model)[name]()
+        n_params = sum(p.numel() for p in base.parameters())
+        for name in names:
+            for _ in range(args.warmup):
+                opts[name].step()
+        times = {name: [] for name in names}
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    opts[name].step()
+                dist.barrier()
+                elapsed = torch.tensor((time.perf_counter() - t0) / args.steps)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                times[name].append(elapsed.item())
+        state = {}
+        for name in names:
+            local = 0
+            for st in opts[name].state.values():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and k != "step":
+                        t = v.to_local() if hasattr(v, "to_local") else v
+                        local += t.numel() * t.element_size()
+            total = torch.tensor(float(local))
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+            state[name] = total.item()
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"params": n_params, "times": times, "state_bytes_max_rank": state}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lowmem-fsdp-step-{os.getpid()}.json")
+    mp.start_processes(_worker, args=(args, _free_port(), out), nprocs=args.world, join=True, start_method="spawn")
+    with open(out) as f:
+        res = json.load(f)
+    os.unlink(out)
+    ref = res["times"]["AdamW (foreach)"]
+    rows = []
+    for name, ts in res["times"].items():
+        ratio = statistics.median(t / r for t, r in zip(ts, ref))
+        rows.append({"optimizer": name, "ms_per_step": 1e3 * statistics.median(ts), "ratio_to_adamw": ratio,
+                     "state_mib_per_rank": res["state_bytes_max_rank"][name] / 2**20})
+    meta = {"machine": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "world": args.world,
+            "threads_per_rank": args.threads, "params": res["params"], "load": load_average(),
+            "layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab,
+            "rounds": args.rounds, "steps": args.steps}
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return
+    print(f"FSDP2 optimizer step, {args.world} gloo ranks x {args.threads} thread(s), {res['params']:,} parameters "
+          f"({args.layers} blocks, width {args.width}, {args.heads} heads, vocab {args.vocab:,}); {meta['machine']}, "
+          f"torch {torch.__version__}")
+    print(f"{'optimizer':<22}{'ms/step':>10}{'x AdamW':>10}{'state MiB/rank':>16}")
+    for r in rows:
+        print(f"{r['optimizer']:<22}{r['ms_per_step']:>10.1f}{r['ratio_to_adamw']:>10.2f}{r['state_mib_per_rank']:>16.1f}")
+
+
+if __name__ == "__main__":
+    main()
