@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowmem.layers import is_sharded, normalize_name
-from lowmem.sharding import row_shards
+from lowmem.sharding import RowShards, row_shards
 
 
 def check_hparams(lr: Any, betas: Any = None, eps: Any = None, weight_decay: Any = None) -> None:
@@ -75,10 +75,10 @@ def named_trainable(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def row_ranges(model: nn.Module) -> dict[torch.Tensor, tuple[int, int]]:
-    """``{param: (first, last + 1)}`` of the rows this rank holds, for each row-sharded (FSDP2)
-    trainable parameter (`lowmem.sharding.row_shards`, which refuses other layouts by name)."""
-    return {p: row_shards(p, name).rows for name, p in ((normalize_name(n), p) for n, p in model.named_parameters())
+def row_sharding(model: nn.Module) -> dict[torch.Tensor, RowShards]:
+    """``{param: RowShards}`` for each row-sharded (FSDP2) trainable parameter
+    (`lowmem.sharding.row_shards`, which refuses other layouts by name)."""
+    return {p: row_shards(p, name) for name, p in ((normalize_name(n), p) for n, p in model.named_parameters())
             if p.requires_grad and is_sharded(p)}
 
 

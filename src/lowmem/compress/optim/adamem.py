@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, gathered, load_state_keeping_dtypes,
-                                           local, named_trainable, param_groups_for, row_ranges, state_dtype_for)
+                                           local, named_trainable, param_groups_for, row_sharding, state_dtype_for)
+from lowmem.sharding import RowShards, all_reduce_sum
 from lowmem.compress.optim.engine import mean_sq
 from lowmem.layers import resolve_layers
 
@@ -294,13 +295,13 @@ class AdaMeM(torch.optim.Optimizer):
         # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
         self._names = _names_by_param(model)
         self._projected = _projected(model)
-        self._rows = row_ranges(model)
+        self._shards = row_sharding(model)
         self._state_dtype = state_dtype
         self.seed = seed
 
     def __getstate__(self):
         return {**super().__getstate__(), "_names": self._names, "_projected": self._projected,
-                "_rows": self._rows, "_state_dtype": self._state_dtype, "seed": self.seed}
+                "_shards": self._shards, "_state_dtype": self._state_dtype, "seed": self.seed}
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, with every group's hyper-parameters checked (not only the defaults)."""
@@ -339,8 +340,8 @@ class AdaMeM(torch.optim.Optimizer):
                     grad = -grad
                 update = (self._projected_update(p, grad, group) if self._projected.get(p)
                           else self._adafactor_update(p, grad, group))
-                if p in self._rows:
-                    update = update[slice(*self._rows[p])]
+                if p in self._shards:
+                    update = update[slice(*self._shards[p].rows)]
                 lr = as_float(group["lr"])
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
@@ -440,11 +441,11 @@ class AdafactorMomentum(torch.optim.Adafactor):
             group.setdefault("beta1", beta1)
         self.defaults["beta1"] = beta1
         self._names = _names_by_param(model)
-        self._rows = row_ranges(model)
+        self._shards = row_sharding(model)
         self._state_dtype = state_dtype
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_names": self._names, "_rows": self._rows,
+        return {**super().__getstate__(), "_names": self._names, "_shards": self._shards,
                 "_state_dtype": self._state_dtype}
 
     def __setstate__(self, state):
@@ -478,16 +479,14 @@ class AdafactorMomentum(torch.optim.Adafactor):
         return loss
 
     def _step_one(self, p: torch.Tensor, group: dict) -> None:
+        if p in self._shards:
+            self._sharded_step_one(p, group, self._shards[p])
+            return
         dtype = state_dtype_for(p, self._state_dtype)
-        # FSDP2: the statistics, the clipping and RMS(θ) are of the whole tensor, so the gradient
-        # and the parameter are gathered; the factored state is then the same on every rank, and
-        # the momentum is sharded like the parameter.
-        rows = self._rows.get(p)
-        grad = gathered(p.grad).to(dtype)
+        grad = p.grad.to(dtype)
         if group["maximize"]:
             grad = -grad
-        shard = local(p)
-        param = shard if shard.dtype == dtype else shard.detach().to(dtype)
+        param = p if p.dtype == dtype else p.detach().to(dtype)
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -497,7 +496,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
             else:
                 state["variance"] = torch.zeros_like(grad)
         if group["beta1"] > 0 and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(param) if rows is None else torch.zeros_like(p, dtype=dtype)
+            state["exp_avg"] = torch.zeros_like(grad)
         _cast_states(state, dtype)
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
@@ -506,8 +505,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
         state["step"] += 1
         t = state["step"].item()
         one_minus_beta2_t = t ** group["beta2_decay"]
-        whole = param if rows is None else gathered(p.detach()).to(dtype)
-        alpha = max(eps2, whole.norm(2).item() / whole.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        alpha = max(eps2, param.norm(2).item() / param.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
         if wd != 0:
             param.mul_(1 - lr * wd)
         if grad.dim() > 1:
@@ -522,8 +520,68 @@ class AdafactorMomentum(torch.optim.Adafactor):
             var_estimate = state["variance"].clone()
         update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
         update.div_(max(1.0, update.norm(2).item() / (update.numel() ** 0.5 * d)))
-        if rows is not None:
-            update = update[slice(*rows)]
+        if group["beta1"] > 0:
+            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
+        param.add_(update, alpha=-alpha)
+        if param is not p:
+            p.copy_(param)
+
+    def _sharded_step_one(self, p: torch.Tensor, group: dict, shards: RowShards) -> None:
+        """`_step_one` on this rank's rows of a row-sharded (FSDP2) parameter. Only sums over dim
+        0 cross ranks: a matrix's column statistic and the mean of its row statistic, and the
+        RMS of the parameter and of the update; each is an all-reduced partial sum (two
+        collectives per parameter). The statistics of a tensor of 3+ dims factor its last two
+        dims, so they stay on the rank; a 2-D ``col_var`` is the same on every rank; the other
+        states hold this rank's rows."""
+        dtype = state_dtype_for(p, self._state_dtype)
+        grad = local(p.grad).to(dtype)
+        if group["maximize"]:
+            grad = -grad
+        shard = local(p)
+        param = shard if shard.dtype == dtype else shard.detach().to(dtype)
+        state = self.state[p]
+        shape = tuple(p.shape)
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if grad.dim() > 1:
+                state["row_var"] = grad.new_zeros(*grad.shape[:-1], 1)
+                state["col_var"] = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
+            else:
+                state["variance"] = torch.zeros_like(grad)
+        if group["beta1"] > 0 and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)      # a DTensor sharded like p
+        _cast_states(state, dtype)
+        lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
+        eps1, eps2 = group["eps"]
+        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+
+        state["step"] += 1
+        t = state["step"].item()
+        one_minus_beta2_t = t ** group["beta2_decay"]
+        matrix = grad.dim() == 2      # rows sharded: column sums cross ranks
+        sums = [param.square().sum().reshape(1)]
+        if grad.dim() > 1:
+            row_var, col_var = state["row_var"], state["col_var"]
+            row_var.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.shape[-1]),
+                          one_minus_beta2_t)
+            col_sq = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
+            if matrix:
+                sums += [row_var.sum().reshape(1), col_sq.reshape(-1)]
+        all_reduce_sum(sums, shards.group)
+        alpha = max(eps2, sums[0].item() ** 0.5 / p.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        if wd != 0:
+            param.mul_(1 - lr * wd)
+        if grad.dim() > 1:
+            col_var.lerp_(col_sq.div_(shape[-2]), one_minus_beta2_t)
+            row_mean = sums[1].div(shape[0]) if matrix else row_var.mean(dim=-2, keepdim=True)
+            var_estimate = (row_var @ col_var).div_(row_mean.clamp(min=eps1))
+        else:
+            state["variance"].lerp_(grad * grad, one_minus_beta2_t)
+            var_estimate = state["variance"].clone()
+        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+        update_sq = update.square().sum().reshape(1)
+        all_reduce_sum([update_sq], shards.group)
+        update.div_(max(1.0, update_sq.item() ** 0.5 / (p.numel() ** 0.5 * d)))
         if group["beta1"] > 0:
             update = local(state["exp_avg"]).lerp_(update, 1 - group["beta1"])
         param.add_(update, alpha=-alpha)
