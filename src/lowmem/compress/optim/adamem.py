@@ -45,6 +45,7 @@ import math
 import zlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, gathered, load_state_keeping_dtypes,
@@ -221,10 +222,11 @@ def _column_sq_sum(g: torch.Tensor) -> torch.Tensor:
 
 
 def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2: float, bc2: float,
-                           eps: float) -> torch.Tensor:
+                           eps: float, row_means: torch.Tensor | None = None) -> torch.Tensor:
     """x / (sqrt(V̂ / bc2) + ε) with V̂ = row ⊗ col / mean(row), after folding the squares `x2`
-    (a matrix) into ``state["row_var"]`` (its row means) and ``state["col_var"]`` (column means)."""
-    state["row_var"].lerp_(x2.mean(dim=1), 1 - beta2)
+    (a matrix) into ``state["row_var"]`` (its row means, or `row_means` given: those of a matrix
+    whose columns are sharded) and ``state["col_var"]`` (column means)."""
+    state["row_var"].lerp_(x2.mean(dim=1) if row_means is None else row_means, 1 - beta2)
     state["col_var"].lerp_(x2.mean(dim=0), 1 - beta2)
     row = state["row_var"]
     v_hat = torch.outer(row / row.mean().clamp(min=torch.finfo(row.dtype).tiny), state["col_var"])
@@ -333,15 +335,15 @@ class AdaMeM(torch.optim.Optimizer):
                     continue
                 check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
                 dtype = state_dtype_for(p, self._state_dtype)
-                # FSDP2: the whole gradient on every rank, whose projection and factored statistics
-                # need all of it; the state is then the same on every rank, and each updates its rows.
-                grad = gathered(p.grad).to(dtype)
+                grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
                     grad = -grad
-                update = (self._projected_update(p, grad, group) if self._projected.get(p)
-                          else self._adafactor_update(p, grad, group))
                 if p in self._shards:
-                    update = update[slice(*self._shards[p].rows)]
+                    update = (self._sharded_projected_update if self._projected.get(p)
+                              else self._sharded_adafactor_update)(p, grad, group, self._shards[p])
+                else:
+                    update = (self._projected_update(p, grad, group) if self._projected.get(p)
+                              else self._adafactor_update(p, grad, group))
                 lr = as_float(group["lr"])
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
@@ -378,6 +380,93 @@ class AdaMeM(torch.optim.Optimizer):
             state["proj"].copy_(self._project(g, r, state["proj"] if t > 1 else None, group, p, t))
         update = adamem_update(g, state, t, group["betas"], group["eps"], group["scale"])
         return (update.T if transposed else update).reshape(p.shape)
+
+    def _sharded_projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                                  shards: RowShards) -> torch.Tensor:
+        """`_projected_update` on this rank's rows of a row-sharded (FSDP2) matrix G (M×N).
+
+        The projector P is the same on every rank (computed from the gathered gradient at a
+        refresh and broadcast from the group's first rank). When M ≤ N, G's rows are the rows of
+        g = G: R = Pᵀ G and G's column sums of squares are all-reduced partial sums, and the r×n
+        momentum and its statistics are the same on every rank. When M > N, g = Gᵀ and its
+        columns are sharded: R's columns, the momentum's, the column statistics and D₃ stay on
+        the rank, and only the momentum's row means are all-reduced. One collective per step."""
+        state, t = self._init_step(p)
+        big_m, big_n = matrix_shape(p.shape)
+        transposed = big_m > big_n
+        g = grad.reshape(grad.shape[0], -1)
+        if transposed:
+            g = g.T                                        # (N, rows here): columns sharded
+        m, n = (big_n, big_m) if transposed else (big_m, big_n)
+        r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
+        kept_cols = g.shape[1]                            # n, or this rank's columns
+        if "proj" not in state:
+            state.update(proj=g.new_zeros(m, r), exp_avg=g.new_zeros(r, kept_cols), row_var=g.new_zeros(r),
+                         col_var=g.new_zeros(kept_cols), res_col_var=g.new_zeros(kept_cols))
+        elif state["proj"].shape != (m, r):
+            raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projector is {tuple(state['proj'].shape)} "
+                             f"but the group's rank asks for {(m, r)}; the rank cannot change once "
+                             "training has started")
+        _cast_states(state, g.dtype)
+        if (t - 1) % group["update_proj_gap"] == 0:
+            whole = gathered(p.grad).to(g.dtype).reshape(big_m, big_n)
+            whole = -whole if group["maximize"] else whole
+            proj = self._project(whole.T if transposed else whole, r, state["proj"] if t > 1 else None, group, p, t)
+            dist.broadcast(proj, group=shards.group, group_src=0)
+            state["proj"].copy_(proj)
+        beta1, beta2 = group["betas"]
+        eps, scale = group["eps"], group["scale"]
+        proj, exp_avg = state["proj"], state["exp_avg"]
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        if not transposed:
+            proj = proj[slice(*shards.rows)]               # this rank's rows of P
+            low = proj.T @ g                               # partial R = Pᵀ G     (r×n)
+            col_g2 = _column_sq_sum(g)
+            all_reduce_sum([low, col_g2], shards.group)
+            exp_avg.lerp_(low, 1 - beta1)
+            m_hat = exp_avg / bc1
+            n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps)
+        else:
+            low = proj.T @ g                               # R's columns here      (r×n_here)
+            col_g2 = _column_sq_sum(g)
+            exp_avg.lerp_(low, 1 - beta1)
+            m_hat = exp_avg / bc1
+            m2 = m_hat.square()
+            row_sums = m2.sum(dim=1)
+            all_reduce_sum([row_sums], shards.group)
+            n1 = _factored_precondition(m_hat, m2, state, beta2, bc2, eps, row_means=row_sums.div_(n))
+        live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), m)
+        state["res_col_var"].lerp_(res, 1 - beta2)
+        d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)
+        x = n1.sub_(low.mul_(d3), alpha=scale)
+        update = (g * d3.mul_(scale)).addmm_(proj, x)
+        return (update.T if transposed else update).reshape(grad.shape)
+
+    def _sharded_adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                                  shards: RowShards) -> torch.Tensor:
+        """`_adafactor_update` on this rank's rows: the column statistic and the mean of the row
+        statistic are all-reduced partial sums (one collective); a vector's stays on the rank."""
+        state, t = self._init_step(p)
+        beta2, eps = group["betas"][1], group["eps"]
+        bc2 = 1 - beta2 ** t
+        _cast_states(state, grad.dtype)
+        mn = matrix_shape(p.shape)
+        if mn is None:
+            if "variance" not in state:
+                state["variance"] = torch.zeros_like(grad)
+            state["variance"].lerp_(grad.square(), 1 - beta2)
+            return grad / (state["variance"] / bc2).sqrt_().add_(eps)
+        g = grad.reshape(grad.shape[0], -1)
+        if "row_var" not in state:
+            state.update(row_var=g.new_zeros(g.shape[0]), col_var=g.new_zeros(mn[1]))
+        g2 = g.square()
+        state["row_var"].lerp_(g2.mean(dim=1), 1 - beta2)
+        sums = [g2.sum(dim=0), state["row_var"].sum().reshape(1)]
+        all_reduce_sum(sums, shards.group)
+        state["col_var"].lerp_(sums[0].div_(mn[0]), 1 - beta2)
+        row_mean = sums[1].div_(mn[0]).clamp_(min=torch.finfo(g.dtype).tiny)
+        v_hat = torch.outer(state["row_var"] / row_mean, state["col_var"])
+        return (g / v_hat.div_(bc2).sqrt_().add_(eps)).reshape(grad.shape)
 
     def _project(self, g, r, previous, group, p, t) -> torch.Tensor:
         if group["projector"] == "svd":
