@@ -5,7 +5,7 @@ AdamW on the same sharded model in the same run.
         [--vocab 8192] [--rounds 8] [--steps 3] [--warmup 2] [--threads 1] [--json]
 
 `--world` processes (gloo, CPU) each `fully_shard` a GPT-shaped stack (embedding, `--layers`
-blocks of q, k, v, o and a 4x MLP, LM head; default 20,996,096 parameters) per block and at the
+blocks of q, k, v, o and a 4x MLP, LM head; default 20,986,880 parameters) per block and at the
 root, so every parameter is a DTensor sharded along dim 0. Gradients are random DTensors drawn
 once and never recomputed: only ``opt.step()`` is timed, in blocks of `--steps` steps between
 two barriers, on every rank (the slowest rank's time is reported). Rows run interleaved in
@@ -15,7 +15,8 @@ default).
 
 What the ratio says: lowmem's plan optimizers run on each rank's shard with per-tensor ops (no
 `_foreach` batching) plus one all-reduce of partial sums per step for means across shards;
-AdaMeM and Adafactor gather each gradient. The script is a measurement and always exits 0.
+AdaMeM and Adafactor-momentum all-reduce partial sums once or twice per parameter (AdaMeM
+gathers a gradient only to refresh its projector, every `update_proj_gap` steps). The script is a measurement and always exits 0.
 """
 
 from __future__ import annotations
