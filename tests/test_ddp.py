@@ -375,3 +375,48 @@ def test_fsdp2_layouts_other_than_row_sharding_are_refused_by_name(fsdp_run):
     for what in ("slimadam", "adamem", "capture"):
         message = result["refused"].get(what, "")
         assert "'weight' is a DTensor sharded as (Shard(dim=1),)" in message, (what, message)
+
+
+def test_fsdp_example_equals_the_same_loop_in_one_process(tmp_path):
+    """examples/fsdp_train.py on 2 ranks: the plan it builds from its sharded capture and its
+    losses are those of the same probe → plan → train loop in one process on whole batches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lowmem.examples import shakespeare
+
+    steps, out = 20, tmp_path / "fsdp"
+    script = Path(__file__).parents[1] / "examples" / "fsdp_train.py"
+    subprocess.run([sys.executable, str(script), "--world", "2", "--steps", str(steps), "--out", str(out),
+                    "--results", str(tmp_path / "r.pt")], check=True, timeout=600)
+    got = torch.load(tmp_path / "r.pt", weights_only=True)
+
+    def loop(opt_for, capture_to=None):
+        torch.manual_seed(0)
+        model = shakespeare.build_model()
+        opt = opt_for(model)
+        cap = lowmem.capture(opt, model, every=5, out=capture_to) if capture_to else None
+        for step in range(steps):
+            loss = shakespeare.loss_fn(model, shakespeare.get_batch(step))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cap is not None:
+            cap.close()
+        return model, loss.item()
+
+    probe, adamw_loss = loop(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0),
+                             capture_to=tmp_path / "snr.csv")
+    plan = lowmem.build_plan(probe, lowmem.SnrTrajectory.read(tmp_path / "snr.csv"))
+    sharded_plan = lowmem.Plan.load(out / "plan.json")
+    assert {n: (lp.view, lp.reduce) for n, lp in sharded_plan.layers.items()} == \
+        {n: (lp.view, lp.reduce) for n, lp in plan.layers.items()}
+    assert plan.summary["v_saved"] > 0.2
+    _, plan_loss = loop(lambda m: lowmem.optimizer_from_plan(m, plan, lr=1e-3, weight_decay=0.0))
+    assert got["adamw_loss"] == pytest.approx(adamw_loss, rel=1e-4)
+    assert got["plan_loss"] == pytest.approx(plan_loss, rel=1e-4)
+    # AdamW's state on rank 0, which holds ceil(rows / 2) of every parameter: 8 bytes per entry
+    rank0 = sum(-(-p.shape[0] // 2) * p[0].numel() for p in probe.parameters())
+    assert got["adamw_bytes"] == 8 * rank0
+    assert got["plan_bytes"] < got["adamw_bytes"]
