@@ -255,6 +255,41 @@ def _plan_on_one_process(kind: str, path) -> lowmem.Plan:
     return plan
 
 
+DCP_OPTIMIZERS = ("slimadam", "adamem", "adafactor-momentum")
+
+
+def _compressed_v(opt) -> dict:
+    """``{name: exp_avg_sq}`` from the state dict of the parameters whose v is averaged (none
+    for optimizers other than the plan engine's)."""
+    if not hasattr(opt, "_layouts"):
+        return {}
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {opt._names[p]: sd["state"][i]["exp_avg_sq"].clone() for i, p in enumerate(params)
+            if opt._layouts[p].compressed}
+
+
+def _dcp_round_trip(kind: str, name: str, rows, path: str) -> tuple[dict, dict]:
+    """`name` for 2 steps, saved with torch.distributed.checkpoint, loaded into a new model and
+    optimizer, 2 more steps: (the state dict's v after 2 steps, the final parameters)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _fsdp_model(kind, shard=True)
+    opt = make_optimizer(name, model, 1e-2, SETTINGS)
+    train(model, opt, rows, steps=range(2))
+    whole_v = _compressed_v(opt)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    model2 = _fsdp_model(kind, shard=True)
+    opt2 = make_optimizer(name, model2, 1e-2, SETTINGS)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=path)
+    set_state_dict(model2, opt2, model_state_dict=msd2, optim_state_dict=osd2)
+    train(model2, opt2, rows, steps=range(2, STEPS))
+    return whole_v, _gather(model2)
+
+
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -262,7 +297,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}}
+        result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}, "whole_v": {}, "dcp": {}}
         for kind in FSDP_RUNS[world]:
             for name in OPTIMIZERS:
                 model = _fsdp_model(kind, shard=True)
@@ -274,6 +309,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             train(model, _plan_optimizer(model, os.path.join(out, f"{kind}.plan.json")), rows)
             result["from_plan"][kind] = _gather(model)
             result["resumed"][kind] = _resumed(kind, rows, shard=True)
+            for name in DCP_OPTIMIZERS:
+                result["whole_v"][kind, name], result["dcp"][kind, name] = _dcp_round_trip(
+                    kind, name, rows, os.path.join(out, f"dcp-{kind}-{name}"))
             result["from_adamw"][kind] = _resumed(kind, rows, shard=True, first="adamw")
         # A layout lowmem does not take (sharded along dim 1, as tensor parallelism does).
         mesh = init_device_mesh("cpu", (world,))
@@ -368,6 +406,24 @@ def test_fsdp2_checkpoint_round_trip_and_adamw_checkpoint_equal_a_single_process
         # The round trip is exact: the resumed run equals the uninterrupted one bit for bit.
         for k, v in result["params"][kind, "slimadam"].items():
             assert torch.equal(result["resumed"][kind][k], v), (kind, k)
+
+
+def test_fsdp2_state_dict_holds_the_single_process_v_and_survives_distributed_checkpoint(fsdp_run):
+    """The sharded optimizer's state dict has the whole single-process `exp_avg_sq` (the same on
+    every rank, so DCP saves it right and a checkpoint fits any number of ranks), and a
+    torch.distributed.checkpoint save/load resumes bit for bit."""
+    world, _, result = fsdp_run
+    for kind in FSDP_RUNS[world]:
+        model = _fsdp_model(kind, shard=False)
+        opt = make_optimizer("slimadam", model, 1e-2, SETTINGS)
+        train(model, opt, steps=range(2))
+        want = _compressed_v(opt)
+        assert want.keys() == result["whole_v"][kind, "slimadam"].keys() and len(want) >= 5
+        for name, v in want.items():
+            torch.testing.assert_close(result["whole_v"][kind, "slimadam"][name], v, rtol=1e-5, atol=1e-12, msg=name)
+        for name in DCP_OPTIMIZERS:     # AdaMeM and Adafactor keep rank-local statistics as DTensors
+            for k, v in result["params"][kind, name].items():
+                assert torch.equal(result["dcp"][kind, name][k], v), (kind, name, k)
 
 
 def test_fsdp2_layouts_other_than_row_sharding_are_refused_by_name(fsdp_run):

@@ -42,6 +42,14 @@ class RowShards:
     def rows(self) -> tuple[int, int]:
         return self.bounds[self.rank], self.bounds[self.rank + 1]
 
+    def __deepcopy__(self, memo) -> "RowShards":
+        return self            # immutable; a copied optimizer uses the same process group
+
+    def __reduce__(self):
+        # A process group cannot be pickled: an unpickled RowShards (torch.save of a whole
+        # optimizer) reduces over the default group, which is the shard group of plain FSDP2.
+        return (RowShards, (self.bounds, self.rank, None))
+
 
 def row_shards(t: torch.Tensor, name: str) -> RowShards:
     """The row sharding of DTensor `t` (parameter `name`).

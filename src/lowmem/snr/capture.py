@@ -221,6 +221,8 @@ class SnrCapture:
                 v = v.detach()
                 shards, regions = self._shards.get(p, (None, None))
                 if shards is not None:
+                    if not is_sharded(v):   # not a state sharded like the parameter: nothing to measure
+                        continue
                     v = v.to_local()
                 dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
                 buf = work.get((v.device, dtype))

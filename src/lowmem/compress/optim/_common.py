@@ -82,6 +82,18 @@ def row_sharding(model: nn.Module) -> dict[torch.Tensor, RowShards]:
             if p.requires_grad and is_sharded(p)}
 
 
+def rows_state(rows: torch.Tensor, p: torch.Tensor, dim: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A state that holds this rank's rows of row-sharded `p` along its `dim` (of global `shape`),
+    as a DTensor sharded there, so `torch.distributed.checkpoint` saves every rank's part.
+    Computations use its local tensor (`local`)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    placements = [Shard(dim) if not pl.is_replicate() else pl for pl in p.placements]
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(rows, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
 def gathered(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (an all-gather) for a DTensor; `t` itself otherwise."""
     return t.full_tensor() if is_sharded(t) else t

@@ -49,7 +49,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, gathered, load_state_keeping_dtypes,
-                                           local, named_trainable, param_groups_for, row_sharding, state_dtype_for)
+                                           local, named_trainable, param_groups_for, row_sharding, rows_state,
+                                           state_dtype_for)
 from lowmem.sharding import RowShards, all_reduce_sum
 from lowmem.compress.optim.engine import mean_sq
 from lowmem.layers import resolve_layers
@@ -390,7 +391,8 @@ class AdaMeM(torch.optim.Optimizer):
         g = G: R = Pᵀ G and G's column sums of squares are all-reduced partial sums, and the r×n
         momentum and its statistics are the same on every rank. When M > N, g = Gᵀ and its
         columns are sharded: R's columns, the momentum's, the column statistics and D₃ stay on
-        the rank, and only the momentum's row means are all-reduced. One collective per step."""
+        the rank (kept as DTensors sharded along the columns), and only the momentum's row means
+        are all-reduced. One collective per step, plus a gather and a broadcast at a refresh."""
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
         transposed = big_m > big_n
@@ -399,23 +401,33 @@ class AdaMeM(torch.optim.Optimizer):
             g = g.T                                        # (N, rows here): columns sharded
         m, n = (big_n, big_m) if transposed else (big_m, big_n)
         r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
-        kept_cols = g.shape[1]                            # n, or this rank's columns
         if "proj" not in state:
-            state.update(proj=g.new_zeros(m, r), exp_avg=g.new_zeros(r, kept_cols), row_var=g.new_zeros(r),
-                         col_var=g.new_zeros(kept_cols), res_col_var=g.new_zeros(kept_cols))
+            state.update(proj=g.new_zeros(m, r), row_var=g.new_zeros(r))
+            if transposed:   # this rank's columns, as DTensors
+                state.update(exp_avg=rows_state(g.new_zeros(r, g.shape[1]), p, 1, (r, n)),
+                             col_var=rows_state(g.new_zeros(g.shape[1]), p, 0, (n,)),
+                             res_col_var=rows_state(g.new_zeros(g.shape[1]), p, 0, (n,)))
+            else:
+                state.update(exp_avg=g.new_zeros(r, n), col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
         elif state["proj"].shape != (m, r):
             raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projector is {tuple(state['proj'].shape)} "
                              f"but the group's rank asks for {(m, r)}; the rank cannot change once "
                              "training has started")
         _cast_states(state, g.dtype)
         if (t - 1) % group["update_proj_gap"] == 0:
-            whole = gathered(p.grad).to(g.dtype).reshape(big_m, big_n)
-            whole = -whole if group["maximize"] else whole
-            proj = self._project(whole.T if transposed else whole, r, state["proj"] if t > 1 else None, group, p, t)
+            whole = gathered(p.grad).to(g.dtype).reshape(big_m, big_n)   # every rank joins the gather
+            if shards.rank == 0:
+                whole = -whole if group["maximize"] else whole
+                proj = self._project(whole.T if transposed else whole, r, state["proj"] if t > 1 else None,
+                                     group, p, t)
+            else:
+                proj = torch.empty_like(state["proj"])
+            del whole
             dist.broadcast(proj, group=shards.group, group_src=0)
             state["proj"].copy_(proj)
         beta1, beta2 = group["betas"]
         eps, scale = group["eps"], group["scale"]
+        state = {k: local(v) for k, v in state.items()}   # the DTensors' local parts, updated in place
         proj, exp_avg = state["proj"], state["exp_avg"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         if not transposed:
@@ -453,12 +465,13 @@ class AdaMeM(torch.optim.Optimizer):
         mn = matrix_shape(p.shape)
         if mn is None:
             if "variance" not in state:
-                state["variance"] = torch.zeros_like(grad)
-            state["variance"].lerp_(grad.square(), 1 - beta2)
-            return grad / (state["variance"] / bc2).sqrt_().add_(eps)
+                state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # a DTensor like p
+            variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
+            return grad / (variance / bc2).sqrt_().add_(eps)
         g = grad.reshape(grad.shape[0], -1)
         if "row_var" not in state:
-            state.update(row_var=g.new_zeros(g.shape[0]), col_var=g.new_zeros(mn[1]))
+            state.update(row_var=rows_state(g.new_zeros(g.shape[0]), p, 0, (mn[0],)), col_var=g.new_zeros(mn[1]))
+        state = {k: local(v) for k, v in state.items()}
         g2 = g.square()
         state["row_var"].lerp_(g2.mean(dim=1), 1 - beta2)
         sums = [g2.sum(dim=0), state["row_var"].sum().reshape(1)]
@@ -632,20 +645,22 @@ class AdafactorMomentum(torch.optim.Adafactor):
         shape = tuple(p.shape)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if grad.dim() > 1:
-                state["row_var"] = grad.new_zeros(*grad.shape[:-1], 1)
-                state["col_var"] = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
+            if grad.dim() > 1:   # torch's shapes; this rank's rows as DTensors, a matrix's col_var whole
+                state["row_var"] = rows_state(grad.new_zeros(*grad.shape[:-1], 1), p, 0, (*shape[:-1], 1))
+                col_var = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
+                state["col_var"] = col_var if grad.dim() == 2 else rows_state(col_var, p, 0, (*shape[:-2], 1, shape[-1]))
             else:
-                state["variance"] = torch.zeros_like(grad)
+                state["variance"] = torch.zeros_like(p, dtype=dtype)
         if group["beta1"] > 0 and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)      # a DTensor sharded like p
         _cast_states(state, dtype)
+        step_count, state = state["step"], {k: local(v) for k, v in state.items()}
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
         eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
 
-        state["step"] += 1
-        t = state["step"].item()
+        step_count += 1
+        t = step_count.item()
         one_minus_beta2_t = t ** group["beta2_decay"]
         matrix = grad.dim() == 2      # rows sharded: column sums cross ranks
         sums = [param.square().sum().reshape(1)]
@@ -672,7 +687,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
         all_reduce_sum([update_sq], shards.group)
         update.div_(max(1.0, update_sq.item() ** 0.5 / (p.numel() ** 0.5 * d)))
         if group["beta1"] > 0:
-            update = local(state["exp_avg"]).lerp_(update, 1 - group["beta1"])
+            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
         param.add_(update, alpha=-alpha)
         if param is not shard:
             shard.copy_(param)

@@ -153,6 +153,39 @@ class ShardedLayout:
     like_param: bool
 
 
+    def gather(self, layout: Layout, shape: tuple[int, ...], v: torch.Tensor) -> torch.Tensor:
+        """This rank's contribution to the whole flat `v` of `layout` (the single-process
+        ``exp_avg_sq``, flattened): its own entries in place and zeros elsewhere, the entries that
+        every rank keeps from the group's first rank only; summed over the ranks it is `v`."""
+        whole = torch.zeros(math.prod(layout.v_shape), dtype=v.dtype, device=v.device)
+        for sb, (i, j) in zip(self.blocks, self._spans(shape)):
+            if i is not None or self.shards.rank == 0:
+                i, j = (0, sb.block.kept) if i is None else (i, j)
+                whole[sb.block.offset + i:sb.block.offset + j] = v[sb.offset:sb.offset + sb.size]
+        return whole
+
+    def take(self, shape: tuple[int, ...], whole: torch.Tensor) -> torch.Tensor:
+        """This rank's flat `v` from the whole one (`gather`'s inverse)."""
+        flat = whole.reshape(-1)
+        return torch.cat([flat[sb.block.offset:sb.block.offset + sb.block.kept] if i is None
+                          else flat[sb.block.offset + i:sb.block.offset + j]
+                          for sb, (i, j) in zip(self.blocks, self._spans(shape))])
+
+    def _spans(self, shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
+        """Per block, where this rank's entries lie among the block's kept ones; (None, None)
+        when it keeps all of them (a reduction across ranks)."""
+        spans = []
+        for sb in self.blocks:
+            b = sb.block
+            if sb.region is None:
+                spans.append(region_range(shape, sb.rows, b.dim, b.start, b.stop))
+            elif sb.region.is_local:
+                spans.append(sb.region.local_kept)
+            else:
+                spans.append((None, None))
+        return spans
+
+
 def sharded_layout(layout: Layout, shape: tuple[int, ...], shards: RowShards) -> ShardedLayout:
     """This rank's `ShardedLayout` of a parameter of `shape` kept as `layout`."""
     blocks, offset = [], 0
@@ -171,7 +204,8 @@ def sharded_layout(layout: Layout, shape: tuple[int, ...], shards: RowShards) ->
 def sharded_means(items: list[tuple[ShardedLayout, torch.Tensor]], square: bool) -> list[list[torch.Tensor | None]]:
     """For each (layout, local shard of a parameter-shaped tensor x), the mean of x² (or x) over
     each block's reduce dims: this rank's `v` entries of the block, flat (None for full-Adam
-    blocks). Reductions across ranks are all-reduced as partial sums, one collective per group."""
+    blocks). Reductions across ranks are all-reduced as partial sums, one collective per process
+    group and dtype."""
     out: list[list[torch.Tensor | None]] = []
     spread: list[tuple[torch.Tensor, object]] = []
     for lay, x in items:
@@ -593,10 +627,34 @@ class ReducedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state dict plus ``"lowmem"``: the optimizer, parameter names in group order and
-        the plan, as plain data (survives ``torch.load(weights_only=True)``)."""
+        the plan, as plain data (survives ``torch.load(weights_only=True)``).
+
+        For row-sharded (FSDP2) parameters ``exp_avg`` stays a DTensor and a compressed
+        ``exp_avg_sq`` is the whole single-process one, the same on every rank (gathered: every
+        rank must call this). So `torch.distributed.checkpoint` saves correct state, and the
+        checkpoint loads on any number of ranks."""
         sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        wholes = self._whole_v(params)
+        for i, p in enumerate(params):
+            if p in wholes:
+                sd["state"][i] = {**sd["state"][i], "exp_avg_sq": wholes[p]}
         sd["lowmem"] = self._lowmem_meta()
         return sd
+
+    def _whole_v(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """The single-process ``exp_avg_sq`` of each sharded parameter whose `v` is a flat local
+        tensor (`ShardedLayout.gather`, all-reduced: one collective per group and dtype)."""
+        out, groups = {}, {}
+        for p in params:
+            lay, st = self._sharded.get(p), self.state.get(p)
+            if lay is None or lay.like_param or not st or "exp_avg_sq" not in st:
+                continue
+            out[p] = lay.gather(self._layouts[p], tuple(p.shape), st["exp_avg_sq"])
+            groups.setdefault(lay.shards.group, []).append(out[p])
+        for group, ts in groups.items():
+            all_reduce_sum(ts, group)
+        return {p: t.view(self._layouts[p].v_shape) for p, t in out.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this optimizer, of another lowmem plan optimizer made under the
@@ -650,16 +708,26 @@ class ReducedAdamW(torch.optim.Optimizer):
                 out[key] = value.detach().to(device=p.device, dtype=keep).clone()
         v = out.get("exp_avg_sq")
         lay = self._sharded.get(p)
-        if v is not None and lay is not None and not lay.like_param:
+        if lay is not None:
+            for key in ("exp_avg", "exp_avg_sq"):   # a single-process checkpoint: this rank's rows
+                t = out.get(key)
+                if t is not None and not is_sharded(t) and tuple(t.shape) == tuple(p.shape) and \
+                        (key == "exp_avg" or lay.like_param):
+                    out[key] = _shard_like(t, p, lay.shards)
+            v = None if lay.like_param else out.get("exp_avg_sq")
+        if v is not None and lay is not None:
             if tuple(v.shape) == tuple(p.shape) and is_sharded(v):   # a sharded AdamW v: average it per plan
                 shard = v.to_local()
                 means = sharded_means([(lay, shard)], square=False)[0]
                 out["exp_avg_sq"] = torch.cat([sb.entries(shard).reshape(-1) if m is None else m
                                                for sb, m in zip(lay.blocks, means)])
-            elif tuple(v.shape) != (lay.v_size,):
-                raise PlanError(f"checkpoint: exp_avg_sq of {name!r} on this rank has shape {tuple(v.shape)}, "
-                                f"expected ({lay.v_size},) (or a DTensor of the parameter's shape {tuple(p.shape)} "
-                                "for an AdamW checkpoint)")
+            elif tuple(v.shape) == tuple(p.shape) and layout.compressed:   # a single-process AdamW v
+                out["exp_avg_sq"] = lay.take(tuple(p.shape), reduce_v(v, layout))
+            elif tuple(v.shape) == layout.v_shape:
+                out["exp_avg_sq"] = lay.take(tuple(p.shape), v)
+            else:
+                raise PlanError(f"checkpoint: exp_avg_sq of {name!r} has shape {tuple(v.shape)}, expected "
+                                f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
         elif v is not None and tuple(v.shape) != layout.v_shape:
             if tuple(v.shape) == tuple(p.shape) and layout.compressed:
                 out["exp_avg_sq"] = reduce_v(v, layout)   # a full AdamW v: average it per plan
@@ -679,6 +747,14 @@ class ReducedAdamW(torch.optim.Optimizer):
         full = sum(p.numel() for p in self._layouts)
         return (f"{type(self).__name__}(plan={what!r}, params={n}, v kept {kept:,} of {full:,}, "
                 f"lr={g0['lr']}, betas={g0['betas']}, eps={g0['eps']}, weight_decay={g0['weight_decay']})")
+
+
+def _shard_like(t: torch.Tensor, p: torch.Tensor, shards: RowShards) -> torch.Tensor:
+    """A whole parameter-shaped tensor as a DTensor sharded like `p` (this rank's rows of it)."""
+    from torch.distributed.tensor import DTensor
+
+    rows = t[slice(*shards.rows)].contiguous()
+    return DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def reduce_v(exp_avg_sq: torch.Tensor, layout: Layout) -> torch.Tensor:
