@@ -208,16 +208,20 @@ class FusedNet(EvenNet):
 
 
 MODELS = {"even": EvenNet, "odd": OddNet, "fused": FusedNet}
-FSDP_RUNS = {2: ("even", "fused"), 3: ("odd", "fused")}     # world size -> models
+FSDP_RUNS = {2: ("even", "fused"), 3: ("odd", "fused"), 4: ("odd",)}     # world size -> models (4: HSDP)
 
 
 def _fsdp_model(kind: str, shard: bool):
+    """`kind` built from seed 0; sharded with fully_shard, and on 4 ranks as HSDP: 2 replicas
+    of 2 shards each (placements (Replicate(), Shard(0)))."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = MODELS[kind]()
     if shard:
-        fully_shard(model)
+        hsdp = dist.get_world_size() == 4
+        fully_shard(model, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")) if hsdp else None)
     return model
 
 
