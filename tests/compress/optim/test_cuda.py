@@ -74,3 +74,20 @@ def test_cuda_run_matches_the_cpu_run(info):
     # Adam's normalisation carries into the update); an optimizer bug would show at 1e-2.
     for a, b in zip(gpu.parameters(), model.parameters()):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{"foreach": True}, {"foreach": False}], ids=["batched", "readable"])
+@pytest.mark.parametrize("info", PLAN_OPTIMIZERS, ids=lambda i: i.name)
+def test_cuda_steps_make_no_host_sync(info, kw):
+    """After the first step (state allocation), a step runs with CUDA's sync debug mode set to
+    'error': the step counters live on the host, so nothing waits for the GPU."""
+    model = tiny_model(torch.float32).cuda()
+    opt = info(model, **kw)
+    for s in range(4):
+        opt.zero_grad()
+        tiny_loss(model, s).backward()
+        torch.cuda.set_sync_debug_mode("error" if s else "default")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
