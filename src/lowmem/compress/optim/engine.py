@@ -22,6 +22,12 @@ State keys are AdamW's: ``step`` (a float32 scalar tensor), ``exp_avg`` (full, l
 parameter) and ``exp_avg_sq`` (the kept entries: the view's shape with reduced dims of size 1;
 the parameter's shape where nothing is reduced; a flat vector of every part's kept entries for
 a parameter with parts). States are fp32 for bf16/fp16 parameters and fp64 for fp64 ones.
+
+Row-sharded (FSDP2) parameters take `_sharded_step` on each rank's rows (`lowmem.sharding`):
+a mean whose slices a shard holds whole stays on its rank, the others are all-reduced partial
+sums, one collective per step for all of them. There ``exp_avg`` is a DTensor like the
+parameter and a compressed ``exp_avg_sq`` a flat tensor of this rank's kept entries
+(`ShardedLayout`); `state_dict` gathers it into the single-process ``exp_avg_sq``.
 """
 
 from __future__ import annotations
