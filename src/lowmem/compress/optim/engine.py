@@ -158,7 +158,6 @@ class ShardedLayout:
     v_size: int
     like_param: bool
 
-
     def gather(self, layout: Layout, shape: tuple[int, ...], v: torch.Tensor) -> torch.Tensor:
         """This rank's contribution to the whole flat `v` of `layout` (the single-process
         ``exp_avg_sq``, flattened): its own entries in place and zeros elsewhere, the entries that
