@@ -99,3 +99,33 @@ def test_lightning_example_runs_the_probe_plan_train_loop(tmp_path):
     plan.validate(example.GPT())                         # names as the callback saw them: the module's
     assert sorted({s.step for s in read_trajectory(tmp_path / "snr.csv")}) == [5, 10]
     assert result["adamw_bytes"] == 8 * 814_208          # the built-in GPT's parameters, by hand (README)
+
+
+def test_lightning_callback_under_fsdp2_writes_the_single_process_trajectory(tmp_path):
+    """Lightning's ModelParallelStrategy on 2 CPU processes, the module sharded with fully_shard:
+    the callback attaches on both ranks (the measurement is collective), rank 0 writes, and the
+    SNR is that of one process training on both ranks' batches (step s of the two ranks together
+    takes samples 2·s·B … 2·(s+1)·B − 1, see lightning_fsdp_run.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "lightning_fsdp_run.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "fsdp.csv"), str(STEPS), str(BATCH // 2)],
+                   check=True, timeout=600, cwd=tmp_path)
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv"):
+        for x, y in torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False):
+            _loss(net, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    fsdp = {(s.step, s.name.removeprefix("net."), s.view, s.subset): s
+            for s in read_trajectory(tmp_path / "fsdp.csv")}
+    core = {(s.step, s.name, s.view, s.subset): s for s in read_trajectory(tmp_path / "core.csv")}
+    assert set(fsdp) == set(core) and {k[0] for k in core} == {2, 4, 6}
+    for key, want in core.items():
+        got = fsdp[key]
+        assert got.mean_sq == pytest.approx(want.mean_sq, rel=1e-4), key
+        assert got.snr == pytest.approx(want.snr, rel=1e-4 + 1e-6 * want.snr), key
