@@ -75,7 +75,7 @@ def test_partial_sums_over_ranks_equal_the_dense_reduction(shape, region, view, 
             got.reshape(-1)[k0:k1] += part.numpy()
         else:
             for b in sr.boxes:
-                xb = flat[b.lo - sr.lo:b.hi - sr.lo].view(b.shape)
+                xb = sr.piece(flat, b)
                 got[b.kept_index(reduce)] += xb.sum(dim=reduce, keepdim=True).numpy()
     assert len(local_everywhere) == 1, "every rank takes the same decision"
     np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -160,6 +160,10 @@ class ShardedRegion:
     def is_local(self) -> bool:
         return self.window is not None
 
+    def piece(self, flat: torch.Tensor, box: Box) -> torch.Tensor:
+        """`box` of `flat` (this rank's range of the region, flattened), in the box's shape."""
+        return flat[box.lo - self.lo:box.hi - self.lo].view(box.shape)
+
     @property
     def local_shape(self) -> tuple[int, ...]:
         """This rank's entries as ``(windows, *view[d:])`` (local reductions only)."""
@@ -232,5 +236,15 @@ def all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
             t.copy_(part.view(t.shape))
 
 
-__all__ = ["Box", "RowShards", "ShardedRegion", "all_reduce_sum", "boxes", "local_region", "region_range",
-           "row_shards", "sharded_region"]
+def all_reduce_by_group(pairs: list[tuple[torch.Tensor, object]]) -> None:
+    """`all_reduce_sum` of each (tensor, process group) pair over its group: one call per group,
+    in the order the groups first appear (the same on every rank, as the pairs are)."""
+    by_group: dict[object, list[torch.Tensor]] = {}
+    for t, group in pairs:
+        by_group.setdefault(group, []).append(t)
+    for group, ts in by_group.items():
+        all_reduce_sum(ts, group)
+
+
+__all__ = ["Box", "RowShards", "ShardedRegion", "all_reduce_by_group", "all_reduce_sum", "boxes", "local_region",
+           "region_range", "row_shards", "sharded_region"]

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
-from lowmem.sharding import RowShards, ShardedRegion, all_reduce_sum, local_region, row_shards, sharded_region
+from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
 from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
@@ -288,26 +288,22 @@ class _ShardedMeasurement:
         flat = x.reshape(-1)
         sums = torch.zeros(region.kept_shape, dtype=x.dtype, device=x.device)
         for box in region.boxes:
-            xb = flat[box.lo - region.lo:box.hi - region.lo].view(box.shape)
-            sums[box.kept_index(region.reduce)] += xb.sum(dim=region.reduce, keepdim=True)
+            sums[box.kept_index(region.reduce)] += region.piece(flat, box).sum(dim=region.reduce, keepdim=True)
         self.spread.append((index, region, flat, group, sums))
 
     def finish(self, terms: list[torch.Tensor | None]) -> None:
-        groups = list(dict.fromkeys(g for *_, g in self.local) | dict.fromkeys(g for _, _, _, g, _ in self.spread))
-        for group in groups:
-            all_reduce_sum([sums for _, _, _, g, sums in self.spread if g is group], group)
+        all_reduce_by_group([(sums, g) for _, _, _, g, sums in self.spread])
         squares = []
         for _, region, flat, _, sums in self.spread:
             mean = sums.div_(region.count)
             sq = torch.zeros_like(mean)
             for box in region.boxes:
                 k = box.kept_index(region.reduce)
-                dev = flat[box.lo - region.lo:box.hi - region.lo].view(box.shape) - mean[k]
+                dev = region.piece(flat, box) - mean[k]
                 sq[k] += dev.mul_(dev).sum(dim=region.reduce, keepdim=True)
             squares.append(sq)
-        for group in groups:
-            all_reduce_sum([sq for sq, (*_, g, _) in zip(squares, self.spread) if g is group]
-                           + [sums for _, sums, g in self.local if g is group], group)
+        all_reduce_by_group([(sq, g) for sq, (*_, g, _) in zip(squares, self.spread)]
+                            + [(sums, g) for _, sums, g in self.local])
         for (index, region, _, _, mean), sq in zip(self.spread, squares):
             sums = slice_sums(mean, sq.div_(region.count))
             terms[index] = sums[:3] / sums[3]

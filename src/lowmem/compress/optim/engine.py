@@ -43,7 +43,7 @@ from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, 
                                            param_groups_for, state_dtype_for)
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError
 from lowmem.layers import is_sharded
-from lowmem.sharding import RowShards, ShardedRegion, all_reduce_sum, local_region, region_range, row_shards, \
+from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, region_range, row_shards, \
     sharded_region
 
 # Row chunks of at most this many bytes when squaring for a reduction that keeps the last dim:
@@ -130,17 +130,22 @@ class ShardedBlock:
     Attributes:
         block: the block of the parameter's `Layout`.
         region: this rank's share of the block's reduction, or None for full Adam.
-        offset, size: where this rank's `v` entries of the block lie in its flat ``exp_avg_sq``:
-            the region's local entries (full Adam), the local range of the kept entries (a
-            reduction that stays on the rank), or every kept entry, the same on all ranks (a
-            reduction across ranks).
+        offset: where this rank's `v` entries of the block start in its flat ``exp_avg_sq``.
+        span: which of the block's kept entries they are: the region's local entries (full
+            Adam), the local range of the kept entries (a reduction that stays on the rank), or
+            None for every kept entry, the same on all ranks (a reduction across ranks).
+        rows: this rank's rows of the parameter.
     """
 
     block: Block
     region: ShardedRegion | None
     offset: int
-    size: int
+    span: tuple[int, int] | None
     rows: tuple[int, int]
+
+    @property
+    def size(self) -> int:
+        return self.block.kept if self.span is None else self.span[1] - self.span[0]
 
     def entries(self, shard: torch.Tensor) -> torch.Tensor:
         """This rank's entries of the block from its shard of a parameter-shaped tensor."""
@@ -158,51 +163,35 @@ class ShardedLayout:
     v_size: int
     like_param: bool
 
-    def gather(self, layout: Layout, shape: tuple[int, ...], v: torch.Tensor) -> torch.Tensor:
+    def gather(self, layout: Layout, v: torch.Tensor) -> torch.Tensor:
         """This rank's contribution to the whole flat `v` of `layout` (the single-process
         ``exp_avg_sq``, flattened): its own entries in place and zeros elsewhere, the entries that
         every rank keeps from the group's first rank only; summed over the ranks it is `v`."""
         whole = torch.zeros(math.prod(layout.v_shape), dtype=v.dtype, device=v.device)
-        for sb, (i, j) in zip(self.blocks, self._spans(shape)):
-            if i is not None or self.shards.rank == 0:
-                i, j = (0, sb.block.kept) if i is None else (i, j)
+        for sb in self.blocks:
+            if sb.span is not None or self.shards.rank == 0:
+                i, j = sb.span or (0, sb.block.kept)
                 whole[sb.block.offset + i:sb.block.offset + j] = v[sb.offset:sb.offset + sb.size]
         return whole
 
-    def take(self, shape: tuple[int, ...], whole: torch.Tensor) -> torch.Tensor:
+    def take(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's flat `v` from the whole one (`gather`'s inverse)."""
         flat = whole.reshape(-1)
-        return torch.cat([flat[sb.block.offset:sb.block.offset + sb.block.kept] if i is None
-                          else flat[sb.block.offset + i:sb.block.offset + j]
-                          for sb, (i, j) in zip(self.blocks, self._spans(shape))])
-
-    def _spans(self, shape: tuple[int, ...]) -> list[tuple[int | None, int | None]]:
-        """Per block, where this rank's entries lie among the block's kept ones; (None, None)
-        when it keeps all of them (a reduction across ranks)."""
-        spans = []
-        for sb in self.blocks:
-            b = sb.block
-            if sb.region is None:
-                spans.append(region_range(shape, sb.rows, b.dim, b.start, b.stop))
-            elif sb.region.is_local:
-                spans.append(sb.region.local_kept)
-            else:
-                spans.append((None, None))
-        return spans
+        return torch.cat([flat[sb.block.offset + i:sb.block.offset + j]
+                          for sb in self.blocks for i, j in [sb.span or (0, sb.block.kept)]])
 
 
 def sharded_layout(layout: Layout, shape: tuple[int, ...], shards: RowShards) -> ShardedLayout:
     """This rank's `ShardedLayout` of a parameter of `shape` kept as `layout`."""
     blocks, offset = [], 0
     for b in layout.blocks:
-        lo, hi = region_range(shape, shards.rows, b.dim, b.start, b.stop)
         if b.reduce is None:
-            region, size = None, hi - lo
+            region, span = None, region_range(shape, shards.rows, b.dim, b.start, b.stop)
         else:
             region = sharded_region(shards, shape, b.view, b.reduce, b.dim, b.start, b.stop)
-            size = (region.local_kept[1] - region.local_kept[0]) if region.is_local else b.kept
-        blocks.append(ShardedBlock(b, region, offset, size, shards.rows))
-        offset += size
+            span = region.local_kept if region.is_local else None
+        blocks.append(ShardedBlock(b, region, offset, span, shards.rows))
+        offset += blocks[-1].size
     return ShardedLayout(shards, tuple(blocks), offset, not layout.flat and not layout.compressed)
 
 
@@ -227,13 +216,12 @@ def sharded_means(items: list[tuple[ShardedLayout, torch.Tensor]], square: bool)
                 continue
             sums = torch.zeros(r.kept_shape, dtype=x.dtype, device=x.device)
             for box in r.boxes:
-                xb = xr[box.lo - r.lo:box.hi - r.lo].view(box.shape)
+                xb = r.piece(xr, box)
                 sums[box.kept_index(r.reduce)] += (xb * xb if square else xb).sum(dim=r.reduce, keepdim=True)
             means.append(sums)
             spread.append((sums, lay.shards.group))
         out.append(means)
-    for group in dict.fromkeys(g for _, g in spread):
-        all_reduce_sum([t for t, g in spread if g is group], group)
+    all_reduce_by_group(spread)
     for (lay, _), means in zip(items, out):
         for i, (sb, m) in enumerate(zip(lay.blocks, means)):
             if m is not None and not sb.region.is_local:
@@ -297,8 +285,7 @@ def _add_sharded_update(param: torch.Tensor, sb: ShardedBlock, m: torch.Tensor, 
     else:
         denom = denom.view(r.kept_shape)
         for box in r.boxes:
-            i, j = box.lo - r.lo, box.hi - r.lo
-            flat[i:j].view(box.shape).addcdiv_(mr[i:j].view(box.shape), denom[box.kept_index(r.reduce)], value=value)
+            r.piece(flat, box).addcdiv_(r.piece(mr, box), denom[box.kept_index(r.reduce)], value=value)
     if work is not target:
         target.copy_(work)
 
@@ -650,15 +637,14 @@ class ReducedAdamW(torch.optim.Optimizer):
     def _whole_v(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """The single-process ``exp_avg_sq`` of each sharded parameter whose `v` is a flat local
         tensor (`ShardedLayout.gather`, all-reduced: one collective per group and dtype)."""
-        out, groups = {}, {}
+        out, pairs = {}, []
         for p in params:
             lay, st = self._sharded.get(p), self.state.get(p)
             if lay is None or lay.like_param or not st or "exp_avg_sq" not in st:
                 continue
-            out[p] = lay.gather(self._layouts[p], tuple(p.shape), st["exp_avg_sq"])
-            groups.setdefault(lay.shards.group, []).append(out[p])
-        for group, ts in groups.items():
-            all_reduce_sum(ts, group)
+            out[p] = lay.gather(self._layouts[p], st["exp_avg_sq"])
+            pairs.append((out[p], lay.shards.group))
+        all_reduce_by_group(pairs)
         return {p: t.view(self._layouts[p].v_shape) for p, t in out.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -727,9 +713,9 @@ class ReducedAdamW(torch.optim.Optimizer):
                 out["exp_avg_sq"] = torch.cat([sb.entries(shard).reshape(-1) if m is None else m
                                                for sb, m in zip(lay.blocks, means)])
             elif tuple(v.shape) == tuple(p.shape) and layout.compressed:   # a single-process AdamW v
-                out["exp_avg_sq"] = lay.take(tuple(p.shape), reduce_v(v, layout))
+                out["exp_avg_sq"] = lay.take(reduce_v(v, layout))
             elif tuple(v.shape) == layout.v_shape:
-                out["exp_avg_sq"] = lay.take(tuple(p.shape), v)
+                out["exp_avg_sq"] = lay.take(v)
             else:
                 raise PlanError(f"checkpoint: exp_avg_sq of {name!r} has shape {tuple(v.shape)}, expected "
                                 f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
