@@ -581,60 +581,13 @@ class AdafactorMomentum(torch.optim.Adafactor):
         return loss
 
     def _step_one(self, p: torch.Tensor, group: dict) -> None:
-        if p in self._shards:
-            self._sharded_step_one(p, group, self._shards[p])
-            return
-        dtype = state_dtype_for(p, self._state_dtype)
-        grad = p.grad.to(dtype)
-        if group["maximize"]:
-            grad = -grad
-        param = p if p.dtype == dtype else p.detach().to(dtype)
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if grad.dim() > 1:   # torch's shapes: (…, m, 1) and (…, 1, n)
-                state["row_var"] = grad.new_zeros(*grad.shape[:-1], 1)
-                state["col_var"] = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
-            else:
-                state["variance"] = torch.zeros_like(grad)
-        if group["beta1"] > 0 and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-        _cast_states(state, dtype)
-        lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
-        eps1, eps2 = group["eps"]
-        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1   # torch's default: the parameter's eps
-
-        state["step"] += 1
-        t = state["step"].item()
-        one_minus_beta2_t = t ** group["beta2_decay"]
-        alpha = max(eps2, param.norm(2).item() / param.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
-        if wd != 0:
-            param.mul_(1 - lr * wd)
-        if grad.dim() > 1:
-            row_var, col_var = state["row_var"], state["col_var"]
-            row_var.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.shape[-1]),
-                          one_minus_beta2_t)
-            col_var.lerp_(torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_().div_(grad.shape[-2]),
-                          one_minus_beta2_t)
-            var_estimate = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
-        else:
-            state["variance"].lerp_(grad * grad, one_minus_beta2_t)
-            var_estimate = state["variance"].clone()
-        update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-        update.div_(max(1.0, update.norm(2).item() / (update.numel() ** 0.5 * d)))
-        if group["beta1"] > 0:
-            update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
-        param.add_(update, alpha=-alpha)
-        if param is not p:
-            p.copy_(param)
-
-    def _sharded_step_one(self, p: torch.Tensor, group: dict, shards: RowShards) -> None:
-        """`_step_one` on this rank's rows of a row-sharded (FSDP2) parameter. Only sums over dim
-        0 cross ranks: a matrix's column statistic and the mean of its row statistic, and the
-        RMS of the parameter and of the update; each is an all-reduced partial sum (two
-        collectives per parameter). The statistics of a tensor of 3+ dims factor its last two
-        dims, so they stay on the rank; a 2-D ``col_var`` is the same on every rank; the other
-        states hold this rank's rows."""
+        """One step of `p`. On a row-sharded (FSDP2) parameter it works on this rank's rows, and
+        only sums over dim 0 cross ranks: a matrix's column statistic and the mean of its row
+        statistic, and the RMS of the parameter and of the update, each an all-reduced partial
+        sum (two collectives per parameter). The statistics of a tensor of 3+ dims factor its
+        last two dims, so they stay on the rank; a 2-D ``col_var`` is the same on every rank; the
+        other states hold this rank's rows, as DTensors."""
+        shards = self._shards.get(p)
         dtype = state_dtype_for(p, self._state_dtype)
         grad = local(p.grad).to(dtype)
         if group["maximize"]:
@@ -645,47 +598,57 @@ class AdafactorMomentum(torch.optim.Adafactor):
         shape = tuple(p.shape)
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if grad.dim() > 1:   # torch's shapes; this rank's rows as DTensors, a matrix's col_var whole
-                state["row_var"] = rows_state(grad.new_zeros(*grad.shape[:-1], 1), p, 0, (*shape[:-1], 1))
+            if grad.dim() > 1:   # torch's shapes: (…, m, 1) and (…, 1, n)
+                row_var = grad.new_zeros(*grad.shape[:-1], 1)
                 col_var = grad.new_zeros(*grad.shape[:-2], 1, grad.shape[-1])
-                state["col_var"] = col_var if grad.dim() == 2 else rows_state(col_var, p, 0, (*shape[:-2], 1, shape[-1]))
+                if shards is not None:
+                    row_var = rows_state(row_var, p, 0, (*shape[:-1], 1))
+                    if grad.dim() > 2:
+                        col_var = rows_state(col_var, p, 0, (*shape[:-2], 1, shape[-1]))
+                state.update(row_var=row_var, col_var=col_var)
             else:
                 state["variance"] = torch.zeros_like(p, dtype=dtype)
         if group["beta1"] > 0 and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)      # a DTensor sharded like p
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         _cast_states(state, dtype)
         step_count, state = state["step"], {k: local(v) for k, v in state.items()}
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]
-        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1   # torch's default: the parameter's eps
 
         step_count += 1
         t = step_count.item()
         one_minus_beta2_t = t ** group["beta2_decay"]
-        matrix = grad.dim() == 2      # rows sharded: column sums cross ranks
-        sums = [param.square().sum().reshape(1)]
+        split_columns = shards is not None and grad.dim() == 2     # column sums cross ranks
+        param_norm = torch.linalg.vector_norm(param)
+        sums = [param_norm.square().reshape(1)]
         if grad.dim() > 1:
             row_var, col_var = state["row_var"], state["col_var"]
             row_var.lerp_(torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.shape[-1]),
                           one_minus_beta2_t)
             col_sq = torch.linalg.vector_norm(grad, dim=-2, keepdim=True).square_()
-            if matrix:
+            if split_columns:
                 sums += [row_var.sum().reshape(1), col_sq.reshape(-1)]
-        all_reduce_sum(sums, shards.group)
-        alpha = max(eps2, sums[0].item() ** 0.5 / p.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        if shards is not None:
+            all_reduce_sum(sums, shards.group)
+            param_norm = sums[0].sqrt()
+        alpha = max(eps2, param_norm.item() / p.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
         if wd != 0:
             param.mul_(1 - lr * wd)
         if grad.dim() > 1:
             col_var.lerp_(col_sq.div_(shape[-2]), one_minus_beta2_t)
-            row_mean = sums[1].div(shape[0]) if matrix else row_var.mean(dim=-2, keepdim=True)
+            row_mean = sums[1].div(shape[0]) if split_columns else row_var.mean(dim=-2, keepdim=True)
             var_estimate = (row_var @ col_var).div_(row_mean.clamp(min=eps1))
         else:
             state["variance"].lerp_(grad * grad, one_minus_beta2_t)
             var_estimate = state["variance"].clone()
         update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-        update_sq = update.square().sum().reshape(1)
-        all_reduce_sum([update_sq], shards.group)
-        update.div_(max(1.0, update_sq.item() ** 0.5 / (p.numel() ** 0.5 * d)))
+        update_norm = torch.linalg.vector_norm(update)
+        if shards is not None:
+            update_sq = update_norm.square().reshape(1)
+            all_reduce_sum([update_sq], shards.group)
+            update_norm = update_sq.sqrt()
+        update.div_(max(1.0, update_norm.item() / (p.numel() ** 0.5 * d)))
         if group["beta1"] > 0:
             update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
         param.add_(update, alpha=-alpha)
