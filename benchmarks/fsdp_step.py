@@ -138,6 +138,7 @@ def _worker(rank: int, args, port: int, out: str) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"params": n_params, "times": times, "state_bytes_max_rank": state}, f)
+        dist.barrier()     # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

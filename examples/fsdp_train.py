@@ -111,6 +111,7 @@ def _main(steps: int, out: Path, results: str | None = None) -> dict:
         result = run(steps, out)
         if results and dist.get_rank() == 0:
             torch.save({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}, results)
+        dist.barrier()     # no rank tears gloo down while another still talks to it (an abort at exit)
         return result
     finally:
         dist.destroy_process_group()

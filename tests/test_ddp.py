@@ -115,6 +115,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                            os.path.join(out, f"{name}.pt"))
         with open(os.path.join(out, f"captures_here.{rank}"), "w") as f:
             f.write(str(captures_here(model, is_main=rank == 0)))
+        dist.barrier()     # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -334,6 +335,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             f.write(str(captures_here(_fsdp_model("even", shard=True), is_main=rank == 0)))
         if rank == 0:
             torch.save(result, os.path.join(out, "fsdp.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
