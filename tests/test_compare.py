@@ -29,31 +29,9 @@ from lowmem.compress.builders import build_plan
 from lowmem.compress.memory import plan_state_memory
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
 from lowmem.snr.trajectory import SnrTrajectory
+from tiny_models import SOURCE
 
-MODEL = '''\
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-WIDTH, HEADS, T = 8, 2, 5
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n_head = HEADS
-        self.q = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.k = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.v = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.o = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
-
-
+MODEL = SOURCE + '''\
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

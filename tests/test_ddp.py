@@ -18,27 +18,12 @@ import lowmem
 from lowmem.compare import OPTIMIZERS, SweepSettings, make_optimizer
 from lowmem.integrations import captures_here
 from lowmem.snr.trajectory import read_trajectory
+from tiny_models import HEADS, WIDTH, Attention
 
-STEPS, BATCH, WIDTH, HEADS = 4, 12, 8, 2      # BATCH divides among 2 and 3 ranks
+STEPS, BATCH = 4, 12      # BATCH divides among 2, 3 and 4 ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n_head = HEADS
-        self.q = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.k = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.v = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.o = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):

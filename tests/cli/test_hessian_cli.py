@@ -23,32 +23,10 @@ from lowmem.compress import Plan
 from lowmem.examples import binary
 from lowmem.hessian import block_hessian, piece
 from lowmem.layers import resolve_layers
+from tiny_models import SOURCE
 
 # One attention layer (separate q, k, v, o; width 8, 2 heads) and an MLP (8 -> 16 -> 8).
-MODEL = '''\
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-WIDTH, HEADS, T = 8, 2, 5
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n_head = HEADS
-        self.q = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.k = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.v = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.o = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
-
-
+MODEL = SOURCE + '''\
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()

@@ -23,32 +23,10 @@ from lowmem.compress.memory import MemoryRow
 from lowmem.reports import figures
 from lowmem.reports.html import render_report, script_json, write_report
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS, LayerSnr, SubsetSnr, read_run
+from tiny_models import SOURCE
 
 ODD = "blk<b>&amp;"        # a module name that is HTML: it must come out as text
-MODEL = f'''\
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-WIDTH, HEADS, T = 8, 2, 5
-
-
-class Attention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.n_head = HEADS
-        self.q = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.k = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.v = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.o = nn.Linear(WIDTH, WIDTH, bias=False)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
-
-
+MODEL = SOURCE + f'''\
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
