@@ -1,11 +1,12 @@
 """Optimizer step time on FSDP2-sharded parameters, each lowmem optimizer as a ratio to torch's
 AdamW on the same sharded model in the same run.
 
-    python benchmarks/fsdp_step.py [--world 2] [--layers 4] [--width 512] [--heads 8]
+    python benchmarks/fsdp_step.py [--world 2] [--layers 4] [--width 512] [--mlp 1408] [--heads 8]
         [--vocab 8192] [--rounds 8] [--steps 3] [--warmup 2] [--threads 1] [--json]
 
-`--world` processes (gloo, CPU) each `fully_shard` a GPT-shaped stack (embedding, `--layers`
-blocks of q, k, v, o and a 4x MLP, LM head; default 20,986,880 parameters) per block and at the
+`--world` processes (gloo, CPU) each `fully_shard` a Llama-shaped parameter layout
+(`lowmem.compress.configs.LlamaConfig`: embedding, `--layers` layers of q, k, v, o and a gated
+MLP, RMSNorms, an untied LM head; default 21,238,272 parameters) per layer and at the
 root, so every parameter is a DTensor sharded along dim 0. Gradients are random DTensors drawn
 once and never recomputed: only ``opt.step()`` is timed, in blocks of `--steps` steps between
 two barriers, on every rank (the slowest rank's time is reported). Rows run interleaved in
@@ -16,7 +17,8 @@ default).
 What the ratio says: lowmem's plan optimizers run on each rank's shard with per-tensor ops (no
 `_foreach` batching) plus one all-reduce of partial sums per step for means across shards;
 AdaMeM and Adafactor-momentum all-reduce partial sums once or twice per parameter (AdaMeM
-gathers a gradient only to refresh its projector, every `update_proj_gap` steps). The script is a measurement and always exits 0.
+gathers a gradient only to refresh its projector, every `update_proj_gap` steps). The script is
+a measurement and always exits 0.
 """
 
 from __future__ import annotations
@@ -33,44 +35,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import cpu_model, load_average   # beside this script  # noqa: E402
 
 import lowmem  # noqa: E402
+from lowmem.compress.configs import LlamaConfig  # noqa: E402
 
 
-class Block(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.n_head = heads
-        self.ln = nn.LayerNorm(width)
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
-        self.c_fc = nn.Linear(width, 4 * width)
-        self.c_proj = nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        h = self.ln(x)
-        q, k, v = (m(h).view(B, T, self.n_head, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
-        x = x + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
-        return x + self.c_proj(F.gelu(self.c_fc(x)))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab: int, width: int, layers: int, heads: int):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.wte(idx)
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(self.ln_f(x))
+def build(args) -> nn.Module:
+    """A Llama-shaped parameter layout (`lowmem.compress.configs`; no forward is needed: only
+    ``opt.step()`` is timed, on random gradients)."""
+    config = LlamaConfig(args.layers, args.width, args.mlp, args.heads, args.heads, vocab_size=args.vocab)
+    return config.build("cpu")
 
 
 def optimizers(model):
@@ -95,13 +72,13 @@ def _worker(rank: int, args, port: int, out: str) -> None:
     try:
         names, models, opts = [], {}, {}
         torch.manual_seed(0)
-        base = GPT(args.vocab, args.width, args.layers, args.heads)
+        base = build(args)
         grads = {n: torch.randn_like(p) * 1e-3 for n, p in base.named_parameters()}
         for name in optimizers(base):
-            model = GPT(args.vocab, args.width, args.layers, args.heads)
+            model = build(args)
             model.load_state_dict(base.state_dict())
-            for b in model.blocks:
-                fully_shard(b)
+            for layer in model.model.layers:
+                fully_shard(layer)
             fully_shard(model)
             for n, p in model.named_parameters():     # the same random gradient, sharded like p
                 p.grad = distribute_tensor(grads[n], p.device_mesh, p.placements)
@@ -155,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--mlp", type=int, default=1408, help="the MLP's inner width")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
@@ -175,13 +153,14 @@ def main(argv=None) -> None:
                      "state_mib_per_rank": res["state_bytes_max_rank"][name] / 2**20})
     meta = {"machine": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "world": args.world,
             "threads_per_rank": args.threads, "params": res["params"], "load": load_average(),
-            "layers": args.layers, "width": args.width, "heads": args.heads, "vocab": args.vocab,
+            "layers": args.layers, "width": args.width, "mlp": args.mlp, "heads": args.heads, "vocab": args.vocab,
             "rounds": args.rounds, "steps": args.steps}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))
         return
     print(f"FSDP2 optimizer step, {args.world} gloo ranks x {args.threads} thread(s), {res['params']:,} parameters "
-          f"({args.layers} blocks, width {args.width}, {args.heads} heads, vocab {args.vocab:,}); {meta['machine']}, "
+          f"(Llama-shaped: {args.layers} layers, width {args.width}, MLP {args.mlp}, {args.heads} heads, vocab "
+          f"{args.vocab:,}); {meta['machine']}, "
           f"torch {torch.__version__}")
     print(f"{'optimizer':<22}{'ms/step':>10}{'x AdamW':>10}{'state MiB/rank':>16}")
     for r in rows:
