@@ -1,8 +1,9 @@
 """What every `lowmem-analyze` command shares: exit codes, the argument parser, error handling.
 
 Exit codes (DESIGN §8): 0 done; 1 analysis finished but a requested bar was not met; 2 usage
-error (bad flags, missing file, unreadable or mismatched plan); 3 the user's code failed or broke
-the `model.py` contract; 4 internal error; 130 interrupted by Ctrl-C.
+error (bad flags, missing file, unreadable or mismatched plan, an output folder that cannot be
+used: busy, holding files lowmem did not write, read-only, full); 3 the user's code failed or
+broke the `model.py` contract; 4 internal error; 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lowmem.compress import Plan, PlanError
 from lowmem.probe import TaskError
 from lowmem.reports.html import write_report
 from lowmem.reports.run import read_run
+from lowmem.runfolder import ENVIRONMENT_ERRNOS, FolderError, environment_error
 
 EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -71,7 +73,7 @@ def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool 
     try:
         with warnings_to(err, quiet, prog):
             return run(err)
-    except (UsageError, PlanError) as e:
+    except (UsageError, PlanError, FolderError) as e:
         err.print(f"{prog}: error: {e}", markup=False)
         return EXIT_USAGE
     except user_errors as e:
@@ -82,10 +84,20 @@ def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool 
     except KeyboardInterrupt:
         err.print(f"{prog}: interrupted", markup=False)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            return _internal(err, prog)
+        # lowmem's own writes (the user's code reports as above): a full disk, a read-only folder.
+        err.print(f"{prog}: error: {environment_error(e)}", markup=False)
+        return EXIT_USAGE
     except Exception:
-        err.print(f"{prog}: internal error (please report it with the traceback below)", markup=False)
-        traceback.print_exc()
-        return EXIT_INTERNAL
+        return _internal(err, prog)
+
+
+def _internal(err: Console, prog: str) -> int:
+    err.print(f"{prog}: internal error (please report it with the traceback below)", markup=False)
+    traceback.print_exc()
+    return EXIT_INTERNAL
 
 
 _LOWMEM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
+from lowmem.runfolder import LOCK, PREVIOUS, RunFolder
 from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, compare_rows
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
@@ -133,19 +133,64 @@ def _run(args, err: Console) -> int:
     quiet = args.quiet or not err.is_terminal
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
 
+    if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
+        return _check_plan(args, task, device, lr, note)
+    # The folder is locked and checked before any training: a busy folder, or one holding the
+    # user's own files, costs nothing.
+    names = VALIDATE_FILES if args.plan else RUN_FILES
+    writes = [n for n in names if not (n == "report.html" and args.no_html)
+              and not (n == "validate" and not args.validate) and not (n.startswith("snr.") and args.preset)]
+    with RunFolder(out, f"{PROG} {args.target or '--example ' + args.example}") as folder:
+        folder.claim(writes, " (a run of lowmem-analyze writes " + ", ".join(writes) + ")")
+        if folder.stale_holder:
+            note(f"took over {out / LOCK}, left by a process that no longer runs")
+        try:
+            return _run_in(args, task, device, steps, every, lr, out, quiet, note, err,
+                           lambda: folder.begin(names, has_results, writes))
+        finally:
+            _settle(folder, out, note)
+
+
+def _settle(folder: RunFolder, out: Path, note) -> None:
+    outcome = folder.settle(has_results)
+    if outcome == "restored":
+        note(f"this run left no results; the earlier run in {out} is back in place")
+    elif outcome == "kept":
+        note(f"the earlier run in {out} is now in {out / PREVIOUS}")
+
+
+def _check_plan(args, task, device, lr, note) -> int:
+    """``--plan FILE`` without ``--validate``: the plan against the model, shown; nothing written."""
+    with user_code():
+        model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
+    layers = resolve_layers(model, warn=False)
+    plan = _checked_plan(args.plan, model, task)
+    return _emit(args, plan, layers, None, {"mode": "plan"}, Path(args.out))
+
+
+def _checked_plan(path: str, model, task) -> Plan:
+    plan = load_plan_file(path)
+    try:
+        plan.validate(model)
+    except PlanError as e:   # name the file and the model, like every other message
+        raise PlanError(f"{path} does not fit the model of {task.source}: {e}") from None
+    return plan
+
+
+def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, begin) -> int:
+    """The run proper, in the locked `out`; `begin()` sets the earlier run aside once the model is
+    built (a model.py that fails to build leaves the folder as it was)."""
     if args.plan or args.preset:
         with user_code():
             model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
         layers = resolve_layers(model, warn=False)
         if args.plan:
-            plan = load_plan_file(args.plan)
-            try:
-                plan.validate(model)
-            except PlanError as e:   # name the file and the model, like every other message
-                raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
+            plan = _checked_plan(args.plan, model, task)
+            begin()
         else:
             plan = build_preset(args.preset, model, layers)
-            _start_run(out, model, layers)
+            begin()
+            _write_layers(out, model, layers)
             plan.save(out / "plan.json")
             _write_memory(out, model, layers, plan)
             note(f"wrote {out / 'plan.json'}")
@@ -156,13 +201,17 @@ def _run(args, err: Console) -> int:
             _write_report(args, out, note)
         return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation)
 
+    def start(model, layers):
+        begin()
+        _write_layers(out, model, layers)
+
     csv_path = out / "snr.csv"
     progress = training_progress(err, disable=quiet)
     bar = progress.add_task("probe", total=steps, loss="—")
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"),
-                           on_start=lambda model, layers: _start_run(out, model, layers))
+                           on_start=start)
     traj = SnrTrajectory(result.capture.samples)
     failure = result.nonfinite
     status = "interrupted" if result.interrupted else "nonfinite_loss" if failure else "complete"
@@ -196,20 +245,32 @@ def _run(args, err: Console) -> int:
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
-RUN_FILES = ("plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html", "validate")
+# Every entry an analysis run may leave in --out (a preset run: all but the trajectory). A new run
+# sets the earlier run's aside (lowmem.runfolder), so none of them is ever shown with another run.
+RUN_FILES = ("layers.json", "plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html", "validate")
+VALIDATE_FILES = ("validate",)   # --plan FILE --validate N adds a validation to a folder
 
 
-def _start_run(out: Path, model, layers) -> None:
-    """Start a run in `out`: drop the files an earlier run left there (a run killed now must not
-    be reported with an earlier run's plan or trajectory), then write layers.json, what each
-    parameter is, so `lowmem-analyze report` needs no model, even for a killed run."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():      # an earlier run's validation, against its own plan
-            shutil.rmtree(path)
-        elif path.is_file():   # on_start runs before capture opens snr.csv.part: all are earlier runs'
-            path.unlink()
+def has_results(folder: Path) -> bool:
+    """Whether a run folder holds something worth keeping: a plan, an SNR measurement or a
+    finished validation run (layers.json and memory.json are remade in seconds)."""
+    if (folder / "plan.json").is_file():
+        return True
+    for name in ("snr.csv", "snr.csv.part"):
+        try:
+            with open(folder / name, "rb") as f:
+                if f.readline() and f.readline().endswith(b"\n"):   # the header, then one whole row
+                    return True
+        except OSError:
+            pass
+    return any((folder / "validate" / "runs").glob("*@*.json"))
+
+
+def _write_layers(out: Path, model, layers) -> None:
+    """layers.json, what each parameter is, so `lowmem-analyze report` needs no model, even for a
+    killed run."""
     write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
+
 
 
 _INTERRUPTED = object()   # what _maybe_validate returns after Ctrl-C
@@ -237,8 +298,7 @@ def _maybe_validate(args, task, plan: Plan, lr: float, device, out: Path, err: C
 
 def _validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console, quiet: bool, note) -> list:
     """AdamW and the plan's optimizer, `--validate` steps each from the same start at the probe's lr."""
-    steps = args.validate
-    shutil.rmtree(out / "validate", ignore_errors=True)    # runs against another plan are no use here
+    steps = args.validate    # an earlier validation was set aside with its run (RunFolder.begin)
     settings = SweepSettings(steps=steps, warmup=steps // 20, eval_every=max(1, steps // 10), seed=args.seed,
                              slimadam=plan_digest(plan), task=task.source)
     progress = training_progress(err, disable=quiet)

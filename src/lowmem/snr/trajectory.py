@@ -39,34 +39,56 @@ class Sample:
 
 
 class TrajectoryWriter:
-    """Append measurements to a trajectory CSV; see the module docstring for the file protocol."""
+    """Append measurements to a trajectory CSV; see the module docstring for the file protocol.
+
+    A write that fails (a full disk) is undone: the file is cut back to the end of the last whole
+    measurement, closed and left as ``<path>.part``, and the `OSError` says how many it keeps.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".part")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.partial, "w", newline="")
-        self._csv = csv.writer(self._file)
-        self._csv.writerow(HEADER)
-        self._file.flush()
+        self._file = open(self.partial, "wb", buffering=0)   # unbuffered: a failed write is undone exactly
         self.rows = 0
+        self.measurements = 0
+        self._put([HEADER])
 
     def write(self, samples: Iterable[Sample]) -> None:
-        """Write one measurement's samples and flush them to the OS."""
-        for s in samples:
-            self._csv.writerow((s.step, s.name, s.shape, s.view, s.subset,
-                                _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var)))
-            self.rows += 1
-        self._file.flush()
+        """Write one measurement's samples, in one write to the OS."""
+        rows = [(s.step, s.name, s.shape, s.view, s.subset, _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var))
+                for s in samples]
+        self._put(rows)
+        self.rows += len(rows)
+        self.measurements += 1
+
+    def _put(self, rows) -> None:
+        if self._file.closed:
+            raise ValueError(f"{self.partial} is closed")
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        data = memoryview(buf.getvalue().encode())
+        start = self._file.tell()
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as e:
+            try:
+                os.ftruncate(self._file.fileno(), start)
+            finally:
+                self._file.close()
+            raise OSError(e.errno, f"{e.strerror}; it keeps the {self.measurements} measurement(s) written before "
+                                   "this one, each whole", str(self.partial)) from None
 
     def close(self) -> Path:
-        """Finish the file and move it into place; safe to call twice."""
+        """Finish the file and move it into place; safe to call twice. After a failed write the
+        file stays ``<path>.part`` (and that is returned)."""
         if not self._file.closed:
-            self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             os.replace(self.partial, self.path)
-        return self.path
+            return self.path
+        return self.path if self.path.exists() and not self.partial.exists() else self.partial
 
 
 def _fmt(x: float) -> str:

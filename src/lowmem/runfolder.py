@@ -1,0 +1,352 @@
+"""The folders lowmem writes into: what it owns there, one writer at a time, and nothing lost.
+
+Ownership. A folder lowmem writes into keeps a manifest, ``.lowmem.json``, naming the entries
+(files or folders directly inside it) that lowmem wrote. lowmem only ever moves, replaces or
+deletes entries the manifest names. A name a command is about to write that exists but is not in
+the manifest is someone else's: the command is refused before it starts (`FolderError`).
+
+One writer. ``.lowmem.lock`` holds the pid, host, command and start time of the process writing
+the folder, under an advisory ``flock`` that the kernel drops when that process dies: a lock left
+by a killed run is stale and taken over; a second live writer is refused at once (`FolderBusy`).
+
+Nothing lost. A new run does not destroy the run before it until it has something better:
+`RunFolder.begin` moves the earlier run's entries into ``.lowmem-replaced/``, and `RunFolder.end`
+moves them into ``previous/`` (replacing the run kept there) when the new run produced results, or
+back in place when it produced none. A run killed in between (SIGKILL) is settled the same way by
+the next `begin`. So a folder holds the newest run with results and, in ``previous/``, the one
+before it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+try:
+    import fcntl
+except ImportError:   # not POSIX: no advisory locks; ownership and the run swap still hold
+    fcntl = None
+
+MANIFEST = ".lowmem.json"
+LOCK = ".lowmem.lock"
+REPLACED = ".lowmem-replaced"
+PREVIOUS = "previous"
+_SCHEMA = "lowmem.folder/1"
+# errno values that mean the place or the machine, not lowmem: the user can fix them.
+ENVIRONMENT_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                           errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG,
+                                           errno.EFBIG, errno.EIO, errno.ELOOP) if e is not None)
+
+
+class FolderError(Exception):
+    """An output folder that cannot be used: not a folder, not writable, full, or holding entries
+    lowmem did not write (exit code 2)."""
+
+
+class FolderBusy(FolderError):
+    """Another live process is writing the folder."""
+
+
+def environment_error(e: OSError, what: str = "write") -> FolderError:
+    """An `OSError` of the file system (full disk, read-only, a file where a folder belongs) as a
+    `FolderError` whose message names the path and the reason."""
+    where = f" {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "the disk is full: free space or choose another --out",
+            errno.EDQUOT: "the disk quota is used up: free space or choose another --out",
+            errno.EROFS: "the file system is read-only: choose another --out",
+            errno.EACCES: "permission denied: choose another --out",
+            errno.EPERM: "permission denied: choose another --out",
+            errno.ENOTDIR: "a file stands where a folder is needed: choose another --out",
+            errno.EEXIST: "a file stands where a folder is needed: choose another --out"}.get(e.errno, "")
+    return FolderError(f"cannot {what}{where}: {e.strerror or e}" + (f" ({hint})" if hint else ""))
+
+
+def _read_manifest(folder: Path) -> list[str]:
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise FolderError(f"{folder / MANIFEST}: unreadable ({e}); lowmem cannot tell its own files there. "
+                          "Choose another --out") from None
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(n, str) and _plain_name(n) for n in entries):
+        raise FolderError(f"{folder / MANIFEST}: not a lowmem manifest; lowmem cannot tell its own files there. "
+                          "Choose another --out")
+    return entries
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..", MANIFEST, LOCK) and "/" not in name and os.sep not in name
+
+
+def _write_manifest(folder: Path, entries: Iterable[str]) -> None:
+    doc = {"schema": _SCHEMA, "about": "entries lowmem wrote in this folder; it changes only these",
+           "entries": sorted(set(entries))}
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class RunFolder:
+    """An output folder, locked for this process (a context manager).
+
+    Args:
+        path: the folder; created (with its parents) when missing.
+        command: what is writing it, for the lock file and the busy message.
+        lock: take the lock (``report``, which only replaces its own ``report.html`` atomically,
+            does without).
+
+    Raises:
+        FolderError: `path` is a file or lies under one, cannot be created or written.
+        FolderBusy: another live process holds the lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str = "lowmem", lock: bool = True):
+        self.path = Path(path)
+        self.command = command
+        self._want_lock = lock
+        self._lock_fd: int | None = None
+        self.stale_holder: str | None = None   # what a lock left by a killed process said, once taken over
+
+    # -- the lock --------------------------------------------------------------------------------
+
+    def __enter__(self) -> "RunFolder":
+        if self.path.exists() and not self.path.is_dir():
+            raise FolderError(f"--out {self.path} is a file, not a folder; give a folder (it is created when missing)")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise environment_error(e, "create the folder") from None
+        if self._want_lock:
+            self._lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _lock(self) -> None:
+        path = self.path / LOCK
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise environment_error(e, "write to") from None
+            if fcntl is None:
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise environment_error(e, "lock") from None
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderBusy(f"{self.path} is in use by {holder}; wait for it to finish, or choose another --out")
+            # The holder before us may have removed the file between our open and our lock: then we
+            # hold a lock on a file nobody else can see; take the one at the path instead.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = _read_holder(fd, raw=True)
+        self._lock_fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as e:
+            self.release()
+            raise environment_error(e, "write to") from None
+        self.stale_holder = stale or None   # a lock a killed process left behind, taken over
+
+    def release(self) -> None:
+        """Drop the lock and remove the lock file (only while holding it, so never another's)."""
+        if self._lock_fd is None:
+            return
+        try:
+            (self.path / LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # -- ownership -------------------------------------------------------------------------------
+
+    def owned(self, folder: Path | None = None) -> list[str]:
+        """Names of the entries lowmem wrote in `folder` (default this folder)."""
+        return _read_manifest(self.path if folder is None else folder)
+
+    def foreign(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` that exist here but were not written by lowmem."""
+        mine = set(self.owned())
+        return [n for n in names if n not in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
+
+    def claim(self, names: Iterable[str], why: str = "") -> None:
+        """Record `names` as lowmem's before writing them, refusing any that exist and are not.
+
+        Raises:
+            FolderError: naming the entries that belong to someone else.
+        """
+        names = list(dict.fromkeys(names))
+        theirs = self.foreign(names)
+        if theirs:
+            listed = ", ".join(theirs)
+            raise FolderError(f"{self.path} already holds {listed}, which lowmem did not write here{why}; "
+                              f"lowmem never overwrites or deletes files it did not write. Move "
+                              f"{'it' if len(theirs) == 1 else 'them'} away, or choose another --out")
+        mine = self.owned()
+        if not set(names) <= set(mine):
+            try:
+                _write_manifest(self.path, [*mine, *names])
+            except OSError as e:
+                raise environment_error(e) from None
+
+    # -- one run replacing another ---------------------------------------------------------------
+
+    def begin(self, names: Iterable[str], useful: Callable[[Path], bool], writes: Iterable[str] | None = None) -> None:
+        """Start a run that writes `names`: set aside the earlier run's entries among them.
+
+        Args:
+            names: every entry a run of this kind may leave; the earlier run's are set aside, so
+                none of them is shown with the new run.
+            useful: whether a folder holds results worth keeping (the run's own test: a plan,
+                measurements, finished runs).
+            writes: those of `names` this run will write (default all): they must not belong to
+                someone else. The others may be the user's and are left where they are.
+        """
+        names = list(dict.fromkeys(names))
+        self.claim([*(names if writes is None else writes), REPLACED, PREVIOUS])
+        self.settle(useful)
+        mine = set(self.owned())
+        present = [n for n in names if n in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
+        if not present:
+            return
+        aside = self.path / REPLACED
+        try:
+            if not useful(self.path):   # an earlier run without results (it failed or was killed early)
+                for n in present:
+                    _remove(self.path / n)
+                return
+            aside.mkdir()
+            _write_manifest(aside, [])
+            _write_json(aside / ".lowmem-run.json", {"names": names})
+            moved = []
+            for n in present:
+                os.replace(self.path / n, aside / n)
+                moved.append(n)
+                _write_manifest(aside, moved)
+        except OSError as e:
+            raise environment_error(e, "set aside the earlier run in") from None
+
+    def settle(self, useful: Callable[[Path], bool]) -> str | None:
+        """End the run that set entries aside (this one, or one that was killed): keep it when it
+        has results (the entries set aside go to ``previous/``), else put them back.
+
+        Returns:
+            "kept" or "restored", None when nothing was set aside.
+        """
+        aside = self.path / REPLACED
+        if not aside.is_dir():
+            return None
+        try:
+            names = json.loads((aside / ".lowmem-run.json").read_text())["names"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = self.owned(aside)
+        moved = self.owned(aside)
+        mine = set(self.owned())
+        try:
+            if useful(self.path):
+                prev = self.path / PREVIOUS
+                prev.mkdir(exist_ok=True)
+                kept = self.owned(prev)
+                for n in names:          # the run before the one set aside: replaced by it, whole
+                    if n in kept:
+                        _remove(prev / n)
+                kept = [n for n in kept if n not in names]
+                _write_manifest(prev, kept)
+                for n in moved:
+                    if (aside / n).exists() or (aside / n).is_symlink():
+                        os.replace(aside / n, prev / n)
+                        kept.append(n)
+                        _write_manifest(prev, kept)
+                outcome = "kept"
+            else:
+                for n in moved:          # the new run has nothing: its leftovers go, the old run returns
+                    if n in mine:
+                        _remove(self.path / n)
+                    if (aside / n).exists() or (aside / n).is_symlink():
+                        os.replace(aside / n, self.path / n)
+                outcome = "restored"
+            shutil.rmtree(aside)
+        except OSError as e:
+            raise environment_error(e, "put the earlier run back in") from None
+        return outcome
+
+
+def _write_json(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc) + "\n")
+
+
+def _read_holder(fd: int, raw: bool = False) -> str:
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        info = json.loads(text) if text else {}
+    except (OSError, ValueError):
+        info = {}
+    if raw:
+        return text if info else ""
+    if not isinstance(info, dict) or "pid" not in info:
+        return "another lowmem process"
+    where = "" if info.get("host") == socket.gethostname() else f" on {info.get('host')}"
+    return (f"{info.get('command', 'lowmem')} (pid {info.get('pid')}{where}, started {info.get('started', '?')})")
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file the user named for lowmem to write (``--plan-out``, ``--html``): its folder must exist
+    or be creatable, and it must not be a folder.
+
+    Raises:
+        FolderError: naming the flag and the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FolderError(f"{flag} {path} is a folder; give the file to write, e.g. {path / 'plan.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FolderError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise FolderError(f"{flag} {path}: its folder is not writable")
+    return path
+
+
+if __name__ == "__main__":   # a demo: two writers, the second refused
+    with RunFolder(sys.argv[1] if len(sys.argv) > 1 else "lowmem-demo", "demo") as f:
+        print("holding", f.path / LOCK, (f.path / LOCK).read_text().strip())
+        try:
+            RunFolder(f.path, "second").__enter__()
+        except FolderBusy as e:
+            print("second writer:", e)
