@@ -25,7 +25,7 @@ from lowmem.compress import Plan, PlanError
 from lowmem.probe import TaskError
 from lowmem.reports.html import write_report
 from lowmem.reports.run import read_run
-from lowmem.runfolder import ENVIRONMENT_ERRNOS, FolderError, environment_error
+from lowmem.runfolder import ENVIRONMENT_ERRNOS, FolderError, RunFolder, environment_error
 
 EXIT_OK, EXIT_BAR, EXIT_USAGE, EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -163,6 +163,7 @@ def write_folder_report(folder: str | os.PathLike, note: Callable[[str], None]) 
     """report.html of a run folder from its files. A failure here is a note, not an error: the
     results are on disk and ``lowmem-analyze report FOLDER`` makes the report again."""
     try:
+        RunFolder(folder, lock=False).claim(["report.html"])   # never over a report.html lowmem did not write
         path = write_report(read_run(folder))
     except Exception as e:
         note(f"report.html not written ({type(e).__name__}: {e}); '{PROG} report {folder}' retries it")

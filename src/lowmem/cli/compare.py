@@ -7,7 +7,8 @@ from the same initial weights on the same batches, and compare their losses.
 Writes to ``--out`` (default ``lowmem-out/compare``) as each run ends: ``runs/NAME@LR.json``,
 ``compare.csv`` and ``curves.csv`` (columns in `lowmem.compare`), then ``report.html`` (in the
 run folder when ``--out`` is its ``compare/`` folder, as by default, else in ``--out``). Running the same command
-again skips the finished runs; ``--fresh`` starts over.
+again skips the finished runs; ``--fresh`` starts over (the earlier sweep moves to ``previous/``
+once a new run has finished; lowmem never deletes a file it did not write, see `lowmem.runfolder`).
 
 Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (diverged runs are results); 2 usage error
 (unknown optimizer, bad grid, a plan for another model, ``--out`` holding another sweep);
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from lowmem.examples import EXAMPLES
 from lowmem.probe import DEFAULTS, build
 from lowmem.reports.run import loss_column
 from lowmem.reports.terminal import CompareTable, compare_rows
+from lowmem.runfolder import PREVIOUS, RunFolder
 
 NAME = f"{PROG} compare"
 LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rates spanning 33x
@@ -99,7 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="FILE", help="SlimAdam from this plan.json (default: the published rules)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out/compare", metavar="DIR", help="output folder (default lowmem-out/compare)")
-    p.add_argument("--fresh", action="store_true", help="delete the runs already in --out and start over")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: the sweep already in --out moves to --out/previous once a new run has finished")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: a table or one JSON document")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model and each run (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
@@ -140,10 +142,29 @@ def _run(args, err: Console) -> int:
                              eval_batches=args.eval_batches, seed=args.seed,
                              slimadam=plan_digest(plan) if plan else "slimadam-rules", task=task.source)
     out = Path(args.out)
-    if args.fresh:
-        for name in ("runs", "compare.csv", "curves.csv", "settings.json"):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    with RunFolder(out, NAME) as folder:
+        report_in = _report_folder(out)
+        folder.claim([*SWEEP_FILES, *(["report.html"] if report_in == out else [])],
+                     f" (a sweep writes {', '.join(SWEEP_FILES)} and report.html)")
+        if args.fresh:   # the earlier sweep is kept in OUT/previous once this one has finished a run
+            folder.begin(SWEEP_FILES, has_runs)
+        try:
+            return _sweep(args, err, task, device, plan, lrs, settings, out)
+        finally:
+            if folder.settle(has_runs) == "kept" and not args.quiet:
+                err.print(f"the earlier sweep in {out} is now in {out / PREVIOUS}", markup=False)
+
+
+SWEEP_FILES = ("runs", "compare.csv", "curves.csv", "settings.json")   # what a sweep writes in --out
+
+
+def has_runs(folder: Path) -> bool:
+    """Whether a sweep folder holds a finished run."""
+    return any((folder / "runs").glob("*@*.json"))
+
+
+def _sweep(args, err: Console, task, device, plan, lrs, settings, out: Path) -> int:
+    steps = settings.steps
     quiet = args.quiet or not err.is_terminal
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
     if task.get_val_batch is None:
@@ -185,6 +206,11 @@ def _run(args, err: Console) -> int:
     return EXIT_OK
 
 
+def _report_folder(out: Path) -> Path:
+    """The folder whose report.html shows the sweep: the run folder when `out` is its ``compare/``
+    (the default), else `out`."""
+    return out.parent if out.name == "compare" and (out.parent / "plan.json").exists() else out
+
+
 def _report(out: Path, note) -> None:
-    """report.html of the run folder when `out` is its ``compare/`` (the default), else of `out`."""
-    write_folder_report(out.parent if out.name == "compare" and (out.parent / "plan.json").exists() else out, note)
+    write_folder_report(_report_folder(out), note)

@@ -53,6 +53,7 @@ from lowmem.hessian import (HessianError, HessianTooLarge, Partition, Piece, Ran
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.probe import DEFAULTS, NonFiniteLossError, Task, TaskError, build, to_device
 from lowmem.reports.terminal import HessianRow, HessianTable
+from lowmem.runfolder import PREVIOUS, RunFolder, check_writable_file
 
 NAME = f"{PROG} hessian"
 SCHEMA = "lowmem.hessian/1"
@@ -351,7 +352,43 @@ def _run(args, err: Console) -> int:
         _check_losses(task, model, batches)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.plan_out:
+        check_writable_file(args.plan_out, "--plan-out")
+    with RunFolder(out, NAME) as folder:
+        # The earlier Hessian run here (hessian.json and its blocks' files, nothing else: --out may be
+        # an analysis run folder) is kept in OUT/previous once this run has a block, else put back.
+        folder.begin(_hessian_files(out), has_blocks, ["hessian.json"])
+        try:
+            return _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device,
+                            dtype, out, folder, note)
+        finally:
+            if folder.settle(has_blocks) == "kept":
+                note(f"the earlier Hessian run in {out} is now in {out / PREVIOUS}")
+
+
+def _hessian_files(out: Path) -> list[str]:
+    """hessian.json and the files its blocks list: what a Hessian run left in `out`."""
+    names = ["hessian.json"]
+    try:
+        doc = json.loads((out / "hessian.json").read_text())
+        names += [Path(f).name for b in doc.get("blocks", []) for f in (b.get("files") or {}).values()]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return list(dict.fromkeys(names))
+
+
+def has_blocks(folder: Path) -> bool:
+    """Whether `folder` holds a Hessian run with at least one computed block."""
+    try:
+        doc = json.loads((folder / "hessian.json").read_text())
+        return any(b.get("status") == "done" for b in doc.get("blocks", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device, dtype,
+             out: Path, folder: RunFolder, note) -> int:
+    """Compute the blocks into the locked `out`, saving hessian.json after each."""
     run = _Run({"schema": SCHEMA,
                 "model": {**model_record(model), "source": task.source},
                 "settings": {"at": "init" if args.at == 0 else args.at,
@@ -372,7 +409,7 @@ def _run(args, err: Console) -> int:
             for i, (selector, p) in enumerate(pieces.items()):
                 progress.update(bar, completed=i, block=selector)
                 result = _one_block(task, model, batches, selector, p, layers[p.name], dtype, args, out, taken,
-                                    note)
+                                    note, folder.claim)
                 run.results.append(result)
                 run.doc["blocks"].append(result.record)
                 run.save()
@@ -433,7 +470,7 @@ def _emit(args, run: _Run, source: str, batch_source: str) -> None:
 
 
 def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamInfo, dtype: torch.dtype, args,
-               out: Path, taken: set[str], note) -> BlockResult:
+               out: Path, taken: set[str], note, claim=lambda names: None) -> BlockResult:
     """Compute, measure and save one block; a block that cannot be computed is a record with its reason."""
     base = {"block": selector, "parameter": p.name, "role": info.role, "shape": list(p.box), "size": p.numel}
     t0 = time.perf_counter()
@@ -456,6 +493,7 @@ def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamI
     seconds = time.perf_counter() - t0
     record, use, row, eigenvalues = analyze_block(H, p, info)
     stem = file_stem(selector, taken)
+    claim([f"{stem}.npy", f"{stem}.eigvals.npy", f"{stem}.png"])   # never over a file lowmem did not write
     H_np = H.detach().cpu().numpy()
     save_array(H_np, out / f"{stem}.npy")
     save_array(eigenvalues.detach().cpu().numpy(), out / f"{stem}.eigvals.npy")

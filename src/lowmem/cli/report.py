@@ -22,6 +22,7 @@ from lowmem.cli.common import PROG, ArgumentParser, run_guarded
 from lowmem.cli.contract import UsageError
 from lowmem.reports.html import write_report
 from lowmem.reports.run import RunFolderError, loss_column, read_run
+from lowmem.runfolder import RunFolder
 from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
                                     PlanTable, RoleSnrTable, compare_rows)
 from lowmem.snr.summary import median_by_role
@@ -65,6 +66,8 @@ def _run(args, err: Console) -> int:
     if args.html and Path(args.html).is_dir():
         raise UsageError(f"--html {args.html} is a folder; give the file to write, e.g. {Path(args.html) / 'report.html'}")
     if not args.no_html:
+        if args.html is None:   # the folder's own report.html: only over one lowmem wrote
+            RunFolder(run.folder, lock=False).claim(["report.html"], "; write the report elsewhere with --html FILE")
         try:
             html = write_report(run, args.html)
         except OSError as e:
