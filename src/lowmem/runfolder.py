@@ -87,9 +87,9 @@ def _plain_name(name: str) -> bool:
     return name not in ("", ".", "..", MANIFEST, LOCK) and "/" not in name and os.sep not in name
 
 
-def _write_manifest(folder: Path, entries: Iterable[str]) -> None:
+def _write_manifest(folder: Path, entries: Iterable[str], **extra) -> None:
     doc = {"schema": _SCHEMA, "about": "entries lowmem wrote in this folder; it changes only these",
-           "entries": sorted(set(entries))}
+           "entries": sorted(set(entries)), **extra}
     tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
     try:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -251,13 +251,12 @@ class RunFolder:
                     _remove(self.path / n)
                 return
             aside.mkdir()
-            _write_manifest(aside, [])
-            _write_json(aside / ".lowmem-run.json", {"names": names})
             moved = []
+            _write_manifest(aside, moved, replaces=names)   # the names a run of this kind leaves
             for n in present:
                 os.replace(self.path / n, aside / n)
                 moved.append(n)
-                _write_manifest(aside, moved)
+                _write_manifest(aside, moved, replaces=names)
         except OSError as e:
             raise environment_error(e, "set aside the earlier run in") from None
 
@@ -271,11 +270,11 @@ class RunFolder:
         aside = self.path / REPLACED
         if not aside.is_dir():
             return None
-        try:
-            names = json.loads((aside / ".lowmem-run.json").read_text())["names"]
-        except (OSError, ValueError, KeyError, TypeError):
-            names = self.owned(aside)
         moved = self.owned(aside)
+        try:
+            names = json.loads((aside / MANIFEST).read_text())["replaces"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = moved
         mine = set(self.owned())
         try:
             if useful(self.path):
@@ -304,10 +303,6 @@ class RunFolder:
         except OSError as e:
             raise environment_error(e, "put the earlier run back in") from None
         return outcome
-
-
-def _write_json(path: Path, doc) -> None:
-    path.write_text(json.dumps(doc) + "\n")
 
 
 def _read_holder(fd: int, raw: bool = False) -> str:
