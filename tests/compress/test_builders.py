@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem.compress import Plan, build_plan
+from lowmem.compress import Plan, PlanError, build_plan
 from lowmem.layers import resolve_layers
 from lowmem.snr.trajectory import Sample, SnrTrajectory
 from lowmem.snr.views import param_views
+
+# Most trajectories below name a few layers only; the warning about the others is tested on its own.
+pytestmark = pytest.mark.filterwarnings(r"ignore:lowmem. .* have no SNR sample:UserWarning")   # no colon: it splits the filter
 
 # -- a small nanoGPT: width 8, 2 heads of 4, vocab 10, block 4, no biases, tied head --------------
 
@@ -295,9 +298,53 @@ def test_a_layer_with_no_samples_keeps_full_adam_and_says_so():
 
 
 def test_samples_outside_the_window_count_as_no_samples():
-    t = traj([(100, FC0, RAW_FC, "0", 2.0)])
-    lp = build_plan(model(), t, window=(200, 300)).layers[FC0]
-    assert lp.reduce is None and "no SNR samples" in lp.why
+    t = traj([(100, FC0, RAW_FC, "0", 2.0), (200, FC1, RAW_FC, "0", 2.0)])
+    with pytest.warns(UserWarning, match=r"in the window \[200, 300\] and keep full Adam: transformer\.wte\.weight"):
+        plan = build_plan(model(), t, window=(200, 300))
+    assert plan.layers[FC0].reduce is None and "no SNR samples" in plan.layers[FC0].why
+    assert plan.layers[FC1].reduce == [0]                  # its subset "0", measured at step 200
+
+
+# model(): wte (tied with lm_head), wpe, ln_f and 8 tensors in each of 2 blocks = 19 parameters.
+N_PARAMS = 3 + 2 * 8
+
+
+def test_a_window_that_holds_no_measured_step_is_refused_naming_the_measured_steps():
+    t = traj([(step, FC0, RAW_FC, "0", 2.0) for step in range(10, 201, 10)])      # 20 steps: 10 … 200
+    with pytest.raises(PlanError) as err:
+        build_plan(model(), t, window=(1000, 2000))
+    assert str(err.value) == ("window [1,000, 2,000] holds no measured step; the 20 measured steps are "
+                              "10, 20, 30, 40, … (12 more), 170, 180, 190, 200")
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(PlanError, match=r"window \[…, 5\] holds no measured step; the 20 measured steps"):
+        build_plan(model(), t, window=(None, 5))
+    with pytest.raises(PlanError, match=r"window \[45, 49\] holds no measured step"):   # between two steps
+        build_plan(model(), t, window=(45, 49))
+
+
+def test_an_empty_trajectory_is_refused():
+    with pytest.raises(PlanError, match="the SNR trajectory holds no samples"):
+        build_plan(model(), SnrTrajectory([]))
+
+
+def test_another_models_trajectory_is_refused_naming_both_sides():
+    t = traj([(10, f"encoder.layers.{i}.fc.weight", RAW_FC, "0", 2.0) for i in range(5)])
+    with pytest.raises(PlanError) as err:
+        build_plan(model(), t)
+    msg = str(err.value)
+    assert f"none of the model's {N_PARAMS} parameters has an SNR sample" in msg
+    assert f"The model has transformer.wte.weight, transformer.wpe.weight, {LN0}, … ({N_PARAMS - 3} more)" in msg
+    assert "the trajectory has encoder.layers.0.fc.weight, encoder.layers.1.fc.weight, " \
+           "encoder.layers.2.fc.weight, … (2 more)" in msg
+
+
+def test_parameters_without_samples_are_named_in_a_warning():
+    with pytest.warns(UserWarning) as record:
+        plan = build_plan(model(), traj([(100, FC0, RAW_FC, "0", 2.0), (100, Q0, RAW_Q, "1", 2.0)]))
+    msgs = [str(w.message) for w in record if "no SNR sample" in str(w.message)]
+    assert msgs == [f"lowmem: {N_PARAMS - 2} of {N_PARAMS} parameters have no SNR sample and keep full Adam: "
+                    f"transformer.wte.weight, transformer.wpe.weight, {LN0}, {K0}, … ({N_PARAMS - 6} more)"]
+    assert len(plan.layers) == N_PARAMS
 
 
 def test_fused_qkv_decides_each_part():

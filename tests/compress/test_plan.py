@@ -375,6 +375,54 @@ def test_a_part_reduce_out_of_range_names_the_layer(tmp_path):
     assert name in msg and "part 'q' reduce [3]" in msg
 
 
+@pytest.mark.parametrize("edit, words", [
+    # a JSON float is not a size, however large or round
+    (lambda d: d.update(shape=[1e30, 8]), ['"shape" must be a list of integers', "[1e+30, 8]"]),
+    (lambda d: d.update(view=[32.0, 8]), ['"view" must be a list of integers', "[32.0, 8]"]),
+    (lambda d: d.update(shape=[True, 8]), ['"shape" must be a list of integers', "[true, 8]"]),
+    (lambda d: d.update(shape="32x8"), ['"shape" must be a list of integers', '"32x8"']),
+    # negative sizes whose product is still the parameter's 256 entries
+    (lambda d: d.update(view=[-32, -8]), ["view [-32, -8] must be integers >= 0"]),
+    (lambda d: d.update(shape=[-32, -8], view=[-32, -8]), ["shape [-32, -8] must be integers >= 0"]),
+    (lambda d: d.update(reduce=[0.5]), ['"reduce" must be null (full Adam) or a list of view dims', "[0.5]"]),
+    (lambda d: d.update(reduce="all"), ['"reduce" must be null (full Adam) or a list of view dims', '"all"']),
+    (lambda d: d.update(reduce=[True]), ['"reduce" must be null', "[true]"]),
+    (lambda d: d.update(parts={"q": 1}), ['"parts" must be null or a list of slices']),
+    (lambda d: d.update(aliases="lm_head.weight"), ['"aliases" must be a list of names']),
+])
+def test_sizes_and_dims_that_are_not_non_negative_integers_are_refused_at_load(tmp_path, edit, words):
+    path, doc = _saved(tmp_path)
+    edit(doc["layers"][LAYER])
+    path.write_text(json.dumps(doc, indent=2))
+    msg = _load_error(path)
+    assert f"layers[{LAYER!r}]" in msg or f"layer {LAYER!r}" in msg
+    for w in words:
+        assert w in msg
+
+
+QKV1 = "transformer.h.0.attn.c_attn.weight"                      # (24, 8): q [0, 8), k [8, 16), v [16, 24)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda ps: ps[1].update(view=[-8, -8]), ["part 'k' view [-8, -8] must be integers >= 0"]),
+    (lambda ps: ps[1].update(reduce=[0.5]), ['parts[1].reduce', "must be null (full Adam) or a list of view dims"]),
+    (lambda ps: ps[1].update(reduce=[1, 1]), ["part 'k' reduce [1, 1] is out of range for view [8, 8]"]),
+    (lambda ps: ps[0].update(dim=0.0), ['parts[0].dim', "must be an integer, found 0.0"]),
+    (lambda ps: ps[2].update(stop=24.5), ['parts[2].stop', "must be an integer, found 24.5"]),
+    (lambda ps: ps[2].pop("view"), ["parts[2]: missing key 'view'"]),
+    (lambda ps: ps.__setitem__(0, "q"), ["parts[0] must be a JSON object", '"q"']),
+])
+def test_bad_parts_in_a_file_name_the_layer_and_the_part(tmp_path, edit, words):
+    path = slimadam_rules(tiny(n_layer=1, fused=True)).save(tmp_path / "plan.json")
+    doc = json.loads(path.read_text())
+    edit(doc["layers"][QKV1]["parts"])
+    path.write_text(json.dumps(doc))
+    msg = _load_error(path)
+    assert QKV1 in msg
+    for w in words:
+        assert w in msg
+
+
 def test_a_file_that_is_not_utf8_is_a_plan_error(tmp_path):
     path = tmp_path / "plan.json"
     path.write_bytes(b'{"schema": "\xff"}')
@@ -430,6 +478,63 @@ def test_a_hand_edited_fingerprint_on_the_same_parameters_still_validates():
     plan = slimadam_rules(tiny())
     plan.model["fingerprint"] = "sha256:edited"
     plan.validate(tiny())
+
+
+def _edited_shape_plan(tmp_path) -> os.PathLike:
+    """tiny(n_layer=1)'s plan with c_fc's shape and view edited from (32, 8) to (64, 8): consistent in
+    itself, fingerprint untouched, so only a comparison with the model's shapes can catch it."""
+    path, doc = _saved(tmp_path)
+    doc["layers"][LAYER].update(shape=[64, 8], view=[64, 8])
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_validate_compares_shapes_even_when_the_fingerprint_matches(tmp_path):
+    plan = Plan.load(_edited_shape_plan(tmp_path))         # loads: nothing in the file contradicts itself
+    model = tiny(n_layer=1)
+    assert plan.model["fingerprint"] == model_fingerprint(model_shapes(model))
+    # the plan's own figures are off by the edited 32·8 entries: 1,512 = tiny(n_layer=1)'s 1,256 + 256
+    assert plan.v_full == 50 * 8 + 8 * 8 + 8 + (4 * 64 + 2 * 32 * 8 + 2 * 8) + 256
+    with pytest.raises(PlanMismatchError) as err:
+        plan.validate(model)
+    msg = str(err.value)
+    assert f"{LAYER} (plan [64, 8], model [32, 8])" in msg and "were the layers edited?" in msg
+
+
+def test_optimizer_and_memory_estimate_refuse_a_plan_with_an_edited_shape(tmp_path):
+    from lowmem import optimizer_from_plan
+    from lowmem.compress import estimate_state_memory
+    path = _edited_shape_plan(tmp_path)
+    model = tiny(n_layer=1)
+    for apply in (lambda: optimizer_from_plan(model, path), lambda: optimizer_from_plan(model, Plan.load(path)),
+                  lambda: estimate_state_memory(model, path), lambda: estimate_state_memory(model, Plan.load(path))):
+        with pytest.raises(PlanMismatchError, match=r"mlp\.c_fc\.weight \(plan \[64, 8\], model \[32, 8\]\)"):
+            apply()
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda lp: setattr(lp, "view", [-32, -8]), ["view [-32, -8] must be integers >= 0"]),
+    (lambda lp: setattr(lp, "view", [4, 8, 4]), ["view [4, 8, 4] has 128 entries, shape [32, 8] has 256"]),
+    (lambda lp: setattr(lp, "reduce", [2]), ["reduce [2] is not a set of dims of view [32, 8]"]),
+    (lambda lp: setattr(lp, "reduce", [0.5]), ["reduce [0.5] is not a set of dims"]),
+])
+def test_validate_checks_every_layer_of_a_plan_built_in_code(edit, words):
+    model = tiny(n_layer=1)
+    plan = slimadam_rules(model)
+    edit(plan.layers[LAYER])
+    with pytest.raises(PlanError) as err:
+        plan.validate(model)
+    assert f"layer {LAYER!r}" in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_validate_checks_that_parts_cover_the_dim_of_a_plan_built_in_code():
+    model = tiny(n_layer=1, fused=True)
+    plan = slimadam_rules(model)
+    plan.layers[QKV1].parts.pop()                             # v [16, 24) gone: parts cover 16 of 24
+    with pytest.raises(PlanError, match=r"layer 'transformer\.h\.0\.attn\.c_attn\.weight': parts cover 16 of 24 along dim 0"):
+        plan.validate(model)
 
 
 @pytest.mark.parametrize("attrs", [["_orig_mod"], ["module"], ["module", "_orig_mod"]])

@@ -333,6 +333,32 @@ def test_every_must_be_a_positive_integer():
             SnrCapture(opt, model, every=bad)
 
 
+# TinyLM: wte, attn q/k/v/c_proj, ln_f weight and bias, lm_head.
+N_TINY = 1 + 4 + 2 + 1
+
+
+def test_another_models_optimizer_is_refused_at_construction():
+    _, opt_a = make()
+    model_b, _ = make()
+    assert len(list(model_b.parameters())) == N_TINY
+    with pytest.raises(ValueError, match=rf"none of the optimizer's {N_TINY} parameters belong to the model "
+                                         rf"\(TinyLM, {N_TINY} parameters\): capture would measure nothing"):
+        lowmem.capture(opt_a, model_b)
+    assert not opt_a._optimizer_step_post_hooks                 # nothing was attached
+
+
+def test_an_optimizer_with_some_foreign_parameters_warns_and_measures_the_models():
+    model_a, _ = make()
+    model_b, _ = make()
+    opt = torch.optim.AdamW([model_a.attn.q.weight, *model_b.parameters()], lr=1e-2)
+    with pytest.warns(UserWarning, match=rf"lowmem: 1 of the optimizer's {N_TINY + 1} parameters are not the "
+                                         rf"model's \(TinyLM\); capture measures the other {N_TINY}"):
+        cap = lowmem.capture(opt, model_b, every=1)
+    with cap:
+        train(model_b, opt, 1)
+    assert {s.name for s in cap.samples} == {n for n, _ in model_b.named_parameters()}
+
+
 HAND_CSV = """\
 step,name,shape,view,subset,snr,mean_sq,var
 10,w,4x4,raw:4x4,0,0.5,1.0,2.0

@@ -16,11 +16,12 @@ is also inflated by the small sample (4 heads: the population variance of 4 valu
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 from torch import nn
 
-from lowmem.compress.plan import LayerPlan, PartPlan, Plan, kept_entries, model_record
+from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError, kept_entries, model_record
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.snr.trajectory import SnrTrajectory
 from lowmem.snr.views import View, describe_subset, param_views, split_heads
@@ -67,7 +68,12 @@ def build_plan(
         source: extra provenance merged into the plan's ``source``.
 
     Returns:
-        A `Plan`; layers without samples keep full Adam and say so.
+        A `Plan`; layers without samples keep full Adam and say so (with a warning naming them).
+
+    Raises:
+        PlanError (a ValueError): the trajectory is empty, `window` holds no measured step (the
+            message lists the measured ones), or no parameter of the model has a sample in it
+            (another model's trajectory; a few names of each side are given).
     """
     if prefer not in ("snr", "compression"):
         raise ValueError(f"prefer must be 'snr' or 'compression', got {prefer!r}")
@@ -76,6 +82,7 @@ def build_plan(
     if isinstance(model, dict) and layers is None:
         raise ValueError("build_plan from a model record needs the resolved layers")
     layers = layers if layers is not None else resolve_layers(model, warn=False)
+    _check_samples(trajectory, window, layers)
     means = trajectory.time_mean(window)
     by_name: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
     for (name, view, subset), m in means.items():
@@ -108,6 +115,43 @@ def build_plan(
     src.update(source or {})
     record = dict(model) if isinstance(model, dict) else model_record(model)
     return Plan(model=record, layers=plan_layers, source=src)
+
+
+def _check_samples(trajectory: SnrTrajectory, window, layers: ModelLayers) -> None:
+    """Refuse a trajectory that cannot make a plan for `layers`, rather than keep every layer's
+    full Adam without saying why; warn about the parameters that have no sample."""
+    steps = trajectory.steps
+    if not steps:
+        raise PlanError("the SNR trajectory holds no samples: nothing to build a plan from")
+    start, end = window if window else (None, None)
+    where = f" in the window [{_step(start)}, {_step(end)}]" if (start, end) != (None, None) else ""
+    inside = {s for s in steps if (start is None or s >= start) and (end is None or s <= end)}
+    if not inside:
+        raise PlanError(f"window [{_step(start)}, {_step(end)}] holds no measured step; the "
+                        f"{len(steps):,} measured steps are {_listing([_step(s) for s in steps], 8)}")
+    sampled = sorted({s.name for s in trajectory.samples if s.step in inside})
+    names = [info.name for info in layers]
+    missing = [n for n in names if n not in set(sampled)]
+    if names and len(missing) == len(names):
+        raise PlanError(f"none of the model's {len(names):,} parameters has an SNR sample{where}; is the "
+                        f"trajectory another model's? The model has {_listing(names, 3, tail=False)}; the "
+                        f"trajectory has {_listing(sampled, 3, tail=False)}")
+    if missing:
+        warnings.warn(f"lowmem: {len(missing):,} of {len(names):,} parameters have no SNR sample{where} and "
+                      f"keep full Adam: {_listing(missing, 4, tail=False)}", stacklevel=3)
+
+
+def _step(s: int | None) -> str:
+    return "…" if s is None else f"{s:,}"
+
+
+def _listing(items: list[str], n: int, tail: bool = True) -> str:
+    """At most `n` of `items`: the first and last halves (or the first `n`), and how many are left out."""
+    if len(items) <= n:
+        return ", ".join(items)
+    head = n // 2 if tail else n
+    shown = items[:head] + [f"… ({len(items) - n} more)"] + (items[len(items) - (n - head):] if tail else [])
+    return ", ".join(shown)
 
 
 def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefer, allow_token) -> LayerPlan:

@@ -220,7 +220,8 @@ def estimate_state_memory(
 
     Raises:
         ValueError: `bytes_per_state` is not a positive integer.
-        PlanError: the plan file is unreadable; PlanMismatchError: it was made for another model.
+        PlanError: the plan file is unreadable or one of its layers inconsistent; PlanMismatchError:
+            it was made for another model, or its shapes are not the model's (`Plan.validate`).
     """
     if isinstance(bytes_per_state, bool) or not isinstance(bytes_per_state, int) or bytes_per_state < 1:
         raise ValueError(f"bytes_per_state must be a positive integer, got {bytes_per_state!r}")

@@ -116,29 +116,33 @@ class LayerPlan:
         return self.v_kept < self.numel
 
     def check(self, name: str) -> None:
-        """Raise `PlanError` naming `name` when view, reduce or parts are inconsistent."""
+        """Raise `PlanError` naming `name` when shape, view, reduce or parts are inconsistent."""
+        for key, dims in (("shape", self.shape), ("view", self.view)):
+            if _bad_sizes(dims):
+                raise PlanError(f"layer {name!r}: {key} {dims} must be integers >= 0")
         if _prod(self.view) != self.numel:
             raise PlanError(f"layer {name!r}: view {self.view} has {_prod(self.view)} entries, shape {self.shape} has {self.numel}")
-        if self.reduce is not None:
-            bad = [d for d in self.reduce if not isinstance(d, int) or not 0 <= d < len(self.view)]
-            if bad or len(set(self.reduce)) != len(self.reduce):
-                raise PlanError(f"layer {name!r}: reduce {self.reduce} is not a set of dims of view {self.view}")
+        if self.reduce is not None and _bad_reduce(self.reduce, self.view):
+            raise PlanError(f"layer {name!r}: reduce {self.reduce} is not a set of dims of view {self.view}")
         if self.parts:
             if self.reduce is not None:
                 raise PlanError(f"layer {name!r}: a layer with parts must have reduce null")
             dims = {p.dim for p in self.parts}
-            if len(dims) != 1 or not 0 <= next(iter(dims)) < len(self.shape):
-                raise PlanError(f"layer {name!r}: parts must slice one dim of shape {self.shape}")
+            if len(dims) != 1 or not all(_is_int(d) and 0 <= d < len(self.shape) for d in dims):
+                raise PlanError(f"layer {name!r}: parts must slice one dim of shape {self.shape}, "
+                                f"found dim {sorted(dims, key=str)}")
             d = dims.pop()
             pos = 0
             for p in sorted(self.parts, key=lambda p: p.start):
-                if p.start != pos or p.stop <= p.start:
+                if not (_is_int(p.start) and _is_int(p.stop)) or p.start != pos or p.stop <= p.start:
                     raise PlanError(f"layer {name!r}: part {p.name!r} [{p.start}, {p.stop}) does not continue at {pos}")
                 pos = p.stop
-                n = self.numel // self.shape[d] * (p.stop - p.start)
+                n = self.numel // self.shape[d] * (p.stop - p.start) if self.shape[d] else 0
+                if _bad_sizes(p.view):
+                    raise PlanError(f"layer {name!r}: part {p.name!r} view {p.view} must be integers >= 0")
                 if _prod(p.view) != n:
                     raise PlanError(f"layer {name!r}: part {p.name!r} view {p.view} has {_prod(p.view)} entries, the slice has {n}")
-                if p.reduce is not None and any(not 0 <= r < len(p.view) for r in p.reduce):
+                if p.reduce is not None and _bad_reduce(p.reduce, p.view):
                     raise PlanError(f"layer {name!r}: part {p.name!r} reduce {p.reduce} is out of range for view {p.view}")
             if pos != self.shape[d]:
                 raise PlanError(f"layer {name!r}: parts cover {pos} of {self.shape[d]} along dim {d}")
@@ -154,6 +158,53 @@ class LayerPlan:
             d["aliases"] = list(self.aliases)
         d["why"] = self.why
         return d
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bad_sizes(dims) -> bool:
+    return not all(_is_int(x) and x >= 0 for x in dims)
+
+
+def _bad_reduce(reduce, view) -> bool:
+    """Whether `reduce` is not a set of dims of `view` (each once, in range)."""
+    return not all(_is_int(r) and 0 <= r < len(view) for r in reduce) or len(set(reduce)) != len(reduce)
+
+
+def _ints(value, key: str) -> list[int]:
+    """A JSON list of integers (``8``, not ``8.0``, ``1e30`` or ``true``), or ValueError naming `key`."""
+    if not isinstance(value, list) or not all(_is_int(x) for x in value):
+        raise ValueError(f"\"{key}\" must be a list of integers, found {json.dumps(value)[:80]}")
+    return list(value)
+
+
+def _reduce_in(value, key: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_int(x) for x in value):
+        raise ValueError(f"\"{key}\" must be null (full Adam) or a list of view dims (integers), "
+                         f"found {json.dumps(value)[:80]}")
+    return list(value)
+
+
+def _int_in(value, key: str) -> int:
+    if not _is_int(value):
+        raise ValueError(f"\"{key}\" must be an integer, found {json.dumps(value)[:80]}")
+    return value
+
+
+def _part_in(p, i: int) -> PartPlan:
+    at = f"parts[{i}]"
+    if not isinstance(p, dict):
+        raise ValueError(f"{at} must be a JSON object, found {json.dumps(p)[:80]}")
+    missing = [k for k in ("name", "dim", "start", "stop", "view", "reduce") if k not in p]
+    if missing:
+        raise ValueError(f"{at}: missing key {missing[0]!r}")
+    return PartPlan(str(p["name"]), _int_in(p["dim"], f"{at}.dim"), _int_in(p["start"], f"{at}.start"),
+                    _int_in(p["stop"], f"{at}.stop"), _ints(p["view"], f"{at}.view"),
+                    _reduce_in(p["reduce"], f"{at}.reduce"), str(p.get("why", "")), _snr_in(p.get("snr")))
 
 
 def _round(x: float) -> float | None:
@@ -223,14 +274,16 @@ class Plan:
             if not isinstance(d, dict):
                 raise PlanError(f"{at}: expected a JSON object, found {type(d).__name__}")
             try:
-                parts = [PartPlan(p["name"], int(p["dim"]), int(p["start"]), int(p["stop"]),
-                                  [int(x) for x in p["view"]],
-                                  None if p["reduce"] is None else [int(x) for x in p["reduce"]],
-                                  p.get("why", ""), _snr_in(p.get("snr")))
-                         for p in d["parts"]] if d.get("parts") else None
-                lp = LayerPlan([int(x) for x in d["shape"]], str(d["role"]), [int(x) for x in d["view"]],
-                               None if d["reduce"] is None else [int(x) for x in d["reduce"]],
-                               d.get("why", ""), _snr_in(d.get("snr")), parts, list(d.get("aliases", [])))
+                parts = d.get("parts")
+                if parts is not None and not isinstance(parts, list):
+                    raise ValueError(f"\"parts\" must be null or a list of slices, found {json.dumps(parts)[:80]}")
+                aliases = d.get("aliases", [])
+                if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+                    raise ValueError(f"\"aliases\" must be a list of names, found {json.dumps(aliases)[:80]}")
+                lp = LayerPlan(_ints(d["shape"], "shape"), str(d["role"]), _ints(d["view"], "view"),
+                               _reduce_in(d["reduce"], "reduce"), str(d.get("why", "")), _snr_in(d.get("snr")),
+                               [_part_in(p, i) for i, p in enumerate(parts)] if parts else None,
+                               list(aliases))
             except (KeyError, TypeError, ValueError, OverflowError) as e:
                 missing = f"missing key {e}" if isinstance(e, KeyError) else str(e)
                 raise PlanError(f"{at}: {missing}") from None
@@ -261,12 +314,22 @@ class Plan:
 
     # -- checks against a model -------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Raise `PlanMismatchError` if this plan was made for a model with other parameters."""
-        ours = {normalize_name(n): list(s) for n, s in
-                ((n, lp.shape) for n, lp in self.layers.items())}
+        """Check this plan against `model` before it is applied to it.
+
+        Every layer is checked on its own (`LayerPlan.check`: sizes, view, reduce, parts) and its
+        shape against the model's parameter of that name, whether or not the fingerprint matches:
+        the fingerprint is a string in the file, and a hand-edited shape keeps it.
+
+        Raises:
+            PlanError: a layer is inconsistent (the message names it and the field).
+            PlanMismatchError: the plan was made for a model with other parameters, or its shapes
+                differ from the model's (names, plan value and model value in the message).
+        """
+        for name, lp in self.layers.items():
+            lp.check(name)
+        ours = {normalize_name(n): list(lp.shape) for n, lp in self.layers.items()}
         theirs = {n: list(s) for n, s in model_shapes(model)}
-        if self.model.get("fingerprint") == model_fingerprint(model_shapes(model)) and ours.keys() == theirs.keys():
-            return
+        same_fingerprint = self.model.get("fingerprint") == model_fingerprint(model_shapes(model))
         missing = [n for n in theirs if n not in ours]
         extra = [n for n in ours if n not in theirs]
         shape = [f"{n} (plan {ours[n]}, model {theirs[n]})" for n in ours if n in theirs and ours[n] != theirs[n]]
@@ -278,9 +341,12 @@ class Plan:
         if extra:
             problems.append("in the plan, not in the model: " + _some(extra))
         if not problems:
-            problems.append("parameter order differs (fingerprint mismatch)")
-            if list(ours) == list(theirs):
+            if same_fingerprint or list(ours) == list(theirs):
                 return  # same names, shapes and order: a hand-edited fingerprint is not a mismatch
+            problems.append("parameter order differs (fingerprint mismatch)")
+        if same_fingerprint:   # the record is this model's: the layers were edited after the plan was made
+            raise PlanMismatchError("plan layers do not match the model they were made for (its fingerprint "
+                                    "matches this model; were the layers edited?): " + "; ".join(problems))
         raise PlanMismatchError(
             f"plan was made for {self.model.get('class', '?')} with {self.model.get('parameters', '?')} "
             f"parameters, this model is {type(model).__name__}: " + "; ".join(problems))

@@ -32,7 +32,7 @@ from pathlib import Path
 from lowmem.compress.builders import build_plan, is_candidate
 from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_memory
 from lowmem.compress.plan import Plan, PlanError
-from lowmem.layers import ModelLayers, ParamInfo
+from lowmem.layers import ModelLayers, ParamInfo, normalize_name
 from lowmem.snr.trajectory import SnrTrajectory, TrajectoryError, read_trajectory
 from lowmem.snr.views import param_views, subset_words
 
@@ -116,8 +116,9 @@ def read_run(folder: str | os.PathLike) -> Run:
     """Read what a run left in `folder`.
 
     Raises:
-        RunFolderError: the folder is missing or holds neither a plan nor a trajectory, or a file
-            in it is unreadable (the message names the file).
+        RunFolderError: the folder is missing or holds neither a plan nor a trajectory, a file in
+            it is unreadable (the message names the file), or ``plan.json`` and ``layers.json``
+            describe different models (both are named, with the parameters that differ).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -132,6 +133,8 @@ def read_run(folder: str | os.PathLike) -> Run:
             raise RunFolderError(str(e)) from None
         except OSError as e:
             raise RunFolderError(f"{plan_path}: {e.strerror or e}") from None
+        if run.layers is not None:
+            _check_same_model(run, plan_path)
     # A run streams into snr.csv.part and renames it at its end; when both exist (a run killed
     # in a folder an earlier run finished in), the newer one is this folder's last run.
     paths = [p for p in (folder / "snr.csv", folder / "snr.csv.part") if p.is_file()]
@@ -150,8 +153,12 @@ def read_run(folder: str | os.PathLike) -> Run:
         raise RunFolderError(f"{folder} holds no plan.json, snr.csv or compare.csv: nothing to report "
                              f"(is it the --out folder of a lowmem-analyze run?)")
     if run.plan is None and run.layers is not None and run.model is not None and run.trajectory and run.trajectory.samples:
-        run.plan = build_plan(run.model, run.trajectory, layers=run.layers,
-                              source={"status": "interrupted", "rebuilt_by": "report"})
+        try:
+            run.plan = build_plan(run.model, run.trajectory, layers=run.layers,
+                                  source={"status": "interrupted", "rebuilt_by": "report"})
+        except PlanError as e:   # e.g. a trajectory of another model than layers.json's
+            raise RunFolderError(f"{run.trajectory_path}: no plan can be rebuilt from it with "
+                                 f"{folder / 'layers.json'}: {e}") from None
         run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps)")
     elif run.plan is None and run.trajectory is not None:
         run.notes.append("no plan.json and no layers.json: SNR shown, no plan")
@@ -187,6 +194,36 @@ def _read_layers(run: Run) -> None:
     if model is not None and not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str)):
         raise RunFolderError(f"{path}: 'model' must be the plan's model record, found {model!r:.80}")
     run.model = model
+
+
+def _check_same_model(run: Run, plan_path: Path) -> None:
+    """Refuse a plan.json whose parameters (names and shapes) are not those of layers.json: a
+    report of the two together would show one model's decisions against another's layers."""
+    ours = {normalize_name(n): list(lp.shape) for n, lp in run.plan.layers.items()}
+    theirs = {info.name: list(info.shape) for info in run.layers}
+    if ours == theirs:
+        return   # same parameters: a fingerprint that differs (edited by hand) does not matter
+    differ = [f"{n} (plan {ours[n]}, layers {theirs[n]})" for n in ours if n in theirs and ours[n] != theirs[n]]
+    only_plan = [n for n in ours if n not in theirs]
+    only_layers = [n for n in theirs if n not in ours]
+    problems = [f"{what}: {_first(items)}" for what, items in (
+        ("different shapes", differ), ("only in plan.json", only_plan), ("only in layers.json", only_layers)) if items]
+    raise RunFolderError(
+        f"{plan_path} and {run.folder / 'layers.json'} describe different models: the plan is for "
+        f"{_model_words(run.plan.model)}, layers.json for {_model_words(run.model)}; " + "; ".join(problems)
+        + ". Keep each run in its own folder (remove the file that is not this run's).")
+
+
+def _model_words(record: dict | None) -> str:
+    if not record:
+        return "a model it does not record"
+    n = record.get("parameters")
+    size = f" with {n:,} parameters" if isinstance(n, int) else ""
+    return f"{record.get('class', '?')}{size} ({str(record.get('fingerprint', '?'))[:19]}…)"
+
+
+def _first(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" … ({len(items) - n} more)" if len(items) > n else "")
 
 
 def _layers_from_files(run: Run) -> ModelLayers:

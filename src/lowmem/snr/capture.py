@@ -29,6 +29,7 @@ full-size tensor per parameter and counts steps by hook calls.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -49,7 +50,8 @@ class SnrCapture:
     """A step post-hook on `optimizer` that measures the SNR of `v` every `every` steps.
 
     Args:
-        optimizer: a torch optimizer over (some of) `model`'s parameters.
+        optimizer: a torch optimizer over (some of) `model`'s parameters; its other parameters are
+            not measured (a warning counts them).
         model: the model, used for names, roles and heads (`lowmem.layers.resolve_layers`).
         every: measure when ``state["step"] % every == 0``.
         out: trajectory CSV path, streamed (see `lowmem.snr.trajectory`); None keeps samples in memory
@@ -58,6 +60,10 @@ class SnrCapture:
         beta2: decay of the shadow `v`; default the optimizer's ``betas[1]`` or 0.999.
         layers: pre-resolved layers (default: resolved from `model`).
         on_sample: called with each measurement's samples (e.g. to update a progress display).
+
+    Raises:
+        ValueError: `every` is not a positive integer, or no parameter of `optimizer` belongs to
+            `model` (another model's optimizer would measure nothing).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 10,
@@ -66,6 +72,7 @@ class SnrCapture:
                  on_sample: Callable[[list[Sample]], None] | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        _check_belongs(optimizer, model)
         self.optimizer = optimizer
         self.every = every
         self.shadow = shadow
@@ -265,6 +272,21 @@ class SnrCapture:
         if self.on_sample is not None:
             self.on_sample(samples)
         return samples
+
+
+def _check_belongs(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer none of whose parameters are `model`'s; warn when only some are."""
+    ours = {id(p) for p in model.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in ours for p in params)
+    if params and foreign == len(params):
+        raise ValueError(f"none of the optimizer's {len(params):,} parameters belong to the model "
+                         f"({type(model).__name__}, {len(ours):,} parameters): capture would measure nothing. "
+                         "Pass the model this optimizer trains.")
+    if foreign:
+        warnings.warn(f"lowmem: {foreign:,} of the optimizer's {len(params):,} parameters are not the model's "
+                      f"({type(model).__name__}); capture measures the other {len(params) - foreign:,}",
+                      stacklevel=3)
 
 
 class _ShardedMeasurement:
