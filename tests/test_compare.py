@@ -25,10 +25,9 @@ from lowmem.cli.main import main
 from lowmem.compare import (EXTRA_COLUMNS, OPTIMIZERS, SweepMismatch, SweepSettings, plan_digest, run_sweep,
                             train_one)
 from lowmem.compress import Plan
-from lowmem.compress.builders import build_plan
+from lowmem.compress.builders import slimadam_rules
 from lowmem.compress.memory import plan_state_memory
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
-from lowmem.snr.trajectory import SnrTrajectory
 from tiny_models import SOURCE
 
 MODEL = SOURCE + '''\
@@ -132,7 +131,11 @@ def test_a_plan_that_compresses_nothing_follows_adamws_trajectory(task, tmp_path
     float32 round-off while Eve's grows."""
     torch.manual_seed(0)
     model = task.build_model()
-    empty = build_plan(model, SnrTrajectory([]))
+    doc = slimadam_rules(model).to_json()
+    for layer in doc["layers"].values():   # every layer full Adam
+        layer.update(view=layer["shape"], reduce=None)
+        layer.pop("parts", None)
+    empty = Plan.from_json(doc)
     assert all(lp.reduce is None for lp in empty.layers.values())
     results = run_sweep(task, ["adamw", "slimadam", "eve"], [1e-2], settings(slimadam=plan_digest(empty)), tmp_path,
                         plan=empty)
