@@ -224,8 +224,17 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
                  f"{csv_path} holds the header only; no plan written")
             return EXIT_INTERRUPTED
         raise UsageError(f"no SNR measurement in {result.steps_done} steps: --every {every} is larger than --steps {steps}")
-    plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
-                      layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
+    try:
+        plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
+                          layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
+    except PlanError as e:   # e.g. a --window past the steps an interrupted probe reached
+        if not (result.interrupted or failure):
+            raise
+        note(f"no plan written: {e}; the {len(traj.steps)} measurement(s) are kept in {csv_path.with_name('snr.csv')}"
+             f" ('{PROG} report {out}' rebuilds one with the whole trajectory)")
+        if failure:
+            raise failure from None
+        return EXIT_INTERRUPTED
     plan.save(out / "plan.json")
     _write_memory(out, result.model, result.layers, plan)
     skipped = "the probe was interrupted" if result.interrupted else "the loss became non-finite" if failure else ""
