@@ -22,7 +22,7 @@ from lowmem.cli.common import PROG, ArgumentParser, run_guarded
 from lowmem.cli.contract import UsageError
 from lowmem.reports.html import write_report
 from lowmem.reports.run import RunFolderError, loss_column, read_run
-from lowmem.runfolder import RunFolder
+from lowmem.runfolder import PREVIOUS, REPLACED, RunFolder
 from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
                                     PlanTable, RoleSnrTable, compare_rows)
 from lowmem.snr.summary import median_by_role
@@ -62,6 +62,9 @@ def _run(args, err: Console) -> int:
         raise UsageError(str(e)) from None
     for n in run.notes:
         note(f"note: {n}")
+    if (run.folder / REPLACED).is_dir():
+        note(f"note: this run did not finish; the run before it waits in {run.folder / REPLACED} and moves to "
+             f"{PREVIOUS}/ (or back, if this run has no results) when the next run in {run.folder} starts")
     html = None
     if args.html and Path(args.html).is_dir():
         raise UsageError(f"--html {args.html} is a folder; give the file to write, e.g. {Path(args.html) / 'report.html'}")
