@@ -477,3 +477,67 @@ def test_mean_sq_equals_the_plain_formula_across_chunk_boundaries(monkeypatch, s
     x = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(engine.mean_sq(x, reduce), (x * x).mean(dim=reduce, keepdim=True),
                                rtol=1e-13, atol=0)
+
+
+# checkpoints a user can get wrong, and parameters with no entries ------------------------------
+def _paths(info):
+    """Every path of `info`: the readable one, its fast paths, and compiled for plan optimizers."""
+    kws = [info.readable, *info.fast_paths]
+    if info in PLAN_OPTIMIZERS:
+        kws.append({"compiled": True})
+    return [kw for i, kw in enumerate(kws) if kw not in kws[:i]]
+
+
+def _with_zero_element_parameters(model):
+    model.attn.void = nn.Parameter(torch.empty(0, 8))    # before attn.q.weight in parameter order
+    model.mlp.stub = nn.Linear(0, 8, bias=False)         # weight (8, 0), last of the MLP's
+    return model
+
+
+def _zero_element_loss(model, step):
+    # A sum of no entries is exactly 0: the loss and every other gradient are unchanged, and the
+    # zero-element parameters get (empty) gradients, so the optimizer steps them.
+    return tiny_loss(model, step) + model.attn.void.sum() + model.mlp.stub.weight.sum()
+
+
+@pytest.mark.parametrize("info, path", [(i, kw) for i in OPTIMIZERS for kw in _paths(i)],
+                         ids=[f"{i.name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
+                              for i in OPTIMIZERS for kw in _paths(i)])
+def test_zero_element_parameters_step_and_the_others_step_as_without_them(info, path):
+    ref = tiny_model()
+    model = _with_zero_element_parameters(copy.deepcopy(ref))
+    ref_opt, opt = info(ref, **path), info(model, **path)
+    for s in range(5):
+        ref_opt.zero_grad()
+        tiny_loss(ref, s).backward()
+        ref_opt.step()
+    for s in range(3):
+        opt.zero_grad()
+        _zero_element_loss(model, s).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = info(model, **path)                        # and on through a checkpoint
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for s in range(3, 5):
+        resumed.zero_grad()
+        _zero_element_loss(model, s).backward()
+        resumed.step()
+    named = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(named[name], p, rtol=0, atol=0, msg=name)
+    for p in (model.attn.void, model.mlp.stub.weight):
+        assert float(resumed.state[p]["step"]) == 5       # counted, as torch's AdamW counts them
+        assert all(torch.isfinite(t).all() for t in resumed.state[p].values())
+
+
+def test_adamw_checkpoint_of_a_zero_element_parameter_loads_as_a_fresh_zero_v():
+    model = nn.Sequential(nn.Linear(0, 4, bias=False))   # weight (4, 0); Eve keeps one v per row
+    adamw = torch.optim.AdamW(model.parameters())
+    model[0].weight.grad = torch.zeros(4, 0)
+    adamw.step()
+    eve = lowmem.Eve(model)
+    eve.load_state_dict(adamw.state_dict())
+    torch.testing.assert_close(eve.state[model[0].weight]["exp_avg_sq"], torch.zeros(4, 1), rtol=0, atol=0)
+

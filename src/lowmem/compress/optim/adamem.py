@@ -78,7 +78,8 @@ def adamem_rank(m: int, n: int, rank: int | None = None, rank_fraction: float = 
 def _projected(model: nn.Module) -> dict[torch.Tensor, bool]:
     """``param -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
     layers = resolve_layers(model, warn=False)
-    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 for name, p in _trainable(model)}
+    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 and p.numel() > 0
+            for name, p in _trainable(model)}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -99,11 +100,13 @@ def _names_by_param(model: nn.Module) -> dict[torch.Tensor, str]:
 def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction: float = 0.25) -> int:
     """State entries AdaMeM keeps for `model` (its ``step`` scalars left out); shapes only, so a
     model on the meta device works. Projected m×n matrix: (m + n)·r + r + 2n; other matrices
-    (Adafactor): m + n; vectors: their size."""
+    (Adafactor): m + n; vectors: their size; a 0-element parameter: none."""
     total = 0
     projected = _projected(model)
     for _, p in _trainable(model):
         mn = matrix_shape(p.shape)
+        if p.numel() == 0:
+            continue
         if mn is None:
             total += p.numel()
             continue
@@ -335,6 +338,9 @@ class AdaMeM(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
+                if p.numel() == 0:   # nothing to update (no projector, no statistic): count the step
+                    self._init_step(p)
+                    continue
                 dtype = state_dtype_for(p, self._state_dtype)
                 grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
@@ -611,6 +617,9 @@ class AdafactorMomentum(torch.optim.Adafactor):
         if group["beta1"] > 0 and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         _cast_states(state, dtype)
+        if p.numel() == 0:   # nothing to update (its RMS would divide by 0 entries): count the step
+            state["step"] += 1
+            return
         step_count, state = state["step"], {k: local(v) for k, v in state.items()}
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]

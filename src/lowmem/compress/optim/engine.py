@@ -406,6 +406,9 @@ class ReducedAdamW(torch.optim.Optimizer):
             for p in work:
                 check_grad(p.grad, self._names[p], type(self).__name__)
                 self._init_state(p)
+                if p.numel() == 0:   # nothing to update; its step counts, as in torch's AdamW
+                    self.state[p]["step"] += 1
+            work = [p for p in work if p.numel() > 0]
             if not work:
                 continue
             sharded = [p for p in work if p in self._sharded]
@@ -753,7 +756,12 @@ def reduce_v(exp_avg_sq: torch.Tensor, layout: Layout) -> torch.Tensor:
     out = torch.empty(layout.v_shape, dtype=exp_avg_sq.dtype, device=exp_avg_sq.device)
     for block in layout.blocks:
         region = block.region(exp_avg_sq)
-        kept = region if block.reduce is None else region.mean(dim=block.reduce, keepdim=True)
+        if block.reduce is None:
+            kept = region
+        elif region.numel() == 0:   # a mean of no entries: v of a 0-element parameter stays 0, as fresh
+            kept = region.new_zeros(block.kept_shape)
+        else:
+            kept = region.mean(dim=block.reduce, keepdim=True)
         layout.v_region(out, block).copy_(kept)
     return out
 
