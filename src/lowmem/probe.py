@@ -8,10 +8,12 @@ probe checks every value the user's code returns and turns a broken contract int
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sysconfig
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,13 +66,31 @@ class ProbeResult:
 
 
 def call_user(task: Task, what: str, fn, *args):
-    """Call user code; its exceptions become a `TaskError` carrying the user's frames."""
+    """Call user code; its exceptions, and its ``sys.exit()``, become a `TaskError` carrying the
+    user's frames (Ctrl-C stays a KeyboardInterrupt)."""
     try:
         return fn(*args)
     except (KeyboardInterrupt, TaskError):
         raise
-    except Exception as e:
-        raise TaskError(f"{what} in {task.source} raised {type(e).__name__}: {e}\n{_where(e)}") from e
+    except (Exception, SystemExit) as e:
+        raise user_failure(what, task.source, e) from e
+
+
+def user_failure(what: str, source: str, e: BaseException) -> TaskError:
+    """The `TaskError` for user code `what` of `source` that raised `e`: user code that exits has
+    failed too, since lowmem calls it as a function and cannot go on without its result."""
+    if isinstance(e, SystemExit):
+        return TaskError(f"{what} in {source} called sys.exit({e.code!r}): it must return, not exit the "
+                         f"program\n{_where(e)}".rstrip())
+    if isinstance(e, TypeError) and len(traceback.extract_tb(e.__traceback__)) == 1:
+        # Raised by the call itself, before any line of the function ran: another signature.
+        return TaskError(f"{what} in {source} cannot be called that way ({e}): the model.py contract calls it as {what}")
+    hint = ""
+    if isinstance(e, StopIteration):
+        hint = " (an iterator ran out of data?)"
+    elif what == "loss.backward()" and "a second time" in str(e):
+        hint = " (does loss_fn call backward() itself? lowmem calls loss.backward() on the loss it returns)"
+    return TaskError(f"{what} in {source} raised {type(e).__name__}: {e}{hint}\n{_where(e)}".rstrip())
 
 
 # Frames from these folders are not the task's code: lowmem itself (but for its built-in
@@ -112,8 +132,15 @@ def build(task: Task, device: torch.device, lr: float, seed: int,
     torch.manual_seed(seed)
     model = call_user(task, "build_model()", task.build_model)
     if not isinstance(model, nn.Module):
+        hint = ""
+        if isinstance(model, type) and issubclass(model, nn.Module):
+            hint = f" (the class {model.__name__} itself: return an instance, {model.__name__}(...))"
+        elif isinstance(model, (tuple, list)):
+            hint = "; return the model alone (build_optimizer(model) makes the optimizer)"
         raise TaskError(f"build_model() in {task.source} must return a torch.nn.Module, "
-                        f"it returned {type(model).__name__}")
+                        f"it returned {type(model).__name__}{hint}")
+    if device.type != "meta":   # `lowmem-analyze memory --meta` builds there on purpose: shapes suffice
+        _check_materialised(task, model)
     if not any(p.requires_grad for p in model.parameters()):
         raise TaskError(f"build_model() in {task.source} returned a {type(model).__name__} with no "
                         "trainable parameters")
@@ -125,9 +152,26 @@ def build(task: Task, device: torch.device, lr: float, seed: int,
     else:
         optimizer = call_user(task, "build_optimizer(model)", task.build_optimizer, model)
         if not isinstance(optimizer, torch.optim.Optimizer):
+            hint = "; return the optimizer alone" if isinstance(optimizer, (tuple, list)) else ""
             raise TaskError(f"build_optimizer(model) in {task.source} must return a torch.optim.Optimizer, "
-                            f"it returned {type(optimizer).__name__}")
+                            f"it returned {type(optimizer).__name__}{hint}")
+        mine = {id(p) for p in model.parameters()}
+        if not any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+            raise TaskError(f"build_optimizer(model) in {task.source} returned an optimizer ({type(optimizer).__name__}) "
+                            "over none of the model's parameters: build it from the model it is given, e.g. "
+                            f"{type(optimizer).__name__}(model.parameters(), ...)")
     return model, optimizer
+
+
+def _check_materialised(task: Task, model: nn.Module) -> None:
+    """Refuse a model with tensors on the meta device: they have shapes but no values to train."""
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        total = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+        raise TaskError(f"build_model() in {task.source} returned a {type(model).__name__} with {len(meta)} of {total} "
+                        f"parameters and buffers on the meta device (e.g. {meta[0]}): they have a shape but no "
+                        "values. Materialise the model before returning it: model.to_empty(device='cpu'), then "
+                        "initialise the weights (e.g. reset_parameters() on each module)")
 
 
 def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.device | str = "cpu",
@@ -166,7 +210,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     cap.attach()
     try:
         for step in range(steps):
-            batch = to_device(call_user(task, f"get_batch({step})", task.get_batch, step), device)
+            batch = to_device(batch_at(task, step), device)
             loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
             check_loss(task, loss, step)
             value = float(loss.detach())
@@ -174,7 +218,9 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
                 result.nonfinite = NonFiniteLossError(step, value)
                 break
             call_user(task, "loss.backward()", loss.backward)
-            optimizer.step()
+            if step == 0:
+                check_gradients(task, model, step)
+            _optimizer_step(task, optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.steps_done = step + 1
             result.losses.append(value)
@@ -187,17 +233,65 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     return result
 
 
+def _optimizer_step(task: Task, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; a failure inside an optimizer from the task's build_optimizer (one
+    that needs a closure, say) is the task's, one in lowmem's capture hook or AdamW is lowmem's."""
+    try:
+        optimizer.step()
+    except Exception as e:
+        inner = [os.path.abspath(f.filename) for f in traceback.extract_tb(e.__traceback__)[1:]]
+        if task.build_optimizer is None or any(path.startswith(_LOWMEM_DIR) for path in inner):
+            raise
+        hint = " (lowmem calls optimizer.step() without a closure)" if "closure" in str(e) else ""
+        raise TaskError(f"optimizer.step() of the {type(optimizer).__name__} from build_optimizer(model) in "
+                        f"{task.source} raised {type(e).__name__}: {e}{hint}\n{_where(e)}".rstrip()) from e
+
+
+def batch_at(task: Task, step: int):
+    """``get_batch(step)`` of the task, refused when it is no batch: None, or a generator or
+    iterator (a ``yield`` in get_batch, or a data loader's iterator returned whole)."""
+    batch = call_user(task, f"get_batch({step})", task.get_batch, step)
+    if batch is None:
+        raise TaskError(f"get_batch({step}) in {task.source} returned None: it must return the batch for step "
+                        f"{step} (tensors, a tuple or a dict); is a `return` missing?")
+    if isinstance(batch, Iterator):
+        what = "a generator (get_batch uses `yield`)" if inspect.isgenerator(batch) else f"an iterator ({type(batch).__name__})"
+        raise TaskError(f"get_batch({step}) in {task.source} returned {what}: it must return the batch for step "
+                        f"{step} itself, e.g. `return x, y` (or next(iterator))")
+    return batch
+
+
 def check_loss(task: Task, loss, step: int, needs_grad: bool = True, where: str | None = None) -> None:
-    """Refuse a loss that is not a scalar tensor (with a gradient, for training); `where` names the
-    batch in the message (default ``at step STEP``)."""
+    """Refuse a loss that is not a floating-point scalar tensor (computed from the model, for
+    training); `where` names the batch in the message (default ``at step STEP``)."""
     where = where or f"at step {step}"
     if not isinstance(loss, torch.Tensor):
+        hint = "; return the loss alone (a tuple or dict of outputs is not a loss)" if isinstance(loss, (tuple, list, dict)) else ""
         raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor, "
-                        f"it returned {type(loss).__name__} {where}")
+                        f"it returned {type(loss).__name__} {where}{hint}")
     if loss.numel() != 1:
         raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar (mean-reduced) loss, "
                         f"it returned a tensor of shape {tuple(loss.shape)} {where}; "
                         "use reduction='mean' or call .mean()")
+    if not loss.is_floating_point():
+        raise TaskError(f"loss_fn(model, batch) in {task.source} must return a floating-point loss, it returned a "
+                        f"tensor of dtype {loss.dtype} {where}: compute it from the model's output")
     if needs_grad and not loss.requires_grad:
         raise TaskError(f"loss_fn(model, batch) in {task.source} returned a loss that does not require grad "
                         f"{where}: is the model used inside loss_fn, and not under torch.no_grad()?")
+    if needs_grad and loss.grad_fn is None:
+        raise TaskError(f"loss_fn(model, batch) in {task.source} returned a leaf tensor {where} (e.g. "
+                        "torch.tensor(..., requires_grad=True)), which no model parameter can have made: compute "
+                        "the loss from model(...) inside loss_fn")
+
+
+def check_gradients(task: Task, model: nn.Module, step: int) -> None:
+    """After ``loss.backward()``: refuse a loss that gave no trainable parameter of `model` a
+    gradient (it does not depend on the model: made from the batch alone, or from a model other
+    than the one loss_fn was given). The optimizer would skip every parameter and nothing be measured."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and all(p.grad is None for p in trainable):
+        raise TaskError(f"loss_fn(model, batch) in {task.source} returned a loss that does not depend on the model's "
+                        f"parameters: after loss.backward() at step {step} none of the {len(trainable):,} trainable "
+                        "parameters of the model from build_model() has a gradient. Compute the loss from "
+                        "model(...) with the `model` that loss_fn is given (not a model of its own or a global one)")

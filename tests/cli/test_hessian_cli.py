@@ -208,7 +208,9 @@ def test_a_too_large_block_is_reported_and_the_others_complete(tmp_path):
     assert code == 0
     fc = next(line for line in out.splitlines() if line.startswith("mlp.c_fc.weight"))
     assert "too large" in fc
-    assert "mlp.c_fc.weight: the block" in " ".join(out.split()) and "GiB" in out
+    # 128 x 128 float64 = 131,072 bytes against 64 x 64 x 8 = 32,768: both in KiB, not "0.00 GiB"
+    assert "mlp.c_fc.weight: the block" in " ".join(out.split())
+    assert "128.00 KiB in float64, over the 32.00 KiB allowed" in " ".join(out.split())
     assert "too large" in err
     doc = json.loads((tmp_path / "o" / "hessian.json").read_text())
     assert doc["status"] == "partial"
@@ -239,7 +241,9 @@ def test_bad_selectors_exit_2_before_anything_is_computed(tmp_path):
 def test_every_block_too_large_exits_2(tmp_path):
     model = write_model(tmp_path)
     err = refused(*hessian(model, "--block", "attn.q.weight", "--max-gib", 1e-9, "--out", tmp_path / "o"), 2)
-    assert "every block is too large" in err and "attn.q.weight[head=0]" in err
+    assert "every block is too large" in err and "[head=0] takes one head" in err
+    # 1e-9 GiB is 1.07 bytes: the limit reads as 1 B, the block as 64 x 64 x 8 = 32 KiB
+    assert "32.00 KiB in float64, over the 1 B allowed" in err and "even one row of attn.q.weight" in err
 
 
 @pytest.mark.parametrize("old, new, words", [

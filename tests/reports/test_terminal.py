@@ -133,3 +133,23 @@ def test_hessian_table_at_width_100():
         "mlp.c_fc.weight      │ 4,096 │ too large          │                 — │      — │       — │         —\n"
         "mlp.c_fc.weight: 4,096 × 4,096 entries: 0.12 GiB, over the 0.01 GiB allowed\n"
         "head mass: share of ‖H‖²_F in the per-head diagonal blocks (dense: that of evenly spread mass)\n")
+
+
+def test_a_500_character_name_is_elided_and_leaves_the_other_columns_whole():
+    head, tail = "h" * 250, "t" * 250
+    long = f"blocks.0.{head}{tail}.weight"
+    layers = {long: LayerPlan([8, 8], "attn_q", [8, 8], [1], "SNR along fan_in", {}),
+              "ln.weight": LayerPlan([8], "norm", [8], None, "norms keep full Adam", {})}
+    text = _render(PlanTable(Plan(model={"class": "T", "parameters": 72, "fingerprint": "sha256:x"}, layers=layers)))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    rows = [line.split("│") for line in lines if "│" in line]
+    first, norm = rows[0], next(r for r in rows if r[0].startswith("ln.weight"))
+    # Every other column of both rows holds its whole value on the row's first line.
+    assert [c.strip() for c in first[1:]] == ["attn_q", "8×8", "—", "—", "avg dims 1 of 8×8", "8"]   # v averaged over dim 1: 8 rows
+    assert [c.strip() for c in norm[1:]] == ["norm", "8", "—", "—", "full Adam", "8"]
+    # The name keeps its head and tail around one ellipsis, and wraps at dots only.
+    cells = [r[0].strip() for r in rows[:rows.index(norm)] if r[0].strip()]
+    name = "".join(cells)
+    assert name.startswith("blocks.0.hhh") and name.endswith("ttt.weight") and name.count("…") == 1
+    assert all(c.startswith(".") for c in cells[1:])

@@ -139,16 +139,49 @@ def load_plan_file(path: str | os.PathLike) -> Plan:
 
 
 def parse_device(text: str) -> torch.device:
-    """``--device``: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda, cuda:N."""
+    """``--device``: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda, cuda:N, or another
+    device torch can allocate on here (mps, xpu, …).
+
+    Raises:
+        UsageError: not a device, the meta device (shapes without values: nothing to train), or one
+            this machine does not have; the message lists those it has.
+    """
+    def here() -> str:
+        devices = ["cpu"]
+        if torch.cuda.is_available():
+            devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.backends.mps.is_available():
+            devices.append("mps")
+        if getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+            devices.append("xpu")
+        return ", ".join(devices)
+
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(text)
     except RuntimeError:
-        raise UsageError(f"--device {text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {text!r} is not a device; use auto or one of: {here()}") from None
+    if dev.type == "meta":
+        raise UsageError("--device meta holds shapes without values, so nothing can be trained or measured on it; "
+                         f"use one of: {here()}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but torch sees no CUDA GPU; use --device cpu")
+        raise UsageError(f"--device {text} requested but torch sees no CUDA GPU; use one of: {here()}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                         f"use one of: {here()}")
+    if dev.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception:   # by backend: RuntimeError, NotImplementedError, AssertionError, ImportError…
+            raise UsageError(f"--device {text} requested but torch has no {dev.type} device on this machine; "
+                             f"use one of: {here()}") from None
     return dev
+
+
+# torch.manual_seed's range is [-2**63, 2**64 - 1], negative seeds mapped onto positive ones
+# (-1 is 2**64 - 1); the flag takes the unsigned range, so two spellings never mean one seed.
+seed_int = number(int, lambda v: 0 <= v < 2 ** 64, "an integer from 0 to 2**64 - 1 (torch.manual_seed's range)")
 
 
 def training_progress(err: Console, disable: bool) -> Progress:

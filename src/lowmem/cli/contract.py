@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
 import inspect
+import math
+import numbers
+import os
 import sys
 from pathlib import Path
 
 from lowmem.examples import EXAMPLES
-from lowmem.probe import Task, TaskError
+from lowmem.probe import Task, TaskError, user_failure
 
 REQUIRED = ("build_model", "get_batch", "loss_fn")
 OPTIONAL = ("build_optimizer", "get_val_batch")
 DEFAULT_KEYS = {"steps": int, "lr": float, "every": int}
+# The rules of the flags that override them (--steps, --lr, --every).
+_DEFAULT_RULES = {"steps": (lambda v: v >= 1, "a positive integer"),
+                  "lr": (lambda v: 0 < v < math.inf, "a positive finite number"),
+                  "every": (lambda v: v >= 1, "a positive integer")}
 
 
 class UsageError(ValueError):
@@ -37,27 +45,29 @@ def load_task(target: str) -> Task:
     """Import ``model.py`` (not as ``__main__``) and read the contract from it or its factory."""
     path_text, _, factory = target.partition(":")
     path = Path(path_text)
-    if not path.exists():
-        hint = _did_you_mean(path.name, [p.name for p in path.parent.glob("*.py")]) if path.parent.is_dir() else ""
-        raise UsageError(f"{path_text}: no such file.{hint}")
-    if path.is_dir():
-        raise UsageError(f"{path_text}: is a folder; give the Python file that defines build_model, get_batch and loss_fn")
+    _check_file(path, path_text)
     module_name = f"_lowmem_user_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"{path_text}: cannot be imported as a Python file (expected a .py file)")
+    if b"\0" in path.read_bytes():   # Python's own message names no line ("line None")
+        raise TaskError(f"{path_text}: the file contains null bytes (is it a binary file?); give the Python source file")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.resolve().parent))
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise TaskError(f"{path_text}: line {e.lineno}: syntax error: {e.msg}") from e
+        with _own_argv(path):
+            spec.loader.exec_module(module)
+    except SyntaxError as e:   # in model.py, or in a module it imports
+        file = path_text if e.filename in (None, str(path), str(path.resolve())) else e.filename
+        raise TaskError(f"{file}: line {e.lineno}: syntax error: {e.msg}") from e
+    except SystemExit as e:
+        raise TaskError(f"{path_text} exited while being imported (sys.exit({e.code!r})){_frames(e, path)}\n"
+                        "lowmem imports it to call build_model, get_batch and loss_fn, so it must not parse the "
+                        "command line or train at import: argument parsing (argparse) and the training script "
+                        "belong under `if __name__ == \"__main__\":`") from e
     except Exception as e:
-        import traceback
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path.resolve()) or f.filename == str(path)]
-        where = "".join(traceback.format_list(frames[-2:])).rstrip()
-        raise TaskError(f"importing {path_text} raised {type(e).__name__}: {e}\n{where}".rstrip()) from e
+        raise TaskError(f"importing {path_text} raised {type(e).__name__}: {e}{_frames(e, path)}") from e
     source = str(path_text)
     if factory:
         fn = getattr(module, factory, None)
@@ -67,11 +77,71 @@ def load_task(target: str) -> Task:
         if not callable(fn):
             raise TaskError(f"{path_text}:{factory} is a {type(fn).__name__}, expected a function returning the task")
         try:
-            obj = fn()
-        except Exception as e:
-            raise TaskError(f"{path_text}:{factory}() raised {type(e).__name__}: {e}") from e
-        return _task_from(obj, f"{path_text}:{factory}")
+            with _own_argv(path):
+                obj = fn()
+        except (KeyboardInterrupt, TaskError):
+            raise
+        except (Exception, SystemExit) as e:
+            raise user_failure(f"{factory}()", path_text, e) from e
+        source = f"{path_text}:{factory}"
+        if not any(callable(getattr(obj, n, None)) for n in REQUIRED):
+            hint = " (for a dict, return types.SimpleNamespace(**d))" if isinstance(obj, dict) else ""
+            raise TaskError(f"{source}() returned {'None' if obj is None else 'a ' + type(obj).__name__}: a factory "
+                            "must return an object with build_model, get_batch and loss_fn as attributes (a module, "
+                            f"a class instance or a types.SimpleNamespace){hint}")
+        return _task_from(obj, source)
     return _task_from(module, source)
+
+
+def _check_file(path: Path, path_text: str) -> None:
+    """Usage errors for a `model.py` that is not a readable file, with a hint where one helps."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{path_text}: is a broken symlink pointing to {os.readlink(path)}, which does not exist")
+    if not path.exists():
+        raise UsageError(f"{path_text}: no such file.{_did_you_mean_file(path, path_text)}")
+    if path.is_dir():
+        raise UsageError(f"{path_text}: is a folder; give the Python file that defines build_model, get_batch and loss_fn")
+    if not path.is_file():
+        raise UsageError(f"{path_text}: is not a regular file; give the Python file that defines build_model, "
+                         "get_batch and loss_fn")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{path_text}: cannot be read ({e.strerror})") from None
+
+
+def _did_you_mean_file(path: Path, path_text: str) -> str:
+    """A command's name for a bare word close to one (``reprot``), else a near ``.py`` file beside it."""
+    if "/" not in path_text and not path.suffix:
+        from lowmem.cli.main import SUBCOMMANDS   # here: main imports this module
+        close = difflib.get_close_matches(path_text, list(SUBCOMMANDS), n=1, cutoff=0.6)
+        if close:
+            return f" Did you mean the command {close[0]!r}?"
+    if not path.parent.is_dir():
+        return ""
+    return _did_you_mean(path.name, [p.name for p in path.parent.glob("*.py") if p.name != path.name])
+
+
+@contextlib.contextmanager
+def _own_argv(path: Path):
+    """``sys.argv`` as if the user's file were the program, without lowmem's flags, while its code
+    runs outside a function of the contract: a parser at import then sees no foreign arguments."""
+    argv = sys.argv
+    sys.argv = [str(path)]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def _frames(e: BaseException, path: Path) -> str:
+    """The frames of `e`'s traceback in the user's file, on their own lines (empty if none)."""
+    import traceback
+    names = (str(path), str(path.resolve()))
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename in names]
+    where = "".join(traceback.format_list(frames[-2:])).rstrip()
+    return f"\n{where}" if where else ""
 
 
 def _task_from(obj, source: str) -> Task:
@@ -96,8 +166,10 @@ def _task_from(obj, source: str) -> Task:
         if k not in DEFAULT_KEYS:
             raise TaskError(f"{source}: LOWMEM has unknown key {k!r}; known: {', '.join(DEFAULT_KEYS)}.{_did_you_mean(str(k), DEFAULT_KEYS)}")
         typ = DEFAULT_KEYS[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
-            raise TaskError(f"{source}: LOWMEM[{k!r}] must be {'an integer' if typ is int else 'a number'}, found {v!r}")
+        accept, expected = _DEFAULT_RULES[k]
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real) or (typ is int and not float(v).is_integer())
+                or not accept(float(v))):
+            raise TaskError(f"{source}: LOWMEM[{k!r}] must be {expected} (as --{k}), found {v!r}")
     return Task(obj.build_model, obj.get_batch, obj.loss_fn, build_optimizer,
                 {k: DEFAULT_KEYS[k](v) for k, v in defaults.items()}, source, _val_batches(obj, source))
 

@@ -451,7 +451,7 @@ def _select(args, model, layers: ModelLayers, source: str) -> tuple[dict[str, Pi
         try:
             pieces[s] = piece(model, s, layers)
         except HessianError as e:
-            raise UsageError(f"--block {s!r}: {e}") from None
+            raise UsageError(f"--block {e}") from None       # e starts with the selector
     return pieces, skipped
 
 

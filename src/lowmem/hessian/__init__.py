@@ -13,14 +13,14 @@
 from lowmem.hessian.estimates import (cross_block_mass, extreme_eigenvalues, frobenius_mass, hutchinson_diagonal,
                                       hutchinson_trace, lanczos, spectral_density)
 from lowmem.hessian.estimates import partition_mass as estimate_partition_mass
-from lowmem.hessian.exact import (HessianError, HessianOperator, HessianTooLarge, Piece, RandomForwardError,
-                                  block_hessian, piece)
+from lowmem.hessian.exact import (DisconnectedError, HessianError, HessianOperator, HessianTooLarge, LossFnError, Piece,
+                                  RandomForwardError, block_hessian, piece)
 from lowmem.hessian.plans import plan_from_partitions
 from lowmem.hessian.structure import (Classification, Partition, block_spectrum, candidate_partitions, classify,
                                       find_partition, partition_mass)
 
-__all__ = ["Classification", "HessianError", "HessianOperator", "HessianTooLarge", "Partition", "Piece",
-           "RandomForwardError", "block_hessian", "block_spectrum", "candidate_partitions", "classify",
+__all__ = ["Classification", "DisconnectedError", "HessianError", "HessianOperator", "HessianTooLarge", "LossFnError",
+           "Partition", "Piece", "RandomForwardError", "block_hessian", "block_spectrum", "candidate_partitions", "classify",
            "cross_block_mass", "estimate_partition_mass", "extreme_eigenvalues", "find_partition",
            "frobenius_mass", "hutchinson_diagonal", "hutchinson_trace", "lanczos", "partition_mass", "piece",
            "plan_from_partitions", "spectral_density"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import math
 import re
 import time
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from lowmem.compress.memory import format_bytes
 from lowmem.layers import ParamInfo, normalize_name, resolve_layers
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -51,6 +53,17 @@ class HessianTooLarge(HessianError):
 
 class RandomForwardError(HessianError):
     """The loss differs between two identical forward passes in eval() mode."""
+
+
+class LossFnError(HessianError):
+    """``loss_fn`` returned something other than a real floating-point scalar tensor with a
+    gradient: the same for every block, so nothing can be computed until it is fixed."""
+
+
+class DisconnectedError(HessianError):
+    """The loss has no gradient path to a piece (its parameter is not used by the forward pass),
+    so its Hessian block is undefined. A piece that enters the loss linearly is connected: its
+    block is exactly zero, and `block_hessian` returns zeros."""
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -72,87 +85,126 @@ class Piece:
 
 
 _SELECTOR = re.compile(r"^(?P<name>[^\[\]]+?)\s*(?:\[(?P<spec>[^\[\]]*)\])?$")
+_KEYS = ("part", "head")
 
 
 def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
     """Resolve a selector into a `Piece`.
 
-    Grammar: ``NAME`` or ``NAME[ITEMS]``, ITEMS comma-separated: ``a:b`` slices the parameter's
-    dims in order (as numpy does); ``part=q|k|v`` takes one part of a fused Q/K/V projection and
-    ``head=K`` one head, both along the parameter's output axis (`lowmem.layers` says which dim
-    that is and how wide a head is).
+    Grammar: ``NAME`` or ``NAME[ITEMS]``, ITEMS comma-separated. ``part=q|k|v`` takes one part
+    of a fused Q/K/V projection and ``head=K`` one head (of that part, for a fused weight), both
+    along the parameter's output axis (`lowmem.layers` says which dim that is and how wide a
+    head is); ``a:b`` or ``i`` then slice the dims in order (as numpy does, without steps) within
+    what part/head took, wherever they are written: ``W[0:2, head=1]`` is rows 0-1 of head 1.
 
     Raises:
-        HessianError: unknown parameter, malformed selector, or a part/head the layer lacks.
+        HessianError: unknown, frozen or empty parameter, malformed selector, a part/head the
+            layer lacks, a key given twice, an empty or out-of-range slice.
+        TypeError: `selector` is neither a string nor a `Piece`.
     """
     if isinstance(selector, Piece):
+        layers = layers if layers is not None else resolve_layers(model, warn=False)
+        info = _trainable(model, layers, selector.name, selector.label)
+        if tuple(info.shape) != selector.shape:
+            raise HessianError(f"{selector.label!r}: the Piece is of a parameter of shape {selector.shape}, but "
+                               f"{info.name} in this model has shape {tuple(info.shape)}")
         return selector
+    if not isinstance(selector, str):
+        raise TypeError(f"a block selector is a string such as 'fc.weight[0:4]' or a Piece, got "
+                        f"{type(selector).__name__} {selector!r:.60}")
     m = _SELECTOR.match(selector.strip())
     if not m:
-        raise HessianError(f"cannot read block selector {selector!r}; expected NAME or NAME[a:b, part=q, head=0]")
+        raise HessianError(f"{selector!r}: cannot read the block selector; expected NAME or "
+                           "NAME[a:b, part=q, head=0]")
     layers = layers if layers is not None else resolve_layers(model, warn=False)
-    name = normalize_name(m.group("name").strip())
-    try:
-        info = layers[name]
-    except KeyError:
-        near = [n for n in layers.params if name.split(".")[-1] in n][:5]
-        raise HessianError(f"no trainable parameter {name!r} in the model"
-                           + (f"; similar: {', '.join(near)}" if near else "")) from None
+    info = _trainable(model, layers, normalize_name(m.group("name").strip()), selector)
     shape = tuple(info.shape)
-    box = [slice(0, s) for s in shape]
-    out = info.fan_out_dims[0] if info.fan_out_dims else 0
-    part_start, dim = 0, 0
+    if math.prod(shape) == 0:
+        raise HessianError(f"{selector!r}: {info.name} has no entries (shape {shape})")
+    keys, slices = {}, []
     for item in filter(None, (s.strip() for s in (m.group("spec") or "").split(","))):
-        key, eq, value = item.partition("=")
-        if eq:
-            box, part_start = _apply_keyword(info, selector, key.strip(), value.strip(), box, out, part_start)
-            continue
-        if dim >= len(shape):                 # positional slices apply to dims 0, 1, … in order
-            raise HessianError(f"{selector!r}: more slices than the parameter has dims ({len(shape)})")
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq:
+            slices.append(item)
+        elif key not in _KEYS:
+            raise HessianError(f"{selector!r}: unknown key {key!r} (expected part= or head=)")
+        elif key in keys:
+            raise HessianError(f"{selector!r}: {key}= is given twice")
+        else:
+            keys[key] = value
+    box = [slice(0, s) for s in shape]
+    if keys:          # part and head first, so the slices apply inside them whatever the order written
+        if not shape:
+            raise HessianError(f"{selector!r}: {info.name} is a scalar; it has no parts or heads")
+        out = info.fan_out_dims[0] if info.fan_out_dims else 0
+        box[out] = _output_rows(info, selector, keys.get("part"), keys.get("head"))
+    if len(slices) > len(shape):
+        raise HessianError(f"{selector!r}: {len(slices)} slices, but {info.name} has {len(shape)} dim(s) "
+                           f"(shape {shape})")
+    for dim, item in enumerate(slices):     # positional slices apply to dims 0, 1, … in order
         sub = _parse_slice(item, box[dim].stop - box[dim].start, selector)
         box[dim] = slice(box[dim].start + sub.start, box[dim].start + sub.stop)
-        dim += 1
     flat = torch.arange(math.prod(shape)).view(shape)[tuple(box)].reshape(-1)
     return Piece(info.name, shape, flat, tuple(s.stop - s.start for s in box), selector)   # tied: canonical
 
 
-def _apply_keyword(info: ParamInfo, selector: str, key: str, value: str, box: list[slice], out: int,
-                   part_start: int) -> tuple[list[slice], int]:
-    if key == "part":
+def _trainable(model: nn.Module, layers, name: str, selector: str) -> ParamInfo:
+    """The trainable parameter `name`, or an error that says what the name is instead (frozen,
+    a buffer, a module) or which names are near it."""
+    try:
+        return layers[name]
+    except KeyError:
+        pass
+    frozen = {normalize_name(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if name in frozen:
+        raise HessianError(f"{selector!r}: {name} is frozen (requires_grad=False): the Hessian is taken over "
+                           "trainable parameters only; call requires_grad_(True) on it to include it")
+    if name in {normalize_name(n) for n, _ in model.named_buffers()}:
+        raise HessianError(f"{selector!r}: {name} is a buffer, not a parameter: the loss has no Hessian with "
+                           "respect to it")
+    names = [a for info in layers for a in info.aliases]
+    if not names:
+        raise HessianError(f"{selector!r}: the model has no trainable parameters")
+    inside = [n for n in names if n.startswith(name + ".")]
+    if inside:
+        raise HessianError(f"{selector!r}: {name} is a module, not a parameter; its parameters: "
+                           f"{', '.join(inside[:6])}{' …' if len(inside) > 6 else ''}")
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    raise HessianError(f"{selector!r}: no trainable parameter {name!r} in the model; "
+                       + (f"did you mean {' or '.join(near)}?" if near else
+                          f"the first ones are {', '.join(names[:4])}"))
+
+
+def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | None) -> slice:
+    """The span of the output axis that ``part=`` and ``head=`` select."""
+    out = info.fan_out_dims[0] if info.fan_out_dims else 0
+    start, stop, heads = 0, info.shape[out], info.heads
+    if part is not None:
         if not info.parts:
             raise HessianError(f"{selector!r}: {info.name} is not a fused Q/K/V projection (it has no parts)")
         names = [n for n, _ in info.parts]
-        if value not in names:
-            raise HessianError(f"{selector!r}: part must be one of {', '.join(names)}")
-        i = names.index(value)
+        if part not in names:
+            raise HessianError(f"{selector!r}: part must be one of {', '.join(names)}, got {part!r}")
+        i = names.index(part)
         start = sum(size for _, size in info.parts[:i])
-        box[out] = slice(start, start + info.parts[i][1])
-        return box, start
-    if key == "head":
-        heads, width = _heads_of(info, box[out], part_start)
-        if heads is None:
-            raise HessianError(f"{selector!r}: the number of heads of {info.name} is not known "
-                               "(select rows with a slice instead, e.g. [0:16])")
-        try:
-            h = int(value)
-        except ValueError:
-            raise HessianError(f"{selector!r}: head must be an integer, got {value!r}") from None
-        if not 0 <= h < heads:
-            raise HessianError(f"{selector!r}: head {h} out of range (0..{heads - 1})")
-        start = box[out].start + h * width
-        box[out] = slice(start, start + width)
-        return box, part_start
-    raise HessianError(f"{selector!r}: unknown key {key!r} (expected part= or head=)")
-
-
-def _heads_of(info: ParamInfo, rows: slice, part_start: int) -> tuple[int | None, int | None]:
-    size = rows.stop - rows.start
-    if info.parts:
-        i = [s for _, s in info.parts].index(size) if size in [s for _, s in info.parts] else None
-        heads = info.part_heads[i] if i is not None and info.part_heads else None
-    else:
-        heads = info.heads
-    return (heads, size // heads) if heads and size % heads == 0 else (None, None)
+        stop = start + info.parts[i][1]
+        heads = info.part_heads[i] if info.part_heads else None
+    elif info.parts and head is not None:
+        raise HessianError(f"{selector!r}: {info.name} is a fused Q/K/V projection; name the part of the head "
+                           f"as well, e.g. {info.name}[part={info.parts[0][0]}, head={head}]")
+    if head is None:
+        return slice(start, stop)
+    if not heads or (stop - start) % heads:
+        raise HessianError(f"{selector!r}: the number of heads of {info.name} is not known "
+                           "(select rows with a slice instead, e.g. [0:16])")
+    try:
+        h = int(head)
+    except ValueError:
+        raise HessianError(f"{selector!r}: head must be an integer, got {head!r}") from None
+    if not 0 <= h < heads:
+        raise HessianError(f"{selector!r}: head {h} out of range (0..{heads - 1})")
+    width = (stop - start) // heads
+    return slice(start + h * width, start + (h + 1) * width)
 
 
 def _parse_slice(text: str, size: int, selector: str) -> slice:
@@ -160,16 +212,20 @@ def _parse_slice(text: str, size: int, selector: str) -> slice:
     try:
         if not colon:
             i = int(a)
-            start, stop = (i + size if i < 0 else i), None
+            start = i + size if i < 0 else i
             stop = start + 1
         else:
             start = int(a) if a.strip() else 0
             stop = int(b) if b.strip() else size
             start, stop = (start + size if start < 0 else start), (stop + size if stop < 0 else stop)
     except ValueError:
-        raise HessianError(f"{selector!r}: cannot read slice {text!r}") from None
+        raise HessianError(f"{selector!r}: cannot read slice {text!r}; expected integers a:b (no step) "
+                           "or one index i") from None
+    if 0 <= start and stop <= size and start >= stop:
+        raise HessianError(f"{selector!r}: slice {text!r} is empty (it must take at least one entry)")
     if not 0 <= start < stop <= size:
-        raise HessianError(f"{selector!r}: slice {text!r} is out of range for a dim of size {size}")
+        raise HessianError(f"{selector!r}: slice {text!r} is out of range for a dim of size {size} "
+                           f"(0:{size} is all of it)")
     return slice(start, stop)
 
 
@@ -195,17 +251,29 @@ def check_fits(a: Piece, b: Piece, dtype: torch.dtype, max_bytes: int | None) ->
     """Refuse a block whose dense result exceeds `max_bytes` (default: half the available memory).
 
     Raises:
-        HessianTooLarge: with the size and what to do instead.
+        HessianTooLarge: with the size, the limit, and what to do instead.
     """
     need = block_bytes(a.numel, b.numel, dtype)
     limit = max_bytes if max_bytes is not None else (available_memory() or 8 << 30) // 2
     if need > limit:
         raise HessianTooLarge(
-            f"the block {a.label} × {b.label} is {a.numel:,} × {b.numel:,} entries: {need / 2**30:.2f} GiB "
-            f"in {str(dtype).replace('torch.', '')}, over the {limit / 2**30:.2f} GiB allowed. Select a "
-            f"sub-view (e.g. '{a.name}[head=0]' or '{a.name}[0:16]'), or use the estimates in "
-            "lowmem.hessian.estimates (Hutchinson diagonal, Lanczos eigenvalues, partition mass from "
-            "probes), which need only Hessian-vector products")
+            f"the block {a.label} × {b.label} is {a.numel:,} × {b.numel:,} entries: {format_bytes(need)} "
+            f"in {str(dtype).replace('torch.', '')}, over the {format_bytes(limit)} allowed. Select a "
+            f"sub-view ({_fitting_rows(a, b, dtype, limit)}; [head=0] takes one head of an attention weight), "
+            "or use the estimates in lowmem.hessian.estimates (Hutchinson diagonal, Lanczos eigenvalues, "
+            "partition mass from probes), which need only Hessian-vector products")
+
+
+def _fitting_rows(a: Piece, b: Piece, dtype: torch.dtype, limit: int) -> str:
+    """Words for the largest leading rows of `a`'s parameter whose block fits in `limit` bytes."""
+    if a.label != a.name:                                    # already a sub-view: no slice to suggest on it
+        return "a smaller one"
+    row = a.numel // a.box[0] if a.box else 1                # entries per index of the first dim
+    per = torch.finfo(dtype).bits // 8
+    k = math.isqrt(limit // per) // row if a is b else limit // (per * row * b.numel)
+    if k < 1:
+        return f"even one row of {a.name} is over the limit"
+    return f"e.g. '{a.name}[0:{k}]', its first {k:,} rows, fits"
 
 
 # -- the model, prepared ------------------------------------------------------------------------
@@ -218,7 +286,29 @@ class _Loss(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+        return _scalar_loss(self.loss_fn(self.model, batch), self.loss_fn)
+
+
+def _loss_fn_name(loss_fn) -> str:
+    name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+    return "loss_fn" if name == "loss_fn" else f"loss_fn ({name})"
+
+
+def _scalar_loss(value, loss_fn) -> torch.Tensor:
+    """`value` as a 0-d tensor, or a `LossFnError` naming `loss_fn`, what it returned and what to do."""
+    what = f"{_loss_fn_name(loss_fn)} must return the loss as a scalar torch.Tensor"
+    if not isinstance(value, torch.Tensor):
+        if value is None:
+            raise LossFnError(f"{what}; it returned None (is a return statement missing?)")
+        hint = " (a Python number has no gradient)" if isinstance(value, (int, float)) else ""
+        raise LossFnError(f"{what}; it returned {type(value).__name__} {value!r:.60}{hint}")
+    if value.numel() != 1:
+        raise LossFnError(f"{what}; it returned a tensor of shape {tuple(value.shape)}: reduce it to one number "
+                          "(e.g. .mean())")
+    if not value.is_floating_point():
+        raise LossFnError(f"{what} of a real floating-point dtype; it returned a tensor of dtype "
+                          f"{str(value.dtype).replace('torch.', '')}")
+    return value.reshape(())
 
 
 def _cast(batch, dtype: torch.dtype | None):
@@ -327,13 +417,22 @@ def block_hessian(model: nn.Module, loss_fn: LossFn, batches: Iterable, name: st
         A dense (numel_A, numel_B) tensor, pieces flattened row-major, in `dtype` (or the
         model's dtype), on the model's device.
 
+    A piece that enters the loss linearly (a bias followed by a mean, ``(w * x).sum()``) has an
+    exactly zero block, returned as zeros; one the loss does not depend on at all is an error.
+
     Raises:
-        HessianError: a bad selector or a non-finite loss; HessianTooLarge: the block would not
-        fit; RandomForwardError: the forward pass is random in eval() mode.
+        HessianError: a bad selector or no batches; HessianTooLarge: the block would not fit;
+        RandomForwardError: the forward pass is random in eval() mode; LossFnError: loss_fn does
+        not return a finite real scalar tensor with a gradient; DisconnectedError: the loss does
+        not depend on a piece. ValueError / TypeError: a bad chunk, dtype, max_bytes or argument type.
     """
-    batches = list(batches) if not isinstance(batches, (list, tuple)) else batches
-    if not batches:
-        raise HessianError("no batches given: the Hessian is of the mean loss over at least one batch")
+    batches = _check_arguments(model, loss_fn, batches, dtype)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"Invalid chunk: {chunk!r} (rows per double backward: an integer >= 1)")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float))
+                                  or not 0 <= max_bytes < math.inf):
+        raise ValueError(f"Invalid max_bytes: {max_bytes!r} (a number of bytes >= 0, or None for half the "
+                         "available memory)")
     layers = resolve_layers(model, warn=False)
     a = piece(model, name, layers)
     b = piece(model, other, layers) if other is not None else a
@@ -352,6 +451,28 @@ def block_hessian(model: nn.Module, loss_fn: LossFn, batches: Iterable, name: st
         return out.div_(len(casted))
 
 
+def _check_arguments(model, loss_fn, batches, dtype) -> list:
+    """The batches as a list, after the checks `block_hessian` and `HessianOperator` share."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got "
+                        f"{type(loss_fn).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"Invalid dtype: {dtype!r}; expected a floating-point torch.dtype such as torch.float64, "
+                        "or None for the model's own")
+    if isinstance(batches, torch.Tensor):     # iterating would make every row a batch
+        raise TypeError("batches is one tensor; pass a list of batches, e.g. [batch] or [(x, y)]")
+    try:
+        batches = list(batches)
+    except TypeError:
+        raise TypeError(f"batches must be a list (or iterable) of batches, e.g. [batch]; got "
+                        f"{type(batches).__name__}") from None
+    if not batches:
+        raise HessianError("no batches given: the Hessian is of the mean loss over at least one batch")
+    return batches
+
+
 def _rows(loss_module: nn.Module, variables: _Variables, batch, pos_a: torch.Tensor, pos_b: torch.Tensor,
           chunk: int, batched: bool | None) -> torch.Tensor:
     """H_AB of one batch: the gradient with respect to U of ⟨V, ∇_U L⟩ for one-hot rows V at A's
@@ -359,9 +480,7 @@ def _rows(loss_module: nn.Module, variables: _Variables, batch, pos_a: torch.Ten
     first chunk is timed both ways (vmap over the backward graph, and a loop) and the faster
     per row does the rest: which wins depends on the model, the batch and the device."""
     xs = variables.leaves()
-    loss = torch.func.functional_call(loss_module, variables.substituted(xs), (batch,), strict=False)
-    grads = torch.autograd.grad(loss, xs, create_graph=True)
-    g = torch.cat([t.reshape(-1) for t in grads])
+    g = _gradient(loss_module, variables, xs, batch)
 
     def one_hot(sel):
         v = torch.zeros(sel.numel(), variables.dim, dtype=g.dtype, device=g.device)
@@ -383,6 +502,32 @@ def _rows(loss_module: nn.Module, variables: _Variables, batch, pos_a: torch.Ten
     return torch.cat(rows)
 
 
+def _gradient(loss_module: _Loss, variables: _Variables, xs: list[torch.Tensor], batch) -> torch.Tensor:
+    """∇ₓL of one batch, flat over U, with the graph kept for the second derivative.
+
+    Raises:
+        LossFnError: the loss has no gradient at all (detached, under no_grad, a constant), or is
+            not finite. DisconnectedError: it has none with respect to a piece's parameter.
+    """
+    loss = torch.func.functional_call(loss_module, variables.substituted(xs), (batch,), strict=False)
+    name = _loss_fn_name(loss_module.loss_fn)
+    if not loss.requires_grad:
+        raise LossFnError(f"{name} returned a loss with no gradient (requires_grad is False): it was computed "
+                          "under torch.no_grad(), detached, made from a Python number, or does not use the "
+                          "model's trainable parameters")
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise LossFnError(f"{name} returned a loss that is not finite ({value}) on one of the batches")
+    grads = torch.autograd.grad(loss, xs, create_graph=True, allow_unused=True)
+    unused = [n for n, grad in zip(variables.names, grads) if grad is None]
+    if unused:
+        raise DisconnectedError(
+            f"the loss does not depend on {', '.join(unused)}: there is no gradient path from the loss to it "
+            "(is it used in the forward pass, and not only through .detach() or integer ops?), so its "
+            "Hessian block is undefined")
+    return torch.cat([t.reshape(-1) for t in grads])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -391,7 +536,10 @@ def _sync(device: torch.device) -> None:
 def _double_backward(g: torch.Tensor, xs: list[torch.Tensor], v: torch.Tensor, batched: bool) -> torch.Tensor:
     """Rows vᵢᵀ ∂g/∂x for a batch of vectors (k, dim U): one batched double backward (vmap over
     the backward graph) or a loop of plain ones; batched falls back to the loop where an
-    operator has no batching rule."""
+    operator has no batching rule. A gradient without a graph (the loss is linear in every
+    variable, e.g. a bias followed by a mean) has a zero derivative: zero rows."""
+    if not g.requires_grad:
+        return torch.zeros(v.shape[0], sum(x.numel() for x in xs), dtype=g.dtype, device=g.device)
     if batched:
         try:
             with warnings.catch_warnings():
@@ -425,30 +573,43 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Iterable, pieces: Sequence[str | Piece],
                  dtype: torch.dtype | None = None):
-        self.batches = list(batches)
-        if not self.batches:
-            raise HessianError("no batches given")
+        self.batches = _check_arguments(model, loss_fn, batches, dtype)
+        if isinstance(pieces, (str, Piece)):
+            pieces = [pieces]
         layers = resolve_layers(model, warn=False)
         self.pieces = [piece(model, p, layers) for p in pieces]
+        if not self.pieces:
+            raise HessianError("no pieces given: the operator acts on the concatenation of at least one piece")
         self._stack = contextlib.ExitStack()
-        work = self._stack.enter_context(prepared(model, dtype))
-        loss_module = _Loss(work, loss_fn)
-        self._vars = _Variables(self.pieces, work)
-        self._pos = torch.cat([self._vars.position(p) for p in self.pieces])
-        casted = [_cast(b, dtype) for b in self.batches]
-        check_deterministic(loss_module, casted[0])
         self._graphs = []
-        for batch in casted:
-            xs = self._vars.leaves()
-            loss = torch.func.functional_call(loss_module, self._vars.substituted(xs), (batch,), strict=False)
-            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, xs, create_graph=True)])
-            self._graphs.append((g, xs))
+        work = self._stack.enter_context(prepared(model, dtype))
+        try:
+            loss_module = _Loss(work, loss_fn)
+            self._vars = _Variables(self.pieces, work)
+            self._pos = torch.cat([self._vars.position(p) for p in self.pieces])
+            if torch.unique(self._pos).numel() != self._pos.numel():
+                raise HessianError(f"the pieces {', '.join(p.label for p in self.pieces)} overlap: the operator "
+                                   "acts on their concatenation, so each entry may be in one piece only")
+            casted = [_cast(b, dtype) for b in self.batches]
+            check_deterministic(loss_module, casted[0])
+            for batch in casted:
+                xs = self._vars.leaves()
+                self._graphs.append((_gradient(loss_module, self._vars, xs, batch), xs))
+        except BaseException:       # leave the model as it was: its training mode, no kept graphs
+            self.close()
+            raise
         self.dim = int(self._pos.numel())
         self.dtype = self._graphs[0][0].dtype
         self.device = self._graphs[0][0].device
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if not self._graphs:
+            raise HessianError("the HessianOperator is closed; make a new one")
+        if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2) or v.shape[-1] != self.dim:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"expected a vector of {self.dim} entries or a (k, {self.dim}) tensor of rows, "
+                             f"got {shape}")
         single = v.dim() == 1
         v = v.reshape(-1, self.dim).to(self.dtype)
         full = torch.zeros(v.shape[0], self._vars.dim, dtype=self.dtype, device=self.device)

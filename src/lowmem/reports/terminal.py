@@ -78,18 +78,38 @@ class PlanTable:
                          decision_words(lp, self.layers, name), f"{lp.v_kept:,}"])
         headers = ["layer", "role", "shape", "best subset", "SNR", "decision", "v kept"]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-        # Give the other columns their natural width and wrap names that do not fit at dots, so a
-        # name is never cut inside a component.
-        longest_piece = max((len(piece) + 1 for r in rows for piece in r[0].split(".")), default=0)
-        name_width = max(16, longest_piece, options.max_width - sum(widths[1:]) - 3 * (len(headers) - 1))
+        name_width, names = _fit_names([r[0] for r in rows], widths[1:], options.max_width)
         table = Table(title="Compression plan", title_justify="left", show_edge=False, pad_edge=False)
         for i, h in enumerate(headers):
             table.add_column(h, justify="right" if h in ("SNR", "v kept") else "left",
                              no_wrap=i != 3 and i != 5, overflow="fold",
                              max_width=name_width if i == 0 else None)
-        for r in rows:
-            table.add_row(_wrap_at_dots(r[0], name_width), *r[1:])
+        for name, r in zip(names, rows):
+            table.add_row(name, *r[1:])
         yield table
+
+
+# A name component longer than this is elided in the middle rather than widen the name column
+# past what the other columns leave it (one 500-character name would squeeze them all to nothing).
+_LONGEST_PIECE = 32
+
+
+def _fit_names(names: list[str], other_widths: list[int], max_width: int) -> tuple[int, list[str]]:
+    """The name column's width and `names` fitted to it: the other columns keep their natural
+    width, names wrap at dots (never inside a component), and a component too long for the
+    column keeps its head and tail around an ellipsis."""
+    spare = max_width - sum(other_widths) - 3 * len(other_widths)
+    longest_piece = max((len(piece) + 1 for name in names for piece in name.split(".")), default=0)
+    width = max(16, spare, min(longest_piece, _LONGEST_PIECE))
+    return width, [_wrap_at_dots(_elide_pieces(name, width - 1), width) for name in names]
+
+
+def _elide_pieces(name: str, limit: int) -> str:
+    """`name` with every dot-separated component longer than `limit` cut to its head and tail
+    around "…" (`limit` characters in all)."""
+    head = limit // 2
+    tail = limit - 1 - head
+    return ".".join(p if len(p) <= limit else f"{p[:head]}…{p[len(p) - tail:]}" for p in name.split("."))
 
 
 def _wrap_at_dots(name: str, width: int) -> str:
@@ -243,14 +263,13 @@ class HessianTable:
         headers = ["block", "size", "class", "head mass (dense)", "groups", "λmax", "condition"]
         widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
         # As in PlanTable: the other columns keep their natural width, names wrap at dots only.
-        longest_piece = max((len(p) + 1 for c in cells for p in c[0].split(".")), default=0)
-        name_width = max(16, longest_piece, options.max_width - sum(widths[1:]) - 3 * (len(headers) - 1))
+        name_width, names = _fit_names([c[0] for c in cells], widths[1:], options.max_width)
         table = Table(title=self.title, title_justify="left", show_edge=False, pad_edge=False)
         for i, h in enumerate(headers):
             table.add_column(h, justify="left" if i in (0, 2) else "right", no_wrap=True, overflow="fold",
                              max_width=name_width if i == 0 else None)
-        for c in cells:   # Text: a selector's "[part=q]" is not rich markup
-            table.add_row(Text(_wrap_at_dots(c[0], name_width)), *c[1:])
+        for name, c in zip(names, cells):   # Text: a selector's "[part=q]" is not rich markup
+            table.add_row(Text(name), *c[1:])
         yield table
         failed = [r for r in self.rows if r.failure is not None]
         for r in failed:

@@ -477,3 +477,247 @@ def test_mean_sq_equals_the_plain_formula_across_chunk_boundaries(monkeypatch, s
     x = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(engine.mean_sq(x, reduce), (x * x).mean(dim=reduce, keepdim=True),
                                rtol=1e-13, atol=0)
+
+
+# checkpoints a user can get wrong, and parameters with no entries ------------------------------
+def _paths(info):
+    """Every path of `info`: the readable one, its fast paths, and compiled for plan optimizers."""
+    kws = [info.readable, *info.fast_paths]
+    if info in PLAN_OPTIMIZERS:
+        kws.append({"compiled": True})
+    return [kw for i, kw in enumerate(kws) if kw not in kws[:i]]
+
+
+def _with_zero_element_parameters(model):
+    model.attn.void = nn.Parameter(torch.empty(0, 8))    # before attn.q.weight in parameter order
+    model.mlp.stub = nn.Linear(0, 8, bias=False)         # weight (8, 0), last of the MLP's
+    return model
+
+
+def _zero_element_loss(model, step):
+    # A sum of no entries is exactly 0: the loss and every other gradient are unchanged, and the
+    # zero-element parameters get (empty) gradients, so the optimizer steps them.
+    return tiny_loss(model, step) + model.attn.void.sum() + model.mlp.stub.weight.sum()
+
+
+@pytest.mark.parametrize("info, path", [(i, kw) for i in OPTIMIZERS for kw in _paths(i)],
+                         ids=[f"{i.name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
+                              for i in OPTIMIZERS for kw in _paths(i)])
+def test_zero_element_parameters_step_and_the_others_step_as_without_them(info, path):
+    ref = tiny_model()
+    model = _with_zero_element_parameters(copy.deepcopy(ref))
+    ref_opt, opt = info(ref, **path), info(model, **path)
+    for s in range(5):
+        ref_opt.zero_grad()
+        tiny_loss(ref, s).backward()
+        ref_opt.step()
+    for s in range(3):
+        opt.zero_grad()
+        _zero_element_loss(model, s).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = info(model, **path)                        # and on through a checkpoint
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for s in range(3, 5):
+        resumed.zero_grad()
+        _zero_element_loss(model, s).backward()
+        resumed.step()
+    named = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(named[name], p, rtol=0, atol=0, msg=name)
+    for p in (model.attn.void, model.mlp.stub.weight):
+        assert float(resumed.state[p]["step"]) == 5       # counted, as torch's AdamW counts them
+        assert all(torch.isfinite(t).all() for t in resumed.state[p].values())
+
+
+def test_adamw_checkpoint_of_a_zero_element_parameter_loads_as_a_fresh_zero_v():
+    model = nn.Sequential(nn.Linear(0, 4, bias=False))   # weight (4, 0); Eve keeps one v per row
+    adamw = torch.optim.AdamW(model.parameters())
+    model[0].weight.grad = torch.zeros(4, 0)
+    adamw.step()
+    eve = lowmem.Eve(model)
+    eve.load_state_dict(adamw.state_dict())
+    torch.testing.assert_close(eve.state[model[0].weight]["exp_avg_sq"], torch.zeros(4, 1), rtol=0, atol=0)
+
+
+def _numpy_v_per_plan(full, lp):
+    """A full AdamW v averaged as plan entry `lp` keeps it, in float64 numpy, flat."""
+    import numpy as np
+    full = full.double().numpy()
+    if not lp.parts:
+        return (full if not lp.reduce else full.reshape(lp.view).mean(axis=tuple(lp.reduce), keepdims=True)).ravel()
+    kept = []
+    for part in sorted(lp.parts, key=lambda q: q.start):
+        region = np.take(full, range(part.start, part.stop), axis=part.dim).reshape(part.view)
+        kept.append((region.mean(axis=tuple(part.reduce), keepdims=True) if part.reduce else region).ravel())
+    return np.concatenate(kept)
+
+
+@pytest.mark.parametrize("info", PLAN_OPTIMIZERS[1:], ids=lambda i: i.name)
+def test_bf16_adamw_checkpoint_loads_in_fp32_with_v_averaged_per_plan_and_steps(info):
+    model = tiny_model(torch.bfloat16)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, adamw, 3)
+    sd = adamw.state_dict()
+    assert {s["exp_avg_sq"].dtype for s in sd["state"].values()} == {torch.bfloat16}   # torch keeps bf16
+    by_hand = copy.deepcopy(sd)                          # the same states cast to fp32 before loading
+    for st in by_hand["state"].values():
+        st.update({k: v.float() for k, v in st.items() if k != "step"})
+    clone = copy.deepcopy(model)
+    opt = info(model)
+    opt.load_state_dict(sd)
+    plan = preset_plan(info, model)
+    for name, p in model.named_parameters():
+        ours, theirs = opt.state[p], adamw.state[p]
+        assert ours["exp_avg"].dtype == ours["exp_avg_sq"].dtype == torch.float32
+        torch.testing.assert_close(ours["exp_avg"], theirs["exp_avg"].float(), rtol=0, atol=0)
+        want = _numpy_v_per_plan(theirs["exp_avg_sq"].float(), plan.layers[name])
+        torch.testing.assert_close(ours["exp_avg_sq"].double().reshape(-1), torch.from_numpy(want),
+                                   rtol=1e-6, atol=0, msg=name)
+    other = info(clone)
+    other.load_state_dict(by_hand)
+    before = params_of(model)
+    train(model, opt, 2, start=3)                        # it steps (a bf16 state would not)
+    train(clone, other, 2, start=3)
+    assert_same(params_of(model), params_of(clone))
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(model), before))
+
+
+def test_low_precision_checkpoint_states_load_in_the_optimizers_state_dtype(optim_info):
+    model = tiny_model(torch.bfloat16)
+    opt = optim_info(model)
+    train(model, opt, 3)
+    low = copy.deepcopy(opt.state_dict())                # as a torch optimizer would save bf16 states
+    for st in low["state"].values():
+        st.update({k: v.to(torch.bfloat16) for k, v in st.items() if k != "step" and v.is_floating_point()})
+    by_hand = copy.deepcopy(low)
+    for st in by_hand["state"].values():
+        st.update({k: v.float() for k, v in st.items() if k != "step" and v.is_floating_point()})
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    opt_a, opt_b = optim_info(a), optim_info(b)
+    opt_a.load_state_dict(low)
+    opt_b.load_state_dict(by_hand)
+    floats = [t for t in state_tensors(opt_a) if t.dim() > 0]
+    assert floats and {t.dtype for t in floats} == {torch.float32}
+    assert_same(state_tensors(opt_a), state_tensors(opt_b))
+    train(a, opt_a, 2, start=3)
+    train(b, opt_b, 2, start=3)
+    assert_same(params_of(a), params_of(b))
+
+
+def _first_state(sd):
+    """(the first parameter's saved state, its first key other than ``step``)."""
+    st = sd["state"][0]
+    return st, next(k for k in st if k != "step")
+
+
+def _sgd_checkpoint(model, sd):
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, sgd, 1)
+    return sgd.state_dict()
+
+
+def _another_models(info):
+    def make(model, sd):
+        small = nn.Sequential(nn.Linear(3, 2))
+        opt = info(small)
+        train_small = small(torch.ones(1, 3)).sum()
+        train_small.backward()
+        opt.step()
+        return opt.state_dict()
+    return make
+
+
+def _set(path_fn, value):
+    def mutate(model, sd):
+        target, key = path_fn(sd)
+        target[key] = value
+        return sd
+    return mutate
+
+
+def _drop_first_key(model, sd):
+    st, key = _first_state(sd)
+    del st[key]
+    return sd
+
+
+def _reshape_first_key(model, sd):
+    st, key = _first_state(sd)
+    st[key] = torch.zeros(7)
+    return sd
+
+
+MALFORMED = {
+    "a string": (lambda m, sd: "optimizer.pt", TypeError, r"expects the dict that state_dict\(\) returns .*got str"),
+    "an empty dict": (lambda m, sd: {}, ValueError, r"has no 'state' or 'param_groups' entry"),
+    "an SGD checkpoint": (_sgd_checkpoint, ValueError,
+                          r"checkpoint param group 0 lacks '(betas|beta2_decay)'.*another optimizer's checkpoint"),
+    "another model's": (None, ValueError, r"checkpoint param group 0 holds 2 parameters, this optimizer's 15"),
+    "a state missing a key": (_drop_first_key, ValueError,
+                              r"parameter 'gain' \(index 0\): its state lacks '{key}'"),
+    "a state of the wrong shape": (_reshape_first_key, ValueError,
+                                   r"parameter 'gain' \(index 0\): '{key}' has shape \(7,\), expected \("),
+    "a step that is text": (_set(lambda sd: (sd["state"][0], "step"), "3"), ValueError,
+                            r"parameter 'gain' \(index 0\): 'step' is '3' \(str\), expected a number"),
+    "a step of 3 entries": (_set(lambda sd: (sd["state"][0], "step"), torch.ones(3)), ValueError,
+                            r"'step' is a torch\.float32 tensor of shape \(3,\), expected .*1-element"),
+    "a state that is not a dict": (_set(lambda sd: (sd["state"], 0), [1, 2]), ValueError,
+                                   r"parameter 'gain' \(index 0\): its state is a list, expected a dict"),
+    "a negative lr": (_set(lambda sd: (sd["param_groups"][0], "lr"), -1.0), ValueError,
+                      r"checkpoint param group 0: Invalid learning rate: -1\.0"),
+    "a garbage 'lowmem' entry": (_set(lambda sd: (sd, "lowmem"), "garbage"), PlanError,
+                                 r"'lowmem' entry is unreadable \('garbage'\)"),
+    "a 'lowmem' plan that is not a dict": (_set(lambda sd: (sd, "lowmem"), {"plan": {"layers": 5}}), PlanError,
+                                           r"'lowmem' entry is unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_checkpoints_are_refused_naming_the_entry_and_change_nothing(optim_info, case):
+    mutate, error, pattern = MALFORMED[case]
+    if "lowmem" in case and optim_info not in PLAN_OPTIMIZERS:
+        pytest.skip(f"{optim_info.name} writes no 'lowmem' entry and reads none")
+    mutate = mutate or _another_models(optim_info)
+    model = tiny_model()
+    opt = optim_info(model)
+    train(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    pattern = pattern.replace("{key}", _first_state(sd)[1])
+    bad = mutate(copy.deepcopy(model), sd)
+    before, groups = [t.clone() for t in state_tensors(opt)], copy.deepcopy(opt.param_groups)
+    with pytest.raises(error, match=pattern):
+        opt.load_state_dict(bad)
+    assert_same(state_tensors(opt), before)              # a refused checkpoint leaves it as it was
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+
+def test_python_number_steps_of_older_checkpoints_load_as_tensors(optim_info):
+    model = tiny_model()
+    opt = optim_info(model)
+    train(model, opt, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for st in old["state"].values():
+        st["step"] = int(st["step"])                     # torch < 1.12 saved the step as an int
+    clone = copy.deepcopy(model)
+    resumed = optim_info(clone)
+    resumed.load_state_dict(old)
+    train(model, opt, 2, start=3)
+    train(clone, resumed, 2, start=3)
+    assert_same(params_of(clone), params_of(model))
+
+
+def test_checkpoint_of_another_model_with_as_many_parameters_is_refused_naming_the_parameter():
+    saved = nn.Sequential(nn.Linear(3, 2))
+    eve = lowmem.Eve(saved)
+    train_loss = saved(torch.ones(1, 3)).sum()
+    train_loss.backward()
+    eve.step()
+    other = nn.Module()
+    other.lin = nn.Linear(3, 2)                          # the same shapes under other names
+    with pytest.raises(PlanError, match=r"its plan has no entry for parameter 'lin\.weight': it was made for "
+                                        r"another model \(its plan covers \['0\.bias', '0\.weight'\]\)"):
+        lowmem.Eve(other).load_state_dict(eve.state_dict())

@@ -48,9 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, gathered, load_state_keeping_dtypes,
-                                           local, named_trainable, param_groups_for, row_sharding, rows_state,
-                                           state_dtype_for)
+from lowmem.compress.optim._common import (StateSpec, as_float, check_grad, check_hparams, check_state_dict,
+                                           gathered, load_state_in_state_dtypes, local, named_trainable,
+                                           param_groups_for, row_sharding, rows_state, state_dtype_for)
 from lowmem.sharding import RowShards, all_reduce_sum
 from lowmem.compress.optim.engine import mean_sq
 from lowmem.layers import resolve_layers
@@ -78,7 +78,8 @@ def adamem_rank(m: int, n: int, rank: int | None = None, rank_fraction: float = 
 def _projected(model: nn.Module) -> dict[torch.Tensor, bool]:
     """``param -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
     layers = resolve_layers(model, warn=False)
-    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 for name, p in _trainable(model)}
+    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 and p.numel() > 0
+            for name, p in _trainable(model)}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -99,11 +100,13 @@ def _names_by_param(model: nn.Module) -> dict[torch.Tensor, str]:
 def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction: float = 0.25) -> int:
     """State entries AdaMeM keeps for `model` (its ``step`` scalars left out); shapes only, so a
     model on the meta device works. Projected m×n matrix: (m + n)·r + r + 2n; other matrices
-    (Adafactor): m + n; vectors: their size."""
+    (Adafactor): m + n; vectors: their size; a 0-element parameter: none."""
     total = 0
     projected = _projected(model)
     for _, p in _trainable(model):
         mn = matrix_shape(p.shape)
+        if p.numel() == 0:
+            continue
         if mn is None:
             total += p.numel()
             continue
@@ -250,6 +253,11 @@ def _check_adamem_group(g: dict) -> None:
         raise ValueError(f"Invalid projector: {g['projector']!r} (expected one of {', '.join(PROJECTORS)})")
 
 
+# The hyper-parameters every AdaMeM param group holds (a checkpoint's must too).
+_ADAMEM_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "rank_fraction", "update_proj_gap", "scale",
+                      "projector")
+
+
 def _cast_states(state: dict, dtype: torch.dtype) -> None:
     """Bring floating states (not ``step``) to the state dtype, e.g. a torch checkpoint's bf16
     statistics of bf16 parameters, which lowmem keeps in fp32."""
@@ -312,8 +320,32 @@ class AdaMeM(torch.optim.Optimizer):
         _check_adamem_group(self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, except that states keep their dtype (fp32 states of bf16 parameters)."""
-        load_state_keeping_dtypes(self, state_dict)
+        """As torch's, except that states take this optimizer's state dtype (fp32 states of bf16
+        parameters survive), and that the checkpoint is checked first (`check_state_dict`): a
+        refused one leaves the optimizer as it was.
+
+        Raises:
+            TypeError: `state_dict` is not a dict. ValueError: an entry is missing or malformed
+                (another optimizer's checkpoint, a state of the wrong shape), named in the message.
+        """
+        check_state_dict(self, state_dict, group_keys=_ADAMEM_GROUP_KEYS, check_group=_check_adamem_group,
+                         spec=self._state_spec, names=self._names, accepts="its own (AdaMeM's)")
+        load_state_in_state_dtypes(self, state_dict, lambda p: state_dtype_for(p, self._state_dtype))
+
+    def _state_spec(self, p: torch.Tensor, group: dict) -> StateSpec:
+        """What a loaded state of `p` must hold (global shapes; nothing but ``step`` for a
+        0-element parameter, which is never updated)."""
+        mn = matrix_shape(p.shape)
+        if p.numel() == 0:
+            return {}, {}
+        if self._projected.get(p):
+            m, n = sorted(mn)
+            r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
+            return {"proj": ((m, r),), "exp_avg": ((r, n),), "row_var": ((r,),), "col_var": ((n,),),
+                    "res_col_var": ((n,),)}, {}
+        if mn is None:
+            return {"variance": (tuple(p.shape),)}, {}
+        return {"row_var": ((mn[0],),), "col_var": ((mn[1],),)}, {}
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
@@ -335,6 +367,9 @@ class AdaMeM(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
+                if p.numel() == 0:   # nothing to update (no projector, no statistic): count the step
+                    self._init_step(p)
+                    continue
                 dtype = state_dtype_for(p, self._state_dtype)
                 grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
@@ -508,6 +543,19 @@ class AdaMeM(torch.optim.Optimizer):
 
 
 # -- Adafactor with momentum --------------------------------------------------------------------
+def _check_adafactor_group(g: dict) -> None:
+    """Refuse an out-of-range hyper-parameter of an Adafactor(-momentum) param group, naming it."""
+    check_hparams(g["lr"], weight_decay=g["weight_decay"])
+    beta1 = g.get("beta1", 0.0)
+    if isinstance(beta1, bool) or not isinstance(beta1, (int, float)) or not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta1 value: {beta1}")
+    eps = g["eps"]
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"eps must be a pair (eps1, eps2) as torch.optim.Adafactor takes, got {eps!r}")
+    for e in eps:
+        if e is not None:
+            check_hparams(0.0, eps=e)
+
 class AdafactorMomentum(torch.optim.Adafactor):
     """`torch.optim.Adafactor` with momentum β1 on its clipped update (``beta1=0``: Adafactor).
 
@@ -529,14 +577,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
                  beta2_decay: float = -0.8, eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, param_groups=None, maximize: bool = False,
                  state_dtype: torch.dtype | None = None):
-        check_hparams(lr, weight_decay=weight_decay)
-        if not isinstance(beta1, (int, float)) or not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta1 value: {beta1}")
-        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-            raise ValueError(f"eps must be a pair (eps1, eps2) as torch.optim.Adafactor takes, got {eps!r}")
-        for e in eps:
-            if e is not None:
-                check_hparams(0.0, eps=e)
+        _check_adafactor_group(dict(lr=lr, weight_decay=weight_decay, beta1=beta1, eps=eps))
         super().__init__(param_groups_for(model, param_groups), lr=lr, beta2_decay=beta2_decay,
                          eps=tuple(eps), d=d, weight_decay=weight_decay, maximize=maximize)
         for group in self.param_groups:
@@ -557,8 +598,26 @@ class AdafactorMomentum(torch.optim.Adafactor):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's (a `torch.optim.Adafactor` checkpoint loads too, taking this optimizer's
-        beta1), except that states keep their dtype (fp32 states of bf16 parameters)."""
-        load_state_keeping_dtypes(self, state_dict)
+        beta1), except that states take this optimizer's state dtype (fp32 states of bf16
+        parameters survive; a bf16 torch checkpoint's become fp32), and that the checkpoint is
+        checked first (`check_state_dict`): a refused one leaves the optimizer as it was.
+
+        Raises:
+            TypeError: `state_dict` is not a dict. ValueError: an entry is missing or malformed
+                (another optimizer's checkpoint, a state of the wrong shape), named in the message.
+        """
+        check_state_dict(self, state_dict, group_keys=("lr", "beta2_decay", "eps", "d", "weight_decay"),
+                         check_group=_check_adafactor_group, spec=self._state_spec, names=self._names,
+                         accepts="its own or torch.optim.Adafactor's")
+        load_state_in_state_dtypes(self, state_dict, lambda p: state_dtype_for(p, self._state_dtype))
+
+    def _state_spec(self, p: torch.Tensor, group: dict) -> StateSpec:
+        """What a loaded state of `p` must hold: torch's Adafactor statistics (global shapes),
+        and ``exp_avg`` like `p` if it has one (a torch checkpoint has none)."""
+        s = tuple(p.shape)
+        stats = {"row_var": ((*s[:-1], 1),), "col_var": ((*s[:-2], 1, s[-1]),)} if len(s) > 1 else \
+            {"variance": (s,)}
+        return stats, {"exp_avg": (s,)}
 
     def __repr__(self) -> str:
         g = self.param_groups[0]
@@ -611,6 +670,9 @@ class AdafactorMomentum(torch.optim.Adafactor):
         if group["beta1"] > 0 and "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
         _cast_states(state, dtype)
+        if p.numel() == 0:   # nothing to update (its RMS would divide by 0 entries): count the step
+            state["step"] += 1
+            return
         step_count, state = state["step"], {k: local(v) for k, v in state.items()}
         lr, d, wd = as_float(group["lr"]), group["d"], group["weight_decay"]
         eps1, eps2 = group["eps"]

@@ -39,10 +39,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, local, named_trainable,
-                                           param_groups_for, state_dtype_for)
+from lowmem.compress.optim._common import (StateSpec, as_float, check_grad, check_hparams, check_state_dict,
+                                           load_groups, local, named_trainable, param_groups_for, state_dtype_for,
+                                           step_tensor)
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError
-from lowmem.layers import is_sharded
+from lowmem.layers import is_sharded, normalize_name
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, region_range, row_shards, \
     sharded_region
 
@@ -406,6 +407,9 @@ class ReducedAdamW(torch.optim.Optimizer):
             for p in work:
                 check_grad(p.grad, self._names[p], type(self).__name__)
                 self._init_state(p)
+                if p.numel() == 0:   # nothing to update; its step counts, as in torch's AdamW
+                    self.state[p]["step"] += 1
+            work = [p for p in work if p.numel() > 0]
             if not work:
                 continue
             sharded = [p for p in work if p in self._sharded]
@@ -651,52 +655,77 @@ class ReducedAdamW(torch.optim.Optimizer):
         """Load a state dict of this optimizer, of another lowmem plan optimizer made under the
         same plan, or of `torch.optim.AdamW` (full ``exp_avg_sq`` is then averaged per plan).
 
-        State tensors keep their dtype (fp32 `v` for bf16 parameters survives) and are copied,
-        never shared with the dict loaded.
+        States take this optimizer's state dtype (fp32 for bf16/fp16 parameters, so a bf16
+        AdamW checkpoint steps here; fp32 `v` of bf16 parameters survives) and are copied, never
+        shared with the dict loaded. Everything is checked before anything is loaded: a refused
+        checkpoint leaves the optimizer as it was.
 
         Raises:
-            PlanError: the checkpoint was made under another plan, or a state has the wrong shape.
+            TypeError: `state_dict` is not a dict.
+            ValueError: an entry is missing or malformed (another optimizer's checkpoint, a
+                ``step`` that is not a count, a state of the wrong shape), named in the message.
+            PlanError (a ValueError): the checkpoint was made under another plan.
         """
-        meta = state_dict.get("lowmem")
+        check_state_dict(self, state_dict, group_keys=("lr", "betas", "eps", "weight_decay"),
+                         check_group=lambda g: check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"]),
+                         spec=self._state_spec, names=self._names,
+                         accepts="its own, another lowmem plan optimizer's under the same plan, or "
+                                 "torch.optim.AdamW's",
+                         before_states=self._check_checkpoint_plan)   # the plan says why shapes differ
         params = [p for g in self.param_groups for p in g["params"]]
-        if meta is not None:
-            self._check_checkpoint_plan(meta)
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})   # groups and hyper-parameters only
+        load_groups(self, state_dict)   # groups and hyper-parameters only
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if pid not in saved_state:
-                continue
-            self.state[p] = self._state_from_checkpoint(p, saved_state[pid])
+            if saved_state.get(pid):
+                self._state_from_checkpoint(p, saved_state[pid])
 
-    def _check_checkpoint_plan(self, meta: dict) -> None:
-        theirs = ((meta.get("plan") or {}).get("layers")) or {}
+    def _state_spec(self, p: torch.Tensor, group: dict) -> StateSpec:
+        """What a loaded state of `p` must hold: ``exp_avg`` like `p`; ``exp_avg_sq`` as kept
+        here or, from an AdamW checkpoint, like `p` (global shapes for sharded parameters)."""
+        shape, v_shape = tuple(p.shape), self._layouts[p].v_shape
+        return {"exp_avg": (shape,), "exp_avg_sq": (v_shape, shape)}, {}
+
+    def _check_checkpoint_plan(self, state_dict: dict) -> None:
+        """Refuse a checkpoint whose ``"lowmem"`` entry is unreadable or names another plan."""
+        if state_dict.get("lowmem") is None:   # torch's AdamW writes none
+            return
+        meta = state_dict["lowmem"]
+        plan = meta.get("plan") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or not (plan is None or isinstance(plan, dict)) or \
+                not isinstance((plan or {}).get("layers") or {}, dict):
+            raise PlanError(f"checkpoint: its 'lowmem' entry is unreadable ({_shorten(meta)}); expected what "
+                            "state_dict() writes: {'optimizer', 'kind', 'names', 'plan': {'layers': {...}}}")
+        theirs = {normalize_name(k): v for k, v in (((plan or {}).get("layers")) or {}).items()}
         ours = self.plan.layers if self.plan is not None else {}
         for p, name in self._names.items():
+            if theirs and name not in theirs:   # a plan covers every parameter of its model
+                raise PlanError(f"checkpoint: its plan has no entry for parameter {name!r}: it was made for "
+                                f"another model (its plan covers {_shorten(sorted(theirs))})")
             a = layout_of(tuple(p.shape), ours.get(name))
             try:
                 lp = LayerPlan(**_layer_plan_args(theirs[name])) if name in theirs else None
-            except (KeyError, TypeError) as e:
-                raise PlanError(f"checkpoint: plan entry for {name!r} is unreadable ({e})") from None
-            b = layout_of(tuple(p.shape), lp)
+                b = layout_of(tuple(p.shape), lp)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise PlanError(f"checkpoint: plan entry for {name!r} is unreadable ({e!r})") from None
             if a.blocks != b.blocks:
                 raise PlanError(
                     f"checkpoint was made under another plan: parameter {name!r} keeps v as "
                     f"{_describe(b)} there and as {_describe(a)} here; build the optimizer from the "
                     "checkpoint's plan (state_dict['lowmem']['plan']) or load an AdamW checkpoint instead")
 
-    def _state_from_checkpoint(self, p: torch.Tensor, saved: dict) -> dict:
+    def _state_from_checkpoint(self, p: torch.Tensor, saved: dict) -> None:
+        """Put a checked saved state of `p` in `self.state`, in this optimizer's dtypes and layout."""
         layout, name = self._layouts[p], self._names[p]
         dtype = self._dtype(p)
         out = {}
         for key, value in saved.items():
-            if not isinstance(value, torch.Tensor):
-                out[key] = value
-            elif key == "step":
-                out[key] = value.detach().to(dtype=torch.float32, device="cpu").clone()
+            if key == "step":
+                out[key] = step_tensor(value).cpu()
+            elif isinstance(value, torch.Tensor):
+                out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
             else:
-                keep = value.dtype if value.is_floating_point() else dtype
-                out[key] = value.detach().to(device=p.device, dtype=keep).clone()
+                out[key] = value
         v = out.get("exp_avg_sq")
         lay = self._sharded.get(p)
         if lay is not None:
@@ -727,7 +756,7 @@ class ReducedAdamW(torch.optim.Optimizer):
                                 f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
         for k in ("max_exp_avg_sq",):   # AMSGrad state has no meaning here
             out.pop(k, None)
-        return out
+        self.state[p] = out
 
     def __repr__(self) -> str:
         src = self.plan.source if self.plan is not None else {"method": "none (full AdamW)"}
@@ -753,7 +782,12 @@ def reduce_v(exp_avg_sq: torch.Tensor, layout: Layout) -> torch.Tensor:
     out = torch.empty(layout.v_shape, dtype=exp_avg_sq.dtype, device=exp_avg_sq.device)
     for block in layout.blocks:
         region = block.region(exp_avg_sq)
-        kept = region if block.reduce is None else region.mean(dim=block.reduce, keepdim=True)
+        if block.reduce is None:
+            kept = region
+        elif region.numel() == 0:   # a mean of no entries: v of a 0-element parameter stays 0, as fresh
+            kept = region.new_zeros(block.kept_shape)
+        else:
+            kept = region.mean(dim=block.reduce, keepdim=True)
         layout.v_region(out, block).copy_(kept)
     return out
 
@@ -762,6 +796,11 @@ def _layer_plan_args(d: dict) -> dict:
     parts = [PartPlan(p["name"], p["dim"], p["start"], p["stop"], p["view"], p["reduce"]) for p in d["parts"]] \
         if d.get("parts") else None
     return dict(shape=d["shape"], role=d.get("role", "other"), view=d["view"], reduce=d["reduce"], parts=parts)
+
+
+def _shorten(x: Any, n: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def _describe(layout: Layout) -> str:
