@@ -47,7 +47,7 @@ from torch import nn
 from lowmem.compress.memory import optimizer_state_bytes
 from lowmem.compress.optim import AdaLayer, AdafactorMomentum, AdaMeM, AdamMini, Eve, SlimAdam
 from lowmem.compress.plan import Plan, write_atomic
-from lowmem.probe import Task, TaskError, build, call_user, check_loss, to_device
+from lowmem.probe import Task, TaskError, batch_at, build, call_user, check_gradients, check_loss, to_device
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
 
 OPTIMIZERS = ("adamw", "slimadam", "eve", "adam-mini", "adam-mini-paper", "adalayer", "adamem", "adafactor-momentum")
@@ -258,7 +258,7 @@ def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: n
     for step in range(settings.steps if result.status == "complete" else 0):
         for group in opt.param_groups:
             group["lr"] = settings.lr_at(step, lr)
-        batch = call_user(task, f"get_batch({step})", task.get_batch, step)
+        batch = batch_at(task, step)
         _sha_tensors(_batch_tensors(batch), batches)
         batch = to_device(batch, device)
         _sync(device)
@@ -271,6 +271,8 @@ def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: n
             result.train_loss.append(value)
             break
         call_user(task, "loss.backward()", loss.backward)
+        if step == 0:
+            check_gradients(task, model, step)
         _sync(device)
         t1 = time.perf_counter()
         opt.step()

@@ -202,10 +202,34 @@ def test_broken_symlink_names_its_target_and_suggests_nothing(tmp_path):
     assert "Did you mean" not in r.stderr
 
 
-def test_command_typo_suggests_the_command(tmp_path):
-    r = run(tmp_path, "reprot", device=None)
+@pytest.mark.parametrize("args", [("reprot",), ("reprot", "lowmem-out"), ("comapre", "model.py", "--steps", "3")])
+def test_command_typo_suggests_the_command(tmp_path, args):
+    r = run(tmp_path, *args, device=None)
     assert r.returncode == 2, r.stderr
-    assert "reprot: no such file. Did you mean the command 'report'?" in r.stderr
+    assert f"'{args[0]}' is neither a file nor a command. Did you mean the command" in r.stderr
+    assert "unrecognized arguments" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [(), ("compare",), ("hessian",)])
+def test_seed_out_of_torch_range_is_a_usage_error_in_every_command(tmp_path, command):
+    r = run(tmp_path, *command, "model.py", "--seed", str(2 ** 70), source=TINY)
+    assert r.returncode == 2, r.stderr
+    assert "--seed: expected an integer from 0 to 2**64 - 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_beyond_steps_is_refused_before_training(tmp_path):
+    r = run(tmp_path, "model.py", "--steps", "3", "--every", "5", "--out", "o", source=TINY)
+    assert r.returncode == 2, r.stderr
+    assert "measuring every 5 steps (--every or LOWMEM['every']) needs at least that many steps; the probe runs 3" \
+        in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_names_a_loss_not_made_by_the_model(tmp_path):
+    body = "def loss_fn(model, batch):\n    x, y = batch\n    w = torch.ones(4, requires_grad=True)\n    return (x * w).mean()"
+    r = run(tmp_path, "compare", "model.py", "--steps", "3", "--optimizers", "adamw", "--lrs", "1e-3", "--out", "c",
+            source=redefined(body))
+    assert_user_error(r, "returned a loss that does not depend on the model's parameters")
 
 
 # -- more of what people write ------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, fraction, load_plan_file, nonneg_float,
-                               nonneg_int, parse_device, positive_int, run_guarded, training_progress, user_code,
+                               nonneg_int, parse_device, positive_int, run_guarded, seed_int, training_progress, user_code,
                                write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, plan_digest, run_sweep
@@ -103,7 +103,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start over: the sweep already in --out moves to --out/previous once a new run has finished")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: a table or one JSON document")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model and each run (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="torch.manual_seed before build_model and each run (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks of failures in your code")
     return p

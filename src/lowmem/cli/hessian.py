@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lowmem.cli.common import PROG, ArgumentParser, parse_device, positive_float, positive_int, run_guarded, user_code
+from lowmem.cli.common import PROG, ArgumentParser, parse_device, positive_float, positive_int, run_guarded, seed_int, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
@@ -106,7 +106,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gib", type=positive_float, metavar="G",
                    help="refuse a block whose dense H exceeds G GiB (default: half the available memory)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, …")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"folder for the arrays, heatmaps and hessian.json (default {DEFAULT_OUT})")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: a table or one JSON document")

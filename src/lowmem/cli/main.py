@@ -12,6 +12,7 @@ error; 130 interrupted by Ctrl-C (the trajectory and a plan from what was captur
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
@@ -21,7 +22,7 @@ from rich.console import Console
 
 from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, PROG,
                                ArgumentParser, fraction, load_plan_file, nonneg_float, parse_device, positive_float,
-                               positive_int, run_guarded, training_progress, user_code, write_folder_report)
+                               positive_int, run_guarded, seed_int, training_progress, user_code, write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.compare import SweepSettings, plan_digest, run_sweep
@@ -97,7 +98,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="after writing the plan, train AdamW and the plan's optimizer for N steps from the same start "
                         "and report the loss gap and memory saved (runs in OUT/validate)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before build_model (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
@@ -109,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    if argv and not argv[0].startswith("-") and not Path(argv[0].partition(":")[0]).exists():
+        close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1, cutoff=0.6)
+        if close:   # `reprot run`: argparse would only complain about the extra word
+            Console(stderr=True, soft_wrap=True).print(
+                f"{PROG}: error: {argv[0]!r} is neither a file nor a command. Did you mean the command {close[0]!r}?",
+                markup=False)
+            return EXIT_USAGE
     args = make_parser().parse_args(argv)
     return run_guarded(lambda err: _run(args, err), quiet=args.quiet, debug=args.debug,
                        user_errors=(TaskError, NoAdamStateError))
@@ -133,6 +141,9 @@ def _run(args, err: Console) -> int:
     quiet = args.quiet or not err.is_terminal
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
 
+    if every > steps and not (args.plan or args.preset):
+        raise UsageError(f"measuring every {every} steps (--every or LOWMEM['every']) needs at least that many "
+                         f"steps; the probe runs {steps} (--steps or LOWMEM['steps'])")
     if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
         return _check_plan(args, task, device, lr, note)
     # The folder is locked and checked before any training: a busy folder, or one holding the
@@ -223,7 +234,8 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             note(f"interrupted after {result.steps_done} step(s), before the first measurement (every {every}); "
                  f"{csv_path} holds the header only; no plan written")
             return EXIT_INTERRUPTED
-        raise UsageError(f"no SNR measurement in {result.steps_done} steps: --every {every} is larger than --steps {steps}")
+        raise TaskError(f"no SNR measurement in {result.steps_done} steps (every {every}): the optimizer of "
+                        f"{task.source} updated no parameter of the model with Adam state")
     try:
         plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
                           layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
