@@ -8,6 +8,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,12 +241,144 @@ def test_bad_selectors_exit_2_before_anything_is_computed(tmp_path):
     refused(*hessian(), 2)
 
 
+# A model with a parameter its forward pass never uses and a frozen one.
+EXTRAS = MODEL.replace("        self.mlp = MLP()\n", "        self.mlp = MLP()\n        self.unused = nn.Linear(2, 2)\n"
+                       "        self.frozen = nn.Linear(2, 2).requires_grad_(False)\n")
+
+
+@pytest.mark.parametrize("selector, words", [
+    ("attn.q.weight[part=z]", "--block 'attn.q.weight[part=z]': attn.q.weight is not a fused Q/K/V projection"),
+    ("attn.q.weight[5:2]", "--block 'attn.q.weight[5:2]': slice '5:2' is empty"),
+    ("attn.q.weight[0:1e9]", "--block 'attn.q.weight[0:1e9]': cannot read slice '0:1e9'"),
+    ("attn.q.weight[head=0, head=1]", "head= is given twice"),
+    ("attn.q.weight[head=2]", "head 2 out of range (0..1)"),
+    ("attn.q.weight[0:1, 0:1, 0:1]", "3 slices, but attn.q.weight has 2 dim(s)"),
+    ("attn.q", "--block 'attn.q': attn.q is a module, not a parameter; its parameters: attn.q.weight"),
+    ("atn.q.weight", "did you mean attn.q.weight"),
+    ("frozen.weight", "--block 'frozen.weight': frozen.weight is frozen (requires_grad=False)"),
+    ("", "--block '': cannot read the block selector"),
+])
+def test_every_bad_selector_exits_2_naming_itself_once(tmp_path, selector, words):
+    model = write_model(tmp_path, EXTRAS)
+    err = refused(*hessian(model, "--block", selector, "--out", tmp_path / "o"), 2)
+    assert words in err and f"{selector!r}: {selector!r}" not in err      # not "--block 'x': 'x': …"
+    assert not (tmp_path / "o").exists()
+
+
+def test_slices_after_part_and_head_apply_inside_them_whatever_the_order(tmp_path):
+    model = write_model(tmp_path)
+    code, out, err = hessian(model, "--block", "attn.q.weight[0:2, head=1]", "--out", tmp_path / "o", "--format", "json")
+    assert code == 0, err
+    (b,) = json.loads(out)["blocks"]
+    assert b["shape"] == [2, 8]                                  # rows 4, 5: the first 2 of head 1 (rows 4..7)
+    H = np.load(b["files"]["npy"])
+    whole = np.load(json.loads(hessian(model, "--block", "attn.q.weight", "--out", tmp_path / "w", "--format",
+                                       "json")[1])["blocks"][0]["files"]["npy"])
+    np.testing.assert_array_equal(H, whole[32:48, 32:48])
+
+
+def lowmem_analyze(folder: Path, *args) -> subprocess.CompletedProcess:
+    """The real command in a fresh process, in `folder`."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lowmem.cli.main", "hessian", *map(str, args)], cwd=folder,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def exits(r: subprocess.CompletedProcess, code: int) -> str:
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("new, words", [
+    ("return F.mse_loss(model(x), y).detach()", "model.py: loss_fn returned a loss with no gradient"),
+    ("with torch.no_grad():\n        return F.mse_loss(model(x), y)", "returned a loss with no gradient"),
+    ("return F.mse_loss(model(x), y) * (1 + 1j)", "must return a scalar torch.Tensor of a real floating-point dtype, "
+                                                "it returned a tensor of dtype complex64 on batch 0"),
+    ("return torch.tensor(3)", "it returned a tensor of dtype int64 on batch 0"),
+    ("return ((model(x) - y) ** 2).mean((0, 1))", "it returned a tensor of shape (8,) on batch 0"),
+    ("return 3", "it returned int on batch 0"),
+    # fine in float32, not on the float64 copy: a tensor made in loss_fn without the batch's dtype
+    ("return F.mse_loss(model(x), y) + (x @ torch.ones(WIDTH, 1)).mean() * 0",
+     "loss_fn(model, batch) in model.py raised RuntimeError: expected m1 and m2 to have the same dtype"),
+    ("if torch.is_grad_enabled():\n        raise KeyError('only with grad')\n    return F.mse_loss(model(x), y)",
+     "loss_fn(model, batch) in model.py raised KeyError: 'only with grad' while computing the Hessian"),
+])
+def test_a_loss_fn_the_hessian_cannot_use_exits_3_with_what_it_returned(tmp_path, new, words):
+    write_model(tmp_path, MODEL.replace("return F.mse_loss(model(x), y)", new))
+    err = exits(lowmem_analyze(tmp_path, "model.py", "--block", "attn.q.weight[0:1]", "--block", "attn.k.weight[0:1]"),
+                3)
+    assert "lowmem-analyze hessian: error: " in err and words in " ".join(err.split())
+    if "same dtype" in words:
+        assert "on a float64 copy of the model" in err and "--dtype float32" in err
+
+
+def test_a_loss_fn_without_gradient_exits_3_before_training_at_n(tmp_path):
+    write_model(tmp_path, MODEL.replace("return F.mse_loss(model(x), y)", "return F.mse_loss(model(x), y).detach()"))
+    err = exits(lowmem_analyze(tmp_path, "model.py", "--block", "attn.q.weight[0:1]", "--at", 2), 3)
+    assert "returned a loss with no gradient at step 0" in err and "element 0 of tensors" not in err
+
+
+def test_blocks_linear_in_the_loss_are_exact_zeros_not_failures(tmp_path):
+    # model(x).mean(): the MLP's output projection enters linearly (its Hessian blocks are 0),
+    # the attention's query does not
+    write_model(tmp_path, MODEL.replace("return F.mse_loss(model(x), y)", "return model(x).mean()"))
+    r = lowmem_analyze(tmp_path, "model.py", "--block", "mlp.c_proj.bias", "--block", "mlp.c_proj.weight[0:1]",
+                       "--block", "attn.q.weight[0:1]", "--out", "o", "--format", "json", "--plan-out", "plan.json")
+    exits(r, 0)
+    blocks = json.loads(r.stdout)["blocks"]
+    assert [b["status"] for b in blocks] == ["done"] * 3
+    bias, row, q = (np.load(tmp_path / b["files"]["npy"]) for b in blocks)
+    assert bias.shape == (8, 8) and row.shape == (16, 16) and bias.dtype == row.dtype == np.float64
+    assert not bias.any() and not row.any() and q.any()
+    assert blocks[0]["class"]["label"] == "zero" and blocks[0]["spectrum"]["lambda_max"] == 0
+    task = load_task(str(tmp_path / "model.py"))
+    torch.manual_seed(0)
+    model = task.build_model().double()
+    x = task.get_batch(0)[0].double()
+
+    def loss(b):
+        return torch.func.functional_call(model, {"mlp.c_proj.bias": b}, (x,)).mean()
+
+    reference = torch.autograd.functional.hessian(loss, model.mlp.c_proj.bias.detach().clone())
+    np.testing.assert_array_equal(bias, reference.numpy())
+
+
+def test_a_parameter_the_loss_does_not_use_fails_its_block_only(tmp_path):
+    write_model(tmp_path, EXTRAS)
+    r = lowmem_analyze(tmp_path, "model.py", "--block", "unused.weight", "--block", "attn.q.weight[0:1]", "--out", "o",
+                       "--format", "json")
+    err = exits(r, 0)
+    unused, q = json.loads(r.stdout)["blocks"]
+    assert (unused["status"], q["status"]) == ("failed", "done")
+    assert unused["reason"].startswith("the loss does not depend on unused.weight: there is no gradient path")
+    assert "unused.weight: failed: the loss does not depend on unused.weight" in err
+    err = exits(lowmem_analyze(tmp_path, "model.py", "--block", "unused.weight", "--out", "o"), 3)
+    assert "no block could be computed: unused.weight: the loss does not depend on unused.weight" in err
+
+
 def test_every_block_too_large_exits_2(tmp_path):
     model = write_model(tmp_path)
     err = refused(*hessian(model, "--block", "attn.q.weight", "--max-gib", 1e-9, "--out", tmp_path / "o"), 2)
     assert "every block is too large" in err and "[head=0] takes one head" in err
     # 1e-9 GiB is 1.07 bytes: the limit reads as 1 B, the block as 64 x 64 x 8 = 32 KiB
     assert "32.00 KiB in float64, over the 1 B allowed" in err and "even one row of attn.q.weight" in err
+
+
+def test_a_tiny_max_gib_prints_sizes_that_mean_something(tmp_path):
+    model = write_model(tmp_path)
+    err = refused(*hessian(model, "--block", "attn.q.weight", "--max-gib", "0.0000001", "--out", tmp_path / "o"), 2)
+    # 1e-7 GiB = 107.37 bytes, the limit in whole bytes; the block is 64 x 64 x 8 = 32 KiB
+    assert "32.00 KiB in float64, over the 107 B allowed" in err and "0.00 GiB" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "1e400", "lots"])
+def test_max_gib_that_is_not_positive_and_finite_is_refused_at_parse_time(tmp_path, value):
+    model = write_model(tmp_path)
+    code, out, err = hessian(model, f"--max-gib={value}", "--out", tmp_path / "o")     # = : '-inf' is no option
+    assert (code, out) == (2, "")
+    assert f"argument --max-gib: expected a positive finite number, got '{value}'" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("old, new, words", [

@@ -20,8 +20,8 @@ value per measured dense block (`lowmem.hessian.plan_from_partitions`).
 
 Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (blocks that failed are reported in the
 table and the JSON); 2 usage error (bad flags or block selector, a missing file, every block
-too large); 3 the user's code failed or broke the contract (or its loss is random in eval() or
-not finite); 4 internal error; 130 interrupted (every finished block kept).
+too large); 3 the user's code failed or broke the contract (or its loss is random in eval(), not
+finite or without a gradient); 4 internal error; 130 interrupted (every finished block kept).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from lowmem.cli.common import PROG, ArgumentParser, parse_device, positive_float
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
-from lowmem.hessian import (HessianError, HessianTooLarge, Partition, Piece, RandomForwardError, block_hessian,
-                            block_spectrum, candidate_partitions, classify, partition_mass, piece,
+from lowmem.hessian import (HessianError, HessianTooLarge, LossFnError, Partition, Piece, RandomForwardError,
+                            block_hessian, block_spectrum, candidate_partitions, classify, partition_mass, piece,
                             plan_from_partitions)
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.probe import DEFAULTS, NonFiniteLossError, Task, TaskError, build, to_device
@@ -473,19 +473,35 @@ def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamI
                out: Path, taken: set[str], note, claim=lambda names: None) -> BlockResult:
     """Compute, measure and save one block; a block that cannot be computed is a record with its reason."""
     base = {"block": selector, "parameter": p.name, "role": info.role, "shape": list(p.box), "size": p.numel}
+
+    own = next(model.parameters()).dtype
+    where = " while computing the Hessian (it runs in eval() mode" + (
+        f", on a {args.dtype} copy of the model: tensors loss_fn makes itself need the batch's dtype, or use "
+        f"--dtype {str(own).replace('torch.', '')})" if dtype != own else ")")
+
+    def loss_fn(model, batch):     # the user's code raising here fails the same for every block: exit 3
+        try:
+            return task.loss_fn(model, batch)
+        except Exception as e:
+            raise TaskError(f"loss_fn(model, batch) in {task.source} raised {type(e).__name__}: {e}{where}") from e
+
     t0 = time.perf_counter()
     try:
         with user_code():
-            H = block_hessian(model, task.loss_fn, batches, p, dtype=dtype,
+            H = block_hessian(model, loss_fn, batches, p, dtype=dtype,
                               max_bytes=int(args.max_gib * 2**30) if args.max_gib else None)
     except HessianTooLarge as e:
         note(f"{selector}: too large: {e}")
         return _failed(selector, p, info, base, "too_large", str(e), "too large")
-    except RandomForwardError as e:
+    except (RandomForwardError, LossFnError) as e:
         raise TaskError(f"{task.source}: {e}") from None       # the same for every block
+    except TaskError:
+        raise
     except (HessianError, RuntimeError) as e:
-        # e.g. an operator of the model without a double backward: this block fails, the others may not
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # e.g. an operator of the model without a double backward, or a parameter the loss does
+        # not use: this block fails, the others may not
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = first if isinstance(e, HessianError) else f"{type(e).__name__}: {first}"
         note(f"{selector}: failed: {reason}")
         if args.debug:
             traceback.print_exc()
@@ -556,9 +572,12 @@ def _user(task: Task, what: str, fn, *args):
 
 def _loss(task: Task, model, batch, where: str) -> torch.Tensor:
     loss = _user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor, it returned "
-                        f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)} {where}")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        found = (type(loss).__name__ if not isinstance(loss, torch.Tensor) else
+                 f"a tensor of shape {tuple(loss.shape)}" if loss.numel() != 1 else
+                 f"a tensor of dtype {str(loss.dtype).replace('torch.', '')}")
+        raise TaskError(f"loss_fn(model, batch) in {task.source} must return a scalar torch.Tensor of a real "
+                        f"floating-point dtype, it returned {found} {where}")
     return loss
 
 
@@ -571,6 +590,10 @@ def _train(task: Task, model, optimizer, steps: int, device: torch.device) -> No
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(step, value)
+        if not loss.requires_grad:
+            raise TaskError(f"loss_fn(model, batch) in {task.source} returned a loss with no gradient at step {step} "
+                            "(computed under torch.no_grad(), detached, or not using the model's parameters): "
+                            "--at N trains on it")
         _user(task, "loss.backward()", loss.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
