@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,11 @@ def _read_manifest(folder: Path) -> list[str]:
     return entries
 
 
+def _aside(kind: str) -> str:
+    """The folder where a run of `kind` keeps the earlier run while it runs."""
+    return REPLACED if kind == "run" else f"{REPLACED}-{kind}"
+
+
 def _plain_name(name: str) -> bool:
     return name not in ("", ".", "..", MANIFEST, LOCK) and "/" not in name and os.sep not in name
 
@@ -94,8 +100,10 @@ def _write_manifest(folder: Path, entries: Iterable[str], **extra) -> None:
     try:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, folder / MANIFEST)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:   # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(folder / MANIFEST)) from None
         raise
 
 
@@ -114,14 +122,16 @@ class RunFolder:
         command: what is writing it, for the lock file and the busy message.
         lock: take the lock (``report``, which only replaces its own ``report.html`` atomically,
             does without).
+        flag: how the user chose the folder, for the messages (``--out``).
 
     Raises:
         FolderError: `path` is a file or lies under one, cannot be created or written.
         FolderBusy: another live process holds the lock.
     """
 
-    def __init__(self, path: str | os.PathLike, command: str = "lowmem", lock: bool = True):
+    def __init__(self, path: str | os.PathLike, command: str = "lowmem", lock: bool = True, flag: str = "--out"):
         self.path = Path(path)
+        self.flag = flag   # how the user named the folder, for messages
         self.command = command
         self._want_lock = lock
         self._lock_fd: int | None = None
@@ -130,8 +140,10 @@ class RunFolder:
     # -- the lock --------------------------------------------------------------------------------
 
     def __enter__(self) -> "RunFolder":
+        if self.path.is_symlink() and not self.path.exists():
+            raise FolderError(f"{self.flag} {self.path} is a broken symlink (to {os.readlink(self.path)}); give a folder")
         if self.path.exists() and not self.path.is_dir():
-            raise FolderError(f"--out {self.path} is a file, not a folder; give a folder (it is created when missing)")
+            raise FolderError(f"{self.flag} {self.path} is a file, not a folder; give a folder (it is created when missing)")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -147,9 +159,16 @@ class RunFolder:
         path = self.path / LOCK
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise FolderError(f"{path} is a symlink, which lowmem did not make; it never writes through "
+                                      f"one. Remove it, or choose another {self.flag}") from None
                 raise environment_error(e, "write to") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FolderError(f"{path} is not a file; lowmem keeps its lock there. Remove it, or choose "
+                                  f"another {self.flag}")
             if fcntl is None:
                 break
             try:
@@ -160,7 +179,8 @@ class RunFolder:
                     raise environment_error(e, "lock") from None
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise FolderBusy(f"{self.path} is in use by {holder}; wait for it to finish, or choose another --out")
+                raise FolderBusy(f"{self.path} is in use by {holder}; wait for it to finish, or choose another "
+                                 f"{self.flag}")
             # The holder before us may have removed the file between our open and our lock: then we
             # hold a lock on a file nobody else can see; take the one at the path instead.
             try:
@@ -186,6 +206,7 @@ class RunFolder:
         """Drop the lock and remove the lock file (only while holding it, so never another's)."""
         if self._lock_fd is None:
             return
+        self._forget_unwritten()
         try:
             (self.path / LOCK).unlink(missing_ok=True)
         except OSError:
@@ -204,19 +225,28 @@ class RunFolder:
         mine = set(self.owned())
         return [n for n in names if n not in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
 
+    def check(self, names: Iterable[str], why: str = "") -> None:
+        """Refuse before a run starts when any of `names` exists here and lowmem did not write it.
+
+        Raises:
+            FolderError: naming the entries that belong to someone else.
+        """
+        theirs = self.foreign(dict.fromkeys(names))
+        if theirs:
+            listed = ", ".join(theirs)
+            raise FolderError(f"{self.path} already holds {listed}, which lowmem did not write here{why}; "
+                              f"lowmem never overwrites or deletes files it did not write. Move "
+                              f"{'it' if len(theirs) == 1 else 'them'} away, or choose another "
+                              f"{self.flag}")
+
     def claim(self, names: Iterable[str], why: str = "") -> None:
-        """Record `names` as lowmem's before writing them, refusing any that exist and are not.
+        """Record `names` as lowmem's right before writing them (`check` first).
 
         Raises:
             FolderError: naming the entries that belong to someone else.
         """
         names = list(dict.fromkeys(names))
-        theirs = self.foreign(names)
-        if theirs:
-            listed = ", ".join(theirs)
-            raise FolderError(f"{self.path} already holds {listed}, which lowmem did not write here{why}; "
-                              f"lowmem never overwrites or deletes files it did not write. Move "
-                              f"{'it' if len(theirs) == 1 else 'them'} away, or choose another --out")
+        self.check(names, why)
         mine = self.owned()
         if not set(names) <= set(mine):
             try:
@@ -224,9 +254,21 @@ class RunFolder:
             except OSError as e:
                 raise environment_error(e) from None
 
+    def _forget_unwritten(self) -> None:
+        """Drop names claimed but never written (a run that failed first): a file the user puts
+        there later is the user's."""
+        try:
+            mine = self.owned()
+            there = [n for n in mine if (self.path / n).exists() or (self.path / n).is_symlink()]
+            if there != mine:
+                _write_manifest(self.path, there)
+        except (OSError, FolderError):
+            pass
+
     # -- one run replacing another ---------------------------------------------------------------
 
-    def begin(self, names: Iterable[str], useful: Callable[[Path], bool], writes: Iterable[str] | None = None) -> None:
+    def begin(self, names: Iterable[str], useful: Callable[[Path], bool], writes: Iterable[str] | None = None,
+              kind: str = "run") -> None:
         """Start a run that writes `names`: set aside the earlier run's entries among them.
 
         Args:
@@ -236,20 +278,24 @@ class RunFolder:
                 measurements, finished runs).
             writes: those of `names` this run will write (default all): they must not belong to
                 someone else. The others may be the user's and are left where they are.
+            kind: what kind of run (an analysis, a sweep, Hessian blocks): each kind sets its
+                earlier run aside in a folder of its own and settles only its own, by its own `useful`.
         """
         names = list(dict.fromkeys(names))
-        self.claim([*(names if writes is None else writes), REPLACED, PREVIOUS])
-        self.settle(useful)
+        aside_name = _aside(kind)
+        self.check([*(names if writes is None else writes), aside_name, PREVIOUS])
+        self.settle(useful, kind)
         mine = set(self.owned())
         present = [n for n in names if n in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
         if not present:
             return
-        aside = self.path / REPLACED
+        aside = self.path / aside_name
         try:
             if not useful(self.path):   # an earlier run without results (it failed or was killed early)
                 for n in present:
                     _remove(self.path / n)
                 return
+            self.claim([aside_name])
             aside.mkdir()
             moved = []
             _write_manifest(aside, moved, replaces=names)   # the names a run of this kind leaves
@@ -260,16 +306,16 @@ class RunFolder:
         except OSError as e:
             raise environment_error(e, "set aside the earlier run in") from None
 
-    def settle(self, useful: Callable[[Path], bool]) -> str | None:
-        """End the run that set entries aside (this one, or one that was killed): keep it when it
-        has results (the entries set aside go to ``previous/``), else put them back.
+    def settle(self, useful: Callable[[Path], bool], kind: str = "run") -> str | None:
+        """End the run of `kind` that set entries aside (this one, or one that was killed): keep
+        it when it has results (the entries set aside go to ``previous/``), else put them back.
 
         Returns:
             "kept" or "restored", None when nothing was set aside.
         """
-        aside = self.path / REPLACED
-        if not aside.is_dir():
-            return None
+        aside = self.path / _aside(kind)
+        if aside.name not in self.owned() or not (aside / MANIFEST).is_file() or aside.is_symlink():
+            return None   # nothing set aside (a folder of that name that lowmem did not make is left alone)
         moved = self.owned(aside)
         try:
             names = json.loads((aside / MANIFEST).read_text())["replaces"]
@@ -279,6 +325,7 @@ class RunFolder:
         try:
             if useful(self.path):
                 prev = self.path / PREVIOUS
+                self.claim([PREVIOUS])
                 prev.mkdir(exist_ok=True)
                 kept = self.owned(prev)
                 for n in names:          # the run before the one set aside: replaced by it, whole
@@ -293,9 +340,10 @@ class RunFolder:
                         _write_manifest(prev, kept)
                 outcome = "kept"
             else:
-                for n in moved:          # the new run has nothing: its leftovers go, the old run returns
+                for n in names:          # the new run has nothing: its leftovers go, the old run returns
                     if n in mine:
                         _remove(self.path / n)
+                for n in moved:
                     if (aside / n).exists() or (aside / n).is_symlink():
                         os.replace(aside / n, self.path / n)
                 outcome = "restored"

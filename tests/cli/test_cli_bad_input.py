@@ -60,11 +60,11 @@ def test_missing_file_and_folder_are_usage_errors(tmp_path):
 
 
 def test_missing_function_suggests_the_near_name(tmp_path):
-    r = run(tmp_path, "model.py", "--steps", "2", source=TINY.replace("def build_model", "def build_modle"))
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=TINY.replace("def build_model", "def build_modle"))
     assert r.returncode == 3
     assert "build_model: not found. Did you mean 'build_modle'?" in r.stderr
     src = TINY + "\nclass T: pass\ndef factory():\n    import sys\n    return sys.modules[__name__]\n"
-    r = run(tmp_path, "model.py:factroy", "--steps", "2", source=src)
+    r = run(tmp_path, "model.py:factroy", "--steps", "2", "--every", "1", source=src)
     assert r.returncode == 3 and "has no function 'factroy'. Did you mean 'factory'?" in r.stderr
 
 
@@ -77,13 +77,13 @@ def test_missing_function_suggests_the_near_name(tmp_path):
      "must return a scalar (mean-reduced) loss, it returned a tensor of shape (16, 2) at step 0; use reduction='mean'"),
 ])
 def test_wrong_return_types_and_non_scalar_loss(tmp_path, patch, expected):
-    r = run(tmp_path, "model.py", "--steps", "3", source=TINY.replace(*patch))
+    r = run(tmp_path, "model.py", "--steps", "3", "--every", "1", source=TINY.replace(*patch))
     assert r.returncode == 3, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr
 
 
 def test_build_optimizer_returning_a_string(tmp_path):
-    r = run(tmp_path, "model.py", "--steps", "2", source=TINY + "\ndef build_optimizer(model):\n    return 'adam'\n")
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=TINY + "\ndef build_optimizer(model):\n    return 'adam'\n")
     assert r.returncode == 3 and "build_optimizer(model) in model.py must return a torch.optim.Optimizer, it returned str" in r.stderr
 
 

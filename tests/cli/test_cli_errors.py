@@ -105,21 +105,21 @@ def assert_plan_is_from(out: Path, model_file: Path) -> Plan:
 
 def test_missing_file_and_folder_are_usage_errors(tmp_path):
     write(tmp_path, MODEL)
-    err = failed(lowmem_analyze(tmp_path, "modle.py", "--steps", "2"), 2)
+    err = failed(lowmem_analyze(tmp_path, "modle.py", "--steps", "2", "--every", "1"), 2)
     assert "modle.py: no such file." in err and "Did you mean 'model.py'?" in err
     (tmp_path / "models").mkdir()
-    err = failed(lowmem_analyze(tmp_path, "models", "--steps", "2"), 2)
+    err = failed(lowmem_analyze(tmp_path, "models", "--steps", "2", "--every", "1"), 2)
     assert "models: is a folder" in err and "build_model" in err
 
 
 def test_missing_function_and_factory_suggest_the_near_name(tmp_path):
     write(tmp_path, patched("def build_model():", "def build_modle():"))
-    err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "2", "-q"), 3)
+    err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "2", "--every", "1", "-q"), 3)
     assert "model.py does not follow the model.py contract" in err
     assert "build_model: not found. Did you mean 'build_modle'?" in err
     write(tmp_path, MODEL + "\nclass Task:\n    pass\n\ndef factory():\n"
                             "    import sys\n    return sys.modules[__name__]\n")
-    err = failed(lowmem_analyze(tmp_path, "model.py:factroy", "--steps", "2"), 3)
+    err = failed(lowmem_analyze(tmp_path, "model.py:factroy", "--steps", "2", "--every", "1"), 3)
     assert "model.py has no function 'factroy'. Did you mean 'factory'?" in err
 
 
@@ -135,7 +135,7 @@ def test_missing_function_and_factory_suggest_the_near_name(tmp_path):
 ], ids=["build_model-dict", "build_optimizer-str", "loss-float", "loss-not-scalar"])
 def test_wrong_return_types(tmp_path, old, new, expected):
     write(tmp_path, patched(old, new))
-    err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "3", "--out", "o"), 3)
+    err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "3", "--every", "1", "--out", "o"), 3)
     for text in expected:
         assert text in err
 

@@ -382,3 +382,78 @@ def test_full_disk_while_compare_saves_a_run_keeps_the_finished_runs(tmp_path):
         for f in finished:   # every run file on disk is whole
             assert json.loads(f.read_text())["steps_done"] == 200
         assert not list((target / "c").rglob("*.tmp"))
+
+
+# -- what the tester found: names and folders that only look like lowmem's -------------------------
+
+
+def test_a_users_folder_named_like_lowmems_aside_is_never_touched(tmp_path):
+    write_models(tmp_path)
+    for out in ("a", "c"):
+        (tmp_path / out / REPLACED).mkdir(parents=True)
+        (tmp_path / out / REPLACED / "x").write_bytes(b"mine\n")
+    r = analyze(tmp_path, "good.py", "a")
+    assert r.returncode == 2 and REPLACED in r.stderr, r.stderr
+    assert snapshot(tmp_path / "a") == {f"{REPLACED}/x": b"mine\n"}
+    assert _compare(tmp_path, "c").returncode == 0           # a sweep without --fresh sets nothing aside
+    assert (tmp_path / "c" / REPLACED / "x").read_bytes() == b"mine\n"
+    r = _compare(tmp_path, "c", "--fresh")
+    assert r.returncode == 0, r.stderr                        # the sweep's own aside folder has another name
+    assert (tmp_path / "c" / REPLACED / "x").read_bytes() == b"mine\n"
+
+
+def test_names_a_failed_run_meant_to_write_do_not_become_lowmems(tmp_path):
+    write_models(tmp_path)
+    (tmp_path / "nobuild.py").write_text("from good import *\n\ndef build_model():\n    raise RuntimeError('no')\n")
+    assert analyze(tmp_path, "nobuild.py", ".").returncode == 3
+    (tmp_path / "report.html").write_bytes(b"mine\n")       # the user's, made after the failed run
+    r = analyze(tmp_path, "good.py", ".")
+    assert r.returncode == 2 and "report.html" in r.stderr, r.stderr
+    assert (tmp_path / "report.html").read_bytes() == b"mine\n"
+
+
+def test_a_symlink_in_place_of_the_lock_is_never_written_through(tmp_path):
+    write_models(tmp_path)
+    (tmp_path / "important.txt").write_bytes(b"keep\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK).symlink_to(tmp_path / "important.txt")
+    r = analyze(tmp_path, "good.py", "out")
+    assert r.returncode == 2 and "symlink" in r.stderr, r.stderr
+    assert (tmp_path / "important.txt").read_bytes() == b"keep\n"
+
+
+def test_a_failed_rerun_after_a_killed_one_removes_the_killed_runs_leftovers_too(tmp_path):
+    write_models(tmp_path)
+    assert analyze(tmp_path, "good.py", "out", "--no-html").returncode == 0
+    complete = snapshot(tmp_path / "out")
+    gate = tmp_path / "gate"
+    gate.write_text("")
+    proc = subprocess.Popen(command("good.py", "--steps", 50, "--every", 40, "--out", "out", "--device", "cpu",
+                                    "--no-html"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GATE": str(gate), "PYTHONWARNINGS": "ignore"})
+    _wait_for(lambda: (tmp_path / "out" / "snr.csv.part").exists(), proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    r = run(tmp_path, "raises.py", "--steps", 6, "--every", 2, "--out", "out", "--device", "cpu", "--no-html")
+    assert r.returncode == 3, r.stderr
+    assert snapshot(tmp_path / "out") == complete              # no header-only snr.csv.part hiding snr.csv
+
+
+def test_sigterm_stops_like_ctrl_c_keeping_what_was_measured(tmp_path):
+    write_models(tmp_path)
+    gate = tmp_path / "gate"
+    gate.write_text("")
+    proc = subprocess.Popen(command("good.py", "--steps", 40, "--every", 1, "--out", "out", "--device", "cpu",
+                                    "--no-html"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GATE": str(gate), "PYTHONWARNINGS": "ignore"})
+    _wait_for(lambda: _rows(tmp_path / "out" / "snr.csv.part") >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["source"]["status"] == "interrupted"
+    steps = sorted({s.step for s in read_trajectory(tmp_path / "out" / "snr.csv")})
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    assert not (tmp_path / "out" / LOCK).exists()

@@ -74,7 +74,7 @@ def test_user_function_that_calls_sys_exit_is_a_failure_of_user_code(tmp_path, s
 
 def test_factory_that_calls_sys_exit(tmp_path):
     src = TINY + "\nimport sys\n\ndef factory():\n    sys.exit(0)\n"
-    r = run(tmp_path, "model.py:factory", "--steps", "2", source=src)
+    r = run(tmp_path, "model.py:factory", "--steps", "2", "--every", "1", source=src)
     assert_user_error(r, "factory() in model.py called sys.exit(0)")
 
 
@@ -87,7 +87,7 @@ def test_compare_reports_user_code_that_exits(tmp_path):
 
 
 def test_ctrl_c_raised_in_user_code_still_means_interrupted(tmp_path):
-    r = run(tmp_path, "model.py", "--steps", "2",
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1",
             source=redefined("def build_model():\n    raise KeyboardInterrupt"))
     assert r.returncode == 130 and "interrupted" in r.stderr, r.stderr
 
@@ -96,7 +96,7 @@ def test_ctrl_c_raised_in_user_code_still_means_interrupted(tmp_path):
 
 def test_exit_at_import_names_the_line_and_where_the_script_belongs(tmp_path):
     src = TINY + "\nimport sys\nsys.exit(0)\n"
-    r = run(tmp_path, "model.py", "--steps", "2", source=src)
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=src)
     line = textwrap.dedent(src).splitlines().index("sys.exit(0)") + 1
     assert_user_error(r, "model.py exited while being imported (sys.exit(0))", f'model.py", line {line}',
                       'if __name__ == "__main__":')
@@ -105,7 +105,7 @@ def test_exit_at_import_names_the_line_and_where_the_script_belongs(tmp_path):
 def test_argparse_at_import_sees_no_lowmem_flags_and_its_exit_is_explained(tmp_path):
     src = TINY + ("\nimport argparse\nparser = argparse.ArgumentParser()\n"
                   "parser.add_argument('--data', required=True)\nARGS = parser.parse_args()\n")
-    r = run(tmp_path, "model.py", "--steps", "2", source=src)
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=src)
     assert_user_error(r, "model.py exited while being imported (sys.exit(2))", "argument parsing (argparse)",
                       'if __name__ == "__main__":')
     # argparse's own usage line names model.py, so it does not read as lowmem's.
@@ -144,7 +144,7 @@ def test_lowmem_defaults_follow_the_rules_of_the_flags(tmp_path, value, expected
      "returned a Sequential with 1 of 4 parameters and buffers on the meta device (e.g. 2.weight)"),
 ])
 def test_model_on_the_meta_device_must_be_materialised(tmp_path, body, expected):
-    r = run(tmp_path, "model.py", "--steps", "2", source=redefined(body))
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=redefined(body))
     assert_user_error(r, f"build_model() in model.py {expected}", "to_empty")
 
 
@@ -172,7 +172,7 @@ def test_loss_not_made_by_the_model_is_named_not_blamed_on_every(tmp_path, body,
     ("cuda:99", "--device cuda:99 requested but torch sees"),
 ])
 def test_device_this_machine_lacks_is_a_usage_error_naming_what_it_has(tmp_path, device, expected):
-    r = run(tmp_path, "model.py", "--steps", "2", source=TINY, device=device)
+    r = run(tmp_path, "model.py", "--steps", "2", "--every", "1", source=TINY, device=device)
     assert r.returncode == 2, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr
 
@@ -271,7 +271,7 @@ def test_more_broken_returns(tmp_path, body, expected):
     ("build_model()", "model.py:factory() returned a Sequential"),
 ])
 def test_factory_returning_no_task(tmp_path, returned, expected):
-    r = run(tmp_path, "model.py:factory", "--steps", "2", source=TINY + f"\ndef factory():\n    return {returned}\n")
+    r = run(tmp_path, "model.py:factory", "--steps", "2", "--every", "1", source=TINY + f"\ndef factory():\n    return {returned}\n")
     assert_user_error(r, expected)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -71,7 +72,7 @@ def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool 
     """
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        with warnings_to(err, quiet, prog):
+        with warnings_to(err, quiet, prog), _sigterm_as_interrupt():
             return run(err)
     except (UsageError, PlanError, FolderError) as e:
         err.print(f"{prog}: error: {e}", markup=False)
@@ -92,6 +93,23 @@ def run_guarded(run: Callable[[Console], int], *, prog: str = PROG, quiet: bool 
         return EXIT_USAGE
     except Exception:
         return _internal(err, prog)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler stopping the job, `kill`) stops a command as Ctrl-C does: the run in
+    progress ends cleanly, keeps what it measured, and the command exits 130."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _internal(err: Console, prog: str) -> int:

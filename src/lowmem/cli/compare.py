@@ -144,14 +144,15 @@ def _run(args, err: Console) -> int:
     out = Path(args.out)
     with RunFolder(out, NAME) as folder:
         report_in = _report_folder(out)
-        folder.claim([*SWEEP_FILES, *(["report.html"] if report_in == out else [])],
+        folder.check([*SWEEP_FILES, *(["report.html"] if report_in == out else [])],
                      f" (a sweep writes {', '.join(SWEEP_FILES)} and report.html)")
         if args.fresh:   # the earlier sweep is kept in OUT/previous once this one has finished a run
-            folder.begin(SWEEP_FILES, has_runs)
+            folder.begin(SWEEP_FILES, has_runs, kind="sweep")
+        folder.claim(SWEEP_FILES)
         try:
             return _sweep(args, err, task, device, plan, lrs, settings, out)
         finally:
-            if folder.settle(has_runs) == "kept" and not args.quiet:
+            if folder.settle(has_runs, "sweep") == "kept" and not args.quiet:
                 err.print(f"the earlier sweep in {out} is now in {out / PREVIOUS}", markup=False)
 
 

@@ -357,12 +357,16 @@ def _run(args, err: Console) -> int:
     with RunFolder(out, NAME) as folder:
         # The earlier Hessian run here (hessian.json and its blocks' files, nothing else: --out may be
         # an analysis run folder) is kept in OUT/previous once this run has a block, else put back.
-        folder.begin(_hessian_files(out), has_blocks, ["hessian.json"])
+        taken: set[str] = set()   # every block's files, checked before any is computed
+        stems = [file_stem(selector, taken) for selector in pieces]
+        files = ["hessian.json", *(f"{stem}{ext}" for stem in stems for ext in (".npy", ".eigvals.npy", ".png"))]
+        folder.begin(_hessian_files(out), has_blocks, files, kind="hessian")
+        folder.claim(["hessian.json"])
         try:
             return _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device,
                             dtype, out, folder, note)
         finally:
-            if folder.settle(has_blocks) == "kept":
+            if folder.settle(has_blocks, "hessian") == "kept":
                 note(f"the earlier Hessian run in {out} is now in {out / PREVIOUS}")
 
 

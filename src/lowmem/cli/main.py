@@ -144,26 +144,29 @@ def _run(args, err: Console) -> int:
     if every > steps and not (args.plan or args.preset):
         raise UsageError(f"measuring every {every} steps (--every or LOWMEM['every']) needs at least that many "
                          f"steps; the probe runs {steps} (--steps or LOWMEM['steps'])")
+    if args.window and args.window[0] is not None and args.window[0] > steps and not (args.plan or args.preset):
+        raise UsageError(f"--window {args.window[0]}:{'' if args.window[1] is None else args.window[1]} starts after "
+                         f"the last step the probe runs ({steps}); every measured step lies in 1:{steps}")
     if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
         return _check_plan(args, task, device, lr, note)
     # The folder is locked and checked before any training: a busy folder, or one holding the
     # user's own files, costs nothing.
-    names = VALIDATE_FILES if args.plan else RUN_FILES
+    names, kind, useful = (VALIDATE_FILES, "validate", has_validation) if args.plan else (RUN_FILES, "run", has_results)
     writes = [n for n in names if not (n == "report.html" and args.no_html)
               and not (n == "validate" and not args.validate) and not (n.startswith("snr.") and args.preset)]
     with RunFolder(out, f"{PROG} {args.target or '--example ' + args.example}") as folder:
-        folder.claim(writes, " (a run of lowmem-analyze writes " + ", ".join(writes) + ")")
+        folder.check(writes, " (a run of lowmem-analyze writes " + ", ".join(writes) + ")")
         if folder.stale_holder:
             note(f"took over {out / LOCK}, left by a process that no longer runs")
         try:
             return _run_in(args, task, device, steps, every, lr, out, quiet, note, err,
-                           lambda: folder.begin(names, has_results, writes))
+                           lambda: (folder.begin(names, useful, writes, kind), folder.claim(writes)))
         finally:
-            _settle(folder, out, note)
+            _settle(folder, out, note, kind, useful)
 
 
-def _settle(folder: RunFolder, out: Path, note) -> None:
-    outcome = folder.settle(has_results)
+def _settle(folder: RunFolder, out: Path, note, kind: str, useful) -> None:
+    outcome = folder.settle(useful, kind)
     if outcome == "restored":
         note(f"this run left no results; the earlier run in {out} is back in place")
     elif outcome == "kept":
@@ -284,6 +287,11 @@ def has_results(folder: Path) -> bool:
                     return True
         except OSError:
             pass
+    return has_validation(folder)
+
+
+def has_validation(folder: Path) -> bool:
+    """Whether a run folder holds a finished validation run."""
     return any((folder / "validate" / "runs").glob("*@*.json"))
 
 

@@ -70,7 +70,7 @@ def _run(args, err: Console) -> int:
         raise UsageError(f"--html {args.html} is a folder; give the file to write, e.g. {Path(args.html) / 'report.html'}")
     if not args.no_html:
         if args.html is None:   # the folder's own report.html: only over one lowmem wrote
-            RunFolder(run.folder, lock=False).claim(["report.html"], "; write the report elsewhere with --html FILE")
+            RunFolder(run.folder, lock=False, flag="--html FILE").claim(["report.html"])
         try:
             html = write_report(run, args.html)
         except OSError as e:

@@ -386,7 +386,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a failed write leaves the old file and no temporary
+        if isinstance(e, OSError) and not e.filename:   # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
