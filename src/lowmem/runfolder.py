@@ -19,6 +19,7 @@ before it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -314,8 +315,12 @@ class RunFolder:
             "kept" or "restored", None when nothing was set aside.
         """
         aside = self.path / _aside(kind)
-        if aside.name not in self.owned() or not (aside / MANIFEST).is_file() or aside.is_symlink():
+        if aside.name not in self.owned() or aside.is_symlink() or not aside.is_dir():
             return None   # nothing set aside (a folder of that name that lowmem did not make is left alone)
+        if not (aside / MANIFEST).is_file():
+            with contextlib.suppress(OSError):   # killed between making it and recording anything in it
+                aside.rmdir()
+            return None
         moved = self.owned(aside)
         try:
             names = json.loads((aside / MANIFEST).read_text())["replaces"]

@@ -232,6 +232,10 @@ def test_a_second_process_on_the_same_folder_is_refused_at_once(tmp_path):
     assert r.returncode == 2 and "in use" in r.stderr, r.stderr
     r = run(tmp_path, "hessian", "good.py", "--out", "out", "--block", "0.weight")
     assert r.returncode == 2 and "in use" in r.stderr, r.stderr
+    # report reads the live run and prints it, but leaves the folder to its writer
+    r = run(tmp_path, "report", "out")
+    assert r.returncode == 0 and "report.html not written" in r.stderr and "in use" in r.stderr, r.stderr
+    assert "0.weight" in r.stdout and not (tmp_path / "out" / "report.html").exists()
     assert proc.poll() is None   # the refusals came while the first run held the folder
     gate.unlink()
     out, err = proc.communicate(timeout=300)

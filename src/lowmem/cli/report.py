@@ -12,6 +12,7 @@ See `lowmem.reports.run` for the files read. Exit codes as ``lowmem-analyze`` (D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from lowmem.cli.common import PROG, ArgumentParser, run_guarded
 from lowmem.cli.contract import UsageError
 from lowmem.reports.html import write_report
 from lowmem.reports.run import RunFolderError, loss_column, read_run
-from lowmem.runfolder import PREVIOUS, REPLACED, RunFolder
+from lowmem.runfolder import PREVIOUS, REPLACED, FolderBusy, RunFolder
 from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
                                     PlanTable, RoleSnrTable, compare_rows)
 from lowmem.snr.summary import median_by_role
@@ -69,13 +70,7 @@ def _run(args, err: Console) -> int:
     if args.html and Path(args.html).is_dir():
         raise UsageError(f"--html {args.html} is a folder; give the file to write, e.g. {Path(args.html) / 'report.html'}")
     if not args.no_html:
-        if args.html is None:   # the folder's own report.html: only over one lowmem wrote
-            RunFolder(run.folder, lock=False, flag="--html FILE").claim(["report.html"])
-        try:
-            html = write_report(run, args.html)
-        except OSError as e:
-            raise UsageError(f"cannot write {args.html or run.folder / 'report.html'}: {e.strerror or e}") from None
-        note(f"wrote {html}")
+        html = _write_html(run, args.html, note)
     if args.format == "json":
         doc = {"folder": str(run.folder), "status": run.status,
                "plan": run.plan.to_json() if run.plan else None,
@@ -109,6 +104,24 @@ def _run(args, err: Console) -> int:
     if run.plan is not None:
         console.print(PlanSummary(run.plan))
     return 0
+
+
+def _write_html(run, path: str | None, note) -> Path | None:
+    """report.html: at `path`, or in the run folder over a report.html lowmem wrote there, while no
+    other lowmem process writes that folder (then the tables are printed and the report skipped)."""
+    try:
+        with contextlib.ExitStack() as stack:
+            if path is None:
+                folder = stack.enter_context(RunFolder(run.folder, NAME, flag="--html FILE"))
+                folder.claim(["report.html"])
+            html = write_report(run, path)
+    except FolderBusy as e:
+        note(f"report.html not written: {e}; or write it elsewhere with --html FILE")
+        return None
+    except OSError as e:
+        raise UsageError(f"cannot write {path or run.folder / 'report.html'}: {e.strerror or e}") from None
+    note(f"wrote {html}")
+    return html
 
 
 def _hessian_row(r: dict) -> HessianRow:
