@@ -301,6 +301,11 @@ def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: n
     return result
 
 
+def has_runs(folder: Path, names=None) -> bool:
+    """Whether a sweep folder holds a finished run (`names`: as `lowmem.runfolder` asks; unused)."""
+    return any((Path(folder) / "runs").glob("*@*.json"))
+
+
 def run_file(out: Path, name: str, lr: float) -> Path:
     return out / "runs" / f"{name}@{lr:g}.json"
 

@@ -10,7 +10,7 @@ the folder, under an advisory ``flock`` that the kernel drops when that process 
 by a killed run is stale and taken over; a second live writer is refused at once (`FolderBusy`).
 
 Nothing lost. A new run does not destroy the run before it until it has something better:
-`RunFolder.begin` moves the earlier run's entries into ``.lowmem-replaced/``, and `RunFolder.end`
+`RunFolder.begin` moves the earlier run's entries into ``.lowmem-replaced/``, and `RunFolder.settle`
 moves them into ``previous/`` (replacing the run kept there) when the new run produced results, or
 back in place when it produced none. A run killed in between (SIGKILL) is settled the same way by
 the next `begin`. So a folder holds the newest run with results and, in ``previous/``, the one
@@ -224,7 +224,7 @@ class RunFolder:
     def foreign(self, names: Iterable[str]) -> list[str]:
         """Those of `names` that exist here but were not written by lowmem."""
         mine = set(self.owned())
-        return [n for n in names if n not in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
+        return [n for n in names if n not in mine and _lexists(self.path / n)]
 
     def check(self, names: Iterable[str], why: str = "") -> None:
         """Refuse before a run starts when any of `names` exists here and lowmem did not write it.
@@ -235,7 +235,8 @@ class RunFolder:
         theirs = self.foreign(dict.fromkeys(names))
         if theirs:
             listed = ", ".join(theirs)
-            raise FolderError(f"{self.path} already holds {listed}, which lowmem did not write here{why}; "
+            raise FolderError(f"{self.path} already holds {listed}, which lowmem did not write here{why} "
+                              f"(nothing in {MANIFEST} says so: your own files, or an older lowmem's); "
                               f"lowmem never overwrites or deletes files it did not write. Move "
                               f"{'it' if len(theirs) == 1 else 'them'} away, or choose another "
                               f"{self.flag}")
@@ -260,7 +261,7 @@ class RunFolder:
         there later is the user's."""
         try:
             mine = self.owned()
-            there = [n for n in mine if (self.path / n).exists() or (self.path / n).is_symlink()]
+            there = [n for n in mine if _lexists(self.path / n)]
             if there != mine:
                 _write_manifest(self.path, there)
         except (OSError, FolderError):
@@ -268,48 +269,50 @@ class RunFolder:
 
     # -- one run replacing another ---------------------------------------------------------------
 
-    def begin(self, names: Iterable[str], useful: Callable[[Path], bool], writes: Iterable[str] | None = None,
+    def begin(self, names: Iterable[str], useful: Useful, writes: Iterable[str] | None = None,
               kind: str = "run") -> None:
         """Start a run that writes `names`: set aside the earlier run's entries among them.
 
         Args:
             names: every entry a run of this kind may leave; the earlier run's are set aside, so
                 none of them is shown with the new run.
-            useful: whether a folder holds results worth keeping (the run's own test: a plan,
-                measurements, finished runs).
+            useful: ``useful(folder, names)``, whether `folder` holds results worth keeping among
+                `names` (a plan, measurements, finished runs).
             writes: those of `names` this run will write (default all): they must not belong to
                 someone else. The others may be the user's and are left where they are.
             kind: what kind of run (an analysis, a sweep, Hessian blocks): each kind sets its
-                earlier run aside in a folder of its own and settles only its own, by its own `useful`.
+                earlier run aside in a folder of its own and settles only its own.
         """
         names = list(dict.fromkeys(names))
         aside_name = _aside(kind)
         self.check([*(names if writes is None else writes), aside_name, PREVIOUS])
         self.settle(useful, kind)
         mine = set(self.owned())
-        present = [n for n in names if n in mine and ((self.path / n).exists() or (self.path / n).is_symlink())]
+        present = [n for n in names if n in mine and _lexists(self.path / n)]
         if not present:
             return
         aside = self.path / aside_name
         try:
-            if not useful(self.path):   # an earlier run without results (it failed or was killed early)
+            if not useful(self.path, names):   # an earlier run without results (it failed or was killed early)
                 for n in present:
                     _remove(self.path / n)
                 return
             self.claim([aside_name])
             aside.mkdir()
-            moved = []
-            _write_manifest(aside, moved, replaces=names)   # the names a run of this kind leaves
+            # Recorded before anything moves, so a run stopped at any point is settled from the record.
+            _write_manifest(aside, present, replaces=names, complete=False)
             for n in present:
                 os.replace(self.path / n, aside / n)
-                moved.append(n)
-                _write_manifest(aside, moved, replaces=names)
+            _write_manifest(aside, present, replaces=names, complete=True)
         except OSError as e:
             raise environment_error(e, "set aside the earlier run in") from None
 
-    def settle(self, useful: Callable[[Path], bool], kind: str = "run") -> str | None:
-        """End the run of `kind` that set entries aside (this one, or one that was killed): keep
+    def settle(self, useful: Useful, kind: str = "run") -> str | None:
+        """End the run of `kind` that set entries aside (this one, or one that was stopped): keep
         it when it has results (the entries set aside go to ``previous/``), else put them back.
+
+        Every stage is recorded in the aside folder's manifest before it is carried out, so a
+        settle stopped half-way is finished by the next one without losing or repeating anything.
 
         Returns:
             "kept" or "restored", None when nothing was set aside.
@@ -317,45 +320,89 @@ class RunFolder:
         aside = self.path / _aside(kind)
         if aside.name not in self.owned() or aside.is_symlink() or not aside.is_dir():
             return None   # nothing set aside (a folder of that name that lowmem did not make is left alone)
-        if not (aside / MANIFEST).is_file():
-            with contextlib.suppress(OSError):   # killed between making it and recording anything in it
-                aside.rmdir()
+        try:
+            doc = json.loads((aside / MANIFEST).read_text())
+            names, listed = list(doc["replaces"]), _read_manifest(aside)
+        except FileNotFoundError:   # stopped before its record was written: nothing was moved
+            _clear(aside)
             return None
-        moved = self.owned(aside)
-        try:
-            names = json.loads((aside / MANIFEST).read_text())["replaces"]
         except (OSError, ValueError, KeyError, TypeError):
-            names = moved
-        mine = set(self.owned())
+            raise FolderError(f"{aside / MANIFEST}: unreadable; it holds an earlier run lowmem set aside. Move "
+                              f"its entries back into {self.path} by hand, then remove {aside}") from None
+        held = [n for n in listed if _lexists(aside / n)]
         try:
-            if useful(self.path):
-                prev = self.path / PREVIOUS
-                self.claim([PREVIOUS])
-                prev.mkdir(exist_ok=True)
-                kept = self.owned(prev)
-                for n in names:          # the run before the one set aside: replaced by it, whole
-                    if n in kept:
-                        _remove(prev / n)
-                kept = [n for n in kept if n not in names]
-                _write_manifest(prev, kept)
-                for n in moved:
-                    if (aside / n).exists() or (aside / n).is_symlink():
-                        os.replace(aside / n, prev / n)
-                        kept.append(n)
-                        _write_manifest(prev, kept)
-                outcome = "kept"
+            outcome = doc.get("outcome")
+            if outcome is None:
+                if not doc.get("complete"):       # the new run never started: nothing here is its
+                    outcome, doc["cleared"] = "restored", True
+                else:
+                    outcome = "kept" if useful(self.path, names) else "restored"
+                doc["outcome"] = outcome
+                _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+            if outcome == "kept":
+                self._keep(aside, names, listed, held, doc)
             else:
-                for n in names:          # the new run has nothing: its leftovers go, the old run returns
-                    if n in mine:
-                        _remove(self.path / n)
-                for n in moved:
-                    if (aside / n).exists() or (aside / n).is_symlink():
-                        os.replace(aside / n, self.path / n)
-                outcome = "restored"
-            shutil.rmtree(aside)
+                self._restore(aside, names, listed, held, doc)
+            _clear(aside)
         except OSError as e:
-            raise environment_error(e, "put the earlier run back in") from None
+            raise environment_error(e, "settle the earlier run in") from None
         return outcome
+
+    def _keep(self, aside: Path, names: list[str], listed: list[str], held: list[str], doc: dict) -> None:
+        """The entries set aside replace the run in ``previous/``, whole."""
+        prev = self.path / PREVIOUS
+        if prev.is_symlink() or (prev.exists() and not prev.is_dir()):
+            raise FolderError(f"{prev} is not a folder lowmem made; it keeps the earlier run in {aside}. Move "
+                              f"{prev} away and run again")
+        self.claim([PREVIOUS])
+        prev.mkdir(exist_ok=True)
+        kept = self.owned(prev)
+        theirs = [n for n in held if _lexists(prev / n) and n not in kept]
+        if theirs:
+            raise FolderError(f"{prev} holds {', '.join(theirs)}, which lowmem did not write; it keeps the earlier "
+                              f"run in {aside}. Move them away and run again")
+        if not doc.get("cleared"):
+            for n in names:              # the run before the one set aside
+                if n in kept:
+                    _remove(prev / n)
+            kept = [n for n in kept if n not in names]
+            _write_manifest(prev, kept)
+            doc["cleared"] = True
+            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+        _write_manifest(prev, [*kept, *held])   # listed before they move: a name is never unowned
+        for n in held:
+            os.replace(aside / n, prev / n)
+
+    def _restore(self, aside: Path, names: list[str], listed: list[str], held: list[str], doc: dict) -> None:
+        """The new run has nothing: its leftovers go, the earlier run returns as it was."""
+        if not doc.get("cleared"):
+            mine = set(self.owned())
+            for n in names:
+                if n in mine:
+                    _remove(self.path / n)
+            doc["cleared"] = True
+            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+        self.claim([n for n in held if not _lexists(self.path / n)])   # listed again before they move back
+        for n in held:
+            if not _lexists(self.path / n):
+                os.replace(aside / n, self.path / n)
+
+
+Useful = Callable[[Path, list], bool]
+_MANIFEST_KEYS = ("schema", "about", "entries")
+
+
+def _lexists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def _clear(aside: Path) -> None:
+    """Remove an aside folder once its entries are gone: its record and temporaries only, so a
+    folder still holding anything else stays."""
+    for p in (aside / MANIFEST, *aside.glob(f".{MANIFEST}.*.tmp")):
+        p.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        aside.rmdir()
 
 
 def _read_holder(fd: int, raw: bool = False) -> str:

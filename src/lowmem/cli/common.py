@@ -210,13 +210,32 @@ def training_progress(err: Console, disable: bool) -> Progress:
                     disable=disable)
 
 
-def write_folder_report(folder: str | os.PathLike, note: Callable[[str], None]) -> None:
+def write_folder_report(folder: str | os.PathLike, note: Callable[[str], None], held: bool = False) -> None:
     """report.html of a run folder from its files. A failure here is a note, not an error: the
-    results are on disk and ``lowmem-analyze report FOLDER`` makes the report again."""
+    results are on disk and ``lowmem-analyze report FOLDER`` makes the report again.
+
+    Args:
+        held: this process already holds the folder's lock (the analysis writing its own report).
+    """
     try:
-        RunFolder(folder, lock=False).claim(["report.html"])   # never over a report.html lowmem did not write
-        path = write_report(read_run(folder))
+        path = write_report_html(read_run(folder), None, held)
     except Exception as e:
         note(f"report.html not written ({type(e).__name__}: {e}); '{PROG} report {folder}' retries it")
         return
     note(f"wrote {path}")
+
+
+def write_report_html(run, path: str | os.PathLike | None = None, held: bool = False):
+    """`write_report` at `path`, or in the run folder: only over a report.html lowmem wrote there,
+    and under the folder's lock unless this process `held` it already.
+
+    Raises:
+        FolderBusy: another lowmem process writes the folder; FolderError: its report.html is not lowmem's.
+    """
+    with contextlib.ExitStack() as stack:
+        if path is None:
+            folder = RunFolder(run.folder, f"{PROG} report", lock=not held, flag="--html FILE")
+            if not held:
+                stack.enter_context(folder)
+            folder.claim(["report.html"])
+        return write_report(run, path)

@@ -30,13 +30,13 @@ from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, 
                                nonneg_int, parse_device, positive_int, run_guarded, seed_int, training_progress, user_code,
                                write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
-from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, plan_digest, run_sweep
+from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, has_runs, plan_digest, run_sweep
 from lowmem.compress import PlanError
 from lowmem.examples import EXAMPLES
 from lowmem.probe import DEFAULTS, build
 from lowmem.reports.run import loss_column
 from lowmem.reports.terminal import CompareTable, compare_rows
-from lowmem.runfolder import PREVIOUS, RunFolder
+from lowmem.runfolder import PREVIOUS, FolderError, RunFolder
 
 NAME = f"{PROG} compare"
 LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rates spanning 33x
@@ -152,16 +152,14 @@ def _run(args, err: Console) -> int:
         try:
             return _sweep(args, err, task, device, plan, lrs, settings, out)
         finally:
-            if folder.settle(has_runs, "sweep") == "kept" and not args.quiet:
-                err.print(f"the earlier sweep in {out} is now in {out / PREVIOUS}", markup=False)
+            try:
+                if folder.settle(has_runs, "sweep") == "kept" and not args.quiet:
+                    err.print(f"the earlier sweep in {out} is now in {out / PREVIOUS}", markup=False)
+            except FolderError as e:   # never in place of the sweep's own outcome
+                err.print(f"{NAME}: warning: {e}", markup=False)
 
 
 SWEEP_FILES = ("runs", "compare.csv", "curves.csv", "settings.json")   # what a sweep writes in --out
-
-
-def has_runs(folder: Path) -> bool:
-    """Whether a sweep folder holds a finished run."""
-    return any((folder / "runs").glob("*@*.json"))
 
 
 def _sweep(args, err: Console, task, device, plan, lrs, settings, out: Path) -> int:
@@ -214,4 +212,5 @@ def _report_folder(out: Path) -> Path:
 
 
 def _report(out: Path, note) -> None:
-    write_folder_report(_report_folder(out), note)
+    folder = _report_folder(out)
+    write_folder_report(folder, note, held=folder == out)   # this sweep holds --out's lock, not its parent's

@@ -53,7 +53,7 @@ from lowmem.hessian import (HessianError, HessianTooLarge, LossFnError, Partitio
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.probe import DEFAULTS, NonFiniteLossError, Task, TaskError, build, to_device
 from lowmem.reports.terminal import HessianRow, HessianTable
-from lowmem.runfolder import PREVIOUS, RunFolder, check_writable_file
+from lowmem.runfolder import PREVIOUS, FolderError, RunFolder, check_writable_file
 
 NAME = f"{PROG} hessian"
 SCHEMA = "lowmem.hessian/1"
@@ -366,8 +366,11 @@ def _run(args, err: Console) -> int:
             return _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device,
                             dtype, out, folder, note)
         finally:
-            if folder.settle(has_blocks, "hessian") == "kept":
-                note(f"the earlier Hessian run in {out} is now in {out / PREVIOUS}")
+            try:
+                if folder.settle(has_blocks, "hessian") == "kept":
+                    note(f"the earlier Hessian run in {out} is now in {out / PREVIOUS}")
+            except FolderError as e:   # never in place of the run's own outcome
+                note(f"warning: {e}")
 
 
 def _hessian_files(out: Path) -> list[str]:
@@ -381,7 +384,7 @@ def _hessian_files(out: Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def has_blocks(folder: Path) -> bool:
+def has_blocks(folder: Path, names=None) -> bool:
     """Whether `folder` holds a Hessian run with at least one computed block."""
     try:
         doc = json.loads((folder / "hessian.json").read_text())

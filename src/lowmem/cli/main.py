@@ -25,13 +25,13 @@ from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_O
                                positive_int, run_guarded, seed_int, training_progress, user_code, write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
-from lowmem.compare import SweepSettings, plan_digest, run_sweep
+from lowmem.compare import SweepSettings, has_runs, plan_digest, run_sweep
 from lowmem.compress.memory import estimate_state_memory, format_bytes
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
-from lowmem.runfolder import LOCK, PREVIOUS, RunFolder
+from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
 from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, compare_rows
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.summary import median_by_role
@@ -151,7 +151,7 @@ def _run(args, err: Console) -> int:
         return _check_plan(args, task, device, lr, note)
     # The folder is locked and checked before any training: a busy folder, or one holding the
     # user's own files, costs nothing.
-    names, kind, useful = (VALIDATE_FILES, "validate", has_validation) if args.plan else (RUN_FILES, "run", has_results)
+    names = VALIDATE_FILES if args.plan else RUN_FILES
     writes = [n for n in names if not (n == "report.html" and args.no_html)
               and not (n == "validate" and not args.validate) and not (n.startswith("snr.") and args.preset)]
     with RunFolder(out, f"{PROG} {args.target or '--example ' + args.example}") as folder:
@@ -160,13 +160,19 @@ def _run(args, err: Console) -> int:
             note(f"took over {out / LOCK}, left by a process that no longer runs")
         try:
             return _run_in(args, task, device, steps, every, lr, out, quiet, note, err,
-                           lambda: (folder.begin(names, useful, writes, kind), folder.claim(writes)))
+                           lambda: (folder.begin(names, has_results, writes), folder.claim(writes)))
         finally:
-            _settle(folder, out, note, kind, useful)
+            _settle(folder, out, note)
 
 
-def _settle(folder: RunFolder, out: Path, note, kind: str, useful) -> None:
-    outcome = folder.settle(useful, kind)
+def _settle(folder: RunFolder, out: Path, note) -> None:
+    """Keep or put back the earlier run; a failure here is a note, never in place of the run's own
+    outcome (what was set aside stays recorded and is settled by the next run)."""
+    try:
+        outcome = folder.settle(has_results)
+    except FolderError as e:
+        note(f"{PROG}: warning: {e}")
+        return
     if outcome == "restored":
         note(f"this run left no results; the earlier run in {out} is back in place")
     elif outcome == "kept":
@@ -275,24 +281,21 @@ RUN_FILES = ("layers.json", "plan.json", "snr.csv", "snr.csv.part", "memory.json
 VALIDATE_FILES = ("validate",)   # --plan FILE --validate N adds a validation to a folder
 
 
-def has_results(folder: Path) -> bool:
-    """Whether a run folder holds something worth keeping: a plan, an SNR measurement or a
-    finished validation run (layers.json and memory.json are remade in seconds)."""
-    if (folder / "plan.json").is_file():
+def has_results(folder: Path, names=RUN_FILES) -> bool:
+    """Whether a run folder holds something worth keeping among `names`: a plan, an SNR
+    measurement or a finished validation run (layers.json and memory.json are remade in seconds)."""
+    if "plan.json" in names and (folder / "plan.json").is_file():
         return True
     for name in ("snr.csv", "snr.csv.part"):
+        if name not in names:
+            continue
         try:
             with open(folder / name, "rb") as f:
                 if f.readline() and f.readline().endswith(b"\n"):   # the header, then one whole row
                     return True
         except OSError:
             pass
-    return has_validation(folder)
-
-
-def has_validation(folder: Path) -> bool:
-    """Whether a run folder holds a finished validation run."""
-    return any((folder / "validate" / "runs").glob("*@*.json"))
+    return "validate" in names and has_runs(folder / "validate")
 
 
 def _write_layers(out: Path, model, layers) -> None:
@@ -349,7 +352,7 @@ def _write_memory(out: Path, model, layers, plan: Plan) -> None:
 def _write_report(args, out: Path, note) -> None:
     """report.html from the files just written; a failure here loses none of them."""
     if not args.no_html:
-        write_folder_report(out, note)
+        write_folder_report(out, note, held=True)
 
 
 def _validation_summary(results) -> dict:

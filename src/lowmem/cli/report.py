@@ -12,20 +12,18 @@ See `lowmem.reports.run` for the files read. Exit codes as ``lowmem-analyze`` (D
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from lowmem.cli.common import PROG, ArgumentParser, run_guarded
+from lowmem.cli.common import PROG, ArgumentParser, run_guarded, write_report_html
 from lowmem.cli.contract import UsageError
-from lowmem.reports.html import write_report
 from lowmem.reports.run import RunFolderError, loss_column, read_run
-from lowmem.runfolder import PREVIOUS, REPLACED, FolderBusy, RunFolder
 from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
                                     PlanTable, RoleSnrTable, compare_rows)
+from lowmem.runfolder import PREVIOUS, REPLACED, FolderBusy
 from lowmem.snr.summary import median_by_role
 
 NAME = f"{PROG} report"
@@ -107,14 +105,10 @@ def _run(args, err: Console) -> int:
 
 
 def _write_html(run, path: str | None, note) -> Path | None:
-    """report.html: at `path`, or in the run folder over a report.html lowmem wrote there, while no
-    other lowmem process writes that folder (then the tables are printed and the report skipped)."""
+    """report.html, or a note while another lowmem process writes the run folder (the tables are
+    printed all the same)."""
     try:
-        with contextlib.ExitStack() as stack:
-            if path is None:
-                folder = stack.enter_context(RunFolder(run.folder, NAME, flag="--html FILE"))
-                folder.claim(["report.html"])
-            html = write_report(run, path)
+        html = write_report_html(run, path)
     except FolderBusy as e:
         note(f"report.html not written: {e}; or write it elsewhere with --html FILE")
         return None
