@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from lowmem.compress.plan import write_atomic
+
 try:
     import fcntl
 except ImportError:   # not POSIX: no advisory locks; ownership and the run swap still hold
@@ -97,15 +99,7 @@ def _plain_name(name: str) -> bool:
 def _write_manifest(folder: Path, entries: Iterable[str], **extra) -> None:
     doc = {"schema": _SCHEMA, "about": "entries lowmem wrote in this folder; it changes only these",
            "entries": sorted(set(entries)), **extra}
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not e.filename:   # a failed write() names no file: name it
-            raise OSError(e.errno, e.strerror, str(folder / MANIFEST)) from None
-        raise
+    write_atomic(folder / MANIFEST, json.dumps(doc, indent=1) + "\n")
 
 
 def _remove(path: Path) -> None:

@@ -477,7 +477,7 @@ def _emit(args, run: _Run, source: str, batch_source: str) -> None:
 
 
 def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamInfo, dtype: torch.dtype, args,
-               out: Path, taken: set[str], note, claim=lambda names: None) -> BlockResult:
+               out: Path, taken: set[str], note, claim) -> BlockResult:
     """Compute, measure and save one block; a block that cannot be computed is a record with its reason."""
     base = {"block": selector, "parameter": p.name, "role": info.role, "shape": list(p.box), "size": p.numel}
 

@@ -304,7 +304,6 @@ def _write_layers(out: Path, model, layers) -> None:
     write_atomic(out / "layers.json", json.dumps({**layers.to_json(), "model": model_record(model)}, indent=1) + "\n")
 
 
-
 _INTERRUPTED = object()   # what _maybe_validate returns after Ctrl-C
 
 
