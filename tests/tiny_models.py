@@ -3,7 +3,8 @@ projections, width 8, 2 heads.
 
 Tests that need a model *file* (the CLI loads a user's ``model.py``) start it with `SOURCE`,
 the text of this module above its end marker, and add their own `Net`, batches and loss; tests
-that build models in the process import `Attention`, `WIDTH` and `HEADS`.
+that build models in the process import `Attention`, `WIDTH` and `HEADS`. `MLP_MODEL_PY` is a
+whole model.py of a tiny MLP.
 """
 
 import torch  # noqa: F401  (the model files that start with SOURCE use it)
@@ -38,3 +39,23 @@ def _source() -> str:
 
 
 SOURCE = _source()
+
+# The smallest complete model.py the CLI tests feed lowmem-analyze: a 4-8-2 MLP fitting a linear
+# map, deterministic batches per step.
+MLP_MODEL_PY = """
+import torch
+from torch import nn
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+def get_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 4, generator=g)
+    return x, x[:, :2] * 2
+
+def loss_fn(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+"""

@@ -13,24 +13,9 @@ import textwrap
 import pytest
 
 from lowmem.snr.trajectory import HEADER
+from tiny_models import MLP_MODEL_PY
 
-TINY = """
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-
-def get_batch(step):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 4, generator=g)
-    return x, x[:, :2] * 2
-
-def loss_fn(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-"""
+TINY = MLP_MODEL_PY
 
 
 def run(cwd, *args):

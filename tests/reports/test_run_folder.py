@@ -17,24 +17,9 @@ from lowmem.compress import model_record, slimadam_rules
 from lowmem.layers import resolve_layers
 from lowmem.reports.run import RunFolderError, read_run
 from lowmem.snr.trajectory import HEADER
+from tiny_models import MLP_MODEL_PY
 
-TINY = """
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-
-def get_batch(step):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 4, generator=g)
-    return x, x[:, :2] * 2
-
-def loss_fn(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-"""
+TINY = MLP_MODEL_PY
 
 
 def net(out: int = 2) -> nn.Module:
