@@ -21,27 +21,19 @@ import pytest
 
 from lowmem.runfolder import LOCK, MANIFEST, PREVIOUS, REPLACED
 from lowmem.snr.trajectory import read_trajectory
+from tiny_models import MLP_MODEL_PY
 
-GOOD = """
+# The tiny MLP, its get_batch slowed (STEP_SLEEP seconds a step) or held at step 5 while the file
+# named by GATE exists, so a test can act on a run in progress.
+GOOD = MLP_MODEL_PY + """
 import os, time
-import torch
-from torch import nn
-
-def build_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+_batch = get_batch
 
 def get_batch(step):
     time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
     while step >= 5 and os.path.exists(os.environ.get("GATE", "")):   # held open by a test
         time.sleep(0.02)
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(16, 4, generator=g)
-    return x, x[:, :2] * 2
-
-def loss_fn(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
+    return _batch(step)
 """
 
 RAISES = "from good import *\n\ndef loss_fn(model, batch):\n    raise RuntimeError('broken loss')\n"
@@ -148,10 +140,7 @@ def test_interrupted_before_any_measurement_puts_the_earlier_run_back(tmp_path):
     write_models(tmp_path)
     assert analyze(tmp_path, "good.py", "out", "--no-html").returncode == 0
     before = snapshot(tmp_path / "out")
-    proc = subprocess.Popen(command("good.py", "--steps", 50, "--every", 40, "--out", "out", "--device", "cpu",
-                                    "--no-html"),
-                            cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "STEP_SLEEP": "0.05", "PYTHONWARNINGS": "ignore"})
+    proc = _start(tmp_path, "out", 50, 40, STEP_SLEEP="0.05")
     _wait_for(lambda: (tmp_path / "out" / REPLACED).is_dir(), proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
@@ -181,18 +170,19 @@ def _rows(path: Path) -> int:
         return 0
 
 
-def _start_slow(tmp_path: Path, out: str, steps: int = 400) -> subprocess.Popen:
-    return subprocess.Popen(command("good.py", "--steps", steps, "--every", 1, "--out", out, "--device", "cpu",
+def _start(tmp_path: Path, out: str, steps: int, every: int, **env) -> subprocess.Popen:
+    """The analysis of good.py in the background, `env` (STEP_SLEEP, GATE) added to its environment."""
+    return subprocess.Popen(command("good.py", "--steps", steps, "--every", every, "--out", out, "--device", "cpu",
                                     "--no-html"),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STEP_SLEEP": "0.02", "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, **env, "PYTHONWARNINGS": "ignore"})
 
 
 def test_rerun_after_sigkill_keeps_the_killed_runs_samples_and_takes_over_the_stale_lock(tmp_path):
     write_models(tmp_path)
     assert analyze(tmp_path, "good.py", "out", "--no-html").returncode == 0
     complete = snapshot(tmp_path / "out")
-    proc = _start_slow(tmp_path, "out")
+    proc = _start(tmp_path, "out", 400, 1, STEP_SLEEP="0.02")
     part = tmp_path / "out" / "snr.csv.part"
     _wait_for(lambda: _rows(part) >= 12, proc)
     proc.send_signal(signal.SIGKILL)
@@ -220,10 +210,7 @@ def test_a_second_process_on_the_same_folder_is_refused_at_once(tmp_path):
     write_models(tmp_path)
     gate = tmp_path / "gate"
     gate.write_text("")   # the first run waits at step 5 until the gate is removed
-    proc = subprocess.Popen(command("good.py", "--steps", 40, "--every", 1, "--out", "out", "--device", "cpu",
-                                    "--no-html"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GATE": str(gate), "PYTHONWARNINGS": "ignore"})
+    proc = _start(tmp_path, "out", 40, 1, GATE=str(gate))
     _wait_for(lambda: _rows(tmp_path / "out" / "snr.csv.part") >= 3, proc)
     second = analyze(tmp_path, "good.py", "out")
     assert second.returncode == 2, second.stderr
@@ -432,10 +419,7 @@ def test_a_failed_rerun_after_a_killed_one_removes_the_killed_runs_leftovers_too
     complete = snapshot(tmp_path / "out")
     gate = tmp_path / "gate"
     gate.write_text("")
-    proc = subprocess.Popen(command("good.py", "--steps", 50, "--every", 40, "--out", "out", "--device", "cpu",
-                                    "--no-html"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GATE": str(gate), "PYTHONWARNINGS": "ignore"})
+    proc = _start(tmp_path, "out", 50, 40, GATE=str(gate))
     _wait_for(lambda: (tmp_path / "out" / "snr.csv.part").exists(), proc)
     proc.kill()
     proc.wait(timeout=30)
@@ -448,10 +432,7 @@ def test_sigterm_stops_like_ctrl_c_keeping_what_was_measured(tmp_path):
     write_models(tmp_path)
     gate = tmp_path / "gate"
     gate.write_text("")
-    proc = subprocess.Popen(command("good.py", "--steps", 40, "--every", 1, "--out", "out", "--device", "cpu",
-                                    "--no-html"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GATE": str(gate), "PYTHONWARNINGS": "ignore"})
+    proc = _start(tmp_path, "out", 40, 1, GATE=str(gate))
     _wait_for(lambda: _rows(tmp_path / "out" / "snr.csv.part") >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
