@@ -357,13 +357,14 @@ def _run(args, err: Console) -> int:
     with RunFolder(out, NAME) as folder:
         # The earlier Hessian run here (hessian.json and its blocks' files, nothing else: --out may be
         # an analysis run folder) is kept in OUT/previous once this run has a block, else put back.
-        taken: set[str] = set()   # every block's files, checked before any is computed
-        stems = [file_stem(selector, taken) for selector in pieces]
-        files = ["hessian.json", *(f"{stem}{ext}" for stem in stems for ext in (".npy", ".eigvals.npy", ".png"))]
+        taken: set[str] = set()   # every block's files, named and checked before any is computed
+        stems = {selector: file_stem(selector, taken) for selector in pieces}
+        files = ["hessian.json", *(f"{stem}{ext}" for stem in stems.values()
+                                   for ext in (".npy", ".eigvals.npy", ".png"))]
         folder.begin(_hessian_files(out), has_blocks, files, kind="hessian")
         folder.claim(["hessian.json"])
         try:
-            return _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device,
+            return _compute(args, err, task, model, layers, pieces, stems, skipped, batches, batch_source, lr, device,
                             dtype, out, folder, note)
         finally:
             try:
@@ -393,7 +394,7 @@ def has_blocks(folder: Path, names=None) -> bool:
         return False
 
 
-def _compute(args, err, task, model, layers, pieces, skipped, batches, batch_source, lr, device, dtype,
+def _compute(args, err, task, model, layers, pieces, stems, skipped, batches, batch_source, lr, device, dtype,
              out: Path, folder: RunFolder, note) -> int:
     """Compute the blocks into the locked `out`, saving hessian.json after each."""
     run = _Run({"schema": SCHEMA,
@@ -410,13 +411,12 @@ def _compute(args, err, task, model, layers, pieces, skipped, batches, batch_sou
     progress = Progress(TextColumn("hessian"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[block]}"),
                         TimeElapsedColumn(), console=err, transient=True, disable=quiet)
     bar = progress.add_task("hessian", total=len(pieces), block="")
-    taken: set[str] = set()
     try:
         with progress:
             for i, (selector, p) in enumerate(pieces.items()):
                 progress.update(bar, completed=i, block=selector)
-                result = _one_block(task, model, batches, selector, p, layers[p.name], dtype, args, out, taken,
-                                    note, folder.claim)
+                result = _one_block(task, model, batches, selector, p, layers[p.name], dtype, args, out,
+                                    stems[selector], note, folder.claim)
                 run.results.append(result)
                 run.doc["blocks"].append(result.record)
                 run.save()
@@ -477,7 +477,7 @@ def _emit(args, run: _Run, source: str, batch_source: str) -> None:
 
 
 def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamInfo, dtype: torch.dtype, args,
-               out: Path, taken: set[str], note, claim) -> BlockResult:
+               out: Path, stem: str, note, claim) -> BlockResult:
     """Compute, measure and save one block; a block that cannot be computed is a record with its reason."""
     base = {"block": selector, "parameter": p.name, "role": info.role, "shape": list(p.box), "size": p.numel}
 
@@ -515,7 +515,6 @@ def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamI
         return _failed(selector, p, info, base, "failed", reason, "failed")
     seconds = time.perf_counter() - t0
     record, use, row, eigenvalues = analyze_block(H, p, info)
-    stem = file_stem(selector, taken)
     claim([f"{stem}.npy", f"{stem}.eigvals.npy", f"{stem}.png"])   # never over a file lowmem did not write
     H_np = H.detach().cpu().numpy()
     save_array(H_np, out / f"{stem}.npy")
