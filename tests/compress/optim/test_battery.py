@@ -472,10 +472,10 @@ def test_every_optimizer_trains_the_built_in_example(optim_info):
 @pytest.mark.parametrize("shape, reduce", [((37, 5), (0,)), ((37, 5), (1,)), ((9, 4, 6), (0,)),
                                            ((9, 4, 6), (0, 1)), ((9, 4, 6), (1,)), ((9, 4, 6), (1, 2))])
 def test_mean_sq_equals_the_plain_formula_across_chunk_boundaries(monkeypatch, shape, reduce):
-    from lowmem.compress.optim import engine
-    monkeypatch.setattr(engine, "_CHUNK_BYTES", 3 * 8 * shape[-1])    # a few rows per chunk, a ragged last one
+    from lowmem.compress.optim import layout
+    monkeypatch.setattr(layout, "_CHUNK_BYTES", 3 * 8 * shape[-1])    # a few rows per chunk, a ragged last one
     x = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(engine.mean_sq(x, reduce), (x * x).mean(dim=reduce, keepdim=True),
+    torch.testing.assert_close(layout.mean_sq(x, reduce), (x * x).mean(dim=reduce, keepdim=True),
                                rtol=1e-13, atol=0)
 
 

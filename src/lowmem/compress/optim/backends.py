@@ -1,0 +1,284 @@
+"""The step of the plan engine as functions over lists of tensors, and the one place that decides
+which of them runs (DESIGN §5).
+
+`ReducedAdamW` keeps the books (groups, lazy state, checks, checkpoints) and hands each group's
+work to this module as `Bucket`s: tensors of one device and dtype, one kind of layout and one step
+count, their gradients already local (a row-sharded parameter's shard) and negated for
+``maximize``. `choose_backend` picks, per bucket, the first backend of the group's preference that
+serves the bucket's `BucketKey`; the backend updates parameters and states in place:
+
+    m ← β1 m + (1−β1) g
+    v ← β2 v + (1−β2) mean_r(g²)              (per block of the layout; full Adam: g²)
+    θ ← θ (1 − lr·λ)
+    θ ← θ − lr/(1−β1^t) · m / (sqrt(v) / sqrt(1−β2^t) + ε)
+
+The host scalars (`StepScalars`: bias corrections, step size, decay factor) are computed once per
+bucket, since a bucket has one step count. Backends:
+
+- ``reference``: the readable specification, one tensor and one block at a time; it serves every
+  bucket (low-precision and non-contiguous parameters step through a state-dtype copy).
+- ``foreach``: element-wise work batched with `torch._foreach_*`, reductions along the contiguous
+  axis without full-size temporaries (`layout.mean_sq`).
+- ``fused``: full-Adam tensors on CPU through `torch._fused_adamw_`, the kernel of
+  ``AdamW(fused=True)`` (one vectorised pass; it reads step counts from CPU tensors, which is why
+  it serves CPU only).
+- ``compiled``: `torch.compile` of the update over a bucket's lists of tensors whose reduction is
+  leading or trailing (`_canonical`), scalars as 0-d tensors refilled each step, so a new step
+  does not recompile.
+
+Every backend serves sharded layouts through the two layout operations (`block_means`,
+``land``), except the compiled and fused ones, which take single-process tensors only.
+
+To add a backend (a fused CPU or Triton kernel): write ``fn(bucket, scalars)``, say which buckets
+it `serves`, add it to `BACKENDS` and to the `PREFERENCE` orders it belongs in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lowmem.compress.optim.layout import Block, Layout, ShardedLayout, block_means
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """What decides a backend for a group of tensors.
+
+    Attributes:
+        device: where the tensors live.
+        dtype: the parameters' dtype.
+        native: parameters are in the state dtype and parameters and gradients are contiguous
+            (else only the reference backend, which steps through a copy, takes them).
+        kind: ``"full"`` (plain Adam, one block), ``"canonical"`` (one block whose reduction is
+            leading or trailing, `_canonical`), ``"general"`` (other single-process layouts,
+            parts, 0-d tensors) or ``"sharded"`` (row-sharded FSDP2 parameters).
+        step: the step count t the tensors take now (1-based).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    native: bool
+    kind: str
+    step: int
+
+
+@dataclass
+class Bucket:
+    """Tensors that one backend call steps together (all local tensors, updated in place).
+
+    Attributes:
+        params: the parameters (this rank's shard of a sharded one).
+        grads: their gradients, negated for ``maximize``.
+        exp_avgs, exp_avg_sqs: their states (local tensors).
+        layouts: each parameter's `Layout` or `ShardedLayout`.
+        steps: the step-count tensors (already counted up), for kernels that read them.
+        state_dtype: the dtype of the states.
+        scratch: a per-optimizer cache a backend may keep small tensors in across steps.
+    """
+
+    key: BucketKey
+    state_dtype: torch.dtype
+    scratch: dict
+    params: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    layouts: list[Layout | ShardedLayout] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """The host scalars of one group at step t, computed once for a bucket."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int
+
+    @property
+    def decay(self) -> float:
+        return 1 - self.lr * self.weight_decay
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1 ** self.step)
+
+    @property
+    def bc2_sqrt(self) -> float:
+        return (1 - self.beta2 ** self.step) ** 0.5
+
+
+def kind_of(layout: Layout | ShardedLayout, param: torch.Tensor) -> str:
+    """The `BucketKey.kind` of a parameter kept as `layout`."""
+    if isinstance(layout, ShardedLayout):
+        return "sharded"
+    if param.dim() == 0 or layout.flat:
+        return "general"
+    if not layout.compressed:
+        return "full"
+    return "canonical" if _canonical(layout.blocks[0]) is not None else "general"
+
+
+# -- reference ----------------------------------------------------------------------------------
+def reference_step(b: Bucket, s: StepScalars) -> None:
+    """The readable update, one tensor and one block at a time, in torch AdamW's order."""
+    dtype = b.state_dtype
+    grads = [g.to(dtype) for g in b.grads]
+    means = block_means(list(zip(b.layouts, grads)), chunked=False)
+    for p, grad, m, v_all, lay, block_mean in zip(b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, means):
+        param = p if p.dtype == dtype else p.detach().to(dtype)   # low-precision params: via a state-dtype copy
+        param.mul_(s.decay)
+        m.lerp_(grad, 1 - s.beta1)
+        for i, block in enumerate(lay.blocks):
+            v = lay.v_of(v_all, i)
+            if block.reduce is None:
+                g = lay.g_of(grad, i)
+                v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+            else:
+                v.mul_(s.beta2).add_(block_mean[i], alpha=1 - s.beta2)
+            denom = (v.sqrt() / s.bc2_sqrt).add_(s.eps)
+            lay.land(param, i, m, denom, -s.step_size)
+        if param is not p:
+            p.copy_(param)
+
+
+# -- foreach ------------------------------------------------------------------------------------
+def foreach_step(b: Bucket, s: StepScalars) -> None:
+    """The reference update with the element-wise work batched over the bucket's tensors and
+    blocks, and every reduction along the contiguous axis (`layout.mean_sq`)."""
+    if s.weight_decay != 0:
+        torch._foreach_mul_(b.params, s.decay)
+    torch._foreach_lerp_(b.exp_avgs, b.grads, 1 - s.beta1)
+    means = block_means(list(zip(b.layouts, b.grads)), chunked=True)
+    full_v, full_g, red_v, red_mean, lands = [], [], [], [], []
+    for p, g, m, v_all, lay, block_mean in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, means):
+        for i, block in enumerate(lay.blocks):
+            v = lay.v_of(v_all, i)
+            if block.reduce is None:
+                full_v.append(v)
+                full_g.append(lay.g_of(g, i))
+            else:
+                red_v.append(v)
+                red_mean.append(block_mean[i])
+            lands.append((lay, p, i, m, v))
+    if full_v:
+        torch._foreach_mul_(full_v, s.beta2)
+        torch._foreach_addcmul_(full_v, full_g, full_g, value=1 - s.beta2)
+    if red_v:
+        torch._foreach_mul_(red_v, s.beta2)
+        torch._foreach_add_(red_v, red_mean, alpha=1 - s.beta2)
+    denoms = torch._foreach_sqrt([v for *_, v in lands])
+    torch._foreach_div_(denoms, s.bc2_sqrt)
+    torch._foreach_add_(denoms, s.eps)
+    for (lay, p, i, m, _), denom in zip(lands, denoms):
+        lay.land(p, i, m, denom, -s.step_size)
+
+
+# -- fused (torch's AdamW kernel) -----------------------------------------------------------------
+def fused_adamw_step(b: Bucket, s: StepScalars) -> None:
+    """Full-Adam tensors through `torch._fused_adamw_` (the kernel of ``AdamW(fused=True)``)."""
+    torch._fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, [], b.steps, amsgrad=False, lr=s.lr,
+                        beta1=s.beta1, beta2=s.beta2, weight_decay=s.weight_decay, eps=s.eps, maximize=False,
+                        grad_scale=None, found_inf=None)
+
+
+# -- compiled -----------------------------------------------------------------------------------
+def _canonical(block: Block) -> tuple[tuple[int, ...], tuple[int, ...], int | None] | None:
+    """(shape, v shape, dim) of the block as a 1-D or 2-D problem, or None when its reduce dims
+    are neither leading nor trailing. Few canonical forms keep `torch.compile` to few graphs."""
+    view, reduce = block.view, block.reduce
+    n = math.prod(view)
+    if reduce is None:
+        return (n,), (n,), None
+    if len(reduce) == len(view):
+        return (n,), (1,), 0
+    k = len(view) - len(reduce)
+    if reduce == tuple(range(k, len(view))):
+        rows = math.prod(view[:k])
+        return (rows, n // rows), (rows, 1), 1
+    if reduce == tuple(range(len(reduce))):
+        rows = math.prod(view[:len(reduce)])
+        return (rows, n // rows), (1, n // rows), 0
+    return None
+
+
+def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, decay, beta1, beta2, eps, step_size, bc2_sqrt,
+                     dims: tuple[int | None, ...]) -> None:
+    """The whole update of a list of tensors in canonical form (`_canonical`), for
+    `torch.compile` to fuse; the scalars are 0-d tensors, so a new step does not recompile."""
+    for param, grad, exp_avg, exp_avg_sq, dim in zip(params, grads, exp_avgs, exp_avg_sqs, dims):
+        param.mul_(decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        if dim is None:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:
+            exp_avg_sq.mul_(beta2).add_((grad * grad).mean(dim=dim, keepdim=True) * (1 - beta2))
+        param.sub_(exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * step_size)
+
+
+_compiled_fn: Callable | None = None
+
+
+def compiled_step(b: Bucket, s: StepScalars) -> None:
+    """`_compiled_update` over the bucket's lists, viewed in canonical form."""
+    global _compiled_fn
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_update, dynamic=True, fullgraph=True)
+    forms = [_canonical(lay.blocks[0]) for lay in b.layouts]
+    scalars = b.scratch.get(("compiled", b.key.device, b.state_dtype))
+    if scalars is None:   # made once per device and dtype, refilled each step
+        scalars = [torch.zeros((), dtype=b.state_dtype, device=b.key.device) for _ in range(6)]
+        b.scratch[("compiled", b.key.device, b.state_dtype)] = scalars
+    for t, x in zip(scalars, (s.decay, s.beta1, s.beta2, s.eps, s.step_size, s.bc2_sqrt)):
+        t.fill_(x)
+    with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+        _compiled_fn([p.view(f[0]) for p, f in zip(b.params, forms)],
+                     [g.view(f[0]) for g, f in zip(b.grads, forms)],
+                     [m.view(f[0]) for m, f in zip(b.exp_avgs, forms)],
+                     [v.view(f[1]) for v, f in zip(b.exp_avg_sqs, forms)],
+                     *scalars, tuple(f[2] for f in forms))
+
+
+# -- the choice ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a bucket: ``fn(bucket, scalars)`` and which buckets it can take."""
+
+    name: str
+    fn: Callable[[Bucket, StepScalars], None]
+    serves: Callable[[BucketKey], bool]
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("reference", reference_step, lambda k: True),
+    Backend("foreach", foreach_step, lambda k: k.native),
+    Backend("fused", fused_adamw_step, lambda k: k.native and k.kind == "full" and k.device.type == "cpu"),
+    Backend("compiled", compiled_step, lambda k: k.native and k.kind in ("full", "canonical")),
+)}
+
+# The backends each group option tries, in order: the first that serves a bucket runs it.
+# On CPU torch's fused AdamW kernel is faster than any per-op path for full-Adam tensors.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "reference": ("reference",),
+    "foreach": ("fused", "foreach", "reference"),
+    "compiled": ("compiled", "fused", "foreach", "reference"),
+}
+
+
+def choose_backend(key: BucketKey, preference: str) -> Backend:
+    """The backend that runs a bucket: the first of ``PREFERENCE[preference]`` that serves it."""
+    for name in PREFERENCE[preference]:
+        if BACKENDS[name].serves(key):
+            return BACKENDS[name]
+    raise AssertionError(f"no backend serves {key}")   # the reference serves every bucket
+
+
+__all__ = ["BACKENDS", "PREFERENCE", "Backend", "Bucket", "BucketKey", "StepScalars", "choose_backend",
+           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "reference_step"]

@@ -1,0 +1,200 @@
+"""Checkpoints of the plan engine: `ReducedAdamW.state_dict` and ``load_state_dict``, for
+single-process and row-sharded (FSDP2) parameters alike.
+
+A state dict is torch's plus ``"lowmem"`` (the optimizer, parameter names in group order and the
+plan, as plain data). Its ``exp_avg_sq`` is always the single-process one: a sharded parameter's
+flat local `v` is gathered (`ShardedLayout.gather`, all-reduced: `state_dict` is collective), so a
+checkpoint loads on any number of ranks. Loading accepts the optimizer's own checkpoints, another
+plan optimizer's under the same plan, and `torch.optim.AdamW`'s (a full `v` is averaged per plan).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowmem.compress.optim._common import StateSpec, check_hparams, check_state_dict, load_groups, step_tensor
+from lowmem.compress.optim.layout import Block, Layout, layout_of, reduce_v, sharded_means
+from lowmem.compress.plan import LayerPlan, PartPlan, PlanError
+from lowmem.layers import is_sharded, normalize_name
+from lowmem.sharding import RowShards, all_reduce_by_group
+
+if TYPE_CHECKING:
+    from lowmem.compress.optim.engine import ReducedAdamW
+
+
+def lowmem_meta(opt: ReducedAdamW) -> dict:
+    """The ``"lowmem"`` entry of a state dict: optimizer, kind, names in group order, plan."""
+    names = [opt._names[p] for g in opt.param_groups for p in g["params"]]
+    return {"optimizer": type(opt).__name__, "kind": opt.kind, "names": names,
+            "plan": opt.plan.to_json() if opt.plan is not None else None}
+
+
+def state_dict(opt: ReducedAdamW, sd: dict) -> dict:
+    """torch's state dict `sd` plus ``"lowmem"``: the optimizer, parameter names in group order and
+    the plan, as plain data (survives ``torch.load(weights_only=True)``).
+
+    For row-sharded (FSDP2) parameters ``exp_avg`` stays a DTensor and a compressed
+    ``exp_avg_sq`` is the whole single-process one, the same on every rank (gathered: every
+    rank must call this). So `torch.distributed.checkpoint` saves correct state, and the
+    checkpoint loads on any number of ranks."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    wholes = whole_v(opt, params)
+    for i, p in enumerate(params):
+        if p in wholes:
+            sd["state"][i] = {**sd["state"][i], "exp_avg_sq": wholes[p]}
+    sd["lowmem"] = lowmem_meta(opt)
+    return sd
+
+
+def whole_v(opt: ReducedAdamW, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+    """The single-process ``exp_avg_sq`` of each sharded parameter whose `v` is a flat local
+    tensor (`ShardedLayout.gather`, all-reduced: one collective per group and dtype)."""
+    out, pairs = {}, []
+    for p in params:
+        lay, st = opt._sharded.get(p), opt.state.get(p)
+        if lay is None or lay.like_param or not st or "exp_avg_sq" not in st:
+            continue
+        out[p] = lay.gather(opt._layouts[p], st["exp_avg_sq"])
+        pairs.append((out[p], lay.shards.group))
+    all_reduce_by_group(pairs)
+    return {p: t.view(opt._layouts[p].v_shape) for p, t in out.items()}
+
+
+def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
+    """Load a state dict of this optimizer, of another lowmem plan optimizer made under the
+    same plan, or of `torch.optim.AdamW` (full ``exp_avg_sq`` is then averaged per plan).
+
+    States take this optimizer's state dtype (fp32 for bf16/fp16 parameters, so a bf16
+    AdamW checkpoint steps here; fp32 `v` of bf16 parameters survives) and are copied, never
+    shared with the dict loaded. Everything is checked before anything is loaded: a refused
+    checkpoint leaves the optimizer as it was.
+
+    Raises:
+        TypeError: `state_dict` is not a dict.
+        ValueError: an entry is missing or malformed (another optimizer's checkpoint, a
+            ``step`` that is not a count, a state of the wrong shape), named in the message.
+        PlanError (a ValueError): the checkpoint was made under another plan.
+    """
+    check_state_dict(opt, state_dict, group_keys=("lr", "betas", "eps", "weight_decay"),
+                     check_group=lambda g: check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"]),
+                     spec=lambda p, group: state_spec(opt, p, group), names=opt._names,
+                     accepts="its own, another lowmem plan optimizer's under the same plan, or "
+                             "torch.optim.AdamW's",
+                     before_states=lambda sd: check_checkpoint_plan(opt, sd))   # the plan says why shapes differ
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved_state = state_dict["state"]
+    load_groups(opt, state_dict)   # groups and hyper-parameters only
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        if saved_state.get(pid):
+            state_from_checkpoint(opt, p, saved_state[pid])
+
+
+def state_spec(opt: ReducedAdamW, p: torch.Tensor, group: dict) -> StateSpec:
+    """What a loaded state of `p` must hold: ``exp_avg`` like `p`; ``exp_avg_sq`` as kept
+    here or, from an AdamW checkpoint, like `p` (global shapes for sharded parameters)."""
+    shape, v_shape = tuple(p.shape), opt._layouts[p].v_shape
+    return {"exp_avg": (shape,), "exp_avg_sq": (v_shape, shape)}, {}
+
+
+def check_checkpoint_plan(opt: ReducedAdamW, state_dict: dict) -> None:
+    """Refuse a checkpoint whose ``"lowmem"`` entry is unreadable or names another plan."""
+    if state_dict.get("lowmem") is None:   # torch's AdamW writes none
+        return
+    meta = state_dict["lowmem"]
+    plan = meta.get("plan") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not (plan is None or isinstance(plan, dict)) or \
+            not isinstance((plan or {}).get("layers") or {}, dict):
+        raise PlanError(f"checkpoint: its 'lowmem' entry is unreadable ({_shorten(meta)}); expected what "
+                        "state_dict() writes: {'optimizer', 'kind', 'names', 'plan': {'layers': {...}}}")
+    theirs = {normalize_name(k): v for k, v in (((plan or {}).get("layers")) or {}).items()}
+    ours = opt.plan.layers if opt.plan is not None else {}
+    for p, name in opt._names.items():
+        if theirs and name not in theirs:   # a plan covers every parameter of its model
+            raise PlanError(f"checkpoint: its plan has no entry for parameter {name!r}: it was made for "
+                            f"another model (its plan covers {_shorten(sorted(theirs))})")
+        a = layout_of(tuple(p.shape), ours.get(name))
+        try:
+            lp = LayerPlan(**_layer_plan_args(theirs[name])) if name in theirs else None
+            b = layout_of(tuple(p.shape), lp)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise PlanError(f"checkpoint: plan entry for {name!r} is unreadable ({e!r})") from None
+        if a.blocks != b.blocks:
+            raise PlanError(
+                f"checkpoint was made under another plan: parameter {name!r} keeps v as "
+                f"{_describe(b)} there and as {_describe(a)} here; build the optimizer from the "
+                "checkpoint's plan (state_dict['lowmem']['plan']) or load an AdamW checkpoint instead")
+
+
+def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> None:
+    """Put a checked saved state of `p` in `opt.state`, in this optimizer's dtypes and layout."""
+    layout, name = opt._layouts[p], opt._names[p]
+    dtype = opt.state_dtype_of(p)
+    out = {}
+    for key, value in saved.items():
+        if key == "step":
+            out[key] = step_tensor(value).cpu()
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+        else:
+            out[key] = value
+    v = out.get("exp_avg_sq")
+    lay = opt._sharded.get(p)
+    if lay is not None:
+        for key in ("exp_avg", "exp_avg_sq"):   # a single-process checkpoint: this rank's rows
+            t = out.get(key)
+            if t is not None and not is_sharded(t) and tuple(t.shape) == tuple(p.shape) and \
+                    (key == "exp_avg" or lay.like_param):
+                out[key] = _shard_like(t, p, lay.shards)
+        v = None if lay.like_param else out.get("exp_avg_sq")
+    if v is not None and lay is not None:
+        if tuple(v.shape) == tuple(p.shape) and is_sharded(v):   # a sharded AdamW v: average it per plan
+            shard = v.to_local()
+            means = sharded_means([(lay, shard)], square=False)[0]
+            out["exp_avg_sq"] = torch.cat([sb.entries(shard).reshape(-1) if m is None else m
+                                           for sb, m in zip(lay.blocks, means)])
+        elif tuple(v.shape) == tuple(p.shape) and layout.compressed:   # a single-process AdamW v
+            out["exp_avg_sq"] = lay.take(reduce_v(v, layout))
+        elif tuple(v.shape) == layout.v_shape:
+            out["exp_avg_sq"] = lay.take(v)
+        else:
+            raise PlanError(f"checkpoint: exp_avg_sq of {name!r} has shape {tuple(v.shape)}, expected "
+                            f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
+    elif v is not None and tuple(v.shape) != layout.v_shape:
+        if tuple(v.shape) == tuple(p.shape) and layout.compressed:
+            out["exp_avg_sq"] = reduce_v(v, layout)   # a full AdamW v: average it per plan
+        else:
+            raise PlanError(f"checkpoint: exp_avg_sq of {name!r} has shape {tuple(v.shape)}, expected "
+                            f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
+    for k in ("max_exp_avg_sq",):   # AMSGrad state has no meaning here
+        out.pop(k, None)
+    opt.state[p] = out
+
+
+def _shard_like(t: torch.Tensor, p: torch.Tensor, shards: RowShards) -> torch.Tensor:
+    """A whole parameter-shaped tensor as a DTensor sharded like `p` (this rank's rows of it)."""
+    from torch.distributed.tensor import DTensor
+
+    rows = t[slice(*shards.rows)].contiguous()
+    return DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _layer_plan_args(d: dict) -> dict:
+    parts = [PartPlan(p["name"], p["dim"], p["start"], p["stop"], p["view"], p["reduce"]) for p in d["parts"]] \
+        if d.get("parts") else None
+    return dict(shape=d["shape"], role=d.get("role", "other"), view=d["view"], reduce=d["reduce"], parts=parts)
+
+
+def _shorten(x: Any, n: int = 80) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _describe(layout: Layout) -> str:
+    def one(b: Block) -> str:
+        where = "" if b.dim is None else f"[{b.start}:{b.stop}] "
+        return f"{where}view {list(b.view)} reduce {None if b.reduce is None else list(b.reduce)}"
+    return "; ".join(one(b) for b in layout.blocks)
+
