@@ -32,6 +32,18 @@ readable form, term by term, that the tests hold it to.
 State per projected m×n matrix: P (m·r) + M (r·n) + row (r) + col (n) + res (n) entries, i.e.
 (m + n)·r + r + 2n — the paper's count — in fp32 (fp64 for fp64 parameters).
 
+On a row-sharded (FSDP2) parameter each rank runs the same code on its own rows, and the
+collectives are these. Sums over the split axis are completed by all-reducing partial sums
+(`lowmem.sharding.all_reduce_sum`, passed in as `sum_over_rows` / `sum_over_cols` of
+`adamem_update` and `_factored_precondition`; None in one process), at most one collective per
+parameter and step: a projected M×N matrix with M ≤ N (rows split) sums R = Pᵀ G and G's column
+sums of squares, after which its r×n momentum and statistics are the same on every rank; with
+M > N, g = Gᵀ has its columns split, so the momentum, ``col_var``, ``res_col_var`` and D₃ are
+this rank's columns (states kept as DTensors) and only M̂²'s row sums are summed; an Adafactor matrix
+sums its column sums of squares and its row statistic's sum (the row statistic is this rank's
+rows); a vector's statistic stays on the rank. At a projector refresh the whole gradient is
+gathered, P computed on the group's first rank and broadcast, so every rank holds the same P.
+
 **AdafactorMomentum** — `torch.optim.Adafactor`'s rule (Shazeer & Stern 2018 as torch implements
 it: β2ₜ = 1 − t^beta2_decay, relative step size, update clipping by d, decoupled weight decay by
 lr) with momentum β1 on the clipped update, the baseline the AdaMeM paper compares with. With
@@ -41,8 +53,10 @@ lr) with momentum β1 on the clipped update, the baseline the AdaMeM paper compa
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,6 +73,10 @@ from lowmem.layers import resolve_layers
 # and last layers").
 PLAIN_ROLES = ("embedding", "lm_head")
 PROJECTORS = ("svd", "randomized")
+
+# Adds every rank's partial sums in place (`lowmem.sharding.all_reduce_sum` over a parameter's
+# shard group): the sums over the axis of a matrix that is split across ranks.
+ReduceSum = Callable[[list[torch.Tensor]], None]
 
 
 def matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
@@ -180,7 +198,8 @@ def adamem_directions(g: torch.Tensor, state: dict, t: int, betas: tuple[float, 
 
 
 def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, float], eps: float,
-                  scale: float) -> torch.Tensor:
+                  scale: float, *, shape: tuple[int, int] | None = None, sum_over_rows: ReduceSum | None = None,
+                  sum_over_cols: ReduceSum | None = None) -> torch.Tensor:
     """P N1 + δ N2 of `adamem_directions` (same state updates) with two m×n×r matmuls instead of
     three, never forming the residual S: P's columns are orthonormal, so S's column sums of
     squares are G's minus R's (Pythagoras), and with N2 = S D₃ = (G − P R) D₃,
@@ -188,16 +207,26 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
         P N1 + δ N2 = P (N1 − δ R D₃) + δ G D₃.
 
     Both forms take a residual column at round-off level as 0 (`_residual_columns`), so the
-    subtraction's lost digits never reach the update."""
+    subtraction's lost digits never reach the update.
+
+    On one rank's part of a matrix split across ranks (FSDP2), `g` is that part and `shape` the
+    whole matrix's (m, n). Rows split: ``state["proj"]`` is this rank's rows of P, and
+    `sum_over_rows` completes R and G's column sums of squares. Columns split: ``exp_avg``,
+    ``col_var`` and ``res_col_var`` are this rank's columns, and `sum_over_cols` completes the
+    row sums of M̂². None (the default) where `g` is whole along that axis."""
     beta1, beta2 = betas
+    m, n = g.shape if shape is None else shape
     proj, exp_avg = state["proj"], state["exp_avg"]
     low = proj.T @ g                                        # R = Pᵀ G            (r×n)
+    col_g2 = _column_sq_sum(g)
+    if sum_over_rows is not None:
+        sum_over_rows([low, col_g2])
     exp_avg.lerp_(low, 1 - beta1)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
     m_hat = exp_avg / bc1
-    n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps)
-    col_g2 = _column_sq_sum(g)
-    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), g.shape[0])
+    n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps, shape=(exp_avg.shape[0], n),
+                                sum_over_cols=sum_over_cols)
+    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), m)
     state["res_col_var"].lerp_(res, 1 - beta2)
     d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)            # D₃'s diagonal (n)
     x = n1.sub_(low.mul_(d3), alpha=scale)                  # N1 − δ R D₃         (r×n)
@@ -226,15 +255,39 @@ def _column_sq_sum(g: torch.Tensor) -> torch.Tensor:
 
 
 def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2: float, bc2: float,
-                           eps: float, row_means: torch.Tensor | None = None) -> torch.Tensor:
+                           eps: float, *, shape: tuple[int, int] | None = None,
+                           sum_over_rows: ReduceSum | None = None,
+                           sum_over_cols: ReduceSum | None = None) -> torch.Tensor:
     """x / (sqrt(V̂ / bc2) + ε) with V̂ = row ⊗ col / mean(row), after folding the squares `x2`
-    (a matrix) into ``state["row_var"]`` (its row means, or `row_means` given: those of a matrix
-    whose columns are sharded) and ``state["col_var"]`` (column means)."""
-    state["row_var"].lerp_(x2.mean(dim=1) if row_means is None else row_means, 1 - beta2)
-    state["col_var"].lerp_(x2.mean(dim=0), 1 - beta2)
-    row = state["row_var"]
-    v_hat = torch.outer(row / row.mean().clamp(min=torch.finfo(row.dtype).tiny), state["col_var"])
+    (a matrix) into ``state["row_var"]`` (row means) and ``state["col_var"]`` (column means).
+
+    On one rank's part of a matrix split across ranks, `shape` is the whole matrix's, and the
+    sums over the split axis are completed as in `adamem_update`: `sum_over_rows` the column sums
+    and the row statistic's sum (one call; ``row_var`` is this rank's rows), or `sum_over_cols`
+    the row sums (``col_var`` is this rank's columns)."""
+    rows, cols = x.shape if shape is None else shape
+    row_var, col_var = state["row_var"], state["col_var"]
+    if sum_over_cols is None:
+        row_var.lerp_(x2.mean(dim=1), 1 - beta2)
+    else:
+        row_sums = x2.sum(dim=1)
+        sum_over_cols([row_sums])
+        row_var.lerp_(row_sums.div_(cols), 1 - beta2)
+    if sum_over_rows is None:
+        col_var.lerp_(x2.mean(dim=0), 1 - beta2)
+        row_mean = row_var.mean()
+    else:
+        sums = [x2.sum(dim=0), row_var.sum().reshape(1)]
+        sum_over_rows(sums)
+        col_var.lerp_(sums[0].div_(rows), 1 - beta2)
+        row_mean = sums[1].div_(rows)
+    v_hat = torch.outer(row_var / row_mean.clamp(min=torch.finfo(row_var.dtype).tiny), col_var)
     return x / v_hat.div_(bc2).sqrt_().add_(eps)
+
+
+def _sum_over_ranks(shards: RowShards | None) -> ReduceSum | None:
+    """The `ReduceSum` of a row-sharded parameter's shard group; None in one process."""
+    return None if shards is None else functools.partial(all_reduce_sum, group=shards.group)
 
 
 def _check_adamem_group(g: dict) -> None:
@@ -374,12 +427,8 @@ class AdaMeM(torch.optim.Optimizer):
                 grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
                     grad = -grad
-                if p in self._shards:
-                    update = (self._sharded_projected_update if self._projected.get(p)
-                              else self._sharded_adafactor_update)(p, grad, group, self._shards[p])
-                else:
-                    update = (self._projected_update(p, grad, group) if self._projected.get(p)
-                              else self._adafactor_update(p, grad, group))
+                update = (self._projected_update if self._projected.get(p)
+                          else self._adafactor_update)(p, grad, group, self._shards.get(p))
                 lr = as_float(group["lr"])
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
@@ -395,126 +444,59 @@ class AdaMeM(torch.optim.Optimizer):
         state["step"] += 1
         return state, int(state["step"].item())
 
-    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-        """P N1 + δ N2 for a projected matrix, in `p`'s shape."""
-        state, t = self._init_step(p)
-        g = grad.reshape(grad.shape[0], -1)
-        transposed = g.shape[0] > g.shape[1]
-        if transposed:
-            g = g.T                                         # m ≤ n
-        m, n = g.shape
-        r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
-        if "proj" not in state:
-            state.update(proj=g.new_zeros(m, r), exp_avg=g.new_zeros(r, n), row_var=g.new_zeros(r),
-                         col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
-        elif state["proj"].shape != (m, r):
-            raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projector is {tuple(state['proj'].shape)} "
-                             f"but the group's rank asks for {(m, r)}; the rank cannot change once "
-                             "training has started")
-        _cast_states(state, g.dtype)
-        if (t - 1) % group["update_proj_gap"] == 0:
-            state["proj"].copy_(self._project(g, r, state["proj"] if t > 1 else None, group, p, t))
-        update = adamem_update(g, state, t, group["betas"], group["eps"], group["scale"])
-        return (update.T if transposed else update).reshape(p.shape)
-
-    def _sharded_projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                                  shards: RowShards) -> torch.Tensor:
-        """`_projected_update` on this rank's rows of a row-sharded (FSDP2) matrix G (M×N).
-
-        The projector P is the same on every rank (computed from the gathered gradient at a
-        refresh and broadcast from the group's first rank). When M ≤ N, G's rows are the rows of
-        g = G: R = Pᵀ G and G's column sums of squares are all-reduced partial sums, and the r×n
-        momentum and its statistics are the same on every rank. When M > N, g = Gᵀ and its
-        columns are sharded: R's columns, the momentum's, the column statistics and D₃ stay on
-        the rank (kept as DTensors sharded along the columns), and only the momentum's row means
-        are all-reduced. One collective per step, plus a gather and a broadcast at a refresh."""
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                          shards: RowShards | None) -> torch.Tensor:
+        """P N1 + δ N2 for a projected matrix G (M×N), in `grad`'s shape: `adamem_update` on
+        g = G, or on g = Gᵀ when M > N (so that m ≤ n). Row-sharded (`shards`): `grad` is this
+        rank's rows, and the collectives are those the module docstring lists."""
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
         transposed = big_m > big_n
         g = grad.reshape(grad.shape[0], -1)
         if transposed:
-            g = g.T                                        # (N, rows here): columns sharded
+            g = g.T                                         # m ≤ n; sharded: its columns split
         m, n = (big_n, big_m) if transposed else (big_m, big_n)
         r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
         if "proj" not in state:
-            state.update(proj=g.new_zeros(m, r), row_var=g.new_zeros(r))
-            if transposed:   # this rank's columns, as DTensors
-                state.update(exp_avg=rows_state(g.new_zeros(r, g.shape[1]), p, 1, (r, n)),
-                             col_var=rows_state(g.new_zeros(g.shape[1]), p, 0, (n,)),
-                             res_col_var=rows_state(g.new_zeros(g.shape[1]), p, 0, (n,)))
-            else:
-                state.update(exp_avg=g.new_zeros(r, n), col_var=g.new_zeros(n), res_col_var=g.new_zeros(n))
+            cols = g.shape[1]                               # n, or this rank's columns
+            exp_avg, col_var, res_col_var = g.new_zeros(r, cols), g.new_zeros(cols), g.new_zeros(cols)
+            if shards is not None and transposed:           # this rank's columns, as DTensors
+                exp_avg, col_var, res_col_var = (rows_state(exp_avg, p, 1, (r, n)), rows_state(col_var, p, 0, (n,)),
+                                                 rows_state(res_col_var, p, 0, (n,)))
+            state.update(proj=g.new_zeros(m, r), exp_avg=exp_avg, row_var=g.new_zeros(r), col_var=col_var,
+                         res_col_var=res_col_var)
         elif state["proj"].shape != (m, r):
             raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projector is {tuple(state['proj'].shape)} "
                              f"but the group's rank asks for {(m, r)}; the rank cannot change once "
                              "training has started")
         _cast_states(state, g.dtype)
         if (t - 1) % group["update_proj_gap"] == 0:
-            whole = gathered(p.grad).to(g.dtype).reshape(big_m, big_n)   # every rank joins the gather
-            if shards.rank == 0:
-                whole = -whole if group["maximize"] else whole
-                proj = self._project(whole.T if transposed else whole, r, state["proj"] if t > 1 else None,
-                                     group, p, t)
-            else:
-                proj = torch.empty_like(state["proj"])
-            del whole
-            dist.broadcast(proj, group=shards.group, group_src=0)
-            state["proj"].copy_(proj)
-        beta1, beta2 = group["betas"]
-        eps, scale = group["eps"], group["scale"]
-        state = {k: local(v) for k, v in state.items()}   # the DTensors' local parts, updated in place
-        proj, exp_avg = state["proj"], state["exp_avg"]
-        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        if not transposed:
-            proj = proj[slice(*shards.rows)]               # this rank's rows of P
-            low = proj.T @ g                               # partial R = Pᵀ G     (r×n)
-            col_g2 = _column_sq_sum(g)
-            all_reduce_sum([low, col_g2], shards.group)
-            exp_avg.lerp_(low, 1 - beta1)
-            m_hat = exp_avg / bc1
-            n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps)
-        else:
-            low = proj.T @ g                               # R's columns here      (r×n_here)
-            col_g2 = _column_sq_sum(g)
-            exp_avg.lerp_(low, 1 - beta1)
-            m_hat = exp_avg / bc1
-            m2 = m_hat.square()
-            row_sums = m2.sum(dim=1)
-            all_reduce_sum([row_sums], shards.group)
-            n1 = _factored_precondition(m_hat, m2, state, beta2, bc2, eps, row_means=row_sums.div_(n))
-        live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), m)
-        state["res_col_var"].lerp_(res, 1 - beta2)
-        d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)
-        x = n1.sub_(low.mul_(d3), alpha=scale)
-        update = (g * d3.mul_(scale)).addmm_(proj, x)
+            state["proj"].copy_(self._refreshed_projector(p, g, state["proj"] if t > 1 else None, r, group, t,
+                                                          shards, transposed))
+        here = {k: local(v) for k, v in state.items()}     # the DTensors' local parts, updated in place
+        reduce = _sum_over_ranks(shards)
+        if shards is not None and not transposed:
+            here["proj"] = here["proj"][slice(*shards.rows)]   # this rank's rows of P
+        update = adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], shape=(m, n),
+                               sum_over_rows=None if transposed else reduce,
+                               sum_over_cols=reduce if transposed else None)
         return (update.T if transposed else update).reshape(grad.shape)
 
-    def _sharded_adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                                  shards: RowShards) -> torch.Tensor:
-        """`_adafactor_update` on this rank's rows: the column statistic and the mean of the row
-        statistic are all-reduced partial sums (one collective); a vector's stays on the rank."""
-        state, t = self._init_step(p)
-        beta2, eps = group["betas"][1], group["eps"]
-        bc2 = 1 - beta2 ** t
-        _cast_states(state, grad.dtype)
-        mn = matrix_shape(p.shape)
-        if mn is None:
-            if "variance" not in state:
-                state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # a DTensor like p
-            variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
-            return grad / (variance / bc2).sqrt_().add_(eps)
-        g = grad.reshape(grad.shape[0], -1)
-        if "row_var" not in state:
-            state.update(row_var=rows_state(g.new_zeros(g.shape[0]), p, 0, (mn[0],)), col_var=g.new_zeros(mn[1]))
-        state = {k: local(v) for k, v in state.items()}
-        g2 = g.square()
-        state["row_var"].lerp_(g2.mean(dim=1), 1 - beta2)
-        sums = [g2.sum(dim=0), state["row_var"].sum().reshape(1)]
-        all_reduce_sum(sums, shards.group)
-        state["col_var"].lerp_(sums[0].div_(mn[0]), 1 - beta2)
-        row_mean = sums[1].div_(mn[0]).clamp_(min=torch.finfo(g.dtype).tiny)
-        v_hat = torch.outer(state["row_var"] / row_mean, state["col_var"])
-        return (g / v_hat.div_(bc2).sqrt_().add_(eps)).reshape(grad.shape)
+    def _refreshed_projector(self, p: torch.Tensor, g: torch.Tensor, previous: torch.Tensor | None, r: int,
+                             group: dict, t: int, shards: RowShards | None, transposed: bool) -> torch.Tensor:
+        """P (m×r) of the gradient g. Row-sharded: of the whole gradient, gathered (every rank
+        joins), computed on the group's first rank and broadcast, so every rank holds the same P."""
+        if shards is None:
+            return self._project(g, r, previous, group, p, t)
+        whole = gathered(p.grad).to(g.dtype).reshape(matrix_shape(p.shape))
+        whole = whole.T if transposed else whole            # m×n
+        if shards.rank == 0:
+            proj = self._project(-whole if group["maximize"] else whole, r, previous, group, p, t)
+        else:
+            proj = whole.new_empty(whole.shape[0], r)
+        del whole
+        dist.broadcast(proj, group=shards.group, group_src=0)
+        return proj
 
     def _project(self, g, r, previous, group, p, t) -> torch.Tensor:
         if group["projector"] == "svd":
@@ -524,22 +506,29 @@ class AdaMeM(torch.optim.Optimizer):
         gen.manual_seed(((self.seed * 1_000_003 + name) * 1_000_003 + t) % (1 << 63))
         return randomized_left_singular_vectors(g, r, previous, gen)
 
-    def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
-        """Algorithm 3 on the gradient itself, without momentum (embeddings, LM head, vectors)."""
+    def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                          shards: RowShards | None) -> torch.Tensor:
+        """Algorithm 3 on the gradient itself, without momentum (embeddings, LM head, vectors), in
+        `grad`'s shape. Row-sharded (`shards`): `grad` is this rank's rows, and the collectives
+        are those the module docstring lists."""
         state, t = self._init_step(p)
         beta2, eps = group["betas"][1], group["eps"]
         bc2 = 1 - beta2 ** t
         _cast_states(state, grad.dtype)
-        mn = matrix_shape(grad.shape)
+        mn = matrix_shape(p.shape)
         if mn is None:
             if "variance" not in state:
-                state["variance"] = torch.zeros_like(grad)
-            state["variance"].lerp_(grad.square(), 1 - beta2)
-            return grad / (state["variance"] / bc2).sqrt_().add_(eps)
-        g = grad.reshape(mn)
+                state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # sharded: a DTensor like p
+            variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
+            return grad / (variance / bc2).sqrt_().add_(eps)
+        g = grad.reshape(grad.shape[0], -1)
         if "row_var" not in state:
-            state.update(row_var=g.new_zeros(mn[0]), col_var=g.new_zeros(mn[1]))
-        return _factored_precondition(g, g.square(), state, beta2, bc2, eps).reshape(grad.shape)
+            row_var = g.new_zeros(g.shape[0])              # sharded: this rank's rows, as a DTensor
+            state.update(row_var=row_var if shards is None else rows_state(row_var, p, 0, (mn[0],)),
+                         col_var=g.new_zeros(mn[1]))
+        here = {k: local(v) for k, v in state.items()}
+        return _factored_precondition(g, g.square(), here, beta2, bc2, eps, shape=mn,
+                                      sum_over_rows=_sum_over_ranks(shards)).reshape(grad.shape)
 
 
 # -- Adafactor with momentum --------------------------------------------------------------------
