@@ -1,4 +1,4 @@
-"""The shared battery: every optimizer of the registry (conftest.OPTIMIZERS) crossed with the
+"""The shared battery: every optimizer of the registry (optim_cases.OPTIMIZERS) crossed with the
 generic checks of ../shared/notes/optimizer-checks.md. Each assertion compares with an independent
 number: a run of the same optimizer on another path or from a checkpoint, `torch.optim.AdamW`,
 hand arithmetic, or the starting parameters."""
@@ -15,8 +15,8 @@ from torch import nn
 import lowmem
 from lowmem.compress import PlanError, PlanMismatchError, build_preset
 
-from conftest import (OPTIMIZERS, PLAN_OPTIMIZERS, TinyLM, preset_plan, skip_unless, tiny_loss,
-                      tiny_model)
+from optim_cases import (OPTIMIZERS, PLAN_OPTIMIZERS, TinyLM, preset_plan, skip_unless, tiny_loss,
+                         tiny_model)
 
 
 def train(model, opt, steps, start=0, closure=False):

@@ -10,7 +10,7 @@ import torch
 
 import lowmem
 
-from conftest import OPTIMIZERS, PLAN_OPTIMIZERS, tiny_loss, tiny_model
+from optim_cases import OPTIMIZERS, PLAN_OPTIMIZERS, tiny_loss, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
