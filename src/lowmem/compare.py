@@ -45,12 +45,12 @@ import torch
 from torch import nn
 
 from lowmem.compress.memory import optimizer_state_bytes
-from lowmem.compress.optim import AdaLayer, AdafactorMomentum, AdaMeM, AdamMini, Eve, SlimAdam
+from lowmem.compress.optim.registry import NAMES, REGISTRY, entry
 from lowmem.compress.plan import Plan, write_atomic
 from lowmem.probe import Task, TaskError, batch_at, build, call_user, check_gradients, check_loss, to_device
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
 
-OPTIMIZERS = ("adamw", "slimadam", "eve", "adam-mini", "adam-mini-paper", "adalayer", "adamem", "adafactor-momentum")
+OPTIMIZERS = NAMES   # every optimizer of the registry, in its order
 EXTRA_COLUMNS = ("opt_step_seconds", "init_sha", "batches_sha")
 SCHEMA = "lowmem.compare/1"
 
@@ -114,28 +114,13 @@ class SweepSettings:
 
 def make_optimizer(name: str, model: nn.Module, lr: float, settings: SweepSettings,
                    plan: Plan | None = None) -> torch.optim.Optimizer:
-    """The optimizer `name` (one of `OPTIMIZERS`, or ``"plan"``: the optimizer `plan` describes)."""
-    common = dict(lr=lr, weight_decay=settings.weight_decay)
-    betas = tuple(settings.betas)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), betas=betas, **common)
-    if name in ("slimadam", "plan"):
-        if name == "plan" and plan is None:
-            raise ValueError("optimizer 'plan' needs a plan")
-        return SlimAdam(model, plan, betas=betas, **common)
-    if name == "eve":
-        return Eve(model, betas=betas, **common)
-    if name == "adam-mini":
-        return AdamMini(model, betas=betas, **common)
-    if name == "adam-mini-paper":
-        return AdamMini(model, variant="paper", betas=betas, **common)
-    if name == "adalayer":
-        return AdaLayer(model, betas=betas, **common)
-    if name == "adamem":
-        return AdaMeM(model, betas=betas, **common)
-    if name == "adafactor-momentum":
-        return AdafactorMomentum(model, beta1=betas[0], **common)
-    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    """The optimizer `name` (a registry name, `OPTIMIZERS`, or ``"plan"``: SlimAdam with `plan`,
+    which also replaces the published rules of ``"slimadam"``)."""
+    if name == "plan" and plan is None:
+        raise ValueError("optimizer 'plan' needs a plan")
+    e = REGISTRY["slimadam"] if name == "plan" else entry(name)
+    return e.build(model, lr, tuple(settings.betas), settings.weight_decay,
+                   plan=plan if e.name == "slimadam" else None)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 
 import lowmem
 from lowmem.compress import PlanMismatchError, slimadam_rules
-from lowmem.compress import memory
+from lowmem.compress.optim import registry
 from lowmem.compress.configs import CONFIGS, GPT2Config, LlamaConfig, build_config_model
 from lowmem.compress.memory import StateCount, estimate_state_memory, optimizer_state_bytes
 from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM
@@ -20,7 +20,7 @@ from lowmem.layers import resolve_layers
 # Every row of the estimate and the optimizer that keeps that state (the plan row: the plan file).
 OPTIMIZERS = {
     "adamw": lambda model, plan: torch.optim.AdamW(model.parameters()),
-    "slimadam-rules": lambda model, plan: lowmem.SlimAdam(model),
+    "slimadam": lambda model, plan: lowmem.SlimAdam(model),
     "eve": lambda model, plan: lowmem.Eve(model),
     "adam-mini": lambda model, plan: lowmem.AdamMini(model),
     "adam-mini-paper": lambda model, plan: lowmem.AdamMini(model, variant="paper"),
@@ -90,7 +90,7 @@ def test_bf16_states_of_torch_adamw_match_two_bytes_per_entry():
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
-    estimate = estimate_state_memory(model, bytes_per_state=2, presets=())
+    estimate = estimate_state_memory(model, bytes_per_state=2, optimizers=())
     assert optimizer_state_bytes(optimizer).without_step == estimate["adamw"].total_bytes
 
 
@@ -113,7 +113,7 @@ def test_adam_mini_paper_table_1_within_one_percent(name, adamw_gb, adam_mini_gb
     # Zhang et al. 2024, Table 1: float32 m and v, GB = 1e9 bytes.
     model = build_config_model(name)
     assert all(p.is_meta for p in model.parameters())               # nothing allocated
-    estimate = estimate_state_memory(model, presets=("adam-mini-paper",))
+    estimate = estimate_state_memory(model, optimizers=("adam-mini-paper",))
     assert estimate["adamw"].total_bytes / 1e9 == pytest.approx(adamw_gb, rel=0.01)
     assert estimate["adam-mini-paper"].total_bytes / 1e9 == pytest.approx(adam_mini_gb, rel=0.01)
 
@@ -123,7 +123,7 @@ def test_eve_keeps_m_times_n_plus_one_entries_of_a_matrix_against_adamw_two_m_n(
     M, N = 6, 10
     with torch.device("meta"):
         lin = nn.Linear(N, M, bias=False)                          # weight (M, N)
-    estimate = estimate_state_memory(lin, presets=("eve",))
+    estimate = estimate_state_memory(lin, optimizers=("eve",))
     assert estimate["eve"].total_bytes == 4 * M * (N + 1) == 264
     assert estimate["adamw"].total_bytes == 4 * 2 * M * N == 480
     assert estimate["eve"].v_saved == pytest.approx(1 - M / (M * N))
@@ -135,8 +135,9 @@ def test_eve_keeps_m_times_n_plus_one_entries_of_a_matrix_against_adamw_two_m_n(
 def test_an_extra_row_without_an_m_v_split_reports_its_total_only(monkeypatch):
     with torch.device("meta"):
         lin = nn.Linear(10, 6, bias=False)
-    monkeypatch.setattr(memory, "EXTRA_ROWS", [("factored", lambda model: StateCount(None, None, 6 + 10))])
-    estimate = estimate_state_memory(lin, presets=())
+    monkeypatch.setitem(registry.REGISTRY, "factored", registry.OptimizerEntry(
+        "factored", AdafactorMomentum, "statistics", "-", lambda model, layers: StateCount(None, None, 6 + 10)))
+    estimate = estimate_state_memory(lin, optimizers=("factored",))
     assert [r.name for r in estimate.rows] == ["adamw", "factored"]
     row = estimate["factored"]
     assert (row.m_bytes, row.v_bytes, row.total_bytes, row.v_saved) == (None, None, 64, None)
@@ -146,7 +147,7 @@ def test_an_extra_row_without_an_m_v_split_reports_its_total_only(monkeypatch):
 def test_json_has_raw_bytes_and_rounded_shares():
     with torch.device("meta"):
         lin = nn.Linear(10, 6, bias=False)
-    doc = estimate_state_memory(lin, presets=("eve",)).to_json()
+    doc = estimate_state_memory(lin, optimizers=("eve",)).to_json()
     assert doc["model"] == {"class": "Linear", "parameters": 60} and doc["bytes_per_state"] == 4
     assert doc["optimizers"][1] == {"name": "eve", "m_bytes": 240, "v_bytes": 24, "total_bytes": 264,
                                     "v_saved": 0.9, "total_saved": 0.45}

@@ -24,9 +24,10 @@ from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_O
                                ArgumentParser, fraction, load_plan_file, nonneg_float, parse_device, positive_float,
                                positive_int, run_guarded, seed_int, training_progress, user_code, write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
-from lowmem.compress import PRESETS, Plan, PlanError, build_plan, build_preset, plan_state_memory
+from lowmem.compress import Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.compare import SweepSettings, has_runs, plan_digest, run_sweep
 from lowmem.compress.memory import estimate_state_memory, format_bytes
+from lowmem.compress.optim.registry import PLAN_PRESETS
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
@@ -86,7 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="among passing subsets take the highest SNR (default) or the most compression")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
-    p.add_argument("--preset", choices=PRESETS, help="write a preset plan for the model without training")
+    p.add_argument("--preset", choices=PLAN_PRESETS, help="write a preset plan for the model without training")
     p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
     p.add_argument("--require-saved", type=fraction, metavar="FRACTION",
                    help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")

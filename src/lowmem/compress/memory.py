@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
-from lowmem.compress.builders import PRESETS, build_preset
-from lowmem.compress.optim.adamem import adafactor_state_numel, adamem_state_numel
+from lowmem.compress.optim.registry import REGISTRY, StateCount, adamw_count, entry, plan_count
 from lowmem.compress.plan import Plan, model_record
 from lowmem.layers import ModelLayers, resolve_layers
 
@@ -109,46 +106,6 @@ def _tensor_bytes(value) -> int:
 # -- estimated from shapes -------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class StateCount:
-    """Entries of one optimizer's state for one model: `m`, `v` (None where a method does not
-    keep them apart) and all of it, step counters excluded."""
-
-    m: int | None
-    v: int | None
-    total: int
-
-    @classmethod
-    def of(cls, m: int, v: int) -> "StateCount":
-        return cls(m, v, m + v)
-
-
-def adamw_count(layers: ModelLayers) -> StateCount:
-    """AdamW: `m` and `v` for every entry of every trainable parameter (tied weights once)."""
-    n = sum(info.numel for info in layers)
-    return StateCount.of(n, n)
-
-
-def plan_count(plan: Plan, layers: ModelLayers) -> StateCount:
-    """A plan optimizer: full `m`, and `v` averaged over each parameter's reduce dims."""
-    return StateCount.of(sum(info.numel for info in layers), sum(plan.layers[info.name].v_kept for info in layers))
-
-
-def _adafactor_momentum(model: nn.Module) -> StateCount:
-    """Adafactor's factored statistics as `v`, and a full momentum `m`."""
-    v = adafactor_state_numel(model, momentum=False)
-    return StateCount.of(adafactor_state_numel(model, momentum=True) - v, v)
-
-
-# Rows after AdamW and the presets, before a given plan: (name, state entries from the model
-# alone). Each function must work on a meta-device model. AdaMeM's state (projector, momentum in
-# its basis, factored statistics) has no `m`/`v` split, so its row gives the total only.
-EXTRA_ROWS: list[tuple[str, Callable[[nn.Module], StateCount]]] = [
-    ("adamem", lambda model: StateCount(None, None, adamem_state_numel(model))),
-    ("adafactor-momentum", _adafactor_momentum),
-]
-
-
-@dataclass(frozen=True)
 class MemoryRow:
     """One optimizer's estimated state in bytes, and its savings against AdamW (shares, 0–1)."""
 
@@ -199,11 +156,12 @@ def estimate_state_memory(
     model: nn.Module,
     plan: Plan | str | os.PathLike | None = None,
     bytes_per_state: int = STATE_BYTES,
-    presets: tuple[str, ...] = PRESETS,
+    optimizers: tuple[str, ...] | None = None,
     layers: ModelLayers | None = None,
 ) -> MemoryEstimate:
-    """Optimizer-state bytes from parameter shapes alone: AdamW, each preset, `EXTRA_ROWS` (AdaMeM
-    at rank ¼·min(m, n), Adafactor with momentum), then a plan.
+    """Optimizer-state bytes from parameter shapes alone: AdamW, then each optimizer of the
+    registry (`lowmem.compress.optim.registry`: the presets, AdaMeM at rank ¼·min(m, n),
+    Adafactor with momentum), then a plan.
 
     With ``n`` trainable entries and ``b`` bytes per state entry, AdamW keeps ``2·n·b`` bytes;
     a plan optimizer keeps ``(n + v_kept)·b``, `v_kept` summing over parameters the product of
@@ -215,11 +173,11 @@ def estimate_state_memory(
         model: any model; built on the meta device it costs no memory.
         plan: a `Plan` or a path to ``plan.json``, the last row (named ``"plan"``).
         bytes_per_state: bytes of one state entry (4: fp32, lowmem's default; 2: bf16).
-        presets: the preset rows (default every preset in `lowmem.compress.PRESETS`).
+        optimizers: registry names of the rows after AdamW's (default every other entry).
         layers: pre-resolved layers (default: resolved from `model`).
 
     Raises:
-        ValueError: `bytes_per_state` is not a positive integer.
+        ValueError: `bytes_per_state` is not a positive integer, or an optimizer is unknown.
         PlanError: the plan file is unreadable or one of its layers inconsistent; PlanMismatchError:
             it was made for another model, or its shapes are not the model's (`Plan.validate`).
     """
@@ -230,9 +188,9 @@ def estimate_state_memory(
     if plan is not None:
         plan.validate(model)
     layers = layers if layers is not None else resolve_layers(model, warn=False)
-    counts = [("adamw", adamw_count(layers))]
-    counts += [(name, plan_count(build_preset(name, model, layers), layers)) for name in presets]
-    counts += [(name, count(model)) for name, count in EXTRA_ROWS]
+    names = [n for n in REGISTRY if n != "adamw"] if optimizers is None else [entry(n).name for n in optimizers]
+    counts: list[tuple[str, StateCount]] = [("adamw", adamw_count(model, layers))]
+    counts += [(name, REGISTRY[name].count(model, layers)) for name in names if name != "adamw"]
     if plan is not None:
         counts.append(("plan", plan_count(plan, layers)))
 

@@ -17,6 +17,7 @@ from torch import nn
 
 import lowmem
 from lowmem.compress import build_preset
+from lowmem.compress.optim import registry
 
 
 class Attention(nn.Module):
@@ -104,37 +105,36 @@ class OptimInfo:
         return self.name
 
 
-def _adamem_infos() -> list[OptimInfo]:
-    try:
-        from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM
-    except ImportError:   # AdaMeM lands separately
-        return []
-    no_paths = {"fast_path": "one path (matmul-bound, no foreach variant)"}
-    return [
-        OptimInfo("adamem", lambda m, **kw: AdaMeM(m, rank=2, update_proj_gap=3, **kw), lr=1e-2,
-                  skips={**no_paths, "empty_plan": "not a plan optimizer",
-                         "memory": "checked against (m + n)·r + statistics in test_adamem.py",
-                         "adamw_checkpoint": "keeps no Adam v"}, fast_paths=(), readable={}),
-        OptimInfo("adafactor-momentum", lambda m, **kw: AdafactorMomentum(m, **kw), lr=1e-2,
-                  skips={**no_paths, "empty_plan": "not a plan optimizer",
-                         "memory": "Adafactor statistics, checked in test_adamem.py",
-                         "adamw_checkpoint": "keeps no Adam v"}, fast_paths=(), readable={}),
-    ]
+# What the battery adds to a registry entry: small ranks so that a few steps see projector
+# refreshes, the checks that do not apply and why, and which paths to compare. Compiled paths
+# compile once per model; the numpy oracle (test_oracle.py) runs every entry on every backend.
+_NOT_ADAM = {"fast_path": "one path (matmul-bound, no foreach variant)", "empty_plan": "not a plan optimizer",
+             "adamw_checkpoint": "keeps no Adam v"}
+_BATTERY = {
+    "slimadam": dict(fast_paths=({"foreach": True}, {"compiled": True})),
+    "adamem": dict(kwargs={"rank": 2, "update_proj_gap": 3}, fast_paths=(), readable={},
+                   skips={**_NOT_ADAM, "memory": "checked against (m + n)·r + statistics in test_adamem.py"}),
+    "adafactor-momentum": dict(fast_paths=(), readable={},
+                               skips={**_NOT_ADAM, "memory": "Adafactor statistics, checked in test_adamem.py"}),
+}
 
 
+def _info(e: registry.OptimizerEntry) -> OptimInfo:
+    extra = dict(_BATTERY.get(e.name, {}))
+    kwargs = extra.pop("kwargs", {})
+    return OptimInfo(e.name, lambda m, **kw: e.make(m, **kwargs, **kw), plan_preset=e.preset, **extra)
+
+
+# Every lowmem optimizer of the registry (torch's AdamW is the reference, not a battery entry),
+# and the engine without a plan.
 PLAN_OPTIMIZERS = [
     OptimInfo("adamw-engine", lambda m, **kw: lowmem.ReducedAdamW(m, None, **kw),
               fast_paths=({"foreach": True}, {"compiled": True})),
-    OptimInfo("slimadam", lambda m, **kw: lowmem.SlimAdam(m, **kw), plan_preset="slimadam-rules",
-              fast_paths=({"foreach": True}, {"compiled": True})),
-    OptimInfo("eve", lambda m, **kw: lowmem.Eve(m, **kw), plan_preset="eve"),
-    OptimInfo("adam-mini", lambda m, **kw: lowmem.AdamMini(m, **kw), plan_preset="adam-mini"),
-    OptimInfo("adam-mini-paper", lambda m, **kw: lowmem.AdamMini(m, variant="paper", **kw),
-              plan_preset="adam-mini-paper"),
-    OptimInfo("adalayer", lambda m, **kw: lowmem.AdaLayer(m, **kw), plan_preset="adalayer"),
+    *(_info(e) for e in registry.REGISTRY.values() if e.preset is not None),
 ]
 
-OPTIMIZERS = PLAN_OPTIMIZERS + _adamem_infos()
+OPTIMIZERS = PLAN_OPTIMIZERS + [_info(e) for e in registry.REGISTRY.values()
+                                if e.preset is None and e.name != "adamw"]
 
 
 def skip_unless(info: OptimInfo, check: str) -> None:

@@ -1,0 +1,162 @@
+"""Every optimizer lowmem knows, in one place: its one name, how to build it, its preset plan,
+its state size from shapes, and its paper.
+
+`compare` (``--optimizers``), ``lowmem-analyze memory`` (its rows), ``--preset`` (the plan
+presets), the README's optimizer table (`markdown_table`, checked by a test) and the optimizer
+test battery all read `REGISTRY`. Adding an optimizer is one `OptimizerEntry` here (and its
+class); a `v`-averaging one needs only a preset in `lowmem.compress.builders` and an entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowmem.compress.builders import PRESETS, build_preset
+from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM, adafactor_state_numel, adamem_state_numel
+from lowmem.compress.optim.presets import AdaLayer, AdamMini, Eve, SlimAdam
+from lowmem.compress.plan import Plan
+from lowmem.layers import ModelLayers
+
+
+@dataclass(frozen=True)
+class StateCount:
+    """Entries of one optimizer's state for one model: `m`, `v` (None where a method does not
+    keep them apart) and all of it, step counters excluded."""
+
+    m: int | None
+    v: int | None
+    total: int
+
+    @classmethod
+    def of(cls, m: int, v: int) -> "StateCount":
+        return cls(m, v, m + v)
+
+
+def adamw_count(model: nn.Module, layers: ModelLayers) -> StateCount:
+    """AdamW: `m` and `v` for every entry of every trainable parameter (tied weights once)."""
+    n = sum(info.numel for info in layers)
+    return StateCount.of(n, n)
+
+
+def plan_count(plan: Plan, layers: ModelLayers) -> StateCount:
+    """A plan optimizer: full `m`, and `v` averaged over each parameter's reduce dims."""
+    return StateCount.of(sum(info.numel for info in layers), sum(plan.layers[info.name].v_kept for info in layers))
+
+
+def _preset_count(preset: str) -> Callable[[nn.Module, ModelLayers], StateCount]:
+    return lambda model, layers: plan_count(build_preset(preset, model, layers), layers)
+
+
+def _adafactor_momentum_count(model: nn.Module, layers: ModelLayers) -> StateCount:
+    """Adafactor's factored statistics as `v`, and a full momentum `m`."""
+    v = adafactor_state_numel(model, momentum=False)
+    return StateCount.of(adafactor_state_numel(model, momentum=True) - v, v)
+
+
+def _adam_hparams(lr: float, betas: tuple[float, float], weight_decay: float) -> dict:
+    return dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer lowmem can build.
+
+    Attributes:
+        name: its one spelling (compare's ``--optimizers``, memory's rows, the test battery).
+        cls: the optimizer class; lowmem's take the model first, torch's its parameters.
+        fixed: keyword arguments that make this entry of its class (e.g. ``variant="paper"``).
+        keeps: what it keeps of Adam's state, in a few words (the README table).
+        paper: where the method comes from (authors, title, year).
+        preset: the preset plan (`lowmem.compress.builders.PRESETS`) its `v` follows, or None.
+        count: state entries from shapes alone (a model on the meta device works).
+        hparams: ``(lr, betas, weight_decay) -> keyword arguments``: the common settings in this
+            optimizer's own terms (Adafactor takes β1 only).
+    """
+
+    name: str
+    cls: type
+    keeps: str
+    paper: str
+    count: Callable[[nn.Module, ModelLayers], StateCount]
+    preset: str | None = None
+    fixed: dict = field(default_factory=dict)
+    hparams: Callable[[float, tuple[float, float], float], dict] = _adam_hparams
+
+    @property
+    def takes_model(self) -> bool:
+        return self.cls is not torch.optim.AdamW
+
+    def make(self, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
+        """The optimizer for `model`, with `kwargs` as its class takes them."""
+        target = model if self.takes_model else model.parameters()
+        return self.cls(target, **self.fixed, **kwargs)
+
+    def build(self, model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+              weight_decay: float = 0.0, plan: Plan | None = None) -> torch.optim.Optimizer:
+        """The optimizer for `model` from the settings every optimizer shares (`compare`'s);
+        `plan` replaces the preset of an entry that takes one (SlimAdam)."""
+        kwargs = self.hparams(lr, betas, weight_decay)
+        if plan is not None:
+            if self.cls is not SlimAdam:
+                raise ValueError(f"optimizer {self.name!r} does not take a plan")
+            kwargs["plan"] = plan
+        return self.make(model, **kwargs)
+
+
+REGISTRY: dict[str, OptimizerEntry] = {e.name: e for e in (
+    OptimizerEntry("adamw", torch.optim.AdamW, "full m and v (the reference)",
+                   "Loshchilov & Hutter, Decoupled Weight Decay Regularization (2019)", adamw_count),
+    OptimizerEntry("slimadam", SlimAdam, "v averaged per the SNR plan or the published rules",
+                   "Kalra, Kirchenbauer, Barkeshli, Goldstein, When Can You Get Away with Low Memory Adam? (2025)",
+                   _preset_count("slimadam-rules"), preset="slimadam-rules"),
+    OptimizerEntry("eve", Eve, "one v per output row of every matrix",
+                   "Tomar et al., Eve: Less Memory, Same Might (2024)", _preset_count("eve"), preset="eve"),
+    OptimizerEntry("adam-mini", AdamMini, "one v per Hessian block, as the adam-mini 1.1.1 package",
+                   "Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More (2024)",
+                   _preset_count("adam-mini"), preset="adam-mini"),
+    OptimizerEntry("adam-mini-paper", AdamMini, "one v per Hessian block, as the paper's Algorithms 1-4",
+                   "Zhang et al., Adam-mini: Use Fewer Learning Rates To Gain More (2024)",
+                   _preset_count("adam-mini-paper"), preset="adam-mini-paper", fixed={"variant": "paper"}),
+    OptimizerEntry("adalayer", AdaLayer, "one v per tensor; LM head and norms full",
+                   "Zhao et al., Deconstructing What Makes a Good Optimizer for Language Models (2024)",
+                   _preset_count("adalayer"), preset="adalayer"),
+    OptimizerEntry("adamem", AdaMeM, "momentum in a top-r gradient subspace, Adafactor statistics",
+                   "Vyas, Morwani, Kakade, AdaMeM: Memory Efficient Momentum for Adafactor (2024)",
+                   lambda model, layers: StateCount(None, None, adamem_state_numel(model))),
+    OptimizerEntry("adafactor-momentum", AdafactorMomentum, "Adafactor statistics plus full momentum",
+                   "Shazeer & Stern, Adafactor (2018), with momentum as the AdaMeM paper's baseline",
+                   _adafactor_momentum_count,
+                   hparams=lambda lr, betas, weight_decay: dict(lr=lr, beta1=betas[0], weight_decay=weight_decay)),
+)}
+
+NAMES: tuple[str, ...] = tuple(REGISTRY)
+PLAN_PRESETS: tuple[str, ...] = tuple(e.preset for e in REGISTRY.values() if e.preset is not None)
+assert set(PLAN_PRESETS) == set(PRESETS), "every preset plan belongs to one registry entry"
+
+
+def entry(name: str) -> OptimizerEntry:
+    """The registry entry `name`.
+
+    Raises:
+        ValueError: no such optimizer (the known names are in the message).
+    """
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def markdown_table() -> str:
+    """The README's table of optimizers, one row per entry."""
+    rows = ["| name | class | keeps | preset plan | paper |", "|---|---|---|---|---|"]
+    for e in REGISTRY.values():
+        cls = e.cls.__name__ if e.takes_model else f"torch.optim.{e.cls.__name__}"
+        if e.fixed:
+            cls += "(" + ", ".join(f"{k}={v!r}" for k, v in e.fixed.items()) + ")"
+        rows.append(f"| `{e.name}` | `{cls}` | {e.keeps} | {'`' + e.preset + '`' if e.preset else '-'} | {e.paper} |")
+    return "\n".join(rows)
+
