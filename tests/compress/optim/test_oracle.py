@@ -5,10 +5,12 @@ The oracle reads nothing of the engine: only the plan's JSON (per layer `view`, 
 passes, and steps numpy arrays with the gradients read from ``p.grad`` before each
 ``opt.step()``. Parameters, ``exp_avg`` and ``exp_avg_sq`` must agree to 1e-12 after every step.
 
-The compiled backend compiles its update once per distinct (shape, reduce) form: its first case
-takes some seconds, the others reuse the graphs. It compiles only single-block tensors with a
-leading or trailing reduction and hands the rest (parts, 0-dim, other reductions, and every
-tensor when ``maximize=True``) to the foreach path; its cases check that hand-off too.
+Each case names a backend preference (`ReducedAdamW(backend=...)`); `choose_backend` then runs
+every bucket on the first backend of that preference that serves it, so the ``foreach`` cases
+also run torch's fused AdamW kernel (full-Adam tensors on CPU) and the ``compiled`` cases hand
+parts, 0-dim tensors and other reductions to foreach; `test_each_preference_runs_the_backends_it_names`
+checks which ran. The compiled backend compiles once per set of shapes: its first case takes
+some seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 from torch import nn
 
 import lowmem
+from lowmem.compress.optim.engine import BACKEND_CHOICES
 from lowmem.compress import LayerPlan, PartPlan, build_preset
 
 from optim_cases import PLAN_OPTIMIZERS, OptimInfo
 
-# The engine's backends, as optimizer keyword arguments (the one place that names them).
-BACKENDS = {"reference": {"foreach": False}, "foreach": {"foreach": True}, "compiled": {"compiled": True}}
+# The engine's backend preferences, as optimizer keyword arguments.
+BACKENDS = {name: {"backend": name} for name in BACKEND_CHOICES}
 
 VOCAB, D, N_HEAD, T, B = 11, 8, 2, 6, 4   # vocabulary, width, heads, sequence length, batch
 BETAS, EPS = (0.8, 0.95), 1e-6            # not torch's defaults, so a backend that drops them fails
@@ -268,3 +271,22 @@ def test_oracle_cases_cover_parts_per_head_views_and_column_reductions(info):
     assert not missing, f"{info.name}'s plan no longer has {sorted(missing)}"
     assert {"parts", "column reduction", "per-head view", "middle-dim reduction", "empty reduce"} <= \
         set().union(*COVERS.values())
+
+
+@pytest.mark.parametrize("backend, expected", [("reference", {"reference"}), ("foreach", {"fused", "foreach"}),
+                                               ("compiled", {"compiled", "foreach"})])
+def test_each_preference_runs_the_backends_it_names(backend, expected):
+    # The oracle cases above reach every backend: which one runs each tensor of the SlimAdam case
+    # (full-Adam norms, compressed matrices, fused q/k/v parts, a 0-dim gain).
+    model = tiny_gpt()
+    opt = lowmem.SlimAdam(model, backend=backend)
+    loss_at(model, 0).backward()
+    assert {opt.backend_of(p).name for p in model.parameters()} == expected
+
+
+def test_an_unknown_backend_is_refused_by_name():
+    with pytest.raises(ValueError, match="Invalid backend: 'fast'"):
+        lowmem.SlimAdam(tiny_gpt(), backend="fast")
+    with pytest.raises(ValueError, match="Invalid backend: 'fast'"):
+        lowmem.SlimAdam(tiny_gpt(), param_groups=[{"params": list(tiny_gpt().parameters())[:0] or [],
+                                                   "backend": "fast"}])

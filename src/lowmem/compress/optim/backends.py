@@ -119,7 +119,7 @@ def kind_of(layout: Layout | ShardedLayout, param: torch.Tensor) -> str:
     """The `BucketKey.kind` of a parameter kept as `layout`."""
     if isinstance(layout, ShardedLayout):
         return "sharded"
-    if param.dim() == 0 or layout.flat:
+    if param.dim() == 0 or param.numel() == 0 or layout.flat:   # (0-element tensors never step)
         return "general"
     if not layout.compressed:
         return "full"
@@ -139,7 +139,7 @@ def reference_step(b: Bucket, s: StepScalars) -> None:
         for i, block in enumerate(lay.blocks):
             v = lay.v_of(v_all, i)
             if block.reduce is None:
-                g = lay.g_of(grad, i)
+                g = lay.entries_of(grad, i)
                 v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
             else:
                 v.mul_(s.beta2).add_(block_mean[i], alpha=1 - s.beta2)
@@ -163,7 +163,7 @@ def foreach_step(b: Bucket, s: StepScalars) -> None:
             v = lay.v_of(v_all, i)
             if block.reduce is None:
                 full_v.append(v)
-                full_g.append(lay.g_of(g, i))
+                full_g.append(lay.entries_of(g, i))
             else:
                 red_v.append(v)
                 red_mean.append(block_mean[i])
@@ -177,8 +177,17 @@ def foreach_step(b: Bucket, s: StepScalars) -> None:
     denoms = torch._foreach_sqrt([v for *_, v in lands])
     torch._foreach_div_(denoms, s.bc2_sqrt)
     torch._foreach_add_(denoms, s.eps)
+    targets, ms, viewed = [], [], []
     for (lay, p, i, m, _), denom in zip(lands, denoms):
-        lay.land(p, i, m, denom, -s.step_size)
+        target = lay.target(p, i)
+        if target is None:
+            lay.land(p, i, m, denom, -s.step_size)
+        else:
+            targets.append(target)
+            ms.append(lay.entries_of(m, i))
+            viewed.append(denom)
+    if targets:   # one batched call; denominators broadcast over each block's reduced dims
+        torch._foreach_addcdiv_(targets, ms, viewed, value=-s.step_size)
 
 
 # -- fused (torch's AdamW kernel) -----------------------------------------------------------------

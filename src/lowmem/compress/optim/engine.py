@@ -108,6 +108,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         self._names: dict[torch.Tensor, str] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
         self._sharded: dict[torch.Tensor, ShardedLayout] = {}   # FSDP2 parameters: this rank's share
+        self._kinds: dict[torch.Tensor, str] = {}   # each parameter's BucketKey.kind (its layout's)
         self._scratch: dict = {}   # small tensors backends keep across steps
         for g in self.param_groups:
             for p in g["params"]:
@@ -116,6 +117,7 @@ class ReducedAdamW(torch.optim.Optimizer):
                 self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
                 if is_sharded(p):
                     self._sharded[p] = sharded_layout(self._layouts[p], tuple(p.shape), row_shards(p, name))
+                self._kinds[p] = kind_of(self.layout_of(p), p)
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -129,11 +131,11 @@ class ReducedAdamW(torch.optim.Optimizer):
             scalars = dict(lr=as_float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
                            eps=group["eps"], weight_decay=group["weight_decay"])
             preference = self._preference(group)
-            for key, bucket in self._buckets(group).items():
-                choose_backend(key, preference).fn(bucket, StepScalars(**scalars, step=key.step))
+            for bucket in self._buckets(group):
+                choose_backend(bucket.key, preference).fn(bucket, StepScalars(**scalars, step=bucket.key.step))
         return loss
 
-    def _buckets(self, group: dict) -> dict[BucketKey, Bucket]:
+    def _buckets(self, group: dict) -> list[Bucket]:
         """The group's tensors with a gradient, checked, their state made and their step counted,
         sorted into buckets; a 0-element parameter only counts its step (as torch's AdamW)."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -146,22 +148,22 @@ class ReducedAdamW(torch.optim.Optimizer):
         grads = [local(p.grad) for p in params]
         if group["maximize"] and grads:
             grads = torch._foreach_neg(grads)
-        buckets: dict[BucketKey, Bucket] = {}
+        buckets: dict[tuple, Bucket] = {}
         for p, grad in zip(params, grads):
             state, shard, layout = self.state[p], local(p), self.layout_of(p)
-            dtype = self.state_dtype_of(p)
-            key = BucketKey(shard.device, shard.dtype, shard.dtype == dtype and shard.is_contiguous()
-                            and grad.is_contiguous(), kind_of(layout, shard), int(state["step"].item()))
+            kind, dtype = self._kinds[p], self.state_dtype_of(p)
+            native = shard.dtype == dtype and shard.is_contiguous() and grad.is_contiguous()
+            key = (shard.device, shard.dtype, native, kind, int(state["step"].item()))
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(key, dtype, self._scratch)
+                b = buckets[key] = Bucket(BucketKey(*key), dtype, self._scratch)
             b.params.append(shard)
             b.grads.append(grad)
             b.exp_avgs.append(local(state["exp_avg"]))
             b.exp_avg_sqs.append(local(state["exp_avg_sq"]))
             b.layouts.append(layout)
             b.steps.append(state["step"])
-        return buckets
+        return list(buckets.values())
 
     def _preference(self, group: dict) -> str:
         """Which backends the group asks for (`backends.PREFERENCE`): its ``backend``, else
@@ -181,7 +183,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         step = int(self.state[p]["step"].item()) + 1 if self.state.get(p) else 1
         native = shard.dtype == self.state_dtype_of(p) and shard.is_contiguous() and \
             (grad is None or grad.is_contiguous())
-        return choose_backend(BucketKey(shard.device, shard.dtype, native, kind_of(self.layout_of(p), shard), step),
+        return choose_backend(BucketKey(shard.device, shard.dtype, native, self._kinds[p], step),
                               self._preference(group))
 
     def layout_of(self, p: torch.Tensor) -> Layout | ShardedLayout:
@@ -208,7 +210,7 @@ class ReducedAdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
-        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded")
+        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded", "_kinds")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra if k in self.__dict__}}
 
     def __setstate__(self, state: dict) -> None:

@@ -10,9 +10,11 @@ only, and that is all that differs between a single-process and a row-sharded (F
   flat shard of the block.
 
 Both kinds, `Layout` and `ShardedLayout`, answer the same calls: ``v_of(exp_avg_sq, i)`` (block
-i's kept `v` entries), ``g_of(grad, i)`` (block i's entries of a full-Adam block, shaped like
-its `v`), ``land(param, i, m, denom, value)`` and ``blocks[i].reduce`` (None: full Adam). A
-backend (`lowmem.compress.optim.backends`) steps either kind without asking which it has.
+i's kept `v` entries), ``entries_of(t, i)`` (block i's entries of a parameter-shaped tensor such
+as the gradient or `m`; for a full-Adam block shaped like its `v`), ``land(param, i, m, denom,
+value)``, ``target(param, i)`` (block i of the parameter as a view, where it is one) and
+``blocks[i].reduce`` (None: full Adam). A backend (`lowmem.compress.optim.backends`) steps
+either kind without asking which it has.
 
 ``exp_avg_sq`` of a single-process parameter has the view's shape with reduced dims of size 1,
 the parameter's shape where nothing is reduced, or is a flat vector of every part's kept entries
@@ -95,14 +97,23 @@ class Layout:
         """Block i's kept `v` entries, in its kept shape (a view of ``exp_avg_sq``)."""
         return self.v_region(exp_avg_sq, self.blocks[i])
 
-    def g_of(self, grad: torch.Tensor, i: int) -> torch.Tensor:
+    def entries_of(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """Block i's entries of a parameter-shaped tensor in its view shape: for a full-Adam
         block, the shape of its `v`."""
-        return self.blocks[i].region(grad)
+        return self.blocks[i].region(t)
 
     def land(self, param: torch.Tensor, i: int, m: torch.Tensor, denom: torch.Tensor, value: float) -> None:
         """``param[block i] += value · m[block i] / denom``, in place; `denom` as `v_of`."""
         _add_update(param, self.blocks[i], m, denom, value)
+
+    def target(self, param: torch.Tensor, i: int) -> torch.Tensor | None:
+        """Block i of `param` as a view in its view shape, for batched in-place updates, or None
+        where it is not viewable (a strided part: the update goes through `land`)."""
+        block = self.blocks[i]
+        try:
+            return block.narrow(param).view(block.view)
+        except RuntimeError:
+            return None
 
 
 def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
@@ -182,13 +193,17 @@ class ShardedLayout:
         sb = self.blocks[i]
         return exp_avg_sq.view(-1)[sb.offset:sb.offset + sb.size]
 
-    def g_of(self, grad: torch.Tensor, i: int) -> torch.Tensor:
+    def entries_of(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """This rank's entries of block i of a shard of a parameter-shaped tensor, flat."""
-        return self.blocks[i].entries(grad).reshape(-1)
+        return self.blocks[i].entries(t).reshape(-1)
 
     def land(self, param: torch.Tensor, i: int, m: torch.Tensor, denom: torch.Tensor, value: float) -> None:
         """``param[block i] += value · m[block i] / denom`` on this rank's shard; `denom` as `v_of`."""
         _add_sharded_update(param, self.blocks[i], m, denom, value)
+
+    def target(self, param: torch.Tensor, i: int) -> None:
+        """None: a shard's block is boxes of the flat shard, updated through `land`."""
+        return None
 
     def take(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's flat `v` from the whole one (`gather`'s inverse)."""
@@ -273,7 +288,8 @@ def _mean_sq_of(x: torch.Tensor, reduce: tuple[int, ...], chunked: bool) -> torc
 def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
     """``(x * x).mean(reduce, keepdim=True)`` computed along the contiguous axis, without a
     full-size temporary: trailing reductions through `vector_norm`, reductions that keep the last
-    dim by squaring row chunks of bounded size. Other layouts fall back to the plain formula."""
+    dim by squaring row chunks of bounded size (a tensor of one chunk at once). Other layouts fall
+    back to the plain formula."""
     n = math.prod(x.shape[d] for d in reduce)
     kept_shape = tuple(1 if d in reduce else s for d, s in enumerate(x.shape))
     k = x.dim() - len(reduce)
@@ -281,6 +297,8 @@ def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x.view(*x.shape[:k], -1), 2, dim=-1)
         return norm.square_().div_(n).view(kept_shape)
     if x.is_contiguous() and x.dim() >= 2 and x.dim() - 1 not in reduce:
+        if x.numel() * x.element_size() <= _CHUNK_BYTES:   # one chunk: the plain formula takes fewer ops
+            return (x * x).mean(dim=reduce, keepdim=True)
         rows = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
         if tuple(reduce) == (0,) and x.device.type == "cpu":
             # Leading dim only (column means): accumulate squares of row chunks in a chunk-sized
