@@ -33,7 +33,7 @@ _NEVER = {"norm": "norms keep full Adam", "other": "unknown layer type: full Ada
 
 
 def _full(info: ParamInfo, why: str, snr=None) -> LayerPlan:
-    return LayerPlan(list(info.shape), info.role, list(info.shape), None, why, snr, None, list(info.aliases[1:]))
+    return LayerPlan(list(info.shape), info.role, list(info.shape), None, why, snr, None, list(info.aliases))
 
 
 def _subset_key(view: View, subset: str) -> str:
@@ -169,7 +169,7 @@ def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefe
             parts.append(_part_plan(part, base, choice, snr, threshold))
         lp = LayerPlan(list(info.shape), info.role, list(info.shape), None,
                        "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
-                       parts, list(info.aliases[1:]))
+                       parts, list(info.aliases))
         return lp
     choice = _best(views, snr, threshold, prefer, allow_token)
     if choice is None:
@@ -177,7 +177,7 @@ def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefe
     view, subset, value = choice
     return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
                      _why_passed(view, subset, value, threshold),
-                     _snr_record(info, snr), None, list(info.aliases[1:]))
+                     _snr_record(info, snr), None, list(info.aliases))
 
 
 def _why_passed(view: View, subset, value: float, threshold: float) -> str:
@@ -273,7 +273,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, list(view.shape), dims,
                                       f"published rule for {_PART_ROLE[view.part]}: average over {describe_subset(view.axes, tuple(dims))}"))
             plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
-                                               "published rules per part", None, parts, list(info.aliases[1:]))
+                                               "published rules per part", None, parts, list(info.aliases))
             continue
         axes = _SLIMADAM_RULES.get(info.role)
         dims = [d for d, a in enumerate(info.axes) if axes and a in axes]
@@ -282,7 +282,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
             continue
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
                                            f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
-                                           None, None, list(info.aliases[1:]))
+                                           None, None, list(info.aliases))
     return Plan(model=model_record(model), layers=plan_layers,
                 source={"method": "preset", "preset": "slimadam-rules"})
 
@@ -361,11 +361,11 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, vshape, reduce,
                                       f"{name} for {prole}: {words}"))
             plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
-                                               f"{name} rules per part", None, parts, list(info.aliases[1:]))
+                                               f"{name} rules per part", None, parts, list(info.aliases))
             continue
         vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
-                                           f"{name} for {role}: {words}", None, None, list(info.aliases[1:]))
+                                           f"{name} for {role}: {words}", None, None, list(info.aliases))
     return Plan(model=model_record(model), layers=plan_layers, source={"method": "preset", "preset": name})
 
 

@@ -74,7 +74,7 @@ def _plan_groups(run: Run) -> list[dict]:
             "decision": decision_words(lp, run.layers, name), "compressed": lp.compressed,
             "best": best, "snr": snr if snr is not None and math.isfinite(snr) else None,
             "why": lp.why if not lp.parts else "; ".join(f"{p.name}: {p.why}" for p in lp.parts),
-            "v_kept": lp.v_kept, "aliases": lp.aliases[1:] if lp.aliases else []})
+            "v_kept": lp.v_kept, "aliases": list(lp.aliases)})
     rank = {r: i for i, r in enumerate(ROLE_ORDER)}
     return [{"role": role, "rows": rows, "kept": sum(r["v_kept"] for r in rows), "numel": sum(r["numel"] for r in rows),
              "compressed": sum(r["compressed"] for r in rows)}
