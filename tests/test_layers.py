@@ -373,6 +373,21 @@ def test_torch_multihead_attention_in_proj_is_fused_qkv():
     assert layers["out_proj.weight"].role == "attn_out"
 
 
+def test_is_bias_marks_biases_whatever_their_role():
+    layers = resolve_layers(nn.ModuleDict(dict(ln=nn.LayerNorm(4), fc=nn.Linear(4, 4), mha=nn.MultiheadAttention(4, 2))),
+                            warn=False)
+    got = {i.name: (i.role, i.is_bias) for i in layers}
+    assert got == {"ln.weight": ("norm", False), "ln.bias": ("norm", True),
+                   "fc.weight": ("other", False), "fc.bias": ("bias", True),
+                   "mha.in_proj_weight": ("attn_qkv", False), "mha.in_proj_bias": ("bias", True),
+                   "mha.out_proj.weight": ("attn_out", False), "mha.out_proj.bias": ("bias", True)}
+    doc = json.loads(json.dumps(layers.to_json()))
+    assert {i.name: i.is_bias for i in ModelLayers.from_json(doc)} == {n: b for n, (_, b) in got.items()}
+    for r in doc["params"]:   # layers.json written before "is_bias": read from the name, as resolved
+        del r["is_bias"]
+    assert {i.name: i.is_bias for i in ModelLayers.from_json(doc)} == {n: b for n, (_, b) in got.items()}
+
+
 # -- 6. BERT: query/key/value, dense in attention.output / intermediate / output ---------------
 # hidden 32, 4 heads -> head_dim 8; intermediate 64.
 

@@ -60,6 +60,8 @@ class ParamInfo:
         head_dim: width of one head.
         parts: for a fused projection, ``(("q", size), ("k", size), ("v", size))`` along the
             ``out`` axis, each with its own head count in `part_heads`.
+        is_bias: the tensor is a module's additive bias (``bias``, ``in_proj_bias``), whatever its
+            role: a norm's bias has role ``norm``, and presets may treat it apart from the weight.
     """
 
     name: str
@@ -72,6 +74,7 @@ class ParamInfo:
     head_dim: int | None = None
     parts: tuple[tuple[str, int], ...] | None = None
     part_heads: tuple[int, ...] | None = None
+    is_bias: bool = False
 
     @property
     def numel(self) -> int:
@@ -133,7 +136,8 @@ class ModelLayers:
         """Inverse of `to_json`; raises ValueError on another schema or a malformed record.
 
         A record may give the names as ``"aliases"`` (every name, canonical first), as files
-        written before the key was ``"names"`` do.
+        written before the key was ``"names"`` do, and may lack ``"is_bias"`` (it is then read
+        from the canonical name, as `resolve_layers` does).
         """
         if not isinstance(doc, dict) or doc.get("schema") != LAYERS_SCHEMA:
             found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
@@ -144,7 +148,8 @@ class ModelLayers:
                 role=r["role"], axes=tuple(r["axes"]), module=r["module"], heads=r.get("heads"),
                 head_dim=r.get("head_dim"),
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
-                part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]))
+                part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
+                is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -158,7 +163,7 @@ def _info_json(p: ParamInfo) -> dict:
     return {"name": p.name, "names": list(p.names), "shape": list(p.shape), "role": p.role,
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
-            "part_heads": None if p.part_heads is None else list(p.part_heads)}
+            "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias}
 
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -266,7 +271,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     mod_name = type(owner).__name__ if owner is not None else "?"
     last = path.rpartition(".")[2].lower()
     context = path.lower()
-    base = dict(name=name, names=(name,), shape=shape, module=mod_name)
+    base = dict(name=name, names=(name,), shape=shape, module=mod_name, is_bias=_is_bias(attr))
 
     def info(role, axes, **kw):
         return ParamInfo(**base, role=role, axes=tuple(axes), **kw)
@@ -277,7 +282,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     # Vectors: norms, biases, and everything one-dimensional.
     if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
         return info("norm", ["model"] * len(shape))
-    if attr.endswith("bias") or (p.dim() == 1 and attr != "weight"):
+    if _is_bias(attr) or (p.dim() == 1 and attr != "weight"):
         if p.dim() == 1:
             return info("bias", ["out"])
         return info("other", _generic_axes(shape))
@@ -322,6 +327,11 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
         return info("conv", ["out", "in", *kernel_axes])
 
     return info("other", _generic_axes(shape))
+
+
+def _is_bias(attr: str) -> bool:
+    """Whether a parameter attribute (the last component of its name) is a bias."""
+    return attr.endswith("bias")
 
 
 def _generic_axes(shape) -> list[str]:

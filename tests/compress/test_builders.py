@@ -3,11 +3,13 @@ token axis, depth averaging, missing samples and fused Q/K/V, each against hand 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
-from lowmem.compress import Plan, PlanError, build_plan
+from lowmem.compress import Plan, PlanError, build_plan, build_preset
 from lowmem.layers import resolve_layers
 from lowmem.snr.trajectory import Sample, SnrTrajectory
 from lowmem.snr.views import param_views
@@ -393,3 +395,17 @@ def test_fused_qkv_with_depth_average_averages_each_part():
         parts = plan.layers[h(i, "attn.c_attn.weight")].parts
         assert [(p.name, p.reduce) for p in parts] == [("q", None), ("k", [1]), ("v", None)]
         assert parts[1].snr == {"k:1": pytest.approx(1.1)}
+
+
+# -- presets read what layers.py resolved -------------------------------------------------------------
+
+def test_adam_mini_keeps_a_norms_bias_full_and_its_weight_one_scalar_by_is_bias():
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))     # 1.weight, 1.bias: role norm
+    plan = build_preset("adam-mini", net)
+    assert (plan.layers["1.weight"].reduce, plan.layers["1.bias"].reduce) == ([0], None)
+    # The preset decides by ParamInfo.is_bias, not by the name: flipped, the decisions swap.
+    layers = resolve_layers(net, warn=False)
+    for name in ("1.weight", "1.bias"):
+        layers.params[name] = replace(layers.params[name], is_bias=not layers.params[name].is_bias)
+    plan = build_preset("adam-mini", net, layers)
+    assert (plan.layers["1.weight"].reduce, plan.layers["1.bias"].reduce) == (None, [0])

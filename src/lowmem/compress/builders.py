@@ -350,7 +350,7 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
     plan_layers = {}
     for info in layers:
         role = "lm_head" if info.role == "embedding" and info.tied and rules["lm_head"] == "full" else info.role
-        if role == "norm" and info.name.rpartition(".")[2] == "bias" and "norm_bias" in rules:
+        if role == "norm" and info.is_bias and "norm_bias" in rules:
             role = "norm_bias"   # a norm's `bias` tensor, where a preset treats it as a bias
         if info.parts:
             parts = []
