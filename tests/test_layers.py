@@ -617,7 +617,7 @@ def test_views_of_gpt2_conv1d_c_attn_slice_dim_1_and_split_out_in_place(gpt2):
     w = torch.arange(32 * 96.0).reshape(32, 96)
     k_heads = views["k.heads"].apply(w)
     assert torch.equal(k_heads[:, 2, 5], w[:, 32 + 2 * 8 + 5])
-    assert views["v.heads"].label() == "v.heads:32x4x8"
+    assert str(views["v.heads"].label()) == "v.heads:32x4x8"
 
 
 def test_views_of_gqa_fused_qkv_use_each_parts_own_heads():

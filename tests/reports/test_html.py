@@ -26,6 +26,7 @@ from lowmem.layers import resolve_layers
 from lowmem.reports import figures
 from lowmem.reports.html import render_report, script_json, write_report
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS, LayerSnr, SubsetSnr, read_run
+from lowmem.snr.keys import SnrKey
 from tiny_models import SOURCE
 
 ODD = "blk<b>&amp;"        # a module name that is HTML: it must come out as text
@@ -266,7 +267,7 @@ def test_time_means_are_the_csv_means_over_the_plan_window(run_dir):
         expected = np.mean([float(r["snr"]) for r in rows
                             if r["name"] == layer.name and r["view"].startswith("raw:") and r["subset"] == "1"])
         assert fan_in.mean == pytest.approx(expected, rel=1e-12)
-        assert run.plan.layers[layer.name].snr["1"] == pytest.approx(expected, abs=1e-6)   # the plan rounds to 6
+        assert run.plan.layers[layer.name].snr[SnrKey("raw", (1,))] == pytest.approx(expected, abs=1e-6)   # rounded to 6
 
 
 def _table_rows(html: str, table_id: str) -> list[list[str]]:
