@@ -6,13 +6,14 @@ roles, axes, head counts and shapes are worked out by hand in the comments next 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lowmem.layers import ROLES, normalize_name, resolve_layers
+from lowmem.layers import ROLES, ModelLayers, normalize_name, resolve_layers
 from lowmem.snr.views import param_views
 
 
@@ -96,7 +97,8 @@ def test_nanogpt_c_proj_role_depends_on_parent_attn_or_mlp():
 def test_nanogpt_tied_wte_lm_head_is_one_embedding_with_two_names():
     layers = resolve_layers(NanoGPT())
     wte = layers["transformer.wte.weight"]
-    assert wte.aliases == ("transformer.wte.weight", "lm_head.weight")
+    assert wte.names == ("transformer.wte.weight", "lm_head.weight")
+    assert wte.aliases == ("lm_head.weight",)
     assert wte.tied
     assert wte.role == "embedding"
     assert wte.axes == ("token", "model")
@@ -106,6 +108,29 @@ def test_nanogpt_tied_wte_lm_head_is_one_embedding_with_two_names():
     # params: wte, wpe, ln_f (2), and per block ln_1 (2) + c_attn (2) + c_proj (2) + ln_2 (2)
     # + c_fc (2) + mlp.c_proj (2) = 12 -> 2 + 2 + 2 * 12 = 28.
     assert len(layers) == 28
+
+
+def test_layers_json_keeps_every_name_of_a_tied_weight():
+    layers = resolve_layers(NanoGPT())
+    doc = json.loads(json.dumps(layers.to_json()))
+    record = next(r for r in doc["params"] if r["name"] == "transformer.wte.weight")
+    assert record["names"] == ["transformer.wte.weight", "lm_head.weight"]
+    back = ModelLayers.from_json(doc)
+    assert [(i.name, i.names, i.shape, i.role, i.axes) for i in back] == \
+        [(i.name, i.names, i.shape, i.role, i.axes) for i in layers]
+    assert back["lm_head.weight"].aliases == ("lm_head.weight",)
+
+
+def test_layers_json_that_lists_all_names_under_aliases_still_loads():
+    # layers.json as lowmem wrote it before "names": "aliases" held every name, canonical first.
+    doc = resolve_layers(NanoGPT()).to_json()
+    for r in doc["params"]:
+        r["aliases"] = r.pop("names")
+    back = ModelLayers.from_json(doc)
+    wte = back["lm_head.weight"]
+    assert (wte.name, wte.names, wte.aliases) == ("transformer.wte.weight",
+                                                  ("transformer.wte.weight", "lm_head.weight"), ("lm_head.weight",))
+    assert back["transformer.wpe.weight"].names == ("transformer.wpe.weight",)
 
 
 # -- 2. The built-in Shakespeare example: separate q/k/v, tied head ---------------------------
@@ -126,7 +151,7 @@ def test_shakespeare_example_separate_qkv_have_four_heads_of_32():
         assert layers[f"transformer.h.{i}.mlp.c_proj.weight"].role == "mlp_down"
     wte = layers["lm_head.weight"]
     assert wte.name == "transformer.wte.weight"
-    assert wte.aliases == ("transformer.wte.weight", "lm_head.weight")
+    assert wte.names == ("transformer.wte.weight", "lm_head.weight")
     assert wte.role == "embedding"
     assert wte.shape == (vocab_size(), 128)
     # wte, wpe, ln_f + 4 blocks * (ln_1, q, k, v, c_proj, ln_2, c_fc, c_proj) = 3 + 32.
@@ -175,7 +200,7 @@ def test_gpt2_biases_norms_and_tied_lm_head(gpt2):
         assert layers[name].role == "norm"
         assert layers[name].axes == ("model",)
     wte = layers["lm_head.weight"]
-    assert wte.aliases == ("transformer.wte.weight", "lm_head.weight")
+    assert wte.names == ("transformer.wte.weight", "lm_head.weight")
     assert wte.role == "embedding"
     assert layers["transformer.wpe.weight"].shape == (16, 32)
     # wte, wpe, ln_f (2) + 2 blocks * (ln_1 2, c_attn 2, c_proj 2, ln_2 2, c_fc 2, c_proj 2).
@@ -228,9 +253,10 @@ def test_llama_untied_lm_head_is_its_own_parameter(llama):
     layers, caught = _lowmem_warnings(lambda: resolve_layers(llama))
     assert caught == []
     head = layers["lm_head.weight"]
-    assert (head.role, head.axes, head.shape, head.aliases) == ("lm_head", ("out", "in"), (100, 64), ("lm_head.weight",))
+    assert (head.role, head.axes, head.shape, head.names, head.aliases) == ("lm_head", ("out", "in"), (100, 64), ("lm_head.weight",), ())
     emb = layers["model.embed_tokens.weight"]
-    assert (emb.role, emb.axes, emb.aliases) == ("embedding", ("token", "model"), ("model.embed_tokens.weight",))
+    assert (emb.role, emb.axes, emb.names) == ("embedding", ("token", "model"), ("model.embed_tokens.weight",))
+    assert not emb.tied
     # embed, norm, lm_head + 2 layers * (q, k, v, o, gate, up, down, 2 norms) = 3 + 18.
     assert len(layers) == 21
 
@@ -238,7 +264,8 @@ def test_llama_untied_lm_head_is_its_own_parameter(llama):
 def test_llama_tied_lm_head_is_one_parameter_with_two_names():
     layers = resolve_layers(_llama(tie=True))
     emb = layers["model.embed_tokens.weight"]
-    assert emb.aliases == ("model.embed_tokens.weight", "lm_head.weight")
+    assert emb.names == ("model.embed_tokens.weight", "lm_head.weight")
+    assert emb.aliases == ("lm_head.weight",)
     assert emb.role == "embedding"
     assert layers["lm_head.weight"] is emb
     assert len(layers) == 20
@@ -344,6 +371,21 @@ def test_torch_multihead_attention_in_proj_is_fused_qkv():
         "attn_qkv", (48, 16), (("q", 16), ("k", 16), ("v", 16)), (4, 4, 4))
     assert layers["in_proj_bias"].role == "bias"
     assert layers["out_proj.weight"].role == "attn_out"
+
+
+def test_is_bias_marks_biases_whatever_their_role():
+    layers = resolve_layers(nn.ModuleDict(dict(ln=nn.LayerNorm(4), fc=nn.Linear(4, 4), mha=nn.MultiheadAttention(4, 2))),
+                            warn=False)
+    got = {i.name: (i.role, i.is_bias) for i in layers}
+    assert got == {"ln.weight": ("norm", False), "ln.bias": ("norm", True),
+                   "fc.weight": ("other", False), "fc.bias": ("bias", True),
+                   "mha.in_proj_weight": ("attn_qkv", False), "mha.in_proj_bias": ("bias", True),
+                   "mha.out_proj.weight": ("attn_out", False), "mha.out_proj.bias": ("bias", True)}
+    doc = json.loads(json.dumps(layers.to_json()))
+    assert {i.name: i.is_bias for i in ModelLayers.from_json(doc)} == {n: b for n, (_, b) in got.items()}
+    for r in doc["params"]:   # layers.json written before "is_bias": read from the name, as resolved
+        del r["is_bias"]
+    assert {i.name: i.is_bias for i in ModelLayers.from_json(doc)} == {n: b for n, (_, b) in got.items()}
 
 
 # -- 6. BERT: query/key/value, dense in attention.output / intermediate / output ---------------
@@ -513,7 +555,7 @@ def test_wrapped_models_resolve_to_the_unwrapped_names(wrap):
     wrapped = resolve_layers(wrap(NanoGPT()))
     assert list(wrapped.params) == list(plain.params)
     for a, b in zip(wrapped, plain):
-        assert (a.aliases, a.role, a.axes, a.parts, a.part_heads) == (b.aliases, b.role, b.axes, b.parts, b.part_heads)
+        assert (a.names, a.role, a.axes, a.parts, a.part_heads) == (b.names, b.role, b.axes, b.parts, b.part_heads)
     assert wrapped["module.transformer.h.1.attn.c_attn.weight"].role == "attn_qkv"
     assert wrapped["_orig_mod.lm_head.weight"].name == "transformer.wte.weight"
 
@@ -575,7 +617,7 @@ def test_views_of_gpt2_conv1d_c_attn_slice_dim_1_and_split_out_in_place(gpt2):
     w = torch.arange(32 * 96.0).reshape(32, 96)
     k_heads = views["k.heads"].apply(w)
     assert torch.equal(k_heads[:, 2, 5], w[:, 32 + 2 * 8 + 5])
-    assert views["v.heads"].label() == "v.heads:32x4x8"
+    assert str(views["v.heads"].label()) == "v.heads:32x4x8"
 
 
 def test_views_of_gqa_fused_qkv_use_each_parts_own_heads():

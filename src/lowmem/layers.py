@@ -50,7 +50,8 @@ class ParamInfo:
 
     Attributes:
         name: canonical name (the first name `named_parameters` yields).
-        aliases: every name of the parameter, canonical first (tied weights have several).
+        names: every name of the parameter, canonical first (tied weights have several); the
+            other names alone are `aliases`.
         shape: the tensor's shape.
         role: one of `ROLES`.
         axes: the meaning of each dim, e.g. ``("out", "in")`` or, for HF `Conv1D`, ``("in", "out")``.
@@ -59,10 +60,12 @@ class ParamInfo:
         head_dim: width of one head.
         parts: for a fused projection, ``(("q", size), ("k", size), ("v", size))`` along the
             ``out`` axis, each with its own head count in `part_heads`.
+        is_bias: the tensor is a module's additive bias (``bias``, ``in_proj_bias``), whatever its
+            role: a norm's bias has role ``norm``, and presets may treat it apart from the weight.
     """
 
     name: str
-    aliases: tuple[str, ...]
+    names: tuple[str, ...]
     shape: tuple[int, ...]
     role: str
     axes: tuple[str, ...]
@@ -71,6 +74,7 @@ class ParamInfo:
     head_dim: int | None = None
     parts: tuple[tuple[str, int], ...] | None = None
     part_heads: tuple[int, ...] | None = None
+    is_bias: bool = False
 
     @property
     def numel(self) -> int:
@@ -80,8 +84,13 @@ class ParamInfo:
         return n
 
     @property
+    def aliases(self) -> tuple[str, ...]:
+        """The other names of a tied parameter (empty when it has one name), as a plan's ``aliases``."""
+        return self.names[1:]
+
+    @property
     def tied(self) -> bool:
-        return len(self.aliases) > 1
+        return len(self.names) > 1
 
     def dims(self, *axis_names: str) -> tuple[int, ...]:
         """Dims of the raw tensor whose axis name is one of `axis_names`."""
@@ -114,7 +123,7 @@ class ModelLayers:
             else self.params[self._alias_index()[normalize_name(name)]]
 
     def _alias_index(self) -> dict[str, str]:
-        return {a: p.name for p in self.params.values() for a in p.aliases}
+        return {n: p.name for p in self.params.values() for n in p.names}
 
     def to_json(self) -> dict:
         """``{"schema": "lowmem.layers/1", "params": [...], "unknown": [...]}``: every `ParamInfo`
@@ -124,17 +133,23 @@ class ModelLayers:
 
     @classmethod
     def from_json(cls, doc: dict) -> "ModelLayers":
-        """Inverse of `to_json`; raises ValueError on another schema or a malformed record."""
+        """Inverse of `to_json`; raises ValueError on another schema or a malformed record.
+
+        A record may give the names as ``"aliases"`` (every name, canonical first), as files
+        written before the key was ``"names"`` do, and may lack ``"is_bias"`` (it is then read
+        from the canonical name, as `resolve_layers` does).
+        """
         if not isinstance(doc, dict) or doc.get("schema") != LAYERS_SCHEMA:
             found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"expected schema {LAYERS_SCHEMA!r}, found {found!r}")
         try:
             infos = [ParamInfo(
-                name=r["name"], aliases=tuple(r["aliases"]), shape=tuple(int(s) for s in r["shape"]),
+                name=r["name"], names=tuple(r["names"] if "names" in r else r["aliases"]), shape=tuple(int(s) for s in r["shape"]),
                 role=r["role"], axes=tuple(r["axes"]), module=r["module"], heads=r.get("heads"),
                 head_dim=r.get("head_dim"),
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
-                part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]))
+                part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
+                is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -145,10 +160,10 @@ LAYERS_SCHEMA = "lowmem.layers/1"
 
 
 def _info_json(p: ParamInfo) -> dict:
-    return {"name": p.name, "aliases": list(p.aliases), "shape": list(p.shape), "role": p.role,
+    return {"name": p.name, "names": list(p.names), "shape": list(p.shape), "role": p.role,
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
-            "part_heads": None if p.part_heads is None else list(p.part_heads)}
+            "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias}
 
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -218,7 +233,7 @@ def resolve_layers(
         infos = [_resolve_one(n, p, modules, config, heads, kv_heads) for n in names]
         # A tied weight takes the role of its most specific name (embedding beats lm_head).
         info = min(infos, key=lambda i: _ROLE_PRIORITY.get(i.role, 99))
-        info = ParamInfo(**{**info.__dict__, "name": names[0], "aliases": tuple(names)})
+        info = ParamInfo(**{**info.__dict__, "name": names[0], "names": tuple(names)})
         if names[0] in roles or any(n in roles for n in names):
             forced = next(roles[n] for n in names if n in roles)
             info = _with_role(info, forced, heads, kv_heads)
@@ -256,7 +271,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     mod_name = type(owner).__name__ if owner is not None else "?"
     last = path.rpartition(".")[2].lower()
     context = path.lower()
-    base = dict(name=name, aliases=(name,), shape=shape, module=mod_name)
+    base = dict(name=name, names=(name,), shape=shape, module=mod_name, is_bias=_is_bias(attr))
 
     def info(role, axes, **kw):
         return ParamInfo(**base, role=role, axes=tuple(axes), **kw)
@@ -267,7 +282,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     # Vectors: norms, biases, and everything one-dimensional.
     if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
         return info("norm", ["model"] * len(shape))
-    if attr.endswith("bias") or (p.dim() == 1 and attr != "weight"):
+    if _is_bias(attr) or (p.dim() == 1 and attr != "weight"):
         if p.dim() == 1:
             return info("bias", ["out"])
         return info("other", _generic_axes(shape))
@@ -312,6 +327,11 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
         return info("conv", ["out", "in", *kernel_axes])
 
     return info("other", _generic_axes(shape))
+
+
+def _is_bias(attr: str) -> bool:
+    """Whether a parameter attribute (the last component of its name) is a bias."""
+    return attr.endswith("bias")
 
 
 def _generic_axes(shape) -> list[str]:

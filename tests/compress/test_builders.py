@@ -3,12 +3,15 @@ token axis, depth averaging, missing samples and fused Q/K/V, each against hand 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
-from lowmem.compress import Plan, PlanError, build_plan
+from lowmem.compress import Plan, PlanError, build_plan, build_preset
 from lowmem.layers import resolve_layers
+from lowmem.snr.keys import ViewLabel, parse_subset
 from lowmem.snr.trajectory import Sample, SnrTrajectory
 from lowmem.snr.views import param_views
 
@@ -80,19 +83,25 @@ RAW_FC = "raw:16x8"
 
 
 def traj(rows) -> SnrTrajectory:
-    """rows: (step, name, view label, subset, snr); shape and moments are not read by build_plan."""
-    return SnrTrajectory([Sample(step, name, "?", view, subset, snr, 0.0, 0.0)
+    """rows: (step, name, view label, subset, snr), labels and subsets as the CSV writes them;
+    shape and moments are not read by build_plan."""
+    return SnrTrajectory([Sample(step, name, (), ViewLabel.parse(view), parse_subset(subset), snr, 0.0, 0.0)
                           for step, name, view, subset, snr in rows])
+
+
+def texts(snr: dict) -> dict:
+    """A plan's SNR record with its keys as plan.json writes them."""
+    return {str(k): v for k, v in snr.items()}
 
 
 def test_hand_written_view_labels_are_the_ones_param_views_gives():
     # If these drift, every hand-written sample below silently stops matching a view.
-    labels = {info.name: [v.label() for v in param_views(info)] for info in resolve_layers(model(), warn=False)}
+    labels = {info.name: [str(v.label()) for v in param_views(info)] for info in resolve_layers(model(), warn=False)}
     assert labels[Q0] == [RAW_Q, HEADS_Q]
     assert labels[FC0] == [RAW_FC]
     assert labels[WTE] == ["raw:10x8"]
     assert labels[LN0] == ["raw:8"]
-    fused = {i.name: [v.label() for v in param_views(i)] for i in resolve_layers(model(fused=True), warn=False)}
+    fused = {i.name: [str(v.label()) for v in param_views(i)] for i in resolve_layers(model(fused=True), warn=False)}
     assert fused[QKV] == ["q:8x8", "q.heads:2x4x8", "k:8x8", "k.heads:2x4x8", "v:8x8", "v.heads:2x4x8"]
 
 
@@ -113,7 +122,7 @@ STEPS = [(100, 9.0), (200, 0.4), (300, 1.8), (400, 9.0)]     # q fan_in SNR at e
 def test_time_mean_over_an_inclusive_window(window, mean):
     t = traj([(step, Q0, RAW_Q, "1", snr) for step, snr in STEPS])
     lp = build_plan(model(), t, window=window).layers[Q0]
-    assert lp.snr == {"1": pytest.approx(mean)}
+    assert texts(lp.snr) == {"1": pytest.approx(mean)}
     if mean > 1.0:
         assert (lp.reduce, lp.v_kept) == ([1], 8)
         assert f"{mean:.2f} > 1" in lp.why
@@ -157,7 +166,7 @@ def test_non_finite_samples_are_skipped_in_the_time_mean():
     t = traj([(100, FC0, RAW_FC, "0", float("nan")), (200, FC0, RAW_FC, "0", 3.0),
               (300, FC0, RAW_FC, "0", 0.0), (400, FC0, RAW_FC, "0", float("inf"))])
     lp = build_plan(model(), t).layers[FC0]
-    assert lp.snr == {"0": pytest.approx(1.5)}       # (3.0 + 0.0) / 2
+    assert texts(lp.snr) == {"0": pytest.approx(1.5)}       # (3.0 + 0.0) / 2
     assert lp.reduce == [0]
 
 
@@ -215,7 +224,7 @@ def test_norms_are_never_compressed_even_with_high_snr():
         for name in (LN0, "transformer.ln_f.weight"):
             lp = plan.layers[name]
             assert (lp.reduce, lp.v_kept, lp.why) == (None, 8, "norms keep full Adam")
-    assert build_plan(model(), t).layers[LN0].snr == {"0": 100.0}     # the measurement is still shown
+    assert texts(build_plan(model(), t).layers[LN0].snr) == {"0": 100.0}     # the measurement is still shown
 
 
 WTE_ROWS = [
@@ -260,7 +269,7 @@ def test_depth_average_shares_one_decision_from_the_mean_snr():
     for n in (FC0, FC1, FC2):
         lp = shared.layers[n]
         assert lp.reduce == [0] and lp.v_kept == 8
-        assert lp.snr == {"0": pytest.approx(1.2), "1": pytest.approx(2.9 / 3)}
+        assert texts(lp.snr) == {"0": pytest.approx(1.2), "1": pytest.approx(2.9 / 3)}
         assert lp.why == "SNR along fan_out 1.20 > 1"
 
 
@@ -281,9 +290,9 @@ def test_depth_average_does_not_mix_roles_or_shapes():
     ])
     plan = build_plan(model(), t, depth_average=True)
     assert plan.layers[Q0].reduce == plan.layers[Q1].reduce == [1]
-    assert plan.layers[Q1].snr == {"1": pytest.approx(1.8)}
-    assert plan.layers[K0].reduce is None and plan.layers[K0].snr == {"1": pytest.approx(0.2)}
-    assert plan.layers[DOWN0].reduce is None and plan.layers[DOWN0].snr == {"0": pytest.approx(0.2)}
+    assert texts(plan.layers[Q1].snr) == {"1": pytest.approx(1.8)}
+    assert plan.layers[K0].reduce is None and texts(plan.layers[K0].snr) == {"1": pytest.approx(0.2)}
+    assert plan.layers[DOWN0].reduce is None and texts(plan.layers[DOWN0].snr) == {"0": pytest.approx(0.2)}
     assert plan.layers[FC0].reduce == [0]
 
 
@@ -369,7 +378,7 @@ def test_fused_qkv_decides_each_part():
     assert q.why == "SNR along fan_in 2.00 > 1"
     assert "best SNR 0.70 (along fan_in) not > 1" in k.why
     assert "4.00 > 1" in v.why and "v.heads view" in v.why
-    assert q.snr == {"q:1": 2.0, "q:0": 1.5} and v.snr["v.heads:1,2"] == 4.0
+    assert texts(q.snr) == {"q:1": 2.0, "q:0": 1.5} and texts(v.snr)["v.heads:1,2"] == 4.0
     lp.check(QKV)
     assert Plan.loads(plan.dumps()).to_json() == plan.to_json()
 
@@ -392,4 +401,18 @@ def test_fused_qkv_with_depth_average_averages_each_part():
     for i in (0, 1):
         parts = plan.layers[h(i, "attn.c_attn.weight")].parts
         assert [(p.name, p.reduce) for p in parts] == [("q", None), ("k", [1]), ("v", None)]
-        assert parts[1].snr == {"k:1": pytest.approx(1.1)}
+        assert texts(parts[1].snr) == {"k:1": pytest.approx(1.1)}
+
+
+# -- presets read what layers.py resolved -------------------------------------------------------------
+
+def test_adam_mini_keeps_a_norms_bias_full_and_its_weight_one_scalar_by_is_bias():
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))     # 1.weight, 1.bias: role norm
+    plan = build_preset("adam-mini", net)
+    assert (plan.layers["1.weight"].reduce, plan.layers["1.bias"].reduce) == ([0], None)
+    # The preset decides by ParamInfo.is_bias, not by the name: flipped, the decisions swap.
+    layers = resolve_layers(net, warn=False)
+    for name in ("1.weight", "1.bias"):
+        layers.params[name] = replace(layers.params[name], is_bias=not layers.params[name].is_bias)
+    plan = build_preset("adam-mini", net, layers)
+    assert (plan.layers["1.weight"].reduce, plan.layers["1.bias"].reduce) == (None, [0])

@@ -13,6 +13,7 @@ from torch import nn
 from lowmem.compress import (LayerPlan, PartPlan, Plan, PlanError, PlanMismatchError, format_bytes,
                              model_fingerprint, plan_state_memory, slimadam_rules)
 from lowmem.compress.plan import model_shapes
+from lowmem.snr.keys import SnrKey
 
 # -- nanoGPT's GPT-2 (no biases, LayerNorm weights only, head tied to wte) -----------------------
 
@@ -191,16 +192,21 @@ def test_check_rejects_a_layer_with_parts_and_its_own_reduce():
 
 # -- JSON -----------------------------------------------------------------------------------------
 
+def _keys(snr: dict) -> dict:
+    """An SNR record written as plan.json keys it."""
+    return {SnrKey.parse(k): v for k, v in snr.items()}
+
+
 def _rich_plan() -> Plan:
     """A plan with every field: parts with SNR, aliases, non-finite SNR, a compressed and a full layer."""
     qkv = LayerPlan([6, 2], "attn_qkv", [6, 2], None, "per part",
-                    {"q:1": 2.5, "k:0": float("nan")},
-                    [PartPlan("q", 0, 0, 2, [2, 2], [1], "q why", {"q:1": 2.5}),
-                     PartPlan("k", 0, 2, 4, [2, 2], None, "k why", {"k:0": float("inf")}),
+                    _keys({"q:1": 2.5, "k:0": float("nan")}),
+                    [PartPlan("q", 0, 0, 2, [2, 2], [1], "q why", _keys({"q:1": 2.5})),
+                     PartPlan("k", 0, 2, 4, [2, 2], None, "k why", _keys({"k:0": float("inf")})),
                      PartPlan("v", 0, 4, 6, [1, 2, 2], [1, 2], "v why")])
     layers = {
         "emb.weight": LayerPlan([5, 2], "embedding", [5, 2], [1], "SNR along model 3.00 > 1",
-                                {"0": 0.1, "1": 3.0, "0,1": float("-inf")}, aliases=["head.weight"]),
+                                _keys({"0": 0.1, "1": 3.0, "0,1": float("-inf")}), aliases=["head.weight"]),
         "attn.c_attn.weight": qkv,
         "ln.weight": LayerPlan([2], "norm", [2], None, "norms keep full Adam"),
     }
@@ -329,6 +335,8 @@ LAYER = "transformer.h.0.mlp.c_fc.weight"        # (32, 8) in `tiny`
     (lambda d: d.update(reduce=1), [LAYER]),
     (lambda d: d.update(shape=None), [LAYER]),
     (lambda d: d.update(snr={"0": "high"}), [LAYER]),
+    (lambda d: d.update(snr={"fan_in": 1.0}), [LAYER, "SNR key 'fan_in' is not dims"]),
+    (lambda d: d.update(snr={"heads:0;1": 1.0}), [LAYER, "SNR key 'heads:0;1'"]),
 ])
 def test_a_bad_layer_entry_names_the_layer(tmp_path, edit, words):
     path, doc = _saved(tmp_path)

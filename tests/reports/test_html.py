@@ -17,12 +17,16 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+from torch import nn
 
 from lowmem.cli.main import main
+from lowmem.compress import model_record, slimadam_rules
 from lowmem.compress.memory import MemoryRow
+from lowmem.layers import resolve_layers
 from lowmem.reports import figures
 from lowmem.reports.html import render_report, script_json, write_report
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS, LayerSnr, SubsetSnr, read_run
+from lowmem.snr.keys import SnrKey
 from tiny_models import SOURCE
 
 ODD = "blk<b>&amp;"        # a module name that is HTML: it must come out as text
@@ -263,7 +267,7 @@ def test_time_means_are_the_csv_means_over_the_plan_window(run_dir):
         expected = np.mean([float(r["snr"]) for r in rows
                             if r["name"] == layer.name and r["view"].startswith("raw:") and r["subset"] == "1"])
         assert fan_in.mean == pytest.approx(expected, rel=1e-12)
-        assert run.plan.layers[layer.name].snr["1"] == pytest.approx(expected, abs=1e-6)   # the plan rounds to 6
+        assert run.plan.layers[layer.name].snr[SnrKey("raw", (1,))] == pytest.approx(expected, abs=1e-6)   # rounded to 6
 
 
 def _table_rows(html: str, table_id: str) -> list[list[str]]:
@@ -295,6 +299,28 @@ def _table_rows(html: str, table_id: str) -> list[list[str]]:
 
     _Rows().feed(chunk)
     return [[c.strip() for c in row] for row in cells]
+
+
+class _TiedGPT(nn.Module):
+    """A GPT's ends: the LM head shares the token embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(16, 8)
+        self.h = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def test_plan_table_shows_the_other_name_of_a_tied_weight(tmp_path):
+    model = _TiedGPT()
+    (tmp_path / "layers.json").write_text(json.dumps({**resolve_layers(model, warn=False).to_json(),
+                                                      "model": model_record(model)}))
+    slimadam_rules(model).save(tmp_path / "plan.json")
+    rows = {r[0]: r for r in _table_rows(render_report(read_run(tmp_path)), "plan-table") if len(r) > 1}   # not role rows
+    # The name cell is the name, then the note on its own line: "wte.weight" + "tied: lm_head.weight".
+    assert sorted(rows) == ["h.bias", "h.weight", "wte.weighttied: lm_head.weight"]
+    assert rows["wte.weighttied: lm_head.weight"][1] == "embedding"
 
 
 def test_memory_table_matches_hand_arithmetic(run_dir):

@@ -11,6 +11,7 @@ from lowmem.compress.memory import MemoryEstimate, MemoryRow
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import resolve_layers
 from lowmem.reports.terminal import MemoryTable, PlanSummary, PlanTable, RoleSnrTable
+from lowmem.snr.keys import SnrKey
 from lowmem.snr.summary import RoleSnr
 
 
@@ -38,12 +39,17 @@ class _Tiny(nn.Module):
 Q = "model.decoder.layers.0.self_attention_block.q.weight"
 
 
+def _keys(snr: dict) -> dict:
+    """An SNR record written as plan.json keys it."""
+    return {SnrKey.parse(k): v for k, v in snr.items()}
+
+
 def _plan():
     q = Q
     layers = {
         q: LayerPlan([8, 8], "attn_q", [8, 8], [1], "SNR along fan_in 3.46 > 1",
-                     {"0": 0.6, "1": 3.46, "0,1": 0.25, "heads:0": 9.0, "heads:1": 1.2}),
-        "ln.weight": LayerPlan([8], "norm", [8], None, "norms keep full Adam", {"0": 0.4}),
+                     _keys({"0": 0.6, "1": 3.46, "0,1": 0.25, "heads:0": 9.0, "heads:1": 1.2})),
+        "ln.weight": LayerPlan([8], "norm", [8], None, "norms keep full Adam", _keys({"0": 0.4})),
     }
     return Plan(model={"class": "_Tiny", "parameters": 72, "fingerprint": "sha256:x"}, layers=layers)
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import lowmem
 from lowmem.snr import (NoAdamStateError, Sample, SnrCapture, SnrTrajectory, TrajectoryError, TrajectoryWriter,
-                        read_trajectory)
+                        ViewLabel, read_trajectory)
 
 D, H, VOCAB, SEEN = 128, 4, 32, 24      # width, heads, vocabulary, tokens that ever occur
 B, T = 4, 8
@@ -94,13 +94,13 @@ def expected_samples(vs, reference_snr):
     """{(name, view, subset): (snr, mean_sq, var)} from the views the design names, computed here."""
     out = {}
     for name, v in vs.items():
-        views = {"raw:" + "x".join(map(str, v.shape)): v}
+        views = {ViewLabel("raw", v.shape): v}
         if name in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
-            views[f"heads:{H}x{D // H}x{D}"] = v.reshape(H, D // H, D)      # out -> (head, out)
+            views[ViewLabel("heads", (H, D // H, D))] = v.reshape(H, D // H, D)      # out -> (head, out)
         for label, x in views.items():
             for k in range(1, x.ndim + 1):
                 for subset in combinations(range(x.ndim), k):
-                    out[(name, label, ",".join(map(str, subset)))] = reference_snr(x, subset)
+                    out[(name, label, subset)] = reference_snr(x, subset)
     return out
 
 
@@ -111,7 +111,7 @@ def assert_samples_match(samples, vs, reference_snr):
     for key, values in want.items():
         np.testing.assert_allclose(got[key], values, rtol=1e-4, err_msg=str(key))
     shapes = {s.name: s.shape for s in samples}
-    assert shapes == {name: "x".join(map(str, v.shape)) for name, v in vs.items()}
+    assert shapes == {name: v.shape for name, v in vs.items()}
 
 
 def same_samples(a, b):
@@ -144,7 +144,7 @@ def test_head_split_views_are_measured_for_q_k_v_only(reference_snr):
         train(model, opt, 1)
     views = {}
     for s in cap.samples:
-        views.setdefault(s.name, {}).setdefault(s.view, []).append(s.subset)
+        views.setdefault(s.name, {}).setdefault(str(s.view), []).append(",".join(map(str, s.subset)))
     heads = f"heads:{H}x{D // H}x{D}"
     for name in ("attn.q.weight", "attn.k.weight", "attn.v.weight"):
         assert views[name] == {"raw:128x128": ["0", "1", "0,1"],
@@ -376,7 +376,7 @@ def test_time_mean_over_windows_by_hand(tmp_path):
     path.write_text(HAND_CSV)
     traj = SnrTrajectory.read(path)
     assert traj.steps == [10, 20, 30]
-    w0, w1, b0 = ("w", "raw:4x4", "0"), ("w", "raw:4x4", "1"), ("b", "raw:4", "0")
+    w0, w1, b0 = ("w", ViewLabel("raw", (4, 4)), (0,)), ("w", ViewLabel("raw", (4, 4)), (1,)), ("b", ViewLabel("raw", (4,)), (0,))
 
     def means(window):
         return {k: (m.snr, m.samples) for k, m in traj.time_mean(window).items()}
@@ -410,9 +410,10 @@ def test_wrong_header_raises_naming_line_one(tmp_path):
 
 
 def test_torn_last_line_of_a_killed_writer_is_dropped(tmp_path):
-    rows = [Sample(3, "w", "4x4", "raw:4x4", "0", 0.123456789, 1.5, 2.25),
-            Sample(3, "w", "4x4", "raw:4x4", "1", 0.5, 1.5, 4.5),
-            Sample(6, "w", "4x4", "raw:4x4", "0,1", 0.987654321, 12.5, 0.125)]
+    raw = ViewLabel("raw", (4, 4))
+    rows = [Sample(3, "w", (4, 4), raw, (0,), 0.123456789, 1.5, 2.25),
+            Sample(3, "w", (4, 4), raw, (1,), 0.5, 1.5, 4.5),
+            Sample(6, "w", (4, 4), raw, (0, 1), 0.987654321, 12.5, 0.125)]
     writer = TrajectoryWriter(tmp_path / "snr.csv")
     writer.write(rows[:2])
     writer.write(rows[2:])

@@ -43,6 +43,6 @@ def test_capture_on_cuda_syncs_only_when_a_measurement_may_be_due():
     assert len(strict) == 15 and cap.measured_steps == [5, 10, 15, 20]
     v = opt.state[model[2].weight]["exp_avg_sq"].double().cpu().numpy()     # (4, 32): (out, in)
     sample = {s.subset: s for s in cap.samples if s.step == 20 and s.name == "2.weight"}
-    for subset, axis in (("0", 0), ("1", 1)):
+    for subset, axis in (((0,), 0), ((1,), 1)):
         mean, var = v.mean(axis=axis), v.var(axis=axis)
         assert sample[subset].snr == pytest.approx(np.mean(mean ** 2 / var), rel=1e-4)

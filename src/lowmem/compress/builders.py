@@ -23,8 +23,9 @@ from torch import nn
 
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError, kept_entries, model_record
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
+from lowmem.snr.keys import SnrKey, ViewLabel, format_subset
 from lowmem.snr.trajectory import SnrTrajectory
-from lowmem.snr.views import View, describe_subset, param_views, split_heads
+from lowmem.snr.views import View, describe_subset, param_views, part_of, split_heads
 
 PRESETS = ("slimadam-rules", "eve", "adam-mini", "adam-mini-paper", "adalayer")
 
@@ -32,12 +33,12 @@ PRESETS = ("slimadam-rules", "eve", "adam-mini", "adam-mini-paper", "adalayer")
 _NEVER = {"norm": "norms keep full Adam", "other": "unknown layer type: full Adam"}
 
 
+# One parameter's time-mean SNR by (view, dims of the view).
+Measured = dict[tuple[ViewLabel, tuple[int, ...]], float]
+
+
 def _full(info: ParamInfo, why: str, snr=None) -> LayerPlan:
-    return LayerPlan(list(info.shape), info.role, list(info.shape), None, why, snr, None, list(info.aliases[1:]))
-
-
-def _subset_key(view: View, subset: str) -> str:
-    return subset if view.name == "raw" else f"{view.name}:{subset}"
+    return LayerPlan(list(info.shape), info.role, list(info.shape), None, why, snr, None, list(info.aliases))
 
 
 def build_plan(
@@ -84,9 +85,9 @@ def build_plan(
     layers = layers if layers is not None else resolve_layers(model, warn=False)
     _check_samples(trajectory, window, layers)
     means = trajectory.time_mean(window)
-    by_name: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
-    for (name, view, subset), m in means.items():
-        by_name[name][(view, subset)] = m.snr
+    by_name: dict[str, Measured] = defaultdict(dict)
+    for (name, label, dims), m in means.items():
+        by_name[name][(label, dims)] = m.snr
 
     if depth_average:
         groups: dict[tuple, list[str]] = defaultdict(list)
@@ -154,7 +155,7 @@ def _listing(items: list[str], n: int, tail: bool = True) -> str:
     return ", ".join(shown)
 
 
-def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefer, allow_token) -> LayerPlan:
+def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> LayerPlan:
     if info.role in _NEVER:
         return _full(info, _NEVER[info.role], _snr_record(info, snr) or None)
     if not snr:
@@ -169,7 +170,7 @@ def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefe
             parts.append(_part_plan(part, base, choice, snr, threshold))
         lp = LayerPlan(list(info.shape), info.role, list(info.shape), None,
                        "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
-                       parts, list(info.aliases[1:]))
+                       parts, list(info.aliases))
         return lp
     choice = _best(views, snr, threshold, prefer, allow_token)
     if choice is None:
@@ -177,7 +178,7 @@ def _decide(info: ParamInfo, snr: dict[tuple[str, str], float], threshold, prefe
     view, subset, value = choice
     return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
                      _why_passed(view, subset, value, threshold),
-                     _snr_record(info, snr), None, list(info.aliases[1:]))
+                     _snr_record(info, snr), None, list(info.aliases))
 
 
 def _why_passed(view: View, subset, value: float, threshold: float) -> str:
@@ -197,10 +198,9 @@ def is_candidate(view: View, dims: tuple[int, ...], allow_token: bool = False) -
 
 def _candidates(views, snr, allow_token):
     for view in views:
-        for (vlabel, subset), value in snr.items():
-            if vlabel != view.label() or not math.isfinite(value):
+        for (label, dims), value in snr.items():
+            if label != view.label() or not math.isfinite(value):
                 continue
-            dims = tuple(int(x) for x in subset.split(","))
             if is_candidate(view, dims, allow_token):
                 yield view, dims, value
 
@@ -224,7 +224,7 @@ def _why_not(views, snr, threshold, allow_token) -> str:
 
 
 def _part_plan(part, base: View, choice, snr, threshold) -> PartPlan:
-    rec = {f"{vl.split(':')[0]}:{s}": x for (vl, s), x in snr.items() if vl.split(":")[0].split(".")[0] == part}
+    rec = {SnrKey(label.name, dims): x for (label, dims), x in snr.items() if part_of(label.name) == part}
     if choice is None:
         return PartPlan(part, base.dim, base.start, base.stop, list(base.shape), None,
                         _why_not([base], snr, threshold, False), rec)
@@ -233,12 +233,10 @@ def _part_plan(part, base: View, choice, snr, threshold) -> PartPlan:
                     _why_passed(view, subset, value, threshold), rec)
 
 
-def _snr_record(info: ParamInfo, snr: dict[tuple[str, str], float]) -> dict[str, float]:
-    out = {}
-    for (vlabel, subset), value in sorted(snr.items()):
-        name = vlabel.split(":")[0]
-        out[subset if name == "raw" else f"{name}:{subset}"] = value
-    return out
+def _snr_record(info: ParamInfo, snr: Measured) -> dict[SnrKey, float]:
+    # In the order of the texts in the trajectory file, as plans have always listed them.
+    ordered = sorted(snr.items(), key=lambda kv: (str(kv[0][0]), format_subset(kv[0][1])))
+    return {SnrKey(label.name, dims): value for (label, dims), value in ordered}
 
 
 # -- presets -------------------------------------------------------------------------------
@@ -273,7 +271,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, list(view.shape), dims,
                                       f"published rule for {_PART_ROLE[view.part]}: average over {describe_subset(view.axes, tuple(dims))}"))
             plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
-                                               "published rules per part", None, parts, list(info.aliases[1:]))
+                                               "published rules per part", None, parts, list(info.aliases))
             continue
         axes = _SLIMADAM_RULES.get(info.role)
         dims = [d for d, a in enumerate(info.axes) if axes and a in axes]
@@ -282,7 +280,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
             continue
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
                                            f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
-                                           None, None, list(info.aliases[1:]))
+                                           None, None, list(info.aliases))
     return Plan(model=model_record(model), layers=plan_layers,
                 source={"method": "preset", "preset": "slimadam-rules"})
 
@@ -350,7 +348,7 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
     plan_layers = {}
     for info in layers:
         role = "lm_head" if info.role == "embedding" and info.tied and rules["lm_head"] == "full" else info.role
-        if role == "norm" and info.name.rpartition(".")[2] == "bias" and "norm_bias" in rules:
+        if role == "norm" and info.is_bias and "norm_bias" in rules:
             role = "norm_bias"   # a norm's `bias` tensor, where a preset treats it as a bias
         if info.parts:
             parts = []
@@ -361,11 +359,11 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, vshape, reduce,
                                       f"{name} for {prole}: {words}"))
             plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
-                                               f"{name} rules per part", None, parts, list(info.aliases[1:]))
+                                               f"{name} rules per part", None, parts, list(info.aliases))
             continue
         vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
-                                           f"{name} for {role}: {words}", None, None, list(info.aliases[1:]))
+                                           f"{name} for {role}: {words}", None, None, list(info.aliases))
     return Plan(model=model_record(model), layers=plan_layers, source={"method": "preset", "preset": name})
 
 

@@ -12,7 +12,8 @@ One JSON document (schema ``lowmem.plan/1``)::
 `view` reshapes the parameter; `reduce` lists dims of the view over which `v` is averaged
 (``null``: full Adam; every dim: one scalar). A fused Q/K/V projection may instead carry
 ``parts``: slices ``[start, stop)`` of one raw dim, each with its own `view` and `reduce`; the
-slices tile that dim and the layer's own `reduce` is then ``null``.
+slices tile that dim and the layer's own `reduce` is then ``null``. The keys of ``snr`` are
+`lowmem.snr.keys.SnrKey` texts (``0,1`` for the raw view, ``q.heads:0,1`` for another).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from lowmem.layers import normalize_name
+from lowmem.snr.keys import SnrKey
 
 SCHEMA = "lowmem.plan/1"
 
@@ -61,7 +63,7 @@ class PartPlan:
     view: list[int]
     reduce: list[int] | None
     why: str = ""
-    snr: dict[str, float] | None = None
+    snr: dict[SnrKey, float] | None = None
 
     @property
     def v_kept(self) -> int:
@@ -71,7 +73,7 @@ class PartPlan:
         d = {"name": self.name, "dim": self.dim, "start": self.start, "stop": self.stop,
              "view": list(self.view), "reduce": None if self.reduce is None else list(self.reduce)}
         if self.snr is not None:
-            d["snr"] = {k: _round(v) for k, v in self.snr.items()}
+            d["snr"] = _snr_out(self.snr)
         d["why"] = self.why
         return d
 
@@ -86,8 +88,7 @@ class LayerPlan:
         view: a reshape of the parameter (same number of entries).
         reduce: dims of `view` averaged over; None keeps full Adam.
         why: one line a person can read.
-        snr: the SNR behind the decision, keyed ``"subset"`` for the raw view and
-            ``"view:subset"`` for others.
+        snr: the SNR behind the decision, by view and subset (`SnrKey`).
         parts: slices of a fused parameter with their own view/reduce (then `reduce` is None).
         aliases: other names of a tied parameter.
     """
@@ -97,7 +98,7 @@ class LayerPlan:
     view: list[int]
     reduce: list[int] | None
     why: str = ""
-    snr: dict[str, float] | None = None
+    snr: dict[SnrKey, float] | None = None
     parts: list[PartPlan] | None = None
     aliases: list[str] = field(default_factory=list)
 
@@ -151,7 +152,7 @@ class LayerPlan:
         d: dict = {"shape": list(self.shape), "role": self.role, "view": list(self.view),
                    "reduce": None if self.reduce is None else list(self.reduce)}
         if self.snr is not None:
-            d["snr"] = {k: _round(v) for k, v in self.snr.items()}
+            d["snr"] = _snr_out(self.snr)
         if self.parts:
             d["parts"] = [p.to_json() for p in self.parts]
         if self.aliases:
@@ -356,12 +357,16 @@ def _some(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f" … ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _snr_in(d) -> dict[str, float] | None:
+def _snr_out(snr: dict[SnrKey, float]) -> dict[str, float | None]:
+    return {str(k): _round(v) for k, v in snr.items()}
+
+
+def _snr_in(d) -> dict[SnrKey, float] | None:
     if d is None:
         return None
     if not isinstance(d, dict):
         raise TypeError(f"\"snr\" must be an object, found {type(d).__name__}")
-    return {str(k): (float("nan") if v is None else float(v)) for k, v in d.items()}
+    return {SnrKey.parse(str(k)): (float("nan") if v is None else float(v)) for k, v in d.items()}
 
 
 def model_record(model: nn.Module) -> dict:

@@ -162,7 +162,7 @@ def _trainable(model: nn.Module, layers, name: str, selector: str) -> ParamInfo:
     if name in {normalize_name(n) for n, _ in model.named_buffers()}:
         raise HessianError(f"{selector!r}: {name} is a buffer, not a parameter: the loss has no Hessian with "
                            "respect to it")
-    names = [a for info in layers for a in info.aliases]
+    names = [n for info in layers for n in info.names]
     if not names:
         raise HessianError(f"{selector!r}: the model has no trainable parameters")
     inside = [n for n in names if n.startswith(name + ".")]

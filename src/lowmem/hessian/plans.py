@@ -148,7 +148,7 @@ def plan_from_partitions(model: nn.Module, partitions: dict[str, Partition], bas
     layers = layers if layers is not None else resolve_layers(model, warn=False)
     if base is not None:
         base.validate(model)
-    by_alias = {a: info.name for info in layers for a in info.aliases}
+    by_alias = {n: info.name for info in layers for n in info.names}
     chosen: dict[str, Partition] = {}
     for name, partition in partitions.items():
         canonical = by_alias.get(normalize_name(name))
@@ -171,7 +171,7 @@ def plan_from_partitions(model: nn.Module, partitions: dict[str, Partition], bas
         found = f"Hessian partition {partition.name!r}, {_describe(partition)}"
         why = f"{found}: {layout.words}" if layout.exact else \
             f"{found}, not a view/reduce layout; its coarsest expressible refinement: {layout.words}"
-        lp = LayerPlan(list(info.shape), info.role, layout.view, layout.reduce, why, None, None, list(info.aliases[1:]))
+        lp = LayerPlan(list(info.shape), info.role, layout.view, layout.reduce, why, None, None, list(info.aliases))
         lp.check(info.name)
         plan_layers[info.name] = lp
         record[info.name] = {"partition": partition.name, "groups": len(partition), "exact": layout.exact}

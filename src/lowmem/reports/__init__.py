@@ -1,1 +1,2 @@
-"""Reports: terminal renderables (and, later, the HTML report)."""
+"""Reports: rich renderables for the terminal (`terminal`), the self-contained HTML report
+(`html`) and its figures (`figures`), from a run folder read back (`run`)."""

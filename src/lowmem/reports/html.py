@@ -25,6 +25,7 @@ from lowmem.compress.plan import write_atomic
 from lowmem.reports import figures
 from lowmem.reports.run import Run, layer_snr, loss_column
 from lowmem.reports.terminal import best_measured, decision_words, shape_text
+from lowmem.snr.keys import format_subset
 
 ROLE_ORDER = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
               "lm_head", "conv", "norm", "bias", "other")
@@ -74,7 +75,7 @@ def _plan_groups(run: Run) -> list[dict]:
             "decision": decision_words(lp, run.layers, name), "compressed": lp.compressed,
             "best": best, "snr": snr if snr is not None and math.isfinite(snr) else None,
             "why": lp.why if not lp.parts else "; ".join(f"{p.name}: {p.why}" for p in lp.parts),
-            "v_kept": lp.v_kept, "aliases": lp.aliases[1:] if lp.aliases else []})
+            "v_kept": lp.v_kept, "aliases": list(lp.aliases)})
     rank = {r: i for i, r in enumerate(ROLE_ORDER)}
     return [{"role": role, "rows": rows, "kept": sum(r["v_kept"] for r in rows), "numel": sum(r["numel"] for r in rows),
              "compressed": sum(r["compressed"] for r in rows)}
@@ -87,7 +88,8 @@ def _viewer_data(layers, threshold: float) -> dict:
 
     return {"threshold": threshold,
             "layers": [{"label": l.label, "role": l.role,
-                        "subsets": [{"words": s.words, "view": s.view, "subset": s.subset, "steps": s.steps,
+                        "subsets": [{"words": s.words, "view": "" if s.view is None else str(s.view),
+                                     "subset": format_subset(s.subset), "steps": s.steps,
                                      "values": clean(s.values)}
                                     for s in l.subsets.values()]} for l in layers if l.subsets]}
 

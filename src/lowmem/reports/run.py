@@ -33,7 +33,8 @@ from lowmem.compress.builders import build_plan, is_candidate
 from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_memory
 from lowmem.compress.plan import Plan, PlanError
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name
-from lowmem.snr.trajectory import SnrTrajectory, TrajectoryError, read_trajectory
+from lowmem.snr.keys import ViewLabel
+from lowmem.snr.trajectory import SeriesKey, SnrTrajectory, TrajectoryError, read_trajectory
 from lowmem.snr.views import param_views, subset_words
 
 COMPARE_COLUMNS = ("optimizer", "lr", "status", "steps_done", "final_train_loss", "final_val_loss",
@@ -234,7 +235,7 @@ def _layers_from_files(run: Run) -> ModelLayers:
         shapes = {n: (tuple(lp.shape), lp.role) for n, lp in run.plan.layers.items()}
     elif run.trajectory is not None:
         for s in run.trajectory.samples:
-            shapes.setdefault(s.name, (tuple(int(x) for x in s.shape.split("x")), "other"))
+            shapes.setdefault(s.name, (s.shape, "other"))
     run.notes.append("no layers.json: axes are shown as dims d0, d1, … (an embedding's as token, model)")
     return ModelLayers({n: ParamInfo(n, (n,), shape, role, _axes_from_role(role, shape), "?")
                         for n, (shape, role) in shapes.items()})
@@ -337,8 +338,8 @@ class SubsetSnr:
     mean: float
     steps: list[int]
     values: list[float]
-    view: str = ""             # the trajectory CSV's view label and subset this comes from
-    subset: str = ""
+    view: ViewLabel | None = None      # the trajectory's view and subset this comes from
+    subset: tuple[int, ...] = ()
 
 
 @dataclass
@@ -360,7 +361,7 @@ def layer_snr(layers: ModelLayers, trajectory: SnrTrajectory,
     Subsets that are no plan candidates (over heads or tokens) are left out, as in the plan.
     """
     means = trajectory.time_mean(window)
-    series: dict[tuple[str, str, str], tuple[list[int], list[float]]] = {}
+    series: dict[SeriesKey, tuple[list[int], list[float]]] = {}
     for s in sorted(trajectory.samples, key=lambda s: s.step):
         steps, values = series.setdefault((s.name, s.view, s.subset), ([], []))
         steps.append(s.step)
@@ -371,7 +372,7 @@ def layer_snr(layers: ModelLayers, trajectory: SnrTrajectory,
         rows: dict[str, LayerSnr] = {}
         for view in param_views(info):
             for dims in _all_subsets(len(view.shape)):
-                key = (info.name, view.label(), ",".join(map(str, dims)))
+                key = (info.name, view.label(), dims)
                 if key not in means or not is_candidate(view, dims):
                     continue
                 part = view.part

@@ -38,14 +38,12 @@ def best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple
     views = {v.name: v for v in param_views(layers.params[name])}
     best = None
     # Raw-view keys first, so a head-view subset equal to a raw one ("fan_in") reads as raw.
-    for key, value in sorted(lp.snr.items(), key=lambda kv: ":" in kv[0]):
-        view_name, _, subset = key.rpartition(":")
-        view = views.get(view_name or "raw")
+    for key, value in sorted(lp.snr.items(), key=lambda kv: kv[0].view != "raw"):
+        view = views.get(key.view)
         if view is None or not math.isfinite(value):
             continue
-        dims = tuple(int(d) for d in subset.split(","))
-        if is_candidate(view, dims) and (best is None or value > best[2]):
-            best = (view, dims, value)
+        if is_candidate(view, key.subset) and (best is None or value > best[2]):
+            best = (view, key.subset, value)
     if best is None:
         return "—", None
     return subset_words(best[0], best[1]), best[2]

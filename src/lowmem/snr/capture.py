@@ -262,8 +262,7 @@ class SnrCapture:
         samples = []
         for i, info, view, s in rows:
             snr, mean_sq, var = host[i].tolist()
-            samples.append(Sample(step, info.name, "x".join(map(str, info.shape)), view.label(),
-                                  ",".join(map(str, s)), snr, mean_sq, var))
+            samples.append(Sample(step, info.name, tuple(info.shape), view.label(), tuple(s), snr, mean_sq, var))
         self.samples.extend(samples)
         self.measured_steps.append(step)
         self._last_measured = step

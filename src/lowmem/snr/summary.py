@@ -7,13 +7,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lowmem.layers import ModelLayers
+from lowmem.snr.keys import format_subset
 from lowmem.snr.trajectory import SnrTrajectory
 from lowmem.snr.views import describe_subset, param_views
 
 
 @dataclass(frozen=True)
 class RoleSnr:
-    """Median over the layers of one role of the time-mean SNR along one subset of one view."""
+    """Median over the layers of one role of the time-mean SNR along one subset of one view.
+
+    Its fields are the text a person or a JSON reader sees (the CLI prints them as they are).
+    """
 
     role: str
     view: str          # view name: raw, heads, q, q.heads, …
@@ -27,17 +31,17 @@ def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
                    window: tuple[int | None, int | None] | None = None) -> list[RoleSnr]:
     """Median over layers of each role of the time-mean SNR, per view and subset, in model order."""
     by_name: dict[str, list] = defaultdict(list)
-    for (name, vlabel, subset), m in trajectory.time_mean(window).items():
-        by_name[name].append((vlabel, subset, m))
-    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    words: dict[tuple[str, str, str], str] = {}
+    for (name, label, dims), m in trajectory.time_mean(window).items():
+        by_name[name].append((label, dims, m))
+    values: dict[tuple[str, str, tuple[int, ...]], list[float]] = defaultdict(list)
+    words: dict[tuple[str, str, tuple[int, ...]], str] = {}
     for info in layers:
         for view in param_views(info):
-            for vlabel, subset, m in by_name.get(info.name, ()):
-                if vlabel != view.label():
+            for label, dims, m in by_name.get(info.name, ()):
+                if label != view.label():
                     continue
-                key = (info.role, view.name, subset)
+                key = (info.role, view.name, dims)
                 values[key].append(m.snr)
-                words[key] = describe_subset(view.axes, tuple(int(d) for d in subset.split(",")))
-    return [RoleSnr(role, view, subset, words[(role, view, subset)], statistics.median(v), len(v))
-            for (role, view, subset), v in values.items()]
+                words[key] = describe_subset(view.axes, dims)
+    return [RoleSnr(role, view, format_subset(dims), words[(role, view, dims)], statistics.median(v), len(v))
+            for (role, view, dims), v in values.items()]

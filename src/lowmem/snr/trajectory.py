@@ -2,7 +2,8 @@
 
 Header: ``step,name,shape,view,subset,snr,mean_sq,var`` (DESIGN §3). ``shape`` is the parameter's
 shape (``256x256``), ``view`` the view's name and shape (``heads:4x64x256``), ``subset`` the
-view's dims averaged over (``0,1``).
+view's dims averaged over (``0,1``); `lowmem.snr.keys` writes and parses these three, and a
+`Sample` holds them typed.
 
 The writer streams into ``<path>.part`` and flushes after every measurement, so a killed run
 keeps every sample it took; `close` renames it to ``<path>`` in one atomic step, so a reader of
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from lowmem.snr.keys import ViewLabel, format_shape, format_subset, parse_shape, parse_subset
+
 HEADER = ("step", "name", "shape", "view", "subset", "snr", "mean_sq", "var")
 
 
@@ -28,11 +31,13 @@ class TrajectoryError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
+    """One row of the trajectory: the SNR of one parameter's view along one subset at one step."""
+
     step: int
     name: str
-    shape: str
-    view: str
-    subset: str
+    shape: tuple[int, ...]     # the parameter's
+    view: ViewLabel
+    subset: tuple[int, ...]    # dims of the view
     snr: float
     mean_sq: float
     var: float
@@ -56,8 +61,8 @@ class TrajectoryWriter:
 
     def write(self, samples: Iterable[Sample]) -> None:
         """Write one measurement's samples, in one write to the OS."""
-        rows = [(s.step, s.name, s.shape, s.view, s.subset, _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var))
-                for s in samples]
+        rows = [(s.step, s.name, format_shape(s.shape), str(s.view), format_subset(s.subset),
+                 _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var)) for s in samples]
         self._put(rows)
         self.rows += len(rows)
         self.measurements += 1
@@ -113,17 +118,35 @@ def read_trajectory(path: str | os.PathLike) -> list[Sample]:
     header = next(reader, None)
     if header is None or tuple(header) != HEADER:
         raise TrajectoryError(f"{path}: line 1: expected header {','.join(HEADER)}, found {header}")
+    # A file repeats a few shapes, views and subsets many times: each text is parsed once.
+    shapes, views, subsets = _Parsed(parse_shape), _Parsed(ViewLabel.parse), _Parsed(parse_subset)
     for lineno, row in enumerate(reader, start=2):
         if not row:
             continue
         if len(row) != len(HEADER):
             raise TrajectoryError(f"{path}: line {lineno}: expected {len(HEADER)} fields, found {len(row)}")
         try:
-            samples.append(Sample(int(row[0]), row[1], row[2], row[3], row[4],
+            samples.append(Sample(int(row[0]), row[1], shapes[row[2]], views[row[3]], subsets[row[4]],
                                   float(row[5]), float(row[6]), float(row[7])))
         except ValueError as e:
             raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
     return samples
+
+
+class _Parsed(dict):
+    """``parsed[text]``: ``parse(text)``, computed once per distinct text."""
+
+    def __init__(self, parse):
+        super().__init__()
+        self._parse = parse
+
+    def __missing__(self, text: str):
+        value = self[text] = self._parse(text)
+        return value
+
+
+# (parameter name, view, dims of the view): one series of a trajectory.
+SeriesKey = tuple[str, ViewLabel, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -148,14 +171,14 @@ class SnrTrajectory:
     def steps(self) -> list[int]:
         return sorted({s.step for s in self.samples})
 
-    def time_mean(self, window: tuple[int | None, int | None] | None = None) -> dict[tuple[str, str, str], MeanSnr]:
+    def time_mean(self, window: tuple[int | None, int | None] | None = None) -> dict[SeriesKey, MeanSnr]:
         """Mean SNR over the measured steps in ``[start, end]`` (inclusive), non-finite samples skipped.
 
         Returns:
             ``{(name, view, subset): MeanSnr}``.
         """
         start, end = window if window else (None, None)
-        sums: dict[tuple[str, str, str], list[float]] = {}
+        sums: dict[SeriesKey, list[float]] = {}
         for s in self.samples:
             if (start is not None and s.step < start) or (end is not None and s.step > end):
                 continue
@@ -166,9 +189,9 @@ class SnrTrajectory:
             acc[1] += 1
         return {k: MeanSnr(total / n, n) for k, (total, n) in sums.items()}
 
-    def final(self) -> dict[tuple[str, str, str], float]:
+    def final(self) -> dict[SeriesKey, float]:
         """SNR at the last measured step of each (name, view, subset)."""
-        last: dict[tuple[str, str, str], Sample] = {}
+        last: dict[SeriesKey, Sample] = {}
         for s in self.samples:
             key = (s.name, s.view, s.subset)
             if key not in last or s.step >= last[key].step:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.layers import ParamInfo
+from lowmem.snr.keys import ViewLabel
 
 _AXIS_WORDS = {"out": "fan_out", "in": "fan_in", "token": "token", "model": "model",
                "head": "head", "kh": "kh", "kw": "kw", "kd": "kd"}
@@ -43,9 +44,15 @@ class View:
             t = t.narrow(self.dim, self.start, self.stop - self.start)
         return t.reshape(self.shape)
 
-    def label(self) -> str:
-        """``name:shape`` as written in the trajectory CSV, e.g. ``heads:4x32x128``."""
-        return f"{self.name}:{'x'.join(map(str, self.shape))}"
+    def label(self) -> ViewLabel:
+        """Name and shape, as the trajectory CSV names the view (``heads:4x32x128``)."""
+        return ViewLabel(self.name, tuple(self.shape))
+
+
+def part_of(view_name: str) -> str:
+    """The first component of a view name: a fused projection's part (``q`` of ``q`` and
+    ``q.heads``, as `param_views` names them); ``raw`` or ``heads`` for other views."""
+    return view_name.split(".")[0]
 
 
 def describe_subset(axes: tuple[str, ...], subset: tuple[int, ...]) -> str:
