@@ -170,6 +170,15 @@ def _rows(path: Path) -> int:
         return 0
 
 
+def _steps(path: Path) -> int:
+    """How many distinct steps the trajectory file holds whole rows of (its first column)."""
+    try:
+        lines = path.read_text().split("\n")[1:-1]   # the header, and a last line that may be cut
+    except FileNotFoundError:
+        return 0
+    return len({line.split(",", 1)[0] for line in lines})
+
+
 def _start(tmp_path: Path, out: str, steps: int, every: int, **env) -> subprocess.Popen:
     """The analysis of good.py in the background, `env` (STEP_SLEEP, GATE) added to its environment."""
     return subprocess.Popen(command("good.py", "--steps", steps, "--every", every, "--out", out, "--device", "cpu",
@@ -433,7 +442,7 @@ def test_sigterm_stops_like_ctrl_c_keeping_what_was_measured(tmp_path):
     gate = tmp_path / "gate"
     gate.write_text("")
     proc = _start(tmp_path, "out", 40, 1, GATE=str(gate))
-    _wait_for(lambda: _rows(tmp_path / "out" / "snr.csv.part") >= 3, proc)
+    _wait_for(lambda: _steps(tmp_path / "out" / "snr.csv.part") >= 4, proc)   # 3 steps whole, a 4th begun
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

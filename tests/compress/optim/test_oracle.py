@@ -290,3 +290,33 @@ def test_an_unknown_backend_is_refused_by_name():
         lowmem.SlimAdam(model, backend="fast")
     with pytest.raises(ValueError, match="Invalid backend: 'fast'"):   # per group too
         lowmem.SlimAdam(model, param_groups=[{"params": list(model.parameters()), "backend": "fast"}])
+
+
+def test_compiled_backend_compiles_a_few_bucket_make_ups_then_runs_foreach(monkeypatch):
+    # Gradients missing from a different parameter each step change the compiled bucket's list
+    # of shapes every step; past the cap new make-ups run foreach instead of compiling (dynamo
+    # would refuse the function past its recompile limit). The numbers equal the reference backend's.
+    from lowmem.compress.optim import backends
+    monkeypatch.setattr(backends, "MAX_COMPILED_SIGNATURES", 2)
+    monkeypatch.setattr(backends, "_compiled_signatures", set())
+    models = [tiny_gpt(), tiny_gpt()]
+    opts = [lowmem.Eve(models[0], lr=1e-2, backend="reference"), lowmem.Eve(models[1], lr=1e-2, backend="compiled")]
+    for step in range(6):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss_at(model, step).backward()
+            params = list(model.parameters())
+            params[step % len(params)].grad = None
+            opt.step()
+    assert len(backends._compiled_signatures) == 2
+    for a, b in zip(*(m.parameters() for m in models)):   # two paths, each within 1e-12 of the oracle
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_backend_leaves_low_precision_state_to_foreach():
+    # Its scalars are 0-d tensors in the state dtype: in bf16 beta2 = 0.999 rounds to 1.0.
+    model = tiny_gpt().to(torch.bfloat16)
+    opt = lowmem.Eve(model, backend="compiled", state_dtype=torch.bfloat16)
+    assert {opt.backend_of(p).name for p in model.parameters()} == {"foreach", "fused"}
+    fp32 = lowmem.Eve(tiny_gpt().float(), backend="compiled")
+    assert "compiled" in {fp32.backend_of(p).name for p in fp32.param_groups[0]["params"]}

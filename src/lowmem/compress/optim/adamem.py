@@ -452,7 +452,7 @@ class AdaMeM(torch.optim.Optimizer):
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
         transposed = big_m > big_n
-        g = grad.reshape(grad.shape[0], -1)
+        g = grad.reshape(grad.shape[0], big_n)             # (not -1: a rank may hold no rows)
         if transposed:
             g = g.T                                         # m ≤ n; sharded: its columns split
         m, n = (big_n, big_m) if transposed else (big_m, big_n)
@@ -521,7 +521,7 @@ class AdaMeM(torch.optim.Optimizer):
                 state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # sharded: a DTensor like p
             variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
             return grad / (variance / bc2).sqrt_().add_(eps)
-        g = grad.reshape(grad.shape[0], -1)
+        g = grad.reshape(grad.shape[0], mn[1])             # (not -1: a rank may hold no rows)
         if "row_var" not in state:
             row_var = g.new_zeros(g.shape[0])              # sharded: this rank's rows, as a DTensor
             state.update(row_var=row_var if shards is None else rows_state(row_var, p, 0, (mn[0],)),

@@ -3,8 +3,7 @@ which of them runs (DESIGN §5).
 
 `ReducedAdamW` keeps the books (groups, lazy state, checks, checkpoints) and hands each group's
 work to this module as `Bucket`s: tensors of one device and dtype, one kind of layout and one step
-count, their gradients already local (a row-sharded parameter's shard) and negated for
-``maximize``. `choose_backend` picks, per bucket, the first backend of the group's preference that
+count, their gradients local (a row-sharded parameter's shard). `choose_backend` picks, per bucket, the first backend of the group's preference that
 serves the bucket's `BucketKey`; the backend updates parameters and states in place:
 
     m ← β1 m + (1−β1) g
@@ -12,19 +11,22 @@ serves the bucket's `BucketKey`; the backend updates parameters and states in pl
     θ ← θ (1 − lr·λ)
     θ ← θ − lr/(1−β1^t) · m / (sqrt(v) / sqrt(1−β2^t) + ε)
 
-The host scalars (`StepScalars`: bias corrections, step size, decay factor) are computed once per
-bucket, since a bucket has one step count. Backends:
+The host scalars (`StepScalars`: bias corrections, step size, decay factor, and ``maximize``, which
+each backend applies to the gradient) are computed once per bucket, since a bucket has one step
+count. Backends:
 
 - ``reference``: the readable specification, one tensor and one block at a time; it serves every
-  bucket (low-precision and non-contiguous parameters step through a state-dtype copy).
+  bucket (low-precision parameters step through a state-dtype copy; a block of a non-contiguous
+  parameter that is not a view updates through a copy).
 - ``foreach``: element-wise work batched with `torch._foreach_*`, reductions along the contiguous
   axis without full-size temporaries (`layout.mean_sq`).
 - ``fused``: full-Adam tensors on CPU through `torch._fused_adamw_`, the kernel of
   ``AdamW(fused=True)`` (one vectorised pass; it reads step counts from CPU tensors, which is why
   it serves CPU only).
 - ``compiled``: `torch.compile` of the update over a bucket's lists of tensors whose reduction is
-  leading or trailing (`_canonical`), scalars as 0-d tensors refilled each step, so a new step
-  does not recompile.
+  leading or trailing (`_canonical`), fp32/fp64 state only, scalars as 0-d tensors refilled each
+  step, so a new step does not recompile; each new make-up of a bucket (list of shapes) compiles
+  once, up to `MAX_COMPILED_SIGNATURES`, after which new make-ups run the foreach backend.
 
 Every backend serves sharded layouts through the two layout operations (`block_means`,
 ``land``), except the compiled and fused ones, which take single-process tensors only.
@@ -100,6 +102,7 @@ class StepScalars:
     beta2: float
     eps: float
     weight_decay: float
+    maximize: bool
     step: int
 
     @property
@@ -128,11 +131,18 @@ def kind_of(layout: Layout | ShardedLayout, param: torch.Tensor) -> str:
 
 # -- reference ----------------------------------------------------------------------------------
 def reference_step(b: Bucket, s: StepScalars) -> None:
-    """The readable update, one tensor and one block at a time, in torch AdamW's order."""
+    """The readable update, one tensor and one block at a time, in torch AdamW's order. A
+    gradient is brought to the state dtype one tensor at a time (a bf16 model's step holds one
+    fp32 copy at once), except on sharded parameters, whose means across ranks take one
+    collective for the whole bucket."""
     dtype = b.state_dtype
-    grads = [g.to(dtype) for g in b.grads]
-    means = block_means(list(zip(b.layouts, grads)), chunked=False)
-    for p, grad, m, v_all, lay, block_mean in zip(b.params, grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, means):
+    sharded = b.key.kind == "sharded"
+    if sharded:
+        grads = [_signed(g.to(dtype), s) for g in b.grads]
+        means = block_means(list(zip(b.layouts, grads)), chunked=False)
+    for k, (p, m, v_all, lay) in enumerate(zip(b.params, b.exp_avgs, b.exp_avg_sqs, b.layouts)):
+        grad = grads[k] if sharded else _signed(b.grads[k].to(dtype), s)
+        block_mean = means[k] if sharded else block_means([(lay, grad)], chunked=False)[0]
         param = p if p.dtype == dtype else p.detach().to(dtype)   # low-precision params: via a state-dtype copy
         param.mul_(s.decay)
         m.lerp_(grad, 1 - s.beta1)
@@ -149,10 +159,16 @@ def reference_step(b: Bucket, s: StepScalars) -> None:
             p.copy_(param)
 
 
+def _signed(grad: torch.Tensor, s: StepScalars) -> torch.Tensor:
+    return -grad if s.maximize else grad
+
+
 # -- foreach ------------------------------------------------------------------------------------
 def foreach_step(b: Bucket, s: StepScalars) -> None:
     """The reference update with the element-wise work batched over the bucket's tensors and
     blocks, and every reduction along the contiguous axis (`layout.mean_sq`)."""
+    if s.maximize:
+        b.grads = torch._foreach_neg(b.grads)
     if s.weight_decay != 0:
         torch._foreach_mul_(b.params, s.decay)
     torch._foreach_lerp_(b.exp_avgs, b.grads, 1 - s.beta1)
@@ -194,7 +210,7 @@ def foreach_step(b: Bucket, s: StepScalars) -> None:
 def fused_adamw_step(b: Bucket, s: StepScalars) -> None:
     """Full-Adam tensors through `torch._fused_adamw_` (the kernel of ``AdamW(fused=True)``)."""
     torch._fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, [], b.steps, amsgrad=False, lr=s.lr,
-                        beta1=s.beta1, beta2=s.beta2, weight_decay=s.weight_decay, eps=s.eps, maximize=False,
+                        beta1=s.beta1, beta2=s.beta2, weight_decay=s.weight_decay, eps=s.eps, maximize=s.maximize,
                         grad_scale=None, found_inf=None)
 
 
@@ -218,41 +234,57 @@ def _canonical(block: Block) -> tuple[tuple[int, ...], tuple[int, ...], int | No
     return None
 
 
-def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                     dims: tuple[int | None, ...]) -> None:
+def _compiled_update(params, grads, exp_avgs, exp_avg_sqs, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                     eps, step_size, bc2_sqrt, dims: tuple[int | None, ...], maximize: bool) -> None:
     """The whole update of a list of tensors in canonical form (`_canonical`), for
     `torch.compile` to fuse; the scalars are 0-d tensors, so a new step does not recompile."""
     for param, grad, exp_avg, exp_avg_sq, dim in zip(params, grads, exp_avgs, exp_avg_sqs, dims):
+        grad = -grad if maximize else grad
         param.mul_(decay)
-        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
         if dim is None:
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            exp_avg_sq.mul_(beta2).add_(grad * grad * one_minus_beta2)
         else:
-            exp_avg_sq.mul_(beta2).add_((grad * grad).mean(dim=dim, keepdim=True) * (1 - beta2))
+            exp_avg_sq.mul_(beta2).add_((grad * grad).mean(dim=dim, keepdim=True) * one_minus_beta2)
         param.sub_(exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * step_size)
 
 
+# `torch.compile` makes one graph per list of shapes (and dims) it meets, and dynamo refuses a
+# function past its recompile limit. A bucket changes make-up when gradients are missing on some
+# steps, so after this many distinct make-ups (in the process, over all optimizers) new ones
+# run the foreach backend instead of compiling again.
+MAX_COMPILED_SIGNATURES = 32
 _compiled_fn: Callable | None = None
+_compiled_signatures: set = set()
 
 
 def compiled_step(b: Bucket, s: StepScalars) -> None:
-    """`_compiled_update` over the bucket's lists, viewed in canonical form."""
+    """`_compiled_update` over the bucket's lists, viewed in canonical form; a bucket of a new
+    make-up once `MAX_COMPILED_SIGNATURES` are compiled runs `foreach_step`."""
     global _compiled_fn
-    if _compiled_fn is None:
-        _compiled_fn = torch.compile(_compiled_update, dynamic=True, fullgraph=True)
     forms = [_canonical(lay.blocks[0]) for lay in b.layouts]
+    signature = (b.key.device, b.state_dtype, s.maximize, tuple((tuple(p.shape), f[2]) for p, f in zip(b.params, forms)))
+    if signature not in _compiled_signatures:
+        if len(_compiled_signatures) >= MAX_COMPILED_SIGNATURES:
+            foreach_step(b, s)
+            return
+        _compiled_signatures.add(signature)
+    if _compiled_fn is None:
+        _compiled_fn = torch.compile(_compiled_update, dynamic=True)
     scalars = b.scratch.get(("compiled", b.key.device, b.state_dtype))
     if scalars is None:   # made once per device and dtype, refilled each step
-        scalars = [torch.zeros((), dtype=b.state_dtype, device=b.key.device) for _ in range(6)]
+        scalars = [torch.zeros((), dtype=b.state_dtype, device=b.key.device) for _ in range(8)]
         b.scratch[("compiled", b.key.device, b.state_dtype)] = scalars
-    for t, x in zip(scalars, (s.decay, s.beta1, s.beta2, s.eps, s.step_size, s.bc2_sqrt)):
+    values = (s.decay, s.beta1, 1 - s.beta1, s.beta2, 1 - s.beta2, s.eps, s.step_size, s.bc2_sqrt)
+    for t, x in zip(scalars, values):
         t.fill_(x)
-    with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+    with torch._dynamo.config.patch(recompile_limit=max(2 * MAX_COMPILED_SIGNATURES,
+                                                        torch._dynamo.config.recompile_limit)):
         _compiled_fn([p.view(f[0]) for p, f in zip(b.params, forms)],
                      [g.view(f[0]) for g, f in zip(b.grads, forms)],
                      [m.view(f[0]) for m, f in zip(b.exp_avgs, forms)],
                      [v.view(f[1]) for v, f in zip(b.exp_avg_sqs, forms)],
-                     *scalars, tuple(f[2] for f in forms))
+                     *scalars, tuple(f[2] for f in forms), s.maximize)
 
 
 # -- the choice ---------------------------------------------------------------------------------
@@ -269,7 +301,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("reference", reference_step, lambda k: True),
     Backend("foreach", foreach_step, lambda k: k.native),
     Backend("fused", fused_adamw_step, lambda k: k.native and k.kind == "full" and k.device.type == "cpu"),
-    Backend("compiled", compiled_step, lambda k: k.native and k.kind in ("full", "canonical")),
+    # Its 0-d scalars are in the state dtype: in bf16 β2 = 0.999 would be 1.0, so fp32/fp64 only.
+    Backend("compiled", compiled_step, lambda k: k.native and k.kind in ("full", "canonical")
+            and k.dtype in (torch.float32, torch.float64)),
 )}
 
 # The backends each group option tries, in order: the first that serves a bucket runs it.

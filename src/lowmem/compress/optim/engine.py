@@ -15,7 +15,8 @@ engine reads views and reduce dims from the plan and never parses parameter name
 The engine is three pieces:
 
 - this class keeps the books: parameter groups and their checks, lazy state, names and layouts,
-  and per step it sorts each group's tensors into buckets (device, dtype, layout kind, step);
+  and per step it sorts each group's tensors into buckets (device, dtype, whether in the state
+  dtype and contiguous, layout kind, step count: `backends.BucketKey`);
 - `layout` says how each parameter's `v` is kept and how a step reduces ``g²`` and lands its
   update, for single-process and row-sharded (FSDP2) parameters alike;
 - `backends` holds the update as functions over a bucket's lists of tensors (reference, foreach,
@@ -65,7 +66,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         foreach: as torch's flag: False asks for the readable reference backend (one tensor at a
             time), True or None for the fast default (``backend="foreach"``).
         compiled: ``backend="compiled"``: `torch.compile` of the update over lists of tensors
-            (the first step of each new set of shapes compiles).
+            (the first step of each new set of shapes compiles; see `backends.compiled_step`).
         backend: which backends to try, ``"reference"``, ``"foreach"`` or ``"compiled"`` (see
             `backends.PREFERENCE`; it overrides `foreach` and `compiled`); per group too. Tensors
             a backend cannot take (e.g. bf16 parameters with fp32 state) go to the next one.
@@ -129,7 +130,7 @@ class ReducedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             scalars = dict(lr=as_float(group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
-                           eps=group["eps"], weight_decay=group["weight_decay"])
+                           eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
             preference = self._preference(group)
             for bucket in self._buckets(group):
                 choose_backend(bucket.key, preference).fn(bucket, StepScalars(**scalars, step=bucket.key.step))
@@ -146,14 +147,11 @@ class ReducedAdamW(torch.optim.Optimizer):
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         params = [p for p in params if p.numel() > 0]
         grads = [local(p.grad) for p in params]
-        if group["maximize"] and grads:
-            grads = torch._foreach_neg(grads)
         buckets: dict[tuple, Bucket] = {}
         for p, grad in zip(params, grads):
             state, shard, layout = self.state[p], local(p), self.layout_of(p)
             kind, dtype = self._kinds[p], self.state_dtype_of(p)
-            native = shard.dtype == dtype and shard.is_contiguous() and grad.is_contiguous()
-            key = (shard.device, shard.dtype, native, kind, int(state["step"].item()))
+            key = (shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, int(state["step"].item()))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(BucketKey(*key), dtype, self._scratch)
@@ -179,10 +177,9 @@ class ReducedAdamW(torch.optim.Optimizer):
     def backend_of(self, p: torch.Tensor) -> Backend:
         """The backend that steps `p` at its next step, with its gradient as it is now."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        shard, grad = local(p), local(p.grad) if p.grad is not None else None
+        shard, grad = local(p), local(p.grad) if p.grad is not None else local(p)
         step = int(self.state[p]["step"].item()) + 1 if self.state.get(p) else 1
-        native = shard.dtype == self.state_dtype_of(p) and shard.is_contiguous() and \
-            (grad is None or grad.is_contiguous())
+        native = _native(shard, grad, self.state_dtype_of(p), self._kinds[p])
         return choose_backend(BucketKey(shard.device, shard.dtype, native, self._kinds[p], step),
                               self._preference(group))
 
@@ -256,6 +253,11 @@ class ReducedAdamW(torch.optim.Optimizer):
                 f"lr={g0['lr']}, betas={g0['betas']}, eps={g0['eps']}, weight_decay={g0['weight_decay']})")
 
 
+def _native(shard: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype, kind: str) -> bool:
+    """`BucketKey.native`: the parameter is in the state dtype and, unless sharded, it and its
+    gradient are contiguous. (A shard's bucket must not depend on what one rank sees alone: each
+    sharded bucket takes one collective, and every rank must join the same ones.)"""
+    return shard.dtype == state_dtype and (kind == "sharded" or shard.is_contiguous() and grad.is_contiguous())
 
 
 def _check_backend(backend: Any) -> None:

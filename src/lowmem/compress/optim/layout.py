@@ -5,7 +5,8 @@ each with its own view and reduce): a `Layout` of `Block`s. A step asks a layout
 only, and that is all that differs between a single-process and a row-sharded (FSDP2) parameter:
 
 - ``mean_r(g²)`` of each block (`block_means`): local reductions, or on a sharded parameter
-  partial sums all-reduced across ranks, one collective for every sharded parameter of a step;
+  partial sums all-reduced across ranks, one collective per call for all the sharded
+  parameters given (a step calls it once per bucket);
 - where the update lands (`Layout.land`): a view of the parameter, or the boxes of this rank's
   flat shard of the block.
 
