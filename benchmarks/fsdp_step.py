@@ -14,8 +14,9 @@ two barriers, on every rank (the slowest rank's time is reported). Rows run inte
 medians of per-round paired ratios to ``torch.optim.AdamW(foreach=True)`` (what FSDP2 uses by
 default).
 
-What the ratio says: lowmem's plan optimizers run on each rank's shard with per-tensor ops (no
-`_foreach` batching) plus one all-reduce of partial sums per step for means across shards;
+What the ratio says: lowmem's plan optimizers run on each rank's shard through the engine's
+default (foreach) backend, with one all-reduce of partial sums per bucket (one per step when all
+sharded parameters share a dtype and step count) for means across shards;
 AdaMeM and Adafactor-momentum all-reduce partial sums once or twice per parameter (AdaMeM
 gathers a gradient only to refresh its projector, every `update_proj_gap` steps). The script is
 a measurement and always exits 0.

@@ -161,12 +161,21 @@ class EvenNet(Net):
 
 class OddNet(Net):
     """Net with a 13-token vocabulary: on 3 ranks the shards are uneven (5, 5, 3 rows), and each
-    rank's 3 rows of Q and K cut their 4-row heads."""
+    rank's 3 rows of Q and K cut their 4-row heads; and a one-row gate, of which every rank but
+    the first holds no rows."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(13, WIDTH)
+        self.gate = nn.Linear(WIDTH, 1, bias=False)           # (1, WIDTH)
         self.head = nn.Linear(WIDTH, 13, bias=False)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x * torch.sigmoid(self.gate(x))                  # (B, T, WIDTH) * (B, T, 1)
+        x = x + self.attn(self.ln(x))
+        x = x + self.mlp(x)
+        return self.head(x)
 
 
 class FusedAttention(nn.Module):

@@ -3,8 +3,9 @@ which of them runs (DESIGN §5).
 
 `ReducedAdamW` keeps the books (groups, lazy state, checks, checkpoints) and hands each group's
 work to this module as `Bucket`s: tensors of one device and dtype, one kind of layout and one step
-count, their gradients local (a row-sharded parameter's shard). `choose_backend` picks, per bucket, the first backend of the group's preference that
-serves the bucket's `BucketKey`; the backend updates parameters and states in place:
+count, their gradients local (a row-sharded parameter's shard). `choose_backend` picks, per
+bucket, the first backend of the group's preference that serves the bucket's `BucketKey`; the
+backend updates parameters and states in place:
 
     m ← β1 m + (1−β1) g
     v ← β2 v + (1−β2) mean_r(g²)              (per block of the layout; full Adam: g²)
@@ -53,8 +54,9 @@ class BucketKey:
     Attributes:
         device: where the tensors live.
         dtype: the parameters' dtype.
-        native: parameters are in the state dtype and parameters and gradients are contiguous
-            (else only the reference backend, which steps through a copy, takes them).
+        native: parameters are in the state dtype and (unless sharded) parameters and gradients
+            are contiguous; else only the reference backend, which steps through a copy, takes
+            them.
         kind: ``"full"`` (plain Adam, one block), ``"canonical"`` (one block whose reduction is
             leading or trailing, `_canonical`), ``"general"`` (other single-process layouts,
             parts, 0-d tensors) or ``"sharded"`` (row-sharded FSDP2 parameters).
