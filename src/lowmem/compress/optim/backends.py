@@ -144,7 +144,6 @@ def reference_step(b: Bucket, s: StepScalars) -> None:
         means = block_means(list(zip(b.layouts, grads)), chunked=False)
     for k, (p, m, v_all, lay) in enumerate(zip(b.params, b.exp_avgs, b.exp_avg_sqs, b.layouts)):
         grad = grads[k] if sharded else _signed(b.grads[k].to(dtype), s)
-        block_mean = means[k] if sharded else block_means([(lay, grad)], chunked=False)[0]
         param = p if p.dtype == dtype else p.detach().to(dtype)   # low-precision params: via a state-dtype copy
         param.mul_(s.decay)
         m.lerp_(grad, 1 - s.beta1)
@@ -153,8 +152,11 @@ def reference_step(b: Bucket, s: StepScalars) -> None:
             if block.reduce is None:
                 g = lay.entries_of(grad, i)
                 v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+            elif sharded:
+                v.mul_(s.beta2).add_(means[k][i], alpha=1 - s.beta2)
             else:
-                v.mul_(s.beta2).add_(block_mean[i], alpha=1 - s.beta2)
+                g = lay.entries_of(grad, i)
+                v.mul_(s.beta2).add_((g * g).mean(dim=block.reduce, keepdim=True), alpha=1 - s.beta2)
             denom = (v.sqrt() / s.bc2_sqrt).add_(s.eps)
             lay.land(param, i, m, denom, -s.step_size)
         if param is not p:
