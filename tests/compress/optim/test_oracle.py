@@ -320,3 +320,37 @@ def test_compiled_backend_leaves_low_precision_state_to_foreach():
     assert {opt.backend_of(p).name for p in model.parameters()} == {"foreach", "fused"}
     fp32 = lowmem.Eve(tiny_gpt().float(), backend="compiled")
     assert "compiled" in {fp32.backend_of(p).name for p in fp32.param_groups[0]["params"]}
+
+
+def _peak_allocated_during(fn) -> int:
+    """Peak bytes torch's CPU allocator holds during `fn()` above what it held before (the running
+    sum of the allocation events `torch.profiler` records, as benchmarks/optimizer_step.py)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+    except AttributeError:
+        pytest.skip("torch.profiler's event API moved")
+    run = peak = 0
+    for e in events:
+        run += e.nbytes()
+        peak = max(peak, run)
+    return peak
+
+
+def test_reference_backend_holds_one_state_dtype_copy_of_a_gradient_at_a_time():
+    # bf16 parameters with fp32 state step in the reference backend through fp32 copies; made
+    # one tensor at a time, a step's peak is a few copies of one matrix, not one of every gradient.
+    torch.manual_seed(0)
+    n, width = 12, 64
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(n)]).to(torch.bfloat16)
+    opt = lowmem.Eve(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()                                          # allocates the state
+    assert {opt.backend_of(p).name for p in model.parameters()} == {"reference"}
+    one_copy = width * width * 4
+    peak = _peak_allocated_during(opt.step)
+    assert one_copy <= peak <= 6 * one_copy < n * one_copy, (peak, one_copy)
