@@ -1,0 +1,31 @@
+"""Rounding an fp32 update into bf16 parameters (issue 16, low-precision parameters; the
+optimizers do not use it yet).
+
+Round-to-nearest loses every update smaller than half a bf16 step of the weight (about 2⁻⁹ of
+its magnitude), so small learning rates stall in pure-bf16 training. Stochastic rounding rounds
+up with probability equal to the remainder's share of the step, so the expected stored value is
+the fp32 value (Gupta et al., "Deep Learning with Limited Numerical Precision", 2015); torchao
+and heavyball offer it for their bf16 optimizers.
+
+bf16 is the upper 16 bits of fp32: adding a uniform 16-bit integer to an fp32 bit pattern and
+clearing the low 16 bits rounds its magnitude up with exactly that probability.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`x` (fp32, or anything `.float()` takes exactly) rounded to bf16, stochastically: to one
+    of the two bf16 values around it, the one farther away with probability equal to its
+    distance's share of the step. Values that are bf16 already, infinities and NaNs are kept.
+    Reproducible under a seeded `generator` (on `x`'s device)."""
+    x32 = x.float().contiguous()
+    bits = x32.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    rounded = ((bits + noise) & -(1 << 16)).view(torch.float32)   # low 16 bits cleared: exactly a bf16
+    return torch.where(torch.isfinite(x32), rounded, x32).to(torch.bfloat16)
+
+
+__all__ = ["round_to_bf16_stochastic"]
