@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowmem.compress.optim.quant import (BLOCK_4BIT, BLOCK_8BIT, dequantize, dynamic_map, pack_4bit,
-                                         quantization_map, quantize, unpack_4bit)
+                                         quantization_map, quantize, quantized_nbytes, unpack_4bit)
 
 
 def numpy_quantize(x: np.ndarray, qmap: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,3 +111,19 @@ def test_an_entry_halfway_between_two_map_values_takes_the_larger():
     codes, scales = quantize(x, qmap, BLOCK_8BIT)
     assert scales.tolist() == [1.0]
     assert codes[1:].tolist() == [k + 1 for k, _ in halves]
+
+
+def test_bytes_of_quantized_state_by_hand():
+    # 8-bit: one byte per entry + 4 bytes per block of 256: 1 + 4/256 = 1.015625 B/entry
+    assert quantized_nbytes(2 ** 20, 8, BLOCK_8BIT) == 2 ** 20 + 4 * 2 ** 12 == 1_064_960
+    # 4-bit: half a byte per entry + 4 bytes per block of 128: 0.5 + 4/128 = 0.53125 B/entry
+    assert quantized_nbytes(2 ** 20, 4, BLOCK_4BIT) == 2 ** 19 + 4 * 2 ** 13 == 557_056
+    # a ragged last block has its own scale; an odd count of 4-bit codes takes a whole last byte
+    assert quantized_nbytes(257, 8, BLOCK_8BIT) == 257 + 8
+    assert quantized_nbytes(129, 4, BLOCK_4BIT) == 65 + 8
+    # what quantize + pack_4bit actually store
+    x = torch.randn(1001)
+    for kind, bits, block in (("dynamic", 8, BLOCK_8BIT), ("dynamic", 4, BLOCK_4BIT)):
+        codes, scales = quantize(x, quantization_map(kind, bits), block)
+        stored = pack_4bit(codes) if bits == 4 else codes
+        assert stored.nbytes + scales.nbytes == quantized_nbytes(1001, bits, block)

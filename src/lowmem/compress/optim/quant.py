@@ -112,6 +112,14 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor, bl
     return values.reshape(-1)[:n].view(shape)
 
 
+def quantized_nbytes(n: int, bits: int, block: int) -> int:
+    """Bytes that `n` entries take as `bits`-bit codes (4-bit codes packed two to a byte) plus one
+    fp32 scale per block of `block` entries (the last block may be shorter)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return -(-n * bits // 8) + 4 * -(-n // block)
+
+
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     """Two 4-bit codes per byte, the first in the low nibble; an odd count is padded with 0."""
     c = torch.nn.functional.pad(codes.reshape(-1).to(torch.uint8), (0, codes.numel() % 2))
@@ -124,4 +132,4 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 __all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "MAPS", "block_scales", "dequantize", "dynamic_map", "pack_4bit",
-           "quantization_map", "quantize", "unpack_4bit"]
+           "quantization_map", "quantize", "quantized_nbytes", "unpack_4bit"]
