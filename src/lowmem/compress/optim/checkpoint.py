@@ -32,13 +32,8 @@ def lowmem_meta(opt: ReducedAdamW) -> dict:
 
 
 def state_dict(opt: ReducedAdamW, sd: dict) -> dict:
-    """torch's state dict `sd` plus ``"lowmem"``: the optimizer, parameter names in group order and
-    the plan, as plain data (survives ``torch.load(weights_only=True)``).
-
-    For row-sharded (FSDP2) parameters ``exp_avg`` stays a DTensor and a compressed
-    ``exp_avg_sq`` is the whole single-process one, the same on every rank (gathered: every
-    rank must call this). So `torch.distributed.checkpoint` saves correct state, and the
-    checkpoint loads on any number of ranks."""
+    """`ReducedAdamW.state_dict` from torch's state dict `sd`: the single-process ``exp_avg_sq``
+    of every sharded parameter (gathered, a collective) and the ``"lowmem"`` entry."""
     params = [p for g in opt.param_groups for p in g["params"]]
     wholes = whole_v(opt, params)
     for i, p in enumerate(params):
@@ -63,20 +58,9 @@ def whole_v(opt: ReducedAdamW, params: list[torch.Tensor]) -> dict[torch.Tensor,
 
 
 def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
-    """Load a state dict of this optimizer, of another lowmem plan optimizer made under the
-    same plan, or of `torch.optim.AdamW` (full ``exp_avg_sq`` is then averaged per plan).
-
-    States take this optimizer's state dtype (fp32 for bf16/fp16 parameters, so a bf16
-    AdamW checkpoint steps here; fp32 `v` of bf16 parameters survives) and are copied, never
-    shared with the dict loaded. Everything is checked before anything is loaded: a refused
-    checkpoint leaves the optimizer as it was.
-
-    Raises:
-        TypeError: `state_dict` is not a dict.
-        ValueError: an entry is missing or malformed (another optimizer's checkpoint, a
-            ``step`` that is not a count, a state of the wrong shape), named in the message.
-        PlanError (a ValueError): the checkpoint was made under another plan.
-    """
+    """`ReducedAdamW.load_state_dict` (what loads, and what is refused, is said there): every
+    entry is checked before anything is loaded, then each saved state is brought to this
+    optimizer's dtypes and layout (`state_from_checkpoint`)."""
     check_state_dict(opt, state_dict, group_keys=("lr", "betas", "eps", "weight_decay"),
                      check_group=lambda g: check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"]),
                      spec=lambda p, group: state_spec(opt, p, group), names=opt._names,
