@@ -141,7 +141,7 @@ def reference_step(b: Bucket, s: StepScalars) -> None:
     sharded = b.key.kind == "sharded"
     if sharded:
         grads = [_signed(g.to(dtype), s) for g in b.grads]
-        means = block_means(list(zip(b.layouts, grads)), chunked=False)
+        means = block_means(list(zip(b.layouts, grads)))
     for k, (p, m, v_all, lay) in enumerate(zip(b.params, b.exp_avgs, b.exp_avg_sqs, b.layouts)):
         grad = grads[k] if sharded else _signed(b.grads[k].to(dtype), s)
         param = p if p.dtype == dtype else p.detach().to(dtype)   # low-precision params: via a state-dtype copy
@@ -176,7 +176,7 @@ def foreach_step(b: Bucket, s: StepScalars) -> None:
     if s.weight_decay != 0:
         torch._foreach_mul_(b.params, s.decay)
     torch._foreach_lerp_(b.exp_avgs, b.grads, 1 - s.beta1)
-    means = block_means(list(zip(b.layouts, b.grads)), chunked=True)
+    means = block_means(list(zip(b.layouts, b.grads)))
     full_v, full_g, red_v, red_mean, lands = [], [], [], [], []
     for p, g, m, v_all, lay, block_mean in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, means):
         for i, block in enumerate(lay.blocks):

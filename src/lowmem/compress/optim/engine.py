@@ -147,14 +147,13 @@ class ReducedAdamW(torch.optim.Optimizer):
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         params = [p for p in params if p.numel() > 0]
         grads = [local(p.grad) for p in params]
-        buckets: dict[tuple, Bucket] = {}
+        buckets: dict[BucketKey, Bucket] = {}
         for p, grad in zip(params, grads):
             state, shard, layout = self.state[p], local(p), self.layout_of(p)
-            kind, dtype = self._kinds[p], self.state_dtype_of(p)
-            key = (shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, int(state["step"].item()))
+            key = self._key(p, grad, int(state["step"].item()))
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(BucketKey(*key), dtype, self._scratch)
+                b = buckets[key] = Bucket(key, self.state_dtype_of(p), self._scratch)
             b.params.append(shard)
             b.grads.append(grad)
             b.exp_avgs.append(local(state["exp_avg"]))
@@ -177,11 +176,13 @@ class ReducedAdamW(torch.optim.Optimizer):
     def backend_of(self, p: torch.Tensor) -> Backend:
         """The backend that steps `p` at its next step, with its gradient as it is now."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        shard, grad = local(p), local(p.grad) if p.grad is not None else local(p)
         step = int(self.state[p]["step"].item()) + 1 if self.state.get(p) else 1
-        native = _native(shard, grad, self.state_dtype_of(p), self._kinds[p])
-        return choose_backend(BucketKey(shard.device, shard.dtype, native, self._kinds[p], step),
-                              self._preference(group))
+        return choose_backend(self._key(p, local(p.grad if p.grad is not None else p), step), self._preference(group))
+
+    def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int) -> BucketKey:
+        """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`."""
+        shard, kind = local(p), self._kinds[p]
+        return BucketKey(shard.device, shard.dtype, _native(shard, grad, self.state_dtype_of(p), kind), kind, step)
 
     def layout_of(self, p: torch.Tensor) -> Layout | ShardedLayout:
         """How `p`'s `v` is kept on this rank: its plan `Layout`, or this rank's `ShardedLayout`."""

@@ -261,13 +261,11 @@ def sharded_means(items: list[tuple[ShardedLayout, torch.Tensor]], square: bool)
     return out
 
 
-def block_means(items: list[tuple[Layout | ShardedLayout, torch.Tensor]], chunked: bool = True
-                ) -> list[list[torch.Tensor | None]]:
+def block_means(items: list[tuple[Layout | ShardedLayout, torch.Tensor]]) -> list[list[torch.Tensor | None]]:
     """For each (layout, gradient) — the local shard of a sharded parameter's — ``mean_r(g²)`` of
     each block, shaped as the layout's `v_of` (None for full-Adam blocks). Local reductions take
-    `mean_sq` (``chunked``: along the contiguous axis without full-size temporaries) or, for the
-    readable reference, ``(g * g).mean(r, keepdim=True)``; sharded ones are partial sums
-    all-reduced across ranks, one collective per process group and dtype for all of them."""
+    `mean_sq` (along the contiguous axis, without full-size temporaries); sharded ones are partial
+    sums all-reduced across ranks, one collective per process group and dtype for all of them."""
     out: list[list[torch.Tensor | None] | None] = []
     sharded = []
     for lay, g in items:
@@ -275,15 +273,11 @@ def block_means(items: list[tuple[Layout | ShardedLayout, torch.Tensor]], chunke
             sharded.append(len(out))
             out.append(None)
             continue
-        out.append([None if b.reduce is None else _mean_sq_of(b.region(g), b.reduce, chunked) for b in lay.blocks])
+        out.append([None if b.reduce is None else mean_sq(b.region(g), b.reduce) for b in lay.blocks])
     if sharded:
         for k, means in zip(sharded, sharded_means([items[k] for k in sharded], square=True)):
             out[k] = means
     return out
-
-
-def _mean_sq_of(x: torch.Tensor, reduce: tuple[int, ...], chunked: bool) -> torch.Tensor:
-    return mean_sq(x, reduce) if chunked else (x * x).mean(dim=reduce, keepdim=True)
 
 
 def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
