@@ -225,7 +225,7 @@ def test_summary_numbers_are_in_the_json():
     doc = json.loads(_rich_plan().dumps())
     # emb 10 entries keep 5; c_attn 12 keep q 2 + k 4 + v 1; ln 2 keep 2 -> 24 entries keep 14.
     assert doc["summary"] == {"v_full": 24, "v_kept": 14, "v_saved": pytest.approx(10 / 24, abs=1e-6)}
-    assert doc["schema"] == "lowmem.plan/1"
+    assert doc["schema"] == "lowmem.plan/2"
     assert doc["layers"]["emb.weight"]["aliases"] == ["head.weight"]
 
 
@@ -307,7 +307,7 @@ def test_empty_plan_file_reports_line_1_column_1(tmp_path):
 
 
 @pytest.mark.parametrize("doc, words", [
-    ({"schema": "lowmem.plan/2"}, ["schema", "'lowmem.plan/2'", "'lowmem.plan/1'"]),
+    ({"schema": "lowmem.plan/3"}, ["schema", "'lowmem.plan/3'", "'lowmem.plan/2'", "'lowmem.plan/1'"]),
     ({"model": {}, "layers": {}}, ["schema", "None"]),
     ([1, 2], ["expected a JSON object", "list"]),
     ({"schema": "lowmem.plan/1", "model": {}, "layers": []}, ['"layers" must be a JSON object']),
@@ -599,3 +599,32 @@ def test_state_memory_of_a_small_plan_by_hand():
 ])
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def test_state_formats_round_trip_and_plan_1_reads_as_fp32(tmp_path):
+    from lowmem.compress.formats import FULL, StateFormat
+    plan = Plan(model={"class": "M"}, layers={
+        "w": LayerPlan([64, 64], "mlp_in", [64, 64], [1], state=StateFormat("int8", "bf16")),
+        "b": LayerPlan([64], "bias", [64], None)})
+    doc = json.loads(plan.dumps())
+    assert doc["schema"] == "lowmem.plan/2"
+    assert doc["layers"]["w"]["state"] == {"m": "int8", "v": "bf16"} and "state" not in doc["layers"]["b"]
+    back = Plan.loads(plan.dumps())
+    assert back.layers["w"].state_format == StateFormat("int8", "bf16") and back.layers["b"].state_format == FULL
+    doc["schema"] = "lowmem.plan/1"
+    del doc["layers"]["w"]["state"]
+    assert Plan.from_json(doc).layers["w"].state_format == FULL
+
+
+@pytest.mark.parametrize("state, words", [
+    ({"m": "int3"}, ["layers['w']", "m format", "int3", "int4"]),
+    ({"v": "int4"}, ["layers['w']", "v format", "'int4'"]),
+    ({"m": "int8", "q": "fp32"}, ["layers['w']", "\"state\""]),
+])
+def test_bad_state_format_is_a_plan_error_naming_the_layer(state, words):
+    doc = {"schema": "lowmem.plan/2", "model": {}, "layers": {
+        "w": {"shape": [4, 4], "role": "other", "view": [4, 4], "reduce": None, "state": state}}}
+    with pytest.raises(PlanError) as e:
+        Plan.from_json(doc)
+    for w in words:
+        assert w in str(e.value)

@@ -1,12 +1,13 @@
 """The compression plan: which dims of each parameter's `v` are averaged (DESIGN §4).
 
-One JSON document (schema ``lowmem.plan/1``)::
+One JSON document (schema ``lowmem.plan/2``)::
 
-    {"schema": "lowmem.plan/1",
+    {"schema": "lowmem.plan/2",
      "model": {"class": "GPT", "parameters": 10650112, "fingerprint": "sha256:…"},
      "source": {"method": "snr", "threshold": 1.0, "window": [200, 1000], "probe_lr": 3e-4},
      "layers": {"blocks.0.attn.q.weight": {"shape": [256, 256], "role": "attn_q",
-                                           "view": [256, 256], "reduce": [1], "snr": {...}, "why": "…"}},
+                                           "view": [256, 256], "reduce": [1], "state": {"m": "int8", "v": "fp32"},
+                                           "snr": {...}, "why": "…"}},
      "summary": {"v_full": 10650112, "v_kept": 61440, "v_saved": 0.9942}}
 
 `view` reshapes the parameter; `reduce` lists dims of the view over which `v` is averaged
@@ -14,6 +15,10 @@ One JSON document (schema ``lowmem.plan/1``)::
 ``parts``: slices ``[start, stop)`` of one raw dim, each with its own `view` and `reduce`; the
 slices tile that dim and the layer's own `reduce` is then ``null``. The keys of ``snr`` are
 `lowmem.snr.keys.SnrKey` texts (``0,1`` for the raw view, ``q.heads:0,1`` for another).
+
+``state`` (optional) says how the parameter's `m` and kept `v` are stored
+(`lowmem.compress.formats.StateFormat`: fp32, bf16, int8, int4); left out, both are fp32.
+Plans of schema ``lowmem.plan/1`` (before formats existed) still load, as fp32 state.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from pathlib import Path
 
 from torch import nn
 
+from lowmem.compress.formats import FULL, StateFormat
 from lowmem.layers import normalize_name
 from lowmem.snr.keys import SnrKey
 
-SCHEMA = "lowmem.plan/1"
+SCHEMA = "lowmem.plan/2"
+READS = ("lowmem.plan/1", SCHEMA)   # /1: no "state" entries (fp32 state)
 
 
 class PlanError(ValueError):
@@ -91,6 +98,7 @@ class LayerPlan:
         snr: the SNR behind the decision, by view and subset (`SnrKey`).
         parts: slices of a fused parameter with their own view/reduce (then `reduce` is None).
         aliases: other names of a tied parameter.
+        state: how `m` and the kept `v` are stored (`StateFormat`); None: both fp32.
     """
 
     shape: list[int]
@@ -101,6 +109,11 @@ class LayerPlan:
     snr: dict[SnrKey, float] | None = None
     parts: list[PartPlan] | None = None
     aliases: list[str] = field(default_factory=list)
+    state: StateFormat | None = None
+
+    @property
+    def state_format(self) -> StateFormat:
+        return self.state or FULL
 
     @property
     def numel(self) -> int:
@@ -157,6 +170,8 @@ class LayerPlan:
             d["parts"] = [p.to_json() for p in self.parts]
         if self.aliases:
             d["aliases"] = list(self.aliases)
+        if self.state is not None:
+            d["state"] = self.state.to_json()
         d["why"] = self.why
         return d
 
@@ -264,8 +279,9 @@ class Plan:
     def from_json(cls, doc: dict, where: str = "plan") -> "Plan":
         if not isinstance(doc, dict):
             raise PlanError(f"{where}: expected a JSON object, found {type(doc).__name__}")
-        if doc.get("schema") != SCHEMA:
-            raise PlanError(f"{where}: \"schema\" is {doc.get('schema')!r}, expected {SCHEMA!r}")
+        if doc.get("schema") not in READS:
+            raise PlanError(f"{where}: \"schema\" is {doc.get('schema')!r}, expected {SCHEMA!r} "
+                            f"(or {READS[0]!r})")
         for key, typ in (("model", dict), ("layers", dict)):
             if not isinstance(doc.get(key), typ):
                 raise PlanError(f"{where}: \"{key}\" must be a JSON object")
@@ -284,7 +300,7 @@ class Plan:
                 lp = LayerPlan(_ints(d["shape"], "shape"), str(d["role"]), _ints(d["view"], "view"),
                                _reduce_in(d["reduce"], "reduce"), str(d.get("why", "")), _snr_in(d.get("snr")),
                                [_part_in(p, i) for i, p in enumerate(parts)] if parts else None,
-                               list(aliases))
+                               list(aliases), StateFormat.from_json(d["state"]) if d.get("state") else None)
             except (KeyError, TypeError, ValueError, OverflowError) as e:
                 missing = f"missing key {e}" if isinstance(e, KeyError) else str(e)
                 raise PlanError(f"{at}: {missing}") from None

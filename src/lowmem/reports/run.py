@@ -5,7 +5,7 @@ Files (all optional, but at least one of ``plan.json``, ``snr.csv``/``snr.csv.pa
 ``compare.csv``):
 
 ==========================  =====================================================================
-``plan.json``               the plan (`lowmem.compress.Plan`, schema ``lowmem.plan/1``)
+``plan.json``               the plan (`lowmem.compress.Plan`, schema ``lowmem.plan/2``)
 ``layers.json``             `ModelLayers.to_json` plus ``"model"``: the plan's model record. Written
                             before the first training step, so a killed run still has it.
 ``snr.csv``                 the SNR trajectory; ``snr.csv.part`` when the run was killed
