@@ -1,5 +1,5 @@
 """Block-wise quantized storage for optimizer state: codes of 8 or 4 bits and one fp32 scale per
-block (the first piece of low-precision state; the optimizers do not use it yet).
+block (`lowmem.compress.optim.state` keeps optimizer state in it).
 
 Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization" (2022):
 a tensor is cut into blocks of `BLOCK_8BIT` (or `BLOCK_4BIT`) entries in its flat order; each block
@@ -24,8 +24,8 @@ import math
 
 import torch
 
-BLOCK_8BIT = 256   # entries per scale for 8-bit codes, as torchao's AdamW8bit
-BLOCK_4BIT = 128   # entries per scale for 4-bit codes, as torchao's AdamW4bit
+from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT
+
 MAPS = ("dynamic", "dynamic-unsigned", "linear")
 
 
@@ -78,38 +78,120 @@ def quantization_map(kind: str, bits: int) -> torch.Tensor:
 def block_scales(x: torch.Tensor, block: int) -> torch.Tensor:
     """The absmax of each block of `x`'s flat order (the last one may be shorter), at least 1e-12
     so a block of zeros divides safely; float32, ``ceil(numel / block)`` entries."""
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    padded = torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block)   # zeros never raise an absmax
-    return padded.abs().amax(dim=1).clamp_(min=1e-12)
+    return _blocked(x.detach().reshape(1, -1).float(), block).abs().amax(dim=-1).clamp_(min=1e-12).reshape(-1)
 
 
 def quantize(x: torch.Tensor, qmap: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of `x`: uint8 codes, one per entry in flat order (4-bit maps too: pack them
+    """(codes, scales) of `x` in flat order: uint8 codes, one per entry (4-bit maps too: pack them
     with `pack_4bit`), and the float32 scale of each block.
 
     Each entry divided by its block's scale is stored as the index of the nearest map value;
     exactly halfway between two values it takes the larger, as torchao does.
     """
-    scales = block_scales(x, block)
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    normed = (torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block) / scales[:, None]).reshape(-1)[:n]
-    qmap = qmap.to(device=flat.device, dtype=torch.float32)
-    below = (torch.searchsorted(qmap, normed, right=True) - 1).clamp_(0, qmap.numel() - 1)   # qmap[below] <= v
-    above = (below + 1).clamp_(max=qmap.numel() - 1)
-    low, high = qmap[below], qmap[above]
-    codes = torch.where(normed - low >= (high - low) * 0.5, above, below)
-    return codes.to(torch.uint8), scales
+    codes, scales = quantize_rows(x.detach().reshape(1, -1), qmap, block)
+    return codes.reshape(-1), scales.reshape(-1)
+
+
+def quantize_rows(x: torch.Tensor, qmap: torch.Tensor, block: int, codes: torch.Tensor | None = None,
+                  scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` of each row of a 2-D `x` (R, L) on its own: blocks of `block` entries along the
+    row, the last one of a row possibly shorter. Returns codes (R, L) uint8 and scales
+    (R, ceil(L / block)) float32, written into `codes` / `scales` when given. Works through the
+    rows in chunks of about `_CHUNK` entries, so its temporaries stay small."""
+    rows, length = x.shape
+    nb = -(-length // block)
+    codes = torch.empty((rows, length), dtype=torch.uint8, device=x.device) if codes is None else codes
+    scales = torch.empty((rows, nb), dtype=torch.float32, device=x.device) if scales is None else scales
+    enc = _encoder(qmap, x.device)
+    step = max(1, _CHUNK // max(1, nb * block))
+    for r in range(0, rows, step):
+        xb = _blocked(x[r:r + step].float(), block)                              # (r, nb, block)
+        s = xb.abs().amax(dim=-1).clamp_(min=1e-12)
+        normed = (xb / s[..., None]).reshape(xb.shape[0], -1)[:, :length]
+        codes[r:r + step] = enc.nearest(normed)
+        scales[r:r + step] = s
+    return codes, scales
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor, block: int,
                shape: tuple[int, ...]) -> torch.Tensor:
     """The float32 tensor of `shape` that `quantize` stored as (codes, scales)."""
     n = math.prod(shape)
-    values = qmap.to(device=codes.device, dtype=torch.float32)[codes.reshape(-1)[:n].long()]
-    values = torch.nn.functional.pad(values, (0, -n % block)).view(-1, block) * scales[:, None]
-    return values.reshape(-1)[:n].view(shape)
+    return dequantize_rows(codes.reshape(1, -1)[:, :n], scales.reshape(1, -1), qmap, block).view(shape)
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, qmap: torch.Tensor, block: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 (R, L) tensor that `quantize_rows` stored as codes (R, L) and scales (R, nb),
+    written into `out` when given."""
+    rows, length = codes.shape
+    qmap = qmap.to(device=codes.device, dtype=torch.float32)
+    out = torch.empty((rows, length), dtype=torch.float32, device=codes.device) if out is None else out
+    torch.index_select(qmap, 0, codes.reshape(-1).int(), out=out.view(-1))
+    nb = scales.shape[1]
+    if length == nb * block:
+        out.view(rows, nb, block).mul_(scales[..., None])
+    else:
+        out.mul_(scales.repeat_interleave(block, dim=1)[:, :length])
+    return out
+
+
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    """A 2-D (R, L) tensor as (R, ceil(L / block), block), each row zero-padded to whole blocks
+    (zeros never raise an absmax); a view when L is a multiple of `block`."""
+    rows, length = x.shape
+    pad = -length % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(rows, -1, block)
+
+
+_CHUNK = 1 << 20   # entries a quantizer works on at once (its int32/float32 temporaries: a few MiB)
+
+
+class _Encoder:
+    """Nearest map value of float32 entries in [−1, 1], exactly as a search would find it, with
+    a table instead of a binary search: the upper 16 bits of an entry (sign, exponent and 7
+    mantissa bits: a cell of values) index the largest code whose value is at or below the cell;
+    at most `steps` map values lie inside one cell, so that many comparisons finish the search.
+    Then ties go upward: ``x − q[lo] >= (q[hi] − q[lo]) · 0.5`` takes ``hi`` (torchao's rule)."""
+
+    def __init__(self, qmap: torch.Tensor, device: torch.device):
+        q = qmap.detach().to(torch.float32).cpu()
+        tops = torch.arange(1 << 16, dtype=torch.int64).to(torch.int32) << 16        # each cell's upper bits
+        ends = torch.stack((tops, tops | 0xFFFF)).view(torch.float32)                # its two extreme values
+        ends = torch.where(torch.isfinite(ends).all(dim=0), ends, 0.0).clamp(-1.0, 1.0)   # inf/NaN cells: unused
+        low, high = ends.min(dim=0).values, ends.max(dim=0).values
+        below = lambda v: (torch.searchsorted(q, v, right=True) - 1).clamp(0, q.numel() - 1)   # noqa: E731
+        self.table = below(low).to(torch.int32).to(device)
+        self.steps = int((below(high) - below(low)).max())
+        self.q = q.to(device)
+        self.last = q.numel() - 1
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of `x` (float32 entries in [−1, 1])."""
+        shape, x = x.shape, x.contiguous().view(-1)
+        q, pick = self.q, lambda t, i: torch.index_select(t, 0, i)   # noqa: E731 (index_select: fast with int32)
+        lo = pick(self.table, x.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF))
+        for _ in range(self.steps):
+            nxt = (lo + 1).clamp_(max=self.last)
+            lo += (x >= pick(q, nxt)).to(torch.int32)
+            lo.clamp_(max=self.last)
+        hi = (lo + 1).clamp_(max=self.last)
+        ql = pick(q, lo)
+        up = (x - ql) >= (pick(q, hi) - ql).mul_(0.5)
+        return torch.where(up, hi, lo).to(torch.uint8).view(shape)
+
+
+_encoders: dict = {}
+
+
+def _encoder(qmap: torch.Tensor, device: torch.device) -> _Encoder:
+    key = (tuple(qmap.tolist()), str(device))
+    enc = _encoders.get(key)
+    if enc is None:
+        enc = _encoders[key] = _Encoder(qmap, device)
+    return enc
 
 
 def quantized_nbytes(n: int, bits: int, block: int) -> int:
@@ -132,4 +214,4 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 __all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "MAPS", "block_scales", "dequantize", "dynamic_map", "pack_4bit",
-           "quantization_map", "quantize", "quantized_nbytes", "unpack_4bit"]
+           "dequantize_rows", "quantization_map", "quantize", "quantize_rows", "quantized_nbytes", "unpack_4bit"]

@@ -1,0 +1,112 @@
+"""Optimizer state kept in a storage format (`lowmem.compress.formats`): allocated, decoded into a
+compute-dtype temporary for a step, and encoded back.
+
+A state in format
+
+- ``fp32`` is one tensor in the compute dtype (fp32, or fp64 for fp64 parameters): the key alone;
+- ``bf16`` is one bf16 tensor under the key (decoded exactly, encoded by round-to-nearest);
+- ``int8`` / ``int4`` is the codes under the key, uint8, shape (rows, L) for 8 bits or
+  (rows, ceil(L/2)) for 4 bits packed two to a byte within each row, and ``<key>_scale``, the
+  fp32 absmax of each block of each row, shape (rows, ceil(L/B)) (`quant.quantize_rows`). `m`
+  takes the signed dynamic map, `v` the unsigned one (torchao's and bitsandbytes' choice). Zero
+  scales decode to zero, which is how a fresh state starts.
+
+Rows are dim 0 of the parameter, so every tensor of a state has the parameter's rows as its dim
+0, and a row-sharded (FSDP2) parameter's states shard like it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.compress.formats import QUANTIZED, block_of, rows_of
+from lowmem.compress.optim.quant import dequantize_rows, quantization_map, quantize_rows
+
+KEYS = {"m": "exp_avg", "v": "exp_avg_sq"}
+MAPS = {"m": "dynamic", "v": "dynamic-unsigned"}
+
+
+def scale_key(which: str) -> str:
+    return KEYS[which] + "_scale"
+
+
+def _qmap(which: str, fmt: str) -> torch.Tensor:
+    return quantization_map(MAPS[which], QUANTIZED[fmt])
+
+
+def stored_shapes(fmt: str, shape) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """{suffix: (shape, dtype)} of the tensors of a state of `shape` in `fmt` (dtype None: the
+    compute dtype); suffix ``""`` is the key itself, ``"_scale"`` its scales."""
+    shape = tuple(shape)
+    if fmt == "fp32":
+        return {"": (shape, None)}
+    if fmt == "bf16":
+        return {"": (shape, torch.bfloat16)}
+    rows, length = rows_of(shape)
+    width = length if QUANTIZED[fmt] == 8 else -(-length // 2)
+    return {"": ((rows, width), torch.uint8), "_scale": ((rows, -(-length // block_of(fmt))), torch.float32)}
+
+
+def allocate(which: str, fmt: str, shape, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Zero state of `shape` in `fmt`, as {state key: tensor}."""
+    return {KEYS[which] + suffix: torch.zeros(s, dtype=d or dtype, device=device)
+            for suffix, (s, d) in stored_shapes(fmt, shape).items()}
+
+
+def decode(which: str, fmt: str, state: dict, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The state as a new tensor of `shape` in the compute `dtype` (local tensors in `state`)."""
+    stored = state[KEYS[which]]
+    if fmt in ("fp32", "bf16"):
+        return stored.to(dtype=dtype, copy=True).view(shape)
+    rows, length = rows_of(tuple(shape))
+    codes = stored if QUANTIZED[fmt] == 8 else unpack_rows(stored, length)
+    out = dequantize_rows(codes, state[scale_key(which)], _qmap(which, fmt), block_of(fmt))
+    return (out if dtype == torch.float32 else out.to(dtype)).view(shape)
+
+
+def encode_(which: str, fmt: str, x: torch.Tensor, state: dict) -> None:
+    """Store `x` (compute dtype) into the state's tensors in place."""
+    stored = state[KEYS[which]]
+    if fmt in ("fp32", "bf16"):
+        stored.copy_(x.view(stored.shape))
+        return
+    rows, length = rows_of(tuple(x.shape))
+    x2 = x.reshape(rows, length)
+    scales = state[scale_key(which)]
+    if QUANTIZED[fmt] == 8:
+        quantize_rows(x2, _qmap(which, fmt), block_of(fmt), codes=stored, scales=scales)
+    else:
+        codes, _ = quantize_rows(x2, _qmap(which, fmt), block_of(fmt), scales=scales)
+        stored.copy_(pack_rows(codes))
+
+
+def roundtrip(which: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` stored in `fmt` and read back (float32): what a step would see next time. For
+    measuring the error a format causes (`lowmem.snr` precision measurement)."""
+    x = x.detach().float()
+    if fmt == "fp32":
+        return x.clone()
+    state = allocate(which, fmt, x.shape, torch.float32, x.device)
+    encode_(which, fmt, x, state)
+    return decode(which, fmt, state, x.shape, torch.float32)
+
+
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (R, L) packed two to a byte within each row: (R, ceil(L/2)), the even entry
+    in the low nibble; an odd row is padded with a 0 code."""
+    c = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_rows(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The (R, length) codes `pack_rows` packed."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)[:, :length]
+
+
+def nbytes(state: dict) -> int:
+    """Bytes of every tensor of a state dict entry."""
+    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+__all__ = ["KEYS", "allocate", "decode", "encode_", "nbytes", "pack_rows", "roundtrip", "scale_key",
+           "stored_shapes", "unpack_rows"]
