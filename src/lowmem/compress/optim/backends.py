@@ -61,6 +61,10 @@ class BucketKey:
             leading or trailing, `_canonical`), ``"general"`` (other single-process layouts,
             parts, 0-d tensors) or ``"sharded"`` (row-sharded FSDP2 parameters).
         step: the step count t the tensors take now (1-based).
+        stage: 0, or for parameters whose states are stored in another format (or that round
+            their update in another way) the number of their staged bucket: the engine decodes
+            them into compute-dtype temporaries before the backend runs (``dtype`` is then the
+            compute dtype and ``native`` true) and encodes them after.
     """
 
     device: torch.device
@@ -68,6 +72,7 @@ class BucketKey:
     native: bool
     kind: str
     step: int
+    stage: int = 0
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Bucket:
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     layouts: list[Layout | ShardedLayout] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
+    stages: list = field(default_factory=list)   # the engine's staged parameters (`BucketKey.stage`)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,13 @@ plan, as plain data). Its ``exp_avg_sq`` is always the single-process one: a sha
 flat local `v` is gathered (`ShardedLayout.gather`, all-reduced: `state_dict` is collective), so a
 checkpoint loads on any number of ranks. Loading accepts the optimizer's own checkpoints, another
 plan optimizer's under the same plan, and `torch.optim.AdamW`'s (a full `v` is averaged per plan).
+
+States kept in a storage format (`lowmem.compress.formats`) are saved as stored (codes and
+scales, or bf16), and ``"lowmem"`` records each parameter's format under ``"formats"``. A
+checkpoint in the same format loads as saved, bit for bit (a resumed run continues exactly); one
+in another format (an AdamW or fp32 checkpoint into an int8 optimizer, or back) is decoded to the
+compute dtype, brought to this plan's layout, and encoded in this optimizer's formats.
+`adamw_state_dict` exports any plan optimizer's state as `torch.optim.AdamW` keeps it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowmem.compress.optim._common import StateSpec, check_hparams, check_state_dict, load_groups, step_tensor
+from lowmem.compress.formats import FULL, QUANTIZED, StateFormat
+from lowmem.compress.optim import state as stored
+from lowmem.compress.optim._common import (StateSpec, check_hparams, check_state_dict, load_groups, local,
+                                           step_tensor)
 from lowmem.compress.optim.layout import Block, Layout, layout_of, reduce_v, sharded_means
 from lowmem.compress.plan import LayerPlan, PartPlan, PlanError
 from lowmem.layers import is_sharded, normalize_name
@@ -28,7 +38,8 @@ def lowmem_meta(opt: ReducedAdamW) -> dict:
     """The ``"lowmem"`` entry of a state dict: optimizer, kind, names in group order, plan."""
     names = [opt._names[p] for g in opt.param_groups for p in g["params"]]
     return {"optimizer": type(opt).__name__, "kind": opt.kind, "names": names,
-            "plan": opt.plan.to_json() if opt.plan is not None else None}
+            "plan": opt.plan.to_json() if opt.plan is not None else None,
+            "formats": {opt._names[p]: str(opt._formats[p]) for g in opt.param_groups for p in g["params"]}}
 
 
 def state_dict(opt: ReducedAdamW, sd: dict) -> dict:
@@ -61,9 +72,11 @@ def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
     """`ReducedAdamW.load_state_dict` (what loads, and what is refused, is said there): every
     entry is checked before anything is loaded, then each saved state is brought to this
     optimizer's dtypes and layout (`state_from_checkpoint`)."""
+    formats = saved_formats(state_dict)
     check_state_dict(opt, state_dict, group_keys=("lr", "betas", "eps", "weight_decay"),
                      check_group=lambda g: check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"]),
-                     spec=lambda p, group: state_spec(opt, p, group), names=opt._names,
+                     spec=lambda p, group: state_spec(opt, p, group, formats.get(opt._names[p], FULL)),
+                     names=opt._names,
                      accepts="its own, another lowmem plan optimizer's under the same plan, or "
                              "torch.optim.AdamW's",
                      before_states=lambda sd: check_checkpoint_plan(opt, sd))   # the plan says why shapes differ
@@ -73,14 +86,38 @@ def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for pid, p in zip(saved_ids, params):
         if saved_state.get(pid):
-            state_from_checkpoint(opt, p, saved_state[pid])
+            state_from_checkpoint(opt, p, saved_state[pid], formats.get(opt._names[p], FULL))
 
 
-def state_spec(opt: ReducedAdamW, p: torch.Tensor, group: dict) -> StateSpec:
-    """What a loaded state of `p` must hold: ``exp_avg`` like `p`; ``exp_avg_sq`` as kept
-    here or, from an AdamW checkpoint, like `p` (global shapes for sharded parameters)."""
+def saved_formats(state_dict: dict) -> dict[str, StateFormat]:
+    """The storage format of each parameter a checkpoint names (``"lowmem"``/``"formats"``);
+    a parameter it does not name (an AdamW checkpoint, an older lowmem one) was saved in fp32."""
+    meta = state_dict.get("lowmem") if isinstance(state_dict, dict) else None
+    found = meta.get("formats") if isinstance(meta, dict) else None
+    if found is None:
+        return {}
+    try:
+        return {normalize_name(str(k)): StateFormat.parse(str(v)) for k, v in dict(found).items()}
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"checkpoint: its 'lowmem' entry has unreadable state formats ({e})") from None
+
+
+def state_spec(opt: ReducedAdamW, p: torch.Tensor, group: dict, saved: StateFormat = FULL) -> StateSpec:
+    """What a loaded state of `p`, saved in format `saved`, must hold: ``exp_avg`` like `p`;
+    ``exp_avg_sq`` as kept here or, from an AdamW checkpoint, like `p` (global shapes for
+    sharded parameters); codes and scales of quantized states in their stored shapes."""
     shape, v_shape = tuple(p.shape), opt._layouts[p].v_shape
-    return {"exp_avg": (shape,), "exp_avg_sq": (v_shape, shape)}, {}
+    required, optional = {}, {"kahan_comp": (shape,)}
+    for which, shapes in (("m", (shape,)), ("v", (v_shape, shape))):
+        fmt = saved.m if which == "m" else saved.v
+        key = stored.KEYS[which]
+        if fmt in QUANTIZED:
+            found = stored.stored_shapes(fmt, shape)
+            required[key] = (found[""][0],)
+            required[key + "_scale"] = (found["_scale"][0],)
+        else:
+            required[key] = shapes
+    return required, optional
 
 
 def check_checkpoint_plan(opt: ReducedAdamW, state_dict: dict) -> None:
@@ -112,8 +149,86 @@ def check_checkpoint_plan(opt: ReducedAdamW, state_dict: dict) -> None:
                 "checkpoint's plan (state_dict['lowmem']['plan']) or load an AdamW checkpoint instead")
 
 
-def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> None:
-    """Put a checked saved state of `p` in `opt.state`, in this optimizer's dtypes and layout."""
+def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict, saved_fmt: StateFormat = FULL) -> None:
+    """Put a checked saved state of `p` (stored in `saved_fmt`) in `opt.state`, in this
+    optimizer's formats, dtypes and layout: as saved when the formats agree, else decoded,
+    brought to this layout and encoded."""
+    ours = opt._formats[p]
+    if saved_fmt == ours and not ours.full:
+        out = _as_saved(opt, p, saved)
+    else:
+        out = _in_compute_dtype(opt, p, _decoded(opt, p, saved, saved_fmt))
+        if not ours.full:
+            out = _encoded(opt, p, out, ours)
+    if "kahan_comp" in out and not (local(p).dtype != opt.state_dtype_of(p) and opt._param_rounding(p) == "kahan"):
+        del out["kahan_comp"]
+    elif "kahan_comp" in out:
+        out["kahan_comp"] = _rows_like(opt, p, out["kahan_comp"].detach().to(device=local(p).device,
+                                                                             dtype=local(p).dtype, copy=True))
+    elif local(p).dtype != opt.state_dtype_of(p) and opt._param_rounding(p) == "kahan":
+        out["kahan_comp"] = _rows_like(opt, p, torch.zeros_like(local(p)), local_rows=True)
+    opt.state[p] = out
+
+
+def _rows_like(opt: ReducedAdamW, p: torch.Tensor, t: torch.Tensor, local_rows: bool = False) -> torch.Tensor:
+    """A tensor whose dim 0 is `p`'s rows, sharded like `p` when `p` is (a whole one is cut to
+    this rank's rows; `local_rows`: `t` holds them already)."""
+    lay = opt._sharded.get(p)
+    if lay is None or is_sharded(t):
+        return t
+    from lowmem.compress.optim.engine import _sharded_like
+
+    return _sharded_like(t if local_rows else t[slice(*lay.shards.rows)].contiguous(), p)
+
+
+def _as_saved(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> dict:
+    """A state saved in this optimizer's formats, copied as it is (sharded where `p` is)."""
+    lay, device = opt._sharded.get(p), local(p).device
+    out = {}
+    for key, value in saved.items():
+        if key == "step":
+            out[key] = step_tensor(value).cpu()
+        elif not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key.startswith("exp_avg_sq") and lay is not None and not lay.like_param:
+            out[key] = lay.take(value.detach().to(device=device, copy=True))   # a flat local v
+        else:
+            out[key] = _rows_like(opt, p, value.detach().to(device=device, copy=True))
+    return out
+
+
+def _decoded(opt: ReducedAdamW, p: torch.Tensor, saved: dict, fmt: StateFormat) -> dict:
+    """A saved state with its quantized or bf16 states as compute-dtype tensors (whole ones)."""
+    if fmt.full:
+        return saved
+    dtype, out = opt.state_dtype_of(p), dict(saved)
+    for which in ("m", "v"):
+        f, key = (fmt.m if which == "m" else fmt.v), stored.KEYS[which]
+        whole = {k: (t.full_tensor() if is_sharded(t) else t) for k, t in saved.items()
+                 if k.startswith(key) and isinstance(t, torch.Tensor)}
+        shape = tuple(p.shape) if f in QUANTIZED else tuple(whole[key].shape)
+        out[key] = stored.decode(which, f, whole, shape, dtype)
+        out.pop(key + "_scale", None)
+    return out
+
+
+def _encoded(opt: ReducedAdamW, p: torch.Tensor, state: dict, fmt: StateFormat) -> dict:
+    """A state in the compute dtype and this optimizer's layout, encoded in `fmt`."""
+    out = {k: v for k, v in state.items() if not k.startswith("exp_avg")}
+    lay = opt._sharded.get(p)
+    for which in ("m", "v"):
+        f, key = (fmt.m if which == "m" else fmt.v), stored.KEYS[which]
+        x = local(state[key])
+        tensors = stored.allocate(which, f, tuple(x.shape), x.dtype, x.device)
+        stored.encode_(which, f, x, tensors)
+        if lay is not None and (which == "m" or lay.like_param):
+            tensors = {k: _rows_like(opt, p, t, local_rows=True) for k, t in tensors.items()}
+        out.update(tensors)
+    return out
+
+
+def _in_compute_dtype(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> dict:
+    """A state saved in fp32 (or decoded to it) in this optimizer's compute dtype and layout."""
     layout, name = opt._layouts[p], opt._names[p]
     dtype = opt.state_dtype_of(p)
     out = {}
@@ -154,7 +269,39 @@ def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> No
                             f"{layout.v_shape} (or the parameter's shape {tuple(p.shape)} for an AdamW checkpoint)")
     for k in ("max_exp_avg_sq",):   # AMSGrad state has no meaning here
         out.pop(k, None)
-    opt.state[p] = out
+    return out
+
+
+def adamw_state_dict(opt: ReducedAdamW) -> dict:
+    """`ReducedAdamW.adamw_state_dict`: this optimizer's state as `torch.optim.AdamW` keeps it."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    formats = saved_formats(sd)
+    for i, p in enumerate(params):
+        st = sd["state"].get(i)
+        if not st:
+            continue
+        dense = _decoded(opt, p, st, formats.get(opt._names[p], FULL))
+        m, v = dense["exp_avg"], dense["exp_avg_sq"]
+        m = m.full_tensor() if is_sharded(m) else m
+        v = v.full_tensor() if is_sharded(v) else v
+        sd["state"][i] = {"step": st["step"], "exp_avg": m.to(p.dtype), "exp_avg_sq": _expand_v(opt._layouts[p], v, tuple(p.shape)).to(p.dtype)}
+    for g in sd["param_groups"]:
+        for k in ("foreach", "compiled", "backend", "param_rounding"):
+            g.pop(k, None)
+        g.update(amsgrad=False, capturable=False, differentiable=False, fused=None, foreach=None)
+    del sd["lowmem"]
+    return sd
+
+
+def _expand_v(layout: Layout, v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A kept `v` (this layout's ``exp_avg_sq``) spread over the parameter's `shape`: each kept
+    entry fills the entries it was averaged over."""
+    full = torch.empty(shape, dtype=v.dtype, device=v.device)
+    for i, block in enumerate(layout.blocks):
+        target = block.narrow(full)
+        target.copy_(layout.v_of(v, i).expand(block.view).reshape(target.shape))
+    return full
 
 
 def _shard_like(t: torch.Tensor, p: torch.Tensor, shards: RowShards) -> torch.Tensor:

@@ -28,28 +28,49 @@ and `checkpoint` reads and writes state dicts.
 State keys are AdamW's: ``step`` (a float32 scalar tensor), ``exp_avg`` (full, like the
 parameter) and ``exp_avg_sq`` (the kept entries: the view's shape with reduced dims of size 1;
 the parameter's shape where nothing is reduced; a flat vector of every part's kept entries for
-a parameter with parts). States are fp32 for bf16/fp16 parameters and fp64 for fp64 ones. On a
-row-sharded parameter ``exp_avg`` is a DTensor like the parameter and a compressed
+a parameter with parts). States are computed in fp32 for bf16/fp16 parameters and fp64 for fp64
+ones. On a row-sharded parameter ``exp_avg`` is a DTensor like the parameter and a compressed
 ``exp_avg_sq`` a flat tensor of this rank's kept entries; `state_dict` gathers it.
+
+Storage formats (`lowmem.compress.formats`, per parameter from the plan's ``state`` entries or
+the `state_format` option): a state in ``bf16``, ``int8`` or ``int4`` is stored as `state`
+says (bf16 tensors, or uint8 codes plus ``exp_avg_scale`` / ``exp_avg_sq_scale``). Such a
+parameter is *staged*: for its step its states are decoded into compute-dtype temporaries, the
+backend updates those as any other tensors, and they are encoded back; staged parameters go
+through the backends in buckets of at most `STAGE_ENTRIES` entries, so the temporaries of one
+step stay bounded (about 16 bytes per entry of one bucket: m, v, gradient, parameter copy).
+
+Low-precision parameters (bf16/fp16) take their update in the compute dtype and are rounded
+back as `param_rounding` says: ``"nearest"`` (round-to-nearest, as torch's AdamW), 
+``"stochastic"`` (unbiased: `rounding.round_stochastic`, drawn from torch's global generator,
+so ``torch.manual_seed`` makes a run reproducible) or ``"kahan"`` (a compensation buffer
+``kahan_comp`` in the parameter's dtype keeps what rounding lost and adds it back next step, as
+torch-optimi does; 2 more bytes per bf16 entry).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from lowmem.compress.formats import FULL, StateFormat, effective_format
 from lowmem.compress.optim import checkpoint
+from lowmem.compress.optim import state as stored
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, local, named_trainable,
                                            param_groups_for, state_dtype_for)
 from lowmem.compress.optim.backends import Backend, Bucket, BucketKey, StepScalars, choose_backend, kind_of
 from lowmem.compress.optim.layout import Block, Layout, ShardedLayout, layout_of, mean_sq, reduce_v, sharded_layout
+from lowmem.compress.optim.rounding import round_stochastic
 from lowmem.compress.plan import Plan
 from lowmem.layers import is_sharded
 from lowmem.sharding import row_shards
 
 BACKEND_CHOICES = ("reference", "foreach", "compiled")
+ROUNDINGS = ("nearest", "stochastic", "kahan")
+STAGE_ENTRIES = 1 << 22   # parameter entries per staged bucket (its fp32 temporaries: 64 MiB)
 
 
 class ReducedAdamW(torch.optim.Optimizer):
@@ -70,7 +91,14 @@ class ReducedAdamW(torch.optim.Optimizer):
         backend: which backends to try, ``"reference"``, ``"foreach"`` or ``"compiled"`` (see
             `backends.PREFERENCE`; it overrides `foreach` and `compiled`); per group too. Tensors
             a backend cannot take (e.g. bf16 parameters with fp32 state) go to the next one.
-        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``; default fp32 (fp64 for fp64 parameters).
+        state_dtype: the compute dtype of the states (and their dtype in format ``fp32``);
+            default fp32 (fp64 for fp64 parameters).
+        state_format: how every parameter's states are stored (a `StateFormat`, or text such as
+            ``"m=int8"`` or ``"m=bf16,v=bf16"``), overriding the plan's ``state`` entries;
+            default: the plan's, fp32 where it says nothing. Quantized formats fall back to fp32
+            where they do not apply (`lowmem.compress.formats.effective_format`).
+        param_rounding: how bf16/fp16 parameters take their update: ``"nearest"``,
+            ``"stochastic"`` or ``"kahan"`` (see the module docstring); per group too.
 
     Raises:
         ValueError: a hyper-parameter out of range (the value is in the message), or a parameter
@@ -83,9 +111,16 @@ class ReducedAdamW(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, plan: Plan | str | None = None, lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, param_groups: Iterable | None = None, maximize: bool = False, foreach: bool | None = None,
-                 compiled: bool = False, backend: str | None = None, state_dtype: torch.dtype | None = None):
+                 compiled: bool = False, backend: str | None = None, state_dtype: torch.dtype | None = None,
+                 state_format: StateFormat | str | None = None, param_rounding: str = "nearest"):
         check_hparams(lr, betas, eps, weight_decay)
         _check_backend(backend)
+        _check_rounding(param_rounding)
+        if isinstance(state_format, str):
+            state_format = StateFormat.parse(state_format)
+        if state_format is not None and not isinstance(state_format, StateFormat):
+            raise TypeError(f"state_format must be a StateFormat, text such as 'm=int8' or None, "
+                            f"got {type(state_format).__name__}")
         if state_dtype is not None and not state_dtype.is_floating_point:
             raise ValueError(f"Invalid state_dtype: {state_dtype} (expected a floating-point dtype)")
         if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
@@ -99,17 +134,19 @@ class ReducedAdamW(torch.optim.Optimizer):
         names = named_trainable(model)
         groups = param_groups_for(model, param_groups)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        foreach=foreach, compiled=compiled, backend=backend)
+                        foreach=foreach, compiled=compiled, backend=backend, param_rounding=param_rounding)
         super().__init__(groups, defaults)
         for g in self.param_groups:   # per-group overrides are checked as eagerly as the defaults
             check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"])
             _check_backend(g["backend"])
+            _check_rounding(g["param_rounding"])
         layers = plan.layers if plan is not None else {}
         # Keyed by the parameter tensor (as `self.state` is), so deepcopy keeps them consistent.
         self._names: dict[torch.Tensor, str] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
         self._sharded: dict[torch.Tensor, ShardedLayout] = {}   # FSDP2 parameters: this rank's share
         self._kinds: dict[torch.Tensor, str] = {}   # each parameter's BucketKey.kind (its layout's)
+        self._formats: dict[torch.Tensor, StateFormat] = {}   # how its states are stored (effective)
         self._scratch: dict = {}   # small tensors backends keep across steps
         for g in self.param_groups:
             for p in g["params"]:
@@ -119,6 +156,9 @@ class ReducedAdamW(torch.optim.Optimizer):
                 if is_sharded(p):
                     self._sharded[p] = sharded_layout(self._layouts[p], tuple(p.shape), row_shards(p, name))
                 self._kinds[p] = kind_of(self.layout_of(p), p)
+                lp = layers.get(name)
+                wanted = state_format or (lp.state_format if lp is not None else FULL)
+                self._formats[p] = effective_format(wanted, tuple(p.shape), not self._layouts[p].compressed)
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,7 +173,12 @@ class ReducedAdamW(torch.optim.Optimizer):
                            eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
             preference = self._preference(group)
             for bucket in self._buckets(group):
-                choose_backend(bucket.key, preference).fn(bucket, StepScalars(**scalars, step=bucket.key.step))
+                backend = choose_backend(bucket.key, preference)
+                if bucket.stages:
+                    _load(bucket)
+                backend.fn(bucket, StepScalars(**scalars, step=bucket.key.step))
+                if bucket.stages:
+                    _store(bucket)
         return loss
 
     def _buckets(self, group: dict) -> list[Bucket]:
@@ -148,12 +193,22 @@ class ReducedAdamW(torch.optim.Optimizer):
         params = [p for p in params if p.numel() > 0]
         grads = [local(p.grad) for p in params]
         buckets: dict[BucketKey, Bucket] = {}
+        staged = {}   # (key without stage) -> [stage number, entries in it]
         for p, grad in zip(params, grads):
             state, shard, layout = self.state[p], local(p), self.layout_of(p)
-            key = self._key(p, grad, int(state["step"].item()))
+            key = self._key(p, grad, int(state["step"].item()), group)
+            if key.stage:   # staged buckets hold at most STAGE_ENTRIES entries (global counts: ranks agree)
+                at = staged.setdefault(key, [1, 0])
+                if at[1] and at[1] + p.numel() > STAGE_ENTRIES:
+                    at[0], at[1] = at[0] + 1, 0
+                at[1] += p.numel()
+                key = replace(key, stage=at[0])
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(key, self.state_dtype_of(p), self._scratch)
+            if key.stage:
+                b.stages.append(_Stage(p, shard, grad, state, self._formats[p], layout, group["param_rounding"]))
+                continue
             b.params.append(shard)
             b.grads.append(grad)
             b.exp_avgs.append(local(state["exp_avg"]))
@@ -177,12 +232,20 @@ class ReducedAdamW(torch.optim.Optimizer):
         """The backend that steps `p` at its next step, with its gradient as it is now."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         step = int(self.state[p]["step"].item()) + 1 if self.state.get(p) else 1
-        return choose_backend(self._key(p, local(p.grad if p.grad is not None else p), step), self._preference(group))
+        return choose_backend(self._key(p, local(p.grad if p.grad is not None else p), step, group),
+                              self._preference(group))
 
-    def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int) -> BucketKey:
-        """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`."""
-        shard, kind = local(p), self._kinds[p]
-        return BucketKey(shard.device, shard.dtype, _native(shard, grad, self.state_dtype_of(p), kind), kind, step)
+    def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int, group: dict) -> BucketKey:
+        """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`. A staged
+        parameter's (`format_of`, `param_rounding`) is keyed as its compute-dtype temporaries."""
+        shard, kind, dtype = local(p), self._kinds[p], self.state_dtype_of(p)
+        if not self._formats[p].full or shard.dtype != dtype and group["param_rounding"] != "nearest":
+            return BucketKey(shard.device, dtype, True, kind, step, stage=1)
+        return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
+
+    def format_of(self, p: torch.Tensor) -> StateFormat:
+        """How `p`'s states are stored (after the fallbacks of `effective_format`)."""
+        return self._formats[p]
 
     def layout_of(self, p: torch.Tensor) -> Layout | ShardedLayout:
         """How `p`'s `v` is kept on this rank: its plan `Layout`, or this rank's `ShardedLayout`."""
@@ -195,20 +258,27 @@ class ReducedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return
-        dtype = self.state_dtype_of(p)
+        dtype, fmt, shard = self.state_dtype_of(p), self._formats[p], local(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         lay = self._sharded.get(p)
-        if lay is not None:
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)      # a DTensor sharded like the parameter
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype) if lay.like_param else \
-                torch.zeros(lay.v_size, dtype=dtype, device=local(p).device)
-            return
-        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(self._layouts[p].v_shape, dtype=dtype, device=p.device)
+        v_shape = (tuple(shard.shape) if lay.like_param else (lay.v_size,)) if lay else self._layouts[p].v_shape
+        rows_like = stored.allocate("m", fmt.m, shard.shape, dtype, shard.device)
+        v = stored.allocate("v", fmt.v, v_shape, dtype, shard.device)
+        if shard.dtype != dtype and self._param_rounding(p) == "kahan":
+            rows_like["kahan_comp"] = torch.zeros_like(shard)
+        if lay is not None:   # DTensors sharded like the parameter (a flat compressed v stays local)
+            rows_like = {k: _sharded_like(t, p) for k, t in rows_like.items()}
+            if lay.like_param:
+                v = {k: _sharded_like(t, p) for k, t in v.items()}
+        state.update(rows_like)
+        state.update(v)
+
+    def _param_rounding(self, p: torch.Tensor) -> str:
+        return next(g["param_rounding"] for g in self.param_groups if any(q is p for q in g["params"]))
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
-        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded", "_kinds")
+        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded", "_kinds", "_formats")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra if k in self.__dict__}}
 
     def __setstate__(self, state: dict) -> None:
@@ -243,6 +313,13 @@ class ReducedAdamW(torch.optim.Optimizer):
         """
         checkpoint.load_state_dict(self, state_dict)
 
+    def adamw_state_dict(self) -> dict:
+        """This optimizer's state as `torch.optim.AdamW` keeps it, to load into AdamW: ``exp_avg``
+        decoded, each kept `v` entry spread over the entries it averages, both in the parameter's
+        dtype (as AdamW keeps them); hyper-parameters and steps as here. Collective for sharded
+        parameters (their states are gathered whole)."""
+        return checkpoint.adamw_state_dict(self)
+
     def __repr__(self) -> str:
         src = self.plan.source if self.plan is not None else {"method": "none (full AdamW)"}
         what = src.get("preset") or src.get("method", "?")
@@ -261,10 +338,81 @@ def _native(shard: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype, k
     return shard.dtype == state_dtype and (kind == "sharded" or shard.is_contiguous() and grad.is_contiguous())
 
 
+@dataclass
+class _Stage:
+    """A staged parameter of a bucket (see the module docstring): what `_load` decodes into the
+    bucket's lists and `_store` writes back."""
+
+    param: torch.Tensor
+    shard: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+    fmt: StateFormat
+    layout: Layout | ShardedLayout
+    rounding: str
+    temps: tuple | None = None
+
+
+def _load(b: Bucket) -> None:
+    """Fill a staged bucket's lists with compute-dtype temporaries of its parameters."""
+    dtype = b.state_dtype
+    for st in b.stages:
+        local_state = {k: local(t) for k, t in st.state.items() if isinstance(t, torch.Tensor)}
+        shard = st.shard
+        if shard.dtype == dtype and shard.is_contiguous():
+            param = shard                                   # steps in place
+        else:
+            param = shard.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+            if "kahan_comp" in local_state:
+                param.add_(local_state["kahan_comp"])
+        v_stored = local_state["exp_avg_sq"]
+        v_shape = shard.shape if st.fmt.v in ("int8", "int4") else v_stored.shape
+        m = stored.decode("m", st.fmt.m, local_state, shard.shape, dtype)
+        v = stored.decode("v", st.fmt.v, local_state, v_shape, dtype)
+        st.temps = (param, m, v, local_state)
+        b.params.append(param)
+        b.grads.append(st.grad.to(dtype=dtype, memory_format=torch.contiguous_format))
+        b.exp_avgs.append(m)
+        b.exp_avg_sqs.append(v)
+        b.layouts.append(st.layout)
+        b.steps.append(st.state["step"])
+
+
+def _store(b: Bucket) -> None:
+    """Encode a staged bucket's temporaries back into their formats and parameters."""
+    for st in b.stages:
+        param, m, v, local_state = st.temps
+        stored.encode_("m", st.fmt.m, m, local_state)
+        stored.encode_("v", st.fmt.v, v, local_state)
+        if param is not st.shard:
+            if st.rounding == "stochastic":
+                st.shard.copy_(round_stochastic(param, st.shard.dtype))
+            else:
+                st.shard.copy_(param)
+                if "kahan_comp" in local_state:   # what rounding to the parameter's dtype lost
+                    local_state["kahan_comp"].copy_(param.sub_(st.shard.to(param.dtype)))
+        st.temps = None
+    b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, b.steps = [], [], [], [], [], []
+
+
+def _sharded_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A local tensor whose dim 0 is `p`'s local rows as a DTensor sharded like `p`."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (p.shape[0], *t.shape[1:])
+    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
+def _check_rounding(rounding: Any) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Invalid param_rounding: {rounding!r} (expected one of {', '.join(map(repr, ROUNDINGS))})")
+
+
 def _check_backend(backend: Any) -> None:
     if backend is not None and backend not in BACKEND_CHOICES:
         raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, BACKEND_CHOICES))} "
                          "or None)")
 
 
-__all__ = ["BACKEND_CHOICES", "Block", "Layout", "ReducedAdamW", "layout_of", "mean_sq", "reduce_v"]
+__all__ = ["BACKEND_CHOICES", "ROUNDINGS", "STAGE_ENTRIES", "Block", "Layout", "ReducedAdamW", "layout_of", "mean_sq", "reduce_v"]

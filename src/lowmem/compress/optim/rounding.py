@@ -1,5 +1,4 @@
-"""Rounding an fp32 update into bf16 parameters (issue 16, low-precision parameters; the
-optimizers do not use it yet).
+"""Rounding an fp32 update into bf16/fp16 parameters (the plan engine's ``param_rounding``).
 
 Round-to-nearest loses every update smaller than half a bf16 step of the weight (about 2⁻⁹ of
 its magnitude), so small learning rates stall in pure-bf16 training. Stochastic rounding rounds
@@ -28,4 +27,23 @@ def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None 
     return torch.where(torch.isfinite(x32), rounded, x32).to(torch.bfloat16)
 
 
-__all__ = ["round_to_bf16_stochastic"]
+def round_stochastic(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`x` rounded stochastically to `dtype` (bf16 or fp16; other dtypes round to nearest): to one
+    of the two representable neighbours, the farther with probability equal to its distance's
+    share of the gap, so the expected result is `x`. Non-finite values are kept; a value beyond
+    the dtype's range becomes infinite, as round-to-nearest makes it."""
+    if dtype == torch.bfloat16:
+        return round_to_bf16_stochastic(x, generator)
+    if dtype != torch.float16:
+        return x.to(dtype)
+    x32 = x.float()
+    near = x32.to(dtype)
+    toward = torch.where(x32 > near.float(), torch.inf, -torch.inf).to(dtype)
+    other = torch.nextafter(near, toward)                       # the neighbour on x's other side
+    gap = (other.float() - near.float()).abs()
+    share = torch.where(gap > 0, (x32 - near.float()).abs() / gap, 0.0)   # x's distance from `near`, 0–0.5
+    u = torch.rand(x32.shape, device=x32.device, generator=generator)
+    return torch.where(torch.isfinite(x32) & (u < share), other, near)
+
+
+__all__ = ["round_stochastic", "round_to_bf16_stochastic"]
