@@ -289,6 +289,31 @@ def _dcp_round_trip(kind: str, name: str, rows, path: str) -> tuple[dict, dict]:
     return whole_v, _gather(model2)
 
 
+FORMATS = ("m=int8,v=int8", "m=int4,v=bf16")   # quantized m and v (full-Adam layers), packed 4-bit, bf16
+
+
+def _formats_run(kind: str, fmt: str, rows, shard: bool, plan_path, resume: bool = False) -> dict:
+    """The one-process plan with states stored in `fmt` (every matrix of these small models
+    quantized: the size floor lowered), 4 steps, or 2 and a state_dict round trip and 2 more."""
+    from lowmem.compress import formats
+    from lowmem.compress.optim import ReducedAdamW
+
+    formats.MIN_QUANTIZED_NUMEL = 64
+    plan = lowmem.Plan.load(plan_path)
+    model = _fsdp_model(kind, shard)
+    opt = ReducedAdamW(model, plan, lr=1e-2, betas=(0.9, 0.95), state_format=fmt)
+    if not resume:
+        train(model, opt, rows)
+        return _gather(model)
+    train(model, opt, rows, steps=range(2))
+    model2 = _fsdp_model(kind, shard)
+    model2.load_state_dict(model.state_dict())
+    opt2 = ReducedAdamW(model2, plan, lr=1e-2, betas=(0.9, 0.95), state_format=fmt)
+    opt2.load_state_dict(opt.state_dict())
+    train(model2, opt2, rows, steps=range(2, STEPS))
+    return _gather(model2)
+
+
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -296,7 +321,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}, "whole_v": {}, "dcp": {}}
+        result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}, "whole_v": {}, "dcp": {},
+                  "formats": {}, "formats_resumed": {}}
         for kind in FSDP_RUNS[world]:
             for name in OPTIMIZERS:
                 model = _fsdp_model(kind, shard=True)
@@ -312,6 +338,10 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 result["whole_v"][kind, name], result["dcp"][kind, name] = _dcp_round_trip(
                     kind, name, rows, os.path.join(out, f"dcp-{kind}-{name}"))
             result["from_adamw"][kind] = _resumed(kind, rows, shard=True, first="adamw")
+            for fmt in FORMATS:
+                plan_path = os.path.join(out, f"{kind}.plan.json")
+                result["formats"][kind, fmt] = _formats_run(kind, fmt, rows, True, plan_path)
+                result["formats_resumed"][kind, fmt] = _formats_run(kind, fmt, rows, True, plan_path, resume=True)
         # A layout lowmem does not take (sharded along dim 1, as tensor parallelism does).
         mesh = init_device_mesh("cpu", (world,))
         odd = nn.Linear(WIDTH, 4)
@@ -406,6 +436,21 @@ def test_fsdp2_checkpoint_round_trip_and_adamw_checkpoint_equal_a_single_process
         # The round trip is exact: the resumed run equals the uninterrupted one bit for bit.
         for k, v in result["params"][kind, "slimadam"].items():
             assert torch.equal(result["resumed"][kind][k], v), (kind, k)
+
+
+def test_fsdp2_states_in_storage_formats_equal_a_single_process_run(fsdp_run, monkeypatch):
+    """int8/int4 blocks run along rows, so each rank quantizes its rows as one process does:
+    sharded runs (also resumed from a sharded state dict) equal the one-process run, up to the
+    round-off of means across shards."""
+    from lowmem.compress import formats
+
+    monkeypatch.setattr(formats, "MIN_QUANTIZED_NUMEL", 64)
+    world, out, result = fsdp_run
+    for kind in FSDP_RUNS[world]:
+        for fmt in FORMATS:
+            want = _formats_run(kind, fmt, slice(None), False, out / f"{kind}.plan.json")
+            _assert_params_equal(result["formats"][kind, fmt], want, f"{fmt} on {kind}, {world} ranks")
+            _assert_params_equal(result["formats_resumed"][kind, fmt], want, f"resumed {fmt} on {kind}, {world} ranks")
 
 
 def test_fsdp2_state_dict_holds_the_single_process_v_and_survives_distributed_checkpoint(fsdp_run):
