@@ -127,3 +127,22 @@ def test_bytes_of_quantized_state_by_hand():
         codes, scales = quantize(x, quantization_map(kind, bits), block)
         stored = pack_4bit(codes) if bits == 4 else codes
         assert stored.nbytes + scales.nbytes == quantized_nbytes(1001, bits, block)
+
+
+@pytest.mark.parametrize("kind, bits", [("dynamic", 8), ("dynamic-unsigned", 8), ("dynamic", 4), ("linear", 8),
+                                        ("linear", 4)])
+def test_table_lookup_finds_the_searched_code_at_every_switch_point(kind, bits):
+    """The encoder's table (cells of floats, thresholds bisected once) against a search with the
+    tie rule, on every map value, every midpoint and its float32 neighbours, and random values."""
+    from lowmem.compress.optim.quant import _encoder
+    qmap = quantization_map(kind, bits)
+    mids = (qmap[:-1] + qmap[1:]) / 2
+    x = torch.cat((qmap, mids, torch.nextafter(mids, torch.tensor(-2.0)), torch.nextafter(mids, torch.tensor(2.0)),
+                   torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                   torch.logspace(-9, 0, 5_000), -torch.logspace(-9, 0, 5_000))).clamp(-1, 1)
+    if kind == "dynamic-unsigned":
+        x = x.abs()
+    below = (torch.searchsorted(qmap, x, right=True) - 1).clamp(0, qmap.numel() - 1)
+    above = (below + 1).clamp(max=qmap.numel() - 1)
+    want = torch.where(x - qmap[below] >= (qmap[above] - qmap[below]) * 0.5, above, below)
+    assert torch.equal(_encoder(qmap, x.device).nearest(x).long(), want)

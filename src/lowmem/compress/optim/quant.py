@@ -150,37 +150,68 @@ _CHUNK = 1 << 20   # entries a quantizer works on at once (its int32/float32 tem
 
 
 class _Encoder:
-    """Nearest map value of float32 entries in [−1, 1], exactly as a search would find it, with
-    a table instead of a binary search: the upper 16 bits of an entry (sign, exponent and 7
-    mantissa bits: a cell of values) index the largest code whose value is at or below the cell;
-    at most `steps` map values lie inside one cell, so that many comparisons finish the search.
-    Then ties go upward: ``x − q[lo] >= (q[hi] − q[lo]) · 0.5`` takes ``hi`` (torchao's rule)."""
+    """Nearest map value of float32 entries in [−1, 1] with torchao's rule (``x − q[lo] >=
+    (q[hi] − q[lo]) · 0.5`` takes ``hi``), exactly, by table lookup instead of a search.
+
+    The rule is monotone in x, so between two neighbouring map values there is one smallest
+    float32 at which it switches to the upper one (its *threshold*, found once by bisecting the
+    float32 numbers). The upper `_CELL_BITS` bits of an entry (sign, exponent, leading mantissa
+    bits) name a cell of consecutive floats; the table holds the code of each cell's lowest
+    value and the thresholds that fall inside the cell (`steps` of them at most, +inf where
+    fewer), so a code is the cell's code plus the number of its thresholds at or below x.
+    """
 
     def __init__(self, qmap: torch.Tensor, device: torch.device):
         q = qmap.detach().to(torch.float32).cpu()
-        tops = torch.arange(1 << 16, dtype=torch.int64).to(torch.int32) << 16        # each cell's upper bits
-        ends = torch.stack((tops, tops | 0xFFFF)).view(torch.float32)                # its two extreme values
+        thresholds = _switch_points(q)                                      # (len(q) − 1,) float32
+        tops = torch.arange(1 << _CELL_BITS, dtype=torch.int64) << (32 - _CELL_BITS)
+        ends = torch.stack((tops, tops | ((1 << (32 - _CELL_BITS)) - 1))).to(torch.int32).view(torch.float32)
         ends = torch.where(torch.isfinite(ends).all(dim=0), ends, 0.0).clamp(-1.0, 1.0)   # inf/NaN cells: unused
         low, high = ends.min(dim=0).values, ends.max(dim=0).values
-        below = lambda v: (torch.searchsorted(q, v, right=True) - 1).clamp(0, q.numel() - 1)   # noqa: E731
-        self.table = below(low).to(torch.int32).to(device)
-        self.steps = int((below(high) - below(low)).max())
-        self.q = q.to(device)
-        self.last = q.numel() - 1
+        self.base = torch.searchsorted(thresholds, low, right=True).to(torch.int32)   # thresholds <= low
+        inside = torch.searchsorted(thresholds, high, right=True).to(torch.int32) - self.base
+        self.steps = int(inside.max())
+        padded = torch.cat((thresholds, torch.full((self.steps + 1,), torch.inf)))
+        self.cuts = [torch.where(inside > k, padded[(self.base + k).long()], torch.inf).to(device)
+                     for k in range(self.steps)]
+        self.base = self.base.to(device)
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 codes of `x` (float32 entries in [−1, 1])."""
         shape, x = x.shape, x.contiguous().view(-1)
-        q, pick = self.q, lambda t, i: torch.index_select(t, 0, i)   # noqa: E731 (index_select: fast with int32)
-        lo = pick(self.table, x.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF))
-        for _ in range(self.steps):
-            nxt = (lo + 1).clamp_(max=self.last)
-            lo += (x >= pick(q, nxt)).to(torch.int32)
-            lo.clamp_(max=self.last)
-        hi = (lo + 1).clamp_(max=self.last)
-        ql = pick(q, lo)
-        up = (x - ql) >= (pick(q, hi) - ql).mul_(0.5)
-        return torch.where(up, hi, lo).to(torch.uint8).view(shape)
+        cell = x.view(torch.int32).bitwise_right_shift(32 - _CELL_BITS).bitwise_and_((1 << _CELL_BITS) - 1)
+        code = torch.index_select(self.base, 0, cell)
+        for cut in self.cuts:   # index_select: fast with int32 indices
+            code += x >= torch.index_select(cut, 0, cell)
+        return code.to(torch.uint8).view(shape)
+
+
+_CELL_BITS = 17   # sign, 8 exponent bits and 8 mantissa bits: a cell spans 2^-8 of its values' size
+
+
+def _switch_points(q: torch.Tensor) -> torch.Tensor:
+    """For each pair of neighbouring map values, the smallest float32 x with
+    ``fl(x − q[i]) >= fl((q[i+1] − q[i]) · 0.5)``: where the nearest code turns from i to i+1."""
+    lo, hi = q[:-1], q[1:]
+    half = (hi - lo) * 0.5
+    a, b = _order(lo), _order(hi)          # the rule is false at lo and true at hi: bisect between
+    while bool((b - a > 1).any()):
+        mid = (a + b) // 2
+        up = (_float(mid) - lo) >= half
+        a, b = torch.where(up, a, mid), torch.where(up, mid, b)
+    return _float(b)
+
+
+def _order(x: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 keys in the order of the floats (both zeros → 0)."""
+    bits = x.view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _float(key: torch.Tensor) -> torch.Tensor:
+    """`_order`'s inverse."""
+    bits = torch.where(key >= 0, key, (-key) | 0x80000000)            # the uint32 bit pattern
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
 _encoders: dict = {}
