@@ -5,6 +5,7 @@ Watch a training run, measure per layer and per axis how well Adam's `v` is repl
 """
 
 from lowmem.compress import Plan, build_plan, build_preset, slimadam_rules
+from lowmem.compress.formats import StateFormat
 from lowmem.compress.optim import AdafactorMomentum, AdaLayer, AdaMeM, AdamMini, Eve, ReducedAdamW, SlimAdam, optimizer_from_plan
 from lowmem.hessian import block_hessian
 from lowmem.layers import ParamInfo, resolve_layers
@@ -13,5 +14,5 @@ from lowmem.snr import SnrCapture, SnrTrajectory, capture, estimate_snr
 __version__ = "0.1.0"
 
 __all__ = ["AdaLayer", "AdaMeM", "AdafactorMomentum", "AdamMini", "Eve", "ParamInfo", "Plan", "ReducedAdamW", "SlimAdam", "SnrCapture",
-           "SnrTrajectory", "block_hessian", "build_plan", "build_preset", "capture", "estimate_snr", "optimizer_from_plan",
+           "SnrTrajectory", "StateFormat", "block_hessian", "build_plan", "build_preset", "capture", "estimate_snr", "optimizer_from_plan",
            "resolve_layers", "slimadam_rules", "__version__"]

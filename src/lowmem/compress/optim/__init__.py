@@ -1,6 +1,7 @@
 """Optimizers built from a plan (DESIGN §5): one engine for every "AdamW with `v` averaged over
 some dims" method (`engine`: the books; `layout`: how `v` is kept and reduced, sharded or not;
-`backends`: the update as functions and the one choice among them; `checkpoint`), the named
+`backends`: the update as functions and the one choice among them; `state` and `quant`: states
+kept in bf16, int8 or int4; `rounding`: low-precision parameters; `checkpoint`), the named
 presets on top of it, AdaMeM beside it, and `registry`, the one list of every optimizer."""
 
 from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM, adafactor_state_numel, adamem_state_numel
