@@ -59,7 +59,7 @@ def test_text_names_the_model_and_lists_adamw_every_preset_and_adamem(capsys):
     code, out, err = memory(capsys, "--config", "llama2-7b")
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == f"Optimizer state of llama2-7b (LlamaForCausalLM, {LLAMA2_7B:,} parameters), 4 bytes per entry"
+    assert lines[0] == f"Optimizer state of llama2-7b (LlamaForCausalLM, {LLAMA2_7B:,} fp32 parameters)"
     rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ROWS}
     assert list(rows) == ROWS
     adamw_gib = f"{2 * 4 * LLAMA2_7B / 2**30:,.2f} GiB"        # 50.21 GiB
