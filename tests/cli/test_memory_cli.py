@@ -274,3 +274,11 @@ def test_every_preset_in_every_format_and_adamw_in_both_dtypes_without_flags(cap
     assert list(cells) == [str(f) for f in ALL_FORMATS]
     for fmt in ALL_FORMATS:
         assert cells[str(fmt)] == [f"{library[name, fmt].total_bytes / LLAMA2_7B:.3f}" for name in PRESET_ROWS]
+
+
+def test_the_readme_shows_the_format_table_as_the_command_prints_it(capsys):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code, out, _ = memory(capsys, "--config", "llama2-7b")
+    grid = out[out.index("Bytes per parameter in each state format"):]
+    assert code == 0 and f"```\n{grid}```\n" in readme
