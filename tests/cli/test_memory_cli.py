@@ -13,11 +13,12 @@ import pytest
 from lowmem.cli.main import main
 from lowmem.compress import slimadam_rules
 from lowmem.compress.configs import build_config_model
-from lowmem.compress.memory import estimate_state_memory
+from lowmem.compress.memory import ALL_FORMATS, estimate_state_memory
 from lowmem.compress.optim.registry import NAMES
 
 LLAMA2_7B = 6_738_415_616
 ROWS = list(NAMES)   # the registry, AdamW first
+PRESET_ROWS = ["slimadam", "eve", "adam-mini", "adam-mini-paper", "adalayer"]
 
 MODEL = '''\
 import torch
@@ -59,7 +60,7 @@ def test_text_names_the_model_and_lists_adamw_every_preset_and_adamem(capsys):
     code, out, err = memory(capsys, "--config", "llama2-7b")
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == f"Optimizer state of llama2-7b (LlamaForCausalLM, {LLAMA2_7B:,} parameters), 4 bytes per entry"
+    assert lines[0] == f"Optimizer state of llama2-7b (LlamaForCausalLM, {LLAMA2_7B:,} fp32 parameters)"
     rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ROWS}
     assert list(rows) == ROWS
     adamw_gib = f"{2 * 4 * LLAMA2_7B / 2**30:,.2f} GiB"        # 50.21 GiB
@@ -75,6 +76,7 @@ def test_json_is_one_document_with_the_library_estimate_in_raw_bytes(capsys):
     assert doc["optimizers"] == estimate_state_memory(build_config_model("llama2-7b")).to_json()["optimizers"]
     adamw = doc["optimizers"][0]
     assert adamw["name"] == "adamw" and adamw["total_bytes"] == 2 * 4 * LLAMA2_7B == 53_907_324_928
+    assert adamw["bytes_per_param"] == 8.0 and doc["param_dtype"] == "fp32"
 
 
 def test_bytes_per_state_scales_every_row(capsys):
@@ -97,7 +99,9 @@ def test_a_plan_written_by_lowmem_adds_a_row(capsys, tmp_path):
     assert row["v_bytes"] == 4 * plan.v_kept and row["m_bytes"] == 4 * plan.v_full == 4 * 124_439_808
     code, out, _ = memory(capsys, "--config", "gpt2-124m", "--plan", path)
     assert code == 0 and any(line.startswith("plan ") for line in out.splitlines())
-    assert out.splitlines()[-1] == f"plan: {path}"
+    assert f"plan: {path}" in out.splitlines()
+    grid = out.split("Bytes per parameter in each state format")[1].splitlines()
+    assert grid[2].split() == ["state", "┃", *" ┃ ".join(PRESET_ROWS + ["plan"]).split()]   # the plan is a column
 
 
 def test_unknown_config_lists_the_known_ones(capsys):
@@ -175,3 +179,106 @@ def test_help_of_the_main_command_names_the_memory_command(capsys, flag):
     with pytest.raises(SystemExit) as e:
         main([flag])
     assert e.value.code == 0 and "lowmem-analyze memory --help" in " ".join(capsys.readouterr().out.split())
+
+
+# -- state formats and bf16 parameters ----------------------------------------------------------------
+
+def _json(capsys, *args) -> dict:
+    code, out, err = memory(capsys, *args, "--format", "json")
+    assert (code, err) == (0, ""), err
+    return json.loads(out)
+
+
+def _rows(doc: dict) -> dict[tuple[str, str | None], dict]:
+    return {(r["name"], None if r["state"] is None else f"m={r['state']['m']},v={r['state']['v']}"): r
+            for r in doc["optimizers"]}
+
+
+def test_state_int8_on_gpt2_124m_by_hand(capsys):
+    # Every GPT-2 matrix has rows of 768, 2,304 or 3,072 entries: whole 256-entry blocks, so int8 m
+    # is 1 + 4/256 bytes an entry; biases and LayerNorms (1 dim) stay fp32.
+    vectors = 12 * (4 * 768 + 2304 + 768 + 3072 + 768) + 2 * 768     # 121,344
+    matrices = 124_439_808 - vectors
+    doc = _json(capsys, "--config", "gpt2-124m", "--state", "m=int8")
+    rows = _rows(doc)
+    assert list(rows) == [("adamw", "m=fp32,v=fp32"), *((n, "m=int8,v=fp32") for n in PRESET_ROWS),
+                          ("adamem", "m=fp32,v=fp32"), ("adafactor-momentum", "m=fp32,v=fp32")]
+    v_kept = slimadam_rules(build_config_model("gpt2-124m")).v_kept
+    slim = rows["slimadam", "m=int8,v=fp32"]
+    assert slim["m_bytes"] == matrices + 4 * matrices // 256 + 4 * vectors == 126_746_316
+    assert slim["v_bytes"] == 4 * v_kept
+    assert slim["bytes_per_param"] == round((126_746_316 + 4 * v_kept) / 124_439_808, 6)
+    assert slim["total_saved"] == round(1 - (126_746_316 + 4 * v_kept) / (8 * 124_439_808), 6)
+
+
+def test_state_int8_on_the_shakespeare_example_by_hand(capsys):
+    from lowmem.examples import shakespeare
+    V, T, C = shakespeare.vocab_size(), 128, 128                   # wte (V, C) tied to the LM head, wpe (T, C)
+    # Per 4 blocks: q, k, v, c_proj (C, C), c_fc (4C, C), c_proj (C, 4C), two LayerNorm gains (C,).
+    # Rows of 128 entries take one 8-bit code each and one fp32 scale; rows of 512 two scales;
+    # the gains (1 dim) stay fp32.
+    per_block = 4 * C * (C + 4) + 4 * C * (C + 4) + C * (4 * C + 4 * 2) + 2 * 4 * C
+    m_int8 = V * (C + 4) + T * (C + 4) + 4 * per_block + 4 * C
+    doc = _json(capsys, "--example", "shakespeare", "--state", "m=int8")
+    assert doc["model"]["parameters"] == V * C + T * C + 4 * (12 * C * C + 2 * C) + C
+    for name in PRESET_ROWS:
+        assert _rows(doc)[name, "m=int8,v=fp32"]["m_bytes"] == m_int8 == 838_976
+    eve = _rows(doc)["eve", "m=int8,v=fp32"]
+    assert eve["v_bytes"] == 4 * (V + T + 4 * (4 * C + 4 * C + C + 2 * C) + C)   # one v per row; gains whole
+
+
+def test_several_states_and_all_of_them(capsys):
+    doc = _json(capsys, "--config", "gpt2-124m", "--state", "m=int8,m=int4,v=int8", "--state", "bf16")
+    assert [k[1] for k in _rows(doc) if k[0] == "eve"] == ["m=int8,v=fp32", "m=int4,v=int8", "m=bf16,v=fp32"]
+    doc = _json(capsys, "--config", "gpt2-124m", "--state", "all")
+    assert [k[1] for k in _rows(doc) if k[0] == "eve"] == [str(f) for f in ALL_FORMATS]
+
+
+def test_bad_state_names_the_valid_formats(capsys):
+    for bad, why in (("m=int3", "m format must be one of fp32, bf16, int8, int4, got 'int3'"),
+                     ("v=int4", "v format must be one of fp32, bf16, int8, got 'int4'"),
+                     ("x=int8", "'x' is neither m nor v")):
+        err = refused(capsys, "--config", "gpt2-124m", "--state", bad)
+        assert f"argument --state: invalid state format {bad!r}: {why}" in err
+        assert "M one of fp32, bf16, int8, int4 and V one of fp32, bf16, int8" in err
+
+
+def test_pure_bf16_parameters_halve_adamw_only(capsys):
+    doc = _json(capsys, "--config", "llama2-7b", "--param-dtype", "bf16")
+    rows = _rows(doc)
+    assert doc["param_dtype"] == "bf16" and doc["bytes_per_state"] == 4
+    adamw = rows["adamw", "m=bf16,v=bf16"]
+    assert adamw["total_bytes"] == 2 * 2 * LLAMA2_7B and adamw["bytes_per_param"] == 4.0
+    fp32 = _rows(_json(capsys, "--config", "llama2-7b"))
+    for key, row in rows.items():                                  # every other row keeps fp32 state
+        if key[0] != "adamw":
+            assert row["total_bytes"] == fp32[key]["total_bytes"], key
+            assert row["total_saved"] == round(1 - row["total_bytes"] / (4 * LLAMA2_7B), 6), key
+    err = refused(capsys, "--config", "llama2-7b", "--param-dtype", "bf16", "--bytes-per-state", "2")
+    assert "--bytes-per-state 2 applies to fp32 parameters" in err and "--state m=bf16,v=bf16" in err
+    assert "invalid choice: 'fp16'" in refused(capsys, "--config", "llama2-7b", "--param-dtype", "fp16")
+
+
+def test_every_preset_in_every_format_and_adamw_in_both_dtypes_without_flags(capsys):
+    doc = _json(capsys, "--config", "llama2-7b")
+    grid = doc["by_format"]
+    assert grid["adamw"]["fp32"]["bytes_per_param"] == 8.0 and grid["adamw"]["bf16"]["bytes_per_param"] == 4.0
+    assert [(r["name"], r["state"]) for r in grid["optimizers"]] == \
+        [(n, f.to_json()) for n in PRESET_ROWS for f in ALL_FORMATS]
+    library = estimate_state_memory(build_config_model("llama2-7b"), optimizers=tuple(PRESET_ROWS), formats=ALL_FORMATS)
+    assert grid["optimizers"] == library.to_json()["optimizers"][1:]
+    code, out, err = memory(capsys, "--config", "llama2-7b")
+    lines = out.split("Bytes per parameter in each state format (m, kept v)\n")[1].splitlines()
+    assert lines[0] == "torch AdamW: 8.000 with fp32 parameters, 4.000 with bf16 parameters"
+    cells = {line.split()[0]: line.split()[2::2] for line in lines[3:15]}       # state │ x │ y …
+    assert list(cells) == [str(f) for f in ALL_FORMATS]
+    for fmt in ALL_FORMATS:
+        assert cells[str(fmt)] == [f"{library[name, fmt].total_bytes / LLAMA2_7B:.3f}" for name in PRESET_ROWS]
+
+
+def test_the_readme_shows_the_format_table_as_the_command_prints_it(capsys):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code, out, _ = memory(capsys, "--config", "llama2-7b")
+    grid = out[out.index("Bytes per parameter in each state format"):]
+    assert code == 0 and f"```\n{grid}```\n" in readme

@@ -149,8 +149,8 @@ def test_json_has_raw_bytes_and_rounded_shares():
         lin = nn.Linear(10, 6, bias=False)
     doc = estimate_state_memory(lin, optimizers=("eve",)).to_json()
     assert doc["model"] == {"class": "Linear", "parameters": 60} and doc["bytes_per_state"] == 4
-    assert doc["optimizers"][1] == {"name": "eve", "m_bytes": 240, "v_bytes": 24, "total_bytes": 264,
-                                    "v_saved": 0.9, "total_saved": 0.45}
+    assert doc["optimizers"][1] == {"name": "eve", "state": {"m": "fp32", "v": "fp32"}, "m_bytes": 240, "v_bytes": 24,
+                                    "total_bytes": 264, "bytes_per_param": 4.4, "v_saved": 0.9, "total_saved": 0.45}
 
 
 def test_a_plan_for_another_model_and_bad_bytes_per_state_are_refused():

@@ -7,7 +7,8 @@ import io
 from rich.console import Console
 from torch import nn
 
-from lowmem.compress.memory import MemoryEstimate, MemoryRow
+from lowmem.compress.formats import StateFormat
+from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import resolve_layers
 from lowmem.reports.terminal import MemoryTable, PlanSummary, PlanTable, RoleSnrTable
@@ -107,14 +108,46 @@ def test_memory_table_at_width_100():
     console = Console(width=100, color_system=None, record=True)
     console.print(MemoryTable(MemoryEstimate("Linear", 805_306_368, 4, rows), "one Linear", "plan.json"))
     assert console.export_text() == (
-        "Optimizer state of one Linear (Linear, 805,306,368 parameters), 4 bytes per entry\n"
-        "optimizer ┃        m ┃         v ┃    total ┃ v saved ┃ total saved\n"
-        "━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━\n"
-        "adamw     │ 3.00 GiB │  3.00 GiB │ 6.00 GiB │   0.00% │       0.00%\n"
-        "eve       │ 3.00 GiB │ 12.00 MiB │ 3.01 GiB │  99.61% │      49.80%\n"
-        "factored  │        — │         — │     64 B │       — │     100.00%\n"
+        "Optimizer state of one Linear (Linear, 805,306,368 fp32 parameters)\n"
+        "optimizer ┃ state         ┃        m ┃         v ┃    total ┃ B/param ┃ v saved ┃ total saved\n"
+        "━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━\n"
+        "adamw     │ m=fp32,v=fp32 │ 3.00 GiB │  3.00 GiB │ 6.00 GiB │   8.000 │   0.00% │       0.00%\n"
+        "eve       │ m=fp32,v=fp32 │ 3.00 GiB │ 12.00 MiB │ 3.01 GiB │   4.016 │  99.61% │      49.80%\n"
+        "factored  │ fp32          │        — │         — │     64 B │   0.000 │       — │     100.00%\n"
+        "state: fp32 is the compute dtype, 4 bytes an entry; torch AdamW keeps the parameters' dtype\n"
         "step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)\n"
         "plan: plan.json\n")
+
+
+def test_format_table_under_the_memory_table_at_width_100():
+    # bytes per parameter = total / 1,000 parameters; AdamW 8 (fp32) and 4 (bf16) bytes per parameter.
+    fp32, int8 = StateFormat(), StateFormat("int8")
+    rows = (MemoryRow("adamw", 4000, 4000, 8000, 0.0, 0.0),
+            MemoryRow("eve", 4000, 40, 4040, 0.99, 0.495, fp32), MemoryRow("eve", 1062, 40, 1102, 0.99, 0.86, int8),
+            MemoryRow("adalayer", 4000, 4, 4004, 0.999, 0.4995, fp32),
+            MemoryRow("adalayer", 1062, 4, 1066, 0.999, 0.86675, int8))
+    estimate = MemoryEstimate("Linear", 1000, 4, rows)
+    adamw = {"fp32": rows[0], "bf16": MemoryRow("adamw", 2000, 2000, 4000, 0.0, 0.0, StateFormat("bf16", "bf16"))}
+    bf16 = MemoryEstimate("Linear", 1000, 4, (adamw["bf16"],), "bf16")
+    console = Console(width=100, color_system=None, record=True)
+    console.print(MemoryTable(bf16, "one Linear", grid=FormatGrid(estimate, adamw)))
+    assert console.export_text() == (
+        "Optimizer state of one Linear (Linear, 1,000 bf16 parameters)\n"
+        "optimizer ┃ state         ┃        m ┃        v ┃    total ┃ B/param ┃ v saved ┃ total saved\n"
+        "━━━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━╇━━━━━━━━━━━━\n"
+        "adamw     │ m=bf16,v=bf16 │ 1.95 KiB │ 1.95 KiB │ 3.91 KiB │   4.000 │   0.00% │       0.00%\n"
+        "state: fp32 is the compute dtype, 4 bytes an entry; torch AdamW keeps the parameters' dtype\n"
+        "step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)\n"
+        "\n"
+        "Bytes per parameter in each state format (m, kept v)\n"
+        "torch AdamW: 8.000 with fp32 parameters, 4.000 with bf16 parameters\n"
+        "state         ┃   eve ┃ adalayer\n"
+        "━━━━━━━━━━━━━━╇━━━━━━━╇━━━━━━━━━\n"
+        "m=fp32,v=fp32 │ 4.040 │    4.004\n"
+        "m=int8,v=fp32 │ 1.102 │    1.066\n"
+        "fp32 is the compute dtype, 4 bytes, for fp32 and bf16 parameters alike\n"
+        "int8, int4: a code an entry and an fp32 scale per 256, 128 entries of a row\n"
+        "an int8 v only where v is kept whole; tensors of 1 dim or under 4,096 entries stay fp32\n")
 
 
 def test_hessian_table_at_width_100():

@@ -1,8 +1,13 @@
 """`lowmem-analyze memory`: optimizer-state memory of AdamW, every preset and a plan, from shapes.
 
     lowmem-analyze memory --config llama2-7b [--plan plan.json] [--format json]
+    lowmem-analyze memory --config llama2-70b --state m=int8 --state m=int4,v=int8 --param-dtype bf16
     lowmem-analyze memory model.py[:factory] [--meta]
     lowmem-analyze memory --example shakespeare
+
+The first table has a row per optimizer, and per state format (``--state``) for the plan
+optimizers; the second gives bytes per parameter of every plan optimizer in all twelve formats
+beside torch AdamW with fp32 and with bf16 parameters (``"by_format"`` in the JSON document).
 
 A named config (`lowmem.compress.configs`) is built on the meta device and costs no memory. A
 ``model.py``'s ``build_model()`` runs as it does for training, on the CPU; ``--meta`` runs it
@@ -27,8 +32,11 @@ from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, positive_int
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import PlanError
 from lowmem.compress.configs import CONFIGS, build_config_model
-from lowmem.compress.memory import STATE_BYTES, MemoryEstimate, estimate_state_memory
+from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
+from lowmem.compress.memory import (ALL_FORMATS, PARAM_BYTES, STATE_BYTES, FormatGrid, MemoryEstimate,
+                                    estimate_state_memory, format_grid)
 from lowmem.examples import EXAMPLES
+from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build
 from lowmem.reports.terminal import MemoryTable
 
@@ -39,7 +47,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=NAME,
         description="Optimizer-state memory (m and v) of AdamW, every lowmem preset and a plan, estimated "
-                    "from parameter shapes alone.",
+                    "from parameter shapes alone; then bytes per parameter of every preset in every state "
+                    "format, beside AdamW with fp32 and with bf16 parameters.",
         epilog="Exit codes: 0 done; 2 usage error; 3 your code failed or broke the model.py contract; "
                "4 internal error.",
     )
@@ -49,8 +58,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="FILE", help="add a row for this plan.json (checked against the model)")
     p.add_argument("--format", choices=("text", "table", "json"), default="text",
                    help="stdout: a table (text or table) or one JSON document with raw bytes")
-    p.add_argument("--bytes-per-state", type=positive_int, default=STATE_BYTES, metavar="N",
-                   help=f"bytes of one state entry (default {STATE_BYTES}: fp32; 2 for bf16 states)")
+    p.add_argument("--state", type=state_formats, action="append", metavar="FMT",
+                   help="a state format for the plan optimizers' rows, one row each: m=int8, m=int4,v=int8, "
+                        f"bf16 (m alone); m: {', '.join(M_FORMATS)}; v: {', '.join(V_FORMATS)}; repeat it or list "
+                        "several (m=int8,m=int4: a key seen again starts the next); 'all': every one (default fp32)")
+    p.add_argument("--param-dtype", choices=tuple(PARAM_BYTES), default="fp32",
+                   help="dtype of the parameters, which torch AdamW's states follow (bf16: 4 bytes per "
+                        "parameter); lowmem's optimizers compute in fp32 for both (default fp32)")
+    p.add_argument("--bytes-per-state", type=positive_int, default=None, metavar="N",
+                   help=f"bytes of an entry in the compute dtype, i.e. of every 'fp32' state, AdamW's too (default "
+                        f"{STATE_BYTES}; 8 for fp64; 2 is the old way to ask for bf16 states, now --state m=bf16,v=bf16 "
+                        "and --param-dtype bf16); fp32 parameters only")
     p.add_argument("--meta", action="store_true", help="build model.py's model on the meta device (no memory used)")
     p.add_argument("-q", "--quiet", action="store_true", help="no notes or warnings on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks of failures in your code")
@@ -69,6 +87,11 @@ def _run(args) -> int:
         raise UsageError(f"{what}: a model.py, --config NAME ({', '.join(CONFIGS)}) or --example NAME")
     if args.meta and not args.target:
         raise UsageError("--meta applies to a model.py (configs are always built on the meta device)")
+    if args.param_dtype != "fp32" and args.bytes_per_state not in (None, STATE_BYTES):
+        raise UsageError(f"--bytes-per-state {args.bytes_per_state} applies to fp32 parameters; {args.param_dtype} "
+                         f"parameters compute in fp32 ({STATE_BYTES} bytes): ask for {args.param_dtype} states "
+                         f"with --state m={args.param_dtype},v={args.param_dtype}")
+    formats = None if not args.state else tuple(f for given in args.state for f in given)
     name, model = _model(args)
     plan = None
     if args.plan:
@@ -77,13 +100,37 @@ def _run(args) -> int:
             plan.validate(model)
         except PlanError as e:   # name the file and the model, like every other message
             raise PlanError(f"{args.plan} does not fit {name}: {e}") from None
-    estimate = estimate_state_memory(model, plan, args.bytes_per_state)
+    layers = resolve_layers(model, warn=False)
+    estimate = estimate_state_memory(model, plan, args.bytes_per_state or STATE_BYTES, layers=layers, formats=formats,
+                                     param_dtype=args.param_dtype)
+    grid = format_grid(model, plan, layers=layers)
     if args.format == "json":
-        sys.stdout.write(json.dumps(memory_document(estimate, name, args.config, args.plan), indent=2) + "\n")
+        sys.stdout.write(json.dumps(memory_document(estimate, name, args.config, args.plan, grid), indent=2) + "\n")
     else:
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-        console.print(MemoryTable(estimate, name, args.plan))
+        console.print(MemoryTable(estimate, name, args.plan, grid))
     return 0
+
+
+def state_formats(text: str) -> tuple[StateFormat, ...]:
+    """An argparse type: ``--state`` text as formats (`StateFormat.parse` each; in a list, a key
+    seen again starts the next format: ``m=int8,m=int4,v=int8`` is two; ``all``: every one)."""
+    if text.strip() == "all":
+        return ALL_FORMATS
+    groups: list[dict[str, str]] = [{}]
+    try:
+        for item in (x.strip() for x in text.split(",")):
+            key, value = item.split("=", 1) if "=" in item else ("m", item)
+            if key not in ("m", "v"):
+                raise ValueError(f"{key!r} is neither m nor v")
+            if key in groups[-1]:
+                groups.append({})
+            groups[-1][key] = value
+        return tuple(StateFormat.parse(",".join(f"{k}={v}" for k, v in g.items())) for g in groups)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"invalid state format {text!r}: {e}; formats are m=M, v=V or m=M,v=V with M one of "
+            f"{', '.join(M_FORMATS)} and V one of {', '.join(V_FORMATS)} (e.g. m=int8 or m=int4,v=int8), or all") from None
 
 
 def _model(args) -> tuple[str, torch.nn.Module]:
@@ -104,11 +151,14 @@ def _model(args) -> tuple[str, torch.nn.Module]:
                             "without --meta it is built on the CPU)") from e
 
 
-def memory_document(estimate: MemoryEstimate, name: str, config: str | None, plan: str | None) -> dict:
-    """The JSON document of ``--format json``: raw bytes, savings as shares (0–1)."""
+def memory_document(estimate: MemoryEstimate, name: str, config: str | None, plan: str | None,
+                    grid: FormatGrid | None = None) -> dict:
+    """The JSON document of ``--format json``: raw bytes, bytes per parameter, savings as shares
+    (0–1); ``by_format``: `FormatGrid.to_json` (or null)."""
     doc = estimate.to_json()
     return {"model": {"name": name, **doc["model"]}, "config": config, "plan": plan,
-            "bytes_per_state": doc["bytes_per_state"], "optimizers": doc["optimizers"]}
+            "param_dtype": doc["param_dtype"], "bytes_per_state": doc["bytes_per_state"],
+            "optimizers": doc["optimizers"], "by_format": None if grid is None else grid.to_json()}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lowmem.compress.builders import is_candidate
-from lowmem.compress.memory import MemoryEstimate, format_bytes, plan_state_memory
+from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT, MIN_QUANTIZED_NUMEL
+from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.layers import ModelLayers
 from lowmem.reports.run import loss_column
@@ -179,27 +180,70 @@ def _size(n: int | None) -> str:
 
 
 class MemoryTable:
-    """Optimizer-state bytes per optimizer (AdamW first): m, v, total, and the shares of v and of
-    the whole state saved against AdamW, under a line naming the model and its size."""
+    """Optimizer-state bytes per optimizer (AdamW first): the format its state is stored in, m, v,
+    total, bytes per parameter and the shares of v and of the whole state saved against AdamW,
+    under a line naming the model, its size and its parameters' dtype; then, given a
+    `FormatGrid`, its `FormatTable`."""
 
-    def __init__(self, estimate: MemoryEstimate, name: str, plan: str | None = None):
-        self.estimate, self.name, self.plan = estimate, name, plan
+    def __init__(self, estimate: MemoryEstimate, name: str, plan: str | None = None, grid: FormatGrid | None = None):
+        self.estimate, self.name, self.plan, self.grid = estimate, name, plan, grid
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         e = self.estimate
-        yield Text(f"Optimizer state of {self.name} ({e.model}, {e.parameters:,} parameters), "
-                   f"{e.bytes_per_state} bytes per entry")
+        yield Text(f"Optimizer state of {self.name} ({e.model}, {e.parameters:,} {e.param_dtype} parameters)")
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("optimizer", no_wrap=True)
-        for header in ("m", "v", "total", "v saved", "total saved"):
+        table.add_column("state", no_wrap=True)
+        for header in ("m", "v", "total", "B/param", "v saved", "total saved"):
             table.add_column(header, justify="right", no_wrap=True)
         for r in e.rows:
-            table.add_row(r.name, _size(r.m_bytes), _size(r.v_bytes), format_bytes(r.total_bytes),
-                          _share(r.v_saved), _share(r.total_saved))
+            table.add_row(r.name, _state_words(r), _size(r.m_bytes), _size(r.v_bytes), format_bytes(r.total_bytes),
+                          f"{e.bytes_per_param(r):.3f}", _share(r.v_saved), _share(r.total_saved))
         yield table
+        yield Text(f"state: fp32 is the compute dtype, {e.bytes_per_state} bytes an entry; torch AdamW keeps the "
+                   "parameters' dtype", style="dim")
         yield Text("step counters not counted; — : no m/v split; binary units (1 GiB = 2^30 bytes)", style="dim")
         if self.plan:
             yield Text(f"plan: {self.plan}", style="dim")
+        if self.grid is not None:
+            yield Text("")
+            yield FormatTable(self.grid)
+
+
+class FormatTable:
+    """Bytes per parameter of each plan optimizer (columns) in each state format (rows), under a
+    line giving torch AdamW's with fp32 and with bf16 parameters, the baselines to beat."""
+
+    def __init__(self, grid: FormatGrid):
+        self.grid = grid
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        g = self.grid
+        baselines = ", ".join(f"{g.estimate.bytes_per_param(row):.3f} with {dtype} parameters"
+                              for dtype, row in g.adamw.items())
+        yield Text("Bytes per parameter in each state format (m, kept v)")
+        yield Text(f"torch AdamW: {baselines}")
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("state", no_wrap=True)
+        for name in g.names:
+            table.add_column(name, justify="right", no_wrap=True)
+        for fmt in g.formats:
+            table.add_row(str(fmt), *(f"{g.bytes_per_param(name, fmt):.3f}" for name in g.names))
+        yield table
+        yield Text(f"fp32 is the compute dtype, {g.estimate.bytes_per_state} bytes, for fp32 and bf16 parameters alike",
+                   style="dim")
+        yield Text(f"int8, int4: a code an entry and an fp32 scale per {BLOCK_8BIT}, {BLOCK_4BIT} entries of a row",
+                   style="dim")
+        yield Text(f"an int8 v only where v is kept whole; tensors of 1 dim or under {MIN_QUANTIZED_NUMEL:,} entries "
+                   "stay fp32", style="dim")
+
+
+def _state_words(row: MemoryRow) -> str:
+    if row.state is None:
+        return "per layer"
+    if row.m_bytes is None and row.state.m == row.state.v:   # no m/v split: one dtype for all of it
+        return row.state.m
+    return str(row.state)
 
 
 # -- exact Hessian blocks ----------------------------------------------------------------------
