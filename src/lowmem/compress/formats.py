@@ -69,8 +69,11 @@ class StateFormat:
     @classmethod
     def parse(cls, text: str) -> "StateFormat":
         """``"m=int8,v=bf16"`` (either part may be left out) or a single ``"int8"`` for `m`."""
-        parts = dict(item.split("=", 1) if "=" in item else ("m", item) for item in text.split(",") if item)
-        return cls.from_json(parts)
+        pairs = [item.split("=", 1) if "=" in item else ("m", item) for item in text.split(",") if item]
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"state format {text!r} names {'m' if keys.count('m') > 1 else 'v'} twice")
+        return cls.from_json(dict(pairs))
 
     def __str__(self) -> str:
         return f"m={self.m},v={self.v}"
