@@ -294,11 +294,12 @@ FORMATS = ("m=int8,v=int8", "m=int4,v=bf16")   # quantized m and v (full-Adam la
 
 def _formats_run(kind: str, fmt: str, rows, shard: bool, plan_path, resume: bool = False) -> dict:
     """The one-process plan with states stored in `fmt` (every matrix of these small models
-    quantized: the size floor lowered), 4 steps, or 2 and a state_dict round trip and 2 more."""
+    quantized, OddNet's one-row gate too, of which ranks but the first hold no rows: the size
+    floors lowered), 4 steps, or 2 and a state_dict round trip and 2 more."""
     from lowmem.compress import formats
     from lowmem.compress.optim import ReducedAdamW
 
-    formats.MIN_QUANTIZED_NUMEL = 64
+    formats.MIN_QUANTIZED_NUMEL = formats.MIN_QUANTIZED_ROW = WIDTH
     plan = lowmem.Plan.load(plan_path)
     model = _fsdp_model(kind, shard)
     opt = ReducedAdamW(model, plan, lr=1e-2, betas=(0.9, 0.95), state_format=fmt)
@@ -444,7 +445,8 @@ def test_fsdp2_states_in_storage_formats_equal_a_single_process_run(fsdp_run, mo
     round-off of means across shards."""
     from lowmem.compress import formats
 
-    monkeypatch.setattr(formats, "MIN_QUANTIZED_NUMEL", 64)
+    monkeypatch.setattr(formats, "MIN_QUANTIZED_NUMEL", WIDTH)
+    monkeypatch.setattr(formats, "MIN_QUANTIZED_ROW", WIDTH)
     world, out, result = fsdp_run
     for kind in FSDP_RUNS[world]:
         for fmt in FORMATS:

@@ -15,8 +15,11 @@ Where a quantized format does not apply it falls back to fp32 (`effective_format
 bitsandbytes and torchao keep small tensors in 32 bits:
 
 - tensors with fewer than `MIN_QUANTIZED_NUMEL` entries or fewer than 2 dims (biases, norm
-  gains, scalars: few bytes, and the 8-bit optimizers paper's fragile cases);
-- an ``int8`` `v` of a parameter whose `v` is averaged (its few kept entries stay fp32).
+  gains, scalars: few bytes, and the 8-bit optimizers paper's fragile cases), or with rows
+  shorter than `MIN_QUANTIZED_ROW` entries (a block's fp32 scale would cost more than the
+  codes save: a row of one entry would take 5 bytes);
+- an ``int8`` `v` of a parameter whose `v` is not kept whole in the parameter's shape (averaged,
+  or split into parts: its kept entries stay fp32).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ QUANTIZED = {"int8": 8, "int4": 4}
 BLOCK_8BIT = 256   # entries per scale for 8-bit codes, as torchao's AdamW8bit
 BLOCK_4BIT = 128   # entries per scale for 4-bit codes, as torchao's AdamW4bit
 MIN_QUANTIZED_NUMEL = 4096   # bitsandbytes' min_8bit_size and torchao's default threshold
+MIN_QUANTIZED_ROW = 32       # int8 ≤ 1.125 B and int4 ≤ 0.625 B per entry with their scales
 
 
 def block_of(fmt: str) -> int:
@@ -69,7 +73,8 @@ class StateFormat:
     @classmethod
     def parse(cls, text: str) -> "StateFormat":
         """``"m=int8,v=bf16"`` (either part may be left out) or a single ``"int8"`` for `m`."""
-        pairs = [item.split("=", 1) if "=" in item else ("m", item) for item in text.split(",") if item]
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        pairs = [tuple(x.strip() for x in item.split("=", 1)) if "=" in item else ("m", item) for item in items]
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
             raise ValueError(f"state format {text!r} names {'m' if keys.count('m') > 1 else 'v'} twice")
@@ -84,12 +89,13 @@ FULL = StateFormat()
 
 def quantizable(shape) -> bool:
     """Whether a state of this shape may be kept quantized (see the module docstring)."""
-    return len(shape) >= 2 and math.prod(shape) >= MIN_QUANTIZED_NUMEL
+    return len(shape) >= 2 and math.prod(shape) >= MIN_QUANTIZED_NUMEL and rows_of(shape)[1] >= MIN_QUANTIZED_ROW
 
 
 def effective_format(fmt: StateFormat, shape, v_full: bool) -> StateFormat:
     """The format a parameter of `shape` is actually stored in under `fmt` (quantized formats
-    that do not apply fall back to fp32); `v_full`: its `v` is kept whole (full Adam)."""
+    that do not apply fall back to fp32); `v_full`: its `v` is kept whole in the parameter's
+    shape (full Adam, no parts: `LayerPlan.v_whole`)."""
     ok = quantizable(shape)
     m = fmt.m if fmt.m not in QUANTIZED or ok else "fp32"
     v = fmt.v if fmt.v not in QUANTIZED or (ok and v_full) else "fp32"
@@ -98,9 +104,7 @@ def effective_format(fmt: StateFormat, shape, v_full: bool) -> StateFormat:
 
 def rows_of(shape) -> tuple[int, int]:
     """(rows, entries per row) of a state of `shape` for quantization: rows are dim 0."""
-    n = math.prod(shape)
-    rows = shape[0] if len(shape) >= 1 else 1
-    return rows, (n // rows if rows else 0)
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 1 else (1, 1)
 
 
 def stored_bytes(fmt: str, shape, compute_bytes: int = 4) -> int:
@@ -116,5 +120,5 @@ def stored_bytes(fmt: str, shape, compute_bytes: int = 4) -> int:
     return rows * (-(-length * bits // 8) + 4 * -(-length // block))
 
 
-__all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "FULL", "MIN_QUANTIZED_NUMEL", "M_FORMATS", "QUANTIZED", "StateFormat",
+__all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "FULL", "MIN_QUANTIZED_NUMEL", "MIN_QUANTIZED_ROW", "M_FORMATS", "QUANTIZED", "StateFormat",
            "V_FORMATS", "block_of", "effective_format", "quantizable", "rows_of", "stored_bytes"]

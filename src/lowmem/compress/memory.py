@@ -65,7 +65,7 @@ def plan_state_bytes(plan: Plan, fmt: StateFormat | None = None, compute_bytes: 
     """
     m = v = 0
     for lp in plan.layers.values():
-        whole = not lp.compressed
+        whole = lp.v_whole
         eff = effective_format(lp.state_format if fmt is None else fmt, lp.shape, v_full=whole)
         m += stored_bytes(eff.m, lp.shape, compute_bytes)
         v += stored_bytes(eff.v, lp.shape if whole else (lp.v_kept,), compute_bytes)

@@ -129,6 +129,12 @@ class LayerPlan:
     def compressed(self) -> bool:
         return self.v_kept < self.numel
 
+    @property
+    def v_whole(self) -> bool:
+        """`v` kept whole in the parameter's shape (full Adam without parts): where a
+        quantized `v` may apply (`lowmem.compress.formats.effective_format`)."""
+        return self.reduce is None and not self.parts
+
     def check(self, name: str) -> None:
         """Raise `PlanError` naming `name` when shape, view, reduce or parts are inconsistent."""
         for key, dims in (("shape", self.shape), ("view", self.view)):

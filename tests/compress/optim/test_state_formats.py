@@ -14,7 +14,7 @@ from torch import nn
 from lowmem.compress.formats import StateFormat
 from lowmem.compress.optim.engine import ReducedAdamW
 from lowmem.compress.optim.quant import quantization_map
-from lowmem.compress.plan import LayerPlan, Plan, model_record
+from lowmem.compress.plan import LayerPlan, PartPlan, Plan, model_record
 from lowmem.compress.memory import optimizer_state_bytes
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-8, 0.1
@@ -322,3 +322,93 @@ def test_bad_formats_and_roundings_are_refused_when_built(kwargs, words):
         ReducedAdamW(nn.Linear(4, 4), None, **kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_transposed_parameter_steps_as_its_contiguous_twin():
+    """A parameter stored transposed (its gradient too): the staged copy must be contiguous
+    before torch's fused kernel or the compiled backend reads it."""
+    torch.manual_seed(0)
+    w = torch.randn(128, 96)
+    plain, twisted = nn.Linear(96, 128, bias=False), nn.Linear(96, 128, bias=False)
+    plain.weight.data = w.clone()
+    twisted.weight.data = w.t().contiguous().t()               # same values, strides (1, 128)
+    x = torch.randn(8, 96)
+    for model in (plain, twisted):
+        opt = ReducedAdamW(model, None, lr=1e-2, state_format="m=int8,v=int8")
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    assert not twisted.weight.is_contiguous()
+    torch.testing.assert_close(twisted.weight, plain.weight, rtol=0, atol=1e-6)
+
+
+def test_parts_without_averaging_keep_v_fp32_under_an_int8_v():
+    torch.manual_seed(0)
+    model = nn.Linear(128, 96, bias=False)
+    parts = [PartPlan(n, 0, 32 * i, 32 * (i + 1), [32, 128], None) for i, n in enumerate("qkv")]
+    plan = Plan(model=model_record(model), layers={"weight": LayerPlan([96, 128], "attn_qkv", [96, 128], None,
+                                                                       parts=parts)})
+    opt = ReducedAdamW(model, plan, lr=1e-2, state_format="m=int8,v=int8")
+    assert opt.format_of(model.weight) == StateFormat("int8", "fp32")
+    model(torch.randn(4, 128)).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_a_checkpoint_without_the_lowmem_entry_loads_its_formats_from_its_tensors():
+    """torch.distributed.checkpoint's state dict helpers keep only 'state' and 'param_groups':
+    the formats are read from the tensors (scales: codes; their width: 8 or 4 bits; bf16)."""
+    for fmt in ("m=int8,v=int8", "m=int4", "m=bf16,v=bf16"):
+        torch.manual_seed(0)
+        model = Wide()
+        opt = ReducedAdamW(model, None, lr=LR, state_format=fmt)
+        _train(model, opt, _batches(2))
+        sd = copy.deepcopy(opt.state_dict())
+        del sd["lowmem"]
+        for target in (fmt, None):   # into the same format, and decoded into fp32
+            other = ReducedAdamW(model, None, lr=LR, state_format=target)
+            other.load_state_dict(sd)
+            w = model.a.weight
+            want = opt.adamw_state_dict()["state"][1]["exp_avg"]
+            got = other.adamw_state_dict()["state"][1]["exp_avg"]
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_codes_of_the_wrong_dtype_are_refused_before_anything_loads():
+    model = Wide()
+    opt = ReducedAdamW(model, None, state_format="m=int8")
+    _train(model, opt, _batches(1))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].float()
+    before = opt.state[model.a.weight]["exp_avg"].clone()
+    with pytest.raises(ValueError, match="uint8 codes"):
+        opt.load_state_dict(sd)
+    assert torch.equal(opt.state[model.a.weight]["exp_avg"], before)
+
+
+def test_stochastic_rounding_is_seeded_by_the_optimizer_and_resumes_exactly():
+    """The optimizer's own generator: the global RNG does not change the rounding (so replicas
+    seeded per rank round alike), and a state dict carries it (a resumed run is bit-identical)."""
+    def run(global_seed, steps, sd=None):
+        torch.manual_seed(0)
+        model = nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+        opt = ReducedAdamW(model, None, lr=1e-4, param_rounding="stochastic", state_format="m=bf16")
+        if sd is not None:
+            model.load_state_dict(sd[0])
+            opt.load_state_dict(sd[1])
+        torch.manual_seed(global_seed)
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).float().sum().backward()
+            opt.step()
+        return model, opt
+
+    a, _ = run(1, 4)
+    b, opt_b = run(2, 4)
+    assert torch.equal(a.weight, b.weight)
+    half, opt_half = run(3, 2)
+    saved = (copy.deepcopy(half.state_dict()), copy.deepcopy(opt_half.state_dict()))
+    resumed, _ = run(4, 2, saved)
+    assert torch.equal(resumed.weight, a.weight)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowmem.compress.formats import FULL, QUANTIZED, StateFormat
+from lowmem.compress.formats import FULL, QUANTIZED, StateFormat, rows_of
 from lowmem.compress.optim import state as stored
 from lowmem.compress.optim._common import (StateSpec, check_hparams, check_state_dict, load_groups, local,
                                            step_tensor)
@@ -39,7 +39,8 @@ def lowmem_meta(opt: ReducedAdamW) -> dict:
     names = [opt._names[p] for g in opt.param_groups for p in g["params"]]
     return {"optimizer": type(opt).__name__, "kind": opt.kind, "names": names,
             "plan": opt.plan.to_json() if opt.plan is not None else None,
-            "formats": {opt._names[p]: str(opt._formats[p]) for g in opt.param_groups for p in g["params"]}}
+            "formats": {opt._names[p]: str(opt._formats[p]) for g in opt.param_groups for p in g["params"]},
+            "rounding_rng": {k: g.get_state() for k, g in opt._rngs.items()}}
 
 
 def state_dict(opt: ReducedAdamW, sd: dict) -> dict:
@@ -72,7 +73,7 @@ def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
     """`ReducedAdamW.load_state_dict` (what loads, and what is refused, is said there): every
     entry is checked before anything is loaded, then each saved state is brought to this
     optimizer's dtypes and layout (`state_from_checkpoint`)."""
-    formats = saved_formats(state_dict)
+    formats = _formats_of(opt, state_dict)
     check_state_dict(opt, state_dict, group_keys=("lr", "betas", "eps", "weight_decay"),
                      check_group=lambda g: check_hparams(g["lr"], g["betas"], g["eps"], g["weight_decay"]),
                      spec=lambda p, group: state_spec(opt, p, group, formats.get(opt._names[p], FULL)),
@@ -82,11 +83,81 @@ def load_state_dict(opt: ReducedAdamW, state_dict: dict) -> None:
                      before_states=lambda sd: check_checkpoint_plan(opt, sd))   # the plan says why shapes differ
     params = [p for g in opt.param_groups for p in g["params"]]
     saved_state = state_dict["state"]
+    _check_codes(opt, state_dict, formats)
     load_groups(opt, state_dict)   # groups and hyper-parameters only
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for pid, p in zip(saved_ids, params):
         if saved_state.get(pid):
             state_from_checkpoint(opt, p, saved_state[pid], formats.get(opt._names[p], FULL))
+    meta = state_dict.get("lowmem")
+    rngs = meta.get("rounding_rng") if isinstance(meta, dict) else None
+    for device, rng_state in (rngs or {}).items():   # stochastic rounding continues where it was
+        if isinstance(rng_state, torch.Tensor):
+            try:
+                opt.rng(torch.device(device)).set_state(rng_state.cpu())
+            except (RuntimeError, ValueError):
+                pass   # a device this process does not have: its rounding starts from the seed
+
+
+def _formats_of(opt: ReducedAdamW, state_dict: dict) -> dict[str, StateFormat]:
+    """Each parameter's saved storage format: as the ``"lowmem"`` entry records it, else read
+    from its saved tensors (a checkpoint that kept only ``state`` and ``param_groups``, as
+    `torch.distributed.checkpoint`'s state dict helpers do): scales mean codes, whose width
+    says 8 or 4 bits; bf16 tensors mean bf16."""
+    formats = saved_formats(state_dict)
+    try:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        pids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
+    except (KeyError, TypeError):
+        return formats   # malformed: check_state_dict says how
+    for p, pid in zip(params, pids):
+        name = opt._names[p]
+        entry = saved.get(pid) if isinstance(saved, dict) else None
+        if name not in formats and isinstance(entry, dict):
+            formats[name] = _inferred(opt, p, entry)
+    return formats
+
+
+def _inferred(opt: ReducedAdamW, p: torch.Tensor, entry: dict) -> StateFormat:
+    length = rows_of(tuple(p.shape))[1]
+    ours = opt._formats[p]
+
+    def one(which: str) -> str:
+        key = stored.KEYS[which]
+        t = entry.get(key)
+        if not isinstance(t, torch.Tensor):
+            return "fp32"
+        if stored.scale_key(which) in entry:
+            width = t.shape[-1] if t.dim() else 0
+            mine = ours.m if which == "m" else ours.v
+            if width == length == -(-length // 2):      # rows of one entry: either; take ours
+                return mine if mine in QUANTIZED else "int8"
+            return "int4" if width == -(-length // 2) else "int8"
+        return "bf16" if t.dtype == torch.bfloat16 else "fp32"
+
+    try:
+        return StateFormat(one("m"), one("v"))
+    except ValueError as e:
+        raise PlanError(f"checkpoint: the state of {opt._names[p]!r} is in no format lowmem keeps ({e})") from None
+
+
+def _check_codes(opt: ReducedAdamW, state_dict: dict, formats: dict[str, StateFormat]) -> None:
+    """Refuse quantized states whose codes are not uint8 or whose scales are not floating
+    point, before anything is loaded."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    pids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for p, pid in zip(params, pids):
+        entry, name = state_dict["state"].get(pid) or {}, opt._names[p]
+        fmt = formats.get(name, FULL)
+        for which, f in (("m", fmt.m), ("v", fmt.v)):
+            if f not in QUANTIZED:
+                continue
+            codes, scales = entry.get(stored.KEYS[which]), entry.get(stored.scale_key(which))
+            if codes.dtype != torch.uint8 or not scales.dtype.is_floating_point:
+                raise ValueError(f"{type(opt).__name__}.load_state_dict: parameter {name!r}: "
+                                 f"{stored.KEYS[which]!r} of format {f} must be uint8 codes with floating-point "
+                                 f"scales, found {codes.dtype} and {scales.dtype}")
 
 
 def saved_formats(state_dict: dict) -> dict[str, StateFormat]:

@@ -37,13 +37,16 @@ the `state_format` option): a state in ``bf16``, ``int8`` or ``int4`` is stored 
 says (bf16 tensors, or uint8 codes plus ``exp_avg_scale`` / ``exp_avg_sq_scale``). Such a
 parameter is *staged*: for its step its states are decoded into compute-dtype temporaries, the
 backend updates those as any other tensors, and they are encoded back; staged parameters go
-through the backends in buckets of at most `STAGE_ENTRIES` entries, so the temporaries of one
-step stay bounded (about 16 bytes per entry of one bucket: m, v, gradient, parameter copy).
+through the backends in buckets of at most `STAGE_ENTRIES` entries (a larger parameter forms a
+bucket of its own), so the temporaries of one step stay bounded by one bucket's: about 16 bytes
+per entry in fp32 (m, v, a gradient and a parameter copy where their dtype differs) plus what the
+backend itself allocates.
 
 Low-precision parameters (bf16/fp16) take their update in the compute dtype and are rounded
 back as `param_rounding` says: ``"nearest"`` (round-to-nearest, as torch's AdamW), 
-``"stochastic"`` (unbiased: `rounding.round_stochastic`, drawn from torch's global generator,
-so ``torch.manual_seed`` makes a run reproducible) or ``"kahan"`` (a compensation buffer
+``"stochastic"`` (unbiased: `rounding.round_stochastic`, drawn from the optimizer's own
+generator per device, seeded with `rounding_seed` alike on every rank, so data-parallel
+replicas round alike, and saved in the state dict, so a resumed run continues exactly) or ``"kahan"`` (a compensation buffer
 ``kahan_comp`` in the parameter's dtype keeps what rounding lost and adds it back next step, as
 torch-optimi does; 2 more bytes per bf16 entry).
 """
@@ -99,6 +102,7 @@ class ReducedAdamW(torch.optim.Optimizer):
             where they do not apply (`lowmem.compress.formats.effective_format`).
         param_rounding: how bf16/fp16 parameters take their update: ``"nearest"``,
             ``"stochastic"`` or ``"kahan"`` (see the module docstring); per group too.
+        rounding_seed: seed of the stochastic rounding's generators (the same on every rank).
 
     Raises:
         ValueError: a hyper-parameter out of range (the value is in the message), or a parameter
@@ -112,7 +116,8 @@ class ReducedAdamW(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, param_groups: Iterable | None = None, maximize: bool = False, foreach: bool | None = None,
                  compiled: bool = False, backend: str | None = None, state_dtype: torch.dtype | None = None,
-                 state_format: StateFormat | str | None = None, param_rounding: str = "nearest"):
+                 state_format: StateFormat | str | None = None, param_rounding: str = "nearest",
+                 rounding_seed: int = 0):
         check_hparams(lr, betas, eps, weight_decay)
         _check_backend(backend)
         _check_rounding(param_rounding)
@@ -131,6 +136,8 @@ class ReducedAdamW(torch.optim.Optimizer):
             plan.validate(model)
         self.plan = plan
         self.state_dtype = state_dtype
+        self.rounding_seed = int(rounding_seed)
+        self._rngs: dict[str, torch.Generator] = {}   # stochastic rounding, per device
         names = named_trainable(model)
         groups = param_groups_for(model, param_groups)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
@@ -158,7 +165,8 @@ class ReducedAdamW(torch.optim.Optimizer):
                 self._kinds[p] = kind_of(self.layout_of(p), p)
                 lp = layers.get(name)
                 wanted = state_format or (lp.state_format if lp is not None else FULL)
-                self._formats[p] = effective_format(wanted, tuple(p.shape), not self._layouts[p].compressed)
+                whole = not self._layouts[p].compressed and not self._layouts[p].flat
+                self._formats[p] = effective_format(wanted, tuple(p.shape), whole)
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -207,7 +215,8 @@ class ReducedAdamW(torch.optim.Optimizer):
             if b is None:
                 b = buckets[key] = Bucket(key, self.state_dtype_of(p), self._scratch)
             if key.stage:
-                b.stages.append(_Stage(p, shard, grad, state, self._formats[p], layout, group["param_rounding"]))
+                b.stages.append(_Stage(p, shard, grad, state, self._formats[p], layout, group["param_rounding"],
+                                       self.rng(shard.device) if group["param_rounding"] == "stochastic" else None))
                 continue
             b.params.append(shard)
             b.grads.append(grad)
@@ -242,6 +251,13 @@ class ReducedAdamW(torch.optim.Optimizer):
         if not self._formats[p].full or shard.dtype != dtype and group["param_rounding"] != "nearest":
             return BucketKey(shard.device, dtype, True, kind, step, stage=1)
         return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
+
+    def rng(self, device: torch.device) -> torch.Generator:
+        """The stochastic rounding's generator on `device` (seeded with `rounding_seed`)."""
+        key = str(torch.device(device))
+        if key not in self._rngs:
+            self._rngs[key] = torch.Generator(device=device).manual_seed(self.rounding_seed)
+        return self._rngs[key]
 
     def format_of(self, p: torch.Tensor) -> StateFormat:
         """How `p`'s states are stored (after the fallbacks of `effective_format`)."""
@@ -278,12 +294,15 @@ class ReducedAdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
-        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded", "_kinds", "_formats")
+        extra = ("plan", "state_dtype", "variant", "_names", "_layouts", "_sharded", "_kinds", "_formats",
+                 "rounding_seed", "_rngs")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra if k in self.__dict__}}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_scratch", {})
+        self.__dict__.setdefault("_rngs", {})
+        self.__dict__.setdefault("rounding_seed", 0)
 
     # -- checkpoints (`checkpoint`) -----------------------------------------------------------
     def state_dict(self) -> dict:
@@ -350,6 +369,7 @@ class _Stage:
     fmt: StateFormat
     layout: Layout | ShardedLayout
     rounding: str
+    generator: torch.Generator | None = None
     temps: tuple | None = None
 
 
@@ -362,8 +382,8 @@ def _load(b: Bucket) -> None:
         if shard.dtype == dtype and shard.is_contiguous():
             param = shard                                   # steps in place
         else:
-            param = shard.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-            if "kahan_comp" in local_state:
+            param = shard.to(dtype=dtype, copy=True).contiguous()
+            if st.rounding == "kahan" and "kahan_comp" in local_state:
                 param.add_(local_state["kahan_comp"])
         v_stored = local_state["exp_avg_sq"]
         v_shape = shard.shape if st.fmt.v in ("int8", "int4") else v_stored.shape
@@ -371,7 +391,7 @@ def _load(b: Bucket) -> None:
         v = stored.decode("v", st.fmt.v, local_state, v_shape, dtype)
         st.temps = (param, m, v, local_state)
         b.params.append(param)
-        b.grads.append(st.grad.to(dtype=dtype, memory_format=torch.contiguous_format))
+        b.grads.append(st.grad.to(dtype).contiguous())   # (`.to` keeps a same-dtype tensor's strides)
         b.exp_avgs.append(m)
         b.exp_avg_sqs.append(v)
         b.layouts.append(st.layout)
@@ -386,10 +406,10 @@ def _store(b: Bucket) -> None:
         stored.encode_("v", st.fmt.v, v, local_state)
         if param is not st.shard:
             if st.rounding == "stochastic":
-                st.shard.copy_(round_stochastic(param, st.shard.dtype))
+                st.shard.copy_(round_stochastic(param, st.shard.dtype, st.generator))
             else:
                 st.shard.copy_(param)
-                if "kahan_comp" in local_state:   # what rounding to the parameter's dtype lost
+                if st.rounding == "kahan" and "kahan_comp" in local_state:   # what rounding lost
                     local_state["kahan_comp"].copy_(param.sub_(st.shard.to(param.dtype)))
         st.temps = None
     b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, b.steps = [], [], [], [], [], []

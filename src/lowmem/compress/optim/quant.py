@@ -218,10 +218,17 @@ _encoders: dict = {}
 
 
 def _encoder(qmap: torch.Tensor, device: torch.device) -> _Encoder:
-    key = (tuple(qmap.tolist()), str(device))
+    """The encoder of `qmap` on `device`, built once per map: keyed by the map's values (a CPU
+    map) or by the tensor itself (kept alive with its encoder, so its id is not reused; a map
+    on a device is not copied to the host at every call)."""
+    key = (qmap.detach().numpy().tobytes(),) if qmap.device.type == "cpu" else (id(qmap), qmap._version)
+    key += (str(device),)
     enc = _encoders.get(key)
     if enc is None:
+        if len(_encoders) >= 64:   # maps made afresh on a device at every call: forget the oldest
+            _encoders.pop(next(iter(_encoders)))
         enc = _encoders[key] = _Encoder(qmap, device)
+        enc.source = qmap
     return enc
 
 

@@ -30,8 +30,15 @@ def scale_key(which: str) -> str:
     return KEYS[which] + "_scale"
 
 
-def _qmap(which: str, fmt: str) -> torch.Tensor:
-    return quantization_map(MAPS[which], QUANTIZED[fmt])
+_QMAPS: dict = {}
+
+
+def _qmap(which: str, fmt: str, device: torch.device) -> torch.Tensor:
+    """The map of `which`'s codes in `fmt` on `device` (built once)."""
+    key = (which, fmt, str(device))
+    if key not in _QMAPS:
+        _QMAPS[key] = quantization_map(MAPS[which], QUANTIZED[fmt]).to(device)
+    return _QMAPS[key]
 
 
 def stored_shapes(fmt: str, shape) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -60,7 +67,7 @@ def decode(which: str, fmt: str, state: dict, shape, dtype: torch.dtype) -> torc
         return stored.to(dtype=dtype, copy=True).view(shape)
     rows, length = rows_of(tuple(shape))
     codes = stored if QUANTIZED[fmt] == 8 else unpack_rows(stored, length)
-    out = dequantize_rows(codes, state[scale_key(which)], _qmap(which, fmt), block_of(fmt))
+    out = dequantize_rows(codes, state[scale_key(which)], _qmap(which, fmt, stored.device), block_of(fmt))
     return (out if dtype == torch.float32 else out.to(dtype)).view(shape)
 
 
@@ -74,9 +81,9 @@ def encode_(which: str, fmt: str, x: torch.Tensor, state: dict) -> None:
     x2 = x.reshape(rows, length)
     scales = state[scale_key(which)]
     if QUANTIZED[fmt] == 8:
-        quantize_rows(x2, _qmap(which, fmt), block_of(fmt), codes=stored, scales=scales)
+        quantize_rows(x2, _qmap(which, fmt, x.device), block_of(fmt), codes=stored, scales=scales)
     else:
-        codes, _ = quantize_rows(x2, _qmap(which, fmt), block_of(fmt), scales=scales)
+        codes, _ = quantize_rows(x2, _qmap(which, fmt, x.device), block_of(fmt), scales=scales)
         stored.copy_(pack_rows(codes))
 
 
@@ -100,7 +107,7 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, length: int) -> torch.Tensor:
     """The (R, length) codes `pack_rows` packed."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)[:, :length]
+    return torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :length]
 
 
 def nbytes(state: dict) -> int:
