@@ -106,9 +106,16 @@ def quantize_rows(x: torch.Tensor, qmap: torch.Tensor, block: int, codes: torch.
     step = max(1, _CHUNK // max(1, nb * block))
     for r in range(0, rows, step):
         xb = _blocked(x[r:r + step].float(), block)                              # (r, nb, block)
-        s = xb.abs().amax(dim=-1).clamp_(min=1e-12)
-        normed = (xb / s[..., None]).reshape(xb.shape[0], -1)[:, :length]
-        codes[r:r + step] = enc.nearest(normed)
+        low, high = torch.aminmax(xb, dim=-1)                                   # one pass, no |x| copy
+        s = torch.maximum(high, low.neg_()).clamp_(min=1e-12)
+        normed = (xb / s[..., None]).reshape(xb.shape[0], -1)
+        out = codes[r:r + step]
+        if normed.shape[1] != length:                                           # padded: codes of the row
+            normed = normed[:, :length]
+        if out.is_contiguous():
+            enc.nearest(normed, out=out)
+        else:
+            out.copy_(enc.nearest(normed))
         scales[r:r + step] = s
     return codes, scales
 
@@ -174,16 +181,18 @@ class _Encoder:
         padded = torch.cat((thresholds, torch.full((self.steps + 1,), torch.inf)))
         self.cuts = [torch.where(inside > k, padded[(self.base + k).long()], torch.inf).to(device)
                      for k in range(self.steps)]
-        self.base = self.base.to(device)
+        self.base = self.base.to(device=device, dtype=torch.uint8)   # codes < 256
 
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of `x` (float32 entries in [−1, 1])."""
+    def nearest(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 codes of `x` (float32 entries in [−1, 1]), written into `out` (contiguous,
+        uint8, `x`'s shape) when given."""
         shape, x = x.shape, x.contiguous().view(-1)
         cell = x.view(torch.int32).bitwise_right_shift(32 - _CELL_BITS).bitwise_and_((1 << _CELL_BITS) - 1)
-        code = torch.index_select(self.base, 0, cell)
-        for cut in self.cuts:   # index_select: fast with int32 indices
-            code += x >= torch.index_select(cut, 0, cell)
-        return code.to(torch.uint8).view(shape)
+        code = torch.empty(x.shape, dtype=torch.uint8, device=x.device) if out is None else out.view(-1)
+        torch.index_select(self.base, 0, cell, out=code)    # index_select: fast with int32 indices
+        for cut in self.cuts:
+            code.add_(x >= torch.index_select(cut, 0, cell))
+        return code.view(shape)
 
 
 _CELL_BITS = 17   # sign, 8 exponent bits and 8 mantissa bits: a cell spans 2^-8 of its values' size

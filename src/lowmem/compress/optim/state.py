@@ -61,8 +61,12 @@ def allocate(which: str, fmt: str, shape, dtype: torch.dtype, device) -> dict[st
 
 
 def decode(which: str, fmt: str, state: dict, shape, dtype: torch.dtype) -> torch.Tensor:
-    """The state as a new tensor of `shape` in the compute `dtype` (local tensors in `state`)."""
+    """The state as a tensor of `shape` in the compute `dtype` (local tensors in `state`): a new
+    one, except a state already in that dtype (``fp32``), which is returned itself, so a step
+    updates it in place and `encode_` has nothing to write."""
     stored = state[KEYS[which]]
+    if fmt == "fp32" and stored.dtype == dtype:
+        return stored.view(shape)
     if fmt in ("fp32", "bf16"):
         return stored.to(dtype=dtype, copy=True).view(shape)
     rows, length = rows_of(tuple(shape))
@@ -75,7 +79,8 @@ def encode_(which: str, fmt: str, x: torch.Tensor, state: dict) -> None:
     """Store `x` (compute dtype) into the state's tensors in place."""
     stored = state[KEYS[which]]
     if fmt in ("fp32", "bf16"):
-        stored.copy_(x.view(stored.shape))
+        if x.data_ptr() != stored.data_ptr():   # (`decode` hands out an fp32 state itself)
+            stored.copy_(x.view(stored.shape))
         return
     rows, length = rows_of(tuple(x.shape))
     x2 = x.reshape(rows, length)
