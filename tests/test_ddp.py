@@ -523,3 +523,78 @@ def test_fsdp_example_equals_the_same_loop_in_one_process(tmp_path):
     rank0 = sum(-(-p.shape[0] // 2) * p[0].numel() for p in probe.parameters())
     assert got["adamw_bytes"] == 8 * rank0
     assert got["plan_bytes"] < got["adamw_bytes"]
+
+
+# -- FSDP2: the error of each state format, from per-rank partial sums ------------------------------
+
+
+class WideNet(nn.Module):
+    """Quantizable weights that 3 ranks shard unevenly: (26, 300) as 9, 9, 8 rows (int8 rows of two
+    blocks, the last short); (200, 26) as 67, 67, 66; (2, 2100) as 1, 1, 0 rows, so the last rank
+    holds none of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(300, 26)
+        self.out = nn.Linear(26, 200)
+        self.wide = nn.Linear(2100, 2, bias=False)
+
+    def forward(self, x):
+        y = self.out(torch.tanh(self.fc(x)))                                 # (B, 200)
+        return y, self.wide(torch.cat([y] * 10 + [x[:, :100]], dim=1))        # (B, 2)
+
+
+def _precision_run(rows=slice(None), shard=False, path=None, steps=3):
+    torch.manual_seed(0)
+    model = WideNet()
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    with lowmem.capture(opt, model, every=1, precision=True, precision_out=path) as cap:
+        for step in range(steps):
+            x = torch.randn(BATCH, 300, generator=torch.Generator().manual_seed(step))[rows]
+            y, g = model(x)
+            (y.pow(2).mean() + g.pow(2).mean()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return cap.precision_samples
+
+
+def _precision_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        samples = _precision_run(rows, shard=True, path=os.path.join(out, "precision.csv") if rank == 0 else None)
+        torch.save([s.__dict__ for s in samples], os.path.join(out, f"precision.{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:lowmem. .* unknown layer types:UserWarning")
+def test_fsdp2_state_format_errors_equal_the_single_process_errors(tmp_path):
+    """Every rank quantizes its own rows and the errors come from all-reduced partial sums: each
+    rank records the single-process errors, and only rank 0 writes the file."""
+    pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2")
+    from lowmem.compress.formats import quantizable
+    from lowmem.snr.precision import read_precision
+
+    world = 3
+    mp.start_processes(_precision_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    single = {(s.step, s.name, s.state, s.format): s for s in _precision_run()}
+    assert len(single) == 3 * (5 + 5 + 5 + 2 + 2)          # 3 steps; 3 quantizable weights, 2 biases
+    for rank in range(world):
+        sharded = {(s["step"], s["name"], s["state"], s["format"]): s
+                   for s in torch.load(tmp_path / f"precision.{rank}.pt", weights_only=False)}
+        assert set(sharded) == set(single), rank
+        for key, want in single.items():
+            got = sharded[key]
+            # The two runs' states differ by the round-off of the sharded gradient average, which can
+            # flip a rounding: a few in thousands of entries of a weight, one in the 26 of a bias.
+            rel = 1e-3 if quantizable(want.shape) else 2e-2
+            assert got["state_error"] == pytest.approx(want.state_error, rel=rel, abs=1e-7), (rank, key)
+            assert got["update_error"] == pytest.approx(want.update_error, rel=rel, abs=1e-7), (rank, key)
+    assert {(s.step, s.name, s.state, s.format) for s in read_precision(tmp_path / "precision.csv")} == set(single)

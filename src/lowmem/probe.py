@@ -177,7 +177,8 @@ def _check_materialised(task: Task, model: nn.Module) -> None:
 def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.device | str = "cpu",
               out: str | os.PathLike | None = None, seed: int = 0, shadow: bool = False,
               on_step: Callable[[int, float], None] | None = None,
-              on_start: Callable[[nn.Module, ModelLayers], None] | None = None) -> ProbeResult:
+              on_start: Callable[[nn.Module, ModelLayers], None] | None = None,
+              precision_out: str | os.PathLike | None = None) -> ProbeResult:
     """Train `task` for `steps` steps with capture attached; stop cleanly on Ctrl-C.
 
     Args:
@@ -192,6 +193,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
         on_step: called with (steps done, loss) after every step.
         on_start: called with (model, layers) once they are built, before the first step (the CLI
             writes ``layers.json`` there, so even a killed run can be reported).
+        precision_out: precision CSV, streamed: at each measurement the error each storage format
+            of `m` and `v` causes (`lowmem.snr.precision`; none in shadow mode).
 
     Returns:
         A `ProbeResult`; ``interrupted`` is True when Ctrl-C stopped it, ``nonfinite`` holds the
@@ -205,7 +208,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     layers = resolve_layers(model)
     if on_start is not None:
         on_start(model, layers)
-    cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers)
+    cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers,
+                     precision_out=precision_out)
     result = ProbeResult(model, optimizer, cap, layers)
     cap.attach()
     try:

@@ -22,6 +22,7 @@ import pytest
 import lowmem
 from lowmem import Plan
 from lowmem.compress import build_plan
+from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.trajectory import SnrTrajectory
 
 LOWMEM_DIR = os.path.dirname(os.path.abspath(lowmem.__file__))
@@ -92,11 +93,13 @@ def load_module(path: Path):
 
 
 def assert_plan_is_from(out: Path, model_file: Path) -> Plan:
-    """plan.json in `out` is the plan built (with the CLI's defaults) from snr.csv in `out`."""
+    """plan.json in `out` is the plan built (with the CLI's defaults) from snr.csv and
+    precision.csv in `out`."""
     import torch
     torch.manual_seed(0)
     model = load_module(model_file).build_model()
-    rebuilt = build_plan(model, SnrTrajectory.read(out / "snr.csv")).to_json()
+    rebuilt = build_plan(model, SnrTrajectory.read(out / "snr.csv"),
+                         precision=PrecisionTrajectory.read(out / "precision.csv")).to_json()
     on_disk = json.loads((out / "plan.json").read_text())
     assert on_disk["layers"] == rebuilt["layers"]
     assert on_disk["summary"] == rebuilt["summary"]
@@ -260,7 +263,7 @@ def test_ctrl_c_keeps_the_trajectory_and_plans_from_what_was_captured(tmp_path):
     assert "interrupted at step" in stderr and "from what was captured" in stderr
     assert f"kept {len(steps)} measurement(s)" in stderr
     assert "Traceback" not in stderr
-    assert "Compression plan" in stdout and "error" not in stdout
+    assert "Compression plan" in stdout and "error:" not in stdout   # the state table speaks of update errors
 
 
 def test_require_saved_bar_not_met_exits_1_after_writing_everything(tmp_path):
@@ -276,7 +279,8 @@ def test_require_saved_bar_not_met_exits_1_after_writing_everything(tmp_path):
     (["--every", "0"], "argument --every: expected a positive integer, got '0'"),
     (["--window", "5:2"], "argument --window: window start 5 is after its end 2"),
     (["--threshold", "-1"], "argument --threshold: expected a finite number >= 0, got '-1'"),
-], ids=["every-0", "window-reversed", "threshold-negative"])
+    (["--precision-threshold", "nan"], "argument --precision-threshold: expected a finite number >= 0, got 'nan'"),
+], ids=["every-0", "window-reversed", "threshold-negative", "precision-threshold-nan"])
 def test_bad_flag_values_are_usage_errors(tmp_path, flags, expected):
     write(tmp_path, MODEL)
     r = lowmem_analyze(tmp_path, "model.py", *flags, "--out", "o")
@@ -296,3 +300,32 @@ def test_builtin_example_happy_path(tmp_path):
     assert csv_steps(tmp_path / "o" / "snr.csv") == [10, 20]
     assert not (tmp_path / "o" / "snr.csv.part").exists()
     assert "Summary" in r.stdout
+    _assert_state_formats_follow_precision_csv(tmp_path / "o")
+    assert "Optimizer state formats" in r.stdout and "bytes per parameter" in r.stdout
+
+
+def _assert_state_formats_follow_precision_csv(out: Path, threshold: float = 0.05) -> None:
+    """Every layer's state in plan.json is the smallest format (int4 < int8 < bf16 for the
+    example's shapes, whose rows hold 128 entries or more) whose update error in precision.csv
+    stays below the threshold at every measurement; v formats only where v is kept whole. And
+    precision.csv is the run's own: in the folder's manifest, moved into place."""
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["source"]["precision_threshold"] == threshold
+    worst: dict[tuple[str, str, str], float] = {}
+    with open(out / "precision.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            key = (r["name"], r["state"], r["format"])
+            worst[key] = max(worst.get(key, 0.0), float(r["update_error"]))
+    smallest_first = {"m": ["int4", "int8", "bf16"], "v": ["int8", "bf16"]}
+    for name, lp in plan["layers"].items():
+        whole = lp["reduce"] is None and all(p["reduce"] is None for p in lp.get("parts") or [])
+        expected = {}
+        for which, formats in smallest_first.items():
+            passing = [f for f in formats if (name, which, f) in worst and worst[(name, which, f)] < threshold]
+            expected[which] = "fp32" if (which == "v" and not whole) or not passing else passing[0]
+        assert lp["state"] == expected, name
+        assert "state m " in lp["why"], name
+    states = [lp["state"]["m"] for lp in plan["layers"].values()]
+    assert "int8" in states and "bf16" in states      # the matrices take 8-bit m, the norms bf16
+    assert "precision.csv" in json.loads((out / ".lowmem.json").read_text())["entries"]
+    assert not (out / "precision.csv.part").exists()

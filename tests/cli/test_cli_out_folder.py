@@ -106,18 +106,21 @@ def test_no_html_run_beside_the_users_report_leaves_it_alone(tmp_path):
     assert (tmp_path / "proj" / "report.html").read_bytes() == b"mine\n"
     assert (tmp_path / "proj" / "notes.txt").read_bytes() == b"notes\n"
     assert sorted(p.name for p in (tmp_path / "proj" / PREVIOUS).iterdir()) == \
-        [MANIFEST, "layers.json", "memory.json", "plan.json", "snr.csv"]
+        [MANIFEST, "layers.json", "memory.json", "plan.json", "precision.csv", "snr.csv"]
 
 
 def test_rerun_keeps_the_earlier_run_in_previous(tmp_path):
     write_models(tmp_path)
     assert analyze(tmp_path, "good.py", "out", "--no-html").returncode == 0
     first = snapshot(tmp_path / "out")
-    r = analyze(tmp_path, "good.py", "out", "--no-html", "--threshold", "0.5", steps=8)
+    r = analyze(tmp_path, "good.py", "out", "--no-html", "--threshold", "0.5", "--precision-threshold", "0", steps=8)
     assert r.returncode == 0, r.stderr
     kept = snapshot(tmp_path / "out" / PREVIOUS)
     assert {k: v for k, v in kept.items() if k != MANIFEST} == {k: v for k, v in first.items() if k != MANIFEST}
-    assert json.loads((tmp_path / "out" / "plan.json").read_text())["source"]["threshold"] == 0.5
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["source"]["threshold"] == 0.5 and plan["source"]["precision_threshold"] == 0
+    assert not any("state" in lp for lp in plan["layers"].values())          # formats off: fp32 state
+    assert all("state" in lp for lp in json.loads(first["plan.json"])["layers"].values())
     # a third run replaces the run kept in previous/ by the second: two generations, no more
     second = {k: v for k, v in snapshot(tmp_path / "out").items() if "/" not in k and k != MANIFEST}
     assert analyze(tmp_path, "good.py", "out", "--no-html").returncode == 0

@@ -173,7 +173,7 @@ def page(run_dir) -> _Page:
 
 
 def test_analysis_writes_every_file_a_report_needs(run_dir):
-    for name in ("plan.json", "snr.csv", "layers.json", "memory.json", "report.html"):
+    for name in ("plan.json", "snr.csv", "precision.csv", "layers.json", "memory.json", "report.html"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob(".*.tmp"))        # atomic writes leave no temporary behind
 
@@ -198,7 +198,7 @@ def test_every_anchor_resolves(page):
 
 
 def test_each_expected_section_is_present(page):
-    for section in ("summary", "plan", "snr-heatmap", "snr-depth", "trajectories", "hessian", "compare"):
+    for section in ("summary", "plan", "state", "snr-heatmap", "snr-depth", "trajectories", "hessian", "compare"):
         assert section in page.ids, section
 
 
@@ -345,6 +345,36 @@ def test_memory_table_matches_hand_arithmetic(run_dir):
     assert rows["plan"][4] == f"{1 - v_plan / n:.1%}"
 
 
+def test_state_table_is_plan_json_and_the_worst_errors_of_precision_csv(run_dir, page):
+    """Each layer's formats are plan.json's, its bytes per parameter follow from them by hand (the
+    tiny model's tensors are all too small to quantize: fp32 4 B, bf16 2 B; an averaged v keeps its
+    kept entries in fp32), each error is the largest of its rows in precision.csv over the plan's
+    window, and the whole model's bytes per parameter is their weighted sum."""
+    plan = json.loads((run_dir / "plan.json").read_text())
+    start, end = plan["source"]["window"]
+    worst: dict[tuple[str, str, str], float] = {}
+    for r in csv.DictReader(open(run_dir / "precision.csv")):
+        if start <= int(r["step"]) <= end:
+            key = (r["name"], r["state"], r["format"])
+            worst[key] = max(worst.get(key, 0.0), float(r["update_error"]))
+    size = {"fp32": 4, "bf16": 2}
+    rows = {r[0]: r for r in _table_rows((run_dir / "report.html").read_text(), "state-table")}
+    assert set(rows) == set(plan["layers"])
+    total = n_all = 0
+    for name, lp in plan["layers"].items():
+        n = int(np.prod(lp["shape"]))
+        kept = int(np.prod([d for i, d in enumerate(lp["view"]) if lp["reduce"] is None or i not in lp["reduce"]]))
+        m_bytes = n * size[lp["state"]["m"]]
+        v_bytes = n * size[lp["state"]["v"]] if kept == n else 4 * kept
+        total, n_all = total + m_bytes + v_bytes, n_all + n
+        row = rows[name]
+        assert row[1:5] == ["×".join(map(str, lp["shape"])), lp["state"]["m"], lp["state"]["v"],
+                            f"{(m_bytes + v_bytes) / n:.2f}"], name
+        assert row[5] == f"{worst[(name, 'm', 'bf16')]:.2%}" and row[8] == f"{worst[(name, 'v', 'bf16')]:.2%}", name
+        assert row[6] == row[7] == row[9] == "—", name                      # int formats: not measured here
+    assert "".join(page.text).count(f"{total / n_all:.2f} bytes per parameter") == 1
+
+
 def test_compare_section_shows_best_lr_gap_and_divergence(run_dir):
     run = read_run(run_dir)
     # Held-out loss decides: AdamW best at 3e-3 (0.75), SlimAdam at 3e-3 (0.78); 1e-2 diverged.
@@ -416,13 +446,15 @@ def test_report_command_rebuilds_views_and_html_from_the_folder(run_dir, tmp_pat
 
 
 def test_killed_run_is_reported_with_a_plan_rebuilt_from_its_trajectory(run_dir, tmp_path):
-    """A run killed before its plan leaves layers.json and snr.csv.part; the report rebuilds the
-    same per-layer decisions the finished run wrote."""
+    """A run killed before its plan leaves layers.json, snr.csv.part and precision.csv.part; the
+    report rebuilds the same per-layer decisions (v and state formats) the finished run wrote."""
     killed = tmp_path / "killed"
     killed.mkdir()
     shutil.copy(run_dir / "layers.json", killed)
     text = (run_dir / "snr.csv").read_text()
     (killed / "snr.csv.part").write_text(text + "40,h.0.attn.q.weight,8x8,raw:8")    # a torn last line
+    text = (run_dir / "precision.csv").read_text()
+    (killed / "precision.csv.part").write_text(text + "40,h.0.attn.q.weight,8x8,m,bf")
     code, out, err = cli("report", killed)
     assert code == 0, err
     assert "did not finish" in err and "rebuilt" in err
@@ -506,7 +538,7 @@ def test_a_new_run_replaces_an_earlier_runs_files(run_dir, tmp_path):
     shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("hessian", "compare"))
     code, _, err = cli(run_dir.parent / "model.py", "--preset", "eve", "--out", folder, "-q")
     assert code == 0, err
-    assert not (folder / "snr.csv").exists()
+    assert not (folder / "snr.csv").exists() and not (folder / "precision.csv").exists()
     page = _Page((folder / "report.html").read_text())
     assert json.loads(page.scripts["lowmem-plan"])["source"]["preset"] == "eve"
     assert "lowmem-snr" not in page.scripts and "snr-heatmap" not in page.ids

@@ -192,3 +192,40 @@ def test_a_500_character_name_is_elided_and_leaves_the_other_columns_whole():
     name = "".join(cells)
     assert name.startswith("blocks.0.hhh") and name.endswith("ttt.weight") and name.count("…") == 1
     assert all(c.startswith(".") for c in cells[1:])
+
+
+def _state_plan():
+    from lowmem.compress.formats import StateFormat
+
+    layers = {"mlp.c_proj.weight": LayerPlan([64, 128], "mlp_down", [64, 128], None, "full Adam",
+                                             state=StateFormat("int8", "bf16")),
+              "ln.weight": LayerPlan([64], "norm", [64], None, "norms keep full Adam", state=StateFormat("bf16", "fp32"))}
+    return Plan(model={"class": "M", "parameters": 8256, "fingerprint": "sha256:x"}, layers=layers,
+                source={"precision_threshold": 0.05})
+
+
+def test_state_table_formats_bytes_and_errors_by_hand():
+    from lowmem.reports.terminal import StateTable
+    from lowmem.snr.precision import WorstError
+
+    def w(x):
+        return WorstError(x, x / 2, 2)
+
+    precision = {"mlp.c_proj.weight": {("m", "bf16"): w(0.002), ("m", "int8"): w(0.0123), ("m", "int4"): w(0.21),
+                                       ("v", "bf16"): w(0.0009), ("v", "int8"): w(0.07)},
+                 "ln.weight": {("m", "bf16"): w(0.0018), ("v", "bf16"): w(0.2)}}
+    text = _render(StateTable(_state_plan(), precision))
+    assert "< 5% passes" in text
+    rows = {line.split()[0]: line.replace("│", " ").split() for line in text.splitlines()
+            if line.startswith(("mlp.", "ln."))}
+    # m int8: 64 rows of 128 codes + one fp32 scale; v bf16: 2 bytes each → (8448 + 16384) / 8192
+    assert rows["mlp.c_proj.weight"][1:] == ["64×128", "int8", "bf16", "3.03", "0.20%", "1.23%", "21.0%",
+                                             "0.09%", "7.00%"]
+    # m bf16 (2 B) + v fp32 (4 B); too small to quantize: no int columns
+    assert rows["ln.weight"][1:] == ["64", "bf16", "fp32", "6.00", "0.18%", "—", "—", "20.0%", "—"]
+    # (24832 + 384) / 8256 = 3.054…
+    assert "3.05 bytes per parameter with the plan's formats, AdamW 8.00" in " ".join(text.split())
+    assert all(len(line) <= 100 for line in text.splitlines())
+    summary = _render(PlanSummary(_state_plan()))
+    assert "state bytes per parameter, plan's formats (AdamW)" in summary and "3.05 (8.00)" in summary
+    assert "state bytes per parameter" not in _render(PlanSummary(_plan()))   # a plan without formats

@@ -29,12 +29,14 @@ from lowmem.compare import SweepSettings, has_runs, plan_digest, run_sweep
 from lowmem.compress.memory import estimate_state_memory, format_bytes
 from lowmem.compress.optim.registry import PLAN_PRESETS
 from lowmem.compress.plan import model_record, write_atomic
+from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, PRECISION_THRESHOLD, plan_bytes_per_parameter
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
 from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
-from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, compare_rows
+from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, StateTable, compare_rows
 from lowmem.snr.capture import NoAdamStateError
+from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.summary import median_by_role
 from lowmem.snr.trajectory import SnrTrajectory
 
@@ -85,6 +87,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_window, help="steps START:END (inclusive) averaged for the plan; default all measured steps")
     p.add_argument("--prefer", choices=("snr", "compression"), default="snr",
                    help="among passing subsets take the highest SNR (default) or the most compression")
+    p.add_argument("--precision-threshold", type=nonneg_float, default=PRECISION_THRESHOLD, metavar="X",
+                   help="store each layer's m (and its v when kept whole) in the smallest format (int4, int8, bf16) "
+                        "whose measured update-direction error stays below X at every measurement "
+                        f"(default {PRECISION_THRESHOLD:g}: 8-bit passes, 4-bit rarely); 0 keeps all state in fp32")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
     p.add_argument("--preset", choices=PLAN_PRESETS, help="write a preset plan for the model without training")
@@ -154,7 +160,8 @@ def _run(args, err: Console) -> int:
     # user's own files, costs nothing.
     names = VALIDATE_FILES if args.plan else RUN_FILES
     writes = [n for n in names if not (n == "report.html" and args.no_html)
-              and not (n == "validate" and not args.validate) and not (n.startswith("snr.") and args.preset)]
+              and not (n == "validate" and not args.validate)
+              and not (n.startswith(("snr.", "precision.")) and args.preset)]
     with RunFolder(out, f"{PROG} {args.target or '--example ' + args.example}") as folder:
         folder.check(writes, " (a run of lowmem-analyze writes " + ", ".join(writes) + ")")
         if folder.stale_holder:
@@ -227,13 +234,17 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
         _write_layers(out, model, layers)
 
     csv_path = out / "snr.csv"
+    precision_path = out / "precision.csv"
     progress = training_progress(err, disable=quiet)
     bar = progress.add_task("probe", total=steps, loss="—")
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"),
-                           on_start=start)
+                           on_start=start, precision_out=precision_path)
     traj = SnrTrajectory(result.capture.samples)
+    precision = PrecisionTrajectory(result.capture.precision_samples) if result.capture.precision else None
+    if precision is None and args.precision_threshold > 0:
+        note("shadow v: the optimizer's m is not read, so no state format is measured; the plan keeps fp32 state")
     failure = result.nonfinite
     status = "interrupted" if result.interrupted else "nonfinite_loss" if failure else "complete"
     if not traj.samples:
@@ -248,7 +259,8 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
                         f"{task.source} updated no parameter of the model with Adam state")
     try:
         plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
-                          layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status))
+                          layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status),
+                          precision=precision, precision_threshold=args.precision_threshold)
     except PlanError as e:   # e.g. a --window past the steps an interrupted probe reached
         if not (result.interrupted or failure):
             raise
@@ -272,13 +284,14 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
              f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
                                                     "final_loss": result.losses[-1] if result.losses else None}, out,
-                 validation)
+                 validation, precision)
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
 # Every entry an analysis run may leave in --out (a preset run: all but the trajectory). A new run
 # sets the earlier run's aside (lowmem.runfolder), so none of them is ever shown with another run.
-RUN_FILES = ("layers.json", "plan.json", "snr.csv", "snr.csv.part", "memory.json", "report.html", "validate")
+RUN_FILES = ("layers.json", "plan.json", "snr.csv", "snr.csv.part", "precision.csv", "precision.csv.part",
+             "memory.json", "report.html", "validate")
 VALIDATE_FILES = ("validate",)   # --plan FILE --validate N adds a validation to a folder
 
 
@@ -373,15 +386,19 @@ def _source(task, lr, steps, every, steps_done, status) -> dict:
             "task": task.source}
 
 
-def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None) -> int:
+def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None,
+          precision: PrecisionTrajectory | None = None) -> int:
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
     if args.format == "json":
         doc = {"plan": plan.to_json(),
-               "memory": {"adamw_bytes": mem.adamw_bytes, "plan_bytes": mem.plan_bytes, "saved": round(mem.saved, 6)},
+               "memory": {"adamw_bytes": mem.adamw_bytes, "plan_bytes": mem.plan_bytes, "saved": round(mem.saved, 6),
+                          "bytes_per_parameter": round(plan_bytes_per_parameter(plan), 6),
+                          "adamw_bytes_per_parameter": ADAMW_BYTES_PER_PARAMETER},
                "run": run,
-               "files": {"plan": str(out / "plan.json")} | ({"snr": str(out / "snr.csv")} if traj else {})}
+               "files": {"plan": str(out / "plan.json")} | ({"snr": str(out / "snr.csv")} if traj else {})
+               | ({"precision": str(out / "precision.csv")} if precision is not None else {})}
         if traj is not None:
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
         if validation:
@@ -392,6 +409,10 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
         console.print(PlanTable(plan, layers))
         console.print()
+        if precision is not None or any(lp.state is not None for lp in plan.layers.values()):
+            window = tuple(plan.source["window"]) if plan.source.get("window") else None
+            console.print(StateTable(plan, precision.by_layer(window) if precision is not None else None))
+            console.print()
         if traj is not None:
             console.print(RoleSnrTable(median_by_role(traj, layers, args.window), args.threshold))
             console.print()

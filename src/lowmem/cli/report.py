@@ -22,7 +22,7 @@ from lowmem.cli.common import PROG, ArgumentParser, run_guarded, write_report_ht
 from lowmem.cli.contract import UsageError
 from lowmem.reports.run import RunFolderError, loss_column, read_run
 from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
-                                    PlanTable, RoleSnrTable, compare_rows)
+                                    PlanTable, RoleSnrTable, StateTable, compare_rows)
 from lowmem.runfolder import PREVIOUS, REPLACED, FolderBusy
 from lowmem.snr.summary import median_by_role
 
@@ -33,8 +33,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=NAME,
         description="Rebuild the terminal views and the self-contained report.html of a lowmem-analyze run "
-                    "from the files in its output folder (plan.json, snr.csv, layers.json, memory.json, "
-                    "hessian.json, compare.csv).",
+                    "from the files in its output folder (plan.json, snr.csv, precision.csv, layers.json, "
+                    "memory.json, hessian.json, compare.csv).",
         epilog="Exit codes: 0 done; 2 usage error (missing folder, nothing to report, unreadable file); "
                "4 internal error.",
     )
@@ -74,6 +74,7 @@ def _run(args, err: Console) -> int:
                "plan": run.plan.to_json() if run.plan else None,
                "memory": [r.to_json() for r in run.memory_rows()],
                "measurements": len(run.trajectory.steps) if run.trajectory else 0,
+               "precision_measurements": len(run.precision.steps) if run.precision else 0,
                "hessian_blocks": len(run.hessian_blocks), "compare_runs": len(run.compare),
                "notes": run.notes, "report": str(html) if html else None}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
@@ -82,6 +83,9 @@ def _run(args, err: Console) -> int:
     if run.plan is not None:
         console.print(PlanTable(run.plan, run.layers))
         console.print()
+        if run.precision is not None or any(lp.state is not None for lp in run.plan.layers.values()):
+            console.print(StateTable(run.plan, run.precision_by_layer()))
+            console.print()
     if run.trajectory is not None and run.layers is not None:
         threshold = (run.plan.source if run.plan else {}).get("threshold", 1.0)
         window = (run.plan.source if run.plan else {}).get("window")

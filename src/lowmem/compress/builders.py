@@ -6,6 +6,10 @@ SNR is strictly above the threshold, the highest-SNR passing subset wins, norms 
 compressed. Options: prefer the most compression among passing subsets; average the SNR over
 depth for layers of one role and shape so they share one decision.
 
+With precision measurements (`lowmem.snr.precision`), each layer's `state` entry says how its
+`m` and kept `v` are stored: the smallest format whose update-direction error stays below
+``precision_threshold`` at every measurement of the same window (`lowmem.compress.precision`).
+
 Head-split views (``heads``, ``q.heads``, …) are measured over every axis subset, but only
 subsets that keep the ``head`` axis are plan candidates: those that average over it either
 repeat a raw-view subset (``head+out`` is fan_out) or pool entries of different heads that sit
@@ -22,8 +26,10 @@ from collections import defaultdict
 from torch import nn
 
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError, kept_entries, model_record
+from lowmem.compress.precision import PRECISION_THRESHOLD, choose_state
 from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
 from lowmem.snr.keys import SnrKey, ViewLabel, format_subset
+from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.trajectory import SnrTrajectory
 from lowmem.snr.views import View, describe_subset, param_views, part_of, split_heads
 
@@ -51,6 +57,8 @@ def build_plan(
     allow_token: bool = False,
     layers: ModelLayers | None = None,
     source: dict | None = None,
+    precision: PrecisionTrajectory | None = None,
+    precision_threshold: float = PRECISION_THRESHOLD,
 ) -> Plan:
     """Build a plan from the time-mean SNR of each parameter's views and axis subsets.
 
@@ -67,6 +75,11 @@ def build_plan(
         allow_token: allow averaging over an embedding's ``token`` axis (off by default).
         layers: pre-resolved layers (default: resolved from `model`).
         source: extra provenance merged into the plan's ``source``.
+        precision: the errors each state format caused (`lowmem.snr.precision`); None (a run
+            folder from before they were measured, or shadow mode): no ``state`` entries, fp32.
+        precision_threshold: a state format passes when its update-direction error is strictly
+            below this at every measurement in `window` (`lowmem.compress.precision`); 0 keeps
+            every state in fp32 and writes no ``state`` entries.
 
     Returns:
         A `Plan`; layers without samples keep full Adam and say so (with a warning naming them).
@@ -80,6 +93,9 @@ def build_plan(
         raise ValueError(f"prefer must be 'snr' or 'compression', got {prefer!r}")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    if not (isinstance(precision_threshold, (int, float)) and math.isfinite(precision_threshold)
+            and precision_threshold >= 0):
+        raise ValueError(f"precision_threshold must be a finite number >= 0, got {precision_threshold!r}")
     if isinstance(model, dict) and layers is None:
         raise ValueError("build_plan from a model record needs the resolved layers")
     layers = layers if layers is not None else resolve_layers(model, warn=False)
@@ -113,9 +129,22 @@ def build_plan(
            window[1] if window and window[1] is not None else (steps[-1] if steps else None)]
     src = {"method": "snr", "threshold": threshold, "window": win, "prefer": prefer,
            "depth_average": depth_average, "measurements": len(steps)}
+    if precision is not None:
+        src["precision_threshold"] = precision_threshold
+        if precision_threshold > 0:
+            _choose_states(plan_layers, precision, window, precision_threshold)
     src.update(source or {})
     record = dict(model) if isinstance(model, dict) else model_record(model)
     return Plan(model=record, layers=plan_layers, source=src)
+
+
+def _choose_states(plan_layers: dict[str, LayerPlan], precision: PrecisionTrajectory, window,
+                   threshold: float) -> None:
+    """Each layer's `state` (`lowmem.compress.precision.choose_state`), said in its `why`."""
+    worst = precision.by_layer(window)
+    for name, lp in plan_layers.items():
+        lp.state, why = choose_state(lp, worst.get(name, {}), threshold)
+        lp.why = f"{lp.why}; {why}" if lp.why else why
 
 
 def _check_samples(trajectory: SnrTrajectory, window, layers: ModelLayers) -> None:

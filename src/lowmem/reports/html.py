@@ -3,7 +3,7 @@
 One file: jinja2 with autoescape, CSS and a little JavaScript inline, figures as base64 PNG, no
 external link of any kind, and the plan embedded as ``<script type="application/json"
 id="lowmem-plan">`` so a machine can read it back. Sections: summary (memory per optimizer),
-plan table, SNR heatmap, SNR against depth, SNR trajectories (a few layers as figures, every
+plan table, the storage format of each layer's optimizer state, SNR heatmap, SNR against depth, SNR trajectories (a few layers as figures, every
 layer in an inline viewer), and, when the folder has them, Hessian blocks and the comparison of
 optimizers across learning rates.
 """
@@ -24,7 +24,9 @@ from lowmem.compress.memory import format_bytes
 from lowmem.compress.plan import write_atomic
 from lowmem.reports import figures
 from lowmem.reports.run import Run, layer_snr, loss_column
-from lowmem.reports.terminal import best_measured, decision_words, shape_text
+from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, plan_bytes_per_parameter
+from lowmem.reports.terminal import (STATE_COLUMNS, best_measured, decision_words, error_text, shape_text,
+                                     state_rows)
 from lowmem.snr.keys import format_subset
 
 ROLE_ORDER = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
@@ -43,6 +45,7 @@ def _env() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["bytes"] = format_bytes
+    env.filters["error"] = error_text
     env.filters["dotbreak"] = _dotbreak
     env.filters["script_json"] = lambda v: Markup(script_json(v))
     return env
@@ -80,6 +83,21 @@ def _plan_groups(run: Run) -> list[dict]:
     return [{"role": role, "rows": rows, "kept": sum(r["v_kept"] for r in rows), "numel": sum(r["numel"] for r in rows),
              "compressed": sum(r["compressed"] for r in rows)}
             for role, rows in sorted(groups.items(), key=lambda kv: rank.get(kv[0], len(rank)))]
+
+
+def _state_section(run: Run) -> dict | None:
+    """Per layer the formats of `m` and `v`, bytes per parameter and the worst update error of
+    each format; None without a plan, or when it says nothing of formats and nothing was measured."""
+    if run.plan is None or (run.precision is None and all(lp.state is None for lp in run.plan.layers.values())):
+        return None
+    rows = state_rows(run.plan, run.precision_by_layer())
+    for r in rows:
+        r["errors"] = [None if w is None else w.update_error for w in r["errors"]]
+    threshold = run.plan.source.get("precision_threshold")
+    return {"rows": rows, "columns": [f"{w} {f}" for w, f in STATE_COLUMNS],
+            "bytes_per_param": plan_bytes_per_parameter(run.plan), "adamw_bytes_per_param": ADAMW_BYTES_PER_PARAMETER,
+            "threshold": threshold if isinstance(threshold, (int, float)) else None,
+            "measured": run.precision is not None}
 
 
 def _viewer_data(layers, threshold: float) -> dict:
@@ -181,7 +199,7 @@ def render_report(run: Run) -> str:
         "title": f"lowmem report: {run.model_name}",
         "run": run, "status": run.status, "model": run.model_name, "parameters": run.parameters,
         "source": run.plan.source if run.plan else {}, "summary": summary, "memory_rows": memory_rows,
-        "plan_groups": _plan_groups(run), "threshold": threshold, "fig": sections,
+        "plan_groups": _plan_groups(run), "state": _state_section(run), "threshold": threshold, "fig": sections,
         "steps": run.trajectory.steps if run.trajectory else [],
         "viewer": _viewer_data(snr_layers, threshold) if snr_layers else None,
         "hessian": _hessian_section(run), "compare": _compare_section(run),

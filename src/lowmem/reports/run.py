@@ -9,6 +9,9 @@ Files (all optional, but at least one of ``plan.json``, ``snr.csv``/``snr.csv.pa
 ``layers.json``             `ModelLayers.to_json` plus ``"model"``: the plan's model record. Written
                             before the first training step, so a killed run still has it.
 ``snr.csv``                 the SNR trajectory; ``snr.csv.part`` when the run was killed
+``precision.csv``           the error each state format caused (`lowmem.snr.precision`);
+                            ``precision.csv.part`` when the run was killed; absent in folders
+                            from before it was measured (their plans keep fp32 state)
 ``memory.json``             `MemoryEstimate.to_json`: AdamW, each preset, AdaMeM, the plan
 ``hessian.json``            ``lowmem-analyze hessian``'s document, here or in ``hessian/``
 ``compare.csv``             one row per (optimizer, learning rate) training run, here or in
@@ -17,7 +20,8 @@ Files (all optional, but at least one of ``plan.json``, ``snr.csv``/``snr.csv.pa
 ==========================  =====================================================================
 
 Without ``plan.json`` but with ``layers.json`` and a trajectory (a run killed before it wrote
-its plan), the plan is rebuilt from the trajectory with the default threshold and said so.
+its plan), the plan is rebuilt from the trajectory (and the precision measurements) with the
+default thresholds and said so.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from pathlib import Path
 from lowmem.compress.builders import build_plan, is_candidate
 from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_memory
 from lowmem.compress.plan import Plan, PlanError
+from lowmem.compress.precision import PRECISION_THRESHOLD
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name
 from lowmem.snr.keys import ViewLabel
+from lowmem.snr.precision import PrecisionTrajectory, WorstError, read_precision
 from lowmem.snr.trajectory import SeriesKey, SnrTrajectory, TrajectoryError, read_trajectory
 from lowmem.snr.views import param_views, subset_words
 
@@ -73,6 +79,8 @@ class Run:
     model: dict | None = None
     trajectory: SnrTrajectory | None = None
     trajectory_path: Path | None = None
+    precision: PrecisionTrajectory | None = None
+    precision_path: Path | None = None
     memory: MemoryEstimate | None = None
     hessian: dict | None = None
     hessian_blocks: list[HessianBlock] = field(default_factory=list)
@@ -89,6 +97,14 @@ class Run:
         if source.get("method") == "preset":
             return "preset"
         return source.get("status", "complete")
+
+    def precision_by_layer(self) -> dict[str, dict[tuple[str, str], WorstError]] | None:
+        """The worst error of each state format per layer over the plan's window (None without
+        precision measurements)."""
+        if self.precision is None:
+            return None
+        w = (self.plan.source if self.plan else {}).get("window")
+        return self.precision.by_layer(tuple(w) if isinstance(w, list) and len(w) == 2 else None)
 
     @property
     def model_name(self) -> str:
@@ -136,11 +152,8 @@ def read_run(folder: str | os.PathLike) -> Run:
             raise RunFolderError(f"{plan_path}: {e.strerror or e}") from None
         if run.layers is not None:
             _check_same_model(run, plan_path)
-    # A run streams into snr.csv.part and renames it at its end; when both exist (a run killed
-    # in a folder an earlier run finished in), the newer one is this folder's last run.
-    paths = [p for p in (folder / "snr.csv", folder / "snr.csv.part") if p.is_file()]
-    if paths:
-        path = max(paths, key=lambda p: p.stat().st_mtime)
+    path = _streamed(folder, "snr.csv")
+    if path is not None:
         try:
             run.trajectory = SnrTrajectory(read_trajectory(path))
         except (TrajectoryError, OSError, UnicodeDecodeError) as e:
@@ -149,6 +162,13 @@ def read_run(folder: str | os.PathLike) -> Run:
         if path.suffix == ".part":
             run.notes.append(f"{path.name}: the run did not finish; its {len(run.trajectory.steps)} "
                              "measurement(s) are shown")
+    path = _streamed(folder, "precision.csv")
+    if path is not None:
+        try:
+            run.precision = PrecisionTrajectory(read_precision(path))
+        except (TrajectoryError, OSError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{path}: {e}") from None
+        run.precision_path = path
     _read_compare(run)
     if run.plan is None and run.trajectory is None and not run.compare:
         raise RunFolderError(f"{folder} holds no plan.json, snr.csv or compare.csv: nothing to report "
@@ -156,11 +176,13 @@ def read_run(folder: str | os.PathLike) -> Run:
     if run.plan is None and run.layers is not None and run.model is not None and run.trajectory and run.trajectory.samples:
         try:
             run.plan = build_plan(run.model, run.trajectory, layers=run.layers,
-                                  source={"status": "interrupted", "rebuilt_by": "report"})
+                                  source={"status": "interrupted", "rebuilt_by": "report"}, precision=run.precision)
         except PlanError as e:   # e.g. a trajectory of another model than layers.json's
             raise RunFolderError(f"{run.trajectory_path}: no plan can be rebuilt from it with "
                                  f"{folder / 'layers.json'}: {e}") from None
-        run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps)")
+        run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps"
+                         + (f"; state formats below {PRECISION_THRESHOLD:.0%} update error)" if run.precision else
+                            "; no precision measurement: fp32 state)"))
     elif run.plan is None and run.trajectory is not None:
         run.notes.append("no plan.json and no layers.json: SNR shown, no plan")
     if run.layers is None and (run.plan is not None or run.trajectory is not None):
@@ -173,6 +195,14 @@ def read_run(folder: str | os.PathLike) -> Run:
             raise RunFolderError(f"{memory_path}: {e}") from None
     _read_hessian(run)
     return run
+
+
+def _streamed(folder: Path, name: str) -> Path | None:
+    """`name` or ``name.part``: a run streams into the .part file and renames it at its end; when
+    both exist (a run killed in a folder an earlier run finished in), the newer one is this
+    folder's last run."""
+    paths = [p for p in (folder / name, folder / f"{name}.part") if p.is_file()]
+    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
 
 
 def _json(path: Path) -> dict:

@@ -1,5 +1,5 @@
-"""Rich renderables for the terminal: the plan per layer, its summary, SNR medians per role,
-optimizer-state memory per optimizer, and exact Hessian blocks.
+"""Rich renderables for the terminal: the plan per layer, its summary, the storage format of each
+layer's state, SNR medians per role, optimizer-state memory per optimizer, and exact Hessian blocks.
 
 Each is an object with ``__rich_console__``, so the CLI only prints it and tests render it into
 ``Console(file=io.StringIO(), width=100, color_system=None)``.
@@ -18,8 +18,10 @@ from lowmem.compress.builders import is_candidate
 from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT, MIN_QUANTIZED_NUMEL
 from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
+from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, layer_state_bytes, plan_bytes_per_parameter
 from lowmem.layers import ModelLayers
 from lowmem.reports.run import loss_column
+from lowmem.snr.precision import M_CANDIDATES, V_CANDIDATES, WorstError
 from lowmem.snr.summary import RoleSnr
 from lowmem.snr.views import param_views, subset_words
 
@@ -146,9 +148,65 @@ class PlanSummary:
         table.add_row("optimizer state, AdamW (m + v, fp32)", format_bytes(mem.adamw_bytes))
         table.add_row("optimizer state, plan (m + reduced v)", format_bytes(mem.plan_bytes))
         table.add_row("optimizer state saved", f"{format_bytes(mem.adamw_bytes - mem.plan_bytes)} ({mem.saved:.2%})")
+        if any(lp.state is not None for lp in p.layers.values()):
+            table.add_row("state bytes per parameter, plan's formats (AdamW)",
+                          f"{plan_bytes_per_parameter(p):.2f} ({ADAMW_BYTES_PER_PARAMETER:.2f})")
         compressed = sum(1 for lp in p.layers.values() if lp.compressed)
         table.add_row("layers compressed", f"{compressed:,} of {len(p.layers):,}")
         yield table
+
+
+# (state, format) columns of the state table, in the order the formats get smaller.
+STATE_COLUMNS = [("m", f) for f in M_CANDIDATES] + [("v", f) for f in V_CANDIDATES]
+
+
+def error_text(x: float | None) -> str:
+    """A relative error as a percentage (— when not measured)."""
+    if x is None:
+        return "—"
+    return "inf" if not math.isfinite(x) else f"{x:.2%}" if x < 0.1 else f"{x:.1%}"
+
+
+def state_rows(plan: Plan, precision: dict[str, dict[tuple[str, str], WorstError]] | None) -> list[dict]:
+    """Per layer: the chosen formats, bytes of state per parameter entry, and the worst update
+    error of each measured format (`STATE_COLUMNS`); what the terminal and the HTML report show."""
+    rows = []
+    for name, lp in plan.layers.items():
+        fmt = lp.state_format
+        worst = (precision or {}).get(name, {})
+        rows.append({"name": name, "shape": shape_text(lp.shape), "m": fmt.m, "v": fmt.v,
+                     "bytes_per_param": layer_state_bytes(lp) / lp.numel if lp.numel else 0.0,
+                     "errors": [worst.get(key) for key in STATE_COLUMNS]})
+    return rows
+
+
+class StateTable:
+    """One row per layer: how its `m` and kept `v` are stored, bytes of state per parameter entry,
+    and the worst update-direction error each format caused over the plan's window; then the whole
+    model's bytes per parameter against AdamW's 8."""
+
+    def __init__(self, plan: Plan, precision: dict[str, dict[tuple[str, str], WorstError]] | None = None):
+        self.plan, self.precision = plan, precision
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        threshold = self.plan.source.get("precision_threshold")
+        rows = [[r["name"], r["shape"], r["m"], r["v"], f"{r['bytes_per_param']:.2f}",
+                 *(error_text(w and w.update_error) for w in r["errors"])] for r in state_rows(self.plan, self.precision)]
+        headers = ["layer", "shape", "m", "v", "B/param", *(f"{w} {f}" for w, f in STATE_COLUMNS)]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        name_width, names = _fit_names([r[0] for r in rows], widths[1:], options.max_width)
+        passes = f"; < {threshold:.0%} passes" if isinstance(threshold, (int, float)) and threshold > 0 else ""
+        table = Table(title=f"Optimizer state formats (worst update-direction error per format{passes})",
+                      title_justify="left", show_edge=False, pad_edge=False)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i < 4 else "right", no_wrap=True, overflow="fold",
+                             max_width=name_width if i == 0 else None)
+        for name, r in zip(names, rows):
+            table.add_row(Text(name), *r[1:])
+        yield table
+        yield Text(f"optimizer state: {plan_bytes_per_parameter(self.plan):.2f} bytes per parameter with the plan's "
+                   f"formats, AdamW {ADAMW_BYTES_PER_PARAMETER:.2f} (fp32 m and v); quantized formats hold one fp32 "
+                   "scale per block", style="dim")
 
 
 class RoleSnrTable:

@@ -24,6 +24,13 @@ per-head statistics that a shard holds whole stay on their rank. Only global ran
 Shadow-v mode (``shadow=True``) keeps ``v ← β2 v + (1−β2) g²`` from the gradients itself, for
 optimizers that keep no ``exp_avg_sq`` (SGD, Adafactor, lowmem's own optimizers); it costs one
 full-size tensor per parameter and counts steps by hook calls.
+
+Precision (``precision=True``, or a ``precision_out`` file): at the same measurements, the error
+each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``, ``step`` and the
+group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
+one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none. It
+costs about five quantizations of each parameter per measurement (on the state's device), nothing
+between measurements.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from torch import nn
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
 from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms
+from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums, errors_from_sums
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
 
@@ -60,6 +68,10 @@ class SnrCapture:
         beta2: decay of the shadow `v`; default the optimizer's ``betas[1]`` or 0.999.
         layers: pre-resolved layers (default: resolved from `model`).
         on_sample: called with each measurement's samples (e.g. to update a progress display).
+        precision: also measure the error each storage format of `m` and `v` causes (see the
+            module docstring); default: when `precision_out` is given.
+        precision_out: precision CSV path, streamed like `out` (`lowmem.snr.precision`); None keeps
+            the precision samples in memory only (``precision_samples``).
 
     Raises:
         ValueError: `every` is not a positive integer, or no parameter of `optimizer` belongs to
@@ -69,7 +81,8 @@ class SnrCapture:
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 10,
                  out: str | os.PathLike | None = None, shadow: bool = False,
                  beta2: float | None = None, layers: ModelLayers | None = None,
-                 on_sample: Callable[[list[Sample]], None] | None = None):
+                 on_sample: Callable[[list[Sample]], None] | None = None, precision: bool | None = None,
+                 precision_out: str | os.PathLike | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         _check_belongs(optimizer, model)
@@ -79,6 +92,8 @@ class SnrCapture:
         self.layers = layers if layers is not None else resolve_layers(model)
         self.on_sample = on_sample
         self.samples: list[Sample] = []
+        self.precision = (precision_out is not None if precision is None else bool(precision)) and not shadow
+        self.precision_samples: list[PrecisionSample] = []
         self.measured_steps: list[int] = []
         self._handle = None
         self._calls = 0
@@ -94,6 +109,7 @@ class SnrCapture:
         by_name = {normalize_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
         names = {id(by_name[info.name]): info for info in self.layers if info.name in by_name}
         self._tracked: list[tuple[nn.Parameter, ParamInfo, list[View], list[list[tuple[int, ...]]]]] = []
+        self._group: dict[nn.Parameter, dict] = {}   # each tracked parameter's group: betas and eps
         # Sharded parameters (FSDP2): their rows per rank, and each (view, subset)'s share of this rank.
         self._shards: dict[nn.Parameter, tuple[RowShards, dict[tuple[str, tuple[int, ...]], ShardedRegion]]] = {}
         for group in optimizer.param_groups:
@@ -104,6 +120,7 @@ class SnrCapture:
                 views = param_views(info)
                 subsets = [axis_subsets(len(v.shape)) for v in views]
                 self._tracked.append((p, info, views, subsets))
+                self._group[p] = group
                 if is_sharded(p):
                     shards = row_shards(p, info.name)
                     self._shards[p] = (shards, {(view.name, s): sharded_region(
@@ -113,6 +130,8 @@ class SnrCapture:
                             default=0)
         writes = not self._shards or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._writer = TrajectoryWriter(out) if out is not None and writes else None
+        self._precision_writer = PrecisionWriter(precision_out) \
+            if self.precision and precision_out is not None and writes else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def attach(self) -> "SnrCapture":
@@ -127,8 +146,11 @@ class SnrCapture:
             self._handle = None
 
     def close(self):
-        """Detach and move the trajectory file into place (safe to call twice)."""
+        """Detach and move the trajectory file (and the precision file) into place (safe to call
+        twice); returns the trajectory's path."""
         self.detach()
+        if self._precision_writer is not None:
+            self._precision_writer.close()
         if self._writer is not None:
             return self._writer.close()
         return None
@@ -142,6 +164,10 @@ class SnrCapture:
     @property
     def path(self):
         return self._writer.path if self._writer else None
+
+    @property
+    def precision_path(self):
+        return self._precision_writer.path if self._precision_writer else None
 
     # -- the hook --------------------------------------------------------------------------
     def _hook(self, optimizer, args, kwargs) -> None:
@@ -268,8 +294,54 @@ class SnrCapture:
         self._last_measured = step
         if self._writer is not None:
             self._writer.write(samples)
+        if self.precision:
+            precision = self.measure_precision(step)
+            if self._precision_writer is not None:
+                self._precision_writer.write(precision)
         if self.on_sample is not None:
             self.on_sample(samples)
+        return samples
+
+
+    def measure_precision(self, step: int) -> list[PrecisionSample]:
+        """The error each storage format of `m` and `v` causes for every tracked parameter with
+        Adam state (`lowmem.snr.precision`); one host transfer (collective when parameters are
+        sharded: every rank must measure at the same step)."""
+        found: list[tuple[ParamInfo, torch.Tensor]] = []
+        sharded: list[tuple[torch.Tensor, object]] = []
+        with torch.no_grad():
+            for p, info, *_ in self._tracked:
+                st = self.optimizer.state.get(p) or {}
+                m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+                if m is None or v is None or "step" not in st or tuple(v.shape) != tuple(info.shape) \
+                        or tuple(m.shape) != tuple(info.shape):
+                    continue
+                shards = self._shards.get(p)
+                if shards is not None:
+                    if not (is_sharded(m) and is_sharded(v)):   # not sharded like the parameter
+                        continue
+                    m, v = m.to_local(), v.to_local()
+                group = self._group[p]
+                betas = tuple(float(b) for b in group.get("betas", (0.9, 0.999)))
+                sums = error_sums(m, v, st["step"], betas, float(group.get("eps", 1e-8)), info.shape)
+                found.append((info, sums))
+                if shards is not None:
+                    sharded.append((sums, shards[0].group))
+            all_reduce_by_group(sharded)
+            by_device: dict[torch.device, list[int]] = {}
+            for i, (_, sums) in enumerate(found):
+                by_device.setdefault(sums.device, []).append(i)
+            host: dict[int, list[float]] = {}
+            for indices in by_device.values():
+                flat = torch.cat([found[i][1] for i in indices]).cpu()
+                for i, part in zip(indices, flat.split([found[i][1].numel() for i in indices])):
+                    host[i] = part.tolist()
+        samples = []
+        for i, (info, _) in enumerate(found):
+            for which, fmt, state_error, update_error in errors_from_sums(host[i], info.shape):
+                samples.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
+                                               update_error))
+        self.precision_samples.extend(samples)
         return samples
 
 

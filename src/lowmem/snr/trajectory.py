@@ -50,6 +50,8 @@ class TrajectoryWriter:
     measurement, closed and left as ``<path>.part``, and the `OSError` says how many it keeps.
     """
 
+    header = HEADER
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".part")
@@ -57,15 +59,19 @@ class TrajectoryWriter:
         self._file = open(self.partial, "wb", buffering=0)   # unbuffered: a failed write is undone exactly
         self.rows = 0
         self.measurements = 0
-        self._put([HEADER])
+        self._put([self.header])
 
-    def write(self, samples: Iterable[Sample]) -> None:
+    def write(self, samples: Iterable) -> None:
         """Write one measurement's samples, in one write to the OS."""
-        rows = [(s.step, s.name, format_shape(s.shape), str(s.view), format_subset(s.subset),
-                 _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var)) for s in samples]
+        rows = [self._row(s) for s in samples]
         self._put(rows)
         self.rows += len(rows)
         self.measurements += 1
+
+    @staticmethod
+    def _row(s: Sample) -> tuple:
+        return (s.step, s.name, format_shape(s.shape), str(s.view), format_subset(s.subset),
+                _fmt(s.snr), _fmt(s.mean_sq), _fmt(s.var))
 
     def _put(self, rows) -> None:
         if self._file.closed:
@@ -108,6 +114,25 @@ def read_trajectory(path: str | os.PathLike) -> list[Sample]:
     """
     path = Path(path)
     samples = []
+    # A file repeats a few shapes, views and subsets many times: each text is parsed once.
+    shapes, views, subsets = _Parsed(parse_shape), _Parsed(ViewLabel.parse), _Parsed(parse_subset)
+    for lineno, row in read_rows(path, HEADER):
+        try:
+            samples.append(Sample(int(row[0]), row[1], shapes[row[2]], views[row[3]], subsets[row[4]],
+                                  float(row[5]), float(row[6]), float(row[7])))
+        except ValueError as e:
+            raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
+    return samples
+
+
+def read_rows(path: Path, header: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each row of a streamed CSV after its `header`: the last line
+    dropped when a killed writer tore it, empty lines skipped.
+
+    Raises:
+        TrajectoryError: the header is not `header`, or a row has another number of fields (the
+            message names the file and line).
+    """
     with open(path, newline="") as f:
         text = f.read()
     if not text.endswith(("\n", "\r")):
@@ -115,22 +140,17 @@ def read_trajectory(path: str | os.PathLike) -> list[Sample]:
         # writer tore (possibly inside a number that still parses): drop it.
         text = text[:text.rfind("\n") + 1]
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None or tuple(header) != HEADER:
-        raise TrajectoryError(f"{path}: line 1: expected header {','.join(HEADER)}, found {header}")
-    # A file repeats a few shapes, views and subsets many times: each text is parsed once.
-    shapes, views, subsets = _Parsed(parse_shape), _Parsed(ViewLabel.parse), _Parsed(parse_subset)
+    found = next(reader, None)
+    if found is None or tuple(found) != header:
+        raise TrajectoryError(f"{path}: line 1: expected header {','.join(header)}, found {found}")
+    rows = []
     for lineno, row in enumerate(reader, start=2):
         if not row:
             continue
-        if len(row) != len(HEADER):
-            raise TrajectoryError(f"{path}: line {lineno}: expected {len(HEADER)} fields, found {len(row)}")
-        try:
-            samples.append(Sample(int(row[0]), row[1], shapes[row[2]], views[row[3]], subsets[row[4]],
-                                  float(row[5]), float(row[6]), float(row[7])))
-        except ValueError as e:
-            raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
-    return samples
+        if len(row) != len(header):
+            raise TrajectoryError(f"{path}: line {lineno}: expected {len(header)} fields, found {len(row)}")
+        rows.append((lineno, row))
+    return rows
 
 
 class _Parsed(dict):

@@ -1,0 +1,216 @@
+"""How much precision Adam's state needs: the error each storage format of `m` and `v` causes,
+measured on a live Adam state, and the file that keeps the measurements.
+
+For a parameter's `m` (``exp_avg``), `v` (``exp_avg_sq``), its step t, betas (β1, β2) and ε, the
+update direction is AdamW's
+
+    u(m, v) = (m / (1 − β1^t)) / (sqrt(v) / sqrt(1 − β2^t) + ε)
+
+and for a format F with Q = `lowmem.compress.optim.state.roundtrip` (the state stored in F and
+read back, as the next step would see it):
+
+    state error   ‖Q(x) − x‖ / ‖x‖                      (x = m or v)
+    update error  ‖u(Q(m), v) − u(m, v)‖ / ‖u(m, v)‖     for a format of m
+                  ‖u(m, Q(v)) − u(m, v)‖ / ‖u(m, v)‖     for a format of v
+
+Frobenius norms over the whole parameter; 0 when the numerator is 0 (an all-zero state, which
+every format stores exactly). The bias corrections use the parameter's own ``step`` (the step that
+produced this state); for m formats they cancel, for v formats ε makes them matter. AMSGrad's
+``max_exp_avg_sq`` is not modelled: the update is measured with ``exp_avg_sq``. The measurement
+uses the probe's whole `v`; a plan that averages `v` weighs the same `m` error a little
+differently.
+
+Candidates (`candidates`): m in bf16, int8, int4; v in bf16, int8. The quantized formats apply
+only to `quantizable` shapes (`lowmem.compress.formats`: at least 2 dims and `MIN_QUANTIZED_NUMEL`
+entries); for other parameters they fall back to fp32 anyway (`effective_format`), so only bf16 is
+measured there.
+
+Sharded (FSDP2) parameters: blocks run along rows (dim 0) and a rank holds whole rows, so each
+rank's rows quantize exactly as in one process; each rank sums the squared errors and squared
+norms of its rows, and one all-reduce of those partial sums per process group gives every rank the
+whole parameter's errors (`error_sums` is the per-rank part).
+
+File: ``precision.csv`` beside the SNR trajectory, header `HEADER`, one row per (step,
+parameter, state, format), streamed and moved into place like the trajectory
+(`PrecisionWriter`, `lowmem.snr.trajectory.TrajectoryWriter`'s protocol: ``<path>.part`` while
+running, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem.compress.formats import QUANTIZED, quantizable
+from lowmem.snr.keys import format_shape, parse_shape
+from lowmem.snr.trajectory import TrajectoryError, TrajectoryWriter, _fmt, _Parsed, read_rows
+
+HEADER = ("step", "name", "shape", "state", "format", "state_error", "update_error")
+M_CANDIDATES = ("bf16", "int8", "int4")
+V_CANDIDATES = ("bf16", "int8")
+
+
+def candidates(which: str, shape) -> tuple[str, ...]:
+    """The formats of state `which` ("m" or "v") measured for a parameter of `shape`."""
+    formats = M_CANDIDATES if which == "m" else V_CANDIDATES
+    return formats if quantizable(tuple(shape)) else tuple(f for f in formats if f not in QUANTIZED)
+
+
+@dataclass(frozen=True)
+class PrecisionSample:
+    """The error one format of one state of one parameter causes at one step (one file row)."""
+
+    step: int
+    name: str
+    shape: tuple[int, ...]
+    state: str           # "m" or "v"
+    format: str
+    state_error: float   # ‖Q(x) − x‖ / ‖x‖
+    update_error: float  # ‖Δu‖ / ‖u‖
+
+
+def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tuple[float, float], eps: float,
+               shape) -> torch.Tensor:
+    """Squared norms and squared errors of one parameter's (local rows of) `m` and `v`, float64,
+    on their device: ``[‖m‖², ‖v‖², ‖u‖²]`` then ``[‖ΔF‖², ‖ΔuF‖²]`` for each of
+    ``candidates("m", shape)`` and then of ``candidates("v", shape)`` (see the module docstring).
+
+    Args:
+        exp_avg, exp_avg_sq: the state (a rank's local rows of a sharded one: rows are dim 0).
+        step: the parameter's step t (a number or a tensor, possibly on the device).
+        betas, eps: the parameter group's.
+        shape: the whole parameter's shape (which formats apply).
+    """
+    # Imported here: lowmem.compress.optim imports the plan, which imports lowmem.snr (this package).
+    from lowmem.compress.optim.state import roundtrip
+
+    m_formats, v_formats = candidates("m", shape), candidates("v", shape)
+    n = 3 + 2 * (len(m_formats) + len(v_formats))
+    if exp_avg.numel() == 0:   # a rank holding no rows of this parameter
+        return torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
+    m, v = exp_avg.detach().float(), exp_avg_sq.detach().float()
+    t = step.to(device=m.device, dtype=torch.float32) if isinstance(step, torch.Tensor) else float(step)
+    bc1 = 1 - betas[0] ** t
+    sqrt_bc2 = (1 - betas[1] ** t) ** 0.5
+    inv_denom = 1 / (v.sqrt() / sqrt_bc2 + eps)
+    m_hat = m / bc1
+    u = m_hat * inv_denom
+    sums = [m.square().sum(), v.square().sum(), u.square().sum()]
+    for fmt in m_formats:
+        d = roundtrip("m", fmt, m).sub_(m)
+        sums += [d.square().sum(), (d / bc1).mul_(inv_denom).square_().sum()]
+    for fmt in v_formats:
+        q = roundtrip("v", fmt, v)
+        dv = q - v
+        du = m_hat / (q.sqrt_().div_(sqrt_bc2).add_(eps)) - u
+        sums += [dv.square().sum(), du.square().sum()]
+    return torch.stack(sums).double()
+
+
+def errors_from_sums(sums, shape) -> list[tuple[str, str, float, float]]:
+    """(state, format, state error, update error) of each candidate from `error_sums`' numbers
+    (summed over ranks for a sharded parameter), in its order."""
+    s = [float(x) for x in sums]
+    norm = {"m": s[0], "v": s[1]}
+    out, i = [], 3
+    for which in ("m", "v"):
+        for fmt in candidates(which, shape):
+            out.append((which, fmt, _ratio(s[i], norm[which]), _ratio(s[i + 1], s[2])))
+            i += 2
+    return out
+
+
+def _ratio(err_sq: float, norm_sq: float) -> float:
+    if err_sq == 0:
+        return 0.0
+    return math.sqrt(err_sq / norm_sq) if norm_sq > 0 else math.inf
+
+
+class PrecisionWriter(TrajectoryWriter):
+    """Streams `PrecisionSample`s to ``precision.csv`` with the trajectory's file protocol."""
+
+    header = HEADER
+
+    @staticmethod
+    def _row(s: PrecisionSample) -> tuple:
+        return (s.step, s.name, format_shape(s.shape), s.state, s.format, _fmt(s.state_error), _fmt(s.update_error))
+
+
+def read_precision(path: str | os.PathLike) -> list[PrecisionSample]:
+    """Read a precision CSV (also a ``.part`` file a killed run left; its torn last line is dropped).
+
+    Raises:
+        TrajectoryError: naming the file and line of the first malformed row.
+    """
+    path = Path(path)
+    shapes = _Parsed(parse_shape)
+    samples = []
+    for lineno, row in read_rows(path, HEADER):
+        try:
+            if row[3] not in ("m", "v"):
+                raise ValueError(f"state must be m or v, found {row[3]!r}")
+            if row[4] not in (M_CANDIDATES if row[3] == "m" else V_CANDIDATES):
+                raise ValueError(f"{row[4]!r} is not a measured format of {row[3]}")
+            samples.append(PrecisionSample(int(row[0]), row[1], shapes[row[2]], row[3], row[4],
+                                           float(row[5]), float(row[6])))
+        except ValueError as e:
+            raise TrajectoryError(f"{path}: line {lineno}: {e}") from None
+    return samples
+
+
+@dataclass(frozen=True)
+class WorstError:
+    """The largest errors one format caused over the measurements of a window (non-finite ones
+    count as infinite), and how many measurements there were."""
+
+    update_error: float
+    state_error: float
+    samples: int
+
+
+# (parameter name, "m" or "v", format)
+PrecisionKey = tuple[str, str, str]
+
+
+class PrecisionTrajectory:
+    """All precision samples of a run, indexed for the plan builder and the reports."""
+
+    def __init__(self, samples: list[PrecisionSample]):
+        self.samples = samples
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "PrecisionTrajectory":
+        return cls(read_precision(path))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({s.step for s in self.samples})
+
+    def worst(self, window: tuple[int | None, int | None] | None = None) -> dict[PrecisionKey, WorstError]:
+        """The largest update and state errors of each (name, state, format) over the measured
+        steps in ``[start, end]`` (inclusive; either may be None)."""
+        start, end = window if window else (None, None)
+        acc: dict[PrecisionKey, list] = {}
+        for s in self.samples:
+            if (start is not None and s.step < start) or (end is not None and s.step > end):
+                continue
+            a = acc.setdefault((s.name, s.state, s.format), [0.0, 0.0, 0])
+            a[0] = max(a[0], s.update_error if math.isfinite(s.update_error) else math.inf)
+            a[1] = max(a[1], s.state_error if math.isfinite(s.state_error) else math.inf)
+            a[2] += 1
+        return {k: WorstError(*a) for k, a in acc.items()}
+
+    def by_layer(self, window: tuple[int | None, int | None] | None = None) -> dict[str, dict[tuple[str, str], WorstError]]:
+        """`worst` per parameter: ``{name: {(state, format): WorstError}}``."""
+        out: dict[str, dict[tuple[str, str], WorstError]] = {}
+        for (name, which, fmt), w in self.worst(window).items():
+            out.setdefault(name, {})[(which, fmt)] = w
+        return out
+
+
+__all__ = ["HEADER", "M_CANDIDATES", "PrecisionKey", "PrecisionSample", "PrecisionTrajectory", "PrecisionWriter",
+           "V_CANDIDATES", "WorstError", "candidates", "error_sums", "errors_from_sums", "read_precision"]

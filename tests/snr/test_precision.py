@@ -1,0 +1,171 @@
+"""Precision measurement during capture: the error each storage format of m and v causes, its
+file, and its reader."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowmem
+from lowmem.compress.optim.state import roundtrip
+from lowmem.snr.precision import (HEADER, PrecisionSample, PrecisionTrajectory, PrecisionWriter, candidates,
+                                  read_precision)
+from lowmem.snr.trajectory import TrajectoryError
+
+B, SEEN = 6, 30   # batch; embedding rows that ever occur (the other 10 keep zero m and v)
+GROUPS = ({"betas": (0.9, 0.95), "eps": 1e-8}, {"betas": (0.8, 0.99), "eps": 1e-3})
+
+
+class Net(nn.Module):
+    """A (16, 300) weight whose rows hold 2 int8 blocks and 3 int4 blocks, the last ones short; a
+    (40, 300) embedding with rows that never see a gradient; a norm and a bias, not quantizable."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 300)
+        self.fc = nn.Linear(300, 16)
+        self.ln = nn.LayerNorm(16)
+
+    def forward(self, x, idx):
+        return self.ln(self.fc(x + self.emb(idx)))                 # (B, 16)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(B, 300, generator=g), torch.randint(SEEN, (B,), generator=g)
+
+
+def make():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW([{"params": [model.emb.weight, model.fc.weight, model.fc.bias], **GROUPS[0]},
+                             {"params": list(model.ln.parameters()), **GROUPS[1]}], lr=1e-2)
+    return model, opt
+
+
+def train(model, opt, steps, start=0):
+    for i in range(start, start + steps):
+        x, idx = batch(i)
+        (model(x, idx) - 0.5).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference_errors(m: torch.Tensor, v: torch.Tensor, step: int, betas, eps) -> dict:
+    """{(state, format): (state error, update error)} in numpy float64, from the formula: only Q
+    (the state stored in the format and read back) comes from lowmem."""
+    m64, v64 = m.double().numpy(), v.double().numpy()
+    bc1, bc2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+
+    def update(mm, vv):
+        return (mm / bc1) / (np.sqrt(vv) / math.sqrt(bc2) + eps)
+
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    u = update(m64, v64)
+    out = {}
+    for fmt in candidates("m", m.shape):
+        q = roundtrip("m", fmt, m).double().numpy()
+        out[("m", fmt)] = (rel(q, m64), rel(update(q, v64), u))
+    for fmt in candidates("v", v.shape):
+        q = roundtrip("v", fmt, v).double().numpy()
+        out[("v", fmt)] = (rel(q, v64), rel(update(m64, q), u))
+    return out
+
+
+def test_recorded_errors_equal_a_numpy_float64_computation(tmp_path):
+    model, opt = make()
+    with lowmem.capture(opt, model, every=3, precision_out=tmp_path / "precision.csv") as cap:
+        train(model, opt, 3)
+    names = {p: n for n, p in model.named_parameters()}
+    got = {(s.name, s.state, s.format): (s.state_error, s.update_error) for s in cap.precision_samples}
+    want = {}
+    for group, settings in zip(opt.param_groups, GROUPS):
+        for p in group["params"]:
+            st = opt.state[p]
+            assert int(st["step"]) == 3
+            for (which, fmt), errors in reference_errors(st["exp_avg"], st["exp_avg_sq"], 3, settings["betas"],
+                                                         settings["eps"]).items():
+                want[(names[p], which, fmt)] = errors
+    assert set(got) == set(want)
+    for key, errors in want.items():
+        np.testing.assert_allclose(got[key], errors, rtol=1e-4, err_msg=str(key))
+    # the formats tell apart: bf16 < int8 < int4 in the update error of the quantizable weight
+    fc = {fmt: got[("fc.weight", "m", fmt)][1] for fmt in ("bf16", "int8", "int4")}
+    assert fc["bf16"] < fc["int8"] < fc["int4"]
+    assert {s.step for s in cap.precision_samples} == {3}
+
+
+def test_parameters_too_small_to_quantize_measure_only_bf16():
+    model, opt = make()
+    with lowmem.capture(opt, model, every=1, precision=True) as cap:
+        train(model, opt, 1)
+    formats = {}
+    for s in cap.precision_samples:
+        formats.setdefault(s.name, set()).add((s.state, s.format))
+    quantized = {("m", "bf16"), ("m", "int8"), ("m", "int4"), ("v", "bf16"), ("v", "int8")}
+    assert formats == {"emb.weight": quantized, "fc.weight": quantized, "fc.bias": {("m", "bf16"), ("v", "bf16")},
+                       "ln.weight": {("m", "bf16"), ("v", "bf16")}, "ln.bias": {("m", "bf16"), ("v", "bf16")}}
+
+
+def test_shadow_mode_measures_no_precision_and_writes_no_file(tmp_path):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    with lowmem.capture(opt, model, every=1, shadow=True, precision_out=tmp_path / "precision.csv") as cap:
+        train(model, opt, 2)
+    assert cap.measured_steps == [1, 2]
+    assert cap.precision_samples == [] and not cap.precision
+    assert not (tmp_path / "precision.csv").exists() and not (tmp_path / "precision.csv.part").exists()
+
+
+def test_without_precision_nothing_is_measured():
+    model, opt = make()
+    with lowmem.capture(opt, model, every=1) as cap:
+        train(model, opt, 2)
+    assert cap.measured_steps == [1, 2] and cap.precision_samples == []
+
+
+def test_precision_file_is_streamed_to_part_and_moved_into_place(tmp_path):
+    out, part = tmp_path / "precision.csv", tmp_path / "precision.csv.part"
+    model, opt = make()
+    with lowmem.capture(opt, model, every=2, out=tmp_path / "snr.csv", precision_out=out) as cap:
+        train(model, opt, 2)
+        assert part.exists() and not out.exists()
+        assert read_precision(part) == cap.precision_samples      # flushed after the measurement at 2
+        train(model, opt, 2, start=2)
+    assert out.exists() and not part.exists() and cap.precision_path == out
+    assert out.read_text().splitlines()[0] == ",".join(HEADER)
+    samples = read_precision(out)
+    assert samples == cap.precision_samples and {s.step for s in samples} == {2, 4}
+    assert len(samples) == len(out.read_text().splitlines()) - 1
+
+
+def test_torn_last_line_is_dropped_and_a_bad_row_is_named(tmp_path):
+    path = tmp_path / "precision.csv.part"
+    rows = [PrecisionSample(5, "a.weight", (64, 64), "m", "int8", 0.01, 0.02),
+            PrecisionSample(5, "a.weight", (64, 64), "v", "bf16", 0.001, math.inf)]
+    writer = PrecisionWriter(tmp_path / "precision.csv")
+    writer.write(rows)
+    text = writer.partial.read_text()
+    writer._file.close()
+    path.write_text(text + "10,a.weight,64x64,m,in")
+    back = read_precision(path)
+    assert back[0] == rows[0] and math.isnan(back[1].update_error)   # non-finite values are written as nan
+    path.write_text(text + "10,a.weight,64x64,m,int3,0.1,0.2\n")
+    with pytest.raises(TrajectoryError, match=r"precision.csv.part: line 4: 'int3' is not a measured format of m"):
+        read_precision(path)
+
+
+def test_worst_error_is_the_largest_over_the_window_by_hand():
+    s = lambda step, err: PrecisionSample(step, "w", (64, 64), "m", "int8", err / 2, err)   # noqa: E731
+    traj = PrecisionTrajectory([s(10, 0.02), s(20, 0.07), s(30, 0.03), s(40, float("nan"))])
+    assert traj.worst()[("w", "m", "int8")].update_error == math.inf          # nan counts as failing
+    w = traj.worst((10, 30))[("w", "m", "int8")]
+    assert (w.update_error, w.state_error, w.samples) == (0.07, 0.035, 3)
+    assert traj.worst((25, 35))[("w", "m", "int8")].update_error == 0.03
+    assert traj.by_layer((25, 35)) == {"w": {("m", "int8"): traj.worst((25, 35))[("w", "m", "int8")]}}
