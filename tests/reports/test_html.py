@@ -332,17 +332,24 @@ def test_memory_table_matches_hand_arithmetic(run_dir):
     def kept(view, reduce):
         return int(np.prod([d for i, d in enumerate(view) if reduce is None or i not in reduce]))
 
-    v_plan = sum(sum(kept(p["view"], p["reduce"]) for p in lp["parts"]) if lp.get("parts") else kept(lp["view"], lp["reduce"])
-                 for lp in plan["layers"].values())
+    def v_kept(lp):
+        return sum(kept(p["view"], p["reduce"]) for p in lp["parts"]) if lp.get("parts") else kept(lp["view"], lp["reduce"])
+
+    size = {"fp32": 4, "bf16": 2}   # the tiny model's tensors are all too small to quantize
+    state = {name: lp.get("state") or {"m": "fp32", "v": "fp32"} for name, lp in plan["layers"].items()}
+    assert {f for s in state.values() for f in s.values()} <= set(size)
+    plan_bytes = sum(int(np.prod(lp["shape"])) * size[state[name]["m"]] + v_kept(lp) * size[state[name]["v"]]
+                     for name, lp in plan["layers"].items())
     rows = {r[0]: r for r in _table_rows((run_dir / "report.html").read_text(), "memory-table")}
     assert list(rows)[0] == "adamw" and list(rows)[-1] == "plan"
     memory = {r["name"]: r for r in json.loads((run_dir / "memory.json").read_text())["optimizers"]}
     assert memory["adamw"]["total_bytes"] == 8 * n
-    assert memory["plan"]["total_bytes"] == 4 * (n + v_plan)
+    assert memory["plan"]["total_bytes"] == plan_bytes
     # The page prints them in binary units: KiB here (n is a few thousand).
     assert rows["adamw"][3] == f"{8 * n / 1024:.2f} KiB"
-    assert rows["plan"][3] == f"{4 * (n + v_plan) / 1024:.2f} KiB"
-    assert rows["plan"][4] == f"{1 - v_plan / n:.1%}"
+    assert rows["plan"][3] == f"{plan_bytes / 1024:.2f} KiB"
+    v_bytes = sum(v_kept(lp) * size[state[name]["v"]] for name, lp in plan["layers"].items())
+    assert rows["plan"][4] == f"{1 - v_bytes / (4 * n):.1%}"                 # v's bytes against AdamW's
 
 
 def test_state_table_is_plan_json_and_the_worst_errors_of_precision_csv(run_dir, page):

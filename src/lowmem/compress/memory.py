@@ -45,10 +45,10 @@ class StateMemory:
 
 
 def plan_state_memory(plan: Plan, bytes_per_entry: int = STATE_BYTES) -> StateMemory:
-    """Bytes of `m` + `v` under AdamW and under `plan`, every entry `bytes_per_entry` bytes (the
-    plan's ``state`` entries are not read: `plan_state_bytes` does)."""
-    full, kept = plan.v_full, plan.v_kept
-    return StateMemory(2 * full * bytes_per_entry, (full + kept) * bytes_per_entry)
+    """Bytes of `m` + `v` under AdamW (every entry `bytes_per_entry` bytes) and under `plan`
+    (its kept entries in the plan's ``state`` formats, `plan_state_bytes`; `bytes_per_entry`
+    bytes where a format is fp32)."""
+    return StateMemory(2 * plan.v_full * bytes_per_entry, sum(plan_state_bytes(plan, None, bytes_per_entry)))
 
 
 def plan_state_bytes(plan: Plan, fmt: StateFormat | None = None, compute_bytes: int = STATE_BYTES) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowmem.compress.builders import build_plan, is_candidate
-from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_memory
+from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_bytes, plan_state_memory
 from lowmem.compress.plan import Plan, PlanError
 from lowmem.compress.precision import PRECISION_THRESHOLD
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name
@@ -124,9 +124,9 @@ class Run:
             return []
         mem = plan_state_memory(self.plan)
         half = mem.adamw_bytes // 2
+        m, v = plan_state_bytes(self.plan)
         return [MemoryRow("adamw", half, half, mem.adamw_bytes, 0.0, 0.0),
-                MemoryRow("plan", half, mem.plan_bytes - half, mem.plan_bytes,
-                          1 - (mem.plan_bytes - half) / half if half else 0.0, mem.saved)]
+                MemoryRow("plan", m, v, mem.plan_bytes, 1 - v / half if half else 0.0, mem.saved)]
 
 
 def read_run(folder: str | os.PathLike) -> Run:

@@ -146,7 +146,7 @@ class PlanSummary:
         table.add_row("v entries kept by the plan", f"{kept:,}")
         table.add_row("v entries saved", f"{full - kept:,} ({(1 - kept / full) if full else 0:.2%})")
         table.add_row("optimizer state, AdamW (m + v, fp32)", format_bytes(mem.adamw_bytes))
-        table.add_row("optimizer state, plan (m + reduced v)", format_bytes(mem.plan_bytes))
+        table.add_row("optimizer state, plan (m + kept v, in its formats)", format_bytes(mem.plan_bytes))
         table.add_row("optimizer state saved", f"{format_bytes(mem.adamw_bytes - mem.plan_bytes)} ({mem.saved:.2%})")
         if any(lp.state is not None for lp in p.layers.values()):
             table.add_row("state bytes per parameter, plan's formats (AdamW)",
