@@ -47,3 +47,8 @@ def test_every_entry_builds_from_compare_settings_and_steps(name):
     opt.step()
     moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
     assert all(moved), f"{name}: some parameters did not move"
+
+
+def test_readme_peer_table_is_the_registry():
+    assert registry.peer_markdown_table() in README.read_text()
+
