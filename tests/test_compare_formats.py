@@ -267,3 +267,32 @@ def test_settings_refuse_a_rounding_without_bf16_parameters():
         SweepSettings(steps=4, param_rounding="stochastic")
     with pytest.raises(ValueError, match="param_dtype must be one of fp32, bf16"):
         SweepSettings(steps=4, param_dtype="fp16")
+
+
+def test_seed_factories_change_the_batches_and_seed0_is_the_built_in_example():
+    """examples/shakespeare_seeds.py: seed0 is `--example shakespeare`'s batches, seed1/seed2
+    other windows of the same text (RESULTS.md pairs them with --seed S)."""
+    from pathlib import Path
+
+    from lowmem.cli.contract import load_example
+    target = Path(__file__).resolve().parents[1] / "examples" / "shakespeare_seeds.py"
+    builtin = load_example("shakespeare")
+    tasks = [load_task(f"{target}:seed{k}") for k in range(3)]
+    for split in ("train", "val"):
+        b = [t.get_batch(5, split=split)[0] for t in tasks]
+        assert torch.equal(b[0], builtin.get_batch(5, split=split)[0])
+        assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
+    assert tasks[1].get_val_batch is not None                      # a held-out split, as the example has
+
+
+def test_the_command_records_specs_and_the_bf16_sweep_settings(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL)
+    code, out, err = cli("compare", tmp_path / "model.py", "--optimizers", "adamw,Eve:BF16:bf16", "--lrs", "1e-2",
+                         "--param-dtype", "bf16", "--param-rounding", "kahan", "--out", tmp_path / "c", "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["settings"]["param_dtype"], doc["settings"]["param_rounding"]) == ("bf16", "kahan")
+    assert [(r["optimizer"], r["state_format"]) for r in doc["runs"]] == [("adamw", ""), ("eve:bf16:bf16", "m=bf16,v=bf16")]
+    code, _, err = cli("compare", tmp_path / "model.py", "--optimizers", "adamw", "--lrs", "1e-2", "--param-dtype", "bf16",
+                       "--out", tmp_path / "c")
+    assert code == 2 and "param_rounding: 'kahan' there, 'nearest' now" in err

@@ -150,8 +150,9 @@ class SweepSettings:
         eval_every: steps between held-out evaluations and distance measurements.
         eval_batches: held-out batches per evaluation (``get_val_batch(0 … n−1)``).
         tail: steps averaged for the final training loss.
-        seed: `torch.manual_seed` before building the model and before each run (it changes
-            the initial weights, and stochastic rounding's draws; the batches are `get_batch`'s).
+        seed: `torch.manual_seed` before building the model and before each run, and the plan
+            optimizers' ``rounding_seed``: it changes the initial weights and stochastic
+            rounding's draws; the batches are `get_batch`'s.
         slimadam: what SlimAdam runs from: ``"slimadam-rules"`` or the plan's fingerprint.
         task: the task's source, for the record.
         param_dtype: ``"fp32"`` or ``"bf16"``: the model is cast to it after `build_model()`
@@ -237,7 +238,8 @@ def make_optimizer(spec: str | OptimizerSpec, model: nn.Module, lr: float, setti
     kwargs = e.hparams(lr, betas, settings.weight_decay)
     if plan is not None:
         kwargs["plan"] = plan
-    return e.make(model, **kwargs, state_format=spec.state_format, param_rounding=settings.param_rounding)
+    return e.make(model, **kwargs, state_format=spec.state_format, param_rounding=settings.param_rounding,
+                  rounding_seed=settings.seed)
 
 
 @dataclass
