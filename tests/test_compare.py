@@ -260,7 +260,7 @@ def test_compare_command_table_json_and_rerun(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--optimizers", "adamw,sgd"], "unknown optimizer(s) sgd"),
+    (["--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'; known: adamw,"),
     (["--lrs", "1e-3,-1"], "learning rates must be finite and > 0"),
     (["--lrs", "fast"], "expected learning rates"),
     (["--betas", "0.9"], "expected two numbers"),

@@ -1,10 +1,16 @@
 """Train one task with several optimizers over a learning-rate grid, from the same start.
 
-Every run starts from the same initial weights (one `build_model()` under the seed, copied) and
-sees the same batches (`get_batch(step)` for step 0 … N−1, checked by hashing them), with the
+Every run starts from the same initial weights (one `build_model()` under the seed, copied, cast
+to the sweep's `param_dtype`) and sees the same batches (`get_batch(step)` for step 0 … N−1, checked by hashing them), with the
 same warm-up and cosine schedule. A run records its training-loss curve, held-out loss at each
 evaluation, its Euclidean distance to AdamW's weights at the same steps and learning rate (as
 Zhang et al., *Adam-mini*, 2024, Figure 16), the optimizer-state bytes and its step time.
+
+An optimizer is named by a spec (`parse_spec`): a registry name (`OPTIMIZERS`), a peer's
+(`PEER_NAMES`: torchao's and bitsandbytes' 8-/4-bit AdamW, optional packages) or ``plan``, and
+for lowmem's plan optimizers a storage format of `m` and `v` after colons: ``eve:int8`` (`m` in
+int8), ``slimadam:int8:int8`` (`m` and `v`), ``plan:bf16:bf16``. Colons survive a comma-separated
+list; in file names they are written ``+`` (``runs/eve+int8@0.001.json``), which no name holds.
 
 Nothing is lost to an interruption: each finished run is written to ``runs/NAME@LR.json`` as
 it ends (AdamW's weights at the evaluation steps beside it, for the distances), and
@@ -20,6 +26,10 @@ the last `tail` steps (a single batch is noisy); ``final_val_loss`` the mean los
 ``status`` is ``complete`` or ``diverged`` (a NaN/inf loss stopped it); ``state_bytes`` counts
 the optimizer's state tensors but its step counters; ``step_seconds`` is the median time of a
 whole training step (forward, backward, optimizer), ``opt_step_seconds`` of `optimizer.step()`.
+
+``state_format``: the format the spec asked for (``m=int8,v=fp32``); empty where the optimizer
+keeps its own (fp32 for lowmem's unless ``--plan`` has ``state`` entries; torch's AdamW keeps
+its state in the parameters' dtype; the peers their own 8-/4-bit codes).
 
 ``curves.csv``: `CURVE_COLUMNS`, one row per run and step; ``val_loss`` and
 ``distance_to_adamw`` only at evaluation steps (and step 0), empty elsewhere.
@@ -44,19 +54,85 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import optimizer_state_bytes
-from lowmem.compress.optim.registry import NAMES, REGISTRY, entry
+from lowmem.compress.optim.engine import ROUNDINGS, ReducedAdamW
+from lowmem.compress.optim.registry import NAMES, PEER_NAMES, PEERS, REGISTRY, PeerUnavailable, entry
 from lowmem.compress.plan import Plan, write_atomic
 from lowmem.probe import Task, TaskError, batch_at, build, call_user, check_gradients, check_loss, to_device
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
 
-OPTIMIZERS = NAMES   # every optimizer of the registry, in its order
-EXTRA_COLUMNS = ("opt_step_seconds", "init_sha", "batches_sha")
+OPTIMIZERS = NAMES   # every optimizer of the registry, in its order (the default sweep)
+KNOWN = (*NAMES, *PEER_NAMES, "plan")   # what a spec may name
+EXTRA_COLUMNS = ("opt_step_seconds", "init_sha", "batches_sha", "state_format")
 SCHEMA = "lowmem.compare/1"
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class SweepMismatch(ValueError):
     """The output folder holds runs of a sweep with other settings (a usage error)."""
+
+
+class SpecError(ValueError):
+    """An optimizer spec that names no optimizer or a format it cannot take (a usage error)."""
+
+
+def takes_format(name: str) -> bool:
+    """Whether optimizer `name` keeps its state in a lowmem storage format (the plan engine's)."""
+    return name == "plan" or (name in REGISTRY and issubclass(REGISTRY[name].cls, ReducedAdamW))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer of a sweep: its name, and for lowmem's plan optimizers the storage format of
+    its `m` and `v` (None: the optimizer's own, fp32 or the plan's ``state`` entries)."""
+
+    name: str
+    state_format: StateFormat | None = None
+
+    def __str__(self) -> str:
+        if self.state_format is None:
+            return self.name
+        f = self.state_format
+        return f"{self.name}:{f.m}" + (f":{f.v}" if f.v != "fp32" else "")
+
+
+def format_names() -> str:
+    """The formats a spec may give, for messages."""
+    return f"m: {', '.join(M_FORMATS)}; v: {', '.join(V_FORMATS)}"
+
+
+def parse_spec(text: str) -> OptimizerSpec:
+    """``NAME``, ``NAME:M`` or ``NAME:M:V``: an optimizer and the storage of its `m` and `v`.
+
+    Raises:
+        SpecError: an unknown name, a format given to an optimizer that keeps its own, or an
+            unknown format (the known names and formats are in the message).
+    """
+    name, *formats = text.strip().lower().split(":")
+    if name not in KNOWN:
+        where = f" in {text!r}" if formats else ""
+        raise SpecError(f"unknown optimizer {name!r}{where}; known: {', '.join(KNOWN)}")
+    if not formats:
+        return OptimizerSpec(name)
+    if not takes_format(name):
+        plan_names = [n for n in KNOWN if takes_format(n)]
+        raise SpecError(f"{text!r}: {name} keeps its state its own way and takes no storage format; formats "
+                        f"apply to lowmem's plan optimizers ({', '.join(plan_names)})")
+    if len(formats) > 2:
+        raise SpecError(f"{text!r}: expected NAME, NAME:M or NAME:M:V (formats {format_names()})")
+    m, v = (*formats, "fp32")[:2]
+    if m not in M_FORMATS or v not in V_FORMATS:
+        which, bad = ("m", m) if m not in M_FORMATS else ("v", v)
+        raise SpecError(f"{text!r}: {bad!r} is not a storage format of {which}; NAME:M or NAME:M:V with "
+                        f"formats {format_names()}")
+    return OptimizerSpec(name, StateFormat(m, v))
+
+
+def unavailable(specs) -> dict[str, str]:
+    """The peers among `specs` (text or `OptimizerSpec`) whose package is missing, with why."""
+    names = {(s if isinstance(s, OptimizerSpec) else parse_spec(s)).name for s in specs}
+    return {n: reason for n in PEER_NAMES if n in names and (reason := PEERS[n].unavailable()) is not None}
 
 
 @dataclass(frozen=True)
@@ -74,9 +150,18 @@ class SweepSettings:
         eval_every: steps between held-out evaluations and distance measurements.
         eval_batches: held-out batches per evaluation (``get_val_batch(0 … n−1)``).
         tail: steps averaged for the final training loss.
-        seed: `torch.manual_seed` before building the model and before each run.
+        seed: `torch.manual_seed` before building the model and before each run, and the plan
+            optimizers' ``rounding_seed``: it changes the initial weights and stochastic
+            rounding's draws; the batches are `get_batch`'s.
         slimadam: what SlimAdam runs from: ``"slimadam-rules"`` or the plan's fingerprint.
         task: the task's source, for the record.
+        param_dtype: ``"fp32"`` or ``"bf16"``: the model is cast to it after `build_model()`
+            (pure low-precision training: the same bf16 start for every optimizer), and so are
+            the floating-point tensors of every batch.
+        param_rounding: how lowmem's plan optimizers round their fp32 update into bf16
+            parameters (``"nearest"``, ``"stochastic"``, ``"kahan"``; `ReducedAdamW`); torch's
+            AdamW keeps bf16 state and computes its update in bf16, the peers round to nearest.
+            Only ``"nearest"`` with fp32 parameters.
     """
 
     steps: int
@@ -91,8 +176,17 @@ class SweepSettings:
     seed: int = 0
     slimadam: str = "slimadam-rules"
     task: str = "?"
+    param_dtype: str = "fp32"
+    param_rounding: str = "nearest"
 
     def __post_init__(self):
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
+        if self.param_rounding not in ROUNDINGS:
+            raise ValueError(f"param_rounding must be one of {', '.join(ROUNDINGS)}, got {self.param_rounding!r}")
+        if self.param_dtype == "fp32" and self.param_rounding != "nearest":
+            raise ValueError(f"param_rounding {self.param_rounding!r} rounds into bf16 parameters: it needs "
+                             "param_dtype 'bf16'")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not 0 <= self.warmup < max(self.steps, 1):
@@ -108,19 +202,44 @@ class SweepSettings:
         progress = (step - self.warmup) / span
         return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return PARAM_DTYPES[self.param_dtype]
+
     def to_json(self) -> dict:
         return {"schema": SCHEMA, **asdict(self), "betas": list(self.betas)}
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, settings: SweepSettings,
+# Settings added after settings.json first existed, with the value a folder without them ran at.
+_ADDED_SETTINGS = {"param_dtype": "fp32", "param_rounding": "nearest"}
+
+
+def make_optimizer(spec: str | OptimizerSpec, model: nn.Module, lr: float, settings: SweepSettings,
                    plan: Plan | None = None) -> torch.optim.Optimizer:
-    """The optimizer `name` (a registry name, `OPTIMIZERS`, or ``"plan"``: SlimAdam with `plan`,
-    which also replaces the published rules of ``"slimadam"``)."""
+    """The optimizer of `spec` (`parse_spec`: a registry name, `OPTIMIZERS`; a peer, `PEER_NAMES`;
+    or ``"plan"``: SlimAdam with `plan`, which also replaces the published rules of
+    ``"slimadam"``; with a storage format after colons for lowmem's plan optimizers).
+
+    Raises:
+        SpecError: a bad spec; PeerUnavailable: a peer whose package is missing; ValueError:
+            ``"plan"`` without a plan.
+    """
+    spec = spec if isinstance(spec, OptimizerSpec) else parse_spec(spec)
+    name = spec.name
     if name == "plan" and plan is None:
         raise ValueError("optimizer 'plan' needs a plan")
+    betas = tuple(settings.betas)
+    if name in PEERS:
+        return PEERS[name].build(model, lr, betas, settings.weight_decay)
     e = REGISTRY["slimadam"] if name == "plan" else entry(name)
-    return e.build(model, lr, tuple(settings.betas), settings.weight_decay,
-                   plan=plan if e.name == "slimadam" else None)
+    plan = plan if e.name == "slimadam" else None
+    if not takes_format(name):
+        return e.build(model, lr, betas, settings.weight_decay, plan=plan)
+    kwargs = e.hparams(lr, betas, settings.weight_decay)
+    if plan is not None:
+        kwargs["plan"] = plan
+    return e.make(model, **kwargs, state_format=spec.state_format, param_rounding=settings.param_rounding,
+                  rounding_seed=settings.seed)
 
 
 @dataclass
@@ -138,6 +257,7 @@ class RunResult:
     opt_step_seconds: float | None
     init_sha: str
     batches_sha: str
+    state_format: str = ""
     train_loss: list[float] = field(default_factory=list)                  # per step
     evals: list[tuple[int, float | None, float | None]] = field(default_factory=list)  # (step, val, distance)
 
@@ -145,7 +265,8 @@ class RunResult:
         return {"optimizer": self.optimizer, "lr": self.lr, "status": self.status, "steps_done": self.steps_done,
                 "final_train_loss": self.final_train_loss, "final_val_loss": self.final_val_loss,
                 "state_bytes": self.state_bytes, "step_seconds": self.step_seconds,
-                "opt_step_seconds": self.opt_step_seconds, "init_sha": self.init_sha, "batches_sha": self.batches_sha}
+                "opt_step_seconds": self.opt_step_seconds, "init_sha": self.init_sha, "batches_sha": self.batches_sha,
+                "state_format": self.state_format}
 
     def to_json(self) -> dict:
         return {**self.row(), "train_loss": self.train_loss, "evals": [list(e) for e in self.evals]}
@@ -154,7 +275,8 @@ class RunResult:
     def from_json(cls, doc: dict) -> "RunResult":
         fields = {k: doc[k] for k in ("optimizer", "lr", "status", "steps_done", "final_train_loss", "final_val_loss",
                                       "state_bytes", "step_seconds", "opt_step_seconds", "init_sha", "batches_sha")}
-        return cls(**fields, train_loss=list(doc["train_loss"]), evals=[tuple(e) for e in doc["evals"]])
+        return cls(**fields, state_format=doc.get("state_format", ""), train_loss=list(doc["train_loss"]),
+                   evals=[tuple(e) for e in doc["evals"]])
 
 
 def _sha_tensors(tensors, h=None) -> "hashlib._Hash":
@@ -177,6 +299,31 @@ def _batch_tensors(batch):
             yield from _batch_tensors(batch[k])
 
 
+def _cast_floats(batch, dtype: torch.dtype):
+    """`batch` with its floating-point tensors in `dtype` (a bf16 model takes bf16 inputs)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() and dtype != torch.float32 else batch
+    if isinstance(batch, (list, tuple)):
+        cast = [_cast_floats(b, dtype) for b in batch]
+        return type(batch)(*cast) if hasattr(batch, "_fields") else type(batch)(cast)
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    return batch
+
+
+def _cast_model(model: nn.Module, settings: SweepSettings) -> nn.Module:
+    """`model` in the sweep's parameter dtype (fp32 sweeps leave it as built)."""
+    return model if settings.param_dtype == "fp32" else model.to(dtype=settings.dtype)
+
+
+def _set_lr(group: dict, lr: float) -> None:
+    """Set a group's lr in place where the optimizer keeps it as a tensor (torchao's refuses a float)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
 def _flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in model.parameters() if p.requires_grad])
 
@@ -196,6 +343,7 @@ def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: tor
             losses = []
             for i in range(settings.eval_batches):
                 batch = to_device(call_user(task, f"get_val_batch({i})", task.get_val_batch, i), device)
+                batch = _cast_floats(batch, settings.dtype)
                 loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
                 check_loss(task, loss, i, needs_grad=False, where=f"on held-out batch {i}")
                 losses.append(float(loss))
@@ -204,27 +352,31 @@ def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: tor
         model.train(was_training)
 
 
-def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: nn.Module, device: torch.device,
+def train_one(task: Task, name: str | OptimizerSpec, lr: float, settings: SweepSettings, base: nn.Module,
+              device: torch.device,
               plan: Plan | None = None, reference: dict[int, torch.Tensor] | None = None,
               snapshots: dict[int, torch.Tensor] | None = None,
               on_step: Callable[[int, float], None] | None = None) -> RunResult:
-    """Train a copy of `base` with optimizer `name` at peak learning rate `lr`.
+    """Train a copy of `base` with optimizer `name` (a spec, `parse_spec`) at peak learning rate `lr`.
 
     Args:
-        base: the initial model (copied, never trained itself).
+        base: the initial model (copied, cast to ``settings.param_dtype``, never trained itself).
         reference: AdamW's flat weights by evaluation step, for ``distance_to_adamw``.
         snapshots: filled with this run's flat weights by evaluation step (for AdamW's run).
         on_step: called with (steps done, loss) after every step.
 
     Raises:
         TaskError: the user's code failed or broke the contract.
+        SpecError, PeerUnavailable: as `make_optimizer`.
     """
-    model = copy.deepcopy(base).to(device).train()
+    spec = name if isinstance(name, OptimizerSpec) else parse_spec(name)
+    model = _cast_model(copy.deepcopy(base), settings).to(device).train()
     init_sha = _sha_tensors(p for p in model.state_dict().values()).hexdigest()
     torch.manual_seed(settings.seed)
-    opt = make_optimizer(name, model, lr, settings, plan)
+    opt = make_optimizer(spec, model, lr, settings, plan)
     batches = hashlib.sha256()
-    result = RunResult(name, lr, "complete", 0, None, None, 0, None, None, init_sha, "")
+    result = RunResult(str(spec), lr, "complete", 0, None, None, 0, None, None, init_sha, "",
+                       state_format=str(spec.state_format) if spec.state_format is not None else "")
     step_times, opt_times = [], []
 
     def evaluate(step: int) -> bool:
@@ -242,10 +394,10 @@ def train_one(task: Task, name: str, lr: float, settings: SweepSettings, base: n
         result.status = "diverged"
     for step in range(settings.steps if result.status == "complete" else 0):
         for group in opt.param_groups:
-            group["lr"] = settings.lr_at(step, lr)
+            _set_lr(group, settings.lr_at(step, lr))
         batch = batch_at(task, step)
         _sha_tensors(_batch_tensors(batch), batches)
-        batch = to_device(batch, device)
+        batch = _cast_floats(to_device(batch, device), settings.dtype)
         _sync(device)
         t0 = time.perf_counter()
         loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
@@ -292,7 +444,9 @@ def has_runs(folder: Path, names=None) -> bool:
 
 
 def run_file(out: Path, name: str, lr: float) -> Path:
-    return out / "runs" / f"{name}@{lr:g}.json"
+    """Where a run of spec `name` is kept (a spec's colons written ``+``: file systems that refuse
+    ``:`` take it)."""
+    return out / "runs" / f"{name.replace(':', '+')}@{lr:g}.json"
 
 
 def check_settings(out: Path, settings: SweepSettings, init_sha: str) -> None:
@@ -305,6 +459,8 @@ def check_settings(out: Path, settings: SweepSettings, init_sha: str) -> None:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SweepMismatch(f"{path}: unreadable ({e}); remove it or use another --out") from None
+        if isinstance(old, dict):   # a folder from before a setting existed ran at its default
+            old = {**_ADDED_SETTINGS, **old}
         if old != doc:
             diff = [f"{k}: {old.get(k)!r} there, {v!r} now" if k != "init_sha" else
                     "initial weights differ (the model or build_model changed)" for k, v in doc.items() if old.get(k) != v]
@@ -322,7 +478,8 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
     """Run every (optimizer, lr) not already finished in `out`; AdamW first at each lr.
 
     Args:
-        optimizers: names from `OPTIMIZERS` (or ``"plan"`` with `plan`).
+        optimizers: specs (`parse_spec`): names from `OPTIMIZERS` or `PEER_NAMES` (or ``"plan"``
+            with `plan`), with a storage format for the plan optimizers.
         lrs: peak learning rates.
         on_run_start: called with (name, lr, index, total) before each run that trains.
         on_run_done: called with (result, resumed) after each run, finished now or earlier.
@@ -332,13 +489,19 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
 
     Raises:
         SweepMismatch: `out` holds a sweep with other settings.
+        SpecError: a bad spec; PeerUnavailable: a peer whose package is missing (both before any run).
         TaskError: the user's code failed; KeyboardInterrupt: the run in progress is lost,
             every finished one is on disk.
     """
     out = Path(out)
     device = torch.device(device)
-    order = sorted(dict.fromkeys(optimizers), key=lambda n: n != "adamw")
+    specs = [s if isinstance(s, OptimizerSpec) else parse_spec(s) for s in optimizers]
+    missing = unavailable(specs)
+    if missing:
+        raise PeerUnavailable("; ".join(missing.values()))
+    order = sorted(dict.fromkeys(str(s) for s in specs), key=lambda n: n != "adamw")
     base, _ = build(task, torch.device("cpu"), lrs[0], settings.seed, with_optimizer=False)
+    base = _cast_model(base, settings)
     # The initial weights pin the model too: an edited model.py must not join an earlier sweep.
     check_settings(out, settings, _sha_tensors(base.state_dict().values()).hexdigest())
     results: list[RunResult] = []

@@ -209,3 +209,16 @@ def test_config_has_the_names_shapes_and_roles_of_the_hugging_face_model(name):
     fields = ("name", "aliases", "shape", "role", "axes", "heads", "head_dim", "parts", "part_heads")
     resolved = [[tuple(getattr(i, f) for f in fields) for i in resolve_layers(m, warn=False)] for m in (ours, theirs)]
     assert resolved[0] == resolved[1]
+
+
+def test_quantized_states_of_a_tensor_subclass_count_their_codes_and_scales():
+    """torchao keeps 8-/4-bit states as tensor subclasses that look like fp32 tensors of the
+    parameter's shape; their bytes are those of the codes, scales and code map inside."""
+    optim = pytest.importorskip("torchao.optim")
+    for cls, bits, block, qmap in ((optim.AdamW8bit, 8, 256, 256), (optim.AdamW4bit, 4, 128, 16)):
+        model = nn.Linear(128, 64, bias=False)                 # 8,192 entries: quantized
+        opt = cls(model.parameters(), lr=1e-3)
+        model(torch.randn(4, 128)).sum().backward()
+        opt.step()
+        one = 8192 * bits // 8 + 8192 // block * 4 + qmap * 4  # codes, one fp32 scale per block, the map
+        assert optimizer_state_bytes(opt).by_key == {"step": 4, "exp_avg": one, "exp_avg_sq": one}

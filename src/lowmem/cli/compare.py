@@ -3,6 +3,19 @@ from the same initial weights on the same batches, and compare their losses.
 
     lowmem-analyze compare --example shakespeare --lrs 3e-4,1e-3,3e-3,1e-2 --steps 400
     lowmem-analyze compare model.py --optimizers adamw,slimadam,eve --plan lowmem-out/plan.json
+    lowmem-analyze compare --example shakespeare --optimizers adamw,eve:int8,eve:int4,torchao-adamw8bit --lrs 1e-3
+    lowmem-analyze compare --example shakespeare --optimizers adamw,eve:bf16:bf16 --param-dtype bf16 \
+        --param-rounding stochastic --lrs 1e-3
+
+Optimizers are specs (`lowmem.compare.parse_spec`): a name of lowmem's registry (the default is
+all of them), of a peer (``torchao-adamw8bit``, ``torchao-adamw4bit``, ``bnb-adamw8bit``: other
+packages' 8-/4-bit AdamW, never in the default, so a sweep does not depend on what is installed),
+or ``plan`` (SlimAdam from ``--plan``), and for lowmem's plan optimizers the storage of `m` and
+`v` after colons (``eve:int8``, ``slimadam:int8:int8``, ``plan:bf16:bf16``). A peer whose package
+is missing is skipped with a note, and the others run; if nothing is left to run, that is a
+usage error. ``--param-dtype bf16`` trains a bf16 copy of the model (the same start for every
+optimizer); ``--param-rounding`` says how lowmem's plan optimizers round into it; torch's AdamW
+keeps bf16 state and updates in bf16 (round to nearest), the peers round to nearest.
 
 Writes to ``--out`` (default ``lowmem-out/compare``) as each run ends: ``runs/NAME@LR.json``,
 ``compare.csv`` and ``curves.csv`` (columns in `lowmem.compare`), then ``report.html`` (in the
@@ -10,8 +23,8 @@ run folder when ``--out`` is its ``compare/`` folder, as by default, else in ``-
 again skips the finished runs; ``--fresh`` starts over (the earlier sweep moves to ``previous/``
 once a new run has finished; lowmem never deletes a file it did not write, see `lowmem.runfolder`).
 
-Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (diverged runs are results); 2 usage error
-(unknown optimizer, bad grid, a plan for another model, ``--out`` holding another sweep);
+Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done (diverged runs are results, a skipped peer
+is a note); 2 usage error (unknown optimizer or storage format, no optimizer left to run, bad grid, a plan for another model, ``--out`` holding another sweep);
 3 the user's code failed or broke the contract; 4 internal error; 130 interrupted (finished
 runs kept; the same command resumes).
 """
@@ -30,7 +43,10 @@ from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, 
                                nonneg_int, parse_device, positive_int, run_guarded, seed_int, training_progress, user_code,
                                write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
-from lowmem.compare import OPTIMIZERS, RunResult, SweepMismatch, SweepSettings, has_runs, plan_digest, run_sweep
+from lowmem.compare import (KNOWN, OPTIMIZERS, PARAM_DTYPES, RunResult, SpecError, SweepMismatch, SweepSettings,
+                            format_names, has_runs, parse_spec, plan_digest, run_sweep, unavailable)
+from lowmem.compress.optim.engine import ROUNDINGS
+from lowmem.compress.optim.registry import PEER_NAMES
 from lowmem.compress import PlanError
 from lowmem.examples import EXAMPLES
 from lowmem.probe import DEFAULTS, build
@@ -43,12 +59,19 @@ LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rate
 
 
 def _names(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(unknown) or '(none)'}; "
-                                         f"known: {','.join(OPTIMIZERS)}")
-    return list(dict.fromkeys(names))
+    """Optimizer specs separated by commas, each in its canonical spelling (`parse_spec`)."""
+    items = [n.strip() for n in text.split(",") if n.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"no optimizer given; known: {','.join(KNOWN)}")
+    specs, errors = [], []
+    for item in items:
+        try:
+            specs.append(str(parse_spec(item)))
+        except SpecError as e:
+            errors.append(str(e))
+    if errors:
+        raise argparse.ArgumentTypeError("; ".join(errors))
+    return list(dict.fromkeys(specs))
 
 
 def _lrs(text: str) -> list[float]:
@@ -86,7 +109,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="model.py or model.py:factory (the contract of lowmem-analyze)")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example instead of a model.py")
     p.add_argument("--optimizers", type=_names, default=list(OPTIMIZERS), metavar="A,B,…",
-                   help=f"optimizers to train (default all: {','.join(OPTIMIZERS)})")
+                   help=f"optimizers to train (default all of lowmem's: {','.join(OPTIMIZERS)}); also the "
+                        f"peers {','.join(PEER_NAMES)} (other packages, skipped when missing) and plan (SlimAdam "
+                        "from --plan); a plan optimizer may carry the storage of m and v as NAME:M or NAME:M:V, "
+                        f"e.g. eve:int8 ({format_names()})")
     p.add_argument("--lrs", type=_lrs, metavar="LR,LR,…",
                    help="peak learning rates (default the task's lr times " + ", ".join(f"{f:g}" for f in LR_FACTORS) + ")")
     p.add_argument("--steps", type=positive_int, help=f"steps per run (default the task's, else {DEFAULTS['steps']})")
@@ -98,6 +124,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive_int, help="steps between held-out evaluations (default steps/10)")
     p.add_argument("--eval-batches", type=nonneg_int, default=4, help="held-out batches per evaluation (default 4)")
     p.add_argument("--plan", metavar="FILE", help="SlimAdam from this plan.json (default: the published rules)")
+    p.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="fp32",
+                   help="train the model in this dtype, cast after build_model (default fp32)")
+    p.add_argument("--param-rounding", choices=ROUNDINGS, default="nearest",
+                   help="how lowmem's plan optimizers round updates into bf16 parameters (default nearest; "
+                        "torch's AdamW and the peers round to nearest)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out/compare", metavar="DIR", help="output folder (default lowmem-out/compare)")
     p.add_argument("--fresh", action="store_true",
@@ -136,11 +167,24 @@ def _run(args, err: Console) -> int:
             raise PlanError(f"{args.plan} does not fit the model of {task.source}: {e}") from None
     if args.warmup is not None and args.warmup >= steps:
         raise UsageError(f"--warmup {args.warmup} must be below --steps {steps}")
+    if args.param_rounding != "nearest" and args.param_dtype == "fp32":
+        raise UsageError(f"--param-rounding {args.param_rounding} rounds into bf16 parameters: add --param-dtype bf16")
+    if plan is None and any(parse_spec(s).name == "plan" for s in args.optimizers):
+        raise UsageError("optimizer 'plan' is SlimAdam from --plan FILE: give --plan, or use slimadam")
+    skipped = unavailable(args.optimizers)
+    for reason in skipped.values():
+        if not args.quiet:
+            err.print(f"{NAME}: note: skipped: {reason}", markup=False)
+    args.optimizers = [s for s in args.optimizers if parse_spec(s).name not in skipped]
+    if not args.optimizers:
+        raise UsageError("no optimizer left to run: " + "; ".join(skipped.values()))
+    args.skipped = skipped
     settings = SweepSettings(steps=steps, warmup=steps // 20 if args.warmup is None else args.warmup,
                              schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                              betas=tuple(args.betas), eval_every=args.eval_every or max(1, steps // 10),
                              eval_batches=args.eval_batches, seed=args.seed,
-                             slimadam=plan_digest(plan) if plan else "slimadam-rules", task=task.source)
+                             slimadam=plan_digest(plan) if plan else "slimadam-rules", task=task.source,
+                             param_dtype=args.param_dtype, param_rounding=args.param_rounding)
     out = Path(args.out)
     with RunFolder(out, NAME) as folder:
         report_in = _report_folder(out)
@@ -197,6 +241,7 @@ def _sweep(args, err: Console, task, device, plan, lrs, settings, out: Path) -> 
     loss_name = "held-out loss" if loss_column(rows) == "final_val_loss" else "training loss"
     if args.format == "json":
         doc = {"settings": settings.to_json(), "lrs": lrs, "runs": [r.row() for r in results],
+               "skipped": getattr(args, "skipped", {}),
                "files": {"compare": str(out / "compare.csv"), "curves": str(out / "curves.csv")}}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lowmem.compress.builders import build_preset
 from lowmem.compress.formats import FULL, M_FORMATS, V_FORMATS, StateFormat, effective_format, stored_bytes
@@ -91,7 +92,8 @@ def format_bytes(n: int) -> str:
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes of an optimizer's state tensors (``numel · element_size``), summed over parameters,
+    """Bytes of an optimizer's state tensors (``numel · element_size``; for a tensor subclass such as
+    torchao's quantized states, of the tensors inside it), summed over parameters,
     per state key (``step``, ``exp_avg``, ``exp_avg_sq``, or whatever the optimizer keeps)."""
 
     by_key: dict[str, int]
@@ -134,6 +136,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
 
 def _tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
+        if is_traceable_wrapper_subclass(value) and getattr(value, "placements", None) is None:
+            # A tensor subclass that stores its data in inner tensors (torchao's quantized states
+            # look like fp32 but hold uint8 codes, fp32 scales and a code map): count those.
+            # DTensors are counted as before, by their global shape.
+            attrs, _ = value.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(value, a)) for a in attrs)
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)

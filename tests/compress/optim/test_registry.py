@@ -47,3 +47,22 @@ def test_every_entry_builds_from_compare_settings_and_steps(name):
     opt.step()
     moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
     assert all(moved), f"{name}: some parameters did not move"
+
+
+def test_readme_peer_table_is_the_registry():
+    assert registry.peer_markdown_table() in README.read_text()
+
+
+@pytest.mark.parametrize("name", registry.PEER_NAMES)
+def test_every_peer_builds_from_compare_settings_and_steps(name):
+    peer = registry.PEERS[name]
+    if peer.unavailable():
+        pytest.skip(peer.unavailable())
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(name, model, 1e-2, SweepSettings(steps=2, weight_decay=0.1))
+    assert type(opt).__name__ == peer.attr and type(opt).__module__.startswith(peer.module.split(".")[0])
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["weight_decay"] == 0.1
+    tiny_loss(model, 0).backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -5,6 +5,12 @@ its state size from shapes, and its paper.
 presets), the README's optimizer table (`markdown_table`, checked by a test) and the optimizer
 test battery all read `REGISTRY`. Adding an optimizer is one `OptimizerEntry` here (and its
 class); a `v`-averaging one needs only a preset in `lowmem.compress.builders` and an entry.
+
+`PEERS` lists optimizers of other packages (torchao, bitsandbytes) that `compare` can train
+beside lowmem's as baselines. Their packages are optional, so an entry imports its class only
+when built (`PeerEntry.unavailable` says why it cannot be), and their state is only ever
+measured from the live optimizer: they have no shape-only count and no rows in ``memory``. The
+README lists them in a second table (`peer_markdown_table`, checked by a test).
 """
 
 from __future__ import annotations
@@ -148,6 +154,102 @@ def entry(name: str) -> OptimizerEntry:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(NAMES)}") from None
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer optimizer's package is not installed (or does not import here)."""
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """An optimizer from another package that `compare` can run as a baseline.
+
+    Attributes:
+        name: its one spelling (compare's ``--optimizers``).
+        module, attr: where its class lives (``torchao.optim``, ``AdamW8bit``), imported on use.
+        requirement: what to install for it (``pip install REQUIREMENT``).
+        keeps: what it keeps of Adam's state, in a few words (the README table).
+        paper: where the method comes from (authors, title, year).
+        fixed: keyword arguments that make this entry of its class.
+        hparams: ``(lr, betas, weight_decay) -> keyword arguments``, as `OptimizerEntry.hparams`.
+    """
+
+    name: str
+    module: str
+    attr: str
+    requirement: str
+    keeps: str
+    paper: str
+    fixed: dict = field(default_factory=dict)
+    hparams: Callable[[float, tuple[float, float], float], dict] = _adam_hparams
+
+    def unavailable(self) -> str | None:
+        """Why this peer cannot be built here (its package is missing or fails to import), or None."""
+        try:
+            self.load()
+        except PeerUnavailable as e:
+            return str(e)
+        return None
+
+    def load(self) -> type:
+        """The optimizer class.
+
+        Raises:
+            PeerUnavailable: its package is missing or fails to import (the message says what to install).
+        """
+        import importlib
+        import warnings
+
+        try:
+            with warnings.catch_warnings():   # torchao warns on import about kernels a CPU build lacks
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(self.module)
+        except Exception as e:   # a broken install raises more than ImportError (OSError, RuntimeError)
+            raise PeerUnavailable(f"optimizer {self.name!r} needs {self.requirement.split('=')[0]}, which does not "
+                                  f"import here ({type(e).__name__}: {e}); pip install '{self.requirement}'") from None
+        cls = getattr(module, self.attr, None)
+        if cls is None:
+            raise PeerUnavailable(f"optimizer {self.name!r}: {self.module} has no {self.attr} in this version; "
+                                  f"pip install '{self.requirement}'")
+        return cls
+
+    def build(self, model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+              weight_decay: float = 0.0, plan: Plan | None = None) -> torch.optim.Optimizer:
+        """The optimizer over `model`'s trainable parameters from the settings every optimizer shares.
+
+        Raises:
+            PeerUnavailable: its package is missing; ValueError: a plan was given (peers take none).
+        """
+        if plan is not None:
+            raise ValueError(f"optimizer {self.name!r} does not take a plan")
+        cls = self.load()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(params, **self.fixed, **self.hparams(lr, betas, weight_decay))
+
+
+PEERS: dict[str, PeerEntry] = {e.name: e for e in (
+    PeerEntry("torchao-adamw8bit", "torchao.optim", "AdamW8bit", "torchao==0.18.0",
+              "m and v as 8-bit codes, one fp32 scale per 256 entries",
+              "Dettmers, Lewis, Shleifer, Zettlemoyer, 8-bit Optimizers via Block-wise Quantization (2022)"),
+    PeerEntry("torchao-adamw4bit", "torchao.optim", "AdamW4bit", "torchao==0.18.0",
+              "m and v as 4-bit codes (v on a linear map), one fp32 scale per 128 entries",
+              "Li, Chen, Zhu, Memory Efficient Optimizers with 4-bit States (2023)"),
+    PeerEntry("bnb-adamw8bit", "bitsandbytes.optim", "AdamW8bit", "bitsandbytes==0.50.2",
+              "m and v as 8-bit codes, one fp32 scale per 256 entries",
+              "Dettmers, Lewis, Shleifer, Zettlemoyer, 8-bit Optimizers via Block-wise Quantization (2022)"),
+)}
+
+PEER_NAMES: tuple[str, ...] = tuple(PEERS)
+assert not set(PEER_NAMES) & set(NAMES), "a peer's name is not a lowmem optimizer's"
+
+
+def peer_markdown_table() -> str:
+    """The README's table of peer optimizers (other packages' baselines for `compare`)."""
+    rows = ["| name | class | keeps | install | paper |", "|---|---|---|---|---|"]
+    for e in PEERS.values():
+        cls = f"{e.module}.{e.attr}"
+        rows.append(f"| `{e.name}` | `{cls}` | {e.keeps} | `{e.requirement}` | {e.paper} |")
+    return "\n".join(rows)
 
 
 def markdown_table() -> str:
