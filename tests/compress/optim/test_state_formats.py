@@ -369,7 +369,6 @@ def test_a_checkpoint_without_the_lowmem_entry_loads_its_formats_from_its_tensor
         for target in (fmt, None):   # into the same format, and decoded into fp32
             other = ReducedAdamW(model, None, lr=LR, state_format=target)
             other.load_state_dict(sd)
-            w = model.a.weight
             want = opt.adamw_state_dict()["state"][1]["exp_avg"]
             got = other.adamw_state_dict()["state"][1]["exp_avg"]
             torch.testing.assert_close(got, want, rtol=0, atol=0)
