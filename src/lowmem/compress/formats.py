@@ -116,9 +116,16 @@ def stored_bytes(fmt: str, shape, compute_bytes: int = 4) -> int:
     if fmt == "bf16":
         return 2 * n
     rows, length = rows_of(shape)
-    bits, block = QUANTIZED[fmt], block_of(fmt)
-    return rows * (-(-length * bits // 8) + 4 * -(-length // block))
+    return rows * quantized_nbytes(length, QUANTIZED[fmt], block_of(fmt))
+
+
+def quantized_nbytes(n: int, bits: int, block: int) -> int:
+    """Bytes that `n` entries take as `bits`-bit codes (4-bit codes packed two to a byte) plus one
+    fp32 scale per block of `block` entries (the last block may be shorter)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return -(-n * bits // 8) + 4 * -(-n // block)
 
 
 __all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "FULL", "MIN_QUANTIZED_NUMEL", "MIN_QUANTIZED_ROW", "M_FORMATS", "QUANTIZED", "StateFormat",
-           "V_FORMATS", "block_of", "effective_format", "quantizable", "rows_of", "stored_bytes"]
+           "V_FORMATS", "block_of", "effective_format", "quantizable", "quantized_nbytes", "rows_of", "stored_bytes"]

@@ -231,12 +231,13 @@ def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict, saved
         out = _in_compute_dtype(opt, p, _decoded(opt, p, saved, saved_fmt))
         if not ours.full:
             out = _encoded(opt, p, out, ours)
-    if "kahan_comp" in out and not (local(p).dtype != opt.state_dtype_of(p) and opt._param_rounding(p) == "kahan"):
+    kahan = opt.keeps_kahan(p)
+    if "kahan_comp" in out and not kahan:
         del out["kahan_comp"]
     elif "kahan_comp" in out:
         out["kahan_comp"] = _rows_like(opt, p, out["kahan_comp"].detach().to(device=local(p).device,
                                                                              dtype=local(p).dtype, copy=True))
-    elif local(p).dtype != opt.state_dtype_of(p) and opt._param_rounding(p) == "kahan":
+    elif kahan:
         out["kahan_comp"] = _rows_like(opt, p, torch.zeros_like(local(p)), local_rows=True)
     opt.state[p] = out
 

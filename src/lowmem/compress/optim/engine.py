@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lowmem.compress.formats import FULL, StateFormat, effective_format
+from lowmem.compress.formats import FULL, QUANTIZED, StateFormat, effective_format
 from lowmem.compress.optim import checkpoint
 from lowmem.compress.optim import state as stored
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, local, named_trainable,
@@ -239,7 +239,7 @@ class ReducedAdamW(torch.optim.Optimizer):
 
     def backend_of(self, p: torch.Tensor) -> Backend:
         """The backend that steps `p` at its next step, with its gradient as it is now."""
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = self._group_of(p)
         step = int(self.state[p]["step"].item()) + 1 if self.state.get(p) else 1
         return choose_backend(self._key(p, local(p.grad if p.grad is not None else p), step, group),
                               self._preference(group))
@@ -280,7 +280,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         v_shape = (tuple(shard.shape) if lay.like_param else (lay.v_size,)) if lay else self._layouts[p].v_shape
         rows_like = stored.allocate("m", fmt.m, shard.shape, dtype, shard.device)
         v = stored.allocate("v", fmt.v, v_shape, dtype, shard.device)
-        if shard.dtype != dtype and self._param_rounding(p) == "kahan":
+        if self.keeps_kahan(p):
             rows_like["kahan_comp"] = torch.zeros_like(shard)
         if lay is not None:   # DTensors sharded like the parameter (a flat compressed v stays local)
             rows_like = {k: _sharded_like(t, p) for k, t in rows_like.items()}
@@ -289,8 +289,13 @@ class ReducedAdamW(torch.optim.Optimizer):
         state.update(rows_like)
         state.update(v)
 
-    def _param_rounding(self, p: torch.Tensor) -> str:
-        return next(g["param_rounding"] for g in self.param_groups if any(q is p for q in g["params"]))
+    def keeps_kahan(self, p: torch.Tensor) -> bool:
+        """Whether `p` keeps a Kahan buffer: a parameter below the compute dtype in a group that
+        rounds with ``"kahan"``."""
+        return local(p).dtype != self.state_dtype_of(p) and self._group_of(p)["param_rounding"] == "kahan"
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles only defaults, state and groups; the plan and layouts travel too.
@@ -386,7 +391,7 @@ def _load(b: Bucket) -> None:
             if st.rounding == "kahan" and "kahan_comp" in local_state:
                 param.add_(local_state["kahan_comp"])
         v_stored = local_state["exp_avg_sq"]
-        v_shape = shard.shape if st.fmt.v in ("int8", "int4") else v_stored.shape
+        v_shape = shard.shape if st.fmt.v in QUANTIZED else v_stored.shape   # quantized v: kept whole
         m = stored.decode("m", st.fmt.m, local_state, shard.shape, dtype)
         v = stored.decode("v", st.fmt.v, local_state, v_shape, dtype)
         st.temps = (param, m, v, local_state)
@@ -420,8 +425,8 @@ def _sharded_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     shape = (p.shape[0], *t.shape[1:])
-    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
-    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+    # a contiguous tensor's strides do not depend on its dim 0: the local ones are the global ones
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=t.stride())
 
 
 def _check_rounding(rounding: Any) -> None:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT
+from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT, quantized_nbytes
 
 MAPS = ("dynamic", "dynamic-unsigned", "linear")
 
@@ -241,24 +241,29 @@ def _encoder(qmap: torch.Tensor, device: torch.device) -> _Encoder:
     return enc
 
 
-def quantized_nbytes(n: int, bits: int, block: int) -> int:
-    """Bytes that `n` entries take as `bits`-bit codes (4-bit codes packed two to a byte) plus one
-    fp32 scale per block of `block` entries (the last block may be shorter)."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    return -(-n * bits // 8) + 4 * -(-n // block)
-
-
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the first in the low nibble; an odd count is padded with 0."""
-    c = torch.nn.functional.pad(codes.reshape(-1).to(torch.uint8), (0, codes.numel() % 2))
-    return c[0::2] | (c[1::2] << 4)
+    """Two 4-bit codes per byte, the first in the low nibble; an odd count is padded with 0
+    (`pack_rows` of one row)."""
+    return pack_rows(codes.reshape(1, -1).to(torch.uint8)).reshape(-1)
 
 
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The first `n` codes `pack_4bit` packed."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=1).reshape(-1)[:n]
+    return unpack_rows(packed.reshape(1, -1), n).reshape(-1)
+
+
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (R, L) packed two to a byte within each row: (R, ceil(L/2)), the even entry
+    in the low nibble; an odd row is padded with a 0 code."""
+    c = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_rows(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The (R, length) codes `pack_rows` packed."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :length]
 
 
 __all__ = ["BLOCK_4BIT", "BLOCK_8BIT", "MAPS", "block_scales", "dequantize", "dynamic_map", "pack_4bit",
-           "dequantize_rows", "quantization_map", "quantize", "quantize_rows", "quantized_nbytes", "unpack_4bit"]
+           "dequantize_rows", "pack_rows", "quantization_map", "quantize", "quantize_rows", "quantized_nbytes",
+           "unpack_4bit", "unpack_rows"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.compress.formats import QUANTIZED, block_of, rows_of
-from lowmem.compress.optim.quant import dequantize_rows, quantization_map, quantize_rows
+from lowmem.compress.optim.quant import dequantize_rows, pack_rows, quantization_map, quantize_rows, unpack_rows
 
 KEYS = {"m": "exp_avg", "v": "exp_avg_sq"}
 MAPS = {"m": "dynamic", "v": "dynamic-unsigned"}
@@ -103,22 +103,4 @@ def roundtrip(which: str, fmt: str, x: torch.Tensor) -> torch.Tensor:
     return decode(which, fmt, state, x.shape, torch.float32)
 
 
-def pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes (R, L) packed two to a byte within each row: (R, ceil(L/2)), the even entry
-    in the low nibble; an odd row is padded with a 0 code."""
-    c = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))
-    return c[:, 0::2] | (c[:, 1::2] << 4)
-
-
-def unpack_rows(packed: torch.Tensor, length: int) -> torch.Tensor:
-    """The (R, length) codes `pack_rows` packed."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :length]
-
-
-def nbytes(state: dict) -> int:
-    """Bytes of every tensor of a state dict entry."""
-    return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
-
-
-__all__ = ["KEYS", "allocate", "decode", "encode_", "nbytes", "pack_rows", "roundtrip", "scale_key",
-           "stored_shapes", "unpack_rows"]
+__all__ = ["KEYS", "allocate", "decode", "encode_", "roundtrip", "scale_key", "stored_shapes"]
