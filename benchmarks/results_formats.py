@@ -21,7 +21,7 @@ shared 2-core machine and are here to extend it):
   2. shakespeare, fp32: adamw, eve:int8, eve:int4, torchao-adamw8bit, torchao-adamw4bit, seed 0;
      then the measured plan (``lowmem-analyze --example shakespeare``: SNR plan for `v`, and per
      layer the state formats its precision probe chose) as ``plan``, seed 0;
-  3. the same, seeds 1 and 2;
+  3. the same, seeds 1 and 2 (the plan is seed 0's analysis, applied to every seed);
   4. shakespeare, fp32: eve and bnb-adamw8bit, seeds 0-2;
   5. shakespeare, bf16 parameters as in phase 1, seed 0 (bf16 matmuls were 3x slower than fp32
      on the CPU of RESULTS.md).
@@ -69,6 +69,7 @@ SWEEPS = [
     (2, "shakespeare", (0,), "fp32", ["adamw", "eve:int8", "eve:int4", *PEERS], []),
     (2, "shakespeare", (0,), "fp32-plan", ["plan"], ["--plan", "{out}/shakespeare/analysis/plan.json"]),
     (3, "shakespeare", (1, 2), "fp32", ["adamw", "eve:int8", "eve:int4", *PEERS], []),
+    (3, "shakespeare", (1, 2), "fp32-plan", ["plan"], ["--plan", "{out}/shakespeare/analysis/plan.json"]),
     (4, "shakespeare", SEEDS, "fp32", ["adamw", "eve", "bnb-adamw8bit"], []),
     (5, "shakespeare", (0,), "bf16-nearest", ["adamw", BF16_PLAN], ["--param-dtype", "bf16"]),
     *[(5, "shakespeare", (0,), f"bf16-{r}", [BF16_PLAN], ["--param-dtype", "bf16", "--param-rounding", r])
