@@ -23,8 +23,7 @@ shared 2-core machine and are here to extend it):
      layer the state formats its precision probe chose) as ``plan``, seed 0;
   3. the same, seeds 1 and 2 (the plan is seed 0's analysis, applied to every seed);
   4. shakespeare, fp32: eve and bnb-adamw8bit, seeds 0-2;
-  5. shakespeare, bf16 parameters as in phase 1, seed 0 (bf16 matmuls were 3x slower than fp32
-     on the CPU of RESULTS.md).
+  5. shakespeare, bf16 parameters as in phase 1, seeds 0-2.
 
 A peer whose package is missing is skipped by compare with a note (bitsandbytes is not a
 dependency: put it on PYTHONPATH to include it).
@@ -71,8 +70,8 @@ SWEEPS = [
     (3, "shakespeare", (1, 2), "fp32", ["adamw", "eve:int8", "eve:int4", *PEERS], []),
     (3, "shakespeare", (1, 2), "fp32-plan", ["plan"], ["--plan", "{out}/shakespeare/analysis/plan.json"]),
     (4, "shakespeare", SEEDS, "fp32", ["adamw", "eve", "bnb-adamw8bit"], []),
-    (5, "shakespeare", (0,), "bf16-nearest", ["adamw", BF16_PLAN], ["--param-dtype", "bf16"]),
-    *[(5, "shakespeare", (0,), f"bf16-{r}", [BF16_PLAN], ["--param-dtype", "bf16", "--param-rounding", r])
+    (5, "shakespeare", SEEDS, "bf16-nearest", ["adamw", BF16_PLAN], ["--param-dtype", "bf16"]),
+    *[(5, "shakespeare", SEEDS, f"bf16-{r}", [BF16_PLAN], ["--param-dtype", "bf16", "--param-rounding", r])
       for r in ROUNDINGS[1:]],
 ]
 

@@ -48,6 +48,20 @@ from lowmem.compress.optim.layout import Block, Layout, ShardedLayout, block_mea
 
 
 @dataclass(frozen=True)
+class Stored:
+    """How a parameter whose states or dtype differ from the compute dtype is kept
+    (`BucketKey.stored`): its states' formats, its dtype, the compute dtype, how it rounds its
+    update, and whether it and its gradient are contiguous (the gradient in its dtype)."""
+
+    m: str
+    v: str
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    rounding: str
+    contiguous: bool
+
+
+@dataclass(frozen=True)
 class BucketKey:
     """What decides a backend for a group of tensors.
 
@@ -64,7 +78,10 @@ class BucketKey:
         stage: 0, or for parameters whose states are stored in another format (or that round
             their update in another way) the number of their staged bucket: the engine decodes
             them into compute-dtype temporaries before the backend runs (``dtype`` is then the
-            compute dtype and ``native`` true) and encodes them after.
+            compute dtype and ``native`` true) and encodes them after, unless the backend
+            reads stored formats itself (`Backend.reads_stored`).
+        stored: for staged parameters, and parameters below the compute dtype, how they are kept
+            (`Stored`); None for parameters in the compute dtype with states in it.
     """
 
     device: torch.device
@@ -73,6 +90,7 @@ class BucketKey:
     kind: str
     step: int
     stage: int = 0
+    stored: Stored | None = None
 
 
 @dataclass
@@ -298,13 +316,28 @@ def compiled_step(b: Bucket, s: StepScalars) -> None:
 
 
 # -- the choice ---------------------------------------------------------------------------------
+# -- native (a C kernel, `native`) ----------------------------------------------------------------
+def native_step(b: Bucket, s: StepScalars) -> None:
+    """The bucket in one call of the C kernel of `lowmem.compress.optim.native`."""
+    from lowmem.compress.optim import native
+    native.native_step(b, s)
+
+
+def _native_serves(key: BucketKey) -> bool:
+    from lowmem.compress.optim import native
+    return native.serves(key)
+
+
 @dataclass(frozen=True)
 class Backend:
-    """One way to run a bucket: ``fn(bucket, scalars)`` and which buckets it can take."""
+    """One way to run a bucket: ``fn(bucket, scalars)`` and which buckets it can take.
+    ``reads_stored``: it reads and writes staged parameters' stored formats itself (from
+    `Bucket.stages`), so the engine does not decode them into temporaries first."""
 
     name: str
     fn: Callable[[Bucket, StepScalars], None]
     serves: Callable[[BucketKey], bool]
+    reads_stored: bool = False
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -314,6 +347,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     # Its 0-d scalars are in the state dtype: in bf16 β2 = 0.999 would be 1.0, so fp32/fp64 only.
     Backend("compiled", compiled_step, lambda k: k.native and k.kind in ("full", "canonical")
             and k.dtype in (torch.float32, torch.float64)),
+    Backend("native", native_step, _native_serves, reads_stored=True),
 )}
 
 # The backends each group option tries, in order: the first that serves a bucket runs it.
@@ -322,6 +356,7 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
     "foreach": ("fused", "foreach", "reference"),
     "compiled": ("compiled", "fused", "foreach", "reference"),
+    "native": ("native", "fused", "foreach", "reference"),
 }
 
 
@@ -333,5 +368,5 @@ def choose_backend(key: BucketKey, preference: str) -> Backend:
     raise AssertionError(f"no backend serves {key}")   # the reference serves every bucket
 
 
-__all__ = ["BACKENDS", "PREFERENCE", "Backend", "Bucket", "BucketKey", "StepScalars", "choose_backend",
-           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "reference_step"]
+__all__ = ["BACKENDS", "PREFERENCE", "Backend", "Bucket", "BucketKey", "StepScalars", "Stored", "choose_backend",
+           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "native_step", "reference_step"]

@@ -20,7 +20,7 @@ The engine is three pieces:
 - `layout` says how each parameter's `v` is kept and how a step reduces ``g²`` and lands its
   update, for single-process and row-sharded (FSDP2) parameters alike;
 - `backends` holds the update as functions over a bucket's lists of tensors (reference, foreach,
-  fused, compiled) and `choose_backend`, which alone decides which runs
+  fused, compiled, and native: a C kernel, `native`) and `choose_backend`, which alone decides which runs
   (`ReducedAdamW.backend_of` answers it for one parameter);
 
 and `checkpoint` reads and writes state dicts.
@@ -64,14 +64,14 @@ from lowmem.compress.optim import checkpoint
 from lowmem.compress.optim import state as stored
 from lowmem.compress.optim._common import (as_float, check_grad, check_hparams, local, named_trainable,
                                            param_groups_for, state_dtype_for)
-from lowmem.compress.optim.backends import Backend, Bucket, BucketKey, StepScalars, choose_backend, kind_of
+from lowmem.compress.optim.backends import Backend, Bucket, BucketKey, StepScalars, Stored, choose_backend, kind_of
 from lowmem.compress.optim.layout import Block, Layout, ShardedLayout, layout_of, mean_sq, reduce_v, sharded_layout
 from lowmem.compress.optim.rounding import round_stochastic
 from lowmem.compress.plan import Plan
 from lowmem.layers import is_sharded
 from lowmem.sharding import row_shards
 
-BACKEND_CHOICES = ("reference", "foreach", "compiled")
+BACKEND_CHOICES = ("reference", "foreach", "compiled", "native")
 ROUNDINGS = ("nearest", "stochastic", "kahan")
 STAGE_ENTRIES = 1 << 22   # parameter entries per staged bucket (its fp32 temporaries: 64 MiB)
 
@@ -88,12 +88,14 @@ class ReducedAdamW(torch.optim.Optimizer):
             per-group options); every parameter must belong to `model`. Default: one group.
         maximize: ascend instead of descend.
         foreach: as torch's flag: False asks for the readable reference backend (one tensor at a
-            time), True or None for the fast default (``backend="foreach"``).
+            time), True or None for the fast default (``backend="native"``).
         compiled: ``backend="compiled"``: `torch.compile` of the update over lists of tensors
             (the first step of each new set of shapes compiles; see `backends.compiled_step`).
-        backend: which backends to try, ``"reference"``, ``"foreach"`` or ``"compiled"`` (see
-            `backends.PREFERENCE`; it overrides `foreach` and `compiled`); per group too. Tensors
-            a backend cannot take (e.g. bf16 parameters with fp32 state) go to the next one.
+        backend: which backends to try, ``"native"`` (the default: on CPU a C kernel,
+            `lowmem.compress.optim.native`, then as ``"foreach"``), ``"foreach"`` (torch ops
+            only), ``"compiled"`` or ``"reference"`` (see `backends.PREFERENCE`; it overrides
+            `foreach` and `compiled`); per group too. Tensors a backend cannot take (e.g. a
+            sharded parameter in the native kernel) go to the next one.
         state_dtype: the compute dtype of the states (and their dtype in format ``fp32``);
             default fp32 (fp64 for fp64 parameters).
         state_format: how every parameter's states are stored (a `StateFormat`, or text such as
@@ -182,10 +184,11 @@ class ReducedAdamW(torch.optim.Optimizer):
             preference = self._preference(group)
             for bucket in self._buckets(group):
                 backend = choose_backend(bucket.key, preference)
-                if bucket.stages:
+                staged = bucket.stages and not backend.reads_stored
+                if staged:
                     _load(bucket)
                 backend.fn(bucket, StepScalars(**scalars, step=bucket.key.step))
-                if bucket.stages:
+                if staged:
                     _store(bucket)
         return loss
 
@@ -235,7 +238,7 @@ class ReducedAdamW(torch.optim.Optimizer):
             return "compiled"
         if group.get("foreach") is False or torch.jit.is_scripting():
             return "reference"
-        return "foreach"
+        return "native"
 
     def backend_of(self, p: torch.Tensor) -> Backend:
         """The backend that steps `p` at its next step, with its gradient as it is now."""
@@ -247,10 +250,16 @@ class ReducedAdamW(torch.optim.Optimizer):
     def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int, group: dict) -> BucketKey:
         """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`. A staged
         parameter's (`format_of`, `param_rounding`) is keyed as its compute-dtype temporaries."""
-        shard, kind, dtype = local(p), self._kinds[p], self.state_dtype_of(p)
-        if not self._formats[p].full or shard.dtype != dtype and group["param_rounding"] != "nearest":
-            return BucketKey(shard.device, dtype, True, kind, step, stage=1)
-        return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
+        shard, kind, dtype, fmt = local(p), self._kinds[p], self.state_dtype_of(p), self._formats[p]
+        if fmt.full and shard.dtype == dtype:
+            return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
+        contiguous = kind == "sharded" or (shard.is_contiguous() and grad.is_contiguous() and grad.dtype == shard.dtype)
+        stored = Stored(fmt.m, fmt.v, shard.dtype, dtype, group["param_rounding"], contiguous)
+        if not fmt.full or group["param_rounding"] != "nearest":
+            return BucketKey(shard.device, dtype, True, kind, step, stage=1, stored=stored)
+        # a low-precision parameter with its states in the compute dtype, rounded to nearest:
+        # the reference backend steps it through a copy, the native one as it is
+        return BucketKey(shard.device, shard.dtype, False, kind, step, stored=stored)
 
     def rng(self, device: torch.device) -> torch.Generator:
         """The stochastic rounding's generator on `device` (seeded with `rounding_seed`)."""

@@ -1,0 +1,408 @@
+/* The plan engine's step as one C kernel over many tensors (lowmem.compress.optim.native).
+ *
+ * Each task is one parameter in canonical form (backends._canonical): n entries, contiguous, and
+ * v kept per entry (FULL), per row of `cols` entries (ROW), per column of `cols` (COL) or once
+ * (ALL). States are stored as fp32, bf16 (round to nearest even), or block-wise quantized codes:
+ * 8-bit (one byte per entry) or 4-bit (two per byte, the even entry of a row in the low nibble),
+ * blocks of `block` entries along each quantization row of `qlen` entries (dim 0 of the
+ * parameter), one fp32 scale (absmax) per block; quantized v only where v is kept per entry.
+ * Parameters (and gradients) are fp32 or bf16; bf16 ones are updated in fp32 and rounded to
+ * nearest, or with a bf16 Kahan buffer `comp` (what rounding lost, added back next step).
+ *
+ * The update, in torch.optim.AdamW's order (fp32 arithmetic):
+ *     p ← p·decay;  m ← m + (1−β1)(g − m);  v ← β2 v + (1−β2) mean_r(g²)
+ *     p ← p − step_size · m / (sqrt(v)/bc2 + eps)
+ * Reductions of g² accumulate in double, in an order fixed by the shapes alone (never by the
+ * number of threads), so results are reproducible. Codes: an entry divided by its block's scale
+ * takes the nearest map value, ties upward (torchao's rule), found by table lookup: the upper 17
+ * bits of the float name a cell, `base[cell]` is the code of the cell's lowest value and
+ * `cut[cell]` the one switch point inside it (quant._Encoder, which proves that one suffices).
+ */
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { FULL = 0, ROW = 1, COL = 2, ALL = 3 };
+enum { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
+#define TILE 256          /* entries per tile of an unquantized state (>= every block size) */
+#define ITEM 32768        /* entries per work item, about (whole units: see plan_items) */
+#define COL_CHUNKS 8      /* row chunks whose column sums are added in order (COL, ALL) */
+
+typedef struct {
+    void *p;              /* parameter: float or bf16 (uint16) */
+    const void *g;        /* gradient, the parameter's dtype */
+    void *m;              /* m: float, bf16, or codes */
+    float *m_scale;
+    void *v;              /* v: float, bf16 (kept entries), or codes (FULL only) */
+    float *v_scale;
+    uint16_t *comp;       /* bf16 Kahan buffer, or NULL */
+    int64_t n;            /* entries */
+    int64_t cols;         /* row length of ROW / COL */
+    int64_t qlen;         /* entries per quantization row */
+    int32_t mode, p_bf16, m_fmt, v_fmt;
+} Task;
+
+typedef struct {
+    float decay, beta1, beta2, omb1, omb2, eps, step_size, bc2;
+    int32_t maximize;
+} Scalars;
+
+typedef struct {          /* one quantization map */
+    const float *qmap;    /* 2^bits values */
+    const int32_t *cells; /* 2^17 cells: lowest code << 16 | switch point (see encode_all) */
+    int32_t block;
+} Codec;
+
+typedef struct { int64_t task, start, stop; } Item;
+
+static inline float bf16_load(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) {   /* round to nearest even, NaN kept quiet */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Codes of x[0..k) / sc (the division exact, as torch's). A cell's entry is its lowest code
+ * << 16 | T: y takes one code more where its low 15 bits, reversed in order for negative y,
+ * reach T (the switch point's, likewise; 0x8000, never reached, where the cell has none): y and
+ * the switch point share sign, exponent and leading mantissa bits, so this is y >= cut. */
+static inline uint8_t encode_one(const int32_t *cells, float y) {
+    uint32_t u;
+    memcpy(&u, &y, 4);
+    int32_t e = cells[u >> 15];
+    uint32_t low = (u & 0x7fffu) ^ ((uint32_t)((int32_t)u >> 31) & 0x7fffu);
+    return (uint8_t)((e >> 16) + (low >= (uint32_t)(e & 0xffff)));
+}
+
+static void encode_all(const Codec *c, const float *x, float sc, int64_t k, uint8_t *out) {
+    const int32_t *cells = c->cells;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 vs = _mm512_set1_ps(sc);
+    const __m512i mask = _mm512_set1_epi32(0x7fff), half = _mm512_set1_epi32(0xffff), one = _mm512_set1_epi32(1);
+    for (; j + 16 <= k; j += 16) {
+        __m512i u = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(x + j), vs));
+        __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 15), cells, 4);
+        __m512i low = _mm512_xor_si512(_mm512_and_si512(u, mask), _mm512_and_si512(_mm512_srai_epi32(u, 31), mask));
+        __mmask16 up = _mm512_cmpge_epu32_mask(low, _mm512_and_si512(e, half));
+        __m512i code = _mm512_mask_add_epi32(_mm512_srli_epi32(e, 16), up, _mm512_srli_epi32(e, 16), one);
+        _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtepi32_epi8(code));
+    }
+#endif
+    for (; j < k; j++) out[j] = encode_one(cells, x[j] / sc);
+}
+
+/* State entries [i, i+k) into floats; a quantized state's blocks lie whole in [i, i+k) (tiles
+ * start at block starts of one quantization row and end at one's end or the row's). */
+static void load_state(const void *s, const float *scale, int fmt, const Codec *c, int64_t qlen,
+                       int64_t i, int64_t k, float *out) {
+    if (fmt == F32) { memcpy(out, (const float *)s + i, k * sizeof(float)); return; }
+    if (fmt == BF16) { const uint16_t *h = (const uint16_t *)s + i; for (int64_t j = 0; j < k; j++) out[j] = bf16_load(h[j]); return; }
+    int64_t row = i / qlen, at = i - row * qlen, nb = (qlen + c->block - 1) / c->block;
+    for (int64_t j0 = 0; j0 < k; j0 += c->block) {
+        int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
+        float sc = scale[row * nb + a / c->block], *restrict o = out + j0;
+        const float *restrict qm = c->qmap;
+        int64_t j = 0;
+        if (fmt == Q8) {
+            const uint8_t *restrict q = (const uint8_t *)s + row * qlen + a;
+#ifdef __AVX512F__
+            /* the 256 map values in 16 registers: 8 two-register permutes, then 7 blends by
+             * index bits 5-7 (faster than a gather here) */
+            __m512 tab[16];
+            for (int l = 0; l < 16; l++) tab[l] = _mm512_loadu_ps(qm + 16 * l);
+            const __m512i b5 = _mm512_set1_epi32(32), b6 = _mm512_set1_epi32(64), b7 = _mm512_set1_epi32(128);
+            for (; j + 16 <= k1; j += 16) {
+                __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j)));
+                __m512 r[8];
+                for (int l = 0; l < 8; l++) r[l] = _mm512_permutex2var_ps(tab[2 * l], idx, tab[2 * l + 1]);
+                __mmask16 m5 = _mm512_test_epi32_mask(idx, b5), m6 = _mm512_test_epi32_mask(idx, b6),
+                          m7 = _mm512_test_epi32_mask(idx, b7);
+                __m512 s0 = _mm512_mask_blend_ps(m5, r[0], r[1]), s1 = _mm512_mask_blend_ps(m5, r[2], r[3]);
+                __m512 s2 = _mm512_mask_blend_ps(m5, r[4], r[5]), s3 = _mm512_mask_blend_ps(m5, r[6], r[7]);
+                __m512 u0 = _mm512_mask_blend_ps(m6, s0, s1), u1 = _mm512_mask_blend_ps(m6, s2, s3);
+                _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_mask_blend_ps(m7, u0, u1), _mm512_set1_ps(sc)));
+            }
+#endif
+            for (; j < k1; j++) o[j] = qm[(int32_t)q[j]] * sc;
+        } else {                              /* a is even: blocks have an even size */
+            const uint8_t *restrict q = (const uint8_t *)s + row * ((qlen + 1) / 2) + a / 2;
+#ifdef __AVX512F__
+            __m512 table = _mm512_loadu_ps(qm);
+            for (; j + 16 <= k1; j += 16) {   /* 8 bytes: 16 codes, low nibble first */
+                __m128i b = _mm_loadl_epi64((const __m128i *)(q + j / 2));
+                __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+                __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+                _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), _mm512_set1_ps(sc)));
+            }
+#endif
+            for (; j + 1 < k1; j += 2) { o[j] = qm[q[j >> 1] & 15] * sc; o[j + 1] = qm[q[j >> 1] >> 4] * sc; }
+            if (k1 & 1) o[k1 - 1] = qm[q[k1 >> 1] & 15] * sc;
+        }
+    }
+}
+
+static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t qlen, int64_t i, int64_t k,
+                        const float *x) {
+    if (fmt == F32) { memcpy((float *)s + i, x, k * sizeof(float)); return; }
+    if (fmt == BF16) { uint16_t *h = (uint16_t *)s + i; for (int64_t j = 0; j < k; j++) h[j] = bf16_round(x[j]); return; }
+    int64_t row = i / qlen, at = i - row * qlen, nb = (qlen + c->block - 1) / c->block;
+    for (int64_t j0 = 0; j0 < k; j0 += c->block) {
+        int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
+        const float *y = x + j0;
+        float hi = -INFINITY, lo = INFINITY;
+        int64_t j1 = 0;
+#ifdef __AVX512F__
+        __m512 vh = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
+        for (; j1 + 16 <= k1; j1 += 16) {
+            __m512 z = _mm512_loadu_ps(y + j1);
+            vh = _mm512_max_ps(vh, z);
+            vl = _mm512_min_ps(vl, z);
+        }
+        hi = _mm512_reduce_max_ps(vh);
+        lo = _mm512_reduce_min_ps(vl);
+#endif
+        for (; j1 < k1; j1++) { hi = y[j1] > hi ? y[j1] : hi; lo = y[j1] < lo ? y[j1] : lo; }
+        float sc = hi > -lo ? hi : -lo;
+        if (!(sc >= 1e-12f)) sc = 1e-12f;
+        scale[row * nb + a / c->block] = sc;
+        if (fmt == Q8) {
+            encode_all(c, y, sc, k1, (uint8_t *)s + row * qlen + a);
+        } else {
+            uint8_t *q = (uint8_t *)s + row * ((qlen + 1) / 2) + a / 2, codes[TILE];
+            encode_all(c, y, sc, k1, codes);
+            for (int64_t j = 0; j + 1 < k1; j += 2) q[j >> 1] = (uint8_t)(codes[j] | (codes[j + 1] << 4));
+            if (k1 & 1) q[k1 >> 1] = codes[k1 - 1];
+        }
+    }
+}
+
+static inline float grad_at(const Task *t, int64_t i) {
+    return t->p_bf16 ? bf16_load(((const uint16_t *)t->g)[i]) : ((const float *)t->g)[i];
+}
+
+/* Sum of g² over entries [o, o+k): eight double lanes (vectorisable), added in a fixed order. */
+static double sum_sq(const Task *t, int64_t o, int64_t k) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    if (t->p_bf16) {
+        const uint16_t *g = (const uint16_t *)t->g + o;
+        for (; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) { double x = bf16_load(g[j + l]); acc[l] += x * x; }
+        for (; j < k; j++) { double x = bf16_load(g[j]); acc[j & 7] += x * x; }
+    } else {
+        const float *g = (const float *)t->g + o;
+        for (; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) { double x = g[j + l]; acc[l] += x * x; }
+        for (; j < k; j++) { double x = g[j]; acc[j & 7] += x * x; }
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* v of a reduced task: entry j as float, and its update (fp32 or bf16 only). */
+static inline float v_get(const Task *t, int64_t j) {
+    return t->v_fmt == BF16 ? bf16_load(((uint16_t *)t->v)[j]) : ((float *)t->v)[j];
+}
+
+static inline float v_update(const Task *t, const Scalars *s, int64_t j, double mean) {
+    float v = v_get(t, j) * s->beta2 + s->omb2 * (float)mean;   /* the step uses it unrounded */
+    if (t->v_fmt == BF16) ((uint16_t *)t->v)[j] = bf16_round(v);
+    else ((float *)t->v)[j] = v;
+    return sqrtf(v) / s->bc2 + s->eps;
+}
+
+/* The codec of a state format. */
+static const Codec *codec_of(int fmt, const Codec *c8, const Codec *c4) {
+    return fmt == Q8 ? c8 : fmt == Q4 ? c4 : NULL;
+}
+
+/* Tiles of [a, b): blocks of the quantization rows when a state is quantized, else TILE entries. */
+static int64_t tile_end(const Task *t, int64_t i, int64_t b, int64_t block) {
+    int64_t end;
+    if (block) {
+        int64_t row = i / t->qlen, at = i - row * t->qlen;
+        end = row * t->qlen + (at / block + 1) * block;
+        if (end > (row + 1) * t->qlen) end = (row + 1) * t->qlen;
+    } else {
+        end = i + TILE;
+    }
+    return end < b ? end : b;
+}
+
+/* Entries [a, b) of a task; `dn` holds the denominators: per row of [a, b) (ROW), per column
+ * (COL), one (ALL); unused for FULL. */
+static void update_range(const Task *t, const Scalars *s, const Codec *mc, const Codec *vc, int64_t a, int64_t b,
+                         const float *dn) {
+    float mb[TILE], vb[TILE], db[TILE], pb[TILE], gb[TILE];
+    int64_t block = mc ? mc->block : 0;   /* tiles: the larger block (the smaller divides it) */
+    if (vc && vc->block > block) block = vc->block;
+    const float sign = s->maximize ? -1.0f : 1.0f, omb1 = s->omb1, decay = s->decay, neg_ss = -s->step_size;
+    for (int64_t i = a; i < b;) {
+        int64_t e = tile_end(t, i, b, block), k = e - i;
+        /* fp32 tensors are worked on where they lie; other formats through tile buffers */
+        float *restrict mp = t->m_fmt == F32 ? (float *)t->m + i : mb;
+        float *restrict pp = t->p_bf16 ? pb : (float *)t->p + i;
+        const float *restrict gp = t->p_bf16 ? gb : (const float *)t->g + i;
+        if (t->p_bf16) {
+            const uint16_t *p = (const uint16_t *)t->p + i, *g = (const uint16_t *)t->g + i;
+            for (int64_t j = 0; j < k; j++) { gb[j] = bf16_load(g[j]); pb[j] = bf16_load(p[j]); }
+            if (t->comp) for (int64_t j = 0; j < k; j++) pb[j] += bf16_load(t->comp[i + j]);
+        }
+        if (t->m_fmt != F32) load_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, i, k, mb);
+        if (t->mode == FULL) {
+            float *restrict vp = t->v_fmt == F32 ? (float *)t->v + i : vb;
+            if (t->v_fmt != F32) load_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, i, k, vb);
+            for (int64_t j = 0; j < k; j++) {
+                float g = gp[j] * sign;
+                vp[j] = vp[j] * s->beta2 + s->omb2 * (g * g);
+                db[j] = sqrtf(vp[j]) / s->bc2 + s->eps;
+            }
+            if (t->v_fmt != F32) store_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, i, k, vb);
+        } else if (t->mode == ROW) {
+            int64_t r = (i - a) / t->cols, left = t->cols - (i - a - r * t->cols);
+            for (int64_t j = 0; j < k;) {   /* row by row: no division per entry */
+                int64_t e2 = j + left < k ? j + left : k;
+                float d = dn[r++];
+                for (; j < e2; j++) db[j] = d;
+                left = t->cols;
+            }
+        } else if (t->mode == COL) {
+            int64_t c = i % t->cols;
+            for (int64_t j = 0; j < k;) {
+                int64_t e2 = j + (t->cols - c) < k ? j + (t->cols - c) : k;
+                memcpy(db + j, dn + c, (size_t)(e2 - j) * sizeof(float));
+                j = e2;
+                c = 0;
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) db[j] = dn[0];
+        }
+        for (int64_t j = 0; j < k; j++) {
+            float m = mp[j] + omb1 * (gp[j] * sign - mp[j]);
+            mp[j] = m;
+            pp[j] = pp[j] * decay + neg_ss * (m / db[j]);
+        }
+        if (t->m_fmt != F32) store_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, i, k, mb);
+        if (t->p_bf16) {
+            uint16_t *p = (uint16_t *)t->p + i;
+            for (int64_t j = 0; j < k; j++) {
+                uint16_t h = bf16_round(pb[j]);
+                p[j] = h;
+                if (t->comp) t->comp[i + j] = bf16_round(pb[j] - bf16_load(h));
+            }
+        }
+        i = e;
+    }
+}
+
+static int64_t gcd64(int64_t a, int64_t b) { while (b) { int64_t r = a % b; a = b; b = r; } return a; }
+
+/* Work items of a task: ranges of whole units (quantization rows when a state is quantized,
+ * rows when v is kept per row; their least common multiple when both), about ITEM entries. */
+static int64_t plan_items(const Task *t, int64_t k, Item *out) {
+    int64_t unit = 1;
+    if (t->m_fmt >= Q8 || t->v_fmt >= Q8) unit = t->qlen;
+    if (t->mode == ROW) unit = unit / gcd64(unit, t->cols) * t->cols;
+    if (unit > t->n) unit = t->n;
+    int64_t per = unit >= ITEM ? unit : (ITEM / unit) * unit, count = 0;
+    for (int64_t a = 0; a < t->n; a += per) {
+        if (out) { out[count].task = k; out[count].start = a; out[count].stop = a + per < t->n ? a + per : t->n; }
+        count++;
+    }
+    return count;
+}
+
+/* Row chunks (COL, ALL) and how many sums each keeps (columns, or 1). */
+static void chunking(const Task *t, int64_t *chunks, int64_t *width) {
+    int64_t rows = t->mode == COL ? t->n / t->cols : t->n;
+    *chunks = rows < COL_CHUNKS ? rows : COL_CHUNKS;
+    *width = t->mode == COL ? t->cols : 1;
+}
+
+/* Column (COL) or total (ALL) means of g² of a task: its v updated, its denominators into `dn`
+ * (one per column, or one), with `part` as scratch (chunks × width doubles). */
+static void reduce_task(const Task *t, const Scalars *s, int nthreads, double *part, float *dn) {
+    int64_t chunks, width;
+    chunking(t, &chunks, &width);
+    int64_t rows = t->n / width;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        double *acc = part + c * width;
+        int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
+        if (width == 1) { acc[0] = sum_sq(t, r0, r1 - r0); continue; }
+        for (int64_t j = 0; j < width; j++) acc[j] = 0;
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t j = 0; j < width; j++) { double x = grad_at(t, r * width + j); acc[j] += x * x; }
+    }
+    for (int64_t j = 0; j < width; j++) {
+        double sum = 0;
+        for (int64_t c = 0; c < chunks; c++) sum += part[c * width + j];
+        dn[j] = v_update(t, s, j, sum / (double)rows);
+    }
+}
+
+/* Returns 0, or -1 when out of memory (then nothing was changed). */
+int lowmem_step(int64_t ntasks, const Task *tasks, const Scalars *s, const Codec *m8, const Codec *m4,
+                const Codec *v8, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    float **dns = calloc((size_t)ntasks + 1, sizeof(float *));
+    if (!dns) return -1;
+    int64_t count = 0, scratch = 1;
+    int failed = 0;
+    for (int64_t k = 0; k < ntasks; k++) {   /* every allocation first */
+        const Task *t = &tasks[k];
+        int64_t chunks, width;
+        count += plan_items(t, k, NULL);
+        if (t->mode == ROW) width = t->n / t->cols;
+        else if (t->mode == FULL) width = 0;
+        else { chunking(t, &chunks, &width); if (chunks * width > scratch) scratch = chunks * width; }
+        if (width && !(dns[k] = malloc((size_t)width * sizeof(float)))) failed = 1;
+    }
+    Item *items = failed ? NULL : malloc((size_t)count * sizeof(Item) + 1);
+    double *part = items ? malloc((size_t)scratch * sizeof(double)) : NULL;
+    if (!part) {
+        for (int64_t k = 0; k < ntasks; k++) free(dns[k]);
+        free(dns);
+        free(items);
+        return -1;
+    }
+    count = 0;
+    for (int64_t k = 0; k < ntasks; k++) count += plan_items(&tasks[k], k, items + count);
+    for (int64_t k = 0; k < ntasks; k++)
+        if (tasks[k].mode == COL || tasks[k].mode == ALL) reduce_task(&tasks[k], s, nthreads, part, dns[k]);
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t w = 0; w < count; w++) {
+        const Task *t = &tasks[items[w].task];
+        int64_t a = items[w].start, b = items[w].stop;
+        const Codec *mc = codec_of(t->m_fmt, m8, m4), *vc = codec_of(t->v_fmt, v8, NULL);
+        float *dn = dns[items[w].task];
+        if (t->mode == ROW) {   /* this item's rows: their v first, then their entries */
+            dn += a / t->cols;
+            for (int64_t r = 0; r < (b - a) / t->cols; r++) {
+                int64_t o = a + r * t->cols;
+                dn[r] = v_update(t, s, o / t->cols, sum_sq(t, o, t->cols) / (double)t->cols);
+            }
+        }
+        update_range(t, s, mc, vc, a, b, dn);
+    }
+    for (int64_t k = 0; k < ntasks; k++) free(dns[k]);
+    free(dns);
+    free(items);
+    free(part);
+    return 0;
+}
+
+/* The codes of x[0..n) (entries in [-1, 1]) under a codec: for tests of the encoder alone. */
+void lowmem_encode(const Codec *c, const float *x, int64_t n, uint8_t *out) { encode_all(c, x, 1.0f, n, out); }

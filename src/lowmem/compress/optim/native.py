@@ -1,0 +1,244 @@
+"""The ``native`` backend: the plan engine's CPU step as one C kernel call per bucket
+(`kernels/step.c`), built with the machine's C compiler on first use.
+
+Why a C kernel called through `ctypes`, and not a `torch.library` C++ op or `torch.compile`:
+measured on the 2-core machine of BENCHMARKS.md, a C++ extension through
+`torch.utils.cpp_extension` needs ninja and takes about a minute to build against torch's
+headers, while this plain C file builds in about a second with no dependency but a C compiler;
+`torch.compile` of the update (the ``compiled`` backend) compiles once per make-up of a bucket
+and, on the built-in GPT, ran slower than the per-op path. A CPU step is memory-bound, so what
+matters is one pass over each state with everything else in cache: the kernel reduces ``g²``
+over each row (or column) block, updates `v`, then `m` and the parameter in the same pass, and
+decodes / encodes stored formats (bf16, block-wise 8- and 4-bit codes) in registers, so a
+quantized state never exists in fp32 outside a 256-entry tile. Threads: OpenMP, as many as
+``torch.get_num_threads()``; the library links the OpenMP runtime that torch itself loaded.
+
+The build lands in ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``) under a name that hashes
+the source, the compiler's version and the CPU's flags, written under a temporary name and
+renamed, so concurrent processes share one build. Without a compiler (or when the build fails)
+the engine runs the foreach backend and warns once; ``LOWMEM_NATIVE=0`` turns the kernel off
+without a warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from lowmem.compress.formats import QUANTIZED, block_of, rows_of
+from lowmem.compress.optim.backends import Bucket, StepScalars, _canonical
+
+SOURCE = Path(__file__).with_name("kernels") / "step.c"
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+MODES = {"full": 0, "row": 1, "col": 2, "all": 3}
+FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+
+
+class _Task(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("g", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("m_scale", ctypes.c_void_p), ("v", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+                ("comp", ctypes.c_void_p), ("n", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("qlen", ctypes.c_int64), ("mode", ctypes.c_int32), ("p_bf16", ctypes.c_int32),
+                ("m_fmt", ctypes.c_int32), ("v_fmt", ctypes.c_int32)]
+
+
+class _Scalars(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_float) for name in ("decay", "beta1", "beta2", "omb1", "omb2", "eps",
+                                                      "step_size", "bc2")] + [("maximize", ctypes.c_int32)]
+
+
+class _Codec(ctypes.Structure):
+    _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("block", ctypes.c_int32)]
+
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_CACHE_DIR") or Path.home() / ".cache" / "lowmem")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build() -> ctypes.CDLL:
+    """Build (or find built) and load the kernel; raises OSError / RuntimeError on failure."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"lowmem_step_{tag}.so"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            errors = ""
+            for arch in (["-march=native"], []):   # a compiler that does not know -march=native: portable code
+                proc = subprocess.run([cc, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                      text=True, timeout=300)
+                if proc.returncode == 0:
+                    break
+                errors = proc.stderr.strip()
+            else:
+                raise RuntimeError(f"{cc} failed: {errors[-2000:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.lowmem_step.restype = ctypes.c_int
+    lib.lowmem_step.argtypes = [ctypes.c_int64, ctypes.POINTER(_Task), ctypes.POINTER(_Scalars),
+                                ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on the first call; None (after one warning) where it cannot be
+    built, or when ``LOWMEM_NATIVE=0``."""
+    global _library, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if not _tried:
+            if os.environ.get("LOWMEM_NATIVE", "1") != "0":
+                try:
+                    _library = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    warnings.warn(f"lowmem: the native CPU step kernel could not be built ({e}); the optimizer "
+                                  "steps with the foreach backend instead (slower, same results up to rounding). "
+                                  "Set LOWMEM_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)
+            _tried = True
+    return _library
+
+
+def available() -> bool:
+    return library() is not None
+
+
+# -- codecs ---------------------------------------------------------------------------------------
+_codecs: dict = {}
+
+
+def _codec(which: str, fmt: str) -> _Codec:
+    """The lookup tables of `which`'s map in `fmt` (kept alive with the struct that points at them)."""
+    key = (which, fmt)
+    if key not in _codecs:
+        from lowmem.compress.optim.quant import _encoder
+        from lowmem.compress.optim.state import _qmap
+
+        qmap = _qmap(which, fmt, torch.device("cpu")).contiguous()
+        enc = _encoder(qmap, torch.device("cpu"))
+        if enc.steps != 1:   # the kernel looks up one switch point per cell
+            raise AssertionError(f"the {which} map in {fmt} has cells with {enc.steps} switch points")
+        cells = _cells(enc)
+        c = _Codec(qmap.data_ptr(), cells.data_ptr(), block_of(fmt))
+        c.keep = (qmap, cells)
+        _codecs[key] = c
+    return _codecs[key]
+
+
+_EMPTY = _Codec(None, None, 0)
+
+
+def _cells(enc) -> torch.Tensor:
+    """The kernel's table of an encoder (`quant._Encoder`, one switch point per cell at most):
+    per cell of 17 leading bits, its lowest code << 16 | T, where T is the switch point's low
+    15 bits (reversed, 0x7FFF minus them, in negative cells, where a larger magnitude is a
+    smaller value) or 0x8000 where the cell holds none."""
+    cut = enc.cuts[0].cpu()
+    cell = torch.arange(cut.numel(), dtype=torch.int64)
+    low = cut.view(torch.int32).to(torch.int64) & 0x7FFF
+    t = torch.where(cell >= cut.numel() // 2, 0x7FFF - low, low)      # the upper half: sign bit set
+    t = torch.where(torch.isfinite(cut), t, 0x8000)
+    return ((enc.base.cpu().to(torch.int64) << 16) | t).to(torch.int32).contiguous()
+
+
+# -- the backend ----------------------------------------------------------------------------------
+def _mode(layout) -> tuple[int, int]:
+    """(mode, cols) of a single-process layout of one canonical block."""
+    shape, v_shape, dim = _canonical(layout.blocks[0])
+    if dim is None:
+        return MODES["full"], 0
+    if len(shape) == 1:
+        return MODES["all"], 0
+    return (MODES["row"], shape[1]) if dim == 1 else (MODES["col"], shape[1])
+
+
+def _task(p, g, state: dict, layout, m_fmt: str, v_fmt: str, comp) -> _Task:
+    mode, cols = _mode(layout)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    ms, vs = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
+    return _Task(p.data_ptr(), g.data_ptr(), m.data_ptr(), ms.data_ptr() if ms is not None else None,
+                 v.data_ptr(), vs.data_ptr() if vs is not None else None,
+                 comp.data_ptr() if comp is not None else None, p.numel(), cols, rows_of(tuple(p.shape))[1],
+                 mode, int(p.dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
+
+
+def native_step(b: Bucket, s: StepScalars) -> None:
+    """The bucket's update in one kernel call: its fp32 parameters, and its staged parameters
+    (`BucketKey.stored`) straight from their stored formats."""
+    tasks = []
+    for p, g, m, v, lay in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts):
+        tasks.append(_task(p, g, {"exp_avg": m, "exp_avg_sq": v}, lay, "fp32", "fp32", None))
+    m8 = m4 = v8 = _EMPTY
+    for st in b.stages:
+        state = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in st.state.items()}
+        comp = state.get("kahan_comp") if st.rounding == "kahan" else None
+        tasks.append(_task(st.shard, st.grad, state, st.layout, st.fmt.m, st.fmt.v, comp))
+        if st.fmt.m == "int8":
+            m8 = _codec("m", "int8")
+        elif st.fmt.m == "int4":
+            m4 = _codec("m", "int4")
+        if st.fmt.v == "int8":
+            v8 = _codec("v", "int8")
+    if not tasks:
+        return
+    scalars = _Scalars(s.decay, s.beta1, s.beta2, 1 - s.beta1, 1 - s.beta2, s.eps, s.step_size, s.bc2_sqrt,
+                       int(s.maximize))
+    array = (_Task * len(tasks))(*tasks)
+    if library().lowmem_step(len(tasks), array, ctypes.byref(scalars), ctypes.byref(m8), ctypes.byref(m4),
+                             ctypes.byref(v8), torch.get_num_threads()) != 0:
+        raise MemoryError("lowmem: the native step kernel could not allocate its work list")
+
+
+def serves(key) -> bool:
+    """Whether the native backend takes a bucket: CPU, one canonical block (or full Adam), fp32
+    compute. Parameters in fp32 with fp32 states: contiguous ones, not full Adam (torch's fused
+    AdamW kernel steps those, AdamW exactly). Others (`BucketKey.stored`): contiguous, fp32 or
+    bf16, rounded to nearest or with a Kahan buffer (stochastic rounding stays on the staged
+    path)."""
+    if key.device.type != "cpu" or key.kind not in ("full", "canonical"):
+        return False
+    st = key.stored
+    if st is None:
+        ok = key.native and key.kind != "full" and key.dtype == torch.float32
+    else:
+        ok = (st.compute_dtype == torch.float32 and st.contiguous
+              and st.param_dtype in (torch.float32, torch.bfloat16)
+              and (st.rounding in ("nearest", "kahan") or st.param_dtype == torch.float32)
+              and st.m in FORMATS and st.v in FORMATS and (st.v not in QUANTIZED or key.kind == "full"))
+    return ok and available()
+
+
+__all__ = ["available", "cache_dir", "library", "native_step", "serves"]

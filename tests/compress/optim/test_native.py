@@ -1,0 +1,229 @@
+"""The native backend (a C kernel, `lowmem.compress.optim.native`) against independent numbers:
+the numpy float64 oracle of DESIGN §5 (`test_oracle.NumpyPlanAdamW`) in float32, an encoder
+written here in numpy, and the torch-ops backends on stored formats; and its build: one warning
+and the foreach backend without a compiler, a shared cache under concurrent builds."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowmem
+from lowmem.compress.optim import native
+from lowmem.compress.optim.engine import ReducedAdamW
+from lowmem.compress.optim.quant import quantization_map
+
+from test_oracle import BETAS, CASES, EPS, SCENARIOS, STEPS, NumpyPlanAdamW, _scenario, loss_at, tiny_gpt
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernel cannot be built")
+
+
+# -- the encoder, cell by cell --------------------------------------------------------------------
+def numpy_codes(x: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+    """Nearest map value with torchao's rule, in float32 numpy: between neighbours lo < hi, x
+    takes hi when ``x − q[lo] >= (q[hi] − q[lo]) · 0.5``."""
+    x = x.astype(np.float32)
+    hi = np.clip(np.searchsorted(qmap, x, side="left"), 1, len(qmap) - 1)
+    lo = hi - 1
+    up = (x - qmap[lo]) >= (qmap[hi] - qmap[lo]) * np.float32(0.5)
+    return np.where(up, hi, lo).astype(np.uint8)
+
+
+def kernel_codes(which: str, fmt: str, x: np.ndarray) -> np.ndarray:
+    lib = native.library()
+    lib.lowmem_encode.argtypes = [ctypes.POINTER(native._Codec), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros(x.shape, dtype=np.uint8)
+    lib.lowmem_encode(ctypes.byref(native._codec(which, fmt)), x.ctypes.data, x.size, out.ctypes.data)
+    return out
+
+
+@pytest.mark.parametrize("which, fmt, kind, bits", [("m", "int8", "dynamic", 8), ("m", "int4", "dynamic", 4),
+                                                    ("v", "int8", "dynamic-unsigned", 8)])
+def test_encoder_equals_a_numpy_nearest_value_search_on_every_switch_point_and_at_random(which, fmt, kind, bits):
+    qmap = quantization_map(kind, bits).numpy()
+    rng = np.random.default_rng(0)
+    lo = -1.0 if qmap[0] < 0 else 0.0
+    # the switch points lie between map values: each midpoint and the floats just around it
+    mids = ((qmap[:-1] + qmap[1:]) * np.float32(0.5)).astype(np.float32)
+    around = np.concatenate([np.nextafter(mids, np.float32(-2)), mids, np.nextafter(mids, np.float32(2)), qmap])
+    # every binade the maps use, evenly in log scale, and uniform values
+    mags = np.exp(rng.uniform(np.log(1e-9), 0, 200_000)).astype(np.float32)
+    signed = mags * (rng.integers(0, 2, mags.size) * 2 - 1 if lo < 0 else 1)
+    x = np.concatenate([around, signed, rng.uniform(lo, 1, 200_000), [0.0, -0.0, 1.0, lo]]).astype(np.float32)
+    x = x[(x >= lo) & (x <= 1)]
+    np.testing.assert_array_equal(kernel_codes(which, fmt, x), numpy_codes(x, qmap))
+
+
+# -- fp32: the numpy oracle -----------------------------------------------------------------------
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("info", CASES, ids=lambda i: i.name)
+def test_native_steps_equal_the_numpy_oracle_in_float32(info, scenario):
+    model = tiny_gpt().float()
+    params = dict(model.named_parameters())
+    kw, hparams, maximize = _scenario(scenario, model)
+    opt = info(model, betas=BETAS, eps=EPS, **kw, backend="native")
+    layers = opt.plan.to_json()["layers"] if opt.plan is not None else {}
+    start = {n: p.detach().double().numpy().copy() for n, p in params.items()}
+    oracle = NumpyPlanAdamW(start, layers, hparams, BETAS, EPS, maximize)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_at(model, step).backward()
+        if step == 0 and opt.plan is not None:   # the kernel runs every tensor whose v it averages in one block
+            ran = {n: opt.backend_of(p).name for n, p in params.items()}
+            assert "native" in ran.values(), ran
+        oracle.step({n: p.grad.detach().double().numpy().copy() for n, p in params.items()})
+        opt.step()
+        for n, p in params.items():
+            at = f"{info.name}/{scenario}: {n} after step {step + 1}"
+            state = opt.state[p]
+            # float32 arithmetic against float64: a few ulps per step, relative to each tensor's scale
+            for got, want, what in ((p, oracle.theta[n], "param"), (state["exp_avg"], oracle.m[n], "exp_avg"),
+                                    (state["exp_avg_sq"], oracle.exp_avg_sq(n), "exp_avg_sq")):
+                got = got.detach().double().numpy().reshape(np.shape(want))
+                scale = max(np.abs(want).max(), 1e-30)
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * scale, err_msg=f"{what} of {at}")
+
+
+def test_native_results_do_not_depend_on_the_number_of_threads():
+    # Reductions add in an order fixed by the shapes, so 1 and 2 threads give the same bits.
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(300, 700), nn.Linear(700, 64))
+            opt = lowmem.AdamMini(model, lr=1e-2, state_format="m=int8")
+            for step in range(3):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+                opt.step()
+            assert "native" in {opt.backend_of(p).name for p in model.parameters()}
+            results.append([p.detach().clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# -- stored formats: against the torch-ops backends -----------------------------------------------
+def _pair(fmt: str, dtype: torch.dtype, rounding: str, preset: str):
+    """Two copies of one model and optimizer state after three foreach steps, ready for one step
+    on each backend with the same gradient."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(320, 256), nn.LayerNorm(256), nn.Linear(256, 96, bias=False)).to(dtype)
+    grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * s + i)).to(dtype)
+              for i, p in enumerate(base.parameters())] for s in range(4)]
+    build = {"eve": lowmem.Eve, "adam-mini": lowmem.AdamMini, "slimadam": lowmem.SlimAdam,
+             "adamw": lambda m, **kw: ReducedAdamW(m, None, **kw)}[preset]
+    opt = build(base, lr=1e-2, weight_decay=0.1, state_format=fmt, param_rounding=rounding, backend="foreach")
+    for s in range(3):
+        for p, g in zip(base.parameters(), grads[s]):
+            p.grad = g.clone()
+        opt.step()
+    out = []
+    for backend in ("foreach", "native"):
+        model = nn.Sequential(nn.Linear(320, 256), nn.LayerNorm(256), nn.Linear(256, 96, bias=False)).to(dtype)
+        model.load_state_dict(base.state_dict())
+        o = build(model, lr=1e-2, weight_decay=0.1, state_format=fmt, param_rounding=rounding, backend=backend)
+        o.load_state_dict(opt.state_dict())
+        for g in o.param_groups:   # (a state dict brings its groups' options, as torch's do)
+            g["backend"] = backend
+        for p, g in zip(model.parameters(), grads[3]):
+            p.grad = g.clone()
+        out.append((model, o))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["eve", "adam-mini", "slimadam", "adamw"])
+@pytest.mark.parametrize("fmt, dtype, rounding", [
+    ("m=int8", torch.float32, "nearest"), ("m=int4", torch.float32, "nearest"),
+    ("m=int8,v=int8", torch.float32, "nearest"), ("m=bf16,v=bf16", torch.float32, "nearest"),
+    ("m=fp32", torch.bfloat16, "nearest"), ("m=int8,v=bf16", torch.bfloat16, "nearest"),
+    ("m=bf16,v=bf16", torch.bfloat16, "kahan")])
+def test_one_native_step_on_stored_formats_equals_the_staged_torch_step(preset, fmt, dtype, rounding):
+    (ref, ref_opt), (model, opt) = _pair(fmt, dtype, rounding, preset)
+    ran = {opt.backend_of(p).name for p in model.parameters()}
+    assert "native" in ran, ran
+    ref_opt.step()
+    opt.step()
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        sa, sb = ref_opt.state[a], opt.state[b]
+        assert set(sa) == set(sb), name
+        for key in sa:
+            x, y = sa[key], sb[key]
+            assert x.dtype == y.dtype and x.shape == y.shape, (name, key)
+            if x.dtype == torch.uint8:   # codes: the same but where fp32 rounding moved an entry across a switch
+                lo_x, hi_x = (x & 15, x >> 4) if fmt.startswith("m=int4") and key == "exp_avg" else (x, x)
+                lo_y, hi_y = (y & 15, y >> 4) if fmt.startswith("m=int4") and key == "exp_avg" else (y, y)
+                diff = torch.maximum((lo_x.int() - lo_y.int()).abs(), (hi_x.int() - hi_y.int()).abs())
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (name, key, diff.max())
+            elif key == "kahan_comp":   # what rounding lost: compared below as part of the parameter it belongs to
+                # (the buffer is bf16: one fp32 rounding apart can round it one bf16 step apart)
+                torch.testing.assert_close(b.float() + y.float(), a.float() + x.float(), rtol=1e-5,
+                                           atol=8e-3 * x.float().abs().max().item(),
+                                           msg=f"parameter + Kahan buffer of {name}")
+            elif key != "step":
+                tol = 1e-5 if x.dtype == torch.float32 else 8e-3   # bf16: one rounding apart at most
+                torch.testing.assert_close(y.float(), x.float(), rtol=tol, atol=tol * x.float().abs().max().item(),
+                                           msg=f"{key} of {name}")
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        # one code apart in m moves a parameter by at most lr · (one map step) / denominator
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=2e-3 if "int4" in fmt else 1e-3 if "int8" in fmt
+                                   else tol, msg=name)
+
+
+# -- the build ------------------------------------------------------------------------------------
+_STEP = textwrap.dedent("""
+    import warnings, torch, lowmem
+    from torch import nn
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        model = nn.Linear(64, 48)
+        opt = lowmem.Eve(model, lr=1e-2)
+        for _ in range(2):
+            model(torch.ones(3, 64)).sum().backward()
+            opt.step()
+    print(opt.backend_of(model.weight).name)
+    print(sum("native CPU step kernel could not be built" in str(w.message) for w in caught))
+""")
+
+
+def _run(env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _STEP], env={**os.environ, **env}, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_without_a_compiler_the_engine_warns_once_and_runs_foreach(tmp_path):
+    proc = _run({"CC": str(tmp_path / "no-such-cc"), "LOWMEM_CACHE_DIR": str(tmp_path / "cache")}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["foreach", "1"], proc.stdout + proc.stderr
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cache").glob("*"))
+
+
+def test_lowmem_native_0_turns_the_kernel_off_without_a_warning(tmp_path):
+    proc = _run({"LOWMEM_NATIVE": "0", "LOWMEM_CACHE_DIR": str(tmp_path / "cache")}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["foreach", "0"], proc.stdout + proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_processes_building_at_once_share_one_build(tmp_path):
+    env = {**os.environ, "LOWMEM_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _STEP], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.split() == ["native", "0"], out + err
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].endswith(".so"), files    # one build, no temporary left
