@@ -51,9 +51,13 @@ AdaMeM's exact projector (a full thin SVD) versus its randomized one (subspace i
 extra columns and 2 iterations, cold and warm-started from the previous projector) on every
 projected gradient, and its own step with ``update_proj_gap=1`` minus its usual step.
 
-Goal (issue): Eve, SlimAdam and Adam-mini steps at most as slow as fused AdamW. PASS/FAIL is
-printed per model against the default path's median paired ratio to fused AdamW (<= 1.0 passes).
-It is informative only: the script always exits 0, it is a measurement, not a test.
+Rows ``<optimizer> int8 m`` keep `m` in 8-bit codes (``state_format="m=int8"``) and
+``<optimizer> foreach`` run the torch-ops backend instead of the default native kernel.
+
+Goals (issue 17, `GOALS`): on the Linear stack, Eve, SlimAdam, Adam-mini and the engine without a
+plan at most 1.0x fused AdamW, their ``int8 m`` rows at most 0.75x; on the built-in GPT every plan
+optimizer at most 1.5x. PASS/FAIL is printed per model against the median paired ratio to fused
+AdamW. It is informative only: the script always exits 0, it is a measurement, not a test.
 """
 
 from __future__ import annotations
@@ -83,7 +87,10 @@ from _machine import allocator_env, cpu_model, quartiles, sync   # beside this s
 LR = 1e-3
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-GOAL_ROWS = ("Eve", "SlimAdam", "Adam-mini")
+# Issue 17's goals: the largest ratio to fused AdamW, per model and row.
+GOALS = {"linear": {"Eve": 1.0, "SlimAdam": 1.0, "Adam-mini": 1.0, "ReducedAdamW (no plan)": 1.0,
+                    "Eve int8 m": 0.75, "SlimAdam int8 m": 0.75, "Adam-mini int8 m": 0.75},
+         "gpt": {"Eve": 1.5, "SlimAdam": 1.5, "Adam-mini": 1.5, "Adam-mini paper": 1.5, "AdaLayer": 1.5}}
 FUSED, FOREACH = "AdamW fused", "AdamW foreach"
 ALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
              "MALLOC_MMAP_MAX_", "MALLOC_CONF", "GLIBC_TUNABLES", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF",
@@ -179,6 +186,8 @@ def make_rows(args, hp: dict) -> tuple[list[Row], list[str]]:
              ("Adam-mini", lambda m, **k: lowmem.AdamMini(m, **k))]
     for label, cls in named:
         rows.append(Row(label, lambda m, cls=cls: cls(m, **hp), group=label))
+        rows.append(Row(f"{label} int8 m", lambda m, cls=cls: cls(m, state_format="m=int8", **hp)))
+        rows.append(Row(f"{label} foreach", lambda m, cls=cls: cls(m, backend="foreach", **hp)))
         if not args.no_compiled:
             rows.append(Row(f"{label} compiled", lambda m, cls=cls: cls(m, compiled=True, **hp), compiled=True))
         rows.append(Row(f"{label} foreach=False", lambda m, cls=cls: cls(m, foreach=False, **hp)))
@@ -455,10 +464,10 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
             adamem["refresh_in_adamem"] = impl
 
     goals = {}
-    for g in GOAL_ROWS:
+    for g, limit in GOALS.get(name, {}).items():
         d = next((x for x in result_rows if x["name"] == g), None)
         if d is not None and "ratio_fused" in d:
-            goals[g] = {"ratio_fused": d["ratio_fused"], "pass": d["ratio_fused"] <= 1.0}
+            goals[g] = {"ratio_fused": d["ratio_fused"], "limit": limit, "pass": d["ratio_fused"] <= limit}
 
     for row in live:   # free this model's copies before the next model
         row.model = row.opt = row.step = None
@@ -503,7 +512,7 @@ def print_model(res: dict, args) -> None:
                 print(f"  AdaMeM {proj} with update_proj_gap=1: {d['step_with_refresh_ms']:.1f} ms/step "
                       f"(refresh {_fmt(d['refresh_ms'], '.1f')} ms)")
     for g, v in res["goals"].items():
-        print(f"goal: {g} step at most as slow as fused AdamW -> {'PASS' if v['pass'] else 'FAIL'} "
+        print(f"goal: {g} step at most {v['limit']:.2f}x fused AdamW -> {'PASS' if v['pass'] else 'FAIL'} "
               f"(x{v['ratio_fused']:.2f})")
     for n in res["notes"]:
         print(f"note: {n}")

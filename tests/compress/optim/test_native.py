@@ -207,7 +207,7 @@ def test_without_a_compiler_the_engine_warns_once_and_runs_foreach(tmp_path):
     proc = _run({"CC": str(tmp_path / "no-such-cc"), "LOWMEM_CACHE_DIR": str(tmp_path / "cache")}, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["foreach", "1"], proc.stdout + proc.stderr
-    assert not any(p.suffix == ".so" for p in (tmp_path / "cache").glob("*"))
+    assert not any(p.suffix in (".so", ".tmp") for p in (tmp_path / "cache").glob("*"))
 
 
 def test_lowmem_native_0_turns_the_kernel_off_without_a_warning(tmp_path):
@@ -226,4 +226,158 @@ def test_processes_building_at_once_share_one_build(tmp_path):
         assert p.returncode == 0, err
         assert out.split() == ["native", "0"], out + err
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(files) == 1 and files[0].endswith(".so"), files    # one build, no temporary left
+    assert len(files) == 2 and files[0].endswith(".so") and files[1] == files[0] + ".sha256", files   # no temporary left
+
+
+# -- tensors as checkpoints and callers leave them ------------------------------------------------
+def _twins(make, steps_before: int = 2):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64, bias=False))
+    out = []
+    for backend in ("foreach", "native"):
+        model = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64, bias=False))
+        model.load_state_dict(base.state_dict())
+        out.append((model, make(model, backend)))
+    return out
+
+
+def _close(a: nn.Module, b: nn.Module, rtol: float = 1e-5) -> None:
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(y, x, rtol=rtol, atol=rtol * x.abs().max().item())
+
+
+def test_a_checkpoint_in_another_state_dtype_loads_as_fp32_and_steps_like_foreach():
+    # Saved with bf16 compute (its fp32-format v in bf16), loaded into the default optimizer: the
+    # kernel must see fp32 states (the loader casts them), never reinterpret bf16 bytes.
+    torch.manual_seed(0)
+    src = nn.Linear(256, 64, bias=False)
+    saved = lowmem.AdamMini(src, lr=1e-2, state_format="m=int8", state_dtype=torch.bfloat16, backend="foreach")
+    for _ in range(2):
+        src.weight.grad = torch.randn(src.weight.shape)
+        saved.step()
+    runs = []
+    for backend in ("foreach", "native"):
+        model = nn.Linear(256, 64, bias=False)
+        model.load_state_dict(src.state_dict())
+        opt = lowmem.AdamMini(model, lr=1e-2, state_format="m=int8")
+        opt.load_state_dict(saved.state_dict())
+        for g in opt.param_groups:
+            g["backend"] = backend
+        assert opt.state[model.weight]["exp_avg_sq"].dtype == torch.float32
+        assert opt.backend_of(model.weight).name == backend
+        model.weight.grad = torch.randn(model.weight.shape, generator=torch.Generator().manual_seed(5))
+        opt.step()
+        runs.append(model)
+    _close(*runs)
+
+
+def test_a_channels_last_adamw_checkpoint_loads_contiguous_and_steps_like_foreach():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    adamw = torch.optim.AdamW(conv.parameters(), lr=1e-2)
+    for _ in range(3):
+        conv(torch.randn(2, 8, 10, 10).to(memory_format=torch.channels_last)).square().mean().backward()
+        adamw.step()
+        adamw.zero_grad()
+    assert not adamw.state_dict()["state"][0]["exp_avg"].is_contiguous()
+    runs = []
+    for backend in ("foreach", "native"):
+        model = nn.Conv2d(8, 16, 3)
+        model.load_state_dict({k: v.contiguous() for k, v in conv.state_dict().items()})
+        opt = lowmem.Eve(model, lr=1e-2, backend=backend)
+        opt.load_state_dict(adamw.state_dict())
+        for g in opt.param_groups:
+            g["backend"] = backend
+        assert opt.state[model.weight]["exp_avg"].is_contiguous()
+        model(torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(1))).square().mean().backward()
+        opt.step()
+        runs.append(model)
+    _close(*runs)
+
+
+def test_a_state_the_kernel_cannot_read_as_it_lies_steps_on_the_torch_backends():
+    # A non-contiguous exp_avg (put there by hand): that parameter steps through foreach, the
+    # others through the kernel, and the results equal an all-foreach run.
+    (ref, ref_opt), (model, opt) = _twins(lambda m, b: lowmem.Eve(m, lr=1e-2, backend=b))
+    for m_, o in ((ref, ref_opt), (model, opt)):
+        for step in range(3):
+            for i, p in enumerate(m_.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            o.step()
+            if step == 0:
+                w = m_[1].weight
+                o.state[w]["exp_avg"] = o.state[w]["exp_avg"].t().contiguous().t()   # same values, transposed strides
+    _close(ref, model)
+
+
+def test_the_kernel_counts_its_in_place_writes_so_autograd_refuses_stale_graphs():
+    model = nn.Linear(64, 48)
+    opt = lowmem.Eve(model, lr=1e-2)
+    model(torch.ones(2, 64)).sum().backward()
+    opt.step()
+    assert opt.backend_of(model.weight).name == "native"
+    loss = (model(torch.ones(2, 64, requires_grad=True)) ** 2).sum()   # its backward reads the weight
+    before = model.weight._version
+    opt.step()
+    assert model.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_beta1_zero_keeps_m_equal_to_the_gradient_as_torch_lerp_does():
+    # torch's lerp computes from the gradient's end for weights of 0.5 and more: m == g exactly.
+    model = nn.Linear(300, 40, bias=False)
+    opt = lowmem.Eve(model, lr=1e-3, betas=(0.0, 0.999))
+    for scale in (1e4, 1e-3):
+        model.weight.grad = torch.randn(model.weight.shape) * scale
+        opt.step()
+        assert torch.equal(opt.state[model.weight]["exp_avg"], model.weight.grad)
+
+
+def test_a_nan_gradient_poisons_its_quantization_block_as_in_torch():
+    runs = []
+    for backend in ("foreach", "native"):
+        torch.manual_seed(0)
+        model = nn.Linear(512, 64, bias=False)
+        opt = lowmem.Eve(model, lr=1e-3, state_format="m=int8", backend=backend)
+        g = torch.randn(model.weight.shape)
+        g[3, 7] = float("nan")
+        model.weight.grad = g
+        opt.step()
+        state = opt.state[model.weight]
+        runs.append((torch.isnan(state["exp_avg_scale"]).sum().item(), torch.isnan(model.weight).sum().item()))
+    assert runs[0] == runs[1] and runs[0][0] == 1, runs
+
+
+# -- the build, continued -------------------------------------------------------------------------
+def test_cc_with_flags_and_a_compiler_without_openmp_still_build_the_kernel(tmp_path):
+    gcc = native.shutil.which("gcc") or native.shutil.which("cc")
+    no_omp = tmp_path / "cc-no-openmp"
+    no_omp.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "no libomp" >&2; exit 1; }; '
+                      f'done\nexec {gcc} "$@"\n')
+    no_omp.chmod(0o755)
+    for cc in (f"{gcc} -m64", str(no_omp)):
+        proc = _run({"CC": cc, "LOWMEM_CACHE_DIR": str(tmp_path / cc.replace(" ", "_").replace("/", "_"))}, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["native", "0"], cc + proc.stdout + proc.stderr
+
+
+def test_a_damaged_build_is_built_again_and_builds_are_readable_by_everyone(tmp_path):
+    cache = tmp_path / "cache"
+    assert _run({"LOWMEM_CACHE_DIR": str(cache)}, tmp_path).stdout.split() == ["native", "0"]
+    (so,) = list(cache.glob("*.so"))
+    assert so.stat().st_mode & 0o055 == 0o055   # group and others may read and run it (a shared cache)
+    so.write_bytes(so.read_bytes()[:1000])      # cut short, as a crash while copying would
+    proc = _run({"LOWMEM_CACHE_DIR": str(cache)}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["native", "0"], proc.stdout + proc.stderr
+    assert so.stat().st_size > 1000
+
+
+def test_a_cache_folder_that_cannot_be_written_builds_in_the_temporary_folder(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    proc = _run({"LOWMEM_CACHE_DIR": str(blocked / "cache"), "TMPDIR": str(tmp_path / "tmp")}, tmp_path)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["native", "0"], proc.stdout + proc.stderr

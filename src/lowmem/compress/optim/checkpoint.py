@@ -235,8 +235,8 @@ def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict, saved
     if "kahan_comp" in out and not kahan:
         del out["kahan_comp"]
     elif "kahan_comp" in out:
-        out["kahan_comp"] = _rows_like(opt, p, out["kahan_comp"].detach().to(device=local(p).device,
-                                                                             dtype=local(p).dtype, copy=True))
+        out["kahan_comp"] = _rows_like(opt, p, out["kahan_comp"].detach().to(
+            device=local(p).device, dtype=local(p).dtype, copy=True, memory_format=torch.contiguous_format))
     elif kahan:
         out["kahan_comp"] = _rows_like(opt, p, torch.zeros_like(local(p)), local_rows=True)
     opt.state[p] = out
@@ -254,18 +254,24 @@ def _rows_like(opt: ReducedAdamW, p: torch.Tensor, t: torch.Tensor, local_rows: 
 
 
 def _as_saved(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> dict:
-    """A state saved in this optimizer's formats, copied as it is (sharded where `p` is)."""
-    lay, device = opt._sharded.get(p), local(p).device
+    """A state saved in this optimizer's formats, copied as it is (sharded where `p` is),
+    contiguous, and a state in format ``fp32`` in this optimizer's compute dtype."""
+    lay, device, fmt = opt._sharded.get(p), local(p).device, opt._formats[p]
+    compute = {stored.KEYS[w] for w, f in (("m", fmt.m), ("v", fmt.v)) if f == "fp32"}
     out = {}
     for key, value in saved.items():
         if key == "step":
             out[key] = step_tensor(value).cpu()
-        elif not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(value, torch.Tensor):
             out[key] = value
-        elif key.startswith("exp_avg_sq") and lay is not None and not lay.like_param:
-            out[key] = lay.take(value.detach().to(device=device, copy=True))   # a flat local v
+            continue
+        dtype = opt.state_dtype_of(p) if key in compute else value.dtype
+        value = value.detach().to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        if key.startswith("exp_avg_sq") and lay is not None and not lay.like_param:
+            out[key] = lay.take(value)   # a flat local v
         else:
-            out[key] = _rows_like(opt, p, value.detach().to(device=device, copy=True))
+            out[key] = _rows_like(opt, p, value)
     return out
 
 
@@ -308,7 +314,7 @@ def _in_compute_dtype(opt: ReducedAdamW, p: torch.Tensor, saved: dict) -> dict:
         if key == "step":
             out[key] = step_tensor(value).cpu()
         elif isinstance(value, torch.Tensor):
-            out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+            out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
         else:
             out[key] = value
     v = out.get("exp_avg_sq")

@@ -36,7 +36,8 @@ Storage formats (`lowmem.compress.formats`, per parameter from the plan's ``stat
 the `state_format` option): a state in ``bf16``, ``int8`` or ``int4`` is stored as `state`
 says (bf16 tensors, or uint8 codes plus ``exp_avg_scale`` / ``exp_avg_sq_scale``). Such a
 parameter is *staged*: for its step its states are decoded into compute-dtype temporaries, the
-backend updates those as any other tensors, and they are encoded back; staged parameters go
+backend updates those as any other tensors, and they are encoded back (except in a backend that
+reads stored formats itself, `backends.Backend.reads_stored`: the native kernel); staged parameters go
 through the backends in buckets of at most `STAGE_ENTRIES` entries (a larger parameter forms a
 bucket of its own), so the temporaries of one step stay bounded by one bucket's: about 16 bytes
 per entry in fp32 (m, v, a gradient and a parameter copy where their dtype differs) plus what the

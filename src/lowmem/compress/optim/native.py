@@ -13,18 +13,23 @@ decodes / encodes stored formats (bf16, block-wise 8- and 4-bit codes) in regist
 quantized state never exists in fp32 outside a 256-entry tile. Threads: OpenMP, as many as
 ``torch.get_num_threads()``; the library links the OpenMP runtime that torch itself loaded.
 
-The build lands in ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``) under a name that hashes
-the source, the compiler's version and the CPU's flags, written under a temporary name and
-renamed, so concurrent processes share one build. Without a compiler (or when the build fails)
-the engine runs the foreach backend and warns once; ``LOWMEM_NATIVE=0`` turns the kernel off
-without a warning.
+The build lands in ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``; a folder in the temporary
+directory where that cannot be written) under a name that hashes the source, the compiler's
+version and the instruction sets it targets here, written under a temporary name and renamed, so
+concurrent processes share one build, with its SHA-256 beside it: a build that does not match
+it (damaged after it was written) is built again rather than loaded. A compiler without OpenMP
+builds a one-thread kernel. Without a compiler (or when the build fails) the engine runs the
+foreach backend and warns once; ``LOWMEM_NATIVE=0`` turns the kernel off without a warning.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,9 +41,10 @@ import torch
 
 from lowmem.compress.formats import QUANTIZED, block_of, rows_of
 from lowmem.compress.optim.backends import Bucket, StepScalars, _canonical
+from lowmem.compress.optim.state import stored_shapes
 
 SOURCE = Path(__file__).with_name("kernels") / "step.c"
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 MODES = {"full": 0, "row": 1, "col": 2, "all": 3}
 FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 
@@ -77,40 +83,115 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build() -> ctypes.CDLL:
-    """Build (or find built) and load the kernel; raises OSError / RuntimeError on failure."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+def _compiler() -> list[str]:
+    cc = os.environ.get("CC")
+    if cc:
+        return shlex.split(cc)   # (CC may carry flags, e.g. "gcc -m64")
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if found is None:
         raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    folder = cache_dir()
-    target = folder / f"lowmem_step_{tag}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            errors = ""
-            for arch in (["-march=native"], []):   # a compiler that does not know -march=native: portable code
-                proc = subprocess.run([cc, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
-                                      text=True, timeout=300)
-                if proc.returncode == 0:
-                    break
-                errors = proc.stderr.strip()
-            else:
-                raise RuntimeError(f"{cc} failed: {errors[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    return [found]
+
+
+def _target(cc: list[str]) -> bytes:
+    """What identifies the code a build makes here: the compiler's version, and the macros it
+    defines for this CPU under ``-march=native`` (its instruction sets), with the machine's name
+    and CPU flags (where the compiler does not know ``-march=native``)."""
+    run = lambda args: subprocess.run([*cc, *args], capture_output=True, text=True, timeout=60, input="").stdout
+    return "\0".join([run(["--version"]), run(["-march=native", "-dM", "-E", "-x", "c", "-"]), platform.machine(),
+                      _cpu_flags()]).encode()
+
+
+def _folders() -> list[Path]:
+    """Where a build may go: the cache folder, then (when that cannot be written) a folder of the
+    user's in the temporary directory."""
+    user = getattr(os, "getuid", lambda: "user")()
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"lowmem-{user}"]
+
+
+def _compile(cc: list[str], target: Path) -> None:
+    """Build the kernel at `target`: under a temporary name in its folder, flushed to disk,
+    readable by everyone (a shared cache), then renamed, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = ""
+        # -march=native where the compiler knows it; without OpenMP where it has none (one thread)
+        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            proc = subprocess.run([*cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                  text=True, timeout=300)
+            if proc.returncode == 0:
+                break
+            errors = proc.stderr.strip()
+        else:
+            raise RuntimeError(f"{' '.join(cc)} failed: {errors[-2000:]}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+            digest = hashlib.sha256(f.read()).hexdigest()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)
+        os.replace(tmp, target)
+        _write_atomically(_digest_path(target), digest, 0o644 & ~umask)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _digest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _write_atomically(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _intact(target: Path) -> bool:
+    """Whether a build in the cache is whole: its bytes hash to the digest written beside it
+    (loading a damaged shared library can kill the process, so it is checked first)."""
+    try:
+        return hashlib.sha256(target.read_bytes()).hexdigest() == _digest_path(target).read_text().strip()
+    except OSError:
+        return False
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.lowmem_step.restype = ctypes.c_int
     lib.lowmem_step.argtypes = [ctypes.c_int64, ctypes.POINTER(_Task), ctypes.POINTER(_Scalars),
                                 ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.c_int]
     return lib
+
+
+def _build() -> ctypes.CDLL:
+    """Build (or find built) and load the kernel; raises OSError / RuntimeError on failure."""
+    cc = _compiler()
+    tag = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), _target(cc), " ".join(FLAGS).encode()])).hexdigest()[:16]
+    failures = []
+    for folder in _folders():
+        target = folder / f"lowmem_step_{tag}.so"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if target.exists() and _intact(target):
+                try:
+                    return _load(target)
+                except OSError as e:   # (another machine's build in a shared folder): build it again
+                    failures.append(f"{target}: {e}")
+            _compile(cc, target)   # a damaged or missing build is replaced
+            return _load(target)
+        except OSError as e:
+            failures.append(f"{folder}: {e}")
+    raise OSError("; ".join(failures))
 
 
 def library() -> ctypes.CDLL | None:
@@ -185,41 +266,79 @@ def _mode(layout) -> tuple[int, int]:
     return (MODES["row"], shape[1]) if dim == 1 else (MODES["col"], shape[1])
 
 
-def _task(p, g, state: dict, layout, m_fmt: str, v_fmt: str, comp) -> _Task:
+def _fits(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    return (t is not None and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+            and t.numel() == math.prod(shape))
+
+
+def _task(p, g, state: dict, layout, m_fmt: str, v_fmt: str, comp) -> _Task | None:
+    """The kernel's description of one parameter, or None where a tensor is not as the kernel
+    reads it (a dtype, shape or layout that a checkpoint or a caller brought): that parameter
+    steps on the torch backends instead."""
     mode, cols = _mode(layout)
-    m, v = state["exp_avg"], state["exp_avg_sq"]
+    shape = tuple(p.shape)
+    kept = shape if mode == MODES["full"] else tuple(layout.v_shape)
+    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
     ms, vs = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
+    ok = (p.dtype in (torch.float32, torch.bfloat16) and _fits(p, shape, p.dtype) and _fits(g, shape, p.dtype)
+          and (comp is None or _fits(comp, shape, torch.bfloat16)))
+    for which, fmt, t, scale, size in (("m", m_fmt, m, ms, shape), ("v", v_fmt, v, vs, kept)):
+        for suffix, (want, dtype) in stored_shapes(fmt, size).items():
+            ok = ok and _fits(t if suffix == "" else scale, want, dtype or torch.float32)
+    if not ok:
+        return None
     return _Task(p.data_ptr(), g.data_ptr(), m.data_ptr(), ms.data_ptr() if ms is not None else None,
                  v.data_ptr(), vs.data_ptr() if vs is not None else None,
-                 comp.data_ptr() if comp is not None else None, p.numel(), cols, rows_of(tuple(p.shape))[1],
+                 comp.data_ptr() if comp is not None else None, p.numel(), cols, rows_of(shape)[1],
                  mode, int(p.dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
 
 
 def native_step(b: Bucket, s: StepScalars) -> None:
     """The bucket's update in one kernel call: its fp32 parameters, and its staged parameters
-    (`BucketKey.stored`) straight from their stored formats."""
-    tasks = []
-    for p, g, m, v, lay in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts):
-        tasks.append(_task(p, g, {"exp_avg": m, "exp_avg_sq": v}, lay, "fp32", "fp32", None))
+    (`BucketKey.stored`) straight from their stored formats. A parameter whose tensors the
+    kernel cannot read as they are steps on the foreach backend (through fp32 temporaries when
+    staged), in the same call."""
+    from lowmem.compress.optim.backends import foreach_step, reference_step
+
+    tasks, touched = [], []
+    rest = Bucket(b.key, b.state_dtype, b.scratch)
+    for p, g, m, v, lay, step in zip(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.layouts, b.steps):
+        task = _task(p, g, {"exp_avg": m, "exp_avg_sq": v}, lay, "fp32", "fp32", None)
+        if task is None:
+            for lst, x in ((rest.params, p), (rest.grads, g), (rest.exp_avgs, m), (rest.exp_avg_sqs, v),
+                           (rest.layouts, lay), (rest.steps, step)):
+                lst.append(x)
+            continue
+        tasks.append(task)
+        touched += [p, m, v]
     m8 = m4 = v8 = _EMPTY
     for st in b.stages:
         state = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in st.state.items()}
-        comp = state.get("kahan_comp") if st.rounding == "kahan" else None
-        tasks.append(_task(st.shard, st.grad, state, st.layout, st.fmt.m, st.fmt.v, comp))
-        if st.fmt.m == "int8":
-            m8 = _codec("m", "int8")
-        elif st.fmt.m == "int4":
-            m4 = _codec("m", "int4")
-        if st.fmt.v == "int8":
-            v8 = _codec("v", "int8")
-    if not tasks:
-        return
-    scalars = _Scalars(s.decay, s.beta1, s.beta2, 1 - s.beta1, 1 - s.beta2, s.eps, s.step_size, s.bc2_sqrt,
-                       int(s.maximize))
-    array = (_Task * len(tasks))(*tasks)
-    if library().lowmem_step(len(tasks), array, ctypes.byref(scalars), ctypes.byref(m8), ctypes.byref(m4),
-                             ctypes.byref(v8), torch.get_num_threads()) != 0:
-        raise MemoryError("lowmem: the native step kernel could not allocate its work list")
+        comp = state.get("kahan_comp") if st.rounding == "kahan" and st.shard.dtype != torch.float32 else None
+        task = _task(st.shard, st.grad, state, st.layout, st.fmt.m, st.fmt.v, comp)
+        if task is None:
+            rest.stages.append(st)
+            continue
+        tasks.append(task)
+        touched += [st.shard] + [t for k, t in state.items() if k != "step" and isinstance(t, torch.Tensor)]
+        m8 = _codec("m", "int8") if st.fmt.m == "int8" else m8
+        m4 = _codec("m", "int4") if st.fmt.m == "int4" else m4
+        v8 = _codec("v", "int8") if st.fmt.v == "int8" else v8
+    if tasks:
+        scalars = _Scalars(s.decay, s.beta1, s.beta2, 1 - s.beta1, 1 - s.beta2, s.eps, s.step_size, s.bc2_sqrt,
+                           int(s.maximize))
+        array = (_Task * len(tasks))(*tasks)
+        if library().lowmem_step(len(tasks), array, ctypes.byref(scalars), ctypes.byref(m8), ctypes.byref(m4),
+                                 ctypes.byref(v8), torch.get_num_threads()) != 0:
+            raise MemoryError("lowmem: the native step kernel could not allocate its work list")
+        torch.autograd.graph.increment_version(touched)   # written in place, as torch's kernels count it
+    if rest.params:
+        (foreach_step if b.key.native else reference_step)(rest, s)
+    if rest.stages:
+        from lowmem.compress.optim.engine import _load, _store
+        _load(rest)
+        foreach_step(rest, s)
+        _store(rest)
 
 
 def serves(key) -> bool:

@@ -10,7 +10,8 @@
  * nearest, or with a bf16 Kahan buffer `comp` (what rounding lost, added back next step).
  *
  * The update, in torch.optim.AdamW's order (fp32 arithmetic):
- *     p ← p·decay;  m ← m + (1−β1)(g − m);  v ← β2 v + (1−β2) mean_r(g²)
+ *     p ← p·decay;  m ← lerp(m, g, 1−β1) (as torch.lerp: from m below a weight of 0.5, from g
+ *     above);  v ← β2 v + (1−β2) mean_r(g²)
  *     p ← p − step_size · m / (sqrt(v)/bc2 + eps)
  * Reductions of g² accumulate in double, in an order fixed by the shapes alone (never by the
  * number of threads), so results are reproducible. Codes: an entry divided by its block's scale
@@ -163,20 +164,29 @@ static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t 
         int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
         const float *y = x + j0;
         float hi = -INFINITY, lo = INFINITY;
+        int nan = 0;   /* a NaN makes the scale NaN, as torch's aminmax does */
         int64_t j1 = 0;
 #ifdef __AVX512F__
         __m512 vh = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
+        __mmask16 vn = 0;
         for (; j1 + 16 <= k1; j1 += 16) {
             __m512 z = _mm512_loadu_ps(y + j1);
             vh = _mm512_max_ps(vh, z);
             vl = _mm512_min_ps(vl, z);
+            vn |= _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q);
         }
         hi = _mm512_reduce_max_ps(vh);
         lo = _mm512_reduce_min_ps(vl);
+        nan = vn != 0;
 #endif
-        for (; j1 < k1; j1++) { hi = y[j1] > hi ? y[j1] : hi; lo = y[j1] < lo ? y[j1] : lo; }
+        for (; j1 < k1; j1++) {
+            hi = y[j1] > hi ? y[j1] : hi;
+            lo = y[j1] < lo ? y[j1] : lo;
+            nan |= y[j1] != y[j1];
+        }
         float sc = hi > -lo ? hi : -lo;
-        if (!(sc >= 1e-12f)) sc = 1e-12f;
+        if (sc < 1e-12f) sc = 1e-12f;
+        if (nan) sc = NAN;
         scale[row * nb + a / c->block] = sc;
         if (fmt == Q8) {
             encode_all(c, y, sc, k1, (uint8_t *)s + row * qlen + a);
@@ -249,6 +259,8 @@ static void update_range(const Task *t, const Scalars *s, const Codec *mc, const
     int64_t block = mc ? mc->block : 0;   /* tiles: the larger block (the smaller divides it) */
     if (vc && vc->block > block) block = vc->block;
     const float sign = s->maximize ? -1.0f : 1.0f, omb1 = s->omb1, decay = s->decay, neg_ss = -s->step_size;
+    const int lerp_low = omb1 < 0.5f;
+    const float omw = 1.0f - omb1;
     for (int64_t i = a; i < b;) {
         int64_t e = tile_end(t, i, b, block), k = e - i;
         /* fp32 tensors are worked on where they lie; other formats through tile buffers */
@@ -290,7 +302,8 @@ static void update_range(const Task *t, const Scalars *s, const Codec *mc, const
             for (int64_t j = 0; j < k; j++) db[j] = dn[0];
         }
         for (int64_t j = 0; j < k; j++) {
-            float m = mp[j] + omb1 * (gp[j] * sign - mp[j]);
+            float g = gp[j] * sign;   /* torch's lerp: from the nearer end */
+            float m = lerp_low ? mp[j] + omb1 * (g - mp[j]) : g - (g - mp[j]) * omw;
             mp[j] = m;
             pp[j] = pp[j] * decay + neg_ss * (m / db[j]);
         }
