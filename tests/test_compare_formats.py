@@ -233,6 +233,17 @@ def test_a_bf16_sweep_trains_a_bf16_copy_of_the_same_start(task, tmp_path):
     assert result.train_loss == losses
     assert result.state_bytes == 2 * 2 * PARAMS                      # torch's AdamW keeps bf16 m and v
     assert json.loads((tmp_path / "settings.json").read_text())["param_dtype"] == "bf16"
+    # the held-out loss: the trained bf16 weights upcast to fp32, on fp32 batches
+    exact = model.float().eval()
+    with torch.no_grad():
+        want = sum(float(task.loss_fn(exact, task.get_val_batch(i))) for i in range(2)) / 2
+    assert result.final_val_loss == pytest.approx(want, rel=1e-6)
+    with torch.no_grad():   # in bf16 it is another number: rounded where fp32 is not
+        rounded = sum(float(task.loss_fn(model.bfloat16(), (task.get_val_batch(i)[0].bfloat16(), task.get_val_batch(i)[1])))
+                      for i in range(2)) / 2
+    assert rounded != pytest.approx(want, rel=1e-6)
+    param = run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16", eval_dtype="param"), tmp_path / "p")[0]
+    assert param.final_val_loss == pytest.approx(rounded, rel=1e-6)
 
 
 def test_rounding_modes_reach_the_plan_optimizer(task, tmp_path):
@@ -254,7 +265,7 @@ def test_a_folder_keeps_one_param_dtype_and_reads_folders_from_before_it(task, t
     with pytest.raises(SweepMismatch, match="param_dtype: 'fp32' there, 'bf16' now"):
         run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16"), tmp_path)
     doc = json.loads((tmp_path / "settings.json").read_text())
-    for key in ("param_dtype", "param_rounding"):                          # a folder written before them
+    for key in ("param_dtype", "param_rounding", "eval_dtype"):            # a folder written before them
         del doc[key]
     (tmp_path / "settings.json").write_text(json.dumps(doc))
     done = []
@@ -296,3 +307,13 @@ def test_the_command_records_specs_and_the_bf16_sweep_settings(tmp_path):
     code, _, err = cli("compare", tmp_path / "model.py", "--optimizers", "adamw", "--lrs", "1e-2", "--param-dtype", "bf16",
                        "--out", tmp_path / "c")
     assert code == 2 and "param_rounding: 'kahan' there, 'nearest' now" in err
+
+
+def test_a_bf16_folder_from_before_eval_dtype_is_refused_not_mixed(task, tmp_path):
+    # Its held-out losses were computed in bf16: new runs (fp32) would not compare with them.
+    run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16"), tmp_path)
+    doc = json.loads((tmp_path / "settings.json").read_text())
+    del doc["eval_dtype"]
+    (tmp_path / "settings.json").write_text(json.dumps(doc))
+    with pytest.raises(SweepMismatch, match="eval_dtype: 'param' there, 'fp32' now"):
+        run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16"), tmp_path)

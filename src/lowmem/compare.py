@@ -22,7 +22,8 @@ Files (the report reads them, `lowmem.reports.run`):
 ``compare.csv``: `COMPARE_COLUMNS` plus ``opt_step_seconds``, ``init_sha``, ``batches_sha``, one
 row per (optimizer, lr) run in sweep order. ``final_train_loss`` is the mean training loss of
 the last `tail` steps (a single batch is noisy); ``final_val_loss`` the mean loss over
-``eval_batches`` held-out batches after the last step (empty without a held-out split);
+``eval_batches`` held-out batches after the last step (empty without a held-out split; in
+fp32 for bf16 runs, ``eval_dtype``);
 ``status`` is ``complete`` or ``diverged`` (a NaN/inf loss stopped it); ``state_bytes`` counts
 the optimizer's state tensors but its step counters; ``step_seconds`` is the median time of a
 whole training step (forward, backward, optimizer), ``opt_step_seconds`` of `optimizer.step()`.
@@ -162,6 +163,10 @@ class SweepSettings:
             parameters (``"nearest"``, ``"stochastic"``, ``"kahan"``; `ReducedAdamW`); torch's
             AdamW keeps bf16 state and computes its update in bf16, the peers round to nearest.
             Only ``"nearest"`` with fp32 parameters.
+        eval_dtype: the precision of held-out losses: ``"fp32"`` (default) evaluates a float32
+            copy of the model (bf16 weights upcast exactly) on float32 batches, so a bf16 run's
+            loss is not rounded to bf16 (about 0.004 apart at a loss of 2.5, as large as the
+            gaps being measured); ``"param"`` evaluates the model as it trains, in its dtype.
     """
 
     steps: int
@@ -178,6 +183,7 @@ class SweepSettings:
     task: str = "?"
     param_dtype: str = "fp32"
     param_rounding: str = "nearest"
+    eval_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.param_dtype not in PARAM_DTYPES:
@@ -187,6 +193,8 @@ class SweepSettings:
         if self.param_dtype == "fp32" and self.param_rounding != "nearest":
             raise ValueError(f"param_rounding {self.param_rounding!r} rounds into bf16 parameters: it needs "
                              "param_dtype 'bf16'")
+        if self.eval_dtype not in ("fp32", "param"):
+            raise ValueError(f"eval_dtype must be 'fp32' or 'param', got {self.eval_dtype!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if not 0 <= self.warmup < max(self.steps, 1):
@@ -336,6 +344,10 @@ def _sync(device: torch.device) -> None:
 def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: torch.device) -> float | None:
     if task.get_val_batch is None or settings.eval_batches == 0:
         return None
+    if settings.eval_dtype == "fp32" and settings.dtype != torch.float32:
+        model, dtype = copy.deepcopy(model).float(), torch.float32   # (bf16 → fp32 is exact)
+    else:
+        dtype = settings.dtype
     was_training = model.training
     model.eval()
     try:
@@ -343,7 +355,7 @@ def _val_loss(task: Task, model: nn.Module, settings: SweepSettings, device: tor
             losses = []
             for i in range(settings.eval_batches):
                 batch = to_device(call_user(task, f"get_val_batch({i})", task.get_val_batch, i), device)
-                batch = _cast_floats(batch, settings.dtype)
+                batch = _cast_floats(batch, dtype)
                 loss = call_user(task, "loss_fn(model, batch)", task.loss_fn, model, batch)
                 check_loss(task, loss, i, needs_grad=False, where=f"on held-out batch {i}")
                 losses.append(float(loss))
@@ -461,6 +473,8 @@ def check_settings(out: Path, settings: SweepSettings, init_sha: str) -> None:
             raise SweepMismatch(f"{path}: unreadable ({e}); remove it or use another --out") from None
         if isinstance(old, dict):   # a folder from before a setting existed ran at its default
             old = {**_ADDED_SETTINGS, **old}
+            # before eval_dtype, held-out losses were computed in the parameters' dtype
+            old.setdefault("eval_dtype", "fp32" if old.get("param_dtype") == "fp32" else "param")
         if old != doc:
             diff = [f"{k}: {old.get(k)!r} there, {v!r} now" if k != "init_sha" else
                     "initial weights differ (the model or build_model changed)" for k, v in doc.items() if old.get(k) != v]
