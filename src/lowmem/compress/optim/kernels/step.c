@@ -32,6 +32,8 @@ enum { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
 #define TILE 256          /* entries per tile of an unquantized state (>= every block size) */
 #define ITEM 32768        /* entries per work item, about (whole units: see plan_items) */
 #define COL_CHUNKS 8      /* row chunks whose column sums are added in order (COL, ALL) */
+#define PARALLEL_MIN 65536   /* entries below which a loop runs on one thread: a parallel region
+                                costs a barrier, and on a busy machine a barrier can cost milliseconds */
 
 typedef struct {
     void *p;              /* parameter: float or bf16 (uint16) */
@@ -350,7 +352,7 @@ static void reduce_task(const Task *t, const Scalars *s, int nthreads, double *p
     int64_t chunks, width;
     chunking(t, &chunks, &width);
     int64_t rows = t->n / width;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(t->n >= PARALLEL_MIN)
     for (int64_t c = 0; c < chunks; c++) {
         double *acc = part + c * width;
         int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
@@ -372,12 +374,13 @@ int lowmem_step(int64_t ntasks, const Task *tasks, const Scalars *s, const Codec
     if (nthreads < 1) nthreads = 1;
     float **dns = calloc((size_t)ntasks + 1, sizeof(float *));
     if (!dns) return -1;
-    int64_t count = 0, scratch = 1;
+    int64_t count = 0, scratch = 1, total = 0;
     int failed = 0;
     for (int64_t k = 0; k < ntasks; k++) {   /* every allocation first */
         const Task *t = &tasks[k];
         int64_t chunks, width;
         count += plan_items(t, k, NULL);
+        total += t->n;
         if (t->mode == ROW) width = t->n / t->cols;
         else if (t->mode == FULL) width = 0;
         else { chunking(t, &chunks, &width); if (chunks * width > scratch) scratch = chunks * width; }
@@ -395,7 +398,7 @@ int lowmem_step(int64_t ntasks, const Task *tasks, const Scalars *s, const Codec
     for (int64_t k = 0; k < ntasks; k++) count += plan_items(&tasks[k], k, items + count);
     for (int64_t k = 0; k < ntasks; k++)
         if (tasks[k].mode == COL || tasks[k].mode == ALL) reduce_task(&tasks[k], s, nthreads, part, dns[k]);
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1 && total >= PARALLEL_MIN)
     for (int64_t w = 0; w < count; w++) {
         const Task *t = &tasks[items[w].task];
         int64_t a = items[w].start, b = items[w].stop;
