@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on a machine with a CUDA GPU: every CUDA test, then the optimizer-step (a 100.7M-parameter
+# Linear stack and the built-in GPT), capture-overhead and Hessian benchmarks on CUDA, each under
+# its own time limit (at most 8.5 minutes in all), results as text and JSON in OUT:
+#
+#     bash benchmarks/gpu_check.sh [OUT]          # default OUT: gpu-check
+#
+# OUT/device.txt (GPU, driver, torch), OUT/tests.txt (pytest of the CUDA tests),
+# OUT/optimizer_step_linear100m.{json,txt}, OUT/optimizer_step_gpt.json, OUT/capture_overhead.json,
+# OUT/hessian.json, OUT/status.txt (each part's exit status; 124: it ran out of time). A part that
+# fails does not stop the others. Uses the python on PATH; if it cannot import lowmem, the checkout
+# is put on PYTHONPATH (torch with CUDA must be installed already).
+set -uo pipefail
+OUT=${1:-gpu-check}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$ROOT"
+python -c "import lowmem" 2>/dev/null || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+: > "$OUT/status.txt"
+
+part() {   # part NAME SECONDS COMMAND...: run with a limit, record the exit status
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    echo "$name rc=$? seconds=$((SECONDS - t0))" >> "$OUT/status.txt"
+}
+
+part device 60 bash -c "nvidia-smi > '$OUT/device.txt' 2>&1; python -c 'import torch, platform; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), platform.python_version())' >> '$OUT/device.txt' 2>&1"
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device visible to torch: nothing else to run" | tee -a "$OUT/status.txt"
+    exit 1
+fi
+part tests 150 python -m pytest -q -p no:cacheprovider -p no:warnings \
+    tests/compress/optim/test_cuda.py tests/snr/test_capture_cuda.py \
+    "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" > "$OUT/tests.txt" 2>&1
+part step_linear100m 120 python benchmarks/optimizer_step.py --device cuda --model linear --layers 6 --width 4096 \
+    --rounds 5 --steps 5 --warmup 2 --no-compiled --refresh-reps 1 --json > "$OUT/optimizer_step_linear100m.json" 2> "$OUT/optimizer_step_linear100m.txt"
+part step_gpt 60 python benchmarks/optimizer_step.py --device cuda --model gpt --rounds 8 --steps 5 --no-compiled \
+    --refresh-reps 1 --json > "$OUT/optimizer_step_gpt.json" 2> "$OUT/optimizer_step_gpt.err"
+part capture 60 python benchmarks/capture_overhead.py --device cuda --rounds 10 --json > "$OUT/capture_overhead.json" 2> "$OUT/capture_overhead.err"
+part hessian 60 python benchmarks/hessian.py --device cuda --sizes 1024 --json > "$OUT/hessian.json" 2> "$OUT/hessian.err"
+cat "$OUT/status.txt"
