@@ -347,6 +347,7 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
     torch.manual_seed(0)
     base = MODELS[name](args).to(device)
     n_params = sum(p.numel() for p in base.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     gen = torch.Generator(device="cpu").manual_seed(1234)
     grads = {n: (torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2).to(device)
              for n, p in base.named_parameters()}
@@ -432,6 +433,9 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
                 d[f"ratio_{key}_quartiles"] = [round(q, 4) for q in quartiles(ratios)]
         if row.kind == "optimizer":
             d["state_mib"] = round(row.state_bytes / 2**20, 3) if row.state_bytes is not None else None
+            if row.state_bytes is not None:   # the least a step must move: p and its state read and written, g read
+                moved = 3 * param_bytes + 2 * row.state_bytes
+                d["gb_per_s"] = round(moved / (d["ms_per_step"] / 1e3) / 1e9, 2)
             d["temp_mib"] = round(row.temp_bytes / 2**20, 3) if row.temp_bytes is not None else None
             d["optimizer"] = type(row.opt).__name__
         if row.compile_s is not None:
@@ -477,6 +481,22 @@ def bench_model(name: str, args, device: torch.device, hp: dict) -> dict:
 
 
 # -- output ---------------------------------------------------------------------------------------
+def copy_bandwidth(device: torch.device, mib: int = 256, reps: int = 7) -> float:
+    """The machine's copy bandwidth in GB/s (bytes read plus bytes written per second): the
+    median of `reps` copies of a `mib` MiB float32 tensor into another, as torch's threads do it."""
+    src = torch.ones(mib * 2**18, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(reps + 1):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
 def _fmt(x, spec: str, missing: str = "--") -> str:
     return missing if x is None else format(x, spec)
 
@@ -485,7 +505,7 @@ def print_model(res: dict, args) -> None:
     print()
     print(f"== {res['description']}: {res['parameters']:,} parameters in {res['tensors']} tensors ==")
     head = (f"{'optimizer / path':<26} {'ms/step':>9} {'x fused':>8} {'(quartiles)':>13} {'x foreach':>9} "
-            f"{'state MiB':>10} {'temp MiB':>9} {'compile s':>9}")
+            f"{'state MiB':>10} {'temp MiB':>9} {'GB/s':>6} {'compile s':>9}")
     print(head)
     print("-" * len(head))
     for d in res["rows"]:
@@ -493,7 +513,8 @@ def print_model(res: dict, args) -> None:
         qs = f"{q[0]:.2f}..{q[2]:.2f}" if q and d["name"] != FUSED else ""
         print(f"{d['name']:<26} {d['ms_per_step']:>9.2f} {_fmt(d.get('ratio_fused'), '.2f'):>8} {qs:>13} "
               f"{_fmt(d.get('ratio_foreach'), '.2f'):>9} {_fmt(d.get('state_mib'), '.1f', ''):>10} "
-              f"{_fmt(d.get('temp_mib'), '.1f', ''):>9} {_fmt(d.get('compile_s'), '.1f', ''):>9}")
+              f"{_fmt(d.get('temp_mib'), '.1f', ''):>9} {_fmt(d.get('gb_per_s'), '.1f', ''):>6} "
+              f"{_fmt(d.get('compile_s'), '.1f', ''):>9}")
     a = res["adamem"]
     if a:
         ranks = ", ".join(f"{s[0]}x{s[1]} r={r} {side}" for s, r, side in a["ranks"])
@@ -549,6 +570,7 @@ def main() -> int:
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "python": platform.python_version(), "libc": " ".join(platform.libc_ver()),
                "allocator_env": env}
+    machine["copy_gb_per_s"] = round(copy_bandwidth(device), 1)
     if not args.json:
         gpu = f" ({machine['gpu']})" if machine["gpu"] else ""
         print(f"machine: {machine['cpu']}, {machine['cpu_count']} CPUs | device {machine['device']}{gpu} | "
@@ -566,6 +588,9 @@ def main() -> int:
               "during one step above the start (" +
               ("torch.cuda.max_memory_allocated)" if device.type == "cuda" else
                "torch CPU allocator events via torch.profiler)"))
+        print(f"GB/s: the least a step moves (parameters and state read and written, gradients read: "
+              f"3 x parameter bytes + 2 x state bytes) per second; this machine copies "
+              f"{machine['copy_gb_per_s']} GB/s (bytes read + written, a 256 MiB tensor)")
 
     t_start = time.perf_counter()
     results = []

@@ -188,14 +188,17 @@ def tables(out: Path) -> str:
             lines += ["", "bf16 parameters (the same start cast to bf16); rounding: lowmem's `--param-rounding` "
                       "(torch's AdamW rounds to nearest):", "",
                       "| optimizer | rounding | state B/param | loss s0 / s1 / s2 | gap to fp32 AdamW | 95% CI | "
-                      "gap to bf16 AdamW | 95% CI | step ms |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "gap to bf16 AdamW | 95% CI | gap to itself in fp32 | 95% CI | step ms |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for key in bf16:
                 losses, state, step = cells(key)
                 gap, ci = _gap(loss[key], adamw)
                 gap16, ci16 = _gap(loss[key], adamw16) if key[1] != "adamw" else ("", "")
+                own = ("fp32", key[1].split(":")[0])   # the same optimizer, fp32 parameters and state
+                gap32, ci32 = _gap(loss[key], loss[own]) if key[1] != "adamw" and own in loss else ("", "")
                 rounding = key[0].split("-", 1)[1] if key[1] != "adamw" else "nearest (torch)"
-                lines.append(f"| {key[1]} | {rounding} | {state} | {losses} | {gap} | {ci} | {gap16} | {ci16} | {step} |")
+                lines.append(f"| {key[1]} | {rounding} | {state} | {losses} | {gap} | {ci} | {gap16} | {ci16} | "
+                             f"{gap32} | {ci32} | {step} |")
         lines.append("")
     log = out / "wall.jsonl"
     if log.exists():

@@ -44,7 +44,7 @@ from lowmem.compress.optim.backends import Bucket, StepScalars, _canonical
 from lowmem.compress.optim.state import stored_shapes
 
 SOURCE = Path(__file__).with_name("kernels") / "step.c"
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=c11")   # (no errno: sqrtf vectorises)
 MODES = {"full": 0, "row": 1, "col": 2, "all": 3}
 FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 
@@ -63,7 +63,8 @@ class _Scalars(ctypes.Structure):
 
 
 class _Codec(ctypes.Structure):
-    _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("block", ctypes.c_int32)]
+    _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("block", ctypes.c_int32),
+                ("shift", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -233,13 +234,16 @@ def _codec(which: str, fmt: str) -> _Codec:
         if enc.steps != 1:   # the kernel looks up one switch point per cell
             raise AssertionError(f"the {which} map in {fmt} has cells with {enc.steps} switch points")
         cells = _cells(enc)
-        c = _Codec(qmap.data_ptr(), cells.data_ptr(), block_of(fmt))
+        block = block_of(fmt)
+        if block & (block - 1):   # the kernel finds a block by a shift
+            raise AssertionError(f"block size {block} of {fmt} is not a power of two")
+        c = _Codec(qmap.data_ptr(), cells.data_ptr(), block, block.bit_length() - 1)
         c.keep = (qmap, cells)
         _codecs[key] = c
     return _codecs[key]
 
 
-_EMPTY = _Codec(None, None, 0)
+_EMPTY = _Codec(None, None, 0, 0)
 
 
 def _cells(enc) -> torch.Tensor:

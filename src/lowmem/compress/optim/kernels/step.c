@@ -58,6 +58,7 @@ typedef struct {          /* one quantization map */
     const float *qmap;    /* 2^bits values */
     const int32_t *cells; /* 2^17 cells: lowest code << 16 | switch point (see encode_all) */
     int32_t block;
+    int32_t shift;        /* log2(block): blocks are powers of two */
 } Codec;
 
 typedef struct { int64_t task, start, stop; } Item;
@@ -110,13 +111,13 @@ static void encode_all(const Codec *c, const float *x, float sc, int64_t k, uint
 /* State entries [i, i+k) into floats; a quantized state's blocks lie whole in [i, i+k) (tiles
  * start at block starts of one quantization row and end at one's end or the row's). */
 static void load_state(const void *s, const float *scale, int fmt, const Codec *c, int64_t qlen,
-                       int64_t i, int64_t k, float *out) {
+                       int64_t row, int64_t at, int64_t i, int64_t k, float *out) {
     if (fmt == F32) { memcpy(out, (const float *)s + i, k * sizeof(float)); return; }
     if (fmt == BF16) { const uint16_t *h = (const uint16_t *)s + i; for (int64_t j = 0; j < k; j++) out[j] = bf16_load(h[j]); return; }
-    int64_t row = i / qlen, at = i - row * qlen, nb = (qlen + c->block - 1) / c->block;
+    int64_t nb = (qlen + c->block - 1) >> c->shift;
     for (int64_t j0 = 0; j0 < k; j0 += c->block) {
         int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
-        float sc = scale[row * nb + a / c->block], *restrict o = out + j0;
+        float sc = scale[row * nb + (a >> c->shift)], *restrict o = out + j0;
         const float *restrict qm = c->qmap;
         int64_t j = 0;
         if (fmt == Q8) {
@@ -157,11 +158,11 @@ static void load_state(const void *s, const float *scale, int fmt, const Codec *
     }
 }
 
-static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t qlen, int64_t i, int64_t k,
-                        const float *x) {
+static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t qlen, int64_t row, int64_t at,
+                        int64_t i, int64_t k, const float *x) {
     if (fmt == F32) { memcpy((float *)s + i, x, k * sizeof(float)); return; }
     if (fmt == BF16) { uint16_t *h = (uint16_t *)s + i; for (int64_t j = 0; j < k; j++) h[j] = bf16_round(x[j]); return; }
-    int64_t row = i / qlen, at = i - row * qlen, nb = (qlen + c->block - 1) / c->block;
+    int64_t nb = (qlen + c->block - 1) >> c->shift;
     for (int64_t j0 = 0; j0 < k; j0 += c->block) {
         int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
         const float *y = x + j0;
@@ -189,7 +190,7 @@ static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t 
         float sc = hi > -lo ? hi : -lo;
         if (sc < 1e-12f) sc = 1e-12f;
         if (nan) sc = NAN;
-        scale[row * nb + a / c->block] = sc;
+        scale[row * nb + (a >> c->shift)] = sc;
         if (fmt == Q8) {
             encode_all(c, y, sc, k1, (uint8_t *)s + row * qlen + a);
         } else {
@@ -240,31 +241,31 @@ static const Codec *codec_of(int fmt, const Codec *c8, const Codec *c4) {
     return fmt == Q8 ? c8 : fmt == Q4 ? c4 : NULL;
 }
 
-/* Tiles of [a, b): blocks of the quantization rows when a state is quantized, else TILE entries. */
-static int64_t tile_end(const Task *t, int64_t i, int64_t b, int64_t block) {
-    int64_t end;
-    if (block) {
-        int64_t row = i / t->qlen, at = i - row * t->qlen;
-        end = row * t->qlen + (at / block + 1) * block;
-        if (end > (row + 1) * t->qlen) end = (row + 1) * t->qlen;
-    } else {
-        end = i + TILE;
-    }
-    return end < b ? end : b;
-}
-
 /* Entries [a, b) of a task; `dn` holds the denominators: per row of [a, b) (ROW), per column
  * (COL), one (ALL); unused for FULL. */
 static void update_range(const Task *t, const Scalars *s, const Codec *mc, const Codec *vc, int64_t a, int64_t b,
                          const float *dn) {
     float mb[TILE], vb[TILE], db[TILE], pb[TILE], gb[TILE];
-    int64_t block = mc ? mc->block : 0;   /* tiles: the larger block (the smaller divides it) */
-    if (vc && vc->block > block) block = vc->block;
+    /* Tiles: the blocks of the larger block size (the smaller divides it) along each
+     * quantization row, tracked as (row, at) without a division per tile; TILE entries where no
+     * state is quantized. */
+    const Codec *tc = mc;
+    if (vc && (!tc || vc->block > tc->block)) tc = vc;
+    int64_t row = 0, at = 0;
+    if (tc) { row = a / t->qlen; at = a - row * t->qlen; }
     const float sign = s->maximize ? -1.0f : 1.0f, omb1 = s->omb1, decay = s->decay, neg_ss = -s->step_size;
     const int lerp_low = omb1 < 0.5f;
     const float omw = 1.0f - omb1;
     for (int64_t i = a; i < b;) {
-        int64_t e = tile_end(t, i, b, block), k = e - i;
+        int64_t k;
+        if (tc) {
+            int64_t end = ((at >> tc->shift) + 1) << tc->shift;
+            k = (end < t->qlen ? end : t->qlen) - at;
+        } else {
+            k = TILE;
+        }
+        if (k > b - i) k = b - i;
+        int64_t e = i + k;
         /* fp32 tensors are worked on where they lie; other formats through tile buffers */
         float *restrict mp = t->m_fmt == F32 ? (float *)t->m + i : mb;
         float *restrict pp = t->p_bf16 ? pb : (float *)t->p + i;
@@ -274,16 +275,17 @@ static void update_range(const Task *t, const Scalars *s, const Codec *mc, const
             for (int64_t j = 0; j < k; j++) { gb[j] = bf16_load(g[j]); pb[j] = bf16_load(p[j]); }
             if (t->comp) for (int64_t j = 0; j < k; j++) pb[j] += bf16_load(t->comp[i + j]);
         }
-        if (t->m_fmt != F32) load_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, i, k, mb);
+        if (t->m_fmt != F32) load_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, row, at, i, k, mb);
         if (t->mode == FULL) {
             float *restrict vp = t->v_fmt == F32 ? (float *)t->v + i : vb;
-            if (t->v_fmt != F32) load_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, i, k, vb);
+            if (t->v_fmt != F32) load_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, row, at, i, k, vb);
+            const float beta2 = s->beta2, omb2 = s->omb2, bc2 = s->bc2, eps = s->eps;
             for (int64_t j = 0; j < k; j++) {
                 float g = gp[j] * sign;
-                vp[j] = vp[j] * s->beta2 + s->omb2 * (g * g);
-                db[j] = sqrtf(vp[j]) / s->bc2 + s->eps;
+                vp[j] = vp[j] * beta2 + omb2 * (g * g);
+                db[j] = sqrtf(vp[j]) / bc2 + eps;
             }
-            if (t->v_fmt != F32) store_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, i, k, vb);
+            if (t->v_fmt != F32) store_state(t->v, t->v_scale, t->v_fmt, vc, t->qlen, row, at, i, k, vb);
         } else if (t->mode == ROW) {
             int64_t r = (i - a) / t->cols, left = t->cols - (i - a - r * t->cols);
             for (int64_t j = 0; j < k;) {   /* row by row: no division per entry */
@@ -309,7 +311,7 @@ static void update_range(const Task *t, const Scalars *s, const Codec *mc, const
             mp[j] = m;
             pp[j] = pp[j] * decay + neg_ss * (m / db[j]);
         }
-        if (t->m_fmt != F32) store_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, i, k, mb);
+        if (t->m_fmt != F32) store_state(t->m, t->m_scale, t->m_fmt, mc, t->qlen, row, at, i, k, mb);
         if (t->p_bf16) {
             uint16_t *p = (uint16_t *)t->p + i;
             for (int64_t j = 0; j < k; j++) {
@@ -319,6 +321,7 @@ static void update_range(const Task *t, const Scalars *s, const Codec *mc, const
             }
         }
         i = e;
+        if (tc && (at += k) == t->qlen) { row++; at = 0; }
     }
 }
 
