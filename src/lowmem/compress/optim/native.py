@@ -25,6 +25,7 @@ foreach backend and warns once; ``LOWMEM_NATIVE=0`` turns the kernel off without
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -260,41 +261,48 @@ def _cells(enc) -> torch.Tensor:
 
 
 # -- the backend ----------------------------------------------------------------------------------
-def _mode(layout) -> tuple[int, int]:
-    """(mode, cols) of a single-process layout of one canonical block."""
-    shape, v_shape, dim = _canonical(layout.blocks[0])
+@functools.lru_cache(maxsize=4096)
+def _plan(layout, shape: tuple[int, ...], m_fmt: str, v_fmt: str) -> tuple:
+    """What the kernel needs of a parameter that does not change between steps (computed once
+    per layout, shape and formats): (mode, cols, qlen, the numel and dtype each of m's and v's
+    tensors must have: {state key: (numel, dtype)})."""
+    canon, _, dim = _canonical(layout.blocks[0])
     if dim is None:
-        return MODES["full"], 0
-    if len(shape) == 1:
-        return MODES["all"], 0
-    return (MODES["row"], shape[1]) if dim == 1 else (MODES["col"], shape[1])
+        mode, cols = MODES["full"], 0
+    elif len(canon) == 1:
+        mode, cols = MODES["all"], 0
+    else:
+        mode, cols = (MODES["row"] if dim == 1 else MODES["col"]), canon[1]
+    kept = shape if mode == MODES["full"] else tuple(layout.v_shape)
+    want = {}
+    for key, fmt, size in (("exp_avg", m_fmt, shape), ("exp_avg_sq", v_fmt, kept)):
+        for suffix, (t_shape, dtype) in stored_shapes(fmt, size).items():
+            want[key + suffix] = (math.prod(t_shape), dtype or torch.float32)
+    return mode, cols, rows_of(shape)[1], want
 
 
-def _fits(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-    return (t is not None and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
-            and t.numel() == math.prod(shape))
+def _fits(t: torch.Tensor | None, numel: int, dtype: torch.dtype) -> bool:
+    return t is not None and t.dtype == dtype and t.is_contiguous() and t.numel() == numel and not t.is_cuda
 
 
 def _task(p, g, state: dict, layout, m_fmt: str, v_fmt: str, comp) -> _Task | None:
     """The kernel's description of one parameter, or None where a tensor is not as the kernel
     reads it (a dtype, shape or layout that a checkpoint or a caller brought): that parameter
     steps on the torch backends instead."""
-    mode, cols = _mode(layout)
     shape = tuple(p.shape)
-    kept = shape if mode == MODES["full"] else tuple(layout.v_shape)
-    m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-    ms, vs = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
-    ok = (p.dtype in (torch.float32, torch.bfloat16) and _fits(p, shape, p.dtype) and _fits(g, shape, p.dtype)
-          and (comp is None or _fits(comp, shape, torch.bfloat16)))
-    for which, fmt, t, scale, size in (("m", m_fmt, m, ms, shape), ("v", v_fmt, v, vs, kept)):
-        for suffix, (want, dtype) in stored_shapes(fmt, size).items():
-            ok = ok and _fits(t if suffix == "" else scale, want, dtype or torch.float32)
-    if not ok:
+    mode, cols, qlen, want = _plan(layout, shape, m_fmt, v_fmt)
+    n, dtype = p.numel(), p.dtype
+    if not (dtype in (torch.float32, torch.bfloat16) and _fits(p, n, dtype) and _fits(g, n, dtype)
+            and (comp is None or _fits(comp, n, torch.bfloat16))):
         return None
-    return _Task(p.data_ptr(), g.data_ptr(), m.data_ptr(), ms.data_ptr() if ms is not None else None,
-                 v.data_ptr(), vs.data_ptr() if vs is not None else None,
-                 comp.data_ptr() if comp is not None else None, p.numel(), cols, rows_of(shape)[1],
-                 mode, int(p.dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
+    for key, (numel, want_dtype) in want.items():
+        if not _fits(state.get(key), numel, want_dtype):
+            return None
+    ms, vs = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
+    return _Task(p.data_ptr(), g.data_ptr(), state["exp_avg"].data_ptr(), ms.data_ptr() if ms is not None else None,
+                 state["exp_avg_sq"].data_ptr(), vs.data_ptr() if vs is not None else None,
+                 comp.data_ptr() if comp is not None else None, n, cols, qlen,
+                 mode, int(dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
 
 
 def native_step(b: Bucket, s: StepScalars) -> None:
