@@ -317,3 +317,69 @@ def test_a_bf16_folder_from_before_eval_dtype_is_refused_not_mixed(task, tmp_pat
     (tmp_path / "settings.json").write_text(json.dumps(doc))
     with pytest.raises(SweepMismatch, match="eval_dtype: 'param' there, 'fp32' now"):
         run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16"), tmp_path)
+
+
+HOLDS = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.last_hidden = h          # a tensor of the forward pass, kept (not deep-copyable)
+        return self.b(h)
+
+
+def build_model():
+    return Net()
+
+
+def get_batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 32, generator=g, dtype=torch.float64)   # the task's own float dtype
+    return x, (x[:, :10].argmax(1) + step) % 10
+
+
+def get_val_batch(i: int):
+    return get_batch(1000 + i)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+'''
+
+
+def test_a_bf16_sweep_evaluates_models_that_hold_tensors_and_float64_batches(tmp_path):
+    # The fp32 evaluation upcasts the model in place (no copy: a model holding a tensor of its
+    # forward pass cannot be deep-copied) and casts every float input to fp32 (float64 too).
+    (tmp_path / "model.py").write_text(HOLDS)
+    task = load_task(str(tmp_path / "model.py"))
+    result = run_sweep(task, ["adamw"], [1e-2], settings(param_dtype="bf16"), tmp_path / "c")[0]
+    assert result.status == "complete" and result.final_val_loss is not None
+    torch.manual_seed(0)
+    model = task.build_model().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in range(6):
+        opt.param_groups[0]["lr"] = lr_at(step, 1e-2)
+        x, y = task.get_batch(step)
+        task.loss_fn(model, (x.bfloat16(), y)).backward()
+        opt.step()
+        opt.zero_grad()
+    exact = model.float()
+    with torch.no_grad():
+        want = sum(float(task.loss_fn(exact, (task.get_val_batch(i)[0].float(), task.get_val_batch(i)[1])))
+                   for i in range(2)) / 2
+    assert result.final_val_loss == pytest.approx(want, rel=1e-6)
+
+
+def test_a_settings_file_that_is_not_an_object_is_refused_by_name(task, tmp_path):
+    (tmp_path / "settings.json").write_text("[1, 2]")
+    with pytest.raises(SweepMismatch, match="not a settings object"):
+        run_sweep(task, ["adamw"], [1e-2], settings(), tmp_path)

@@ -412,3 +412,24 @@ def test_stochastic_rounding_is_seeded_by_the_optimizer_and_resumes_exactly():
     saved = (copy.deepcopy(half.state_dict()), copy.deepcopy(opt_half.state_dict()))
     resumed, _ = run(4, 2, saved)
     assert torch.equal(resumed.weight, a.weight)
+
+
+def test_an_adamw_checkpoint_of_bf16_parameters_loads_into_bf16_states_averaged_per_plan():
+    # torch's AdamW keeps bf16 m and v for bf16 parameters: the formats look like "m=bf16,v=bf16",
+    # but its v is whole, so it is averaged per plan, not copied as it lies.
+    import lowmem
+
+    torch.manual_seed(0)
+    model = nn.Linear(300, 129, bias=False).to(torch.bfloat16)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model.weight.grad = torch.randn(model.weight.shape).to(torch.bfloat16)
+        adamw.step()
+    opt = lowmem.Eve(model, lr=1e-2, state_format="m=bf16,v=bf16")
+    opt.load_state_dict(adamw.state_dict())
+    v = opt.state[model.weight]["exp_avg_sq"]
+    assert tuple(v.shape) == (129, 1) and v.dtype == torch.bfloat16
+    want = adamw.state[model.weight]["exp_avg_sq"].float().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(v.float(), want, rtol=8e-3, atol=0)   # one bf16 rounding
+    model.weight.grad = torch.randn(model.weight.shape).to(torch.bfloat16)
+    opt.step()

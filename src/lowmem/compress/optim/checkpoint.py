@@ -225,7 +225,9 @@ def state_from_checkpoint(opt: ReducedAdamW, p: torch.Tensor, saved: dict, saved
     optimizer's formats, dtypes and layout: as saved when the formats agree, else decoded,
     brought to this layout and encoded."""
     ours = opt._formats[p]
-    if saved_fmt == ours and not ours.full:
+    v = saved.get("exp_avg_sq")
+    kept = ours.v in QUANTIZED or v is None or tuple(v.shape) == tuple(opt._layouts[p].v_shape)
+    if saved_fmt == ours and not ours.full and kept:   # (an AdamW checkpoint's bf16 v is whole: averaged below)
         out = _as_saved(opt, p, saved)
     else:
         out = _in_compute_dtype(opt, p, _decoded(opt, p, saved, saved_fmt))
