@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from lowmem.compress.formats import QUANTIZED, block_of, rows_of
+from lowmem.compress.optim._common import local
 from lowmem.compress.optim.backends import Bucket, StepScalars, _canonical
 from lowmem.compress.optim.state import stored_shapes
 
@@ -325,7 +326,7 @@ def native_step(b: Bucket, s: StepScalars) -> None:
         touched += [p, m, v]
     m8 = m4 = v8 = _EMPTY
     for st in b.stages:
-        state = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in st.state.items()}
+        state = {k: local(t) for k, t in st.state.items()}
         comp = state.get("kahan_comp") if st.rounding == "kahan" and st.shard.dtype != torch.float32 else None
         task = _task(st.shard, st.grad, state, st.layout, st.fmt.m, st.fmt.v, comp)
         if task is None:
