@@ -230,7 +230,7 @@ def test_processes_building_at_once_share_one_build(tmp_path):
 
 
 # -- tensors as checkpoints and callers leave them ------------------------------------------------
-def _twins(make, steps_before: int = 2):
+def _twins(make):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, 64, bias=False))
     out = []
@@ -377,7 +377,8 @@ def test_a_damaged_build_is_built_again_and_builds_are_readable_by_everyone(tmp_
 def test_a_cache_folder_that_cannot_be_written_builds_in_the_temporary_folder(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
+    (tmp_path / "tmp").mkdir()
     proc = _run({"LOWMEM_CACHE_DIR": str(blocked / "cache"), "TMPDIR": str(tmp_path / "tmp")}, tmp_path)
-    (tmp_path / "tmp").mkdir(exist_ok=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["native", "0"], proc.stdout + proc.stderr
+    assert list((tmp_path / "tmp").glob(f"lowmem-{os.getuid()}/lowmem_step_*.so"))   # built there

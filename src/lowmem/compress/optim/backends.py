@@ -315,7 +315,6 @@ def compiled_step(b: Bucket, s: StepScalars) -> None:
                      *scalars, tuple(f[2] for f in forms), s.maximize)
 
 
-# -- the choice ---------------------------------------------------------------------------------
 # -- native (a C kernel, `native`) ----------------------------------------------------------------
 def native_step(b: Bucket, s: StepScalars) -> None:
     """The bucket in one call of the C kernel of `lowmem.compress.optim.native`."""
@@ -328,6 +327,7 @@ def _native_serves(key: BucketKey) -> bool:
     return native.serves(key)
 
 
+# -- the choice ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
     """One way to run a bucket: ``fn(bucket, scalars)`` and which buckets it can take.
