@@ -28,12 +28,18 @@ count. Backends:
   leading or trailing (`_canonical`), fp32/fp64 state only, scalars as 0-d tensors refilled each
   step, so a new step does not recompile; each new make-up of a bucket (list of shapes) compiles
   once, up to `MAX_COMPILED_SIGNATURES`, after which new make-ups run the foreach backend.
+- ``native``: the CPU step as one C kernel call per bucket (`lowmem.compress.optim.native`),
+  reading stored formats (bf16, 8-/4-bit codes) itself.
+- ``triton``: the GPU step as a few Triton launches per bucket (`lowmem.compress.optim.gpu`),
+  stored formats too; ``triton-interpreter`` runs the same kernels on CPU under Triton's
+  interpreter, for tests, only when asked for by name.
 
 Every backend serves sharded layouts through the two layout operations (`block_means`,
-``land``), except the compiled and fused ones, which take single-process tensors only.
+``land``), except the compiled, fused, native and triton ones, which take single-process tensors
+only.
 
-To add a backend (a fused CPU or Triton kernel): write ``fn(bucket, scalars)``, say which buckets
-it `serves`, add it to `BACKENDS` and to the `PREFERENCE` orders it belongs in.
+To add a backend: write ``fn(bucket, scalars)``, say which buckets it `serves`, add it to
+`BACKENDS` and to the `PREFERENCE` orders it belongs in.
 """
 
 from __future__ import annotations
@@ -327,6 +333,23 @@ def _native_serves(key: BucketKey) -> bool:
     return native.serves(key)
 
 
+# -- triton (GPU kernels, `gpu`) ---------------------------------------------------------------------
+def triton_step(b: Bucket, s: StepScalars) -> None:
+    """The bucket in a few Triton launches (`lowmem.compress.optim.gpu`)."""
+    from lowmem.compress.optim import gpu
+    gpu.triton_step(b, s)
+
+
+def _triton_serves(key: BucketKey) -> bool:
+    from lowmem.compress.optim import gpu
+    return key.device.type == "cuda" and gpu.serves(key)
+
+
+def _interpreted_serves(key: BucketKey) -> bool:
+    from lowmem.compress.optim import gpu
+    return key.device.type == "cpu" and gpu.interpreting() and gpu.serves(key)
+
+
 # -- the choice ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Backend:
@@ -348,6 +371,10 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("compiled", compiled_step, lambda k: k.native and k.kind in ("full", "canonical")
             and k.dtype in (torch.float32, torch.float64)),
     Backend("native", native_step, _native_serves, reads_stored=True),
+    Backend("triton", triton_step, _triton_serves, reads_stored=True),
+    # the same kernels on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1): for tests, and
+    # only when asked for by name (``backend="triton"``), never as a fallback
+    Backend("triton-interpreter", triton_step, _interpreted_serves, reads_stored=True),
 )}
 
 # The backends each group option tries, in order: the first that serves a bucket runs it.
@@ -356,7 +383,8 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
     "foreach": ("fused", "foreach", "reference"),
     "compiled": ("compiled", "fused", "foreach", "reference"),
-    "native": ("native", "fused", "foreach", "reference"),
+    "native": ("native", "triton", "fused", "foreach", "reference"),
+    "triton": ("triton", "triton-interpreter", "fused", "foreach", "reference"),
 }
 
 
@@ -369,4 +397,4 @@ def choose_backend(key: BucketKey, preference: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "PREFERENCE", "Backend", "Bucket", "BucketKey", "StepScalars", "Stored", "choose_backend",
-           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "native_step", "reference_step"]
+           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "native_step", "reference_step", "triton_step"]

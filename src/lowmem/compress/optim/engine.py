@@ -20,7 +20,7 @@ The engine is three pieces:
 - `layout` says how each parameter's `v` is kept and how a step reduces ``g²`` and lands its
   update, for single-process and row-sharded (FSDP2) parameters alike;
 - `backends` holds the update as functions over a bucket's lists of tensors (reference, foreach,
-  fused, compiled, and native: a C kernel, `native`) and `choose_backend`, which alone decides which runs
+  fused, compiled, native: a C kernel, `native`, and triton: GPU kernels, `gpu`) and `choose_backend`, which alone decides which runs
   (`ReducedAdamW.backend_of` answers it for one parameter);
 
 and `checkpoint` reads and writes state dicts.
@@ -72,7 +72,7 @@ from lowmem.compress.plan import Plan
 from lowmem.layers import is_sharded
 from lowmem.sharding import row_shards
 
-BACKEND_CHOICES = ("reference", "foreach", "compiled", "native")
+BACKEND_CHOICES = ("reference", "foreach", "compiled", "native", "triton")
 ROUNDINGS = ("nearest", "stochastic", "kahan")
 STAGE_ENTRIES = 1 << 22   # parameter entries per staged bucket (its fp32 temporaries: 64 MiB)
 
@@ -93,8 +93,10 @@ class ReducedAdamW(torch.optim.Optimizer):
         compiled: ``backend="compiled"``: `torch.compile` of the update over lists of tensors
             (the first step of each new set of shapes compiles; see `backends.compiled_step`).
         backend: which backends to try, ``"native"`` (the default: on CPU a C kernel,
-            `lowmem.compress.optim.native`, then as ``"foreach"``), ``"foreach"`` (torch ops
-            only), ``"compiled"`` or ``"reference"`` (see `backends.PREFERENCE`; it overrides
+            `lowmem.compress.optim.native`, on CUDA Triton kernels, `lowmem.compress.optim.gpu`,
+            then as ``"foreach"``), ``"triton"`` (the Triton kernels; on CPU tensors in Triton's
+            interpreter, for tests), ``"foreach"`` (torch ops only), ``"compiled"`` or
+            ``"reference"`` (see `backends.PREFERENCE`; it overrides
             `foreach` and `compiled`); per group too. Tensors a backend cannot take (e.g. a
             sharded parameter in the native kernel) go to the next one.
         state_dtype: the compute dtype of the states (and their dtype in format ``fp32``);
