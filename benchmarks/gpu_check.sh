@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a machine with a CUDA GPU: every CUDA test, then the optimizer-step (a 100.7M-parameter
+# One call on a machine with a CUDA GPU: every CUDA test (the Triton step's compiled, not
+# interpreted), then the optimizer-step (a 100.7M-parameter
 # Linear stack and the built-in GPT), capture-overhead and Hessian benchmarks on CUDA, each under
 # its own time limit (at most 8.5 minutes in all), results as text and JSON in OUT:
 #
@@ -33,7 +34,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     exit 1
 fi
 part tests 150 python -m pytest -q -p no:cacheprovider -p no:warnings \
-    tests/compress/optim/test_cuda.py tests/snr/test_capture_cuda.py \
+    tests/compress/optim/test_cuda.py tests/compress/optim/test_triton.py tests/snr/test_capture_cuda.py \
     "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" > "$OUT/tests.txt" 2>&1
 part step_linear100m 120 python benchmarks/optimizer_step.py --device cuda --model linear --layers 6 --width 4096 \
     --rounds 5 --steps 5 --warmup 2 --no-compiled --refresh-reps 1 --json > "$OUT/optimizer_step_linear100m.json" 2> "$OUT/optimizer_step_linear100m.txt"

@@ -199,7 +199,8 @@ def adamem_directions(g: torch.Tensor, state: dict, t: int, betas: tuple[float, 
 
 def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, float], eps: float,
                   scale: float, *, shape: tuple[int, int] | None = None, sum_over_rows: ReduceSum | None = None,
-                  sum_over_cols: ReduceSum | None = None) -> torch.Tensor:
+                  sum_over_cols: ReduceSum | None = None, into: torch.Tensor | None = None,
+                  lr: float = 1.0, decay: float = 1.0) -> torch.Tensor:
     """P N1 + δ N2 of `adamem_directions` (same state updates) with two m×n×r matmuls instead of
     three, never forming the residual S: P's columns are orthonormal, so S's column sums of
     squares are G's minus R's (Pythagoras), and with N2 = S D₃ = (G − P R) D₃,
@@ -208,6 +209,11 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
 
     Both forms take a residual column at round-off level as 0 (`_residual_columns`), so the
     subtraction's lost digits never reach the update.
+
+    With `into` (a parameter as an m×n matrix, `g`'s dtype), the update is applied there instead
+    of returned: ``into ← decay · into − lr · (P N1 + δ N2)``, in the matmul's own
+    ``C ← β C + α A B`` and one fused multiply-add, so no m×n temporary is made and the
+    parameter is read and written twice (returns `into`).
 
     On one rank's part of a matrix split across ranks (FSDP2), `g` is that part and `shape` the
     whole matrix's (m, n). Rows split: ``state["proj"]`` is this rank's rows of P, and
@@ -230,7 +236,10 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
     state["res_col_var"].lerp_(res, 1 - beta2)
     d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)            # D₃'s diagonal (n)
     x = n1.sub_(low.mul_(d3), alpha=scale)                  # N1 − δ R D₃         (r×n)
-    return (g * d3.mul_(scale)).addmm_(proj, x)             # δ G D₃ + P (…)      (m×n)
+    if into is None:
+        return (g * d3.mul_(scale)).addmm_(proj, x)         # δ G D₃ + P (…)      (m×n)
+    into.addmm_(proj, x, beta=decay, alpha=-lr)             # decay·W − lr·P (…)
+    return into.addcmul_(g, d3, value=-lr * scale)          #        − lr·δ G D₃
 
 
 # A residual column whose squared norm is at most this many machine epsilons of its gradient
@@ -427,12 +436,14 @@ class AdaMeM(torch.optim.Optimizer):
                 grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
                     grad = -grad
-                update = (self._projected_update if self._projected.get(p)
-                          else self._adafactor_update)(p, grad, group, self._shards.get(p))
                 lr = as_float(group["lr"])
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
-                param.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
+                decay = 1 - lr * group["weight_decay"]
+                if self._projected.get(p):   # applied inside the update: no m×n temporary
+                    self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay)
+                else:
+                    param.mul_(decay).add_(self._adafactor_update(p, grad, group, self._shards.get(p)), alpha=-lr)
                 if param is not shard:
                     shard.copy_(param)
         return loss
@@ -444,11 +455,12 @@ class AdaMeM(torch.optim.Optimizer):
         state["step"] += 1
         return state, int(state["step"].item())
 
-    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                          shards: RowShards | None) -> torch.Tensor:
-        """P N1 + δ N2 for a projected matrix G (M×N), in `grad`'s shape: `adamem_update` on
-        g = G, or on g = Gᵀ when M > N (so that m ≤ n). Row-sharded (`shards`): `grad` is this
-        rank's rows, and the collectives are those the module docstring lists."""
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shards: RowShards | None, *,
+                          into: torch.Tensor, lr: float, decay: float) -> None:
+        """``into ← decay · into − lr · (P N1 + δ N2)`` for a projected matrix G (M×N) whose
+        (local) parameter, in the state dtype, is `into`: `adamem_update` on g = G, or on g = Gᵀ
+        when M > N (so that m ≤ n). Row-sharded (`shards`): `grad` is this rank's rows, and the
+        collectives are those the module docstring lists."""
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
         transposed = big_m > big_n
@@ -477,10 +489,15 @@ class AdaMeM(torch.optim.Optimizer):
         reduce = _sum_over_ranks(shards)
         if shards is not None and not transposed:
             here["proj"] = here["proj"][slice(*shards.rows)]   # this rank's rows of P
-        update = adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], shape=(m, n),
-                               sum_over_rows=None if transposed else reduce,
-                               sum_over_cols=reduce if transposed else None)
-        return (update.T if transposed else update).reshape(grad.shape)
+        kw = dict(shape=(m, n), sum_over_rows=None if transposed else reduce,
+                  sum_over_cols=reduce if transposed else None)
+        if into.is_contiguous():   # the parameter as g's matrix, a view
+            target = into.view(g.shape[1], g.shape[0]).T if transposed else into.view(g.shape)
+            adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], **kw, into=target, lr=lr,
+                          decay=decay)
+        else:                      # (e.g. a channels-last convolution's weight): through the update
+            update = adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], **kw)
+            into.mul_(decay).add_((update.T if transposed else update).reshape(grad.shape), alpha=-lr)
 
     def _refreshed_projector(self, p: torch.Tensor, g: torch.Tensor, previous: torch.Tensor | None, r: int,
                              group: dict, t: int, shards: RowShards | None, transposed: bool) -> torch.Tensor:
