@@ -109,6 +109,71 @@ def test_adamem_equals_a_numpy_transcription_of_the_paper_in_float64():
         np.testing.assert_allclose(p.detach().numpy(), ref.p[n], rtol=1e-10, atol=1e-12, err_msg=n)
 
 
+class Twins(nn.Module):
+    """Matrices of repeated shapes (two wide, three tall: transposed), which AdaMeM updates in
+    batches of one shape, and vectors, which it updates in one batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.ModuleList(nn.Linear(10, 6, dtype=torch.float64) for _ in range(2))      # (6, 10) + biases
+        self.tall = nn.ModuleList(nn.Linear(6, 12, bias=False, dtype=torch.float64) for _ in range(3))   # (12, 6)
+
+    def loss(self, step: int) -> torch.Tensor:
+        x = torch.randn(5, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        h = sum(torch.tanh(w(x)) for w in self.wide)
+        return sum((t(h) ** 2).mean() * (i + 1) for i, t in enumerate(self.tall))
+
+
+def _count_batches(monkeypatch) -> list[int]:
+    import lowmem.compress.optim.adamem as adamem_module
+
+    calls = []
+    batched = adamem_module.adamem_update_batched
+    monkeypatch.setattr(adamem_module, "adamem_update_batched", lambda items, *a: calls.append(len(items))
+                        or batched(items, *a))
+    return calls
+
+
+def test_batched_same_shape_matrices_and_vectors_equal_the_numpy_transcription(monkeypatch):
+    calls = _count_batches(monkeypatch)
+    torch.manual_seed(0)
+    model = Twins()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdaMeM(model, rank=2, update_proj_gap=1000, **kw)   # one projector: SVD sign conventions
+    projected = {n for n, p in model.named_parameters() if p.dim() == 2}
+    ref = NumpyAdaMeM({n: p.detach().numpy() for n, p in model.named_parameters()}, 1e-2, 0.9, 0.95, 1e-8, 0.1, 2,
+                      1000, projected=projected)
+    for step in range(6):
+        opt.zero_grad()
+        model.loss(step).backward()
+        ref.step(grads_of(model))
+        opt.step()
+    assert sorted(calls) == [2] * 6 + [3] * 6, calls   # the wide pair and the tall triple, each step
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), ref.p[n], rtol=1e-10, atol=1e-12, err_msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_matrices_equal_one_at_a_time_across_projector_refreshes(monkeypatch, dtype):
+    # Refreshes carry momentum into the new basis, where SVD signs matter: against the same
+    # optimizer one matrix at a time (BATCH_NUMEL 0), in float32 and with bf16 parameters.
+    import lowmem.compress.optim.adamem as adamem_module
+
+    runs = []
+    for numel in (adamem_module.BATCH_NUMEL, 0):
+        monkeypatch.setattr(adamem_module, "BATCH_NUMEL", numel)
+        torch.manual_seed(0)
+        model = Twins().to(dtype)
+        opt = AdaMeM(model, lr=1e-2, rank=2, update_proj_gap=2, maximize=True, weight_decay=0.1)
+        for step in range(5):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)).to(dtype)
+            opt.step()
+        runs.append(model)
+    for (n, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_projector_is_refreshed_at_the_first_step_and_every_T_steps_keeping_momentum():
     torch.manual_seed(0)
     model = Net()

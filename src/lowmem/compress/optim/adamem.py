@@ -242,6 +242,63 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
     return into.addcmul_(g, d3, value=-lr * scale)          #        − lr·δ G D₃
 
 
+# Single-process projected matrices of at most this many entries are updated together with the
+# others of their shape (`adamem_update_batched`): below it a step is dominated by the cost of
+# launching its ~30 small operations per matrix; above it, by the passes over the matrix, to
+# which stacking would add four.
+BATCH_NUMEL = 1 << 20
+
+
+def adamem_update_batched(items: list[tuple[torch.Tensor, dict, torch.Tensor]], t: int, betas: tuple[float, float],
+                          eps: float, scale: float, lr: float, decay: float) -> None:
+    """`adamem_update` with ``into`` of B matrices of one shape at once: `items` holds each one's
+    (g, state, parameter as g's matrix); gradients, states and parameters are stacked, updated
+    with batched matmuls and reductions along the same axes, and written back, so a step costs
+    ~30 operations per shape instead of per matrix (same arithmetic, up to the order of sums)."""
+    beta1, beta2 = betas
+    states = [st for _, st, _ in items]
+    g = torch.stack([g for g, _, _ in items])                                   # (B, m, n)
+    proj = torch.stack([st["proj"] for st in states])                           # (B, m, r)
+    exp_avg, row_var, col_var, res_col_var = (torch.stack([st[k] for st in states])
+                                              for k in ("exp_avg", "row_var", "col_var", "res_col_var"))
+    m, n = g.shape[1:]
+    low = torch.bmm(proj.mT, g)                                                 # R = Pᵀ G   (B, r, n)
+    col_g2 = torch.linalg.vector_norm(g, dim=1).square_()                      # (B, n)
+    exp_avg.lerp_(low, 1 - beta1)
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    m_hat = exp_avg / bc1
+    m_sq = m_hat.square()
+    row_var.lerp_(m_sq.mean(dim=2), 1 - beta2)
+    col_var.lerp_(m_sq.mean(dim=1), 1 - beta2)
+    row_mean = row_var.mean(dim=1, keepdim=True).clamp_(min=torch.finfo(row_var.dtype).tiny)
+    v_hat = (row_var / row_mean).unsqueeze(2) * col_var.unsqueeze(1)
+    n1 = m_hat.div_(v_hat.div_(bc2).sqrt_().add_(eps))
+    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=1), m)
+    res_col_var.lerp_(res, 1 - beta2)
+    d3 = (live / (res_col_var / bc2).sqrt_().add_(eps)).unsqueeze(1)           # (B, 1, n)
+    x = n1.sub_(low.mul_(d3), alpha=scale)
+    params = [w for _, _, w in items]
+    w = torch.stack(params)
+    w.baddbmm_(proj, x, beta=decay, alpha=-lr).addcmul_(g, d3, value=-lr * scale)
+    for key, stacked in (("exp_avg", exp_avg), ("row_var", row_var), ("col_var", col_var),
+                         ("res_col_var", res_col_var)):
+        torch._foreach_copy_([st[key] for st in states], list(stacked.unbind(0)))
+    torch._foreach_copy_(params, list(w.unbind(0)))
+
+
+def _vectors_update(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], t: int, beta2: float, eps: float,
+                    lr: float, decay: float) -> None:
+    """Adafactor on vectors (a full statistic each, no momentum) as `_adafactor_update` does it,
+    for every (grad, variance, parameter) of `items` in one batch of foreach operations."""
+    grads, variances, params = (list(x) for x in zip(*items))
+    torch._foreach_lerp_(variances, torch._foreach_mul(grads, grads), 1 - beta2)
+    den = torch._foreach_div(variances, 1 - beta2 ** t)
+    torch._foreach_sqrt_(den)
+    torch._foreach_add_(den, eps)
+    torch._foreach_mul_(params, decay)
+    torch._foreach_add_(params, torch._foreach_div(grads, den), alpha=-lr)
+
+
 # A residual column whose squared norm is at most this many machine epsilons of its gradient
 # column's is round-off (the gradient lies in P's span there, e.g. a batch of fewer tokens than
 # r): it is taken as exactly 0, as exact arithmetic would give, instead of being divided by its
@@ -425,6 +482,10 @@ class AdaMeM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            lr = as_float(group["lr"])
+            decay = 1 - lr * group["weight_decay"]
+            batches: dict = {}   # same-shaped small matrices, and vectors, updated together below
+            copies = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -436,16 +497,29 @@ class AdaMeM(torch.optim.Optimizer):
                 grad = local(p.grad).to(dtype)     # FSDP2: this rank's rows
                 if group["maximize"]:
                     grad = -grad
-                lr = as_float(group["lr"])
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
-                decay = 1 - lr * group["weight_decay"]
                 if self._projected.get(p):   # applied inside the update: no m×n temporary
-                    self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay)
+                    self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay,
+                                           batches=batches)
                 else:
-                    param.mul_(decay).add_(self._adafactor_update(p, grad, group, self._shards.get(p)), alpha=-lr)
+                    update = self._adafactor_update(p, grad, group, self._shards.get(p), into=param, batches=batches)
+                    if update is not None:
+                        param.mul_(decay).add_(update, alpha=-lr)
                 if param is not shard:
-                    shard.copy_(param)
+                    copies.append((shard, param))
+            for (kind, *key), items in batches.items():
+                t = key[-1]
+                if kind == "vectors":
+                    _vectors_update(items, t, group["betas"][1], group["eps"], lr, decay)
+                elif len(items) == 1:
+                    g, here, target = items[0]
+                    adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], into=target, lr=lr,
+                                  decay=decay)
+                else:
+                    adamem_update_batched(items, t, group["betas"], group["eps"], group["scale"], lr, decay)
+            for shard, param in copies:
+                shard.copy_(param)
         return loss
 
     def _init_step(self, p: torch.Tensor) -> tuple[dict, int]:
@@ -456,10 +530,12 @@ class AdaMeM(torch.optim.Optimizer):
         return state, int(state["step"].item())
 
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shards: RowShards | None, *,
-                          into: torch.Tensor, lr: float, decay: float) -> None:
+                          into: torch.Tensor, lr: float, decay: float, batches: dict) -> None:
         """``into ← decay · into − lr · (P N1 + δ N2)`` for a projected matrix G (M×N) whose
         (local) parameter, in the state dtype, is `into`: `adamem_update` on g = G, or on g = Gᵀ
-        when M > N (so that m ≤ n). Row-sharded (`shards`): `grad` is this rank's rows, and the
+        when M > N (so that m ≤ n). A single-process matrix of at most `BATCH_NUMEL` entries is
+        left in `batches` (after its projector refresh) for `adamem_update_batched` with the
+        others of its shape. Row-sharded (`shards`): `grad` is this rank's rows, and the
         collectives are those the module docstring lists."""
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
@@ -493,6 +569,9 @@ class AdaMeM(torch.optim.Optimizer):
                   sum_over_cols=reduce if transposed else None)
         if into.is_contiguous():   # the parameter as g's matrix, a view
             target = into.view(g.shape[1], g.shape[0]).T if transposed else into.view(g.shape)
+            if shards is None and g.numel() <= BATCH_NUMEL:
+                batches.setdefault(("matrices", tuple(g.shape), g.dtype, g.device, t), []).append((g, here, target))
+                return
             adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], **kw, into=target, lr=lr,
                           decay=decay)
         else:                      # (e.g. a channels-last convolution's weight): through the update
@@ -523,11 +602,12 @@ class AdaMeM(torch.optim.Optimizer):
         gen.manual_seed(((self.seed * 1_000_003 + name) * 1_000_003 + t) % (1 << 63))
         return randomized_left_singular_vectors(g, r, previous, gen)
 
-    def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
-                          shards: RowShards | None) -> torch.Tensor:
+    def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shards: RowShards | None, *,
+                          into: torch.Tensor, batches: dict) -> torch.Tensor | None:
         """Algorithm 3 on the gradient itself, without momentum (embeddings, LM head, vectors), in
-        `grad`'s shape. Row-sharded (`shards`): `grad` is this rank's rows, and the collectives
-        are those the module docstring lists."""
+        `grad`'s shape; None for a single-process vector, left in `batches` (with its parameter
+        `into`) for `_vectors_update`. Row-sharded (`shards`): `grad` is this rank's rows, and
+        the collectives are those the module docstring lists."""
         state, t = self._init_step(p)
         beta2, eps = group["betas"][1], group["eps"]
         bc2 = 1 - beta2 ** t
@@ -536,6 +616,9 @@ class AdaMeM(torch.optim.Optimizer):
         if mn is None:
             if "variance" not in state:
                 state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # sharded: a DTensor like p
+            if shards is None:
+                batches.setdefault(("vectors", grad.dtype, grad.device, t), []).append((grad, state["variance"], into))
+                return None
             variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
             return grad / (variance / bc2).sqrt_().add_(eps)
         g = grad.reshape(grad.shape[0], mn[1])             # (not -1: a rank may hold no rows)
