@@ -146,3 +146,40 @@ def test_a_triton_step_does_not_synchronise_with_the_host():
             torch.cuda.set_sync_debug_mode("default")
         opt.zero_grad()
     assert _ran(opt, model) == {"triton"}
+
+
+def test_a_non_finite_gradient_stores_what_the_staged_path_stores():
+    # An infinity or a NaN in a block: its scale is NaN and every entry decodes to NaN, as
+    # quant.quantize_rows stores it (codes of NaN entries: the code of 0).
+    states = []
+    for backend in ("foreach", "triton"):
+        torch.manual_seed(0)
+        model = nn.Linear(300, 40, bias=False).to(DEVICE)
+        opt = lowmem.Eve(model, lr=1e-2, state_format="m=int8", backend=backend)
+        g = torch.randn(40, 300)
+        g[3, 7], g[5, 290], g[20, 0] = float("inf"), float("-inf"), float("nan")
+        model.weight.grad = g.to(DEVICE)
+        opt.step()
+        states.append({k: t.cpu() for k, t in opt.state[model.weight].items()})
+    ref, got = states
+    torch.testing.assert_close(got["exp_avg_scale"], ref["exp_avg_scale"], equal_nan=True)
+    assert torch.equal(got["exp_avg"], ref["exp_avg"])
+
+
+def test_tables_are_built_once_per_bucket_make_up_whatever_the_gradients_addresses(monkeypatch):
+    # zero_grad() frees the gradients, so each step's are new tensors; and with more buckets than
+    # a few (staged buckets of at most STAGE_ENTRIES entries) each keeps its tables.
+    from lowmem.compress.optim import engine, gpu
+
+    built = []
+    tables = gpu._tables
+    monkeypatch.setattr(gpu, "_tables", lambda *a: built.append(1) or tables(*a))
+    monkeypatch.setattr(engine, "STAGE_ENTRIES", 4096)
+    model = nn.Sequential(*(nn.Linear(64 + i, 64 + i + 1, bias=False) for i in range(10))).to(DEVICE)
+    opt = lowmem.Eve(model, lr=1e-2, state_format="m=int8", backend="triton")
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 64, device=DEVICE)).square().mean().backward()
+        opt.step()
+    assert _ran(opt, model) == {"triton"}
+    assert len(built) == 10   # one per staged bucket (one matrix each, all shapes differ), on the first step

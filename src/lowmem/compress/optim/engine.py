@@ -95,7 +95,7 @@ class ReducedAdamW(torch.optim.Optimizer):
         backend: which backends to try, ``"native"`` (the default: on CPU a C kernel,
             `lowmem.compress.optim.native`, on CUDA Triton kernels, `lowmem.compress.optim.gpu`,
             then as ``"foreach"``), ``"triton"`` (the Triton kernels; on CPU tensors in Triton's
-            interpreter, for tests), ``"foreach"`` (torch ops only), ``"compiled"`` or
+            interpreter where ``TRITON_INTERPRET=1``, for tests), ``"foreach"`` (torch ops only), ``"compiled"`` or
             ``"reference"`` (see `backends.PREFERENCE`; it overrides
             `foreach` and `compiled`); per group too. Tensors a backend cannot take (e.g. a
             sharded parameter in the native kernel) go to the next one.

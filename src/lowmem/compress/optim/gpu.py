@@ -9,33 +9,40 @@ row of n entries for ``all``) or per column (``col``: reduce over R). The step:
 1. *partial sums* of ``g²``: for row tasks one program per chunk of `ROW_CHUNK` entries of a row,
    for column tasks one per tile of `COL_ROWS` rows × `COL_WIDTH` columns; each writes its sums
    to a scratch buffer;
-2. *finalize*: one program per `KEPT` kept entries adds its chunks' sums in order, updates `v`
+2. *finalize*: one program per `KEPT` kept entries adds its chunks' sums (`CHUNK_BLOCK` at a
+   time), updates `v`
    (fp32 or bf16) and writes the denominator ``sqrt(v)/sqrt(1−β2^t) + ε`` to a scratch buffer
    (from the fp32 `v`, before a bf16 `v` is rounded, as the staged path does);
 3. *update*: one program per tile of the parameter (a quantization block where a state is
    quantized, else `TILE` entries) decodes `m` (and a full-Adam `v`), updates them, the
    parameter (fp32, or bf16 rounded to nearest), and encodes them back in registers: absmax of
    the block, the code of each entry by binary search over the map's switch points
-   (`quant._switch_points`, so the codes are `quant.quantize`'s: nearest value, ties up).
+   (`quant._switch_points`, so the codes are `quant.quantize`'s: nearest value, ties up; a
+   block holding a NaN or an infinity gets a NaN scale, as there).
 
 Full-Adam tasks skip 1 and 2. Reductions sum in an order fixed by the shapes (reproducible), in
 fp32. A reduced task reads ``g`` twice (steps 1 and 3): 6 passes over the parameter's size
 instead of the 5 of a single pass; a row is often far larger than what one program keeps in
 registers, and two passes keep every program's work the same size on every shape.
 
-The tables the kernels read (each task's pointers and sizes, each program's task) are built on
-the host once per make-up of a bucket (the tensors' addresses and shapes) and copied to the
-device asynchronously from pinned memory; a step then only launches. Scalars are kernel
-arguments. Arithmetic in fp32 with IEEE division and square root (``div_rn``, ``sqrt_rn``).
+The kernels read each task's sizes from a table built on the host once per make-up of a bucket
+(its tensors' shapes, dtypes, formats and layouts; kept for the last `CACHED` make-ups), and its
+addresses from a table of 8 integers per tensor made at each step (gradients are new tensors
+at every step); both go to the device asynchronously from pinned memory, and a program finds its
+tensor by binary search over its launch's first programs, so the tables grow with the number of
+tensors, not of programs. Scalars are kernel arguments. Arithmetic in fp32 with IEEE division
+and square root (``div_rn``, ``sqrt_rn``).
 
 It serves CUDA tensors where Triton is installed (CUDA builds of torch ship it): backend
 ``"triton"``, and in the default preference after the native CPU kernel. On CPU tensors the same
 kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) as backend ``"triton-interpreter"``,
-only when a group asks for ``backend="triton"``: that is how the tests check them on a machine
-without a GPU (it is far too slow for training). bf16 stores round to nearest even by their
-bits (as torch does; the interpreter's casts truncate). Not served (the next backend of the
-preference takes them): sharded parameters, Kahan or stochastic rounding, 4-bit `m` beside 8-bit
-`v`, and tensors not contiguous.
+only when a group asks for ``backend="triton"`` and ``TRITON_INTERPRET=1`` was set before Triton
+was imported (else the next backend of the preference steps them): that is how the tests check
+them on a machine without a GPU (it is far too slow for training). bf16 stores round to nearest
+even by their bits (as torch does; the interpreter's casts truncate). Not served (the next backend of the
+preference takes them): sharded parameters, layouts of several parts or with reduce dims that
+are neither leading nor trailing, 0-d tensors, fp16 and fp64 parameters, Kahan or stochastic
+rounding, 4-bit `m` beside 8-bit `v`, and tensors not contiguous.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 
 import torch
 
@@ -53,15 +61,24 @@ from lowmem.compress.optim.backends import Bucket, StepScalars
 FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 ROW_CHUNK = 4096   # entries of a row one program sums (longer rows: in chunks, added in order after)
 COL_ROWS, COL_WIDTH = 256, 64    # a column task's tile of rows × columns per program
-KEPT = 512         # kept entries per finalize program
+KEPT = 128         # kept entries per finalize program (adding CHUNK_BLOCK chunks' sums at a time)
+CHUNK_BLOCK = 32
 TILE = 1024        # entries per update program where no state is quantized
-# fields of a task's row in the task table (int64)
-P, G, M, MS, V, VS, N, R, C, QLEN, K, PBASE, DBASE, CHUNKS, IS_COL = range(15)
-NF = 16   # (one spare field: rows of 16 int64)
+# fields of a task's row in the size table (int64; as triton_kernels reads them)
+N, R, C, QLEN, K, PBASE, DBASE, CHUNKS, IS_COL, TILES = range(10)
+NF = 16
+CACHED = 256       # bucket make-ups whose tables an optimizer keeps (least recently used dropped)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs kernels in its interpreter: ``TRITON_INTERPRET=1``, set before Triton
+    was imported (it decides at each kernel's definition, its own library's included)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if "triton" not in sys.modules:
+        return True
+    from triton.language import standard
+    return type(standard.zeros).__name__ == "InterpretedFunction"
 
 
 @functools.cache
@@ -114,29 +131,40 @@ def _map(which: str, fmt: str, device: torch.device) -> tuple[torch.Tensor, torc
 
         q = _qmap(which, fmt, torch.device("cpu")).float()
         thr = torch.cat((_switch_points(q), torch.tensor([math.inf])))
-        _maps[key] = (q.to(device), thr.to(device))
+        _maps[key] = tuple(_to_device([q, thr], device))
     return _maps[key]
 
 
 # -- the backend --------------------------------------------------------------------------------
 class _Tables:
-    """What the kernels of one make-up of a bucket read: the task table, each launch's items,
-    scratch for the partial sums and the denominators (on the device)."""
+    """What the kernels of one make-up of a bucket (its tensors' shapes, dtypes, formats and
+    layouts, not their addresses) read besides this step's addresses: the size table, each
+    launch's tasks and first programs, scratch for the partial sums and the denominators (on the
+    device). Built once per make-up; O(tensors), not O(programs)."""
 
     def __init__(self, device: torch.device, tasks: list[list[int]], launches: dict, partial: int, dens: int):
-        pin = device.type == "cuda"
-        self.host = [torch.tensor(tasks, dtype=torch.int64).reshape(-1, NF)]
-        self.launches = {}
-        for what, items in launches.items():
-            self.host.append(torch.tensor(items, dtype=torch.int64).reshape(-1, 3))
-            self.launches[what] = self.host[-1]
-        if pin:   # kept alive here until the copies are done (they are asynchronous)
-            self.host = [t.pin_memory() for t in self.host]
-            self.launches = dict(zip(self.launches, self.host[1:]))
-        self.tasks = self.host[0].to(device, non_blocking=True)
-        self.launches = {k: (v.to(device, non_blocking=True), v.shape[0]) for k, v in self.launches.items()}
+        host = [torch.tensor(tasks, dtype=torch.int64).reshape(-1, NF)]
+        kinds = []
+        for what, (ids, counts) in launches.items():
+            starts = [0]
+            for c in counts[:-1]:
+                starts.append(starts[-1] + c)
+            host += [torch.tensor(ids, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)]
+            kinds.append((what, len(ids), sum(counts)))
+        moved = _to_device(host, device)
+        self.sizes = moved[0]
+        self.launches = [(what, moved[1 + 2 * i], moved[2 + 2 * i], n, programs)
+                         for i, (what, n, programs) in enumerate(kinds)]
         self.partial = torch.empty(max(partial, 1), dtype=torch.float32, device=device)
         self.dens = torch.empty(max(dens, 1), dtype=torch.float32, device=device)
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tables on `device` without synchronising: copied from pinned memory asynchronously
+    (torch's pinned-memory cache keeps each host block until its copy is done)."""
+    if device.type != "cuda":
+        return tensors
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 def _tensors(b: Bucket) -> list[tuple]:
@@ -155,12 +183,12 @@ def _fits(t, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
             and t.device == device)
 
 
-def _describe(entries, device) -> tuple[list, list, tuple]:
-    """Split the bucket's tensors into those the kernels take (with their task rows) and the
-    rest; the make-up key of the first kind."""
+def _describe(entries, device) -> tuple[list, list, tuple, list]:
+    """Split the bucket's tensors into those the kernels take (with their plans) and the rest;
+    the make-up key of the first kind, and this step's address rows."""
     from lowmem.compress.optim.native import _plan
 
-    taken, rest, key = [], [], []
+    taken, rest, key, ptrs = [], [], [], []
     for e in entries:
         p, g, state, lay, m_fmt, v_fmt = e
         mode, cols, qlen, want = _plan(lay, tuple(p.shape), m_fmt, v_fmt)
@@ -172,9 +200,11 @@ def _describe(entries, device) -> tuple[list, list, tuple]:
             rest.append(e)
             continue
         taken.append((e, mode, cols, qlen))
-        key.append((p.data_ptr(), g.data_ptr(), tuple(p.shape), p.dtype, m_fmt, v_fmt, mode, cols,
-                    tuple(state[k].data_ptr() for k in sorted(want))))
-    return taken, rest, tuple(key)
+        key.append((tuple(p.shape), p.dtype, m_fmt, v_fmt, mode, cols, state["exp_avg_sq"].dtype))
+        addr = lambda k: state[k].data_ptr() if k in state else 0
+        ptrs += [p.data_ptr(), g.data_ptr(), addr("exp_avg"), addr("exp_avg_scale"), addr("exp_avg_sq"),
+                 addr("exp_avg_sq_scale"), 0, 0]
+    return taken, rest, tuple(key), ptrs
 
 
 def _block(m_fmt: str, v_fmt: str) -> int:
@@ -189,35 +219,35 @@ def _tables(taken, device) -> _Tables:
     from lowmem.compress.optim.native import MODES
 
     tasks, launches, partial, dens = [], {}, 0, 0
+
+    def launch(what, t, programs):
+        ids, counts = launches.setdefault(what, ([], []))
+        ids.append(t)
+        counts.append(programs)
+
     for t, ((p, g, state, lay, m_fmt, v_fmt), mode, cols, qlen) in enumerate(taken):
         n = p.numel()
         rows, cols = (n, 1) if mode == MODES["full"] else (1, n) if mode == MODES["all"] else (n // cols, cols)
         is_col = mode == MODES["col"]
         kept = cols if is_col else rows
         chunks = -(-rows // COL_ROWS) if is_col else -(-cols // ROW_CHUNK)
-        ptr = lambda k: state[k].data_ptr() if k in state else 0
-        tasks.append([p.data_ptr(), g.data_ptr(), ptr("exp_avg"), ptr("exp_avg_scale"), ptr("exp_avg_sq"),
-                      ptr("exp_avg_sq_scale"), n, rows, cols, 0, kept, partial, dens, chunks, int(is_col), 0])
-        full = mode == MODES["full"]
         block = _block(m_fmt, v_fmt)
         if block == TILE:   # nothing quantized: tiles over the whole tensor
-            qrows, qlen = 1, n
-        else:
-            qrows = n // qlen
-        tasks[-1][QLEN] = qlen
-        what = ("update", p.dtype, m_fmt, v_fmt, full)
-        launches.setdefault(what, []).extend(x for r in range(qrows) for tb in range(-(-qlen // block))
-                                             for x in (t, r, tb))
+            qlen = n
+        tiles = -(-qlen // block)
+        row = [0] * NF
+        row[N], row[R], row[C], row[QLEN], row[K], row[PBASE], row[DBASE], row[CHUNKS], row[IS_COL], row[TILES] = (
+            n, rows, cols, qlen, kept, partial, dens, chunks, int(is_col), tiles)
+        tasks.append(row)
+        full = mode == MODES["full"]
+        launch(("update", p.dtype, m_fmt, v_fmt, full), t, (n // qlen) * tiles)
         if full:
             continue
         if is_col:
-            launches.setdefault(("cols", p.dtype), []).extend(
-                x for cb in range(-(-cols // COL_WIDTH)) for ch in range(chunks) for x in (t, cb, ch))
+            launch(("cols", p.dtype), t, -(-cols // COL_WIDTH) * chunks)
         else:
-            launches.setdefault(("rows", p.dtype), []).extend(
-                x for r in range(rows) for ch in range(chunks) for x in (t, r, ch))
-        v_dtype = state["exp_avg_sq"].dtype
-        launches.setdefault(("finalize", v_dtype), []).extend(x for kb in range(-(-kept // KEPT)) for x in (t, kb, 0))
+            launch(("rows", p.dtype), t, rows * chunks)
+        launch(("finalize", state["exp_avg_sq"].dtype), t, -(-kept // KEPT))
         partial += chunks * kept
         dens += kept
     return _Tables(device, tasks, launches, partial, dens)
@@ -234,45 +264,47 @@ def triton_step(b: Bucket, s: StepScalars) -> None:
     from lowmem.compress.optim.backends import foreach_step, reference_step
 
     device = b.key.device
-    taken, rest, key = _describe(_tensors(b), device)
+    taken, rest, key, ptrs = _describe(_tensors(b), device)
     if taken:
         cache = b.scratch.setdefault(("triton", str(device)), {})
-        tables = cache.get(key)
+        tables = cache.pop(key, None)
         if tables is None:
-            if len(cache) >= 8:   # make-ups that change every step (rare): forget the oldest
+            if len(cache) >= CACHED:
                 cache.pop(next(iter(cache)))
-            tables = cache[key] = _tables(taken, device)
-        _launch(tables, taken, s, device)
+            tables = _tables(taken, device)
+        cache[key] = tables   # (most recently used last)
+        addresses = _to_device([torch.tensor(ptrs, dtype=torch.int64)], device)[0]
+        _launch(tables, addresses, s, device)
         touched = [e[0] for e, *_ in taken] + [x for e, *_ in taken for x in e[2].values()]
         torch.autograd.graph.increment_version(touched)
     if rest:
         _rest(b, s, rest, foreach_step, reference_step)
 
 
-def _launch(tables: _Tables, taken, s: StepScalars, device) -> None:
+def _launch(tables: _Tables, ptrs: torch.Tensor, s: StepScalars, device) -> None:
     triton, tl, row_sums, col_sums, finalize, update = _kernels()
+    order = {"rows": 0, "cols": 0, "finalize": 1, "update": 2}   # sums, then v, then the update
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
-        for (what, *rest), (items, count) in tables.launches.items():
+        for (what, *rest), ids, starts, n, programs in sorted(tables.launches, key=lambda x: order[x[0][0]]):
+            common = (ptrs, tables.sizes, ids, starts, n)
+            log = max(1, n.bit_length())
             if what == "rows":
-                row_sums[(count,)](tables.tasks, items, tables.partial, GT=_tl_dtype(tl, rest[0]), CH=ROW_CHUNK,
-                                   BLOCK=1024)
+                row_sums[(programs,)](*common, tables.partial, LOG=log, GT=_tl_dtype(tl, rest[0]), CH=ROW_CHUNK,
+                                      BLOCK=1024)
             elif what == "cols":
-                col_sums[(count,)](tables.tasks, items, tables.partial, GT=_tl_dtype(tl, rest[0]), RB=16,
-                                   WIDTH=COL_WIDTH, ROWS=COL_ROWS)
-        for (what, *rest), (items, count) in tables.launches.items():
-            if what == "finalize":
-                finalize[(count,)](tables.tasks, items, tables.partial, tables.dens, s.beta2, 1 - s.beta2, s.bc2_sqrt,
-                                   s.eps, VT=_tl_dtype(tl, rest[0]), BLOCK=KEPT)
-        for (what, *rest), (items, count) in tables.launches.items():
-            if what != "update":
-                continue
-            p_dtype, m_fmt, v_fmt, full = rest
-            m_map, m_thr = _map("m", m_fmt, device) if m_fmt in QUANTIZED else (tables.dens, tables.dens)
-            v_map, v_thr = _map("v", v_fmt, device) if v_fmt in QUANTIZED else (tables.dens, tables.dens)
-            update[(count,)](tables.tasks, items, tables.dens, m_map, m_thr, v_map, v_thr, s.decay, 1 - s.beta1,
-                             s.beta2, 1 - s.beta2, s.bc2_sqrt, s.eps, -s.step_size, -1.0 if s.maximize else 1.0,
-                             PT=_tl_dtype(tl, p_dtype), MF=FORMATS[m_fmt], VF=FORMATS[v_fmt], FULL=full,
-                             BLOCK=_block(m_fmt, v_fmt))
+                col_sums[(programs,)](*common, tables.partial, LOG=log, GT=_tl_dtype(tl, rest[0]), RB=16,
+                                      WIDTH=COL_WIDTH, ROWS=COL_ROWS)
+            elif what == "finalize":
+                finalize[(programs,)](*common, tables.partial, tables.dens, s.beta2, 1 - s.beta2, s.bc2_sqrt, s.eps,
+                                      LOG=log, VT=_tl_dtype(tl, rest[0]), BLOCK=KEPT, CB=CHUNK_BLOCK)
+            else:
+                p_dtype, m_fmt, v_fmt, full = rest
+                m_map, m_thr = _map("m", m_fmt, device) if m_fmt in QUANTIZED else (tables.dens, tables.dens)
+                v_map, v_thr = _map("v", v_fmt, device) if v_fmt in QUANTIZED else (tables.dens, tables.dens)
+                update[(programs,)](*common, tables.dens, m_map, m_thr, v_map, v_thr, s.decay, 1 - s.beta1, s.beta2,
+                                    1 - s.beta2, s.bc2_sqrt, s.eps, -s.step_size, -1.0 if s.maximize else 1.0,
+                                    LOG=log, PT=_tl_dtype(tl, p_dtype), MF=FORMATS[m_fmt], VF=FORMATS[v_fmt],
+                                    FULL=full, BLOCK=_block(m_fmt, v_fmt))
 
 
 class _nothing:
