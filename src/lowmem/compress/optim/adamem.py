@@ -229,13 +229,11 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
         sum_over_rows([low, col_g2])
     exp_avg.lerp_(low, 1 - beta1)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    m_hat = exp_avg / bc1
-    n1 = _factored_precondition(m_hat, m_hat.square(), state, beta2, bc2, eps, shape=(exp_avg.shape[0], n),
-                                sum_over_cols=sum_over_cols)
-    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=0), m)
+    n1 = _momentum_precondition(exp_avg, bc1, state, beta2, bc2, eps, n, sum_over_cols)
+    live, res = _residual_columns(col_g2, col_g2 - mean_sq(low, (0,)).view(-1).mul_(low.shape[0]), m)
     state["res_col_var"].lerp_(res, 1 - beta2)
     d3 = live / (state["res_col_var"] / bc2).sqrt_().add_(eps)            # D₃'s diagonal (n)
-    x = n1.sub_(low.mul_(d3), alpha=scale)                  # N1 − δ R D₃         (r×n)
+    x = n1.addcmul_(low, d3, value=-scale)                  # N1 − δ R D₃         (r×n)
     if into is None:
         return (g * d3.mul_(scale)).addmm_(proj, x)         # δ G D₃ + P (…)      (m×n)
     into.addmm_(proj, x, beta=decay, alpha=-lr)             # decay·W − lr·P (…)
@@ -263,20 +261,20 @@ def adamem_update_batched(items: list[tuple[torch.Tensor, dict, torch.Tensor]], 
                                               for k in ("exp_avg", "row_var", "col_var", "res_col_var"))
     m, n = g.shape[1:]
     low = torch.bmm(proj.mT, g)                                                 # R = Pᵀ G   (B, r, n)
-    col_g2 = torch.linalg.vector_norm(g, dim=1).square_()                      # (B, n)
+    col_g2 = mean_sq(g, (1,)).view(g.shape[0], n).mul_(m)                      # (B, n)
     exp_avg.lerp_(low, 1 - beta1)
     bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-    m_hat = exp_avg / bc1
-    m_sq = m_hat.square()
-    row_var.lerp_(m_sq.mean(dim=2), 1 - beta2)
-    col_var.lerp_(m_sq.mean(dim=1), 1 - beta2)
+    inv = 1.0 / (bc1 * bc1)   # as `_momentum_precondition`, per matrix
+    row_var.lerp_(mean_sq(exp_avg, (2,)).view(row_var.shape).mul_(inv), 1 - beta2)
+    col_var.lerp_(mean_sq(exp_avg, (1,)).view(col_var.shape).mul_(inv), 1 - beta2)
     row_mean = row_var.mean(dim=1, keepdim=True).clamp_(min=torch.finfo(row_var.dtype).tiny)
-    v_hat = (row_var / row_mean).unsqueeze(2) * col_var.unsqueeze(1)
-    n1 = m_hat.div_(v_hat.div_(bc2).sqrt_().add_(eps))
-    live, res = _residual_columns(col_g2, col_g2 - low.square().sum(dim=1), m)
+    rows = (row_var / row_mean / bc2).sqrt_().mul_(bc1)
+    den = torch.mul(rows.unsqueeze(2), col_var.sqrt().unsqueeze(1)).add_(bc1 * eps)
+    n1 = torch.div(exp_avg, den, out=den)
+    live, res = _residual_columns(col_g2, col_g2 - mean_sq(low, (1,)).view(col_g2.shape).mul_(low.shape[1]), m)
     res_col_var.lerp_(res, 1 - beta2)
     d3 = (live / (res_col_var / bc2).sqrt_().add_(eps)).unsqueeze(1)           # (B, 1, n)
-    x = n1.sub_(low.mul_(d3), alpha=scale)
+    x = n1.addcmul_(low, d3, value=-scale)
     params = [w for _, _, w in items]
     w = torch.stack(params)
     w.baddbmm_(proj, x, beta=decay, alpha=-lr).addcmul_(g, d3, value=-lr * scale)
@@ -349,6 +347,29 @@ def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2
         row_mean = sums[1].div_(rows)
     v_hat = torch.outer(row_var / row_mean.clamp(min=torch.finfo(row_var.dtype).tiny), col_var)
     return x / v_hat.div_(bc2).sqrt_().add_(eps)
+
+
+def _momentum_precondition(exp_avg: torch.Tensor, bc1: float, state: dict, beta2: float, bc2: float, eps: float,
+                           cols: int, sum_over_cols: ReduceSum | None) -> torch.Tensor:
+    """N1 of `_factored_precondition` on M̂ = ``exp_avg`` / bc1, in three passes over the r×n
+    momentum instead of about a dozen: the row and column means of M̂² come from ``exp_avg``'s
+    squares without forming either (`mean_sq`), and sqrt(V̂ / bc2) is the outer product of its
+    factors' square roots, with bc1 folded into it:
+
+        N1 = exp_avg / (bc1 · sqrt(row / mean(row) / bc2) ⊗ sqrt(col) + bc1 · ε).
+
+    The same numbers up to rounding. `cols` is the whole matrix's n; with its columns split
+    across ranks, `sum_over_cols` completes the row sums (``col_var`` is this rank's columns)."""
+    row_var, col_var = state["row_var"], state["col_var"]
+    inv = 1.0 / (bc1 * bc1)
+    row_sums = mean_sq(exp_avg, (1,)).view(-1).mul_(exp_avg.shape[1] * inv)   # Σ_j M̂²
+    if sum_over_cols is not None:
+        sum_over_cols([row_sums])
+    row_var.lerp_(row_sums.div_(cols), 1 - beta2)
+    col_var.lerp_(mean_sq(exp_avg, (0,)).view(-1).mul_(inv), 1 - beta2)
+    rows = (row_var / row_var.mean().clamp(min=torch.finfo(row_var.dtype).tiny) / bc2).sqrt_().mul_(bc1)
+    den = torch.outer(rows, col_var.sqrt()).add_(bc1 * eps)
+    return torch.div(exp_avg, den, out=den)
 
 
 def _sum_over_ranks(shards: RowShards | None) -> ReduceSum | None:
