@@ -205,12 +205,17 @@ class ReducedAdamW(torch.optim.Optimizer):
         if params:
             torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         params = [p for p in params if p.numel() > 0]
-        grads = [local(p.grad) for p in params]
         buckets: dict[BucketKey, Bucket] = {}
         staged = {}   # (key without stage) -> [stage number, entries in it]
-        for p, grad in zip(params, grads):
-            state, shard, layout = self.state[p], local(p), self.layout_of(p)
-            key = self._key(p, grad, int(state["step"].item()), group)
+        facts = self.__dict__.setdefault("_facts", {})
+        for p in params:
+            fact = facts.get(p)
+            if fact is None:   # what does not change between steps, in one lookup
+                fact = facts[p] = (self._kinds[p], self._formats[p], self.layout_of(p), p in self._sharded)
+            kind, fmt, layout, sharded = fact
+            state = self.state[p]
+            shard, grad = (local(p), local(p.grad)) if sharded else (p, p.grad)
+            key = self._key(p, grad, int(state["step"].item()), group, fact)
             if key.stage:   # staged buckets hold at most STAGE_ENTRIES entries (global counts: ranks agree)
                 at = staged.setdefault(key, [1, 0])
                 if at[1] and at[1] + p.numel() > STAGE_ENTRIES:
@@ -221,7 +226,7 @@ class ReducedAdamW(torch.optim.Optimizer):
             if b is None:
                 b = buckets[key] = Bucket(key, self.state_dtype_of(p), self._scratch)
             if key.stage:
-                b.stages.append(_Stage(p, shard, grad, state, self._formats[p], layout, group["param_rounding"],
+                b.stages.append(_Stage(p, shard, grad, state, fmt, layout, group["param_rounding"],
                                        self.rng(shard.device) if group["param_rounding"] == "stochastic" else None))
                 continue
             b.params.append(shard)
@@ -250,10 +255,15 @@ class ReducedAdamW(torch.optim.Optimizer):
         return choose_backend(self._key(p, local(p.grad if p.grad is not None else p), step, group),
                               self._preference(group))
 
-    def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int, group: dict) -> BucketKey:
+    def _key(self, p: torch.Tensor, grad: torch.Tensor, step: int, group: dict, fact: tuple | None = None) -> BucketKey:
         """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`. A staged
-        parameter's (`format_of`, `param_rounding`) is keyed as its compute-dtype temporaries."""
-        shard, kind, dtype, fmt = local(p), self._kinds[p], self.state_dtype_of(p), self._formats[p]
+        parameter's (`format_of`, `param_rounding`) is keyed as its compute-dtype temporaries.
+        `fact`: `_buckets`' (kind, format, layout, sharded) of `p`, when it has them."""
+        if fact is None:
+            fact = (self._kinds[p], self._formats[p], None, p in self._sharded)
+        kind, fmt, _, sharded = fact
+        shard = local(p) if sharded else p
+        dtype = state_dtype_for(shard, self.state_dtype)
         if fmt.full and shard.dtype == dtype:
             return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
         contiguous = kind == "sharded" or (shard.is_contiguous() and grad.is_contiguous() and grad.dtype == shard.dtype)
