@@ -174,6 +174,48 @@ def test_batched_matrices_equal_one_at_a_time_across_projector_refreshes(monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_a_batch_runs_once_it_holds_batch_entries(monkeypatch):
+    # Five matrices of one shape with room for two per batch: batches of 2, 2 and 1 (the last
+    # one through adamem_update), the same numbers as one matrix at a time.
+    import lowmem.compress.optim.adamem as adamem_module
+
+    calls = _count_batches(monkeypatch)
+    runs = []
+    for limit in (2 * 6 * 10, 0):
+        monkeypatch.setattr(adamem_module, "BATCH_ENTRIES", limit)
+        monkeypatch.setattr(adamem_module, "BATCH_NUMEL", adamem_module.BATCH_NUMEL if limit else 0)
+        torch.manual_seed(0)
+        model = nn.Sequential(*(nn.Linear(10, 6, bias=False, dtype=torch.float64) for _ in range(5)))
+        opt = AdaMeM(model, lr=1e-2, rank=2)
+        for step in range(2):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step * 9 + i))
+            opt.step()
+        runs.append(model)
+    assert calls == [2, 2] * 2, calls
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_refused_gradient_leaves_every_parameter_and_state_as_it_was():
+    # The third parameter's gradient is sparse: the step refuses it before updating the others.
+    model = Twins()
+    opt = AdaMeM(model, lr=1e-2, rank=2)
+    model.loss(0).backward()
+    opt.step()
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    model.loss(1).backward()
+    bad = model.wide[1].bias
+    bad.grad = bad.grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, before[1]["state"][i][k]), (i, k)
+
+
 def test_projector_is_refreshed_at_the_first_step_and_every_T_steps_keeping_momentum():
     torch.manual_seed(0)
     model = Net()

@@ -212,8 +212,9 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
 
     With `into` (a parameter as an m×n matrix, `g`'s dtype), the update is applied there instead
     of returned: ``into ← decay · into − lr · (P N1 + δ N2)``, in the matmul's own
-    ``C ← β C + α A B`` and one fused multiply-add, so no m×n temporary is made and the
-    parameter is read and written twice (returns `into`).
+    ``C ← β C + α A B`` and one fused multiply-add, so no m×n update tensor is made and the
+    parameter is read and written twice (returns `into`; G's column norms, `_column_sq_sum`,
+    may square a small G in a temporary).
 
     On one rank's part of a matrix split across ranks (FSDP2), `g` is that part and `shape` the
     whole matrix's (m, n). Rows split: ``state["proj"]`` is this rank's rows of P, and
@@ -240,11 +241,15 @@ def adamem_update(g: torch.Tensor, state: dict, t: int, betas: tuple[float, floa
     return into.addcmul_(g, d3, value=-lr * scale)          #        − lr·δ G D₃
 
 
-# Single-process projected matrices of at most this many entries are updated together with the
-# others of their shape (`adamem_update_batched`): below it a step is dominated by the cost of
-# launching its ~30 small operations per matrix; above it, by the passes over the matrix, to
-# which stacking would add four.
-BATCH_NUMEL = 1 << 20
+# Single-process projected matrices of at most `BATCH_NUMEL` entries (contiguous, in the state
+# dtype) are updated together with the others of their shape, dtype, device and step count in
+# their group (`adamem_update_batched`), and vectors of at most that many entries together: below
+# it a step is dominated by the cost of launching its ~30 small operations per matrix; above it by
+# the passes over the matrix, to which stacking adds four. A batch runs once it holds
+# `BATCH_ENTRIES` entries, so its stacked copies (gradients, parameters, momenta: a few of each
+# entry) stay within a few times 16 MiB in fp32.
+BATCH_NUMEL = 1 << 17
+BATCH_ENTRIES = 1 << 22
 
 
 def adamem_update_batched(items: list[tuple[torch.Tensor, dict, torch.Tensor]], t: int, betas: tuple[float, float],
@@ -351,9 +356,10 @@ def _factored_precondition(x: torch.Tensor, x2: torch.Tensor, state: dict, beta2
 
 def _momentum_precondition(exp_avg: torch.Tensor, bc1: float, state: dict, beta2: float, bc2: float, eps: float,
                            cols: int, sum_over_cols: ReduceSum | None) -> torch.Tensor:
-    """N1 of `_factored_precondition` on M̂ = ``exp_avg`` / bc1, in three passes over the r×n
-    momentum instead of about a dozen: the row and column means of M̂² come from ``exp_avg``'s
-    squares without forming either (`mean_sq`), and sqrt(V̂ / bc2) is the outer product of its
+    """N1 of `_factored_precondition` on M̂ = ``exp_avg`` / bc1, in about six passes over the
+    r×n momentum instead of about a dozen: the row and column means of M̂² come from
+    ``exp_avg``'s squares (`mean_sq`, which squares a small momentum in one temporary and a large
+    one in bounded chunks) without forming M̂, and sqrt(V̂ / bc2) is the outer product of its
     factors' square roots, with bc1 folded into it:
 
         N1 = exp_avg / (bc1 · sqrt(row / mean(row) / bc2) ⊗ sqrt(col) + bc1 · ε).
@@ -502,15 +508,18 @@ class AdaMeM(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:   # every gradient is checked before anything is updated
+            for p in group["params"]:
+                if p.grad is not None:
+                    check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
         for group in self.param_groups:
             lr = as_float(group["lr"])
             decay = 1 - lr * group["weight_decay"]
-            batches: dict = {}   # same-shaped small matrices, and vectors, updated together below
-            copies = []
+            batches: dict = {}   # same-shaped small matrices, and small vectors, updated together
+            copies: dict = {}    # batch key -> the (parameter, fp32 copy) pairs to write back after it
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                check_grad(p.grad, self._names.get(p, "?"), type(self).__name__)
                 if p.numel() == 0:   # nothing to update (no projector, no statistic): count the step
                     self._init_step(p)
                     continue
@@ -520,28 +529,37 @@ class AdaMeM(torch.optim.Optimizer):
                     grad = -grad
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
-                if self._projected.get(p):   # applied inside the update: no m×n temporary
-                    self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay,
-                                           batches=batches)
+                if self._projected.get(p):   # applied inside the update
+                    key = self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay,
+                                                 batches=batches)
                 else:
-                    update = self._adafactor_update(p, grad, group, self._shards.get(p), into=param, batches=batches)
-                    if update is not None:
-                        param.mul_(decay).add_(update, alpha=-lr)
+                    key = self._adafactor_update(p, grad, group, self._shards.get(p), into=param, lr=lr,
+                                                 decay=decay, batches=batches)
+                if key is None:
+                    if param is not shard:
+                        shard.copy_(param)
+                    continue
                 if param is not shard:
-                    copies.append((shard, param))
-            for (kind, *key), items in batches.items():
-                t = key[-1]
-                if kind == "vectors":
-                    _vectors_update(items, t, group["betas"][1], group["eps"], lr, decay)
-                elif len(items) == 1:
-                    g, here, target = items[0]
-                    adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], into=target, lr=lr,
-                                  decay=decay)
-                else:
-                    adamem_update_batched(items, t, group["betas"], group["eps"], group["scale"], lr, decay)
-            for shard, param in copies:
-                shard.copy_(param)
+                    copies.setdefault(key, []).append((shard, param))
+                if sum(item[0].numel() for item in batches[key]) >= BATCH_ENTRIES:
+                    self._run_batch(key, batches.pop(key), copies.pop(key, []), group, lr, decay)
+            for key in list(batches):
+                self._run_batch(key, batches.pop(key), copies.pop(key, []), group, lr, decay)
         return loss
+
+    @staticmethod
+    def _run_batch(key: tuple, items: list, copies: list, group: dict, lr: float, decay: float) -> None:
+        """One batch of `step`: its update, then its low-precision parameters written back."""
+        kind, t = key[0], key[-1]
+        if kind == "vectors":
+            _vectors_update(items, t, group["betas"][1], group["eps"], lr, decay)
+        elif len(items) == 1:
+            g, here, target = items[0]
+            adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], into=target, lr=lr, decay=decay)
+        else:
+            adamem_update_batched(items, t, group["betas"], group["eps"], group["scale"], lr, decay)
+        for shard, param in copies:
+            shard.copy_(param)
 
     def _init_step(self, p: torch.Tensor) -> tuple[dict, int]:
         state = self.state[p]
@@ -551,13 +569,14 @@ class AdaMeM(torch.optim.Optimizer):
         return state, int(state["step"].item())
 
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shards: RowShards | None, *,
-                          into: torch.Tensor, lr: float, decay: float, batches: dict) -> None:
+                          into: torch.Tensor, lr: float, decay: float, batches: dict) -> tuple | None:
         """``into ← decay · into − lr · (P N1 + δ N2)`` for a projected matrix G (M×N) whose
         (local) parameter, in the state dtype, is `into`: `adamem_update` on g = G, or on g = Gᵀ
-        when M > N (so that m ≤ n). A single-process matrix of at most `BATCH_NUMEL` entries is
-        left in `batches` (after its projector refresh) for `adamem_update_batched` with the
-        others of its shape. Row-sharded (`shards`): `grad` is this rank's rows, and the
-        collectives are those the module docstring lists."""
+        when M > N (so that m ≤ n). A single-process contiguous matrix of at most `BATCH_NUMEL`
+        entries is left in `batches` (after its projector refresh) for `adamem_update_batched`
+        with the others of its shape: its batch's key is returned (None when it was updated).
+        Row-sharded (`shards`): `grad` is this rank's rows, and the collectives are those the
+        module docstring lists."""
         state, t = self._init_step(p)
         big_m, big_n = matrix_shape(p.shape)
         transposed = big_m > big_n
@@ -591,13 +610,15 @@ class AdaMeM(torch.optim.Optimizer):
         if into.is_contiguous():   # the parameter as g's matrix, a view
             target = into.view(g.shape[1], g.shape[0]).T if transposed else into.view(g.shape)
             if shards is None and g.numel() <= BATCH_NUMEL:
-                batches.setdefault(("matrices", tuple(g.shape), g.dtype, g.device, t), []).append((g, here, target))
-                return
+                key = ("matrices", tuple(g.shape), g.dtype, g.device, t)
+                batches.setdefault(key, []).append((g, here, target))
+                return key
             adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], **kw, into=target, lr=lr,
                           decay=decay)
         else:                      # (e.g. a channels-last convolution's weight): through the update
             update = adamem_update(g, here, t, group["betas"], group["eps"], group["scale"], **kw)
             into.mul_(decay).add_((update.T if transposed else update).reshape(grad.shape), alpha=-lr)
+        return None
 
     def _refreshed_projector(self, p: torch.Tensor, g: torch.Tensor, previous: torch.Tensor | None, r: int,
                              group: dict, t: int, shards: RowShards | None, transposed: bool) -> torch.Tensor:
@@ -624,11 +645,13 @@ class AdaMeM(torch.optim.Optimizer):
         return randomized_left_singular_vectors(g, r, previous, gen)
 
     def _adafactor_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, shards: RowShards | None, *,
-                          into: torch.Tensor, batches: dict) -> torch.Tensor | None:
-        """Algorithm 3 on the gradient itself, without momentum (embeddings, LM head, vectors), in
-        `grad`'s shape; None for a single-process vector, left in `batches` (with its parameter
-        `into`) for `_vectors_update`. Row-sharded (`shards`): `grad` is this rank's rows, and
-        the collectives are those the module docstring lists."""
+                          into: torch.Tensor, lr: float, decay: float, batches: dict) -> tuple | None:
+        """``into ← decay · into − lr · U`` with U Algorithm 3 on the gradient itself, without
+        momentum (embeddings, LM head, vectors). A single-process vector of at most
+        `BATCH_NUMEL` entries is left in `batches` (with its parameter `into`) for
+        `_vectors_update`: its batch's key is returned (None when it was updated). Row-sharded
+        (`shards`): `grad` is this rank's rows, and the collectives are those the module
+        docstring lists."""
         state, t = self._init_step(p)
         beta2, eps = group["betas"][1], group["eps"]
         bc2 = 1 - beta2 ** t
@@ -637,19 +660,23 @@ class AdaMeM(torch.optim.Optimizer):
         if mn is None:
             if "variance" not in state:
                 state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # sharded: a DTensor like p
-            if shards is None:
-                batches.setdefault(("vectors", grad.dtype, grad.device, t), []).append((grad, state["variance"], into))
-                return None
+            if shards is None and grad.numel() <= BATCH_NUMEL:
+                key = ("vectors", grad.dtype, grad.device, t)
+                batches.setdefault(key, []).append((grad, state["variance"], into))
+                return key
             variance = local(state["variance"]).lerp_(grad.square(), 1 - beta2)
-            return grad / (variance / bc2).sqrt_().add_(eps)
+            into.mul_(decay).add_(grad / (variance / bc2).sqrt_().add_(eps), alpha=-lr)
+            return None
         g = grad.reshape(grad.shape[0], mn[1])             # (not -1: a rank may hold no rows)
         if "row_var" not in state:
             row_var = g.new_zeros(g.shape[0])              # sharded: this rank's rows, as a DTensor
             state.update(row_var=row_var if shards is None else rows_state(row_var, p, 0, (mn[0],)),
                          col_var=g.new_zeros(mn[1]))
         here = {k: local(v) for k, v in state.items()}
-        return _factored_precondition(g, g.square(), here, beta2, bc2, eps, shape=mn,
-                                      sum_over_rows=_sum_over_ranks(shards)).reshape(grad.shape)
+        update = _factored_precondition(g, g.square(), here, beta2, bc2, eps, shape=mn,
+                                        sum_over_rows=_sum_over_ranks(shards)).reshape(grad.shape)
+        into.mul_(decay).add_(update, alpha=-lr)
+        return None
 
 
 # -- Adafactor with momentum --------------------------------------------------------------------
