@@ -183,3 +183,43 @@ def test_tables_are_built_once_per_bucket_make_up_whatever_the_gradients_address
         opt.step()
     assert _ran(opt, model) == {"triton"}
     assert len(built) == 9   # one per staged bucket (one matrix each, all shapes differ), on the first step
+
+
+def test_a_kernel_that_does_not_compile_warns_once_and_the_step_runs_on_foreach(monkeypatch):
+    # A compiler error is met before any kernel runs: that step and the later ones run the
+    # torch-ops path, with the same results as foreach.
+    from lowmem.compress.optim import gpu
+
+    real = gpu._kernels()
+
+    class Broken:
+        __name__ = "update"
+
+        def run(self, *args, warmup, **kw):
+            raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(gpu, "_kernels", lambda: (*real[:5], Broken()))
+    monkeypatch.setattr(gpu, "_compiled", set())
+    monkeypatch.setattr(gpu, "_broken", None)
+    runs = []
+    for backend in ("foreach", "triton"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 16)).to(DEVICE)
+        opt = lowmem.Eve(model, lr=1e-2, state_format="m=int8", backend=backend)
+        with pytest.warns(RuntimeWarning, match="could not be compiled") if backend == "triton" else _nothing():
+            for step in range(2):
+                for i, p in enumerate(model.parameters()):
+                    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i)).to(DEVICE)
+                opt.step()
+        runs.append((model, opt))
+    assert gpu._broken is not None and "triton" not in _ran(runs[1][1], runs[1][0])
+    for x, y in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(x, y)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

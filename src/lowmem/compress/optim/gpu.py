@@ -31,7 +31,9 @@ addresses from a table of 8 integers per tensor made at each step (gradients are
 at every step); both go to the device asynchronously from pinned memory, and a program finds its
 tensor by binary search over its launch's first programs, so the tables grow with the number of
 tensors, not of programs. Scalars are kernel arguments. Arithmetic in fp32 with IEEE division
-and square root (``div_rn``, ``sqrt_rn``).
+and square root (``div_rn``, ``sqrt_rn``). A kernel is compiled (for its constants) before any
+kernel of the step runs: where one fails to compile, the step and every later one run the
+foreach backend, after one warning, and no tensor was touched by half a step.
 
 It serves CUDA tensors where Triton is installed (CUDA builds of torch ship it): backend
 ``"triton"``, and in the default preference after the native CPU kernel. On CPU tensors the same
@@ -51,6 +53,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -108,7 +111,7 @@ def serves(key) -> bool:
               and (st.rounding == "nearest" or st.param_dtype == torch.float32)
               and st.m in FORMATS and st.v in FORMATS and (st.v not in QUANTIZED or key.kind == "full")
               and not (st.m == "int4" and st.v == "int8"))
-    return ok and available()
+    return ok and _broken is None and available()
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -262,6 +265,7 @@ def triton_step(b: Bucket, s: StepScalars) -> None:
     parameter dtype and formats); tensors the kernels cannot read as they are step on the
     foreach backend (through fp32 temporaries when staged)."""
     from lowmem.compress.optim.backends import foreach_step, reference_step
+    global _broken
 
     device = b.key.device
     taken, rest, key, ptrs = _describe(_tensors(b), device)
@@ -274,37 +278,72 @@ def triton_step(b: Bucket, s: StepScalars) -> None:
             tables = _tables(taken, device)
         cache[key] = tables   # (most recently used last)
         addresses = _to_device([torch.tensor(ptrs, dtype=torch.int64)], device)[0]
-        _launch(tables, addresses, s, device)
-        touched = [e[0] for e, *_ in taken] + [x for e, *_ in taken for x in e[2].values()]
-        torch.autograd.graph.increment_version(touched)
+        try:
+            _launch(tables, addresses, s, device)
+        except KernelUnavailable as e:
+            _broken = str(e)
+            warnings.warn(f"lowmem: a Triton kernel of the optimizer step could not be compiled ({e}); the "
+                          "optimizer steps with the foreach backend instead (slower, same results up to rounding).",
+                          RuntimeWarning, stacklevel=4)
+            rest = rest + [e for e, *_ in taken]
+        else:
+            touched = [e[0] for e, *_ in taken] + [x for e, *_ in taken for x in e[2].values()]
+            torch.autograd.graph.increment_version(touched)
     if rest:
         _rest(b, s, rest, foreach_step, reference_step)
 
 
 def _launch(tables: _Tables, ptrs: torch.Tensor, s: StepScalars, device) -> None:
+    """Every launch of the bucket, in order (sums, then `v`, then the update). Kernels not yet
+    compiled for their arguments' types are compiled first, all of them before any runs, so a
+    kernel that fails to compile (`KernelUnavailable`) leaves every tensor as it was."""
     triton, tl, row_sums, col_sums, finalize, update = _kernels()
-    order = {"rows": 0, "cols": 0, "finalize": 1, "update": 2}   # sums, then v, then the update
+    order = {"rows": 0, "cols": 0, "finalize": 1, "update": 2}
+    calls = []
+    for (what, *rest), ids, starts, n, programs in sorted(tables.launches, key=lambda x: order[x[0][0]]):
+        common = (ptrs, tables.sizes, ids, starts, n)
+        log = max(1, n.bit_length())
+        if what == "rows":
+            calls.append((row_sums, programs, (*common, tables.partial),
+                          dict(LOG=log, GT=_tl_dtype(tl, rest[0]), CH=ROW_CHUNK, BLOCK=1024)))
+        elif what == "cols":
+            calls.append((col_sums, programs, (*common, tables.partial),
+                          dict(LOG=log, GT=_tl_dtype(tl, rest[0]), RB=16, WIDTH=COL_WIDTH, ROWS=COL_ROWS)))
+        elif what == "finalize":
+            calls.append((finalize, programs, (*common, tables.partial, tables.dens, s.beta2, 1 - s.beta2, s.bc2_sqrt,
+                                               s.eps),
+                          dict(LOG=log, VT=_tl_dtype(tl, rest[0]), BLOCK=KEPT, CB=CHUNK_BLOCK)))
+        else:
+            p_dtype, m_fmt, v_fmt, full = rest
+            m_map, m_thr = _map("m", m_fmt, device) if m_fmt in QUANTIZED else (tables.dens, tables.dens)
+            v_map, v_thr = _map("v", v_fmt, device) if v_fmt in QUANTIZED else (tables.dens, tables.dens)
+            calls.append((update, programs, (*common, tables.dens, m_map, m_thr, v_map, v_thr, s.decay, 1 - s.beta1,
+                                             s.beta2, 1 - s.beta2, s.bc2_sqrt, s.eps, -s.step_size,
+                                             -1.0 if s.maximize else 1.0),
+                          dict(LOG=log, PT=_tl_dtype(tl, p_dtype), MF=FORMATS[m_fmt], VF=FORMATS[v_fmt], FULL=full,
+                               BLOCK=_block(m_fmt, v_fmt))))
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
-        for (what, *rest), ids, starts, n, programs in sorted(tables.launches, key=lambda x: order[x[0][0]]):
-            common = (ptrs, tables.sizes, ids, starts, n)
-            log = max(1, n.bit_length())
-            if what == "rows":
-                row_sums[(programs,)](*common, tables.partial, LOG=log, GT=_tl_dtype(tl, rest[0]), CH=ROW_CHUNK,
-                                      BLOCK=1024)
-            elif what == "cols":
-                col_sums[(programs,)](*common, tables.partial, LOG=log, GT=_tl_dtype(tl, rest[0]), RB=16,
-                                      WIDTH=COL_WIDTH, ROWS=COL_ROWS)
-            elif what == "finalize":
-                finalize[(programs,)](*common, tables.partial, tables.dens, s.beta2, 1 - s.beta2, s.bc2_sqrt, s.eps,
-                                      LOG=log, VT=_tl_dtype(tl, rest[0]), BLOCK=KEPT, CB=CHUNK_BLOCK)
-            else:
-                p_dtype, m_fmt, v_fmt, full = rest
-                m_map, m_thr = _map("m", m_fmt, device) if m_fmt in QUANTIZED else (tables.dens, tables.dens)
-                v_map, v_thr = _map("v", v_fmt, device) if v_fmt in QUANTIZED else (tables.dens, tables.dens)
-                update[(programs,)](*common, tables.dens, m_map, m_thr, v_map, v_thr, s.decay, 1 - s.beta1, s.beta2,
-                                    1 - s.beta2, s.bc2_sqrt, s.eps, -s.step_size, -1.0 if s.maximize else 1.0,
-                                    LOG=log, PT=_tl_dtype(tl, p_dtype), MF=FORMATS[m_fmt], VF=FORMATS[v_fmt],
-                                    FULL=full, BLOCK=_block(m_fmt, v_fmt))
+        for kernel, programs, args, kw in calls:
+            signature = (kernel, str(device), tuple(sorted((k, str(v)) for k, v in kw.items())))
+            if signature in _compiled:
+                continue
+            try:
+                kernel.run(*args, grid=(programs,), warmup=True, **kw)
+            except Exception as e:   # (a compiler error of any kind): nothing has run yet
+                raise KernelUnavailable(f"{getattr(kernel, '__name__', kernel)}: {type(e).__name__}: {e}") from e
+            _compiled.add(signature)
+        for kernel, programs, args, kw in calls:
+            kernel[(programs,)](*args, **kw)
+
+
+_compiled: set = set()   # kernels compiled for their constants (or interpreted)
+
+
+class KernelUnavailable(RuntimeError):
+    """A Triton kernel of the step could not be compiled here."""
+
+
+_broken: str | None = None   # why the kernels cannot run here, after one failed compile
 
 
 class _nothing:
