@@ -240,6 +240,19 @@ def foreach_step(b: Bucket, s: StepScalars) -> None:
         torch._foreach_addcdiv_(targets, ms, viewed, value=-s.step_size)
 
 
+def torch_ops_step(b: Bucket, s: StepScalars) -> None:
+    """A bucket on the torch-ops backends, whatever a kernel left of it: its parameters on the
+    foreach backend (the reference one where the key is not native), its staged parameters
+    (`Bucket.stages`) through compute-dtype temporaries."""
+    if b.params:
+        (foreach_step if b.key.native else reference_step)(b, s)
+    if b.stages:
+        from lowmem.compress.optim.engine import _load, _store
+        _load(b)
+        foreach_step(b, s)
+        _store(b)
+
+
 # -- fused (torch's AdamW kernel) -----------------------------------------------------------------
 def fused_adamw_step(b: Bucket, s: StepScalars) -> None:
     """Full-Adam tensors through `torch._fused_adamw_` (the kernel of ``AdamW(fused=True)``)."""
@@ -397,4 +410,4 @@ def choose_backend(key: BucketKey, preference: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "PREFERENCE", "Backend", "Bucket", "BucketKey", "StepScalars", "Stored", "choose_backend",
-           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "native_step", "reference_step", "triton_step"]
+           "compiled_step", "foreach_step", "fused_adamw_step", "kind_of", "native_step", "reference_step", "torch_ops_step", "triton_step"]

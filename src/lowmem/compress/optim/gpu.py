@@ -264,7 +264,6 @@ def triton_step(b: Bucket, s: StepScalars) -> None:
     """The bucket's update in at most four kinds of launches (`update` once per combination of
     parameter dtype and formats); tensors the kernels cannot read as they are step on the
     foreach backend (through fp32 temporaries when staged)."""
-    from lowmem.compress.optim.backends import foreach_step, reference_step
     global _broken
 
     device = b.key.device
@@ -290,7 +289,7 @@ def triton_step(b: Bucket, s: StepScalars) -> None:
             touched = [e[0] for e, *_ in taken] + [x for e, *_ in taken for x in e[2].values()]
             torch.autograd.graph.increment_version(touched)
     if rest:
-        _rest(b, s, rest, foreach_step, reference_step)
+        _rest(b, s, rest)
 
 
 def _launch(tables: _Tables, ptrs: torch.Tensor, s: StepScalars, device) -> None:
@@ -354,8 +353,10 @@ class _nothing:
         return False
 
 
-def _rest(b: Bucket, s: StepScalars, rest, foreach_step, reference_step) -> None:
-    """The tensors the kernels do not take, on the torch backends."""
+def _rest(b: Bucket, s: StepScalars, rest) -> None:
+    """The tensors the kernels do not take, on the torch backends (`backends.torch_ops_step`)."""
+    from lowmem.compress.optim.backends import torch_ops_step
+
     staged_ids = {id(st.shard): st for st in b.stages}
     other = Bucket(b.key, b.state_dtype, b.scratch)
     for p, g, state, lay, *_ in rest:
@@ -370,13 +371,7 @@ def _rest(b: Bucket, s: StepScalars, rest, foreach_step, reference_step) -> None
         other.exp_avg_sqs.append(b.exp_avg_sqs[i])
         other.layouts.append(lay)
         other.steps.append(b.steps[i])
-    if other.params:
-        (foreach_step if b.key.native else reference_step)(other, s)
-    if other.stages:
-        from lowmem.compress.optim.engine import _load, _store
-        _load(other)
-        foreach_step(other, s)
-        _store(other)
+    torch_ops_step(other, s)
 
 
 __all__ = ["available", "interpreting", "serves", "triton_step"]

@@ -311,7 +311,7 @@ def native_step(b: Bucket, s: StepScalars) -> None:
     (`BucketKey.stored`) straight from their stored formats. A parameter whose tensors the
     kernel cannot read as they are steps on the foreach backend (through fp32 temporaries when
     staged), in the same call."""
-    from lowmem.compress.optim.backends import foreach_step, reference_step
+    from lowmem.compress.optim.backends import torch_ops_step
 
     tasks, touched = [], []
     rest = Bucket(b.key, b.state_dtype, b.scratch)
@@ -345,13 +345,7 @@ def native_step(b: Bucket, s: StepScalars) -> None:
                                  ctypes.byref(v8), torch.get_num_threads()) != 0:
             raise MemoryError("lowmem: the native step kernel could not allocate its work list")
         torch.autograd.graph.increment_version(touched)   # written in place, as torch's kernels count it
-    if rest.params:
-        (foreach_step if b.key.native else reference_step)(rest, s)
-    if rest.stages:
-        from lowmem.compress.optim.engine import _load, _store
-        _load(rest)
-        foreach_step(rest, s)
-        _store(rest)
+    torch_ops_step(rest, s)
 
 
 def serves(key) -> bool:

@@ -67,13 +67,19 @@ def _find(ids, starts, count, LOG: tl.constexpr):
 
 
 @triton.jit
+def _chunk_of(ids, starts, count, tasks, LOG: tl.constexpr):
+    """(task, outer unit, chunk) of a partial-sum program: its task's program number split into
+    the row (or column block) and the chunk of it."""
+    t, local = _find(ids, starts, count, LOG)
+    chunks = _field(tasks, t, CHUNKS)
+    return t, local // chunks, local % chunks
+
+
+@triton.jit
 def row_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl.constexpr, CH: tl.constexpr,
              BLOCK: tl.constexpr):
     """Σ g² over one chunk of `CH` entries of one row (its partial sum)."""
-    t, local = _find(ids, starts, count, LOG)
-    chunks = _field(tasks, t, CHUNKS)
-    seg = local // chunks
-    chunk = local % chunks
+    t, seg, chunk = _chunk_of(ids, starts, count, tasks, LOG)
     g = _ptr(ptrs, t, 1, GT)
     cols = _field(tasks, t, C)
     acc = tl.zeros([BLOCK], tl.float32)
@@ -89,10 +95,7 @@ def row_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl
 def col_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl.constexpr, RB: tl.constexpr,
              WIDTH: tl.constexpr, ROWS: tl.constexpr):
     """Σ g² down `ROWS` rows of `WIDTH` columns (their partial sums)."""
-    t, local = _find(ids, starts, count, LOG)
-    chunks = _field(tasks, t, CHUNKS)
-    cb = local // chunks
-    chunk = local % chunks
+    t, cb, chunk = _chunk_of(ids, starts, count, tasks, LOG)
     g = _ptr(ptrs, t, 1, GT)
     rows = _field(tasks, t, R)
     cols = _field(tasks, t, C)
