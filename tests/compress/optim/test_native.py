@@ -192,6 +192,32 @@ def assert_steps_agree(ref, ref_opt, model, opt, fmt: str, dtype: torch.dtype) -
                                    else tol, msg=name)
 
 
+@pytest.mark.parametrize("fmt, dtype", [("m=fp32", torch.float32), ("m=int8", torch.float32),
+                                        ("m=int8,v=bf16", torch.bfloat16)])
+def test_rows_longer_than_a_group_and_many_short_rows_per_group(fmt, dtype):
+    # The kernel takes v per row in groups of rows of about 4096 entries (GROUP in step.c), the
+    # next group's gradient prefetched: rows of 9000 entries (a group each) and of 7 (585 a group,
+    # the last group of each work item cut short), against the foreach backend.
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(9000, 6), nn.Linear(6, 7), nn.Linear(7, 5000)).to(dtype)
+    ref, model = make(), make()
+    opts = [lowmem.Eve(m, lr=1e-2, weight_decay=0.1, state_format=fmt, backend=b)
+            for m, b in ((ref, "foreach"), (model, "native"))]
+    assert {opts[1].backend_of(p).name for p in model.parameters() if p.dim() == 2} == {"native"}
+    for step in range(3):
+        for a, b in zip(ref.parameters(), model.parameters()):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+            b.grad = a.grad.clone()
+        for o in opts:
+            o.step()
+    for p in model.parameters():   # (v kept per row of each weight)
+        assert p.dim() == 1 or opts[1].state[p]["exp_avg_sq"].numel() == p.shape[0]
+    for x, y in zip(ref.parameters(), model.parameters()):
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(y.float(), x.float(), rtol=tol, atol=2e-3 if "int8" in fmt else tol)
+
+
 # -- the build ------------------------------------------------------------------------------------
 _STEP = textwrap.dedent("""
     import warnings, torch, lowmem
