@@ -60,8 +60,8 @@ import torch
 from lowmem.compress.formats import QUANTIZED, block_of
 from lowmem.compress.optim._common import local
 from lowmem.compress.optim.backends import Bucket, StepScalars
+from lowmem.compress.optim.native import FORMATS, MODES, kernel_plan, serves_stored
 
-FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 ROW_CHUNK = 4096   # entries of a row one program sums (longer rows: in chunks, added in order after)
 COL_ROWS, COL_WIDTH = 256, 64    # a column task's tile of rows × columns per program
 KEPT = 128         # kept entries per finalize program (adding CHUNK_BLOCK chunks' sums at a time)
@@ -107,10 +107,7 @@ def serves(key) -> bool:
     if st is None:
         ok = key.native and key.dtype == torch.float32
     else:
-        ok = (st.compute_dtype == torch.float32 and st.contiguous and st.param_dtype in (torch.float32, torch.bfloat16)
-              and (st.rounding == "nearest" or st.param_dtype == torch.float32)
-              and st.m in FORMATS and st.v in FORMATS and (st.v not in QUANTIZED or key.kind == "full")
-              and not (st.m == "int4" and st.v == "int8"))
+        ok = serves_stored(st, key.kind, ("nearest",)) and not (st.m == "int4" and st.v == "int8")
     return ok and _broken is None and available()
 
 
@@ -181,27 +178,17 @@ def _tensors(b: Bucket) -> list[tuple]:
     return out
 
 
-def _fits(t, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
-    return (t is not None and t.dtype == dtype and t.is_contiguous() and t.numel() == numel
-            and t.device == device)
-
-
 def _describe(entries, device) -> tuple[list, list, tuple, list]:
     """Split the bucket's tensors into those the kernels take (with their plans) and the rest;
     the make-up key of the first kind, and this step's address rows."""
-    from lowmem.compress.optim.native import _plan
-
     taken, rest, key, ptrs = [], [], [], []
     for e in entries:
         p, g, state, lay, m_fmt, v_fmt = e
-        mode, cols, qlen, want = _plan(lay, tuple(p.shape), m_fmt, v_fmt)
-        n = p.numel()
-        ok = (p.dtype in (torch.float32, torch.bfloat16) and _fits(p, n, p.dtype, device)
-              and _fits(g, n, p.dtype, device)
-              and all(_fits(state.get(k), numel, dt, device) for k, (numel, dt) in want.items()))
-        if not ok:
+        plan = kernel_plan(p, g, state, lay, m_fmt, v_fmt, device)
+        if plan is None:
             rest.append(e)
             continue
+        mode, cols, qlen, _ = plan
         taken.append((e, mode, cols, qlen))
         key.append((tuple(p.shape), p.dtype, m_fmt, v_fmt, mode, cols, state["exp_avg_sq"].dtype))
         addr = lambda k: state[k].data_ptr() if k in state else 0
@@ -219,8 +206,6 @@ def _block(m_fmt: str, v_fmt: str) -> int:
 
 
 def _tables(taken, device) -> _Tables:
-    from lowmem.compress.optim.native import MODES
-
     tasks, launches, partial, dens = [], {}, 0, 0
 
     def launch(what, t, programs):

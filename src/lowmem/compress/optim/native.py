@@ -282,28 +282,51 @@ def _plan(layout, shape: tuple[int, ...], m_fmt: str, v_fmt: str) -> tuple:
     return mode, cols, rows_of(shape)[1], want
 
 
-def _fits(t: torch.Tensor | None, numel: int, dtype: torch.dtype) -> bool:
-    return t is not None and t.dtype == dtype and t.is_contiguous() and t.numel() == numel and not t.is_cuda
+def fits(t: torch.Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `t` is a contiguous tensor of `numel` entries of `dtype` on `device`."""
+    return (t is not None and t.dtype == dtype and t.is_contiguous() and t.numel() == numel
+            and t.device == device)
+
+
+def kernel_plan(p, g, state: dict, layout, m_fmt: str, v_fmt: str, device: torch.device) -> tuple | None:
+    """`_plan` of a parameter whose tensors a step kernel (this one, or the Triton kernels on
+    `device`) can read as they are, or None where one is not (a dtype, shape or layout that a
+    checkpoint or a caller brought): that parameter steps on the torch backends instead."""
+    plan = _plan(layout, tuple(p.shape), m_fmt, v_fmt)
+    n, dtype = p.numel(), p.dtype
+    if not (dtype in (torch.float32, torch.bfloat16) and fits(p, n, dtype, device) and fits(g, n, dtype, device)):
+        return None
+    for key, (numel, want_dtype) in plan[3].items():
+        if not fits(state.get(key), numel, want_dtype, device):
+            return None
+    return plan
+
+
+def serves_stored(st, kind: str, roundings: tuple[str, ...]) -> bool:
+    """Whether the step kernels read a staged bucket's parameters (`BucketKey.stored`) straight
+    from their stored formats: fp32 compute, contiguous fp32 or bf16 parameters (low-precision
+    ones rounded as one of `roundings` says), the formats the kernels know, a quantized `v`
+    only where it is kept per entry (full Adam)."""
+    return (st.compute_dtype == torch.float32 and st.contiguous and st.param_dtype in (torch.float32, torch.bfloat16)
+            and (st.rounding in roundings or st.param_dtype == torch.float32)
+            and st.m in FORMATS and st.v in FORMATS and (st.v not in QUANTIZED or kind == "full"))
+
+
+_CPU = torch.device("cpu")
 
 
 def _task(p, g, state: dict, layout, m_fmt: str, v_fmt: str, comp) -> _Task | None:
-    """The kernel's description of one parameter, or None where a tensor is not as the kernel
-    reads it (a dtype, shape or layout that a checkpoint or a caller brought): that parameter
-    steps on the torch backends instead."""
-    shape = tuple(p.shape)
-    mode, cols, qlen, want = _plan(layout, shape, m_fmt, v_fmt)
-    n, dtype = p.numel(), p.dtype
-    if not (dtype in (torch.float32, torch.bfloat16) and _fits(p, n, dtype) and _fits(g, n, dtype)
-            and (comp is None or _fits(comp, n, torch.bfloat16))):
+    """The kernel's description of one parameter, or None where `kernel_plan` says it cannot
+    read it."""
+    plan = kernel_plan(p, g, state, layout, m_fmt, v_fmt, _CPU)
+    if plan is None or not (comp is None or fits(comp, p.numel(), torch.bfloat16, _CPU)):
         return None
-    for key, (numel, want_dtype) in want.items():
-        if not _fits(state.get(key), numel, want_dtype):
-            return None
+    mode, cols, qlen, _ = plan
     ms, vs = state.get("exp_avg_scale"), state.get("exp_avg_sq_scale")
     return _Task(p.data_ptr(), g.data_ptr(), state["exp_avg"].data_ptr(), ms.data_ptr() if ms is not None else None,
                  state["exp_avg_sq"].data_ptr(), vs.data_ptr() if vs is not None else None,
-                 comp.data_ptr() if comp is not None else None, n, cols, qlen,
-                 mode, int(dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
+                 comp.data_ptr() if comp is not None else None, p.numel(), cols, qlen,
+                 mode, int(p.dtype == torch.bfloat16), FORMATS[m_fmt], FORMATS[v_fmt])
 
 
 def native_step(b: Bucket, s: StepScalars) -> None:
@@ -360,10 +383,7 @@ def serves(key) -> bool:
     if st is None:
         ok = key.native and key.kind != "full" and key.dtype == torch.float32
     else:
-        ok = (st.compute_dtype == torch.float32 and st.contiguous
-              and st.param_dtype in (torch.float32, torch.bfloat16)
-              and (st.rounding in ("nearest", "kahan") or st.param_dtype == torch.float32)
-              and st.m in FORMATS and st.v in FORMATS and (st.v not in QUANTIZED or key.kind == "full"))
+        ok = serves_stored(st, key.kind, ("nearest", "kahan"))
     return ok and available()
 
 
