@@ -19,10 +19,12 @@
  * bits of the float name a cell, `base[cell]` is the code of the cell's lowest value and
  * `cut[cell]` the one switch point inside it (quant._Encoder, which proves that one suffices).
  *
- * Memory: a core that reads one array alone (a pass that only sums g²) gets far less bandwidth
- * than one streaming p, g and m together (measured: the row sums of the 25M-entry benchmark took
- * a third of the step). So v per row is taken in groups of rows: a group's sums read a gradient
- * that was prefetched while the group before it was updated; column sums prefetch the next row.
+ * Memory: a core that reads one stream alone (a pass that only sums g²) gets about half the
+ * bandwidth of one reading two or more side by side (measured on a 2-core Xeon: 28 against
+ * 51-57 GB/s; the row sums of the 25M-entry benchmark took a third of its step). So v per row
+ * is taken in groups of rows, a group's sums reading a gradient that was prefetched while the
+ * group before it was updated; sums per column or over a whole tensor read STREAMS chunks of
+ * rows side by side.
  */
 #include <math.h>
 #ifdef __AVX512F__
@@ -38,7 +40,9 @@ enum { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
 #define PREFETCH 16       /* entries per prefetched cache line (fp32; bf16 lines are fetched twice) */
 #define TILE 256          /* entries per tile of an unquantized state (>= every block size) */
 #define ITEM 32768        /* entries per work item, about (whole units: see plan_items) */
-#define COL_CHUNKS 8      /* row chunks whose column sums are added in order (COL, ALL) */
+#define COL_CHUNKS 32     /* row chunks whose column sums are added in order (COL, ALL) */
+#define STREAMS 4         /* chunks one thread reads side by side */
+#define STRIDE 64         /* entries of one chunk read before the next one's (ALL) */
 #define PARALLEL_MIN 65536   /* entries below which a loop runs on one thread: a parallel region
                                 costs a barrier, and on a busy machine a barrier can cost milliseconds */
 
@@ -231,6 +235,33 @@ static double sum_sq(const Task *t, int64_t o, int64_t k) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+/* Sums of g² over up to STREAMS ranges [o[c], o[c]+k[c]) read side by side (one core reading
+ * one stream alone gets half the bandwidth of two): each as sum_sq adds it. */
+static void sum_sq_streams(const Task *t, int n, const int64_t *o, const int64_t *k, double *out) {
+    double acc[STREAMS][8] = {{0}};
+    int64_t most = 0;
+    for (int c = 0; c < n; c++) most = k[c] > most ? k[c] : most;
+    for (int64_t j0 = 0; j0 < most; j0 += STRIDE)
+        for (int c = 0; c < n; c++) {
+            int64_t e = j0 + STRIDE < k[c] ? j0 + STRIDE : k[c];
+            double *a = acc[c];
+            int64_t j = j0;
+            if (t->p_bf16) {
+                const uint16_t *g = (const uint16_t *)t->g + o[c];
+                for (; j + 8 <= e; j += 8)
+                    for (int l = 0; l < 8; l++) { double x = bf16_load(g[j + l]); a[l] += x * x; }
+                for (; j < e; j++) { double x = bf16_load(g[j]); a[j & 7] += x * x; }
+            } else {
+                const float *g = (const float *)t->g + o[c];
+                for (; j + 8 <= e; j += 8)
+                    for (int l = 0; l < 8; l++) { double x = g[j + l]; a[l] += x * x; }
+                for (; j < e; j++) { double x = g[j]; a[j & 7] += x * x; }
+            }
+        }
+    for (int c = 0; c < n; c++)
+        out[c] = ((acc[c][0] + acc[c][1]) + (acc[c][2] + acc[c][3])) + ((acc[c][4] + acc[c][5]) + (acc[c][6] + acc[c][7]));
+}
+
 /* v of a reduced task: entry j as float, and its update (fp32 or bf16 only). */
 static inline float v_get(const Task *t, int64_t j) {
     return t->v_fmt == BF16 ? bf16_load(((uint16_t *)t->v)[j]) : ((float *)t->v)[j];
@@ -369,24 +400,30 @@ static void chunking(const Task *t, int64_t *chunks, int64_t *width) {
 static void reduce_task(const Task *t, const Scalars *s, int nthreads, double *part, float *dn) {
     int64_t chunks, width;
     chunking(t, &chunks, &width);
-    int64_t rows = t->n / width;
+    int64_t rows = t->n / width, groups = (chunks + STREAMS - 1) / STREAMS;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(t->n >= PARALLEL_MIN)
-    for (int64_t c = 0; c < chunks; c++) {
-        double *acc = part + c * width;
-        int64_t r0 = rows * c / chunks, r1 = rows * (c + 1) / chunks;
-        if (width == 1) { acc[0] = sum_sq(t, r0, r1 - r0); continue; }
-        for (int64_t j = 0; j < width; j++) acc[j] = 0;
-        for (int64_t r = r0; r < r1; r++) {   /* (the next row prefetched: one stream alone is slow) */
-            if (t->p_bf16) {
-                const uint16_t *g = (const uint16_t *)t->g + r * width;
-                for (int64_t f = width; r + 1 < r1 && f < 2 * width; f += 2 * PREFETCH) __builtin_prefetch(g + f);
-                for (int64_t j = 0; j < width; j++) { double x = bf16_load(g[j]); acc[j] += x * x; }
-            } else {
-                const float *g = (const float *)t->g + r * width;
-                for (int64_t f = width; r + 1 < r1 && f < 2 * width; f += PREFETCH) __builtin_prefetch(g + f);
-                for (int64_t j = 0; j < width; j++) { double x = g[j]; acc[j] += x * x; }
-            }
+    for (int64_t q = 0; q < groups; q++) {   /* STREAMS chunks side by side */
+        int64_t c0 = q * STREAMS, n = chunks - c0 < STREAMS ? chunks - c0 : STREAMS, r0[STREAMS], k[STREAMS], most = 0;
+        for (int c = 0; c < n; c++) {
+            r0[c] = rows * (c0 + c) / chunks;
+            k[c] = rows * (c0 + c + 1) / chunks - r0[c];
+            most = k[c] > most ? k[c] : most;
         }
+        if (width == 1) { sum_sq_streams(t, (int)n, r0, k, part + c0); continue; }
+        for (int64_t j = 0; j < n * width; j++) part[c0 * width + j] = 0;
+        for (int64_t i = 0; i < most; i++)
+            for (int c = 0; c < n; c++) {
+                if (i >= k[c]) continue;
+                double *restrict acc = part + (c0 + c) * width;
+                int64_t at = (r0[c] + i) * width;
+                if (t->p_bf16) {
+                    const uint16_t *g = (const uint16_t *)t->g + at;
+                    for (int64_t j = 0; j < width; j++) { double x = bf16_load(g[j]); acc[j] += x * x; }
+                } else {
+                    const float *g = (const float *)t->g + at;
+                    for (int64_t j = 0; j < width; j++) { double x = g[j]; acc[j] += x * x; }
+                }
+            }
     }
     for (int64_t j = 0; j < width; j++) {
         double sum = 0;
