@@ -40,7 +40,8 @@ enum { F32 = 0, BF16 = 1, Q8 = 2, Q4 = 3 };
 #define PREFETCH 16       /* entries per prefetched cache line (fp32; bf16 lines are fetched twice) */
 #define TILE 256          /* entries per tile of an unquantized state (>= every block size) */
 #define ITEM 32768        /* entries per work item, about (whole units: see plan_items) */
-#define COL_CHUNKS 32     /* row chunks whose column sums are added in order (COL, ALL) */
+#define COL_CHUNKS 32     /* row chunks whose sums are added in order (COL, ALL), at most */
+#define CHUNK_MIN 16384   /* entries per chunk, at least (but one) */
 #define STREAMS 4         /* chunks one thread reads side by side */
 #define STRIDE 64         /* entries of one chunk read before the next one's (ALL) */
 #define PARALLEL_MIN 65536   /* entries below which a loop runs on one thread: a parallel region
@@ -390,8 +391,9 @@ static int64_t plan_items(const Task *t, int64_t k, Item *out) {
 
 /* Row chunks (COL, ALL) and how many sums each keeps (columns, or 1). */
 static void chunking(const Task *t, int64_t *chunks, int64_t *width) {
-    int64_t rows = t->mode == COL ? t->n / t->cols : t->n;
-    *chunks = rows < COL_CHUNKS ? rows : COL_CHUNKS;
+    int64_t rows = t->mode == COL ? t->n / t->cols : t->n, most = t->n / CHUNK_MIN;
+    most = most < 1 ? 1 : most > COL_CHUNKS ? COL_CHUNKS : most;
+    *chunks = rows < most ? rows : most;
     *width = t->mode == COL ? t->cols : 1;
 }
 
@@ -400,10 +402,11 @@ static void chunking(const Task *t, int64_t *chunks, int64_t *width) {
 static void reduce_task(const Task *t, const Scalars *s, int nthreads, double *part, float *dn) {
     int64_t chunks, width;
     chunking(t, &chunks, &width);
-    int64_t rows = t->n / width, groups = (chunks + STREAMS - 1) / STREAMS;
+    /* chunks side by side where there are enough of them for every thread */
+    int64_t rows = t->n / width, per = chunks >= 2 * STREAMS ? STREAMS : 1, groups = (chunks + per - 1) / per;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(t->n >= PARALLEL_MIN)
-    for (int64_t q = 0; q < groups; q++) {   /* STREAMS chunks side by side */
-        int64_t c0 = q * STREAMS, n = chunks - c0 < STREAMS ? chunks - c0 : STREAMS, r0[STREAMS], k[STREAMS], most = 0;
+    for (int64_t q = 0; q < groups; q++) {   /* `per` chunks side by side */
+        int64_t c0 = q * per, n = chunks - c0 < per ? chunks - c0 : per, r0[STREAMS], k[STREAMS], most = 0;
         for (int c = 0; c < n; c++) {
             r0[c] = rows * (c0 + c) / chunks;
             k[c] = rows * (c0 + c + 1) / chunks - r0[c];
@@ -473,6 +476,7 @@ int lowmem_step(int64_t ntasks, const Task *tasks, const Scalars *s, const Codec
          * first (its gradient prefetched while the group before it was updated), then its
          * entries */
         int64_t unit = items_unit(t), group = unit >= GROUP ? unit : (GROUP / unit) * unit;
+        if (t->n < PARALLEL_MIN) group = b - a;   /* a small tensor is in cache: one group */
         dn += a / t->cols;
         for (int64_t g0 = a; g0 < b; g0 += group) {
             int64_t g1 = g0 + group < b ? g0 + group : b;
