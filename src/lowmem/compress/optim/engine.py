@@ -54,7 +54,7 @@ torch-optimi does; 2 more bytes per bf16 entry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterable
 
 import torch
@@ -75,6 +75,7 @@ from lowmem.sharding import row_shards
 BACKEND_CHOICES = ("reference", "foreach", "compiled", "native", "triton")
 ROUNDINGS = ("nearest", "stochastic", "kahan")
 STAGE_ENTRIES = 1 << 22   # parameter entries per staged bucket (its fp32 temporaries: 64 MiB)
+STAGE = [f.name for f in fields(BucketKey)].index("stage")   # where `_key_fields` puts it
 
 
 class ReducedAdamW(torch.optim.Optimizer):
@@ -215,17 +216,18 @@ class ReducedAdamW(torch.optim.Optimizer):
             kind, fmt, layout, sharded = fact
             state = self.state[p]
             shard, grad = (local(p), local(p.grad)) if sharded else (p, p.grad)
-            key = self._key(p, grad, int(state["step"].item()), group, fact)
-            if key.stage:   # staged buckets hold at most STAGE_ENTRIES entries (global counts: ranks agree)
+            # (the key's fields as a tuple: a BucketKey is built once per bucket, not per tensor)
+            key = self._key_fields(p, grad, int(state["step"].item()), group, fact)
+            if key[STAGE]:   # staged buckets hold at most STAGE_ENTRIES entries (global counts: ranks agree)
                 at = staged.setdefault(key, [1, 0])
                 if at[1] and at[1] + p.numel() > STAGE_ENTRIES:
                     at[0], at[1] = at[0] + 1, 0
                 at[1] += p.numel()
-                key = replace(key, stage=at[0])
+                key = key[:STAGE] + (at[0],) + key[STAGE + 1:]
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(key, self.state_dtype_of(p), self._scratch)
-            if key.stage:
+                b = buckets[key] = Bucket(BucketKey(*key), self.state_dtype_of(p), self._scratch)
+            if key[STAGE]:
                 b.stages.append(_Stage(p, shard, grad, state, fmt, layout, group["param_rounding"],
                                        self.rng(shard.device) if group["param_rounding"] == "stochastic" else None))
                 continue
@@ -259,20 +261,25 @@ class ReducedAdamW(torch.optim.Optimizer):
         """The `BucketKey` of `p` with its (local) gradient `grad` at step count `step`. A staged
         parameter's (`format_of`, `param_rounding`) is keyed as its compute-dtype temporaries.
         `fact`: `_buckets`' (kind, format, layout, sharded) of `p`, when it has them."""
+        return BucketKey(*self._key_fields(p, grad, step, group, fact))
+
+    def _key_fields(self, p: torch.Tensor, grad: torch.Tensor, step: int, group: dict,
+                    fact: tuple | None = None) -> tuple:
+        """`_key`'s fields, in `BucketKey`'s order: (device, dtype, native, kind, step, stage, stored)."""
         if fact is None:
             fact = (self._kinds[p], self._formats[p], None, p in self._sharded)
         kind, fmt, _, sharded = fact
         shard = local(p) if sharded else p
         dtype = state_dtype_for(shard, self.state_dtype)
         if fmt.full and shard.dtype == dtype:
-            return BucketKey(shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step)
+            return (shard.device, shard.dtype, _native(shard, grad, dtype, kind), kind, step, 0, None)
         contiguous = kind == "sharded" or (shard.is_contiguous() and grad.is_contiguous() and grad.dtype == shard.dtype)
         stored = Stored(fmt.m, fmt.v, shard.dtype, dtype, group["param_rounding"], contiguous)
         if not fmt.full or group["param_rounding"] != "nearest":
-            return BucketKey(shard.device, dtype, True, kind, step, stage=1, stored=stored)
+            return (shard.device, dtype, True, kind, step, 1, stored)
         # a low-precision parameter with its states in the compute dtype, rounded to nearest:
         # the reference backend steps it through a copy, the native one as it is
-        return BucketKey(shard.device, shard.dtype, False, kind, step, stored=stored)
+        return (shard.device, shard.dtype, False, kind, step, 0, stored)
 
     def rng(self, device: torch.device) -> torch.Generator:
         """The stochastic rounding's generator on `device` (seeded with `rounding_seed`)."""
