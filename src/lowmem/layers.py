@@ -5,8 +5,20 @@ Names are resolved here, once. Everything downstream (SNR views, plans, optimize
 
 Axis names (DESIGN §2): ``out`` / ``in`` (fan_out / fan_in of a matrix or conv), ``token``
 (vocabulary or position rows of an embedding), ``model`` (the hidden width of an embedding or a
-norm), ``kh`` / ``kw`` / ``kd`` (kernel dims of a conv). In head-split views ``head`` is the
-head index and ``part`` the q/k/v part of a fused projection.
+norm), ``kh`` / ``kw`` / ``kd`` (kernel dims of a conv), ``expert`` (the experts of a
+mixture-of-experts stack: one (out, in) matrix each, never averaged over). In head-split views
+``head`` is the head index and ``part`` the q/k/v part of a fused projection. Axes the resolver
+cannot name are ``d0``, ``d1``, …: nothing averages over them but a measurement (the SNR plan).
+
+Mixture-of-experts blocks are found from structure, with names as hints: a module holding a
+stack of experts (a 3-D parameter whose first dim is the experts count that the module, an
+ancestor or the config gives, or a ``ModuleList`` of experts) is an MoE block; in a stack, the
+axis of the hidden width (from the module, an ancestor or the config) is ``in`` of the first
+projection (``gate_up_proj``, ``w1``, ``up_proj``, …) and ``out`` of the last (``down_proj``,
+``w2``, …), so both layouts in use, (expert, out, in) as `F.linear` reads it and (expert, in,
+out) as `torch.bmm` does, are read right; a stack whose axes cannot be told apart keeps
+generic axes. The block's gating projections (one output per expert, or one for a shared
+expert) are ``router``.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from torch import nn
 
 ROLES = (
     "embedding", "lm_head", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out",
-    "mlp_up", "mlp_gate", "mlp_down", "norm", "bias", "conv", "other",
+    "mlp_up", "mlp_gate", "mlp_down", "router", "norm", "bias", "conv", "other",
 )
 
 # Last name component of a Linear-like weight -> role. Context (the parent's name) decides
@@ -41,6 +53,19 @@ _MLP_CONTEXT = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "de
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
                nn.modules.batchnorm._NormBase)
 _HEAD_ATTRS = ("n_head", "num_heads", "num_attention_heads", "n_heads", "nheads", "heads")
+_EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                 "n_experts", "num_experts_total")
+_HIDDEN_ATTRS = ("hidden_size", "hidden_dim", "d_model", "n_embd", "embed_dim", "model_dim", "dim")
+# An expert stack's projections by the last component of their name: the first ones read the
+# hidden state (a fused gate+up is an up projection: every preset and rule treats gate and up
+# alike), the last one writes it.
+_EXPERT_UP = {"gate_up_proj", "gate_up", "w13", "w1_w3", "up_proj", "w3", "fc1", "wi", "w_in", "linear_fc1",
+              "experts_up", "up"}
+_EXPERT_GATE = {"gate_proj", "w1"}
+_EXPERT_DOWN = {"down_proj", "w2", "fc2", "wo", "w_out", "linear_fc2", "experts_down", "down"}
+# Names a router goes by (its module's or its own); structure decides: one output per expert of
+# its MoE block, or a single one (a shared expert's gate).
+_ROUTER_NAMES = {"gate", "router", "gating", "wg", "shared_expert_gate", "moe_gate", "gate_network", "classifier"}
 _KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head", "kv_heads")
 
 
@@ -223,6 +248,7 @@ def resolve_layers(
         names_by_param.setdefault(id(p), []).append(normalize_name(name))
         param_by_id[id(p)] = p
 
+    moe = _moe_blocks(modules, names_by_param, param_by_id, config)
     params: dict[str, ParamInfo] = {}
     unknown: list[str] = []
     for pid, names in names_by_param.items():
@@ -230,7 +256,7 @@ def resolve_layers(
         if not p.requires_grad:
             continue
         names = list(dict.fromkeys(names))
-        infos = [_resolve_one(n, p, modules, config, heads, kv_heads) for n in names]
+        infos = [_resolve_one(n, p, modules, config, heads, kv_heads, moe) for n in names]
         # A tied weight takes the role of its most specific name (embedding beats lm_head).
         info = min(infos, key=lambda i: _ROLE_PRIORITY.get(i.role, 99))
         info = ParamInfo(**{**info.__dict__, "name": names[0], "names": tuple(names)})
@@ -265,7 +291,86 @@ def _owner(name: str, modules: dict[str, nn.Module]) -> tuple[str, str, nn.Modul
     return path, attr, owner, ancestors
 
 
-def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
+def _experts_count(modules_chain, config) -> int | None:
+    return _find_attr([*modules_chain, *(getattr(m, "config", None) for m in modules_chain), config], _EXPERT_ATTRS)
+
+
+def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id: dict, config) -> dict[str, int]:
+    """``MoE block path -> experts count``: the parent of every module that holds a stack of
+    experts (a 3-D parameter whose first dim is the experts count its module, an ancestor or the
+    config gives; or, without a count, a module named like ``experts``) or that is a
+    ``ModuleList`` of experts (named like ``experts``, as many as the count where one is given)."""
+    blocks: dict[str, int] = {}
+    for pid, names in names_by_param.items():
+        p = param_by_id[pid]
+        if p.dim() != 3:
+            continue
+        path, _, _ = normalize_name(names[0]).rpartition(".")
+        chain = _chain(path, modules)
+        count = _experts_count(chain, config)
+        if count == p.shape[0] or (count is None and "expert" in path.rpartition(".")[2].lower()):
+            blocks[path.rpartition(".")[0]] = int(p.shape[0])
+    for path, m in modules.items():
+        leaf = path.rpartition(".")[2].lower()
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and "expert" in leaf and "shared" not in leaf:
+            count = _experts_count(_chain(path, modules), config)
+            if count is None or count == len(m):
+                blocks.setdefault(path.rpartition(".")[0], len(m))
+    return blocks
+
+
+def _chain(path: str, modules: dict[str, nn.Module]) -> list[nn.Module]:
+    """The module at `path` and its ancestors, nearest first."""
+    parts = path.split(".") if path else []
+    out = []
+    for i in range(len(parts), -1, -1):
+        m = modules.get(".".join(parts[:i]))
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def _in_block(path: str, blocks: dict[str, int]) -> int | None:
+    """The experts count of the MoE block that `path` (a module path) lies in, or None."""
+    while path:
+        if path in blocks:
+            return blocks[path]
+        path = path.rpartition(".")[0]
+    return blocks.get("")
+
+
+def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
+    """A stack of expert matrices (expert, ·, ·): role by name, the hidden width's axis decides
+    which of the two is ``in`` (first projections) or ``out`` (the last)."""
+    a = attr.lower()
+    role = "mlp_down" if a in _EXPERT_DOWN else "mlp_gate" if a in _EXPERT_GATE else \
+        "mlp_up" if a in _EXPERT_UP else None
+    hidden = _find_attr([*chain, *(getattr(m, "config", None) for m in chain), config], _HIDDEN_ATTRS)
+    if role is None or hidden is None or (shape[1] == hidden) == (shape[2] == hidden):
+        if role is not None and shape[1] == shape[2] == hidden:   # square: as F.linear reads it
+            return info(role, ("expert", "out", "in"))
+        return info("other", ("expert", "d1", "d2"))
+    hidden_axis = "out" if role == "mlp_down" else "in"
+    other = "in" if hidden_axis == "out" else "out"
+    return info(role, ("expert", hidden_axis, other) if shape[1] == hidden else ("expert", other, hidden_axis))
+
+
+def _router_info(info, attr: str, last: str, shape, experts: int, is_linear: bool, axes) -> ParamInfo | None:
+    """A gating projection of an MoE block (one output per expert, or one: a shared expert's
+    gate), or None."""
+    if len(shape) != 2 or not (last in _ROUTER_NAMES or attr.lower() in _ROUTER_NAMES or "router" in last):
+        return None
+    if is_linear:
+        out = shape[axes.index("out")]
+        return info("router", axes) if out in (experts, 1) else None
+    if shape[0] in (experts, 1) and shape[1] not in (experts, 1):
+        return info("router", ("out", "in"))   # a raw weight read as F.linear(x, weight)
+    if shape[1] in (experts, 1) and shape[0] not in (experts, 1):
+        return info("router", ("in", "out"))
+    return None
+
+
+def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamInfo:
     path, attr, owner, ancestors = _owner(name, modules)
     shape = tuple(p.shape)
     mod_name = type(owner).__name__ if owner is not None else "?"
@@ -282,13 +387,26 @@ def _resolve_one(name, p, modules, config, heads, kv_heads) -> ParamInfo:
     # Vectors: norms, biases, and everything one-dimensional.
     if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
         return info("norm", ["model"] * len(shape))
+    experts = _in_block(path, moe or {})
     if _is_bias(attr) or (p.dim() == 1 and attr != "weight"):
         if p.dim() == 1:
             return info("bias", ["out"])
+        if p.dim() == 2 and experts is not None and shape[0] == experts:
+            return info("bias", ["expert", "out"])   # a stack of experts' biases
         return info("other", _generic_axes(shape))
 
     if isinstance(owner, nn.Embedding) or isinstance(owner, nn.EmbeddingBag):
         return info("embedding", ["token", "model"])
+
+    if experts is not None:
+        is_conv1d = type(owner).__name__ == "Conv1D" and p.dim() == 2
+        is_linear = isinstance(owner, nn.Linear) or is_conv1d
+        router = _router_info(info, attr, last, shape, experts, is_linear,
+                              (("in", "out") if is_conv1d else ("out", "in")))
+        if router is not None:
+            return router
+        if p.dim() == 3 and shape[0] == experts and not isinstance(owner, nn.modules.conv._ConvNd):
+            return _expert_info(info, attr, shape, [owner, *ancestors], config)
 
     if isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
         h = heads or owner.num_heads

@@ -61,7 +61,28 @@ def unlike_any_preset(model: nn.Module):
 
 # -- estimate against the real state tensors ------------------------------------------------------
 
-@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt], ids=["gpt2", "llama-gqa", "shakespeare"])
+def tiny_qwen2_moe() -> nn.Module:
+    """transformers' Qwen2-MoE from a config: stacks of experts (expert, out, in), a router, a
+    shared expert and its gate."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=24, intermediate_size=40, moe_intermediate_size=20, shared_expert_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))
+
+
+def tiny_gpt_oss() -> nn.Module:
+    """transformers' gpt-oss from a config: stacks of experts as bmm reads them (expert, in, out),
+    with stacks of biases."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=64, hidden_size=24, intermediate_size=20, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"]))
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss],
+                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")

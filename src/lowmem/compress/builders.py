@@ -219,10 +219,11 @@ def _in_view(view: View) -> str:
 
 
 def is_candidate(view: View, dims: tuple[int, ...], allow_token: bool = False) -> bool:
-    """Whether averaging `view` over `dims` may enter a plan (see the module docstring)."""
+    """Whether averaging `view` over `dims` may enter a plan (see the module docstring); never
+    over a mixture-of-experts stack's ``expert`` axis (each expert is its own matrix)."""
     if not allow_token and any(view.axes[d] == "token" for d in dims):
         return False
-    return not any(view.axes[d] == "head" for d in dims)
+    return not any(view.axes[d] in ("head", "expert") for d in dims)
 
 
 def _candidates(views, snr, allow_token):
@@ -320,7 +321,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
 # average over fan_in, or over the model dim of an embedding), "head" (one per attention head),
 # "scalar" (one value for the tensor). A fused Q/K/V projection gets the rule of each part.
 
-_MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "lm_head",
+_MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "router", "lm_head",
                  "conv", "other")
 
 # Tomar et al. 2024, "Eve: Less Memory, Same Might": M×N -> M×1 for every matrix, vectors full.
@@ -329,7 +330,7 @@ _EVE = {**{r: "row" for r in _MATRIX_ROLES}, "embedding": "row", "norm": "full",
 # MLP, embedding and output per row; biases (a norm's bias too) full Adam; norm weights and
 # everything else one scalar.
 _ADAM_MINI = {"attn_q": "head", "attn_k": "head", "attn_v": "row", "attn_out": "row", "mlp_up": "row",
-              "mlp_gate": "row", "mlp_down": "row", "embedding": "row", "lm_head": "row", "bias": "full",
+              "mlp_gate": "row", "mlp_down": "row", "router": "row", "embedding": "row", "lm_head": "row", "bias": "full",
               "norm": "scalar", "norm_bias": "full", "conv": "scalar", "other": "scalar"}
 # Adam-mini's paper (Algorithms 1-4): Q/K per head, embedding and output full Adam, every other
 # block (the default PyTorch partition: one block per tensor) one scalar.
@@ -347,22 +348,33 @@ _RULE_WORDS = {"full": "full Adam", "row": "one value per row", "head": "one val
 
 
 def _rule_view(shape, axes, heads, rule) -> tuple[list[int], list[int] | None, str]:
-    """(view, reduce, words) that keep what `rule` names for a tensor with these axes."""
+    """(view, reduce, words) that keep what `rule` names for a tensor with these axes. A stack of
+    experts keeps its ``expert`` axis (a rule applies to each expert's matrix); a tensor with an
+    axis the resolver could not name (``d0``, …) keeps full Adam: no rule averages over it."""
     shape, axes = tuple(shape), tuple(axes)
+    if rule != "full" and any(_generic(a) for a in axes):
+        return list(shape), None, f"{_RULE_WORDS['full']} (axes not known)"
+    words = _RULE_WORDS[rule] + (" of each expert" if "expert" in axes and rule != "full" else "")
     if rule == "head":
         split = split_heads(shape, axes, heads)
         if split is None:   # heads unknown or not dividing the rows: per row is the closest block
             return _rule_view(shape, axes, None, "row")
         vshape, vaxes = split
-        return list(vshape), [d for d, a in enumerate(vaxes) if a != "head"], _RULE_WORDS["head"]
-    if rule == "row" and len(shape) >= 2:
+        return list(vshape), [d for d, a in enumerate(vaxes) if a not in ("head", "expert")], words
+    if rule == "row":
         dims = [d for d, a in enumerate(axes) if a in ("in", "kh", "kw", "kd", "model")]
-        if not dims or len(dims) == len(shape):
-            dims = list(range(1, len(shape)))   # unknown axes: a row is everything after dim 0
-        return list(shape), dims, _RULE_WORDS["row"]
+        if not dims or len(dims) == len(shape):   # a vector, or no row to keep: full Adam
+            return list(shape), None, _RULE_WORDS["full"]
+        return list(shape), dims, words
     if rule == "scalar":
-        return list(shape), list(range(len(shape))), _RULE_WORDS["scalar"]
+        dims = [d for d, a in enumerate(axes) if a != "expert"]
+        return list(shape), dims, words
     return list(shape), None, _RULE_WORDS["full"]
+
+
+def _generic(axis: str) -> bool:
+    """Whether an axis is one the resolver could not name (``d0``, ``d1``, …)."""
+    return axis[:1] == "d" and axis[1:].isdigit()
 
 
 def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:

@@ -30,7 +30,7 @@ from lowmem.reports.terminal import (STATE_COLUMNS, best_measured, decision_word
 from lowmem.snr.keys import format_subset
 
 ROLE_ORDER = ("embedding", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
-              "lm_head", "conv", "norm", "bias", "other")
+              "router", "lm_head", "conv", "norm", "bias", "other")
 
 
 def script_json(value) -> str:

@@ -15,7 +15,7 @@ from lowmem.layers import ParamInfo
 from lowmem.snr.keys import ViewLabel
 
 _AXIS_WORDS = {"out": "fan_out", "in": "fan_in", "token": "token", "model": "model",
-               "head": "head", "kh": "kh", "kw": "kw", "kd": "kd"}
+               "head": "head", "kh": "kh", "kw": "kw", "kd": "kd", "expert": "expert"}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ matmuls, the floor of any projection method, and no m×n residual); `adamem_dire
 readable form, term by term, that the tests hold it to.
 
 State per projected m×n matrix: P (m·r) + M (r·n) + row (r) + col (n) + res (n) entries, i.e.
-(m + n)·r + r + 2n — the paper's count — in fp32 (fp64 for fp64 parameters).
+(m + n)·r + r + 2n — the paper's count — in fp32 (fp64 for fp64 parameters). A stack of E expert
+matrices (`lowmem.layers`' ``expert`` axis, a mixture-of-experts layer) is E matrices, each with
+its own projector and statistics (states stacked along a leading E), stepped together
+(`adamem_update_stacked`); a stack of experts' biases is one vector per expert.
 
 On a row-sharded (FSDP2) parameter each rank runs the same code on its own rows, and the
 collectives are these. Sums over the split axis are completed by all-reducing partial sums
@@ -94,10 +97,26 @@ def adamem_rank(m: int, n: int, rank: int | None = None, rank_fraction: float = 
 
 
 def _projected(model: nn.Module) -> dict[torch.Tensor, bool]:
-    """``param -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`)."""
+    """``param -> whether AdaMeM projects it`` (matrices outside `PLAIN_ROLES`; a bias of any
+    shape is a vector, as a stack of experts' biases is)."""
     layers = resolve_layers(model, warn=False)
-    return {p: layers[name].role not in PLAIN_ROLES and p.dim() >= 2 and p.numel() > 0
+    return {p: layers[name].role not in PLAIN_ROLES + ("bias",) and p.dim() >= 2 and p.numel() > 0
             for name, p in _trainable(model)}
+
+
+def _vectors(model: nn.Module) -> set[torch.Tensor]:
+    """Parameters AdaMeM keeps a full statistic for: vectors, and biases of any shape (a stack of
+    experts' biases, (expert, out), is one vector per expert: never factored across experts)."""
+    layers = resolve_layers(model, warn=False)
+    return {p for name, p in _trainable(model) if p.dim() < 2 or layers[name].role == "bias"}
+
+
+def _expert_stacks(model: nn.Module) -> dict[torch.Tensor, int]:
+    """``param -> experts`` of every stack of expert matrices (axes ``(expert, ·, ·)``, see
+    `lowmem.layers`): AdaMeM projects each expert's matrix on its own."""
+    layers = resolve_layers(model, warn=False)
+    return {p: int(p.shape[0]) for name, p in _trainable(model)
+            if p.dim() == 3 and layers[name].axes[:1] == ("expert",) and layers[name].role != "bias"}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -117,21 +136,25 @@ def _names_by_param(model: nn.Module) -> dict[torch.Tensor, str]:
 
 def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction: float = 0.25) -> int:
     """State entries AdaMeM keeps for `model` (its ``step`` scalars left out); shapes only, so a
-    model on the meta device works. Projected m×n matrix: (m + n)·r + r + 2n; other matrices
-    (Adafactor): m + n; vectors: their size; a 0-element parameter: none."""
+    model on the meta device works. Projected m×n matrix: (m + n)·r + r + 2n (a stack of E expert
+    matrices: E times that); other matrices (Adafactor): m + n; vectors and biases: their size; a
+    0-element parameter: none."""
     total = 0
-    projected = _projected(model)
+    projected, vectors, stacks = _projected(model), _vectors(model), _expert_stacks(model)
     for _, p in _trainable(model):
         mn = matrix_shape(p.shape)
         if p.numel() == 0:
             continue
-        if mn is None:
+        if mn is None or p in vectors:
             total += p.numel()
             continue
+        experts = stacks.get(p, 1)
+        if p in stacks:
+            mn = tuple(p.shape[1:])
         m, n = sorted(mn)
         if projected[p]:
             r = adamem_rank(m, n, rank, rank_fraction)
-            total += (m + n) * r + r + 2 * n
+            total += experts * ((m + n) * r + r + 2 * n)
         else:
             total += m + n
     return total
@@ -252,18 +275,35 @@ BATCH_NUMEL = 1 << 17
 BATCH_ENTRIES = 1 << 22
 
 
+_STACKED_KEYS = ("exp_avg", "row_var", "col_var", "res_col_var")
+
+
 def adamem_update_batched(items: list[tuple[torch.Tensor, dict, torch.Tensor]], t: int, betas: tuple[float, float],
                           eps: float, scale: float, lr: float, decay: float) -> None:
     """`adamem_update` with ``into`` of B matrices of one shape at once: `items` holds each one's
     (g, state, parameter as g's matrix); gradients, states and parameters are stacked, updated
-    with batched matmuls and reductions along the same axes, and written back, so a step costs
-    ~30 operations per shape instead of per matrix (same arithmetic, up to the order of sums)."""
-    beta1, beta2 = betas
+    with batched matmuls and reductions along the same axes (`adamem_update_stacked`), and written
+    back, so a step costs ~30 operations per shape instead of per matrix (same arithmetic, up to
+    the order of sums)."""
     states = [st for _, st, _ in items]
-    g = torch.stack([g for g, _, _ in items])                                   # (B, m, n)
-    proj = torch.stack([st["proj"] for st in states])                           # (B, m, r)
-    exp_avg, row_var, col_var, res_col_var = (torch.stack([st[k] for st in states])
-                                              for k in ("exp_avg", "row_var", "col_var", "res_col_var"))
+    stacked = {k: torch.stack([st[k] for st in states]) for k in ("proj", *_STACKED_KEYS)}
+    params = [w for _, _, w in items]
+    w = torch.stack(params)
+    adamem_update_stacked(torch.stack([g for g, _, _ in items]), stacked, w, t, betas, eps, scale, lr, decay)
+    for key in _STACKED_KEYS:
+        torch._foreach_copy_([st[key] for st in states], list(stacked[key].unbind(0)))
+    torch._foreach_copy_(params, list(w.unbind(0)))
+
+
+def adamem_update_stacked(g: torch.Tensor, state: dict, w: torch.Tensor, t: int, betas: tuple[float, float],
+                          eps: float, scale: float, lr: float, decay: float) -> None:
+    """`adamem_update` with ``into`` on B matrices stacked along dim 0: gradients `g` (B, m, n),
+    parameters `w` (B, m, n, updated in place), and `state`'s ``proj`` (B, m, r), ``exp_avg``
+    (B, r, n), ``row_var`` (B, r), ``col_var`` and ``res_col_var`` (B, n), updated in place. A
+    stack of experts' matrices steps here straight from its tensors (`g` and `w` may be
+    transposed views)."""
+    beta1, beta2 = betas
+    proj, exp_avg, row_var, col_var, res_col_var = (state[k] for k in ("proj", *_STACKED_KEYS))
     m, n = g.shape[1:]
     low = torch.bmm(proj.mT, g)                                                 # R = Pᵀ G   (B, r, n)
     col_g2 = mean_sq(g, (1,)).view(g.shape[0], n).mul_(m)                      # (B, n)
@@ -280,13 +320,7 @@ def adamem_update_batched(items: list[tuple[torch.Tensor, dict, torch.Tensor]], 
     res_col_var.lerp_(res, 1 - beta2)
     d3 = (live / (res_col_var / bc2).sqrt_().add_(eps)).unsqueeze(1)           # (B, 1, n)
     x = n1.addcmul_(low, d3, value=-scale)
-    params = [w for _, _, w in items]
-    w = torch.stack(params)
     w.baddbmm_(proj, x, beta=decay, alpha=-lr).addcmul_(g, d3, value=-lr * scale)
-    for key, stacked in (("exp_avg", exp_avg), ("row_var", row_var), ("col_var", col_var),
-                         ("res_col_var", res_col_var)):
-        torch._foreach_copy_([st[key] for st in states], list(stacked.unbind(0)))
-    torch._foreach_copy_(params, list(w.unbind(0)))
 
 
 def _vectors_update(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], t: int, beta2: float, eps: float,
@@ -452,13 +486,20 @@ class AdaMeM(torch.optim.Optimizer):
         # Keyed by the parameter itself, so a deepcopy of model and optimizer together maps them.
         self._names = _names_by_param(model)
         self._projected = _projected(model)
+        self._vectors = _vectors(model)
+        self._experts = _expert_stacks(model)
         self._shards = row_sharding(model)
+        for p in self._experts:
+            if p in self._shards:
+                raise ValueError(f"AdaMeM: parameter {self._names.get(p, '?')!r} is a stack of experts split across "
+                                 "ranks (FSDP2); AdaMeM steps stacks of experts in one process only")
         self._state_dtype = state_dtype
         self.seed = seed
 
     def __getstate__(self):
         return {**super().__getstate__(), "_names": self._names, "_projected": self._projected,
-                "_shards": self._shards, "_state_dtype": self._state_dtype, "seed": self.seed}
+                "_vectors": self._vectors, "_experts": self._experts, "_shards": self._shards,
+                "_state_dtype": self._state_dtype, "seed": self.seed}
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, with every group's hyper-parameters checked (not only the defaults)."""
@@ -485,11 +526,13 @@ class AdaMeM(torch.optim.Optimizer):
         if p.numel() == 0:
             return {}, {}
         if self._projected.get(p):
-            m, n = sorted(mn)
+            e = self._experts.get(p)
+            m, n = sorted(p.shape[1:] if e else mn)
             r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
-            return {"proj": ((m, r),), "exp_avg": ((r, n),), "row_var": ((r,),), "col_var": ((n,),),
-                    "res_col_var": ((n,),)}, {}
-        if mn is None:
+            lead = (e,) if e else ()
+            return {"proj": ((*lead, m, r),), "exp_avg": ((*lead, r, n),), "row_var": ((*lead, r),),
+                    "col_var": ((*lead, n),), "res_col_var": ((*lead, n),)}, {}
+        if mn is None or p in self._vectors:
             return {"variance": (tuple(p.shape),)}, {}
         return {"row_var": ((mn[0],),), "col_var": ((mn[1],),)}, {}
 
@@ -529,7 +572,9 @@ class AdaMeM(torch.optim.Optimizer):
                     grad = -grad
                 shard = local(p)
                 param = shard if shard.dtype == dtype else shard.detach().to(dtype)   # low precision: via a copy
-                if self._projected.get(p):   # applied inside the update
+                if p in self._experts:       # each expert's matrix on its own, all in one batch
+                    key = self._experts_update(p, grad, group, into=param, lr=lr, decay=decay)
+                elif self._projected.get(p):   # applied inside the update
                     key = self._projected_update(p, grad, group, self._shards.get(p), into=param, lr=lr, decay=decay,
                                                  batches=batches)
                 else:
@@ -620,6 +665,35 @@ class AdaMeM(torch.optim.Optimizer):
             into.mul_(decay).add_((update.T if transposed else update).reshape(grad.shape), alpha=-lr)
         return None
 
+    def _experts_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, *, into: torch.Tensor, lr: float,
+                        decay: float) -> None:
+        """`_projected_update` for a stack of E expert matrices (E, M, N) (`lowmem.layers`'
+        ``expert`` axis): every expert is its own matrix, with its own projector, momentum and
+        statistics (states stacked: ``proj`` (E, m, r), ``exp_avg`` (E, r, n), …), updated
+        together by `adamem_update_stacked`; as each expert alone would be, up to the order of
+        sums."""
+        state, t = self._init_step(p)
+        experts, big_m, big_n = p.shape
+        transposed = big_m > big_n
+        g = grad.mT if transposed else grad                 # (E, m, n), m ≤ n
+        m, n = g.shape[1:]
+        r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
+        if "proj" not in state:
+            state.update(proj=g.new_zeros(experts, m, r), exp_avg=g.new_zeros(experts, r, n),
+                         row_var=g.new_zeros(experts, r), col_var=g.new_zeros(experts, n),
+                         res_col_var=g.new_zeros(experts, n))
+        elif state["proj"].shape != (experts, m, r):
+            raise ValueError(f"parameter {self._names.get(p, '?')!r}: its projectors are {tuple(state['proj'].shape)} "
+                             f"but the group's rank asks for {(experts, m, r)}; the rank cannot change once "
+                             "training has started")
+        _cast_states(state, g.dtype)
+        if (t - 1) % group["update_proj_gap"] == 0:
+            for e in range(experts):
+                state["proj"][e].copy_(self._project(g[e], r, state["proj"][e] if t > 1 else None, group, p, t, e))
+        adamem_update_stacked(g, state, into.mT if transposed else into, t, group["betas"], group["eps"],
+                              group["scale"], lr, decay)
+        return None
+
     def _refreshed_projector(self, p: torch.Tensor, g: torch.Tensor, previous: torch.Tensor | None, r: int,
                              group: dict, t: int, shards: RowShards | None, transposed: bool) -> torch.Tensor:
         """P (m×r) of the gradient g. Row-sharded: of the whole gradient, gathered (every rank
@@ -636,11 +710,11 @@ class AdaMeM(torch.optim.Optimizer):
         dist.broadcast(proj, group=shards.group, group_src=0)
         return proj
 
-    def _project(self, g, r, previous, group, p, t) -> torch.Tensor:
+    def _project(self, g, r, previous, group, p, t, expert: int | None = None) -> torch.Tensor:
         if group["projector"] == "svd":
             return top_left_singular_vectors(g, r)
         gen = torch.Generator(device=g.device)
-        name = zlib.crc32(self._names.get(p, "").encode())
+        name = zlib.crc32(self._names.get(p, "").encode() + (b"" if expert is None else b"#%d" % expert))
         gen.manual_seed(((self.seed * 1_000_003 + name) * 1_000_003 + t) % (1 << 63))
         return randomized_left_singular_vectors(g, r, previous, gen)
 
@@ -657,7 +731,7 @@ class AdaMeM(torch.optim.Optimizer):
         bc2 = 1 - beta2 ** t
         _cast_states(state, grad.dtype)
         mn = matrix_shape(p.shape)
-        if mn is None:
+        if mn is None or p in self._vectors:   # (a bias of any shape: a stack of experts' biases)
             if "variance" not in state:
                 state["variance"] = torch.zeros_like(p, dtype=grad.dtype)       # sharded: a DTensor like p
             if shards is None and grad.numel() <= BATCH_NUMEL:

@@ -55,9 +55,11 @@ class AdamMini(ReducedAdamW):
 
     Args:
         variant: ``"package"`` — as ``adam-mini`` 1.1.1: Q/K one per head; V, attention output,
-            MLP, embedding and LM head one per output row; biases full; norms and others one
-            scalar. ``"paper"`` — as the paper's Algorithms 1–4: Q/K one per head, embedding and
-            output full Adam, every other tensor one scalar.
+            MLP, routers, embedding and LM head one per output row; biases full; norms and others
+            one scalar. ``"paper"`` — as the paper's Algorithms 1–4: Q/K one per head, embedding
+            and output full Adam, every other tensor one scalar. In both, a stack of experts keeps
+            its expert axis (per row, or one scalar, of each expert) and a tensor with axes lowmem
+            cannot name keeps full Adam (the package would pool it into one scalar).
     """
 
     kind = "adam-mini"
