@@ -41,11 +41,14 @@ _Q_NAMES = {"q", "q_proj", "query", "wq", "to_q", "q_lin"}
 _K_NAMES = {"k", "k_proj", "key", "wk", "to_k", "k_lin"}
 _V_NAMES = {"v", "v_proj", "value", "wv", "to_v", "v_lin"}
 _QKV_NAMES = {"c_attn", "qkv", "wqkv", "qkv_proj", "in_proj", "query_key_value", "to_qkv"}
-_OUT_NAMES = {"o_proj", "out_proj", "wo", "to_out", "o", "out_lin", "attn_out"}
+_OUT_NAMES = {"o_proj", "out_proj", "wo", "to_out", "o", "out_lin", "attn_out", "output_proj"}
 # Meta's Llama/Mixtral: w2(silu(w1 x) * w3 x), so w1 is the gate and w3 the up projection.
-_UP_NAMES = {"c_fc", "fc1", "up_proj", "w3", "fc_in", "lin1", "wi", "wi_1"}
+# A fused gate and up projection (Phi-3's `gate_up_proj`) is an up projection: every preset and
+# rule treats gate and up alike. GPT-NeoX / Falcon: dense_h_to_4h, dense_4h_to_h; SlimAdam's
+# reference code: mlp_up, mlp_proj / mlp_down (and output_proj for the attention's output).
+_UP_NAMES = {"c_fc", "fc1", "up_proj", "w3", "fc_in", "lin1", "wi", "wi_1", "gate_up_proj", "dense_h_to_4h", "mlp_up"}
 _GATE_NAMES = {"gate_proj", "gate", "w1", "wi_0"}
-_DOWN_NAMES = {"fc2", "down_proj", "w2", "fc_out", "lin2", "wo_mlp"}
+_DOWN_NAMES = {"fc2", "down_proj", "w2", "fc_out", "lin2", "wo_mlp", "dense_4h_to_h", "mlp_down", "mlp_proj"}
 _HEAD_NAMES = {"lm_head", "head", "classifier", "output", "embed_out", "score"}
 _ATTN_CONTEXT = ("attn", "attention", "self_attn", "mixer")
 _MLP_CONTEXT = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "densereludense")
@@ -87,6 +90,11 @@ class ParamInfo:
             ``out`` axis, each with its own head count in `part_heads`.
         is_bias: the tensor is a module's additive bias (``bias``, ``in_proj_bias``), whatever its
             role: a norm's bias has role ``norm``, and presets may treat it apart from the weight.
+        qkv_layout: for a fused Q/K/V projection, how its ``out`` axis holds q, k and v:
+            ``"contiguous"`` (all q rows, then k, then v: split into `parts`), or, not split,
+            ``"per_head"`` (q, k, v rows of each head together: GPT-NeoX, BLOOM), ``"grouped"``
+            (per key-value group: Falcon's new architecture) or ``"unknown"`` (a library model
+            whose layout lowmem has not verified).
     """
 
     name: str
@@ -100,6 +108,7 @@ class ParamInfo:
     parts: tuple[tuple[str, int], ...] | None = None
     part_heads: tuple[int, ...] | None = None
     is_bias: bool = False
+    qkv_layout: str | None = None
 
     @property
     def numel(self) -> int:
@@ -174,7 +183,8 @@ class ModelLayers:
                 head_dim=r.get("head_dim"),
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
-                is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]))
+                is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
+                qkv_layout=r.get("qkv_layout"))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -188,7 +198,8 @@ def _info_json(p: ParamInfo) -> dict:
     return {"name": p.name, "names": list(p.names), "shape": list(p.shape), "role": p.role,
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
-            "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias}
+            "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias,
+            "qkv_layout": p.qkv_layout}
 
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -411,7 +422,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     if isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
         h = heads or owner.num_heads
         d = owner.embed_dim
-        return _qkv_info(info, ("out", "in"), shape[0], (d, d, d), h, h)
+        return _qkv_info(info, ("out", "in"), shape[0], (d, d, d), h, h, "contiguous")
     if isinstance(owner, nn.MultiheadAttention) and attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
         role = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}[attr[0]]
         h = heads or owner.num_heads
@@ -427,7 +438,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
             return info("other", axes)
         if role == "attn_qkv":
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
-            return _qkv_info(info, axes, out_features, None, hq, hkv)
+            return _qkv_info(info, axes, out_features, None, hq, hkv, _qkv_layout(config))
         if role in ("attn_q", "attn_k", "attn_v"):
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             h = hq if role == "attn_q" else hkv
@@ -513,8 +524,35 @@ def _heads(owner, ancestors, config, heads, kv_heads) -> tuple[int | None, int |
     return hq, hkv
 
 
-def _qkv_info(info, axes, out_features, sizes, hq, hkv) -> ParamInfo:
-    """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware)."""
+# Fused Q/K/V layouts of transformers' models, read from their modeling code: q, k, v one after
+# the other, or each head's (q, k, v) rows together (`view(..., heads, 3, head_dim)` or
+# `view(..., heads, 3 * head_dim).chunk(3)`).
+_QKV_CONTIGUOUS = {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer", "phi3", "dbrx", "mpt"}
+_QKV_PER_HEAD = {"gpt_neox", "bloom", "persimmon"}
+
+
+def _qkv_layout(config) -> str:
+    """How a fused Q/K/V projection lays out q, k and v (`ParamInfo.qkv_layout`): a transformers
+    model by its ``model_type``; a model without a transformers config as nanoGPT and
+    `nn.MultiheadAttention` do, one after the other."""
+    kind = getattr(config, "model_type", None)
+    if not isinstance(kind, str):
+        return "contiguous"
+    if kind == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            return "grouped"
+        return "contiguous" if getattr(config, "multi_query", False) else "per_head"
+    if kind in _QKV_PER_HEAD:
+        return "per_head"
+    return "contiguous" if kind in _QKV_CONTIGUOUS else "unknown"
+
+
+def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str) -> ParamInfo:
+    """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware) where they
+    lie one after the other; kept whole (heads known) for any other layout."""
+    if layout != "contiguous":
+        head_dim = out_features // (hq + 2 * (hkv or hq)) if hq else None
+        return info("attn_qkv", axes, heads=hq, head_dim=head_dim, qkv_layout=layout)
     if sizes is None:
         if hq and hkv and hq != hkv:
             head_dim = out_features // (hq + 2 * hkv)
@@ -522,11 +560,12 @@ def _qkv_info(info, axes, out_features, sizes, hq, hkv) -> ParamInfo:
         else:
             sizes = (out_features // 3,) * 3
     if sum(sizes) != out_features:
-        return info("attn_qkv", axes)
+        return info("attn_qkv", axes, qkv_layout="unknown")
     head_dim = sizes[0] // hq if hq and sizes[0] % hq == 0 else None
     part_heads = (hq, hkv, hkv) if head_dim and hkv and sizes[1] == hkv * head_dim else None
     return info("attn_qkv", axes, heads=hq, head_dim=head_dim if part_heads else None,
-                parts=(("q", sizes[0]), ("k", sizes[1]), ("v", sizes[2])), part_heads=part_heads)
+                parts=(("q", sizes[0]), ("k", sizes[1]), ("v", sizes[2])), part_heads=part_heads,
+                qkv_layout="contiguous")
 
 
 def _with_role(info: ParamInfo, role: str, heads, kv_heads) -> ParamInfo:

@@ -203,11 +203,20 @@ def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> L
         return lp
     choice = _best(views, snr, threshold, prefer, allow_token)
     if choice is None:
-        return _full(info, _why_not(views, snr, threshold, allow_token), _snr_record(info, snr))
+        return _full(info, _why_not(views, snr, threshold, allow_token) + _unsplit(info), _snr_record(info, snr))
     view, subset, value = choice
     return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
-                     _why_passed(view, subset, value, threshold),
+                     _why_passed(view, subset, value, threshold) + _unsplit(info),
                      _snr_record(info, snr), None, list(info.aliases))
+
+
+def _unsplit(info: ParamInfo) -> str:
+    """For a fused Q/K/V projection kept whole, why (its layout), to append to a `why`."""
+    if info.role != "attn_qkv" or info.parts:
+        return ""
+    layout = {"per_head": "each head's q, k, v rows together", "grouped": "q, k, v per key-value group"}.get(
+        info.qkv_layout, "layout not known")
+    return f" (fused q/k/v not split: {layout})"
 
 
 def _why_passed(view: View, subset, value: float, threshold: float) -> str:
@@ -306,7 +315,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
         axes = _SLIMADAM_RULES.get(info.role)
         dims = [d for d, a in enumerate(info.axes) if axes and a in axes]
         if not dims:
-            plan_layers[info.name] = _full(info, f"published rules keep full Adam for {info.role}")
+            plan_layers[info.name] = _full(info, f"published rules keep full Adam for {info.role}{_unsplit(info)}")
             continue
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
                                            f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
@@ -321,8 +330,10 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
 # average over fan_in, or over the model dim of an embedding), "head" (one per attention head),
 # "scalar" (one value for the tensor). A fused Q/K/V projection gets the rule of each part.
 
-_MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "router", "lm_head",
-                 "conv", "other")
+# (``attn_qkv`` here is a fused projection kept whole, its q/k/v layout not one after the other:
+# a row never mixes q, k and v, one value per head or per part would need the split.)
+_MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "router",
+                 "lm_head", "conv", "other")
 
 # Tomar et al. 2024, "Eve: Less Memory, Same Might": M×N -> M×1 for every matrix, vectors full.
 _EVE = {**{r: "row" for r in _MATRIX_ROLES}, "embedding": "row", "norm": "full", "bias": "full"}
@@ -330,11 +341,12 @@ _EVE = {**{r: "row" for r in _MATRIX_ROLES}, "embedding": "row", "norm": "full",
 # MLP, embedding and output per row; biases (a norm's bias too) full Adam; norm weights and
 # everything else one scalar.
 _ADAM_MINI = {"attn_q": "head", "attn_k": "head", "attn_v": "row", "attn_out": "row", "mlp_up": "row",
-              "mlp_gate": "row", "mlp_down": "row", "router": "row", "embedding": "row", "lm_head": "row", "bias": "full",
+              "mlp_gate": "row", "mlp_down": "row", "router": "row", "attn_qkv": "row", "embedding": "row",
+              "lm_head": "row", "bias": "full",
               "norm": "scalar", "norm_bias": "full", "conv": "scalar", "other": "scalar"}
 # Adam-mini's paper (Algorithms 1-4): Q/K per head, embedding and output full Adam, every other
 # block (the default PyTorch partition: one block per tensor) one scalar.
-_ADAM_MINI_PAPER = {**{r: "scalar" for r in _MATRIX_ROLES}, "attn_q": "head", "attn_k": "head",
+_ADAM_MINI_PAPER = {**{r: "scalar" for r in _MATRIX_ROLES}, "attn_q": "head", "attn_k": "head", "attn_qkv": "row",
                     "embedding": "full", "lm_head": "full", "norm": "scalar", "bias": "scalar"}
 # AdaLayer (Zhao et al. 2024, "Deconstructing What Makes a Good Optimizer for Language Models"):
 # one scalar per tensor, except the LM head and norms, which keep Adam.
@@ -404,7 +416,8 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
             continue
         vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
-                                           f"{name} for {role}: {words}", None, None, list(info.aliases))
+                                           f"{name} for {role}: {words}{_unsplit(info)}", None, None,
+                                           list(info.aliases))
     return Plan(model=model_record(model), layers=plan_layers, source={"method": "preset", "preset": name})
 
 

@@ -1,0 +1,143 @@
+"""Real third-party architectures built from their libraries' configs (random init, no download):
+what lowmem reads each parameter as, against hand-written expectations and, for fused Q/K/V
+layouts, against the gradients of the model itself.
+
+timm and torchvision are not tested: their wheels for this torch (2.13) are CUDA builds whose
+torchvision fails to import with the CPU build of torch (`operator torchvision::nms does not
+exist`), timm needs torchvision, and no CPU build is installable here."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lowmem.compress import build_preset
+from lowmem.layers import ParamInfo, resolve_layers
+
+transformers = pytest.importorskip("transformers")
+
+
+def _build(cls, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        config._attn_implementation = "eager"
+        return cls(config)
+
+
+def neox():
+    return _build(transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32))
+
+
+def bloom():
+    return _build(transformers.BloomForCausalLM, transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1,
+                                                                         n_head=4))
+
+
+def falcon():
+    return _build(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True))
+
+
+def phi3():
+    return _build(transformers.Phi3ForCausalLM, transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+
+
+def gpt2():
+    return _build(transformers.GPT2LMHeadModel, transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1,
+                                                                         n_head=4, n_positions=32))
+
+
+# (model, its fused projection's name, the layout lowmem must read, query heads, key-value heads)
+FUSED = {
+    "gpt-neox": (neox, "gpt_neox.layers.0.attention.query_key_value", "per_head", 4, 4),
+    "bloom": (bloom, "transformer.h.0.self_attention.query_key_value", "per_head", 4, 4),
+    "falcon-new": (falcon, "transformer.h.0.self_attention.query_key_value", "grouped", 4, 2),
+    "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "contiguous", 4, 2),
+    "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "contiguous", 4, 4),
+}
+
+
+def _rows(layout: str, hq: int, hkv: int, hd: int) -> dict[str, list[int]]:
+    """The q, k, v rows of a fused projection's output as each layout means them (written from the
+    libraries' modeling code, not from lowmem)."""
+    if layout == "contiguous":
+        q, k = hq * hd, hkv * hd
+        return {"q": list(range(q)), "k": list(range(q, q + k)), "v": list(range(q + k, q + 2 * k))}
+    if layout == "per_head":
+        return {p: [h * 3 * hd + i * hd + j for h in range(hq) for j in range(hd)] for i, p in enumerate("qkv")}
+    per = hq // hkv + 2   # grouped: each key-value group's query heads, then its key, then its value
+    out = {"q": [], "k": [], "v": []}
+    for g in range(hkv):
+        base = g * per * hd
+        out["q"] += list(range(base, base + (per - 2) * hd))
+        out["k"] += list(range(base + (per - 2) * hd, base + (per - 1) * hd))
+        out["v"] += list(range(base + (per - 1) * hd, base + per * hd))
+    return out
+
+
+@pytest.mark.parametrize("arch", list(FUSED))
+def test_fused_qkv_layout_is_read_right_and_checked_by_gradient(arch):
+    build, name, layout, hq, hkv = FUSED[arch]
+    model = build()
+    info: ParamInfo = resolve_layers(model, warn=False)[name + ".weight"]
+    assert (info.role, info.qkv_layout, info.heads) == ("attn_qkv", layout, hq)
+    hd = 32 // hq
+    rows = _rows(layout, hq, hkv, hd)
+    if layout == "contiguous":   # split into parts exactly where the rows are
+        assert info.parts == (("q", hq * hd), ("k", hkv * hd), ("v", hkv * hd))
+    else:                        # never split: a split into three blocks would mix q, k and v rows
+        assert info.parts is None
+    # With every query row zeroed, attention scores no longer depend on the keys: the key rows'
+    # gradient vanishes exactly and the value rows' does not, iff `rows` is the model's layout.
+    module = model.get_submodule(name)
+    conv1d = type(module).__name__ == "Conv1D"
+    with torch.no_grad():
+        w = module.weight.T if conv1d else module.weight
+        w[rows["q"]] = 0
+        if module.bias is not None:
+            module.bias[rows["q"]] = 0
+    model(torch.arange(12).view(1, 12) % 64).logits.square().mean().backward()
+    g = module.weight.grad.T if conv1d else module.weight.grad
+    assert g[rows["k"]].abs().max() == 0, "key rows moved: the layout is not the one read"
+    assert g[rows["v"]].abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt-neox", "falcon-new"])
+def test_presets_on_an_unsplit_fused_projection_keep_rows_or_full_adam_and_say_why(arch):
+    build, name, *_ = FUSED[arch]
+    model = build()
+    eve = build_preset("eve", model).layers[name + ".weight"]
+    assert eve.reduce == [1] and "not split" in eve.why   # one v per row: a row is one of q, k or v
+    slim = build_preset("slimadam-rules", model).layers[name + ".weight"]
+    assert slim.reduce is None and "not split" in slim.why   # its rules differ between q/k and v
+
+
+def test_names_of_neox_phi3_and_slimadams_reference_code():
+    roles = {i.name: i.role for i in resolve_layers(neox(), warn=False)}
+    assert roles["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] == "mlp_up"
+    assert roles["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"] == "mlp_down"
+    assert roles["gpt_neox.layers.0.attention.dense.weight"] == "attn_out"
+    roles = {i.name: i.role for i in resolve_layers(phi3(), warn=False)}
+    assert roles["model.layers.0.mlp.gate_up_proj.weight"] == "mlp_up"   # gate and up, fused
+
+    class Block(torch.nn.Module):   # as SlimAdam's reference code names a GPT-2 block's layers
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.Module()
+            self.attn.qkv_proj = torch.nn.Linear(16, 48)
+            self.attn.output_proj = torch.nn.Linear(16, 16)
+            self.mlp = torch.nn.Module()
+            self.mlp.mlp_up = torch.nn.Linear(16, 64)
+            self.mlp.mlp_proj = torch.nn.Linear(64, 16)
+
+    roles = {i.name: i.role for i in resolve_layers(Block(), heads=4, warn=False) if not i.is_bias}
+    assert roles == {"attn.qkv_proj.weight": "attn_qkv", "attn.output_proj.weight": "attn_out",
+                     "mlp.mlp_up.weight": "mlp_up", "mlp.mlp_proj.weight": "mlp_down"}
