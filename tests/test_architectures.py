@@ -141,3 +141,84 @@ def test_names_of_neox_phi3_and_slimadams_reference_code():
     roles = {i.name: i.role for i in resolve_layers(Block(), heads=4, warn=False) if not i.is_bias}
     assert roles == {"attn.qkv_proj.weight": "attn_qkv", "attn.output_proj.weight": "attn_out",
                      "mlp.mlp_up.weight": "mlp_up", "mlp.mlp_proj.weight": "mlp_down"}
+
+
+def vit():
+    return _build(transformers.ViTForImageClassification, transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
+        num_labels=5))
+
+
+def convnext():
+    return _build(transformers.ConvNextForImageClassification, transformers.ConvNextConfig(
+        hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=5))
+
+
+def t5():
+    return _build(transformers.T5ForConditionalGeneration, transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+
+
+def bert():
+    return _build(transformers.BertForMaskedLM, transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+
+
+def llama():
+    return _build(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+
+
+# Per architecture: roles and axes of the parameters that are easy to get wrong, and every
+# parameter left `other` (hand-written from each library's modeling code).
+EXPECTED = {
+    "vit": (vit, {
+        "vit.embeddings.cls_token": ("embedding", ("token", "token", "model")),
+        "vit.embeddings.position_embeddings": ("embedding", ("token", "token", "model")),
+        "vit.embeddings.patch_embeddings.projection.weight": ("conv", ("out", "in", "kh", "kw")),
+        "classifier.weight": ("lm_head", ("out", "in")),
+    }, []),
+    "convnext": (convnext, {
+        "convnext.encoder.stages.0.layers.0.pwconv1.weight": ("mlp_up", ("out", "in")),     # 8 -> 32
+        "convnext.encoder.stages.0.layers.0.pwconv2.weight": ("mlp_down", ("out", "in")),   # 32 -> 8
+        "classifier.weight": ("lm_head", ("out", "in")),
+    }, []),
+    "t5": (t5, {
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": ("embedding", ("token", "head")),
+        "encoder.block.0.layer.1.DenseReluDense.wi.weight": ("mlp_up", ("out", "in")),
+        "encoder.block.0.layer.1.DenseReluDense.wo.weight": ("mlp_down", ("out", "in")),
+    }, []),
+    "bert": (bert, {
+        "bert.encoder.layer.0.intermediate.dense.weight": ("mlp_up", ("out", "in")),
+        "bert.encoder.layer.0.output.dense.weight": ("mlp_down", ("out", "in")),
+        "bert.encoder.layer.0.attention.output.dense.weight": ("attn_out", ("out", "in")),
+    }, ["cls.predictions.transform.dense.weight"]),   # the MLM head's square transform: axes known
+    "gpt-neox": (neox, {"gpt_neox.layers.0.mlp.dense_h_to_4h.weight": ("mlp_up", ("out", "in"))}, []),
+    "phi3": (phi3, {"model.layers.0.mlp.gate_up_proj.weight": ("mlp_up", ("out", "in"))}, []),
+    "llama-gqa": (llama, {"model.layers.0.self_attn.k_proj.weight": ("attn_k", ("out", "in"))}, []),
+    "gpt2": (gpt2, {"transformer.h.0.mlp.c_fc.weight": ("mlp_up", ("in", "out"))}, []),
+}
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_roles_and_axes_of_real_architectures(arch):
+    build, expected, unknown = EXPECTED[arch]
+    layers = resolve_layers(build(), warn=False)
+    for name, (role, axes) in expected.items():
+        assert (layers[name].role, layers[name].axes) == (role, axes), name
+    assert layers.unknown == unknown
+
+
+def test_an_mlp_without_names_is_read_from_its_widths():
+    # torchvision's ViT MLPBlock (a Sequential: Linear, GELU, Dropout, Linear, Dropout), a gated
+    # MLP of unknown names (two H -> X, one X -> H) and two square Linears (nothing to read: other)
+    seq = torch.nn.Module()
+    seq.mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Dropout(), torch.nn.Linear(64, 16))
+    seq.gated = torch.nn.Module()
+    seq.gated.a, seq.gated.b, seq.gated.c = torch.nn.Linear(16, 40), torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+    seq.square = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    roles = {i.name: i.role for i in resolve_layers(seq, warn=False) if not i.is_bias}
+    assert roles == {"mlp.0.weight": "mlp_up", "mlp.3.weight": "mlp_down", "gated.a.weight": "mlp_up",
+                     "gated.b.weight": "mlp_up", "gated.c.weight": "mlp_down", "square.0.weight": "other",
+                     "square.1.weight": "other"}

@@ -407,7 +407,12 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         return info("other", _generic_axes(shape))
 
     if isinstance(owner, nn.Embedding) or isinstance(owner, nn.EmbeddingBag):
+        if any(h in last for h in _HEAD_TABLES):   # T5's relative position buckets × heads
+            return info("embedding", ["token", "head"])
         return info("embedding", ["token", "model"])
+    if _is_raw_embedding(attr, owner) and p.dim() >= 2:
+        # ViT's position embeddings and class token, (1, tokens, width): a table of token rows
+        return info("embedding", ["token"] * (p.dim() - 1) + ["model"])
 
     if experts is not None:
         is_conv1d = type(owner).__name__ == "Conv1D" and p.dim() == 2
@@ -434,6 +439,8 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         out_features = shape[axes.index("out")]
         role = _linear_role(last, context, attr)
         if role == "other" and p.dim() == 2:
+            role = _pair_role(path, owner, modules)
+        if role == "other" and p.dim() == 2:
             # A Linear with a name we do not know is still a Linear: its axes are known, its role is not.
             return info("other", axes)
         if role == "attn_qkv":
@@ -456,6 +463,56 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         return info("conv", ["out", "in", *kernel_axes])
 
     return info("other", _generic_axes(shape))
+
+
+# Raw parameters that are tables of token rows (ViT / DeiT / CLIP position embeddings, class,
+# distillation, register and mask tokens), by name.
+_RAW_EMBEDDINGS = ("pos_embed", "position_embedding", "positional_embedding", "position_embeddings", "cls_token",
+                   "class_token", "class_embedding", "dist_token", "register_tokens", "reg_token", "mask_token")
+# Embedding tables whose width is the heads (relative position biases).
+_HEAD_TABLES = ("relative_attention_bias", "relative_position_bias", "rel_pos_bias")
+
+
+def _is_raw_embedding(attr: str, owner) -> bool:
+    a = attr.lower()
+    return not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and any(a == n or a.endswith("_" + n) or
+                                                                              a.startswith(n) for n in _RAW_EMBEDDINGS)
+
+
+def _linear_shape(m) -> tuple[int, int] | None:
+    """(in, out) of a Linear-like module (torch's Linear, HF's Conv1D), else None."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+def _pair_role(path: str, owner, modules: dict[str, nn.Module]) -> str:
+    """The role of a Linear whose name says nothing, from its siblings (the Linears that are
+    direct children of the same module): an MLP maps the hidden width H to X and back, so where the
+    first sibling (in module order) reads H and every sibling maps H → X or X → H (X ≠ H, some of
+    each), those reading H are ``mlp_up`` and those writing it ``mlp_down`` (torchvision's
+    ``mlp.0`` / ``mlp.3``, ConvNeXt's ``pwconv1`` / ``pwconv2``); ``other`` otherwise."""
+    parent = path.rpartition(".")[0]
+    prefix = parent + "." if parent else ""
+    shapes = {}
+    for name, m in modules.items():
+        if name.startswith(prefix) and "." not in name[len(prefix):] and name != parent:
+            shape = _linear_shape(m)
+            if shape is not None:
+                shapes[name] = shape
+    mine = _linear_shape(owner)
+    if len(shapes) < 2 or mine is None:
+        return "other"
+    h = next(iter(shapes.values()))[0]   # the first one (in module order) reads the hidden state
+    up = [n for n, (i, o) in shapes.items() if i == h and o != h]
+    down = [n for n, (i, o) in shapes.items() if o == h and i != h]
+    if up and down and len(up) + len(down) == len(shapes) and len({shapes[n][1] for n in up}) == 1 \
+            and {shapes[n][0] for n in down} == {shapes[up[0]][1]}:
+        return "mlp_up" if path in up else "mlp_down"
+    return "other"
 
 
 def _is_bias(attr: str) -> bool:
