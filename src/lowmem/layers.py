@@ -279,8 +279,9 @@ def resolve_layers(
         params[info.name] = info
     if unknown and warn:
         warnings.warn(
-            f"lowmem: {len(unknown)} parameter(s) of unknown layer types get role 'other' and "
-            f"full Adam: {', '.join(unknown[:8])}{' …' if len(unknown) > 8 else ''}",
+            f"lowmem: {len(unknown)} parameter(s) of unknown layer types get role 'other' (full Adam in every "
+            f"preset; an SNR plan may average one along its known axes): "
+            f"{', '.join(unknown[:8])}{' …' if len(unknown) > 8 else ''}",
             stacklevel=2,
         )
     return ModelLayers(params, unknown)

@@ -416,3 +416,25 @@ def test_adam_mini_keeps_a_norms_bias_full_and_its_weight_one_scalar_by_is_bias(
         layers.params[name] = replace(layers.params[name], is_bias=not layers.params[name].is_bias)
     plan = build_preset("adam-mini", net, layers)
     assert (plan.layers["1.weight"].reduce, plan.layers["1.bias"].reduce) == (None, [0])
+
+
+# -- unknown layers: full Adam unless their axes are known and measured --------------------------
+
+class _Unknowns(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blob = nn.Parameter(torch.zeros(6, 5))          # a raw parameter: axes d0, d1
+        self.mystery = nn.Linear(5, 7, bias=False)           # a Linear of an unknown name: (out, in)
+
+
+def test_an_unknown_linear_follows_its_snr_and_an_unknown_blob_keeps_full_adam():
+    m = _Unknowns()
+    layers = resolve_layers(m, warn=False)
+    assert (layers["mystery.weight"].role, layers["mystery.weight"].axes) == ("other", ("out", "in"))
+    t = traj([(10, "mystery.weight", "raw:7x5", "1", 3.0), (10, "mystery.weight", "raw:7x5", "0", 0.5),
+              (10, "blob", "raw:6x5", "1", 50.0), (10, "blob", "raw:6x5", "0,1", 50.0)])
+    plan = build_plan(m, t)
+    lp = plan.layers["mystery.weight"]
+    assert lp.reduce == [1] and lp.why.startswith("unknown layer type, measured along its known axes: SNR along fan_in")
+    blob = plan.layers["blob"]
+    assert blob.reduce is None and blob.why == "unknown layer type and axes: full Adam"

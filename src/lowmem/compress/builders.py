@@ -35,8 +35,10 @@ from lowmem.snr.views import View, describe_subset, param_views, part_of, split_
 
 PRESETS = ("slimadam-rules", "eve", "adam-mini", "adam-mini-paper", "adalayer")
 
-# Roles whose `v` is never averaged (DESIGN §4; unknown layers keep full Adam, DESIGN §2).
-_NEVER = {"norm": "norms keep full Adam", "other": "unknown layer type: full Adam"}
+# Roles whose `v` is never averaged (DESIGN §4). An unknown layer (`other`) keeps full Adam where
+# its axes are unknown too (DESIGN §2); where they are known (a Linear of an unknown name), the
+# SNR measured along them decides, as for any layer.
+_NEVER = {"norm": "norms keep full Adam"}
 
 
 # One parameter's time-mean SNR by (view, dims of the view).
@@ -187,6 +189,8 @@ def _listing(items: list[str], n: int, tail: bool = True) -> str:
 def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> LayerPlan:
     if info.role in _NEVER:
         return _full(info, _NEVER[info.role], _snr_record(info, snr) or None)
+    if info.role == "other" and all(_generic(a) for a in info.axes):
+        return _full(info, "unknown layer type and axes: full Adam", _snr_record(info, snr) or None)
     if not snr:
         return _full(info, "no SNR samples (no gradient seen): full Adam")
     views = param_views(info)
@@ -202,11 +206,13 @@ def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> L
                        parts, list(info.aliases))
         return lp
     choice = _best(views, snr, threshold, prefer, allow_token)
+    unknown = "unknown layer type, measured along its known axes: " if info.role == "other" else ""
     if choice is None:
-        return _full(info, _why_not(views, snr, threshold, allow_token) + _unsplit(info), _snr_record(info, snr))
+        return _full(info, unknown + _why_not(views, snr, threshold, allow_token) + _unsplit(info),
+                     _snr_record(info, snr))
     view, subset, value = choice
     return LayerPlan(list(info.shape), info.role, list(view.shape), list(subset),
-                     _why_passed(view, subset, value, threshold) + _unsplit(info),
+                     unknown + _why_passed(view, subset, value, threshold) + _unsplit(info),
                      _snr_record(info, snr), None, list(info.aliases))
 
 
@@ -229,10 +235,11 @@ def _in_view(view: View) -> str:
 
 def is_candidate(view: View, dims: tuple[int, ...], allow_token: bool = False) -> bool:
     """Whether averaging `view` over `dims` may enter a plan (see the module docstring); never
-    over a mixture-of-experts stack's ``expert`` axis (each expert is its own matrix)."""
+    over a mixture-of-experts stack's ``expert`` axis (each expert is its own matrix), nor over an
+    axis lowmem could not name."""
     if not allow_token and any(view.axes[d] == "token" for d in dims):
         return False
-    return not any(view.axes[d] in ("head", "expert") for d in dims)
+    return not any(view.axes[d] in ("head", "expert") or _generic(view.axes[d]) for d in dims)
 
 
 def _candidates(views, snr, allow_token):
