@@ -81,8 +81,26 @@ def tiny_gpt_oss() -> nn.Module:
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"]))
 
 
-@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss],
-                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss"])
+def tiny_neox() -> nn.Module:
+    """transformers' GPT-NeoX: a fused Q/K/V laid out per head, kept whole."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+
+
+def tiny_vit() -> nn.Module:
+    """transformers' ViT: raw-parameter position embeddings and class token (1, tokens, width)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
+        num_labels=5))
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss, tiny_neox,
+                                   tiny_vit],
+                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")
