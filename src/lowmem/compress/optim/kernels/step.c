@@ -404,8 +404,9 @@ static void chunking(const Task *t, int64_t *chunks, int64_t *width) {
 static void reduce_task(const Task *t, const Scalars *s, int nthreads, double *part, float *dn) {
     int64_t chunks, width;
     chunking(t, &chunks, &width);
-    /* chunks side by side where there are enough of them for every thread */
-    int64_t rows = t->n / width, per = chunks >= 2 * STREAMS ? STREAMS : 1, groups = (chunks + per - 1) / per;
+    /* chunks side by side where every thread still gets STREAMS of them (many threads: one each,
+     * as many threads reading as there are chunks); a chunk's sum does not depend on this */
+    int64_t rows = t->n / width, per = chunks >= STREAMS * nthreads ? STREAMS : 1, groups = (chunks + per - 1) / per;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(t->n >= PARALLEL_MIN)
     for (int64_t q = 0; q < groups; q++) {   /* `per` chunks side by side */
         int64_t c0 = q * per, n = chunks - c0 < per ? chunks - c0 : per, r0[STREAMS], k[STREAMS], most = 0;
