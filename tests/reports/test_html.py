@@ -591,3 +591,10 @@ def test_viewer_draws_with_threshold_zero(run_dir, tmp_path):
     page = browser.render_page(folder / "report.html", timeout=60)
     assert page.console_errors == []
     assert [i["width"] for i in page.images if i["tag"] == "svg"] == [760]
+
+
+def test_heatmap_caption_calls_a_cell_a_measurement_not_a_decision():
+    # A norm above the threshold keeps full Adam: the caption must not say its blue cell compresses.
+    layers = [LayerSnr("ln.weight", "ln.weight", "norm", 0, {"model": SubsetSnr("model", 3.0, [1], [3.0])})]
+    caption = figures.snr_heatmap(layers, 1.0).caption
+    assert "compresses" not in caption and "not a decision" in caption and "norms keep full Adam" in caption

@@ -9,9 +9,9 @@ from torch import nn
 
 from lowmem.compress.formats import StateFormat
 from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow
-from lowmem.compress.plan import LayerPlan, Plan
+from lowmem.compress.plan import LayerPlan, PartPlan, Plan
 from lowmem.layers import resolve_layers
-from lowmem.reports.terminal import MemoryTable, PlanSummary, PlanTable, RoleSnrTable
+from lowmem.reports.terminal import MemoryTable, PlanSummary, PlanTable, RoleSnrTable, decision_words
 from lowmem.snr.keys import SnrKey
 from lowmem.snr.summary import RoleSnr
 
@@ -229,3 +229,33 @@ def test_state_table_formats_bytes_and_errors_by_hand():
     summary = _render(PlanSummary(_state_plan()))
     assert "state bytes per parameter, plan's formats (AdamW)" in summary and "3.05 (8.00)" in summary
     assert "state bytes per parameter" not in _render(PlanSummary(_plan()))   # a plan without formats
+
+
+class _Fused(nn.Module):
+    """nanoGPT's attention: one (3·8)×8 projection, q, k, v one after the other, 2 heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_head = 2
+        self.c_attn = nn.Linear(8, 24, bias=False)
+
+
+def test_fused_qkv_decisions_name_their_axes_per_part():
+    layers = resolve_layers(_Fused(), warn=False)
+    info = layers["c_attn.weight"]
+    assert [p for p, _ in info.parts] == ["q", "k", "v"]
+    # q averaged over its in axis (8 rows kept), k over the out rows within each of its 2 heads
+    # (head view 2×4×8: dim 1), v kept whole.
+    parts = [PartPlan("q", 0, 0, 8, [8, 8], [1]), PartPlan("k", 0, 8, 16, [2, 4, 8], [1]),
+             PartPlan("v", 0, 16, 24, [8, 8], None)]
+    lp = LayerPlan([24, 8], "attn_qkv", [24, 8], None, "", None, parts)
+    assert decision_words(lp, layers, "c_attn.weight") == "q: avg over fan_in, k: avg over fan_out per head, v: full"
+    # Without the resolved layers (a plan file alone), dims are all there is to say.
+    assert decision_words(lp, None, "c_attn.weight") == "q: avg dims 1 of 8×8, k: avg dims 1 of 2×4×8, v: full"
+
+
+def test_role_snr_table_explains_its_marker():
+    text = _render(RoleSnrTable([RoleSnr("norm", "raw", "0", "model", 1.7, 2)], threshold=1.0))
+    assert "1.70*" in text
+    assert "* the median layer of this role could average v over these axes" in " ".join(text.split())
+    assert "compresses" not in text

@@ -15,6 +15,7 @@ import argparse
 import difflib
 import importlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, run_probe
 from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
-from lowmem.reports.terminal import CompareTable, PlanSummary, PlanTable, RoleSnrTable, StateTable, compare_rows
+from lowmem.reports.terminal import (CompareTable, PlanSummary, PlanTable, RoleSnrTable, StateTable, compare_rows,
+                                     print_next_steps)
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.summary import median_by_role
@@ -193,7 +195,7 @@ def _check_plan(args, task, device, lr, note) -> int:
         model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
     layers = resolve_layers(model, warn=False)
     plan = _checked_plan(args.plan, model, task)
-    return _emit(args, plan, layers, None, {"mode": "plan"}, Path(args.out))
+    return _emit(args, plan, layers, None, {"mode": "plan"}, Path(args.out), lr=lr)
 
 
 def _checked_plan(path: str, model, task) -> Plan:
@@ -227,7 +229,7 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             return EXIT_INTERRUPTED
         if args.preset:
             _write_report(args, out, note)
-        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation)
+        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation, lr=lr)
 
     def start(model, layers):
         begin()
@@ -284,7 +286,7 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
              f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
                                                     "final_loss": result.losses[-1] if result.losses else None}, out,
-                 validation, precision)
+                 validation, precision, lr=lr)
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
@@ -386,8 +388,32 @@ def _source(task, lr, steps, every, steps_done, status) -> dict:
             "task": task.source}
 
 
+def next_steps(args, run: dict, out: Path, lr: float, validated: bool) -> list[tuple[str, str, str]]:
+    """What a user does with the plan just shown, as (key, what, text): where the report and plan
+    are, the line that trains with the plan, and the commands that check it by training (leaving
+    out a validation this run did)."""
+    target = shlex.quote(args.target) if args.target else f"--example {args.example}"
+    plan = Path(args.plan) if run.get("mode") == "plan" else out / "plan.json"
+    steps = args.validate or args.steps or DEFAULTS["steps"]
+    out_q, plan_q = shlex.quote(str(out)), shlex.quote(str(plan))
+    lines = []
+    if run.get("mode") != "plan":
+        if not args.no_html:
+            lines.append(("report", f"the report ({PROG} report {out_q} shows these tables again)",
+                          str(out / "report.html")))
+        lines.append(("plan", "the plan", str(plan)))
+    lines.append(("train", "train with the plan (Python; lr: the probe's)",
+                  f"optimizer = lowmem.optimizer_from_plan(model, {json.dumps(str(plan))}, lr={lr:g})"))
+    if not validated:
+        lines.append(("validate", "check it: AdamW and the plan's optimizer from the same start, loss gap and memory",
+                      f"{PROG} {target} --plan {plan_q} --validate {steps} --out {out_q}"))
+    lines.append(("compare", "compare every optimizer over a learning-rate grid",
+                  f"{PROG} compare {target} --plan {plan_q} --out {shlex.quote(str(out / 'compare'))}"))
+    return lines
+
+
 def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None,
-          precision: PrecisionTrajectory | None = None) -> int:
+          precision: PrecisionTrajectory | None = None, lr: float = DEFAULTS["lr"]) -> int:
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
@@ -403,6 +429,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
         if validation:
             doc["validation"] = _validation_summary(validation)
+        doc["next"] = {key: text for key, _, text in next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, bool(validation))}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         # A pipe has no width; give the tables room rather than folding layer names.
@@ -426,6 +453,8 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                 relative = "" if v["relative_gap"] is None else f" ({v['relative_gap']:+.2%})"
                 console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f}{relative}; optimizer state {format_bytes(v['plan_state_bytes'])} vs "
                               f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
+        console.print()
+        print_next_steps(console, next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, bool(validation)))
     if bar_failed:
         Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
                                    markup=False)

@@ -179,8 +179,10 @@ def snr_heatmap(layers: list[LayerSnr], threshold: float) -> Figure | None:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.set_xlabel("average v over")
         ax.set_ylabel("")
-        caption = (f"Time-mean SNR per layer and axis subset; blue compresses (> {threshold:g}), red keeps full Adam, "
-                   "grey: not measured or not a candidate.")
+        caption = (f"Time-mean SNR per layer and axis subset: blue above the threshold {threshold:g} (averaging v "
+                   "over these axes would pass), red below it, grey: not measured or not a candidate. A cell is a "
+                   "measurement, not a decision: the plan averages each layer over at most one passing subset, "
+                   "and norms keep full Adam whatever their SNR (see the plan table).")
         if pooled:
             caption += f" {len(layers)} layers pooled by role and depth (median per bin)."
         return _encode(fig, "fig-snr-heatmap", "SNR by layer and axis", caption,

@@ -53,16 +53,24 @@ def best_measured(name: str, lp: LayerPlan, layers: ModelLayers | None) -> tuple
 
 
 def decision_words(lp: LayerPlan, layers: ModelLayers | None, name: str) -> str:
+    """A layer's decision in words: ``full Adam``, ``avg over fan_in``, or per part of a fused
+    projection ``q: avg over fan_in, k: full, …`` (axis names from the layer's views; dim numbers
+    only where the resolved layers are not at hand)."""
+    views = param_views(layers.params[name]) if layers is not None and name in layers.params else []
     if lp.parts:
-        return ", ".join(f"{p.name}: {'full' if p.reduce is None else 'avg ' + ','.join(map(str, p.reduce))}"
+        return ", ".join(f"{p.name}: " + ("full" if p.reduce is None else
+                                          _avg_words([v for v in views if v.part == p.name], p.view, p.reduce))
                          for p in lp.parts)
     if lp.reduce is None:
         return "full Adam"
-    if layers is not None and name in layers.params:
-        for view in param_views(layers.params[name]):
-            if list(view.shape) == lp.view and view.part is None:
-                return "avg over " + subset_words(view, tuple(lp.reduce))
-    return f"avg dims {','.join(map(str, lp.reduce))} of {shape_text(lp.view)}"
+    return _avg_words([v for v in views if v.part is None], lp.view, lp.reduce)
+
+
+def _avg_words(views, shape, reduce) -> str:
+    for view in views:
+        if list(view.shape) == list(shape):
+            return "avg over " + subset_words(view, tuple(reduce))
+    return f"avg dims {','.join(map(str, reduce))} of {shape_text(shape)}"
 
 
 class PlanTable:
@@ -209,6 +217,15 @@ class StateTable:
                    "scale per block", style="dim")
 
 
+def print_next_steps(console: Console, lines: list[tuple[str, str, str]]) -> None:
+    """``What next``: per step what it is, then its path or command on a line of its own, printed
+    whole (soft-wrapped by the terminal, never folded or cropped), so it can be copied."""
+    console.print(Text("What next", style="italic"))
+    for _, what, text in lines:
+        console.print(Text(f"  {what}:", style="dim"), soft_wrap=True)
+        console.print(Text(f"    {text}"), soft_wrap=True)
+
+
 class RoleSnrTable:
     """Median time-mean SNR per role, view and axis subset (the SlimAdam paper's per-role view)."""
 
@@ -216,8 +233,12 @@ class RoleSnrTable:
         self.rows, self.threshold = rows, threshold
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title=f"SNR by role (median over layers; > {self.threshold:g} compresses)",
-                      title_justify="left", show_edge=False, pad_edge=False)
+        table = Table(title=f"SNR by role (median over layers; * above the threshold {self.threshold:g})",
+                      title_justify="left", show_edge=False, pad_edge=False,
+                      caption=f"* the median layer of this role could average v over these axes (SNR > "
+                              f"{self.threshold:g}); each layer is decided by its own SNR (the plan table), and "
+                              "norms and tensors whose axes are unknown keep full Adam whatever theirs is",
+                      caption_justify="left", caption_style="dim")
         table.add_column("role", no_wrap=True)
         table.add_column("view", no_wrap=True)
         table.add_column("average over", overflow="fold")
