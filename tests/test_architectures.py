@@ -170,6 +170,11 @@ def llama():
         num_key_value_heads=2))
 
 
+def resnet():
+    return _build(transformers.ResNetForImageClassification, transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5))
+
+
 # Per architecture: roles and axes of the parameters that are easy to get wrong, and every
 # parameter left `other` (hand-written from each library's modeling code).
 EXPECTED = {
@@ -183,6 +188,12 @@ EXPECTED = {
         "convnext.encoder.stages.0.layers.0.pwconv1.weight": ("mlp_up", ("out", "in")),     # 8 -> 32
         "convnext.encoder.stages.0.layers.0.pwconv2.weight": ("mlp_down", ("out", "in")),   # 32 -> 8
         "classifier.weight": ("lm_head", ("out", "in")),
+    }, []),
+    # The classifier is `classifier.1` (a Sequential: Flatten, Linear): no name says head; it is
+    # the last layer, outside the stages, fed by the last stage's 16 channels, read by nothing.
+    "resnet": (resnet, {
+        "classifier.1.weight": ("lm_head", ("out", "in")),
+        "resnet.embedder.embedder.convolution.weight": ("conv", ("out", "in", "kh", "kw")),
     }, []),
     "t5": (t5, {
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": ("embedding", ("token", "head")),
@@ -222,3 +233,58 @@ def test_an_mlp_without_names_is_read_from_its_widths():
     assert roles == {"mlp.0.weight": "mlp_up", "mlp.3.weight": "mlp_down", "gated.a.weight": "mlp_up",
                      "gated.b.weight": "mlp_up", "gated.c.weight": "mlp_down", "square.0.weight": "other",
                      "square.1.weight": "other"}
+
+
+def test_every_role_says_how_it_was_found_and_plans_say_it_in_why(tmp_path):
+    found = {i.name: i.found for i in resolve_layers(convnext(), warn=False)}
+    assert found["convnext.encoder.stages.0.layers.0.pwconv1.weight"] == \
+        "structure: maps the hidden width 8 to 32, and a sibling Linear maps it back"
+    assert found["convnext.encoder.stages.0.layers.0.pwconv2.weight"] == \
+        "structure: maps 32 back to the hidden width 8 that a sibling Linear read"
+    assert found["classifier.weight"] == "name classifier"
+    layers = resolve_layers(resnet(), warn=False)
+    assert layers["classifier.1.weight"].found.startswith("structure: the model's output layer")
+    assert layers["resnet.embedder.embedder.normalization.weight"].found == "module type BatchNorm2d"
+    g = resolve_layers(gpt2(), roles={"transformer.h.0.attn.c_proj.weight": "mlp_down"}, warn=False)
+    assert g["transformer.h.0.mlp.c_fc.weight"].found == "name c_fc"
+    assert (g["transformer.h.0.attn.c_proj.weight"].role, g["transformer.h.0.attn.c_proj.weight"].found) == \
+        ("mlp_down", "given")
+    assert all(i.found for i in g)
+    # layers.json keeps it; every preset's and plan's why ends with it.
+    from lowmem.layers import ModelLayers
+    assert {i.name: i.found for i in ModelLayers.from_json(layers.to_json())} == {i.name: i.found for i in layers}
+    plan = build_preset("slimadam-rules", resnet(), layers)
+    fc = plan.layers["classifier.1.weight"]
+    assert fc.reduce == [1] and fc.why == ("published rule for lm_head: average over fan_in; role lm_head: "
+                                           + layers["classifier.1.weight"].found)
+
+
+def test_the_output_layer_rule_needs_every_sign():
+    nn = torch.nn
+
+    def named(**mods):
+        m = nn.Module()
+        for k, v in mods.items():
+            setattr(m, k, v)
+        return m
+
+    # fed by the body (8 wide) and read by nothing: the output layer
+    assert resolve_layers(named(body=nn.Linear(4, 8), out=nn.Linear(8, 3)), warn=False)["out.weight"].role == "lm_head"
+    # registered last but read by another layer (its 4 outputs are `side`'s input): not an output
+    assert resolve_layers(named(body=nn.Linear(3, 8), side=nn.Linear(4, 6), back=nn.Linear(8, 4)),
+                          warn=False)["back.weight"].role == "other"
+    # fed by no layer (nothing writes its 5 inputs): not known to be an output
+    assert resolve_layers(named(body=nn.Linear(4, 8), out=nn.Linear(5, 3)), warn=False)["out.weight"].role == "other"
+    # inside a repeated block: not the model's output
+    blocks = named(body=nn.Linear(4, 8), h=nn.ModuleList([named(fc=nn.Linear(8, 3))]))
+    assert resolve_layers(blocks, warn=False)["h.0.fc.weight"].role == "other"
+    # the last of a ModuleList of like layers is one of many; the last member of a Sequential is the output
+    many = named(body=nn.Linear(4, 8), heads=nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3)]))
+    assert resolve_layers(many, warn=False)["heads.1.weight"].role == "other"
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert resolve_layers(seq, warn=False)["2.weight"].role == "lm_head"
+    # not registered last: a layer after it may be the output
+    assert resolve_layers(named(body=nn.Linear(4, 8), out=nn.Linear(8, 3), ln=nn.LayerNorm(6)),
+                          warn=False)["out.weight"].role == "other"
+    # the model itself is no output layer of itself
+    assert resolve_layers(nn.Linear(8, 3), warn=False)["weight"].role == "other"

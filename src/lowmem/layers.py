@@ -95,6 +95,9 @@ class ParamInfo:
             ``"per_head"`` (q, k, v rows of each head together: GPT-NeoX, BLOOM), ``"grouped"``
             (per key-value group: Falcon's new architecture) or ``"unknown"`` (a library model
             whose layout lowmem has not verified).
+        found: how the role was found, in words: ``name c_fc``, ``module type LayerNorm``,
+            ``structure: …`` (what in the module graph or shapes decided it), ``given`` (the
+            caller's `roles`), or why it is ``other``. Plans say it in their ``why``.
     """
 
     name: str
@@ -109,6 +112,7 @@ class ParamInfo:
     part_heads: tuple[int, ...] | None = None
     is_bias: bool = False
     qkv_layout: str | None = None
+    found: str = ""
 
     @property
     def numel(self) -> int:
@@ -184,7 +188,7 @@ class ModelLayers:
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
                 is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
-                qkv_layout=r.get("qkv_layout"))
+                qkv_layout=r.get("qkv_layout"), found=str(r.get("found", "")))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -199,7 +203,7 @@ def _info_json(p: ParamInfo) -> dict:
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
             "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias,
-            "qkv_layout": p.qkv_layout}
+            "qkv_layout": p.qkv_layout, "found": p.found}
 
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -274,6 +278,10 @@ def resolve_layers(
         if names[0] in roles or any(n in roles for n in names):
             forced = next(roles[n] for n in names if n in roles)
             info = _with_role(info, forced, heads, kv_heads)
+        elif info.role == "other" and _is_last_layer(info, modules):
+            info = _with_role(info, "lm_head", heads, kv_heads, "structure: the model's output layer (registered "
+                              "last, outside any repeated block, fed by another layer; no layer reads its output "
+                              "width)")
         if info.role == "other":
             unknown.append(info.name)
         params[info.name] = info
@@ -358,13 +366,17 @@ def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
     role = "mlp_down" if a in _EXPERT_DOWN else "mlp_gate" if a in _EXPERT_GATE else \
         "mlp_up" if a in _EXPERT_UP else None
     hidden = _find_attr([*chain, *(getattr(m, "config", None) for m in chain), config], _HIDDEN_ATTRS)
+    stack = f"structure: a stack of {shape[0]} experts' matrices"
     if role is None or hidden is None or (shape[1] == hidden) == (shape[2] == hidden):
         if role is not None and shape[1] == shape[2] == hidden:   # square: as F.linear reads it
-            return info(role, ("expert", "out", "in"))
-        return info("other", ("expert", "d1", "d2"))
+            return info(role, ("expert", "out", "in"), f"{stack}, name {attr}; square: read as F.linear does")
+        why = "name unknown" if role is None else "hidden width unknown" if hidden is None else \
+            f"neither or both of its axes are the hidden width {hidden}"
+        return info("other", ("expert", "d1", "d2"), f"{stack}; {why}: which axis is which is not known")
     hidden_axis = "out" if role == "mlp_down" else "in"
     other = "in" if hidden_axis == "out" else "out"
-    return info(role, ("expert", hidden_axis, other) if shape[1] == hidden else ("expert", other, hidden_axis))
+    return info(role, ("expert", hidden_axis, other) if shape[1] == hidden else ("expert", other, hidden_axis),
+                f"{stack}, name {attr}; its axis of the hidden width {hidden} is {hidden_axis}")
 
 
 def _router_info(info, attr: str, last: str, shape, experts: int, is_linear: bool, axes) -> ParamInfo | None:
@@ -372,13 +384,15 @@ def _router_info(info, attr: str, last: str, shape, experts: int, is_linear: boo
     gate), or None."""
     if len(shape) != 2 or not (last in _ROUTER_NAMES or attr.lower() in _ROUTER_NAMES or "router" in last):
         return None
+    found = f"structure: in an MoE block of {experts} experts, named {last if last in _ROUTER_NAMES else attr}, " \
+            f"one output per expert (or one: a shared expert's gate)"
     if is_linear:
         out = shape[axes.index("out")]
-        return info("router", axes) if out in (experts, 1) else None
+        return info("router", axes, found) if out in (experts, 1) else None
     if shape[0] in (experts, 1) and shape[1] not in (experts, 1):
-        return info("router", ("out", "in"))   # a raw weight read as F.linear(x, weight)
+        return info("router", ("out", "in"), found)   # a raw weight read as F.linear(x, weight)
     if shape[1] in (experts, 1) and shape[0] not in (experts, 1):
-        return info("router", ("in", "out"))
+        return info("router", ("in", "out"), found)
     return None
 
 
@@ -390,11 +404,12 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     context = path.lower()
     base = dict(name=name, names=(name,), shape=shape, module=mod_name, is_bias=_is_bias(attr))
 
-    def info(role, axes, **kw):
-        return ParamInfo(**base, role=role, axes=tuple(axes), **kw)
+    def info(role, axes, found=None, **kw):
+        return ParamInfo(**base, role=role, axes=tuple(axes), found=found or by_type, **kw)
 
+    by_type = f"module type {mod_name}"
     if owner is None:
-        return info("other", _generic_axes(shape))
+        return info("other", _generic_axes(shape), "no module holds it by this name")
 
     # Vectors: norms, biases, and everything one-dimensional.
     if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
@@ -402,18 +417,18 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     experts = _in_block(path, moe or {})
     if _is_bias(attr) or (p.dim() == 1 and attr != "weight"):
         if p.dim() == 1:
-            return info("bias", ["out"])
+            return info("bias", ["out"], f"name {attr}" if _is_bias(attr) else "shape: one-dimensional")
         if p.dim() == 2 and experts is not None and shape[0] == experts:
-            return info("bias", ["expert", "out"])   # a stack of experts' biases
-        return info("other", _generic_axes(shape))
+            return info("bias", ["expert", "out"], f"structure: one {attr} per expert of an MoE block of {experts}")
+        return info("other", _generic_axes(shape), f"a {attr} of {p.dim()} dims: axes unknown")
 
     if isinstance(owner, nn.Embedding) or isinstance(owner, nn.EmbeddingBag):
         if any(h in last for h in _HEAD_TABLES):   # T5's relative position buckets × heads
-            return info("embedding", ["token", "head"])
+            return info("embedding", ["token", "head"], f"module type {mod_name}, name {last} (a table of heads)")
         return info("embedding", ["token", "model"])
     if _is_raw_embedding(attr, owner) and p.dim() >= 2:
         # ViT's position embeddings and class token, (1, tokens, width): a table of token rows
-        return info("embedding", ["token"] * (p.dim() - 1) + ["model"])
+        return info("embedding", ["token"] * (p.dim() - 1) + ["model"], f"name {attr}")
 
     if experts is not None:
         is_conv1d = type(owner).__name__ == "Conv1D" and p.dim() == 2
@@ -428,7 +443,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     if isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
         h = heads or owner.num_heads
         d = owner.embed_dim
-        return _qkv_info(info, ("out", "in"), shape[0], (d, d, d), h, h, "contiguous")
+        return _qkv_info(info, ("out", "in"), shape[0], (d, d, d), h, h, "contiguous", by_type)
     if isinstance(owner, nn.MultiheadAttention) and attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
         role = {"q": "attn_q", "k": "attn_k", "v": "attn_v"}[attr[0]]
         h = heads or owner.num_heads
@@ -439,21 +454,22 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         axes = ("in", "out") if is_conv1d_hf else ("out", "in")
         out_features = shape[axes.index("out")]
         role = _linear_role(last, context, attr)
+        found = f"name {last}" if role != "other" else None
         if role == "other" and p.dim() == 2:
-            role = _pair_role(path, owner, modules)
+            role, found = _pair_role(path, owner, modules)
         if role == "other" and p.dim() == 2:
             # A Linear with a name we do not know is still a Linear: its axes are known, its role is not.
-            return info("other", axes)
+            return info("other", axes, f"a {mod_name} whose name ({last}) and siblings say nothing of its role")
         if role == "attn_qkv":
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
-            return _qkv_info(info, axes, out_features, None, hq, hkv, _qkv_layout(config))
+            return _qkv_info(info, axes, out_features, None, hq, hkv, _qkv_layout(config), found)
         if role in ("attn_q", "attn_k", "attn_v"):
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             h = hq if role == "attn_q" else hkv
             if h and out_features % h == 0:
-                return info(role, axes, heads=h, head_dim=out_features // h)
-            return info(role, axes)
-        return info(role, axes)
+                return info(role, axes, found, heads=h, head_dim=out_features // h)
+            return info(role, axes, found)
+        return info(role, axes, found)
 
     if isinstance(owner, nn.modules.conv._ConvNd):
         k = p.dim() - 2
@@ -463,7 +479,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
             return info("conv", ["in", "out", *kernel_axes])
         return info("conv", ["out", "in", *kernel_axes])
 
-    return info("other", _generic_axes(shape))
+    return info("other", _generic_axes(shape), f"a parameter of {mod_name} that no rule reads: axes unknown")
 
 
 # Raw parameters that are tables of token rows (ViT / DeiT / CLIP position embeddings, class,
@@ -490,12 +506,13 @@ def _linear_shape(m) -> tuple[int, int] | None:
     return None
 
 
-def _pair_role(path: str, owner, modules: dict[str, nn.Module]) -> str:
+def _pair_role(path: str, owner, modules: dict[str, nn.Module]) -> tuple[str, str | None]:
     """The role of a Linear whose name says nothing, from its siblings (the Linears that are
     direct children of the same module): an MLP maps the hidden width H to X and back, so where the
     first sibling (in module order) reads H and every sibling maps H → X or X → H (X ≠ H, some of
     each), those reading H are ``mlp_up`` and those writing it ``mlp_down`` (torchvision's
-    ``mlp.0`` / ``mlp.3``, ConvNeXt's ``pwconv1`` / ``pwconv2``); ``other`` otherwise."""
+    ``mlp.0`` / ``mlp.3``, ConvNeXt's ``pwconv1`` / ``pwconv2``); ``other`` otherwise. Returns
+    (role, how it was found)."""
     parent = path.rpartition(".")[0]
     prefix = parent + "." if parent else ""
     shapes = {}
@@ -506,14 +523,63 @@ def _pair_role(path: str, owner, modules: dict[str, nn.Module]) -> str:
                 shapes[name] = shape
     mine = _linear_shape(owner)
     if len(shapes) < 2 or mine is None:
-        return "other"
+        return "other", None
     h = next(iter(shapes.values()))[0]   # the first one (in module order) reads the hidden state
     up = [n for n, (i, o) in shapes.items() if i == h and o != h]
     down = [n for n, (i, o) in shapes.items() if o == h and i != h]
     if up and down and len(up) + len(down) == len(shapes) and len({shapes[n][1] for n in up}) == 1 \
             and {shapes[n][0] for n in down} == {shapes[up[0]][1]}:
-        return "mlp_up" if path in up else "mlp_down"
-    return "other"
+        x = shapes[up[0]][1]
+        if path in up:
+            return "mlp_up", f"structure: maps the hidden width {h} to {x}, and a sibling Linear maps it back"
+        return "mlp_down", f"structure: maps {x} back to the hidden width {h} that a sibling Linear read"
+    return "other", None
+
+
+def _is_last_layer(info: ParamInfo, modules: dict[str, nn.Module]) -> bool:
+    """Whether a Linear-like weight whose name and siblings said nothing is the model's output layer
+    (ResNet's ``fc``, a classifier under any name): not the model itself, its module is the last one
+    with parameters in registration order and lies outside any repeated block (no numeric component
+    in its path but the last of a ``Sequential``'s member: a ``ModuleList``'s last is one of many),
+    another layer of the model produces its input width (a Linear's or conv's output,
+    an embedding's or norm's width), and no layer reads its output width."""
+    if info.is_bias or len(info.shape) != 2 or "out" not in info.axes or "in" not in info.axes:
+        return False
+    path = info.name.rpartition(".")[0]
+    parts = path.split(".")
+    if not path or any(part.isdigit() for part in parts[:-1]) or (
+            parts[-1].isdigit() and not isinstance(modules.get(path.rpartition(".")[0]), nn.Sequential)):
+        return False
+    with_params = [n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))]
+    if not with_params or with_params[-1] != path:
+        return False
+    width_in, width_out = info.shape[info.axes.index("in")], info.shape[info.axes.index("out")]
+    fed = False
+    for name, m in modules.items():
+        if name == path:
+            continue
+        reads, writes = _widths(m)
+        if reads == width_out:
+            return False
+        fed = fed or writes == width_in
+    return fed
+
+
+def _widths(m: nn.Module) -> tuple[int | None, int | None]:
+    """(input width, output width) of a layer: a Linear's, a conv's channels, an embedding's or a
+    norm's width (read and written); (None, None) for anything else."""
+    shape = _linear_shape(m)
+    if shape is not None:
+        return shape
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m.in_channels, m.out_channels
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return None, m.embedding_dim
+    if isinstance(m, nn.LayerNorm) and m.normalized_shape:
+        return m.normalized_shape[-1], m.normalized_shape[-1]
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return m.num_features, m.num_features
+    return None, None
 
 
 def _is_bias(attr: str) -> bool:
@@ -605,12 +671,12 @@ def _qkv_layout(config) -> str:
     return "contiguous" if kind in _QKV_CONTIGUOUS else "unknown"
 
 
-def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str) -> ParamInfo:
+def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str) -> ParamInfo:
     """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware) where they
     lie one after the other; kept whole (heads known) for any other layout."""
     if layout != "contiguous":
         head_dim = out_features // (hq + 2 * (hkv or hq)) if hq else None
-        return info("attn_qkv", axes, heads=hq, head_dim=head_dim, qkv_layout=layout)
+        return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim, qkv_layout=layout)
     if sizes is None:
         if hq and hkv and hq != hkv:
             head_dim = out_features // (hq + 2 * hkv)
@@ -618,17 +684,17 @@ def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str) -> ParamInf
         else:
             sizes = (out_features // 3,) * 3
     if sum(sizes) != out_features:
-        return info("attn_qkv", axes, qkv_layout="unknown")
+        return info("attn_qkv", axes, found, qkv_layout="unknown")
     head_dim = sizes[0] // hq if hq and sizes[0] % hq == 0 else None
     part_heads = (hq, hkv, hkv) if head_dim and hkv and sizes[1] == hkv * head_dim else None
-    return info("attn_qkv", axes, heads=hq, head_dim=head_dim if part_heads else None,
+    return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim if part_heads else None,
                 parts=(("q", sizes[0]), ("k", sizes[1]), ("v", sizes[2])), part_heads=part_heads,
                 qkv_layout="contiguous")
 
 
-def _with_role(info: ParamInfo, role: str, heads, kv_heads) -> ParamInfo:
+def _with_role(info: ParamInfo, role: str, heads, kv_heads, found: str = "given") -> ParamInfo:
     d = dict(info.__dict__)
-    d["role"] = role
+    d["role"], d["found"] = role, found
     if role in ("attn_q", "attn_k", "attn_v") and len(info.shape) == 2:
         h = heads if role == "attn_q" else (kv_heads or heads)
         out = info.shape[info.axes.index("out")] if "out" in info.axes else info.shape[0]

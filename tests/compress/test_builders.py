@@ -159,7 +159,7 @@ def test_another_threshold_is_strict_too_and_named_in_why():
     t = traj([(100, FC0, RAW_FC, "0", 2.0), (100, FC1, RAW_FC, "0", 2.5)])
     plan = build_plan(model(), t, threshold=2.0)
     assert plan.layers[FC0].reduce is None and "best SNR 2.00 (along fan_out) not > 2" in plan.layers[FC0].why
-    assert plan.layers[FC1].reduce == [0] and plan.layers[FC1].why == "SNR along fan_out 2.50 > 2"
+    assert plan.layers[FC1].reduce == [0] and plan.layers[FC1].why == "SNR along fan_out 2.50 > 2; role mlp_up: name c_fc"
 
 
 def test_non_finite_samples_are_skipped_in_the_time_mean():
@@ -185,14 +185,14 @@ Q_CHOICES = [
 def test_the_highest_snr_passing_subset_wins():
     lp = build_plan(model(), traj(Q_CHOICES)).layers[Q0]
     assert (lp.view, lp.reduce, lp.v_kept) == ([8, 8], [1], 8)
-    assert lp.why == "SNR along fan_in 3.00 > 1"
+    assert lp.why == "SNR along fan_in 3.00 > 1; role attn_q: name q"
 
 
 def test_a_head_view_subset_wins_when_its_snr_is_highest():
     rows = Q_CHOICES + [(100, Q0, HEADS_Q, "2", 3.5)]          # (head, out) kept: 2 · 4 = 8
     lp = build_plan(model(), traj(rows)).layers[Q0]
     assert (lp.view, lp.reduce, lp.v_kept) == ([2, 4, 8], [2], 8)
-    assert lp.why == "SNR along fan_in (heads view) 3.50 > 1"
+    assert lp.why == "SNR along fan_in (heads view) 3.50 > 1; role attn_q: name q"
 
 
 def test_prefer_compression_picks_the_fewest_kept_entries_among_passing_subsets():
@@ -223,7 +223,7 @@ def test_norms_are_never_compressed_even_with_high_snr():
         plan = build_plan(model(), t, **kw)
         for name in (LN0, "transformer.ln_f.weight"):
             lp = plan.layers[name]
-            assert (lp.reduce, lp.v_kept, lp.why) == (None, 8, "norms keep full Adam")
+            assert (lp.reduce, lp.v_kept, lp.why) == (None, 8, "norms keep full Adam; role norm: module type LayerNorm")
     assert texts(build_plan(model(), t).layers[LN0].snr) == {"0": 100.0}     # the measurement is still shown
 
 
@@ -237,7 +237,7 @@ WTE_ROWS = [
 def test_embedding_token_axis_subsets_are_excluded_by_default():
     lp = build_plan(model(), traj(WTE_ROWS)).layers[WTE]
     assert (lp.reduce, lp.v_kept) == ([1], 10)
-    assert lp.why == "SNR along model 2.00 > 1"
+    assert lp.why == "SNR along model 2.00 > 1; role embedding: module type Embedding"
     assert lp.aliases == ["lm_head.weight"]
     assert build_plan(model(), traj(WTE_ROWS), prefer="compression").layers[WTE].reduce == [1]
 
@@ -270,7 +270,7 @@ def test_depth_average_shares_one_decision_from_the_mean_snr():
         lp = shared.layers[n]
         assert lp.reduce == [0] and lp.v_kept == 8
         assert texts(lp.snr) == {"0": pytest.approx(1.2), "1": pytest.approx(2.9 / 3)}
-        assert lp.why == "SNR along fan_out 1.20 > 1"
+        assert lp.why == "SNR along fan_out 1.20 > 1; role mlp_up: name c_fc"
 
 
 def test_depth_average_can_turn_compression_off_for_every_layer():
@@ -437,4 +437,7 @@ def test_an_unknown_linear_follows_its_snr_and_an_unknown_blob_keeps_full_adam()
     lp = plan.layers["mystery.weight"]
     assert lp.reduce == [1] and lp.why.startswith("unknown layer type, measured along its known axes: SNR along fan_in")
     blob = plan.layers["blob"]
-    assert blob.reduce is None and blob.why == "unknown layer type and axes: full Adam"
+    assert blob.reduce is None and blob.why == ("unknown layer type and axes: full Adam; role other: a parameter of "
+                                                "_Unknowns that no rule reads: axes unknown")
+    # The Linear's why says how its role was (not) found.
+    assert lp.why.endswith("; role other: a Linear whose name (mystery) and siblings say nothing of its role")

@@ -98,9 +98,17 @@ def tiny_vit() -> nn.Module:
         num_labels=5))
 
 
+def tiny_resnet() -> nn.Module:
+    """transformers' ResNet: convolutions, batch norms, and a classifier found by structure."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5))
+
+
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss, tiny_neox,
-                                   tiny_vit],
-                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit"])
+                                   tiny_vit, tiny_resnet],
+                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit", "resnet"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")

@@ -126,6 +126,7 @@ def build_plan(
     for info in layers:
         snr = by_name.get(info.name) or {}
         plan_layers[info.name] = _decide(info, snr, threshold, prefer, allow_token)
+    say_roles(plan_layers, layers)
     steps = trajectory.steps
     win = [window[0] if window and window[0] is not None else (steps[0] if steps else None),
            window[1] if window and window[1] is not None else (steps[-1] if steps else None)]
@@ -147,6 +148,15 @@ def _choose_states(plan_layers: dict[str, LayerPlan], precision: PrecisionTrajec
     for name, lp in plan_layers.items():
         lp.state, why = choose_state(lp, worst.get(name, {}), threshold)
         lp.why = f"{lp.why}; {why}" if lp.why else why
+
+
+def say_roles(plan_layers: dict[str, LayerPlan], layers: ModelLayers) -> None:
+    """End each layer's `why` with how its role was found (`ParamInfo.found`): by name, module
+    type, structure, or given; a record without it (an older layers.json) says nothing."""
+    for info in layers:
+        lp = plan_layers.get(info.name)
+        if lp is not None and info.found:
+            lp.why = f"{lp.why}; role {info.role}: {info.found}" if lp.why else f"role {info.role}: {info.found}"
 
 
 def _check_samples(trajectory: SnrTrajectory, window, layers: ModelLayers) -> None:
@@ -327,6 +337,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
                                            f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
                                            None, None, list(info.aliases))
+    say_roles(plan_layers, layers)
     return Plan(model=model_record(model), layers=plan_layers,
                 source={"method": "preset", "preset": "slimadam-rules"})
 
@@ -425,6 +436,7 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
                                            f"{name} for {role}: {words}{_unsplit(info)}", None, None,
                                            list(info.aliases))
+    say_roles(plan_layers, layers)
     return Plan(model=model_record(model), layers=plan_layers, source={"method": "preset", "preset": name})
 
 
