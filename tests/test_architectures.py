@@ -55,6 +55,11 @@ def gpt2():
                                                                          n_head=4, n_positions=32))
 
 
+def bigcode(multi_query: bool):
+    return lambda: _build(transformers.GPTBigCodeForCausalLM, transformers.GPTBigCodeConfig(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32, multi_query=multi_query))
+
+
 # (model, its fused projection's name, the layout lowmem must read, query heads, key-value heads)
 FUSED = {
     "gpt-neox": (neox, "gpt_neox.layers.0.attention.query_key_value", "per_head", 4, 4),
@@ -62,6 +67,8 @@ FUSED = {
     "falcon-new": (falcon, "transformer.h.0.self_attention.query_key_value", "grouped", 4, 2),
     "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "contiguous", 4, 2),
     "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "contiguous", 4, 4),
+    "gpt-bigcode-mqa": (bigcode(True), "transformer.h.0.attn.c_attn", "contiguous", 4, 1),
+    "gpt-bigcode-mha": (bigcode(False), "transformer.h.0.attn.c_attn", "per_head", 4, 4),
 }
 
 
@@ -243,7 +250,7 @@ def test_every_role_says_how_it_was_found_and_plans_say_it_in_why(tmp_path):
         "structure: maps 32 back to the hidden width 8 that a sibling Linear read"
     assert found["classifier.weight"] == "name classifier"
     layers = resolve_layers(resnet(), warn=False)
-    assert layers["classifier.1.weight"].found.startswith("structure: the model's output layer")
+    assert layers["classifier.1.weight"].found.startswith("structure: an output layer of the model")
     assert layers["resnet.embedder.embedder.normalization.weight"].found == "module type BatchNorm2d"
     g = resolve_layers(gpt2(), roles={"transformer.h.0.attn.c_proj.weight": "mlp_down"}, warn=False)
     assert g["transformer.h.0.mlp.c_fc.weight"].found == "name c_fc"
@@ -252,7 +259,12 @@ def test_every_role_says_how_it_was_found_and_plans_say_it_in_why(tmp_path):
     assert all(i.found for i in g)
     # layers.json keeps it; every preset's and plan's why ends with it.
     from lowmem.layers import ModelLayers
-    assert {i.name: i.found for i in ModelLayers.from_json(layers.to_json())} == {i.name: i.found for i in layers}
+    import json
+    doc = json.loads(json.dumps(layers.to_json()))
+    assert {i.name: i.found for i in ModelLayers.from_json(doc)} == {i.name: i.found for i in layers}
+    doc["params"][0]["found"] = None     # a record without it says nothing, never "None"
+    del doc["params"][1]["found"]
+    assert [i.found for i in ModelLayers.from_json(doc)][:2] == ["", ""]
     plan = build_preset("slimadam-rules", resnet(), layers)
     fc = plan.layers["classifier.1.weight"]
     assert fc.reduce == [1] and fc.why == ("published rule for lm_head: average over fan_in; role lm_head: "
@@ -283,8 +295,60 @@ def test_the_output_layer_rule_needs_every_sign():
     assert resolve_layers(many, warn=False)["heads.1.weight"].role == "other"
     seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     assert resolve_layers(seq, warn=False)["2.weight"].role == "lm_head"
-    # not registered last: a layer after it may be the output
-    assert resolve_layers(named(body=nn.Linear(4, 8), out=nn.Linear(8, 3), ln=nn.LayerNorm(6)),
-                          warn=False)["out.weight"].role == "other"
+    # two heads after the blocks (a detector's classes and boxes): both are outputs; a stem
+    # registered before the blocks is not, whatever reads it
+    two = named(stem=nn.Linear(4, 6), h=nn.ModuleList([named(fc=nn.Linear(6, 8))]), cls_out=nn.Linear(8, 10),
+                box_out=nn.Linear(8, 5))
+    roles = {i.name: i.role for i in resolve_layers(two, warn=False) if not i.is_bias}
+    assert roles == {"stem.weight": "other", "h.0.fc.weight": "other", "cls_out.weight": "lm_head",
+                     "box_out.weight": "lm_head"}
     # the model itself is no output layer of itself
     assert resolve_layers(nn.Linear(8, 3), warn=False)["weight"].role == "other"
+
+
+def test_a_wrapped_model_keeps_its_own_layout():
+    # DDP, Lightning or a user's module around the transformers model: the layout is still the
+    # model's (per head), read from the nearest config, never the contiguous default.
+    wrapper = torch.nn.Module()
+    wrapper.model = neox()
+    info = resolve_layers(wrapper, warn=False)["model.gpt_neox.layers.0.attention.query_key_value.weight"]
+    assert (info.qkv_layout, info.parts) == ("per_head", None)
+
+
+def test_fused_projections_whose_widths_are_not_q_k_v_are_not_split():
+    # GPT-2's cross-attention c_attn holds keys and values only (2H rows); q comes from q_attn.
+    model = _build(transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=64, n_embd=48, n_layer=1, n_head=4, n_positions=32, add_cross_attention=True))
+    layers = resolve_layers(model, warn=False)
+    cross = layers["transformer.h.0.crossattention.c_attn.weight"]
+    assert (cross.qkv_layout, cross.parts) == ("unknown", None)
+    assert layers["transformer.h.0.attn.c_attn.weight"].parts == (("q", 48), ("k", 48), ("v", 48))
+
+    # timm EfficientFormer's attention (no transformers config): per head [key, key, 4·key] rows of
+    # unequal widths, 1536 rows from 448 inputs: not the q, k, v of one width one after the other.
+    class Attention(torch.nn.Module):
+        def __init__(self, dim=448, key_dim=32, num_heads=8, attn_ratio=4):
+            super().__init__()
+            self.num_heads = num_heads
+            self.qkv = torch.nn.Linear(dim, key_dim * num_heads * 2 + attn_ratio * key_dim * num_heads)
+            self.proj = torch.nn.Linear(attn_ratio * key_dim * num_heads, dim)
+
+    mixer = torch.nn.Module()
+    mixer.token_mixer = Attention()
+    info = resolve_layers(mixer, warn=False)["token_mixer.qkv.weight"]
+    assert (info.qkv_layout, info.parts) == ("unknown", None)
+    # nanoGPT's c_attn (3H rows from H) without a config is split, as it lies
+    nano = torch.nn.Module()
+    nano.attn = torch.nn.Module()
+    nano.attn.n_head, nano.attn.c_attn = 4, torch.nn.Linear(32, 96)
+    assert resolve_layers(nano, warn=False)["attn.c_attn.weight"].parts == (("q", 32), ("k", 32), ("v", 32))
+
+
+def test_a_classifiers_out_proj_is_its_output_layer():
+    # RoBERTa's classification head: classifier.dense (H -> H), classifier.out_proj (H -> labels)
+    model = _build(transformers.RobertaForSequenceClassification, transformers.RobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        num_labels=3))
+    layers = resolve_layers(model, warn=False)
+    assert layers["classifier.out_proj.weight"].role == "lm_head"
+    assert layers["roberta.encoder.layer.0.attention.output.dense.weight"].role == "attn_out"

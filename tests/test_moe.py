@@ -52,6 +52,42 @@ def gpt_oss():
     return _quiet(lambda: transformers.GptOssForCausalLM(c))
 
 
+def gpt_oss_square():
+    """gpt-oss as released: the model's and the experts' widths equal, so `down_proj` is square
+    and only its sibling `gate_up_proj` shows the (expert, in, out) layout."""
+    c = transformers.GptOssConfig(vocab_size=96, hidden_size=H, intermediate_size=H, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=E,
+                                  num_experts_per_tok=2, layer_types=["full_attention"])
+    return _quiet(lambda: transformers.GptOssForCausalLM(c))
+
+
+def switch():
+    """Switch Transformers: experts in a ModuleDict (expert_0, …), the router's `classifier`."""
+    c = transformers.SwitchTransformersConfig(vocab_size=96, d_model=H, d_kv=6, d_ff=I, num_layers=2,
+                                              num_decoder_layers=2, num_heads=4, num_experts=E, encoder_sparse_step=1,
+                                              decoder_sparse_step=1)
+    return _quiet(lambda: transformers.SwitchTransformersForConditionalGeneration(c))
+
+
+class GroupedExperts(nn.Module):
+    """torchtitan's layout and names: `dim` the model's width, `hidden_dim` the FFN's, w1/w3 (E, F, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim, self.hidden_dim, self.num_experts = H, I, E
+        self.w1 = nn.Parameter(torch.randn(E, I, H))
+        self.w2 = nn.Parameter(torch.randn(E, H, I))
+        self.w3 = nn.Parameter(torch.randn(E, I, H))
+
+
+def titan():
+    moe = nn.Module()
+    moe.router, moe.experts = nn.Linear(H, E, bias=False), GroupedExperts()
+    model = nn.Module()
+    model.moe = moe
+    return model
+
+
 # Per model: (name fragment -> (role, axes)) for one layer's MoE tensors, written from each
 # library's modeling code (F.linear(x, w[e]) reads w[e] as (out, in); x @ w[e] as (in, out)).
 EXPECTED = {
@@ -75,6 +111,21 @@ EXPECTED = {
         "layers.0.mlp.experts.gate_up_proj_bias": ("bias", ("expert", "out"), (E, 2 * I)),
         "layers.0.mlp.experts.down_proj": ("mlp_down", ("expert", "in", "out"), (E, I, H)),
         "layers.0.mlp.experts.down_proj_bias": ("bias", ("expert", "out"), (E, H)),
+    }),
+    "gpt-oss-square": (gpt_oss_square, {
+        "layers.0.mlp.experts.gate_up_proj": ("mlp_up", ("expert", "in", "out"), (E, H, 2 * H)),
+        "layers.0.mlp.experts.down_proj": ("mlp_down", ("expert", "in", "out"), (E, H, H)),
+    }),
+    "switch": (switch, {
+        "encoder.block.0.layer.1.mlp.router.classifier.weight": ("router", ("out", "in"), (E, H)),
+        "encoder.block.0.layer.1.mlp.experts.expert_0.wi.weight": ("mlp_up", ("out", "in"), (I, H)),
+        "encoder.block.0.layer.1.mlp.experts.expert_0.wo.weight": ("mlp_down", ("out", "in"), (H, I)),
+    }),
+    "torchtitan": (titan, {
+        "moe.router.weight": ("router", ("out", "in"), (E, H)),
+        "moe.experts.w1": ("mlp_gate", ("expert", "out", "in"), (E, I, H)),
+        "moe.experts.w2": ("mlp_down", ("expert", "out", "in"), (E, H, I)),
+        "moe.experts.w3": ("mlp_up", ("expert", "out", "in"), (E, I, H)),
     }),
 }
 

@@ -58,7 +58,9 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
 _HEAD_ATTRS = ("n_head", "num_heads", "num_attention_heads", "n_heads", "nheads", "heads")
 _EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                  "n_experts", "num_experts_total")
-_HIDDEN_ATTRS = ("hidden_size", "hidden_dim", "d_model", "n_embd", "embed_dim", "model_dim", "dim")
+# The model's width by the attribute names that hold it; ``hidden_dim`` last: Meta's and torchtitan's
+# code name the FFN's width so (beside ``dim``), where transformers' Mixtral names the model's.
+_HIDDEN_ATTRS = ("hidden_size", "d_model", "n_embd", "embed_dim", "model_dim", "dim", "hidden_dim")
 # An expert stack's projections by the last component of their name: the first ones read the
 # hidden state (a fused gate+up is an up projection: every preset and rule treats gate and up
 # alike), the last one writes it.
@@ -188,7 +190,7 @@ class ModelLayers:
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
                 is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
-                qkv_layout=r.get("qkv_layout"), found=str(r.get("found", "")))
+                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -279,8 +281,8 @@ def resolve_layers(
             forced = next(roles[n] for n in names if n in roles)
             info = _with_role(info, forced, heads, kv_heads)
         elif info.role == "other" and _is_last_layer(info, modules):
-            info = _with_role(info, "lm_head", heads, kv_heads, "structure: the model's output layer (registered "
-                              "last, outside any repeated block, fed by another layer; no layer reads its output "
+            info = _with_role(info, "lm_head", heads, kv_heads, "structure: an output layer of the model (after "
+                              "and outside the repeated blocks, fed by another layer; no layer reads its output "
                               "width)")
         if info.role == "other":
             unknown.append(info.name)
@@ -319,7 +321,8 @@ def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id
     """``MoE block path -> experts count``: the parent of every module that holds a stack of
     experts (a 3-D parameter whose first dim is the experts count its module, an ancestor or the
     config gives; or, without a count, a module named like ``experts``) or that is a
-    ``ModuleList`` of experts (named like ``experts``, as many as the count where one is given)."""
+    ``ModuleList`` or ``ModuleDict`` of experts (named like ``experts``, as many as the count where
+    one is given: Switch Transformers and NLLB-MoE key theirs ``expert_0``, …)."""
     blocks: dict[str, int] = {}
     for pid, names in names_by_param.items():
         p = param_by_id[pid]
@@ -332,7 +335,7 @@ def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id
             blocks[path.rpartition(".")[0]] = int(p.shape[0])
     for path, m in modules.items():
         leaf = path.rpartition(".")[2].lower()
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and "expert" in leaf and "shared" not in leaf:
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) > 1 and "expert" in leaf and "shared" not in leaf:
             count = _experts_count(_chain(path, modules), config)
             if count is None or count == len(m):
                 blocks.setdefault(path.rpartition(".")[0], len(m))
@@ -359,17 +362,40 @@ def _in_block(path: str, blocks: dict[str, int]) -> int | None:
     return blocks.get("")
 
 
+def _expert_role(attr: str) -> str | None:
+    a = attr.lower()
+    return "mlp_down" if a in _EXPERT_DOWN else "mlp_gate" if a in _EXPERT_GATE else \
+        "mlp_up" if a in _EXPERT_UP else None
+
+
+def _stack_convention(owner, experts: int, hidden: int) -> str | None:
+    """How the expert stacks of `owner` lay out their matrices, from those whose hidden-width axis
+    shows it: ``"linear"`` (expert, out, in), as `F.linear` reads them, or ``"bmm"`` (expert, in,
+    out); None where they show none or disagree."""
+    seen = set()
+    for name, p in owner.named_parameters(recurse=False) if owner is not None else ():
+        role = _expert_role(name)
+        if p.dim() != 3 or p.shape[0] != experts or role is None or (p.shape[1] == hidden) == (p.shape[2] == hidden):
+            continue
+        reads_hidden = role != "mlp_down"
+        seen.add("linear" if (p.shape[2] == hidden) == reads_hidden else "bmm")
+    return seen.pop() if len(seen) == 1 else None
+
+
 def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
     """A stack of expert matrices (expert, ·, ·): role by name, the hidden width's axis decides
-    which of the two is ``in`` (first projections) or ``out`` (the last)."""
-    a = attr.lower()
-    role = "mlp_down" if a in _EXPERT_DOWN else "mlp_gate" if a in _EXPERT_GATE else \
-        "mlp_up" if a in _EXPERT_UP else None
+    which of the two is ``in`` (first projections) or ``out`` (the last); a square stack follows
+    its siblings' layout (gpt-oss, where the model's and the FFN's widths are equal)."""
+    role = _expert_role(attr)
     hidden = _find_attr([*chain, *(getattr(m, "config", None) for m in chain), config], _HIDDEN_ATTRS)
     stack = f"structure: a stack of {shape[0]} experts' matrices"
     if role is None or hidden is None or (shape[1] == hidden) == (shape[2] == hidden):
-        if role is not None and shape[1] == shape[2] == hidden:   # square: as F.linear reads it
-            return info(role, ("expert", "out", "in"), f"{stack}, name {attr}; square: read as F.linear does")
+        convention = _stack_convention(chain[0], shape[0], hidden) if role is not None and \
+            shape[1] == shape[2] == hidden else None
+        if convention is not None:   # square: laid out as its siblings are
+            return info(role, ("expert", "out", "in") if convention == "linear" else ("expert", "in", "out"),
+                        f"{stack}, name {attr}; square: laid out as its siblings, "
+                        f"{'(expert, out, in)' if convention == 'linear' else '(expert, in, out)'}")
         why = "name unknown" if role is None else "hidden width unknown" if hidden is None else \
             f"neither or both of its axes are the hidden width {hidden}"
         return info("other", ("expert", "d1", "d2"), f"{stack}; {why}: which axis is which is not known")
@@ -462,7 +488,10 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
             return info("other", axes, f"a {mod_name} whose name ({last}) and siblings say nothing of its role")
         if role == "attn_qkv":
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
-            return _qkv_info(info, axes, out_features, None, hq, hkv, _qkv_layout(config), found)
+            in_features = shape[axes.index("in")]
+            return _qkv_info(info, axes, out_features, None, hq, hkv,
+                             _qkv_layout(_model_config([owner, *ancestors], config), out_features, in_features, hq, hkv),
+                             found)
         if role in ("attn_q", "attn_k", "attn_v"):
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             h = hq if role == "attn_q" else hkv
@@ -537,21 +566,19 @@ def _pair_role(path: str, owner, modules: dict[str, nn.Module]) -> tuple[str, st
 
 
 def _is_last_layer(info: ParamInfo, modules: dict[str, nn.Module]) -> bool:
-    """Whether a Linear-like weight whose name and siblings said nothing is the model's output layer
-    (ResNet's ``fc``, a classifier under any name): not the model itself, its module is the last one
-    with parameters in registration order and lies outside any repeated block (no numeric component
-    in its path but the last of a ``Sequential``'s member: a ``ModuleList``'s last is one of many),
-    another layer of the model produces its input width (a Linear's or conv's output,
-    an embedding's or norm's width), and no layer reads its output width."""
+    """Whether a Linear-like weight whose name and siblings said nothing is one of the model's
+    output layers (ResNet's ``fc``, a classifier or a detection head under any name, CLIP's two
+    projections): not the model itself, outside any repeated block (no numeric component in its
+    path but the last of a ``Sequential``'s member) and registered after every module of one,
+    another layer of the model produces its input width (a Linear's or conv's output, an
+    embedding's or norm's width), and no layer reads its output width."""
     if info.is_bias or len(info.shape) != 2 or "out" not in info.axes or "in" not in info.axes:
         return False
     path = info.name.rpartition(".")[0]
-    parts = path.split(".")
-    if not path or any(part.isdigit() for part in parts[:-1]) or (
-            parts[-1].isdigit() and not isinstance(modules.get(path.rpartition(".")[0]), nn.Sequential)):
+    if not path or _in_repeated_block(path, modules):
         return False
-    with_params = [n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))]
-    if not with_params or with_params[-1] != path:
+    order = list(modules)
+    if path not in modules or any(_in_repeated_block(n, modules) for n in order[order.index(path) + 1:]):
         return False
     width_in, width_out = info.shape[info.axes.index("in")], info.shape[info.axes.index("out")]
     fed = False
@@ -563,6 +590,16 @@ def _is_last_layer(info: ParamInfo, modules: dict[str, nn.Module]) -> bool:
             return False
         fed = fed or writes == width_in
     return fed
+
+
+def _in_repeated_block(path: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the module at `path` lies in one of many like blocks: a numeric component with more
+    after it (``h.3.mlp``), or a ``ModuleList``'s member; a ``Sequential``'s last-level member
+    (``classifier.1``) is not."""
+    parts = path.split(".")
+    if any(part.isdigit() for part in parts[:-1]):
+        return True
+    return parts[-1].isdigit() and not isinstance(modules.get(path.rpartition(".")[0]), nn.Sequential)
 
 
 def _widths(m: nn.Module) -> tuple[int | None, int | None]:
@@ -616,6 +653,8 @@ def _linear_role(last: str, context: str, attr: str) -> str:
     in_mlp = any(c in seg for seg in parent.split(".") for c in _MLP_CONTEXT)
     if last in _OUT_NAMES and in_mlp and not in_attn:
         return "mlp_down"   # T5's DenseReluDense.wo
+    if last in _OUT_NAMES and not in_attn and _is_head_name(parent.rpartition(".")[2]):
+        return "lm_head"    # RoBERTa's classifier.out_proj, BART's classification_head.out_proj
     if last in _OUT_NAMES or (last in ("c_proj", "proj", "dense") and in_attn and not in_mlp):
         return "attn_out"
     if last in ("c_proj", "proj", "dense") and in_mlp:
@@ -626,6 +665,12 @@ def _linear_role(last: str, context: str, attr: str) -> str:
     if last in _HEAD_NAMES:
         return "lm_head"
     return "other"
+
+
+def _is_head_name(component: str) -> bool:
+    """Whether a module name says it is a model's output head (``classifier``, ``classification_head``,
+    ``lm_head``, ``score``, …)."""
+    return component in _HEAD_NAMES or component.endswith("_head") or component.startswith("classif")
 
 
 def _find_attr(modules: Iterable, names: tuple[str, ...]) -> int | None:
@@ -651,24 +696,41 @@ def _heads(owner, ancestors, config, heads, kv_heads) -> tuple[int | None, int |
 # Fused Q/K/V layouts of transformers' models, read from their modeling code: q, k, v one after
 # the other, or each head's (q, k, v) rows together (`view(..., heads, 3, head_dim)` or
 # `view(..., heads, 3 * head_dim).chunk(3)`).
-_QKV_CONTIGUOUS = {"gpt2", "gpt_bigcode", "imagegpt", "decision_transformer", "phi3", "dbrx", "mpt"}
+_QKV_CONTIGUOUS = {"gpt2", "imagegpt", "decision_transformer", "phi3", "dbrx", "mpt"}
 _QKV_PER_HEAD = {"gpt_neox", "bloom", "persimmon"}
 
 
-def _qkv_layout(config) -> str:
+def _model_config(chain, config):
+    """The transformers config of the nearest module in `chain` (a projection, then its ancestors)
+    that has one, else the model's: a wrapped model (DDP, a user's module around it) keeps its own."""
+    for m in chain:
+        c = getattr(m, "config", None)
+        if isinstance(getattr(c, "model_type", None), str):
+            return c
+    return config
+
+
+def _qkv_layout(config, out_features: int, in_features: int, hq, hkv) -> str:
     """How a fused Q/K/V projection lays out q, k and v (`ParamInfo.qkv_layout`): a transformers
-    model by its ``model_type``; a model without a transformers config as nanoGPT and
-    `nn.MultiheadAttention` do, one after the other."""
+    model by its ``model_type``; a model without a transformers config as nanoGPT, timm's ViT and
+    `nn.MultiheadAttention` do, one after the other, but only where the widths say it is that
+    projection (q, k, v each as wide as the input, or GQA widths from the heads); any other
+    (GPT-2's keys-and-values-only cross-attention, timm EfficientFormer's per-head q, k, v of
+    unequal widths) is ``unknown`` and kept whole."""
     kind = getattr(config, "model_type", None)
     if not isinstance(kind, str):
-        return "contiguous"
+        return "contiguous" if out_features == 3 * in_features or (hq and hkv and hq != hkv) else "unknown"
+    if kind == "gpt_bigcode":   # multi-query: q, then one head's k and v; else each head's q, k, v together
+        return "contiguous" if getattr(config, "multi_query", True) else "per_head"
     if kind == "falcon":
         if getattr(config, "new_decoder_architecture", False):
             return "grouped"
         return "contiguous" if getattr(config, "multi_query", False) else "per_head"
     if kind in _QKV_PER_HEAD:
         return "per_head"
-    return "contiguous" if kind in _QKV_CONTIGUOUS else "unknown"
+    if kind in _QKV_CONTIGUOUS:   # q, k, v one after the other, and all three there (not cross-attention's k, v)
+        return "contiguous" if out_features == 3 * in_features or (hq and hkv and hq != hkv) else "unknown"
+    return "unknown"
 
 
 def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str) -> ParamInfo:

@@ -66,7 +66,8 @@ def test_what_next_names_the_files_and_every_printed_command_runs(tmp_path):
     optimizer.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
-    # The validation command as printed (N: the probe's 2 steps).
+    # The validation command as printed: the probe's 2 steps, at the probe's lr (not the default).
+    assert shlex.split(validate)[-6:-2] == ["--validate", "2", "--lr", "0.002"]
     v = subprocess.run(_as_module(validate), cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
     assert v.returncode == 0, v.stderr
     assert (tmp_path / out / "validate").is_dir()

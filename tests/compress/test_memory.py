@@ -106,9 +106,38 @@ def tiny_resnet() -> nn.Module:
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5))
 
 
+def _hf(model_cls: str, config_cls: str, **config) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+
+
+def tiny_mixtral() -> nn.Module:
+    return _hf("MixtralForCausalLM", "MixtralConfig", vocab_size=64, hidden_size=24, intermediate_size=40,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+               num_experts_per_tok=2)
+
+
+def tiny_bert() -> nn.Module:
+    return _hf("BertForMaskedLM", "BertConfig", vocab_size=64, hidden_size=32, num_hidden_layers=1,
+               num_attention_heads=4, intermediate_size=64)
+
+
+def tiny_t5() -> nn.Module:
+    return _hf("T5ForConditionalGeneration", "T5Config", vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+               num_heads=4)
+
+
+def tiny_phi3() -> nn.Module:
+    return _hf("Phi3ForCausalLM", "Phi3Config", vocab_size=64, hidden_size=32, intermediate_size=48,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+               bos_token_id=2)
+
+
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss, tiny_neox,
-                                   tiny_vit, tiny_resnet],
-                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit", "resnet"])
+                                   tiny_vit, tiny_resnet, tiny_mixtral, tiny_bert, tiny_t5, tiny_phi3],
+                         ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit", "resnet",
+                              "mixtral", "bert", "t5", "phi3"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")

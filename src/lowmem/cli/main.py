@@ -157,7 +157,7 @@ def _run(args, err: Console) -> int:
         raise UsageError(f"--window {args.window[0]}:{'' if args.window[1] is None else args.window[1]} starts after "
                          f"the last step the probe runs ({steps}); every measured step lies in 1:{steps}")
     if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
-        return _check_plan(args, task, device, lr, note)
+        return _check_plan(args, task, device, lr, note, steps)
     # The folder is locked and checked before any training: a busy folder, or one holding the
     # user's own files, costs nothing.
     names = VALIDATE_FILES if args.plan else RUN_FILES
@@ -189,13 +189,13 @@ def _settle(folder: RunFolder, out: Path, note) -> None:
         note(f"the earlier run in {out} is now in {out / PREVIOUS}")
 
 
-def _check_plan(args, task, device, lr, note) -> int:
+def _check_plan(args, task, device, lr, note, steps: int) -> int:
     """``--plan FILE`` without ``--validate``: the plan against the model, shown; nothing written."""
     with user_code():
         model, _ = build(task, device, lr, args.seed, with_optimizer=False)   # no training: no optimizer
     layers = resolve_layers(model, warn=False)
     plan = _checked_plan(args.plan, model, task)
-    return _emit(args, plan, layers, None, {"mode": "plan"}, Path(args.out), lr=lr)
+    return _emit(args, plan, layers, None, {"mode": "plan"}, Path(args.out), lr=lr, steps=steps)
 
 
 def _checked_plan(path: str, model, task) -> Plan:
@@ -229,7 +229,8 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             return EXIT_INTERRUPTED
         if args.preset:
             _write_report(args, out, note)
-        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation, lr=lr)
+        return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation, lr=lr,
+                     steps=steps)
 
     def start(model, layers):
         begin()
@@ -286,7 +287,7 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
              f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
                                                     "final_loss": result.losses[-1] if result.losses else None}, out,
-                 validation, precision, lr=lr)
+                 validation, precision, lr=lr, steps=steps)
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
@@ -388,13 +389,13 @@ def _source(task, lr, steps, every, steps_done, status) -> dict:
             "task": task.source}
 
 
-def next_steps(args, run: dict, out: Path, lr: float, validated: bool) -> list[tuple[str, str, str]]:
+def next_steps(args, run: dict, out: Path, lr: float, steps: int, validated: bool) -> list[tuple[str, str, str]]:
     """What a user does with the plan just shown, as (key, what, text): where the report and plan
     are, the line that trains with the plan, and the commands that check it by training (leaving
     out a validation this run did)."""
     target = shlex.quote(args.target) if args.target else f"--example {args.example}"
     plan = Path(args.plan) if run.get("mode") == "plan" else out / "plan.json"
-    steps = args.validate or args.steps or DEFAULTS["steps"]
+    steps = args.validate or steps
     out_q, plan_q = shlex.quote(str(out)), shlex.quote(str(plan))
     lines = []
     if run.get("mode") != "plan":
@@ -406,14 +407,15 @@ def next_steps(args, run: dict, out: Path, lr: float, validated: bool) -> list[t
                   f"optimizer = lowmem.optimizer_from_plan(model, {json.dumps(str(plan))}, lr={lr:g})"))
     if not validated:
         lines.append(("validate", "check it: AdamW and the plan's optimizer from the same start, loss gap and memory",
-                      f"{PROG} {target} --plan {plan_q} --validate {steps} --out {out_q}"))
+                      f"{PROG} {target} --plan {plan_q} --validate {steps} --lr {lr:g}"
+                      f"{f' --seed {args.seed}' if args.seed else ''} --out {out_q}"))
     lines.append(("compare", "compare every optimizer over a learning-rate grid",
                   f"{PROG} compare {target} --plan {plan_q} --out {shlex.quote(str(out / 'compare'))}"))
     return lines
 
 
 def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None,
-          precision: PrecisionTrajectory | None = None, lr: float = DEFAULTS["lr"]) -> int:
+          precision: PrecisionTrajectory | None = None, lr: float = DEFAULTS["lr"], steps: int = DEFAULTS["steps"]) -> int:
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
@@ -429,7 +431,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
         if validation:
             doc["validation"] = _validation_summary(validation)
-        doc["next"] = {key: text for key, _, text in next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, bool(validation))}
+        doc["next"] = {key: text for key, _, text in next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, steps, bool(validation))}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         # A pipe has no width; give the tables room rather than folding layer names.
@@ -454,7 +456,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                 console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f}{relative}; optimizer state {format_bytes(v['plan_state_bytes'])} vs "
                               f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
         console.print()
-        print_next_steps(console, next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, bool(validation)))
+        print_next_steps(console, next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, steps, bool(validation)))
     if bar_failed:
         Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
                                    markup=False)
