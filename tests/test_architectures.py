@@ -15,6 +15,7 @@ import torch
 
 from lowmem.compress import build_preset
 from lowmem.layers import ParamInfo, resolve_layers
+from lowmem.snr.views import param_views
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,10 +99,18 @@ def test_fused_qkv_layout_is_read_right_and_checked_by_gradient(arch):
     assert (info.role, info.qkv_layout, info.heads) == ("attn_qkv", layout, hq)
     hd = 32 // hq
     rows = _rows(layout, hq, hkv, hd)
-    if layout == "contiguous":   # split into parts exactly where the rows are
-        assert info.parts == (("q", hq * hd), ("k", hkv * hd), ("v", hkv * hd))
-    else:                        # never split: a split into three blocks would mix q, k and v rows
-        assert info.parts is None
+    # Split into parts exactly where the rows are: each part's view (strided where the layout
+    # interleaves) reads the rows of the model's layout, in head order.
+    out = info.axes.index("out")
+    index = torch.arange(info.shape[out]).view(-1, 1).expand(-1, info.shape[1 - out])
+    index = index if out == 0 else index.T
+    views = {v.name: v for v in param_views(info)}
+    assert set(views) >= {"q", "k", "v"}
+    for part in "qkv":
+        got = views[part].apply(index).select(1 - out, 0).tolist()
+        assert got == rows[part], part
+    if layout != "contiguous":
+        assert info.part_groups == hkv
     # With every query row zeroed, attention scores no longer depend on the keys: the key rows'
     # gradient vanishes exactly and the value rows' does not, iff `rows` is the model's layout.
     module = model.get_submodule(name)
@@ -117,14 +126,28 @@ def test_fused_qkv_layout_is_read_right_and_checked_by_gradient(arch):
     assert g[rows["v"]].abs().max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt-neox", "falcon-new"])
-def test_presets_on_an_unsplit_fused_projection_keep_rows_or_full_adam_and_say_why(arch):
-    build, name, *_ = FUSED[arch]
-    model = build()
-    eve = build_preset("eve", model).layers[name + ".weight"]
-    assert eve.reduce == [1] and "not split" in eve.why   # one v per row: a row is one of q, k or v
-    slim = build_preset("slimadam-rules", model).layers[name + ".weight"]
+def test_presets_on_an_unsplit_fused_projection_keep_rows_or_full_adam_and_say_why():
+    # GPT-2's cross-attention c_attn (keys and values only): not split
+    model = _build(transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=64, n_embd=48, n_layer=1, n_head=4, n_positions=32, add_cross_attention=True))
+    name = "transformer.h.0.crossattention.c_attn.weight"   # Conv1D: (in, out)
+    eve = build_preset("eve", model).layers[name]
+    assert eve.reduce == [0] and "not split" in eve.why   # one v per row (out): a row is one of k or v
+    slim = build_preset("slimadam-rules", model).layers[name]
     assert slim.reduce is None and "not split" in slim.why   # its rules differ between q/k and v
+
+
+@pytest.mark.parametrize("arch", ["gpt-neox", "falcon-new"])
+def test_presets_on_interleaved_parts_keep_what_each_part_rule_says(arch):
+    # SlimAdam's rules per part, counted by hand: q, k average over fan_in (one v per row of the
+    # part), v over fan_out (one per input column).
+    build, name, _, hq, hkv = FUSED[arch]
+    model = build()
+    lp = build_preset("slimadam-rules", model).layers[name + ".weight"]
+    hd = 32 // hq
+    kept = {p.name: p.v_kept for p in lp.parts}
+    assert kept == {"q": hq * hd, "k": hkv * hd, "v": 32}
+    assert lp.v_kept == hq * hd + hkv * hd + 32
 
 
 def test_names_of_neox_phi3_and_slimadams_reference_code():
@@ -312,7 +335,7 @@ def test_a_wrapped_model_keeps_its_own_layout():
     wrapper = torch.nn.Module()
     wrapper.model = neox()
     info = resolve_layers(wrapper, warn=False)["model.gpt_neox.layers.0.attention.query_key_value.weight"]
-    assert (info.qkv_layout, info.parts) == ("per_head", None)
+    assert (info.qkv_layout, info.part_groups) == ("per_head", 4)   # split per head, not in three blocks
 
 
 def test_fused_projections_whose_widths_are_not_q_k_v_are_not_split():
@@ -352,3 +375,82 @@ def test_a_classifiers_out_proj_is_its_output_layer():
     layers = resolve_layers(model, warn=False)
     assert layers["classifier.out_proj.weight"].role == "lm_head"
     assert layers["roberta.encoder.layer.0.attention.output.dense.weight"].role == "attn_out"
+
+
+def _snr(x, axis):
+    """mean over the other axes' slices of (mean along `axis`)² / variance along it, float64."""
+    import numpy as np
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1).reshape(-1, x.shape[axis])
+    mean, var = x.mean(axis=1), x.var(axis=1)
+    return float((mean * mean / var).mean())
+
+
+def test_interleaved_parts_are_measured_on_the_models_own_rows():
+    # GPT-NeoX trained for two steps, SNR captured: each part's SNR is that of the rows the model
+    # uses for it (each head's q, k, v rows, from its modeling code), in numpy from exp_avg_sq.
+    from lowmem.snr.capture import capture
+    model = neox()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cap = capture(opt, model, every=1)
+    for step in range(2):
+        opt.zero_grad()
+        model(torch.arange(step, step + 12).view(1, 12) % 64).logits.square().mean().backward()
+        opt.step()
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    v = opt.state[model.get_submodule(name.rpartition(".")[0]).weight]["exp_avg_sq"].numpy()
+    rows = _rows("per_head", 4, 4, 8)
+    got = {(s.view.name, s.subset): s.snr for s in cap.samples if s.name == name and s.step == 2}
+    for part in "qkv":
+        x = v[rows[part]]                                   # (heads·head_dim, in), head-major
+        assert got[(part, (1,))] == pytest.approx(_snr(x, 1), rel=1e-5)              # fan_in
+        assert got[(part, (0,))] == pytest.approx(_snr(x, 0), rel=1e-5)              # fan_out
+        assert got[(f"{part}.heads", (1,))] == pytest.approx(_snr(x.reshape(4, 8, 32), 1), rel=1e-5)
+
+
+def test_an_optimizer_on_interleaved_parts_checkpoints_and_loads_adamw_state_per_part():
+    import copy
+
+    import lowmem
+    model = neox().double()
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    weight = model.get_submodule(name.rpartition(".")[0]).weight
+
+    def train(m, opt, steps, start=0):
+        for step in range(start, start + steps):
+            opt.zero_grad()
+            m(torch.arange(step, step + 12).view(1, 12) % 64).logits.square().mean().backward()
+            opt.step()
+
+    # An AdamW checkpoint loads with v averaged per part over the model's own rows (by hand).
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, adamw, 2)
+    full = adamw.state[weight]["exp_avg_sq"]
+    opt = lowmem.SlimAdam(model, lr=1e-3)
+    opt.load_state_dict(adamw.state_dict())
+    rows = _rows("per_head", 4, 4, 8)
+    want = torch.cat([full[rows["q"]].mean(1), full[rows["k"]].mean(1), full[rows["v"]].mean(0)])
+    torch.testing.assert_close(opt.state[weight]["exp_avg_sq"], want, rtol=1e-14, atol=0)
+    # ... and its own checkpoint continues bit-identically.
+    train(model, opt, 2, start=2)
+    clone = copy.deepcopy(model)
+    opt2 = lowmem.SlimAdam(clone, lr=1e-3)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 2, start=4)
+    train(clone, opt2, 2, start=4)
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_row_sharded_parameter_with_interleaved_parts_is_refused_with_a_reason():
+    from lowmem.compress.optim.layout import layout_of, sharded_layout
+    from lowmem.sharding import RowShards
+    model = neox()
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    lp = build_preset("eve", model).layers[name]
+    layout = layout_of(tuple(lp.shape), lp)
+    assert all(b.source == (4, 24, 32) for b in layout.blocks)
+    with pytest.raises(ValueError, match="interleaved"):
+        sharded_layout(layout, tuple(lp.shape), RowShards((0, 48, 96), 0))
+    # a contiguous split (GPT-2's c_attn) shards as before
+    lp = build_preset("eve", gpt2()).layers["transformer.h.0.attn.c_attn.weight"]
+    sharded_layout(layout_of(tuple(lp.shape), lp), tuple(lp.shape), RowShards((0, 16, 32), 0))

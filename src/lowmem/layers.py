@@ -89,14 +89,21 @@ class ParamInfo:
         heads: number of heads of this projection's output (Q: query heads; K/V: key-value heads).
         head_dim: width of one head.
         parts: for a fused projection, ``(("q", size), ("k", size), ("v", size))`` along the
-            ``out`` axis, each with its own head count in `part_heads`.
+            ``out`` axis, each with its own head count in `part_heads`; with `part_groups`, the
+            sizes within each group of rows.
+        part_groups: for a fused projection whose q, k and v rows are interleaved, the number of
+            groups of rows that each hold one slice of every part, in order: the heads of a per-head
+            layout (GPT-NeoX: each head's q, k, v rows), the key-value groups of a grouped one
+            (Falcon's new architecture: a group's query heads, then its key, then its value). The
+            ``out`` axis is read as (groups, rows per group) and the parts slice the second
+            (`part_source`); None where the parts lie one after the other.
         is_bias: the tensor is a module's additive bias (``bias``, ``in_proj_bias``), whatever its
             role: a norm's bias has role ``norm``, and presets may treat it apart from the weight.
         qkv_layout: for a fused Q/K/V projection, how its ``out`` axis holds q, k and v:
-            ``"contiguous"`` (all q rows, then k, then v: split into `parts`), or, not split,
-            ``"per_head"`` (q, k, v rows of each head together: GPT-NeoX, BLOOM), ``"grouped"``
-            (per key-value group: Falcon's new architecture) or ``"unknown"`` (a library model
-            whose layout lowmem has not verified).
+            ``"contiguous"`` (all q rows, then k, then v), ``"per_head"`` (q, k, v rows of each
+            head together: GPT-NeoX, BLOOM), ``"grouped"`` (per key-value group: Falcon's new
+            architecture), all three split into `parts` where the heads are known, or
+            ``"unknown"`` (a library model whose layout lowmem has not verified): kept whole.
         found: how the role was found, in words: ``name c_fc``, ``module type LayerNorm``,
             ``structure: …`` (what in the module graph or shapes decided it), ``given`` (the
             caller's `roles`), or why it is ``other``. Plans say it in their ``why``.
@@ -115,6 +122,7 @@ class ParamInfo:
     is_bias: bool = False
     qkv_layout: str | None = None
     found: str = ""
+    part_groups: int | None = None
 
     @property
     def numel(self) -> int:
@@ -143,6 +151,22 @@ class ParamInfo:
     @property
     def fan_out_dims(self) -> tuple[int, ...]:
         return self.dims("out")
+
+    @property
+    def part_source(self) -> tuple[int, ...] | None:
+        """The shape the parts slice when they are interleaved: the ``out`` axis as (groups, rows
+        per group), the other axes as they are; None where the parts slice the tensor itself."""
+        if not self.parts or not self.part_groups:
+            return None
+        d = self.axes.index("out")
+        g = self.part_groups
+        return (*self.shape[:d], g, self.shape[d] // g, *self.shape[d + 1:])
+
+    @property
+    def part_dim(self) -> int:
+        """The dim that the parts slice: of `part_source` where there is one, else of the tensor."""
+        d = self.axes.index("out")
+        return d + 1 if self.part_source is not None else d
 
 
 @dataclass
@@ -190,7 +214,7 @@ class ModelLayers:
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
                 is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
-                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""))
+                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""), part_groups=r.get("part_groups"))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -205,7 +229,7 @@ def _info_json(p: ParamInfo) -> dict:
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
             "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias,
-            "qkv_layout": p.qkv_layout, "found": p.found}
+            "qkv_layout": p.qkv_layout, "found": p.found, "part_groups": p.part_groups}
 
 
 _PREFIXES = ("_orig_mod.", "module.")
@@ -489,9 +513,12 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         if role == "attn_qkv":
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             in_features = shape[axes.index("in")]
+            cfg = _model_config([owner, *ancestors], config)
+            if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "multi_query", False) and \
+                    not getattr(cfg, "new_decoder_architecture", False):
+                hkv = 1   # Falcon's multi-query: one key and one value head, whatever num_kv_heads says
             return _qkv_info(info, axes, out_features, None, hq, hkv,
-                             _qkv_layout(_model_config([owner, *ancestors], config), out_features, in_features, hq, hkv),
-                             found)
+                             _qkv_layout(cfg, out_features, in_features, hq, hkv), found)
         if role in ("attn_q", "attn_k", "attn_v"):
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             h = hq if role == "attn_q" else hkv
@@ -736,6 +763,8 @@ def _qkv_layout(config, out_features: int, in_features: int, hq, hkv) -> str:
 def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str) -> ParamInfo:
     """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware) where they
     lie one after the other; kept whole (heads known) for any other layout."""
+    if layout in ("per_head", "grouped"):
+        return _interleaved_info(info, axes, out_features, hq, hkv, layout, found)
     if layout != "contiguous":
         head_dim = out_features // (hq + 2 * (hkv or hq)) if hq else None
         return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim, qkv_layout=layout)
@@ -752,6 +781,22 @@ def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str)
     return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim if part_heads else None,
                 parts=(("q", sizes[0]), ("k", sizes[1]), ("v", sizes[2])), part_heads=part_heads,
                 qkv_layout="contiguous")
+
+
+def _interleaved_info(info, axes, out_features, hq, hkv, layout: str, found: str) -> ParamInfo:
+    """A fused Q/K/V projection whose rows interleave q, k and v: per head (each head's q, k, v
+    rows: ``hkv == hq``) or per key-value group (a group's ``hq / hkv`` query heads, its key, its
+    value), split into parts within each group (`ParamInfo.part_groups`); kept whole where the
+    heads are unknown or do not divide the rows so."""
+    hkv = hkv or hq
+    ok = hq and hkv and hq % hkv == 0 and (layout == "grouped" or hq == hkv) and out_features % (hq + 2 * hkv) == 0
+    if not ok:
+        return info("attn_qkv", axes, found, heads=hq, qkv_layout=layout)
+    head_dim = out_features // (hq + 2 * hkv)
+    per = hq // hkv
+    return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim, qkv_layout=layout,
+                parts=(("q", per * head_dim), ("k", head_dim), ("v", head_dim)), part_heads=(hq, hkv, hkv),
+                part_groups=hkv)
 
 
 def _with_role(info: ParamInfo, role: str, heads, kv_heads, found: str = "given") -> ParamInfo:

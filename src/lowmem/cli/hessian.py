@@ -138,7 +138,9 @@ def default_blocks(layers: ModelLayers, max_entries: int) -> tuple[list[str], li
                 skipped.append(f"{info.name}: a fused Q/K/V weight whose parts are unknown; select rows with "
                                f"--block '{info.name}[0:N]'")
                 continue
-            pieces = [(f"{info.name}[part={part}]", size * info.numel // _out_size(info)) for part, size in info.parts]
+            groups = info.part_groups or 1   # an interleaved part has `size` rows in each group
+            pieces = [(f"{info.name}[part={part}]", groups * size * info.numel // _out_size(info))
+                      for part, size in info.parts]
         else:
             pieces = [(info.name, info.numel)]
         for selector, numel in pieces:

@@ -211,7 +211,7 @@ def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> L
             choice = _best(pviews, snr, threshold, prefer, allow_token)
             base = pviews[0]
             parts.append(_part_plan(part, base, choice, snr, threshold))
-        lp = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+        lp = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
                        "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
                        parts, list(info.aliases))
         return lp
@@ -326,7 +326,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
                 dims = [d for d, a in enumerate(view.axes) if a in axes]
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, list(view.shape), dims,
                                       f"published rule for {_PART_ROLE[view.part]}: average over {describe_subset(view.axes, tuple(dims))}"))
-            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
                                                "published rules per part", None, parts, list(info.aliases))
             continue
         axes = _SLIMADAM_RULES.get(info.role)
@@ -429,7 +429,7 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
                 vshape, reduce, words = _rule_view(view.shape, view.axes, h, rules[prole])
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, vshape, reduce,
                                       f"{name} for {prole}: {words}"))
-            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), None,
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
                                                f"{name} rules per part", None, parts, list(info.aliases))
             continue
         vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))

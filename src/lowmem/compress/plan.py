@@ -96,7 +96,10 @@ class LayerPlan:
         reduce: dims of `view` averaged over; None keeps full Adam.
         why: one line a person can read.
         snr: the SNR behind the decision, by view and subset (`SnrKey`).
-        parts: slices of a fused parameter with their own view/reduce (then `reduce` is None).
+        parts: slices of a fused parameter with their own view/reduce (then `reduce` is None):
+            each slices one dim of `view`, which is the shape itself where q, k and v lie one
+            after the other, or the out axis read as (groups, rows per group) where each group
+            holds a slice of every part (GPT-NeoX's heads, Falcon's key-value groups).
         aliases: other names of a tied parameter.
         state: how `m` and the kept `v` are stored (`StateFormat`); None: both fp32.
     """
@@ -147,9 +150,11 @@ class LayerPlan:
         if self.parts:
             if self.reduce is not None:
                 raise PlanError(f"layer {name!r}: a layer with parts must have reduce null")
+            # The parts slice one dim of the layer's `view`: the shape itself where they lie one
+            # after the other, the out axis read as (groups, rows per group) where interleaved.
             dims = {p.dim for p in self.parts}
-            if len(dims) != 1 or not all(_is_int(d) and 0 <= d < len(self.shape) for d in dims):
-                raise PlanError(f"layer {name!r}: parts must slice one dim of shape {self.shape}, "
+            if len(dims) != 1 or not all(_is_int(d) and 0 <= d < len(self.view) for d in dims):
+                raise PlanError(f"layer {name!r}: parts must slice one dim of view {self.view}, "
                                 f"found dim {sorted(dims, key=str)}")
             d = dims.pop()
             pos = 0
@@ -157,15 +162,15 @@ class LayerPlan:
                 if not (_is_int(p.start) and _is_int(p.stop)) or p.start != pos or p.stop <= p.start:
                     raise PlanError(f"layer {name!r}: part {p.name!r} [{p.start}, {p.stop}) does not continue at {pos}")
                 pos = p.stop
-                n = self.numel // self.shape[d] * (p.stop - p.start) if self.shape[d] else 0
+                n = self.numel // self.view[d] * (p.stop - p.start) if self.view[d] else 0
                 if _bad_sizes(p.view):
                     raise PlanError(f"layer {name!r}: part {p.name!r} view {p.view} must be integers >= 0")
                 if _prod(p.view) != n:
                     raise PlanError(f"layer {name!r}: part {p.name!r} view {p.view} has {_prod(p.view)} entries, the slice has {n}")
                 if p.reduce is not None and _bad_reduce(p.reduce, p.view):
                     raise PlanError(f"layer {name!r}: part {p.name!r} reduce {p.reduce} is out of range for view {p.view}")
-            if pos != self.shape[d]:
-                raise PlanError(f"layer {name!r}: parts cover {pos} of {self.shape[d]} along dim {d}")
+            if pos != self.view[d]:
+                raise PlanError(f"layer {name!r}: parts cover {pos} of {self.view[d]} along dim {d}")
 
     def to_json(self) -> dict:
         d: dict = {"shape": list(self.shape), "role": self.role, "view": list(self.view),

@@ -37,6 +37,7 @@ from torch import nn
 
 from lowmem.compress.memory import format_bytes
 from lowmem.layers import ParamInfo, normalize_name, resolve_layers
+from lowmem.snr.views import param_views
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -133,6 +134,18 @@ def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
         else:
             keys[key] = value
     box = [slice(0, s) for s in shape]
+    if info.part_source is not None and "part" in keys and "head" not in keys:
+        # An interleaved part (each head's or group's q, k, v rows together) is a strided set of
+        # rows: its entries in the order of the part's view, one group's rows after another.
+        if slices:
+            raise HessianError(f"{selector!r}: {info.name}'s parts are interleaved; name a head to slice within "
+                               f"(e.g. {info.name}[part={keys['part']}, head=0, 0:4])")
+        view = next((v for v in param_views(info) if v.name == keys["part"]), None)
+        if view is None:
+            raise HessianError(f"{selector!r}: part must be one of {', '.join(n for n, _ in info.parts)}, "
+                               f"got {keys['part']!r}")
+        flat = view.apply(torch.arange(math.prod(shape)).view(shape)).reshape(-1)
+        return Piece(info.name, shape, flat, tuple(view.shape), selector)
     if keys:          # part and head first, so the slices apply inside them whatever the order written
         if not shape:
             raise HessianError(f"{selector!r}: {info.name} is a scalar; it has no parts or heads")
@@ -189,6 +202,13 @@ def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | N
         start = sum(size for _, size in info.parts[:i])
         stop = start + info.parts[i][1]
         heads = info.part_heads[i] if info.part_heads else None
+        if info.part_groups and head is not None:   # interleaved: head h's rows lie in its group
+            h = _head_index(head, heads, selector)
+            per = heads // info.part_groups                     # this part's heads per group
+            group_rows = info.shape[out] // info.part_groups
+            width = (stop - start) // per
+            first = (h // per) * group_rows + start + (h % per) * width
+            return slice(first, first + width)
     elif info.parts and head is not None:
         raise HessianError(f"{selector!r}: {info.name} is a fused Q/K/V projection; name the part of the head "
                            f"as well, e.g. {info.name}[part={info.parts[0][0]}, head={head}]")
@@ -197,14 +217,19 @@ def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | N
     if not heads or (stop - start) % heads:
         raise HessianError(f"{selector!r}: the number of heads of {info.name} is not known "
                            "(select rows with a slice instead, e.g. [0:16])")
+    h = _head_index(head, heads, selector)
+    width = (stop - start) // heads
+    return slice(start + h * width, start + (h + 1) * width)
+
+
+def _head_index(head: str, heads: int, selector: str) -> int:
     try:
         h = int(head)
     except ValueError:
         raise HessianError(f"{selector!r}: head must be an integer, got {head!r}") from None
     if not 0 <= h < heads:
         raise HessianError(f"{selector!r}: head {h} out of range (0..{heads - 1})")
-    width = (stop - start) // heads
-    return slice(start + h * width, start + (h + 1) * width)
+    return h
 
 
 def _parse_slice(text: str, size: int, selector: str) -> slice:

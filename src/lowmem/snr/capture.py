@@ -119,6 +119,8 @@ class SnrCapture:
                 if info is None:
                     continue
                 views = param_views(info)
+                if is_sharded(p):   # interleaved parts are strided across a rank's rows: not measured there
+                    views = [v for v in views if v.source is None]
                 subsets = [axis_subsets(len(v.shape)) for v in views]
                 self._tracked.append((p, info, views, subsets))
                 self._group[p] = group

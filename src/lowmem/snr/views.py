@@ -1,8 +1,10 @@
 """Views of a parameter in which SNR is measured: the raw tensor, per-head splits, fused Q/K/V parts.
 
-A view is a slice of one axis (for a fused projection's q, k or v part) followed by a reshape
-that splits the ``out`` axis into ``(head, out)``. Both are expressible in a plan (`view` is the
-reshape, a part's ``start:stop`` the slice), so whatever the SNR favours can be built.
+A view is a slice of one axis (for a fused projection's q, k or v part; of the ``out`` axis read
+as (groups, rows per group) where the parts are interleaved, `ParamInfo.part_source`) followed by
+a reshape that splits the ``out`` axis into ``(head, out)``. All are expressible in a plan (the
+layer's `view` is the shape sliced, a part's ``start:stop`` the slice, its `view` the reshape),
+so whatever the SNR favours can be built.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class View:
     Attributes:
         name: ``raw``, ``heads``, ``q``, ``q.heads``, …
         part: for a fused projection, the part name (``q``/``k``/``v``), else None.
-        dim: the sliced dim of the raw tensor (parts only).
+        dim: the sliced dim of the raw tensor, or of `source` (parts only).
         start, stop: the slice along `dim` (parts only).
+        source: the shape the raw tensor is read as before slicing (interleaved parts), or None.
         shape: the view's shape (after slicing and reshaping).
         axes: the meaning of each dim of the view.
     """
@@ -38,8 +41,11 @@ class View:
     dim: int | None = None
     start: int | None = None
     stop: int | None = None
+    source: tuple[int, ...] | None = None
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
+        if self.source is not None:
+            t = t.reshape(self.source)
         if self.part is not None:
             t = t.narrow(self.dim, self.start, self.stop - self.start)
         return t.reshape(self.shape)
@@ -86,14 +92,15 @@ def param_views(info: ParamInfo) -> list[View]:
     if info.parts:
         views = []
         d = axes.index("out")
+        groups, source, at = info.part_groups or 1, info.part_source, info.part_dim
         start = 0
         heads = info.part_heads or (None,) * len(info.parts)
         for (part, size), h in zip(info.parts, heads):
-            pshape = (*shape[:d], size, *shape[d + 1:])
-            views.append(View(part, pshape, axes, part, d, start, start + size))
+            pshape = (*shape[:d], groups * size, *shape[d + 1:])   # a part's rows of every group, in order
+            views.append(View(part, pshape, axes, part, at, start, start + size, source))
             split = split_heads(pshape, axes, h)
             if split:
-                views.append(View(f"{part}.heads", split[0], split[1], part, d, start, start + size))
+                views.append(View(f"{part}.heads", split[0], split[1], part, at, start, start + size, source))
             start += size
         return views
     views = [View("raw", shape, axes)]

@@ -551,8 +551,9 @@ def _numpy_v_per_plan(full, lp):
     if not lp.parts:
         return (full if not lp.reduce else full.reshape(lp.view).mean(axis=tuple(lp.reduce), keepdims=True)).ravel()
     kept = []
+    source = full.reshape(lp.view)   # the shape the parts slice (the out axis as groups × rows if interleaved)
     for part in sorted(lp.parts, key=lambda q: q.start):
-        region = np.take(full, range(part.start, part.stop), axis=part.dim).reshape(part.view)
+        region = np.take(source, range(part.start, part.stop), axis=part.dim).reshape(part.view)
         kept.append((region.mean(axis=tuple(part.reduce), keepdims=True) if part.reduce else region).ravel())
     return np.concatenate(kept)
 

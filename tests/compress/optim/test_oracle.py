@@ -1,7 +1,7 @@
 """Every plan optimizer on every backend against a numpy float64 oracle of DESIGN §5.
 
 The oracle reads nothing of the engine: only the plan's JSON (per layer `view`, `reduce`, and
-`parts` with `dim`, `start`, `stop`, `view`, `reduce`) and the hyper-parameters each case
+`parts` with `dim`, `start`, `stop`, `view`, `reduce`, slicing the layer's `view`) and the hyper-parameters each case
 passes, and steps numpy arrays with the gradients read from ``p.grad`` before each
 ``opt.step()``. Parameters, ``exp_avg`` and ``exp_avg_sq`` must agree to 1e-12 after every step.
 
@@ -95,15 +95,18 @@ def loss_at(model: nn.Module, step: int) -> torch.Tensor:
 
 
 def hand_plan(model: nn.Module):
-    """Views no preset makes: a 3-D view reducing its middle dim, parts with a full-Adam slice
-    and two non-adjacent reduced dims, parts of a bias, ``reduce: []``, a reshaped 0-dim gain."""
+    """Views no preset makes: a 3-D view reducing its middle dim, interleaved parts (each head's
+    q, k, v rows together, as GPT-NeoX lays them: the parts slice the rows of each head, strided)
+    with a full-Adam slice and two non-adjacent reduced dims, parts of a bias, ``reduce: []``, a
+    reshaped 0-dim gain."""
     plan = build_preset("slimadam-rules", model)
     L = plan.layers
     L["mlp.c_fc.weight"] = LayerPlan([4 * D, D], "mlp_up", [4, 8, D], [1])
-    L["attn.c_attn.weight"] = LayerPlan([3 * D, D], "attn_qkv", [3 * D, D], None, parts=[
-        PartPlan("v", 0, 2 * D, 3 * D, [D, 2, D // 2], [0, 2]),    # listed first: order is by start
-        PartPlan("q", 0, 0, D, [N_HEAD, D // N_HEAD, D], [1]),
-        PartPlan("k", 0, D, 2 * D, [D, D], None)])
+    hd = D // N_HEAD
+    L["attn.c_attn.weight"] = LayerPlan([3 * D, D], "attn_qkv", [N_HEAD, 3 * hd, D], None, parts=[
+        PartPlan("v", 1, 2 * hd, 3 * hd, [D, 2, D // 2], [0, 2]),   # listed first: order is by start
+        PartPlan("q", 1, 0, hd, [N_HEAD, hd, D], [1]),
+        PartPlan("k", 1, hd, 2 * hd, [D, D], None)])
     L["attn.c_attn.bias"] = LayerPlan([3 * D], "bias", [3 * D], None, parts=[
         PartPlan("q", 0, 0, D, [D], [0]),
         PartPlan("k", 0, D, 2 * D, [2, D // 2], []),
@@ -119,18 +122,19 @@ CASES = PLAN_OPTIMIZERS + [OptimInfo("hand-plan", lambda m, **kw: lowmem.Reduced
 
 
 # -- the oracle ----------------------------------------------------------------------------------
-def _blocks(shape: tuple[int, ...], layer: dict | None) -> list[tuple[tuple, tuple[int, ...], tuple[int, ...]]]:
-    """(index into the parameter, view, reduce dims) per block, parts in start order; reduce ()
-    is full Adam."""
+def _blocks(shape: tuple[int, ...], layer: dict | None) -> list[tuple[tuple, tuple, tuple[int, ...], tuple[int, ...]]]:
+    """(shape the parameter is read as, index into it, view, reduce dims) per block, parts in start
+    order (a part slices the layer's view); reduce () is full Adam."""
     if layer is None:
-        return [((...,), shape, ())]
+        return [(shape, (...,), shape, ())]
     if not layer.get("parts"):
-        return [((...,), tuple(layer["view"]), tuple(layer["reduce"] or ()))]
+        return [(shape, (...,), tuple(layer["view"]), tuple(layer["reduce"] or ()))]
     out = []
+    source = tuple(layer["view"])
     for part in sorted(layer["parts"], key=lambda p: p["start"]):
-        index = [slice(None)] * len(shape)
+        index = [slice(None)] * len(source)
         index[part["dim"]] = slice(part["start"], part["stop"])
-        out.append((tuple(index), tuple(part["view"]), tuple(part["reduce"] or ())))
+        out.append((source, tuple(index), tuple(part["view"]), tuple(part["reduce"] or ())))
     return out
 
 
@@ -153,7 +157,7 @@ class NumpyPlanAdamW:
         self.theta = {n: p.copy() for n, p in params.items()}
         self.m = {n: np.zeros_like(p) for n, p in params.items()}
         self.blocks = {n: _blocks(p.shape, layers.get(n)) for n, p in params.items()}
-        self.v = {n: [np.zeros([1 if d in r else s for d, s in enumerate(view)]) for _, view, r in bs]
+        self.v = {n: [np.zeros([1 if d in r else s for d, s in enumerate(view)]) for _, _, view, r in bs]
                   for n, bs in self.blocks.items()}
         self.layers, self.hparams = layers, hparams
         self.b1, self.b2, self.eps, self.maximize, self.t = *betas, eps, maximize, 0
@@ -167,11 +171,12 @@ class NumpyPlanAdamW:
             theta, m = self.theta[n], self.m[n]
             m[...] = b1 * m + (1 - b1) * g
             theta *= 1 - lr * wd
-            for i, (index, view, r) in enumerate(self.blocks[n]):
-                sq = g[index].reshape(view) ** 2
+            for i, (source, index, view, r) in enumerate(self.blocks[n]):
+                at = theta.reshape(source)[index]                     # a numpy view: updates land in theta
+                sq = g.reshape(source)[index].reshape(view) ** 2
                 v = self.v[n][i] = b2 * self.v[n][i] + (1 - b2) * (sq.mean(axis=r, keepdims=True) if r else sq)
-                u = (m[index].reshape(view) / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + self.eps)
-                theta[index] -= lr * u.reshape(theta[index].shape)
+                u = (m.reshape(source)[index].reshape(view) / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + self.eps)
+                at -= lr * u.reshape(at.shape)
 
     def exp_avg_sq(self, n: str) -> np.ndarray:
         """`v` as the optimizer keeps it: one flat vector of every part's kept entries, the kept
@@ -242,6 +247,8 @@ def _features(layers: dict) -> set[str]:
     for layer in layers.values():
         if layer.get("parts"):
             found.add("parts")
+            if list(layer["view"]) != list(layer["shape"]):
+                found.add("interleaved parts")     # the parts slice the rows of each head
         for b in layer.get("parts") or [layer]:
             view, r = b["view"], b["reduce"]
             if len(view) == 2 and r == [0]:
@@ -260,7 +267,7 @@ COVERS = {"slimadam": {"parts", "column reduction"},
           "adam-mini": {"parts", "per-head view"},
           "adam-mini-paper": {"parts", "per-head view"},
           "adalayer": {"parts"},
-          "hand-plan": {"parts", "per-head view", "middle-dim reduction", "empty reduce"}}
+          "hand-plan": {"parts", "interleaved parts", "per-head view", "middle-dim reduction", "empty reduce"}}
 
 
 @pytest.mark.parametrize("info", CASES, ids=lambda i: i.name)
@@ -269,7 +276,8 @@ def test_oracle_cases_cover_parts_per_head_views_and_column_reductions(info):
     layers = opt.plan.to_json()["layers"] if opt.plan is not None else {}
     missing = COVERS.get(info.name, set()) - _features(layers)
     assert not missing, f"{info.name}'s plan no longer has {sorted(missing)}"
-    assert {"parts", "column reduction", "per-head view", "middle-dim reduction", "empty reduce"} <= \
+    assert {"parts", "interleaved parts", "column reduction", "per-head view", "middle-dim reduction",
+            "empty reduce"} <= \
         set().union(*COVERS.values())
 
 

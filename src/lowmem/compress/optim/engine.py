@@ -167,7 +167,10 @@ class ReducedAdamW(torch.optim.Optimizer):
                 self._names[p] = name
                 self._layouts[p] = layout_of(tuple(p.shape), layers.get(name))
                 if is_sharded(p):
-                    self._sharded[p] = sharded_layout(self._layouts[p], tuple(p.shape), row_shards(p, name))
+                    try:
+                        self._sharded[p] = sharded_layout(self._layouts[p], tuple(p.shape), row_shards(p, name))
+                    except ValueError as e:
+                        raise ValueError(f"lowmem: {name}: {e}") from None
                 self._kinds[p] = kind_of(self.layout_of(p), p)
                 lp = layers.get(name)
                 wanted = state_format or (lp.state_format if lp is not None else FULL)

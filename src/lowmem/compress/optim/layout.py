@@ -1,7 +1,8 @@
 """How a parameter's `v` is kept, and the two operations a step needs from it (DESIGN §5).
 
-A plan entry gives each parameter a `view` and `reduce` dims, or `parts` (slices of one raw dim,
-each with its own view and reduce): a `Layout` of `Block`s. A step asks a layout for two things
+A plan entry gives each parameter a `view` and `reduce` dims, or `parts` (slices of one dim of
+the raw tensor or, interleaved, of the layer's `view`, each with its own view and reduce): a
+`Layout` of `Block`s. A step asks a layout for two things
 only, and that is all that differs between a single-process and a row-sharded (FSDP2) parameter:
 
 - ``mean_r(g²)`` of each block (`block_means`): local reductions, or on a sharded parameter
@@ -47,8 +48,11 @@ class Block:
     Attributes:
         view: the region's shape after reshaping.
         reduce: dims of `view` averaged over, or None (full Adam).
-        dim, start, stop: the slice of the raw tensor (parts only; `dim` is None for the whole tensor).
+        dim, start, stop: the slice of the raw tensor, or of `source` (parts only; `dim` is None
+            for the whole tensor).
         offset: where the region's kept entries start in a flat ``exp_avg_sq`` (parts only).
+        source: the shape a (contiguous) parameter-shaped tensor is viewed as before slicing:
+            interleaved parts, whose slices are strided; None slices the tensor itself.
     """
 
     view: tuple[int, ...]
@@ -57,6 +61,7 @@ class Block:
     start: int = 0
     stop: int = 0
     offset: int = 0
+    source: tuple[int, ...] | None = None
 
     @property
     def kept_shape(self) -> tuple[int, ...]:
@@ -69,6 +74,9 @@ class Block:
         return math.prod(self.kept_shape)
 
     def narrow(self, t: torch.Tensor) -> torch.Tensor:
+        """The block's slice of `t`, a view of it (updates through it land in `t`)."""
+        if self.source is not None:
+            t = t.view(self.source)
         return t if self.dim is None else t.narrow(self.dim, self.start, self.stop - self.start)
 
     def region(self, t: torch.Tensor) -> torch.Tensor:
@@ -126,9 +134,10 @@ def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
         block = Block(tuple(lp.view), tuple(sorted(lp.reduce)))
         return Layout((block,), block.kept_shape, False)
     blocks, offset = [], 0
+    source = tuple(lp.view) if tuple(lp.view) != shape else None
     for part in sorted(lp.parts, key=lambda p: p.start):
         b = Block(tuple(part.view), tuple(sorted(part.reduce)) if part.reduce else None,
-                  part.dim, part.start, part.stop, offset)
+                  part.dim, part.start, part.stop, offset, source)
         blocks.append(b)
         offset += b.kept
     return Layout(tuple(blocks), (offset,), True)
@@ -214,7 +223,16 @@ class ShardedLayout:
 
 
 def sharded_layout(layout: Layout, shape: tuple[int, ...], shards: RowShards) -> ShardedLayout:
-    """This rank's `ShardedLayout` of a parameter of `shape` kept as `layout`."""
+    """This rank's `ShardedLayout` of a parameter of `shape` kept as `layout`.
+
+    Raises:
+        ValueError: the layout's parts are interleaved (a strided slice of every row group): a
+            rank's rows hold pieces of several parts, which this layout does not split.
+    """
+    if any(b.source is not None for b in layout.blocks):
+        raise ValueError("its q, k, v parts are interleaved (each head's or key-value group's rows together), and a "
+                         "row-sharded (FSDP2) parameter cannot keep interleaved parts apart; use a plan that keeps "
+                         "it whole or unsharded")
     blocks, offset = [], 0
     for b in layout.blocks:
         if b.reduce is None:
