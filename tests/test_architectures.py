@@ -56,6 +56,18 @@ def gpt2():
                                                                          n_head=4, n_positions=32))
 
 
+def falcon_old(multi_query: bool):
+    return lambda: _build(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, new_decoder_architecture=False,
+        multi_query=multi_query, alibi=False))
+
+
+def persimmon():
+    return _build(transformers.PersimmonForCausalLM, transformers.PersimmonConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=32))
+
+
 def bigcode(multi_query: bool):
     return lambda: _build(transformers.GPTBigCodeForCausalLM, transformers.GPTBigCodeConfig(
         vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32, multi_query=multi_query))
@@ -69,6 +81,9 @@ FUSED = {
     "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "contiguous", 4, 2),
     "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "contiguous", 4, 4),
     "gpt-bigcode-mqa": (bigcode(True), "transformer.h.0.attn.c_attn", "contiguous", 4, 1),
+    "falcon-old": (falcon_old(False), "transformer.h.0.self_attention.query_key_value", "per_head", 4, 4),
+    "falcon-old-mqa": (falcon_old(True), "transformer.h.0.self_attention.query_key_value", "contiguous", 4, 1),
+    "persimmon": (persimmon, "model.layers.0.self_attn.query_key_value", "per_head", 4, 4),
     "gpt-bigcode-mha": (bigcode(False), "transformer.h.0.attn.c_attn", "per_head", 4, 4),
 }
 
@@ -454,3 +469,20 @@ def test_a_row_sharded_parameter_with_interleaved_parts_is_refused_with_a_reason
     # a contiguous split (GPT-2's c_attn) shards as before
     lp = build_preset("eve", gpt2()).layers["transformer.h.0.attn.c_attn.weight"]
     sharded_layout(layout_of(tuple(lp.shape), lp), tuple(lp.shape), RowShards((0, 16, 32), 0))
+
+
+def test_hessian_pieces_of_interleaved_parts_are_the_models_rows():
+    # `piece` selects a part's entries (strided: each head's rows) and a head within it (one
+    # contiguous span), as flat indices into the weight: checked against the rows by hand.
+    from lowmem.hessian.exact import HessianError, piece
+    model = neox()
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"     # (96, 32): 4 heads × (q, k, v) × 8
+    rows = _rows("per_head", 4, 4, 8)
+    index = torch.arange(96 * 32).view(96, 32)
+    for part in "qkv":
+        p = piece(model, f"{name}[part={part}]")
+        assert p.index.tolist() == index[rows[part]].reshape(-1).tolist() and p.box == (32, 32)
+        p = piece(model, f"{name}[part={part}, head=2]")
+        assert p.index.tolist() == index[rows[part][16:24]].reshape(-1).tolist()
+    with pytest.raises(HessianError, match="interleaved"):
+        piece(model, f"{name}[part=q, 0:4]")
