@@ -56,6 +56,13 @@ def gpt2():
                                                                          n_head=4, n_positions=32))
 
 
+def falcon1():
+    """Falcon's new architecture with one key-value group: q heads, k, v one after the other."""
+    return _build(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=1,
+        new_decoder_architecture=True))
+
+
 def falcon_old(multi_query: bool):
     return lambda: _build(transformers.FalconForCausalLM, transformers.FalconConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, new_decoder_architecture=False,
@@ -81,6 +88,7 @@ FUSED = {
     "phi3": (phi3, "model.layers.0.self_attn.qkv_proj", "contiguous", 4, 2),
     "gpt2": (gpt2, "transformer.h.0.attn.c_attn", "contiguous", 4, 4),
     "gpt-bigcode-mqa": (bigcode(True), "transformer.h.0.attn.c_attn", "contiguous", 4, 1),
+    "falcon-new-1kv": (falcon1, "transformer.h.0.self_attention.query_key_value", "contiguous", 4, 1),
     "falcon-old": (falcon_old(False), "transformer.h.0.self_attention.query_key_value", "per_head", 4, 4),
     "falcon-old-mqa": (falcon_old(True), "transformer.h.0.self_attention.query_key_value", "contiguous", 4, 1),
     "persimmon": (persimmon, "model.layers.0.self_attn.query_key_value", "per_head", 4, 4),
@@ -361,6 +369,12 @@ def test_fused_projections_whose_widths_are_not_q_k_v_are_not_split():
     cross = layers["transformer.h.0.crossattention.c_attn.weight"]
     assert (cross.qkv_layout, cross.parts) == ("unknown", None)
     assert layers["transformer.h.0.attn.c_attn.weight"].parts == (("q", 48), ("k", 48), ("v", 48))
+
+    # GPT-BigCode's cross-attention (per head, keys and values only: 2H rows): not split either
+    model = _build(transformers.GPTBigCodeForCausalLM, transformers.GPTBigCodeConfig(
+        vocab_size=64, n_embd=48, n_layer=1, n_head=4, n_positions=32, multi_query=False, add_cross_attention=True))
+    info = resolve_layers(model, warn=False)["transformer.h.0.crossattention.c_attn.weight"]
+    assert (info.parts, info.part_groups) == (None, None)
 
     # timm EfficientFormer's attention (no transformers config): per head [key, key, 4·key] rows of
     # unequal widths, 1536 rows from 448 inputs: not the q, k, v of one width one after the other.

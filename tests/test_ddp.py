@@ -608,3 +608,63 @@ def test_fsdp2_state_format_errors_equal_the_single_process_errors(tmp_path):
             assert got["state_error"] == pytest.approx(want.state_error, rel=rel, abs=1e-7), (rank, key)
             assert got["update_error"] == pytest.approx(want.update_error, rel=rel, abs=1e-7), (rank, key)
     assert {(s.step, s.name, s.state, s.format) for s in read_precision(tmp_path / "precision.csv")} == set(single)
+
+
+# -- an interleaved fused Q/K/V under FSDP2 ----------------------------------------------------
+def _neox():
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+
+
+def _neox_worker(rank: int, world: int, port: int, out: str, split_plan: str) -> None:
+    """On a row-sharded GPT-NeoX: what the resolver reads, a preset optimizer's step, the SNR
+    capture, and the plan made unsharded (with the split) offered to the sharded optimizer."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lowmem.layers import resolve_layers
+    from lowmem.snr.capture import capture
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        name = "gpt_neox.layers.0.attention.query_key_value.weight"
+        model = _neox()
+        fully_shard(model)
+        info = resolve_layers(model, warn=False)[name]
+        opt = lowmem.SlimAdam(model, lr=1e-3)
+        cap = capture(opt, model, every=1)
+        for step in range(2):
+            opt.zero_grad()
+            model(torch.arange(step, step + 12).view(1, 12) % 64).logits.square().mean().backward()
+            opt.step()
+        cap.close()
+        views = sorted({s.view.name for s in cap.samples if s.name == name})
+        try:
+            lowmem.optimizer_from_plan(model, split_plan, lr=1e-3)
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+        torch.save({"parts": info.parts, "layout": info.qkv_layout, "views": views, "refused": refused},
+                   os.path.join(out, f"neox.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_keeps_an_interleaved_projection_whole_and_refuses_a_split_plan_with_a_reason(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="no FSDP2")
+    split = lowmem.build_preset("slimadam-rules", _neox())
+    assert split.layers["gpt_neox.layers.0.attention.query_key_value.weight"].parts   # unsharded: split
+    split.save(tmp_path / "split.json")
+    world = 2
+    mp.start_processes(_neox_worker, args=(world, _free_port(), str(tmp_path), str(tmp_path / "split.json")),
+                       nprocs=world, join=True, start_method="spawn")
+    for rank in range(world):
+        got = torch.load(tmp_path / f"neox.{rank}.pt")
+        assert (got["parts"], got["layout"]) == (None, "per_head")     # sharded: kept whole, measured whole
+        assert got["views"] == ["raw"]
+        assert "interleaved" in got["refused"] and "query_key_value" in got["refused"]

@@ -214,7 +214,7 @@ class ModelLayers:
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
                 is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
-                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""), part_groups=r.get("part_groups"))
+                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""), part_groups=None if r.get("part_groups") is None else int(r["part_groups"]))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -517,8 +517,13 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
             if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "multi_query", False) and \
                     not getattr(cfg, "new_decoder_architecture", False):
                 hkv = 1   # Falcon's multi-query: one key and one value head, whatever num_kv_heads says
-            return _qkv_info(info, axes, out_features, None, hq, hkv,
-                             _qkv_layout(cfg, out_features, in_features, hq, hkv), found)
+            layout = _qkv_layout(cfg, out_features, in_features, hq, hkv)
+            if layout == "grouped" and hkv == 1:   # one key-value group: q, k, v one after the other
+                layout = "contiguous"
+            if layout in ("per_head", "grouped"):
+                return _interleaved_info(info, axes, out_features, in_features, hq, hkv, layout, found,
+                                         is_sharded(p))
+            return _qkv_info(info, axes, out_features, None, hq, hkv, layout, found)
         if role in ("attn_q", "attn_k", "attn_v"):
             hq, hkv = _heads(owner, ancestors, config, heads, kv_heads)
             h = hq if role == "attn_q" else hkv
@@ -763,8 +768,6 @@ def _qkv_layout(config, out_features: int, in_features: int, hq, hkv) -> str:
 def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str) -> ParamInfo:
     """A fused Q/K/V projection: split the ``out`` axis into q, k, v parts (GQA-aware) where they
     lie one after the other; kept whole (heads known) for any other layout."""
-    if layout in ("per_head", "grouped"):
-        return _interleaved_info(info, axes, out_features, hq, hkv, layout, found)
     if layout != "contiguous":
         head_dim = out_features // (hq + 2 * (hkv or hq)) if hq else None
         return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim, qkv_layout=layout)
@@ -783,14 +786,19 @@ def _qkv_info(info, axes, out_features, sizes, hq, hkv, layout: str, found: str)
                 qkv_layout="contiguous")
 
 
-def _interleaved_info(info, axes, out_features, hq, hkv, layout: str, found: str) -> ParamInfo:
+def _interleaved_info(info, axes, out_features, in_features, hq, hkv, layout: str, found: str,
+                      sharded: bool) -> ParamInfo:
     """A fused Q/K/V projection whose rows interleave q, k and v: per head (each head's q, k, v
     rows: ``hkv == hq``) or per key-value group (a group's ``hq / hkv`` query heads, its key, its
-    value), split into parts within each group (`ParamInfo.part_groups`); kept whole where the
-    heads are unknown or do not divide the rows so."""
+    value), split into parts within each group (`ParamInfo.part_groups`). Kept whole where the
+    heads are unknown or the widths are not those of q, k and v of heads of ``in / hq`` (a
+    cross-attention's keys and values only), and on a row-sharded (FSDP2) parameter, whose rank
+    holds pieces of every part (a plan measured and made there keeps it whole, as the optimizer
+    there can)."""
     hkv = hkv or hq
-    ok = hq and hkv and hq % hkv == 0 and (layout == "grouped" or hq == hkv) and out_features % (hq + 2 * hkv) == 0
-    if not ok:
+    ok = hq and hkv and hq % hkv == 0 and (layout == "grouped" or hq == hkv) and in_features % hq == 0 \
+        and out_features == (hq + 2 * hkv) * (in_features // hq)
+    if not ok or sharded:
         return info("attn_qkv", axes, found, heads=hq, qkv_layout=layout)
     head_dim = out_features // (hq + 2 * hkv)
     per = hq // hkv

@@ -383,6 +383,16 @@ def test_fused_qkv_decides_each_part():
     assert Plan.loads(plan.dumps()).to_json() == plan.to_json()
 
 
+def test_fused_qkv_whose_parts_all_keep_full_adam_is_one_whole_layer():
+    # Nothing averaged: one full-Adam layer (its v whole, so a state format can store it), its
+    # why naming each part's reason, rather than three parts each keeping its own.
+    t = traj([(100, QKV, "q:8x8", "1", 0.9), (100, QKV, "k:8x8", "0", 0.5), (100, QKV, "v:8x8", "0", 0.8)])
+    lp = build_plan(model(fused=True), t).layers[QKV]
+    assert (lp.parts, lp.view, lp.reduce, lp.v_kept) == (None, [24, 8], None, 24 * 8)
+    assert lp.why.startswith("q: best SNR 0.90 (along fan_in) not > 1: full Adam; k: best SNR 0.50")
+    assert texts(lp.snr) == {"k:0": 0.5, "q:1": 0.9, "v:0": 0.8}
+
+
 def test_fused_qkv_with_prefer_compression_decides_each_part():
     t = traj([
         (100, QKV, "q:8x8", "1", 2.0), (100, QKV, "q:8x8", "0,1", 1.1),      # q: scalar passes, keeps 1

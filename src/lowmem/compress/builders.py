@@ -211,6 +211,9 @@ def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> L
             choice = _best(pviews, snr, threshold, prefer, allow_token)
             base = pviews[0]
             parts.append(_part_plan(part, base, choice, snr, threshold))
+        if all(p.reduce is None for p in parts):   # nothing averaged: one whole full-Adam layer (its v
+            # whole, so a state format may store it), not parts that each keep theirs
+            return _full(info, "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr))
         lp = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
                        "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
                        parts, list(info.aliases))
@@ -232,6 +235,8 @@ def _unsplit(info: ParamInfo) -> str:
         return ""
     layout = {"per_head": "each head's q, k, v rows together", "grouped": "q, k, v per key-value group"}.get(
         info.qkv_layout, "layout not known")
+    if info.qkv_layout in ("per_head", "grouped"):
+        layout += " and its heads or widths unknown, or the parameter row-sharded"
     return f" (fused q/k/v not split: {layout})"
 
 

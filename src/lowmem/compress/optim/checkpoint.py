@@ -405,7 +405,8 @@ def _shorten(x: Any, n: int = 80) -> str:
 
 def _describe(layout: Layout) -> str:
     def one(b: Block) -> str:
-        where = "" if b.dim is None else f"[{b.start}:{b.stop}] "
+        where = "" if b.dim is None else f"[{b.start}:{b.stop}] " if b.source is None else \
+            f"{list(b.source)}[dim {b.dim}: {b.start}:{b.stop}] "
         return f"{where}view {list(b.view)} reduce {None if b.reduce is None else list(b.reduce)}"
     return "; ".join(one(b) for b in layout.blocks)
 
