@@ -60,6 +60,10 @@ class AdamMini(ReducedAdamW):
             and output full Adam, every other tensor one scalar. In both, a stack of experts keeps
             its expert axis (per row, or one scalar, of each expert) and a tensor with axes lowmem
             cannot name keeps full Adam (the package would pool it into one scalar).
+        **kwargs: as `ReducedAdamW`. Without ``param_groups``, the ``"package"`` variant exempts
+            from weight decay the parameters whose names contain ``norm``, ``ln`` or ``bias``, as
+            the package does (its test, case-sensitive); give ``param_groups`` to decide otherwise.
+            The ``"paper"`` variant decays every parameter.
     """
 
     kind = "adam-mini"
@@ -69,7 +73,19 @@ class AdamMini(ReducedAdamW):
         if variant not in presets:
             raise ValueError(f"Invalid Adam-mini variant: {variant!r} (expected 'package' or 'paper')")
         self.variant = variant
+        if variant == "package" and kwargs.get("param_groups") is None:
+            kwargs["param_groups"] = package_decay_groups(model)
         super().__init__(model, build_preset(presets[variant], model), **kwargs)
+
+
+def package_decay_groups(model: nn.Module) -> list[dict]:
+    """adam-mini 1.1.1's weight-decay rule as param groups: no decay for the parameters whose
+    names contain ``norm``, ``ln`` or ``bias`` (case-sensitive, as the package tests them)."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (exempt if any(s in name for s in ("norm", "ln", "bias")) else decay).append(p)
+    return [g for g in ({"params": decay}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
 
 
 class AdaLayer(ReducedAdamW):
