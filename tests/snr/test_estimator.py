@@ -65,6 +65,22 @@ def test_zero_and_constant_slices_are_left_out_not_averaged_as_zero_or_inf():
     assert got.var == pytest.approx((a.var() + b.var()) / 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("shape, constant", [((6, 7), 0.1), ((5, 1000), 0.3), ((3, 4, 130), 1.7)])
+def test_an_exactly_constant_float32_slice_is_left_out(reference_snr, shape, constant):
+    # A float32 sum of n copies of c is inexact, so a float32 two-pass variance of a constant slice
+    # came out ~1e-17, not 0, and its SNR (~1e13) swamped the mean: the audit's case is the first.
+    rng = np.random.default_rng(0)
+    v = rng.exponential(size=shape).astype(np.float32)
+    v[2] = constant
+    for subset in _every_subset(len(shape)):
+        if 0 in subset:
+            continue                       # slices along dim 0 cross the constant row
+        want = reference_snr(v, subset)[0]  # float64: the constant slices have variance exactly 0
+        got = estimate_snr(torch.from_numpy(v), [subset])[subset].snr
+        assert got == pytest.approx(want, rel=1e-4), subset
+        assert got < 1e3
+
+
 def test_subset_with_no_finite_slice_gives_nan(reference_snr):
     v = torch.zeros(4, 6)
     v[1] = 2.5                                  # constant rows: every slice along dim 1 is 0/0 or c/0

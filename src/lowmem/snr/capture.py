@@ -381,16 +381,19 @@ class _ShardedMeasurement:
             self.local.append((index, snr_sums(x.reshape(region.local_shape), region.local_reduce, buf), group))
             return
         flat = x.reshape(-1)
-        sums = torch.zeros(region.kept_shape, dtype=x.dtype, device=x.device)
+        # Sums in float64, as `snr_sums`' mean: a constant slice's mean is then exact, its variance 0.
+        sums = torch.zeros(region.kept_shape, dtype=torch.float64, device=x.device)
         for box in region.boxes:
-            sums[box.kept_index(region.reduce)] += region.piece(flat, box).sum(dim=region.reduce, keepdim=True)
+            sums[box.kept_index(region.reduce)] += region.piece(flat, box).sum(dim=region.reduce, keepdim=True,
+                                                                               dtype=torch.float64)
         self.spread.append((index, region, flat, group, sums))
 
     def finish(self, terms: list[torch.Tensor | None]) -> None:
         all_reduce_by_group([(sums, g) for _, _, _, g, sums in self.spread])
         squares = []
-        for _, region, flat, _, sums in self.spread:
-            mean = sums.div_(region.count)
+        for i, (index, region, flat, group, sums) in enumerate(self.spread):
+            mean = sums.div_(region.count).to(flat.dtype)
+            self.spread[i] = (index, region, flat, group, mean)
             sq = torch.zeros_like(mean)
             for box in region.boxes:
                 k = box.kept_index(region.reduce)
