@@ -135,8 +135,11 @@ def test_source_records_the_window_threshold_and_options():
     src = build_plan(model(), t, threshold=1.5, window=(200, None), prefer="compression",
                      depth_average=True, source={"probe_lr": 3e-4}).source
     assert src == {"method": "snr", "threshold": 1.5, "window": [200, 400], "prefer": "compression",
-                   "depth_average": True, "measurements": 4, "probe_lr": 3e-4}
+                   "depth_average": True, "measurements": 3, "probe_lr": 3e-4}   # 200, 300, 400
     assert build_plan(model(), t).source["window"] == [100, 400]
+    assert build_plan(model(), t).source["measurements"] == 4
+    assert build_plan(model(), t, window=(150, 350)).source["measurements"] == 2             # 200, 300
+    assert build_plan(model(), t, window=(None, 100)).source["measurements"] == 1
 
 
 def test_a_subset_at_exactly_the_threshold_does_not_pass():

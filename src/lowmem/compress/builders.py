@@ -131,7 +131,8 @@ def build_plan(
     win = [window[0] if window and window[0] is not None else (steps[0] if steps else None),
            window[1] if window and window[1] is not None else (steps[-1] if steps else None)]
     src = {"method": "snr", "threshold": threshold, "window": win, "prefer": prefer,
-           "depth_average": depth_average, "measurements": len(steps)}
+           "depth_average": depth_average,
+           "measurements": sum(1 for s in steps if win[0] <= s <= win[1]) if steps else 0}   # in the window
     if precision is not None:
         src["precision_threshold"] = precision_threshold
         if precision_threshold > 0:
