@@ -289,6 +289,15 @@ def test_bad_flag_values_are_usage_errors(tmp_path, flags, expected):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag", [["--prefer", "compression"], ["--depth-average"]])
+def test_the_paper_rule_with_options_it_does_not_have_is_a_usage_error(tmp_path, flag):
+    write(tmp_path, MODEL)
+    r = lowmem_analyze(tmp_path, "model.py", "--rule", "paper", *flag, "--out", "o")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--rule paper takes each layer's own highest SNR" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_builtin_example_happy_path(tmp_path):
     r = lowmem_analyze(tmp_path, "--example", "shakespeare", "--steps", "20", "--every", "10", "--out", "o", "-q",
                        timeout=300)

@@ -134,7 +134,7 @@ def test_source_records_the_window_threshold_and_options():
     t = traj([(step, Q0, RAW_Q, "1", snr) for step, snr in STEPS])
     src = build_plan(model(), t, threshold=1.5, window=(200, None), prefer="compression",
                      depth_average=True, source={"probe_lr": 3e-4}).source
-    assert src == {"method": "snr", "threshold": 1.5, "window": [200, 400], "prefer": "compression",
+    assert src == {"method": "snr", "rule": "lowmem", "threshold": 1.5, "window": [200, 400], "prefer": "compression",
                    "depth_average": True, "measurements": 3, "probe_lr": 3e-4}   # 200, 300, 400
     assert build_plan(model(), t).source["window"] == [100, 400]
     assert build_plan(model(), t).source["measurements"] == 4
@@ -454,3 +454,54 @@ def test_an_unknown_linear_follows_its_snr_and_an_unknown_blob_keeps_full_adam()
                                                 "_Unknowns that no rule reads: axes unknown")
     # The Linear's why says how its role was (not) found.
     assert lp.why.endswith("; role other: a Linear whose name (mystery) and siblings say nothing of its role")
+
+
+# -- the paper's rule, exactly -------------------------------------------------------------------
+def test_the_paper_rule_takes_raw_subsets_with_the_token_axis_and_no_head_view():
+    WPE = "transformer.wpe.weight"
+    t = traj([
+        (100, Q0, RAW_Q, "0", 0.5), (100, Q0, RAW_Q, "1", 2.0),          # raw: fan_in 2.0
+        (100, Q0, HEADS_Q, "1", 5.0),                                      # per-head fan_out 5.0
+        (100, WTE, "raw:10x8", "0", 3.0), (100, WTE, "raw:10x8", "1", 2.0),   # token 3.0, model 2.0
+        (100, WPE, "raw:4x8", "0", 0.9), (100, WPE, "raw:4x8", "1", 1.4),
+    ])
+    mine, paper = build_plan(model(), t), build_plan(model(), t, rule="paper")
+    assert (mine.layers[Q0].view, mine.layers[Q0].reduce) == ([2, 4, 8], [1])      # one v per head and column
+    assert (paper.layers[Q0].view, paper.layers[Q0].reduce) == ([8, 8], [1])       # one v per row
+    assert (mine.layers[WTE].reduce, paper.layers[WTE].reduce) == ([1], [0])       # token only in the paper's
+    assert mine.layers[WPE].reduce == paper.layers[WPE].reduce == [1]
+    assert paper.source["rule"] == "paper" and mine.source["rule"] == "lowmem"
+    with pytest.raises(ValueError, match="highest SNR"):
+        build_plan(model(), t, rule="paper", prefer="compression")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_paper_rule_equals_a_transcription_of_it_on_random_snr(fused):
+    # Every view and subset of every layer gets a random SNR; the paper's rule written out here,
+    # per tensor (a fused projection's parts as tensors): its own axes' subsets, those > 1, the
+    # highest; norms full Adam.
+    import random
+    rng = random.Random(1)
+    layers = resolve_layers(model(fused=fused), warn=False)
+    rows = []
+    for info in layers:
+        for view in param_views(info):
+            for k in range(1, 2 ** len(view.shape)):
+                subset = ",".join(str(d) for d in range(len(view.shape)) if k >> d & 1)
+                rows.append((100, info.name, str(view.label()), subset, rng.uniform(0.2, 3.0)))
+    plan = build_plan(model(fused=fused), traj(rows), rule="paper")
+    snr = {(name, view, subset): x for _, name, view, subset, x in rows}
+    for info in layers:
+        tensors = [(v, v.part) for v in param_views(info) if not v.name.endswith("heads")]
+        lp = plan.layers[info.name]
+        decided = {p.name: (p.view, p.reduce) for p in lp.parts} if lp.parts else {None: (lp.view, lp.reduce)}
+        for view, part in tensors:
+            cands = {s: x for (n, v, s), x in snr.items() if n == info.name and v == str(view.label()) and x > 1}
+            if info.role == "norm" or not cands:
+                want = None
+            else:
+                want = [int(d) for d in max(cands, key=cands.get).split(",")]
+            got = decided.get(part, decided.get(None))[1]
+            if lp.parts is None and part is not None:     # every part full: one whole full-Adam layer
+                got = None
+            assert got == want, (info.name, part)

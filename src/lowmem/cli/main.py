@@ -94,6 +94,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "whose measured update-direction error stays below X at every measurement "
                         f"(default {PRECISION_THRESHOLD:g}: 8-bit passes, 4-bit rarely); 0 keeps all state in fp32")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
+    p.add_argument("--rule", choices=("lowmem", "paper"), default="lowmem",
+                   help="lowmem (default): per-head subsets are candidates too, an embedding's token axis is not; "
+                        "paper: SlimAdam as published (every subset of each tensor's own axes, token included, no "
+                        "head view, highest SNR)")
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
     p.add_argument("--preset", choices=PLAN_PRESETS, help="write a preset plan for the model without training")
     p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
@@ -139,6 +143,9 @@ def _run(args, err: Console) -> int:
                          f"({PROG} --example shakespeare)")
     if args.plan and args.preset:
         raise UsageError("--plan and --preset are alternatives; give one")
+    if args.rule == "paper" and (args.prefer != "snr" or args.depth_average):
+        raise UsageError("--rule paper takes each layer's own highest SNR: leave out --prefer compression and "
+                         "--depth-average")
     with user_code():
         task = load_example(args.example) if args.example else load_task(args.target)
     device = parse_device(args.device)
@@ -261,7 +268,7 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
         raise TaskError(f"no SNR measurement in {result.steps_done} steps (every {every}): the optimizer of "
                         f"{task.source} updated no parameter of the model with Adam state")
     try:
-        plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average,
+        plan = build_plan(result.model, traj, args.threshold, args.window, args.prefer, args.depth_average, rule=args.rule,
                           layers=result.layers, source=_source(task, lr, steps, every, result.steps_done, status),
                           precision=precision, precision_threshold=args.precision_threshold)
     except PlanError as e:   # e.g. a --window past the steps an interrupted probe reached

@@ -61,6 +61,7 @@ def build_plan(
     source: dict | None = None,
     precision: PrecisionTrajectory | None = None,
     precision_threshold: float = PRECISION_THRESHOLD,
+    rule: str = "lowmem",
 ) -> Plan:
     """Build a plan from the time-mean SNR of each parameter's views and axis subsets.
 
@@ -82,6 +83,13 @@ def build_plan(
         precision_threshold: a state format passes when its update-direction error is strictly
             below this at every measurement in `window` (`lowmem.compress.precision`); 0 keeps
             every state in fp32 and writes no ``state`` entries.
+        rule: ``"lowmem"`` (default): the subsets of every view are candidates, head views'
+            per-head subsets too (one `v` per head and row, say), never an embedding's token
+            axis unless `allow_token`. ``"paper"``: SlimAdam as published (Kalra et al. 2025):
+            every non-empty subset of the tensor's own axes (a fused projection's parts as
+            separate tensors), the token axis included, no head view; each layer's highest
+            SNR strictly above `threshold`; norms never. It takes `prefer` ``"snr"`` and no
+            `depth_average`.
 
     Returns:
         A `Plan`; layers without samples keep full Adam and say so (with a warning naming them).
@@ -93,6 +101,11 @@ def build_plan(
     """
     if prefer not in ("snr", "compression"):
         raise ValueError(f"prefer must be 'snr' or 'compression', got {prefer!r}")
+    if rule not in ("lowmem", "paper"):
+        raise ValueError(f"rule must be 'lowmem' or 'paper', got {rule!r}")
+    if rule == "paper" and (prefer != "snr" or depth_average):
+        raise ValueError("the paper's rule takes each layer's own highest SNR: no prefer='compression' and no "
+                         "depth_average")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     if not (isinstance(precision_threshold, (int, float)) and math.isfinite(precision_threshold)
@@ -125,12 +138,13 @@ def build_plan(
     plan_layers = {}
     for info in layers:
         snr = by_name.get(info.name) or {}
-        plan_layers[info.name] = _decide(info, snr, threshold, prefer, allow_token)
+        plan_layers[info.name] = _decide(info, snr, threshold, prefer, allow_token or rule == "paper",
+                                         heads=rule != "paper")
     say_roles(plan_layers, layers)
     steps = trajectory.steps
     win = [window[0] if window and window[0] is not None else (steps[0] if steps else None),
            window[1] if window and window[1] is not None else (steps[-1] if steps else None)]
-    src = {"method": "snr", "threshold": threshold, "window": win, "prefer": prefer,
+    src = {"method": "snr", "rule": rule, "threshold": threshold, "window": win, "prefer": prefer,
            "depth_average": depth_average,
            "measurements": sum(1 for s in steps if win[0] <= s <= win[1]) if steps else 0}   # in the window
     if precision is not None:
@@ -197,14 +211,15 @@ def _listing(items: list[str], n: int, tail: bool = True) -> str:
     return ", ".join(shown)
 
 
-def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token) -> LayerPlan:
+def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token, heads: bool = True) -> LayerPlan:
     if info.role in _NEVER:
         return _full(info, _NEVER[info.role], _snr_record(info, snr) or None)
     if info.role == "other" and all(_generic(a) for a in info.axes):
         return _full(info, "unknown layer type and axes: full Adam", _snr_record(info, snr) or None)
     if not snr:
         return _full(info, "no SNR samples (no gradient seen): full Adam")
-    views = param_views(info)
+    # Without head views (the paper's rule), the tensor's own axes, or each part's
+    views = [v for v in param_views(info) if heads or v.name.rpartition(".")[2] != "heads"]
     if info.parts:
         parts = []
         for part, size in info.parts:
