@@ -61,8 +61,8 @@ class AdamMini(ReducedAdamW):
             its expert axis (per row, or one scalar, of each expert) and a tensor with axes lowmem
             cannot name keeps full Adam (the package would pool it into one scalar).
         **kwargs: as `ReducedAdamW`. Without ``param_groups``, the ``"package"`` variant exempts
-            from weight decay the parameters whose names contain ``norm``, ``ln`` or ``bias``, as
-            the package does (its test, case-sensitive); give ``param_groups`` to decide otherwise.
+            from weight decay the parameters whose lower-cased names contain ``norm``, ``ln`` or
+            ``bias``, as the package does; give ``param_groups`` to decide otherwise.
             The ``"paper"`` variant decays every parameter.
     """
 
@@ -80,11 +80,11 @@ class AdamMini(ReducedAdamW):
 
 def package_decay_groups(model: nn.Module) -> list[dict]:
     """adam-mini 1.1.1's weight-decay rule as param groups: no decay for the parameters whose
-    names contain ``norm``, ``ln`` or ``bias`` (case-sensitive, as the package tests them)."""
+    lower-cased names contain ``norm``, ``ln`` or ``bias``, as the package tests them."""
     decay, exempt = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (exempt if any(s in name for s in ("norm", "ln", "bias")) else decay).append(p)
+            (exempt if any(s in name.lower() for s in ("norm", "ln", "bias")) else decay).append(p)
     return [g for g in ({"params": decay}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
 
 
