@@ -60,10 +60,10 @@ class AdamMini(ReducedAdamW):
             and output full Adam, every other tensor one scalar. In both, a stack of experts keeps
             its expert axis (per row, or one scalar, of each expert) and a tensor with axes lowmem
             cannot name keeps full Adam (the package would pool it into one scalar).
-        **kwargs: as `ReducedAdamW`. Without ``param_groups``, the ``"package"`` variant exempts
-            from weight decay the parameters whose lower-cased names contain ``norm``, ``ln`` or
-            ``bias``, as the package does; give ``param_groups`` to decide otherwise.
-            The ``"paper"`` variant decays every parameter.
+        **kwargs: as `ReducedAdamW`. Weight decay applies to every parameter of a group, as in
+            `torch.optim.AdamW`; the adam-mini 1.1.1 package instead exempts the parameters whose
+            lower-cased names contain ``norm``, ``ln`` or ``bias``. To match it, pass
+            ``param_groups=package_decay_groups(model)`` (the same rule as two groups).
     """
 
     kind = "adam-mini"
@@ -73,8 +73,6 @@ class AdamMini(ReducedAdamW):
         if variant not in presets:
             raise ValueError(f"Invalid Adam-mini variant: {variant!r} (expected 'package' or 'paper')")
         self.variant = variant
-        if variant == "package" and kwargs.get("param_groups") is None:
-            kwargs["param_groups"] = package_decay_groups(model)
         super().__init__(model, build_preset(presets[variant], model), **kwargs)
 
 
