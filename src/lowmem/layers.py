@@ -338,7 +338,7 @@ def _owner(name: str, modules: dict[str, nn.Module]) -> tuple[str, str, nn.Modul
 
 
 def _experts_count(modules_chain, config) -> int | None:
-    return _find_attr([*modules_chain, *(getattr(m, "config", None) for m in modules_chain), config], _EXPERT_ATTRS)
+    return _chain_attr(modules_chain, config, _EXPERT_ATTRS)
 
 
 def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id: dict, config) -> dict[str, int]:
@@ -411,7 +411,7 @@ def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
     which of the two is ``in`` (first projections) or ``out`` (the last); a square stack follows
     its siblings' layout (gpt-oss, where the model's and the FFN's widths are equal)."""
     role = _expert_role(attr)
-    hidden = _find_attr([*chain, *(getattr(m, "config", None) for m in chain), config], _HIDDEN_ATTRS)
+    hidden = _chain_attr(chain, config, _HIDDEN_ATTRS)
     stack = f"structure: a stack of {shape[0]} experts' matrices"
     if role is None or hidden is None or (shape[1] == hidden) == (shape[2] == hidden):
         convention = _stack_convention(chain[0], shape[0], hidden) if role is not None and \
@@ -705,6 +705,12 @@ def _is_head_name(component: str) -> bool:
     return component in _HEAD_NAMES or component.endswith("_head") or component.startswith("classif")
 
 
+def _chain_attr(chain: list, config, names: tuple[str, ...]) -> int | None:
+    """The first positive int attribute named in `names` of the modules in `chain` (nearest
+    first), then of their configs, then of the model's `config`."""
+    return _find_attr([*chain, *(getattr(m, "config", None) for m in chain), config], names)
+
+
 def _find_attr(modules: Iterable, names: tuple[str, ...]) -> int | None:
     for m in modules:
         if m is None:
@@ -718,10 +724,9 @@ def _find_attr(modules: Iterable, names: tuple[str, ...]) -> int | None:
 
 def _heads(owner, ancestors, config, heads, kv_heads) -> tuple[int | None, int | None]:
     """(query heads, key-value heads) from overrides, the module and its ancestors, then a config."""
-    configs = [getattr(m, "config", None) for m in [owner, *ancestors]] + [config]
-    chain = [owner, *ancestors, *configs]
-    hq = heads or _find_attr(chain, _HEAD_ATTRS)
-    hkv = kv_heads or _find_attr(chain, _KV_HEAD_ATTRS) or hq
+    chain = [owner, *ancestors]
+    hq = heads or _chain_attr(chain, config, _HEAD_ATTRS)
+    hkv = kv_heads or _chain_attr(chain, config, _KV_HEAD_ATTRS) or hq
     return hq, hkv
 
 
