@@ -426,6 +426,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
+    after = next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, steps, bool(validation))
     if args.format == "json":
         doc = {"plan": plan.to_json(),
                "memory": {"adamw_bytes": mem.adamw_bytes, "plan_bytes": mem.plan_bytes, "saved": round(mem.saved, 6),
@@ -438,7 +439,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
         if validation:
             doc["validation"] = _validation_summary(validation)
-        doc["next"] = {key: text for key, _, text in next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, steps, bool(validation))}
+        doc["next"] = {key: text for key, _, text in after}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
         # A pipe has no width; give the tables room rather than folding layer names.
@@ -463,7 +464,7 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                 console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f}{relative}; optimizer state {format_bytes(v['plan_state_bytes'])} vs "
                               f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
         console.print()
-        print_next_steps(console, next_steps(args, run, out, args.lr or plan.source.get("probe_lr") or lr, steps, bool(validation)))
+        print_next_steps(console, after)
     if bar_failed:
         Console(stderr=True, soft_wrap=True).print(f"{PROG}: the plan saves {saved:.2%} of v, below --require-saved {args.require_saved:.2%}",
                                    markup=False)
