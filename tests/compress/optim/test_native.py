@@ -166,8 +166,9 @@ def assert_steps_agree(ref, ref_opt, model, opt, fmt: str, dtype: torch.dtype) -
     states equal up to fp32 rounding (codes one step apart in under 0.1% of entries),
     parameters up to what one code apart moves them."""
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):
-        sa, sb = ref_opt.state[a], {k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in opt.state[b].items()}
-        b = b.detach().cpu()
+        sa, sb = ({k: t.cpu() if isinstance(t, torch.Tensor) else t for k, t in o.state[q].items()}
+                  for o, q in ((ref_opt, a), (opt, b)))
+        a, b = a.detach().cpu(), b.detach().cpu()
         assert set(sa) == set(sb), name
         for key in sa:
             x, y = sa[key], sb[key]

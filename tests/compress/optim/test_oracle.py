@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):                             # (B, T, D)
         q, k, v = (t.view(B, T, N_HEAD, D // N_HEAD).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2))
         att = q @ k.transpose(-1, -2) / (D // N_HEAD) ** 0.5                          # (B, h, T, T)
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1), float("-inf")).softmax(-1)
         return self.c_proj((att @ v).transpose(1, 2).reshape(B, T, D))
 
 
@@ -89,7 +89,7 @@ def tiny_gpt() -> TinyGPT:
 
 def loss_at(model: nn.Module, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
-    x = torch.randint(0, VOCAB, (B, T), generator=g)
+    x = torch.randint(0, VOCAB, (B, T), generator=g).to(next(model.parameters()).device)
     y = (x * 3 + 1) % VOCAB
     return nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
 
