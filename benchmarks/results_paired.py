@@ -8,6 +8,12 @@ the 95% interval mean ± t(0.975, n−1)·sd/√n, and prints the table RESULTS.
 
     python benchmarks/results_paired.py                       # the losses RESULTS.md records
     python benchmarks/results_paired.py --csv s0/compare.csv s1/compare.csv s2/compare.csv
+    python benchmarks/results_paired.py --distances run/compare/curves.csv
+
+With --csv it first prints the final losses per seed and their mean (an optimizer per row, a lr
+per column). --distances prints instead RESULTS.md's weight-distance table: each optimizer's
+Euclidean distance to AdamW's weights at the same lr at the last evaluation step of a
+``compare`` run's ``curves.csv``.
 """
 
 from __future__ import annotations
@@ -56,11 +62,50 @@ def read_csvs(paths: list[str]) -> dict[float, dict[str, list[float]]]:
     return out
 
 
+def read_distances(path: str) -> dict[str, dict[float, float]]:
+    """optimizer -> lr -> distance to AdamW's weights at the last step that has one."""
+    last: dict[tuple[str, float], tuple[int, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["optimizer"] == "adamw" or not row.get("distance_to_adamw"):
+                continue
+            key, step = (row["optimizer"], float(row["lr"])), int(row["step"])
+            if key not in last or step > last[key][0]:
+                last[key] = (step, float(row["distance_to_adamw"]))
+    out: dict[str, dict[float, float]] = {}
+    for (name, lr), (_, d) in last.items():
+        out.setdefault(name, {})[lr] = d
+    return out
+
+
+def print_losses(losses: dict[float, dict[str, list[float]]]) -> None:
+    lrs = sorted(losses)
+    print("| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+    print("|---" * (len(lrs) + 1) + "|")
+    for name in dict.fromkeys(n for lr in lrs for n in losses[lr]):
+        cells = [" / ".join(f"{x:.3f}" for x in losses[lr][name]) + f" ({sum(losses[lr][name]) / len(losses[lr][name]):.3f})"
+                 if name in losses[lr] else "" for lr in lrs]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", nargs="+", help="compare.csv of each seed, in seed order")
+    ap.add_argument("--distances", metavar="CURVES_CSV", help="print the weight-distance table of one run instead")
     args = ap.parse_args()
-    rows = paired(read_csvs(args.csv) if args.csv else RECORDED)
+    if args.distances:
+        table = read_distances(args.distances)
+        lrs = sorted({lr for d in table.values() for lr in d})
+        print("| optimizer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
+        print("|---" * (len(lrs) + 1) + "|")
+        for name, d in table.items():
+            print(f"| {name} | " + " | ".join(f"{d[lr]:.2f}" if lr in d else "" for lr in lrs) + " |")
+        return
+    losses = read_csvs(args.csv) if args.csv else RECORDED
+    if args.csv:
+        print_losses(losses)
+    rows = paired(losses)
     print("| lr | optimizer | paired gaps (seeds 0 / 1 / 2) | mean | sd | 95% interval | seeds worse |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
