@@ -4,10 +4,22 @@
     lowmem-analyze memory --config llama2-70b --state m=int8 --state m=int4,v=int8 --param-dtype bf16
     lowmem-analyze memory model.py[:factory] [--meta]
     lowmem-analyze memory --example shakespeare
+    lowmem-analyze memory --config llama2-7b --param-dtype bf16 --seq 4096 --fit 80GiB
+    lowmem-analyze memory model.py --batch 64 --activation-checkpointing --fit 24GiB
 
 The first table has a row per optimizer, and per state format (``--state``) for the plan
 optimizers; the second gives bytes per parameter of every plan optimizer in all twelve formats
 beside torch AdamW with fp32 and with bf16 parameters (``"by_format"`` in the JSON document).
+
+With ``--peak`` (or any of ``--batch``, ``--seq``, ``--autocast``, ``--activation-checkpointing``,
+``--fit``) a third table gives the peak memory of one training step per optimizer: weights,
+gradients, optimizer state, activations and temporaries live at the peak, traced on fake tensors
+by `lowmem.compress.peak` (one real forward, backward and ``optimizer.step()`` of the model, with no
+memory used: a 70B config traces on a laptop); with ``--fit SIZE`` also the largest micro-batch
+whose peak fits in SIZE (``"peak"`` in the JSON document). The batch is ``get_batch(0)``'s with
+its first dimension set to ``--batch`` and, for tensors of two or more dimensions, its second to
+``--seq``; a config's is token ids of ``--batch`` × ``--seq`` (default 1 × 2048, at most the
+model's positions) under next-token cross-entropy.
 
 A named config (`lowmem.compress.configs`) is built on the meta device and costs no memory. A
 ``model.py``'s ``build_model()`` runs as it does for training, on the CPU; ``--meta`` runs it
@@ -15,8 +27,8 @@ under ``torch.device("meta")`` instead, for models too large to build here (a ``
 that loads weights or moves tensors to a device cannot be built that way).
 
 Exit codes as ``lowmem-analyze`` (DESIGN §8): 0 done; 2 usage error (unknown config, missing
-file, unreadable or mismatched plan); 3 the user's code failed or broke the contract; 4 internal
-error.
+file, unreadable or mismatched plan, a bad size); 3 the user's code failed or broke the contract
+(also: its training step cannot be traced on fake tensors); 4 internal error.
 """
 
 from __future__ import annotations
@@ -35,10 +47,13 @@ from lowmem.compress.configs import CONFIGS, build_config_model
 from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import (ALL_FORMATS, PARAM_BYTES, STATE_BYTES, FormatGrid, MemoryEstimate,
                                     estimate_state_memory, format_grid)
+from lowmem.compress.optim.presets import SlimAdam
+from lowmem.compress.optim.registry import REGISTRY
+from lowmem.compress.peak import FAKE_ERRORS, PeakReport, PeakTraceError, lm_loss, parse_size, peak_report
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
-from lowmem.probe import DEFAULTS, TaskError, build
-from lowmem.reports.terminal import MemoryTable
+from lowmem.probe import DEFAULTS, TaskError, build, call_user, user_failure
+from lowmem.reports.terminal import MemoryTable, PeakTable
 
 NAME = f"{PROG} memory"
 
@@ -70,6 +85,19 @@ def make_parser() -> argparse.ArgumentParser:
                         f"{STATE_BYTES}; 8 for fp64; 2 is the old way to ask for bf16 states, now --state m=bf16,v=bf16 "
                         "and --param-dtype bf16); fp32 parameters only")
     p.add_argument("--meta", action="store_true", help="build model.py's model on the meta device (no memory used)")
+    peak = p.add_argument_group("peak training memory (traced on fake tensors, no memory used)")
+    peak.add_argument("--peak", action="store_true", help="add the peak of one training step per optimizer")
+    peak.add_argument("--batch", type=positive_int, metavar="N", help="micro-batch size (default: get_batch's; configs 1)")
+    peak.add_argument("--seq", type=positive_int, metavar="N",
+                      help="sequence length: dimension 1 of the batch's tensors (default: get_batch's; configs 2048 "
+                           "or the model's positions)")
+    peak.add_argument("--autocast", choices=("bf16", "fp16"),
+                      help="mixed precision: forward and loss under torch.autocast in this dtype (parameters stay "
+                           "--param-dtype)")
+    peak.add_argument("--activation-checkpointing", action="store_true",
+                      help="recompute each block of the model's longest nn.ModuleList in the backward")
+    peak.add_argument("--fit", type=_size, metavar="SIZE",
+                      help="also the largest micro-batch whose peak fits in SIZE (e.g. 24GiB, 80GB) per optimizer")
     p.add_argument("-q", "--quiet", action="store_true", help="no notes or warnings on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks of failures in your code")
     return p
@@ -104,12 +132,93 @@ def _run(args) -> int:
     estimate = estimate_state_memory(model, plan, args.bytes_per_state or STATE_BYTES, layers=layers, formats=formats,
                                      param_dtype=args.param_dtype)
     grid = format_grid(model, plan, layers=layers)
+    peak = _peak(args, plan, formats) if _wants_peak(args) else None
     if args.format == "json":
-        sys.stdout.write(json.dumps(memory_document(estimate, name, args.config, args.plan, grid), indent=2) + "\n")
+        doc = memory_document(estimate, name, args.config, args.plan, grid)
+        doc["peak"] = None if peak is None else peak.to_json()
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
         console.print(MemoryTable(estimate, name, args.plan, grid))
+        if peak is not None:
+            console.print()
+            console.print(PeakTable(peak, name))
     return 0
+
+
+def _wants_peak(args) -> bool:
+    return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def peak_optimizers(plan, formats) -> dict:
+    """name -> ``make(model)`` for the peak rows: torch AdamW as it runs on a GPU by default
+    (``foreach=True``), every other registry optimizer on its ``foreach`` backend (the plan
+    optimizers once per state format), and the plan."""
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], foreach=True)
+
+    def lowmem(e, **kw):
+        return lambda model: e.make(model, lr=DEFAULTS["lr"], **kw)
+
+    out = {}
+    for e in REGISTRY.values():
+        if e.cls is torch.optim.AdamW:
+            out[e.name] = adamw
+        elif e.preset is None:
+            out[e.name] = lowmem(e)
+        else:
+            for fmt in formats or (None,):
+                out[e.name if fmt is None else f"{e.name} {fmt}"] = lowmem(e, backend="foreach", state_format=fmt)
+    if plan is not None:
+        for fmt in formats or (None,):
+            out["plan" if fmt is None else f"plan {fmt}"] = (
+                lambda f: lambda model: SlimAdam(model, plan=plan, lr=DEFAULTS["lr"], backend="foreach", state_format=f))(fmt)
+    return out
+
+
+def _peak(args, plan, formats) -> PeakReport:
+    if args.config:
+        config = CONFIGS[args.config]
+        positions = getattr(config, "n_positions", None)
+        seq = args.seq or min(2048, positions or 2048)
+        if positions is not None and seq > positions:
+            raise UsageError(f"--seq {seq} is longer than {args.config}'s {positions} positions")
+        source, build_model = args.config, (lambda: build_config_model(args.config, "meta"))
+        example, loss_fn = torch.zeros(args.batch or 1, seq, dtype=torch.long), lm_loss
+        batch, seq = args.batch or 1, seq
+    else:
+        with user_code():
+            task = load_example(args.example) if args.example else load_task(args.target)
+            example = call_user(task, "get_batch(0)", task.get_batch, 0)
+        source, batch, seq = task.source, args.batch, args.seq
+
+        def build_model():
+            return call_user(task, "build_model()", task.build_model)
+
+        def loss_fn(model, batch):
+            try:
+                return task.loss_fn(model, batch)
+            except FAKE_ERRORS:      # the trace's own: PeakTraceError says which op needed values
+                raise
+            except Exception as e:
+                raise user_failure("loss_fn(model, batch)", task.source, e) from e
+    try:
+        with user_code():
+            return peak_report(build_model, example, loss_fn, peak_optimizers(plan, formats), batch=batch, seq=seq,
+                               param_dtype=args.param_dtype, autocast=args.autocast,
+                               checkpointing=args.activation_checkpointing, budget=args.fit)
+    except TaskError as e:
+        raise TaskError(f"{e}\n(while tracing one training step of {source} on fake tensors for its peak memory: "
+                        "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e
+    except PeakTraceError as e:
+        raise TaskError(f"{source}: {e}") from e
 
 
 def state_formats(text: str) -> tuple[StateFormat, ...]:

@@ -18,6 +18,7 @@ from lowmem.compress.builders import is_candidate
 from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT, MIN_QUANTIZED_NUMEL
 from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
+from lowmem.compress.peak import PeakReport
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, layer_state_bytes, plan_bytes_per_parameter
 from lowmem.layers import ModelLayers
 from lowmem.reports.run import loss_column
@@ -287,6 +288,49 @@ class MemoryTable:
         if self.grid is not None:
             yield Text("")
             yield FormatTable(self.grid)
+
+
+class PeakTable:
+    """Peak memory of one training step per optimizer (`lowmem.compress.peak.PeakReport`): what
+    is live at the peak by kind, the peak, and under a budget the largest micro-batch that fits."""
+
+    def __init__(self, report: PeakReport, name: str):
+        self.report, self.name = report, name
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        r = self.report
+        shape = " x ".join(str(x) for x in (r.batch, r.seq) if x is not None) or "get_batch(0)'s size"
+        settings = [f"batch {shape}", f"{r.param_dtype} parameters"]
+        if r.autocast:
+            settings.append(f"autocast {r.autocast}")
+        if r.checkpointing:
+            settings.append("activation checkpointing")
+        yield Text(f"Peak memory of one training step of {self.name} ({', '.join(settings)})")
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("optimizer", no_wrap=True)
+        for header in ("weights", "grads", "state", "activations", "temporaries", "batch", "peak"):
+            table.add_column(header, justify="right", no_wrap=True)
+        if r.budget is not None:
+            table.add_column(f"largest batch in {format_bytes(r.budget)}", justify="right", no_wrap=True)
+            table.add_column("its peak", justify="right", no_wrap=True)
+        for row in r.rows:
+            m = row.memory
+            cells = ([format_bytes(x) for x in (m.weights + m.buffers, m.gradients, m.state, m.activations,
+                                                 m.temporaries, m.inputs, m.peak)] if m else ["cannot trace"] + [""] * 6)
+            if r.budget is not None:
+                cells += ["" if row.fits is None else f"{row.fits:,}",
+                          format_bytes(row.fits_memory.peak) if row.fits_memory else ""]
+            table.add_row(row.name, *cells)
+        yield table
+        for row in r.rows:
+            if row.error:
+                yield Text(f"{row.name}: {row.error}", style="dim")
+        yield Text("traced on fake tensors (two real training steps, no memory used): tensor bytes allocated at the peak, "
+                   "each rounded up to 512 B as the CUDA caching allocator does", style="dim")
+        yield Text("not included: the CUDA context (~0.3-1 GiB), allocator fragmentation, NCCL buffers; leave headroom",
+                   style="dim")
+        yield Text("weights include buffers; torch AdamW foreach=True (its CUDA default), lowmem's optimizers on their "
+                   "foreach backend (an upper bound for the Triton kernels)", style="dim")
 
 
 class FormatTable:

@@ -1,0 +1,529 @@
+"""Peak training memory of one step, traced on fake tensors: weights, gradients, optimizer
+state, activations and temporaries at the peak, and the largest micro-batch under a budget.
+
+State bytes are only part of what decides whether a run fits. This module runs one real training
+step (forward, backward, ``optimizer.step()``, ``zero_grad()``) of the user's own model, loss and
+optimizer, but on fake tensors (`torch._subclasses.fake_tensor.FakeTensorMode`: every op computes
+shapes and dtypes, no values and no memory), and records what is live with PyTorch's own
+`torch.distributed._tools.mem_tracker.MemTracker`, which sorts every tensor it sees into
+parameters, buffers, gradients, activations, temporaries and optimizer state. So any model that
+runs under ``FakeTensorMode`` is measured by what it actually allocates, not by a formula, and a
+70B model costs the machine a few hundred MB of Python objects.
+
+How the step is traced (`trace_peak`):
+- the model is built on the meta device (no initialisation work), cast there to the parameter
+  dtype, optionally wrapped for activation checkpointing, then given fake CPU storage
+  (``to_empty``); the batch is made of fake tensors of the asked shapes (`resized_batch`);
+- two steps run: the first creates the optimizer's state, the second runs with it; the peak is
+  over both;
+- the optimizer's state is read from the optimizer after the steps, and what the tracker counted
+  as optimizer memory at the peak beyond it (the step's own temporaries) is counted with the
+  temporaries; the batch, made before the trace, is added as ``inputs``.
+For many optimizers and batch sizes (`peak_report`, `largest_batch`) the step is traced in two
+parts that `combine` exactly: the forward and backward alone (once per batch size, shared by every
+optimizer; `trace_forward_backward`) and the optimizer's step alone (once per optimizer;
+`trace_optimizer_step`). A steady-state step peaks either in its backward, with the state live,
+or in its optimizer step, with the batch live; the tests check the combination against
+`trace_peak` and `trace_peak` against the measured peak of real steps.
+
+What the figures are, and are not:
+- tensor bytes allocated at the peak (``torch.cuda.max_memory_allocated``'s kind of number), not
+  reserved: the caching allocator's rounding and fragmentation, the CUDA context (about 0.3–1 GiB
+  per process) and NCCL buffers come on top; leave headroom under a device's capacity;
+- the trace runs on fake *CPU* tensors (torch's CPU build cannot run autograd on fake CUDA
+  tensors), so the kernels chosen are the CPU ones. Attention through
+  ``scaled_dot_product_attention`` saves what the fused (flash) kernels save on both; torch's
+  AdamW is built with ``foreach=True`` (its default on CUDA, with one parameter-sized temporary
+  per step); lowmem's optimizers step on their ``foreach`` backend (the Triton kernels on a GPU
+  keep no temporaries, so their real peak is at most this);
+- the step is the one your code runs: a model that synchronises with the host or branches on
+  values (``.item()``, ``nonzero``, data-dependent shapes) cannot be traced and raises
+  `PeakTraceError` naming the op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+__all__ = ["PeakMemory", "PeakTraceError", "combine", "largest_batch", "resized_batch", "trace_forward_backward",
+           "trace_optimizer_step", "trace_peak"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a fake tensor raises where an op needs values it does not have.
+FAKE_ERRORS = (DataDependentOutputException, DynamicOutputShapeException)
+_ROUND = 512   # bytes: MemTracker rounds every tensor up to this, as the CUDA caching allocator does
+
+
+class PeakTraceError(RuntimeError):
+    """The training step could not be traced on fake tensors (the message says which op or call)."""
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Bytes live at the peak of one training step, by kind, and the peak itself.
+
+    Attributes:
+        weights: parameters (tied ones once), in the parameter dtype.
+        buffers: the model's buffers.
+        gradients: gradients live at the peak (at a backward peak, those computed so far).
+        state: the optimizer's state after the step, step counters included.
+        activations: tensors the forward saved for the backward, live at the peak.
+        temporaries: everything else live at the peak: the backward's and the optimizer step's
+            own work tensors.
+        inputs: the batch (live through the whole step).
+        peak: their sum, the most live at any moment of the step.
+        batch: the micro-batch size traced (None: the model's own batch).
+        seq: the sequence length traced (None: the model's own).
+    """
+
+    weights: int
+    buffers: int
+    gradients: int
+    state: int
+    activations: int
+    temporaries: int
+    peak: int
+    inputs: int = 0
+    batch: int | None = None
+    seq: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def resized_batch(example: Any, batch: int | None = None, seq: int | None = None, device="cpu") -> Any:
+    """`example` (a batch as ``get_batch`` returns it: a tensor, or tuples, lists and dicts of them)
+    with every tensor replaced by an empty one of its dtype and the asked sizes: dimension 0 set to
+    `batch` and, for tensors of two or more dimensions, dimension 1 set to `seq` (None: kept).
+    Under ``FakeTensorMode`` the result is fake and holds no memory; values do not matter there
+    (integer tensors are zeros, a valid token id)."""
+    if isinstance(example, torch.Tensor):
+        shape = list(example.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if seq is not None and len(shape) >= 2:
+            shape[1] = seq
+        return torch.zeros(shape, dtype=example.dtype, device=device)
+    if isinstance(example, (tuple, list)):
+        items = [resized_batch(x, batch, seq, device) for x in example]
+        return type(example)(*items) if hasattr(example, "_fields") else type(example)(items)
+    if isinstance(example, dict):
+        return type(example)((k, resized_batch(v, batch, seq, device)) for k, v in example.items())
+    return example
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of the model's longest ``nn.ModuleList`` (its transformer blocks): what
+    activation checkpointing wraps, each block's inputs saved and its inside recomputed."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []
+
+
+def _checkpointed(model: nn.Module) -> nn.Module:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = {id(b) for b in repeated_blocks(model)}
+    if not blocks:
+        raise PeakTraceError("activation checkpointing wraps the blocks of the model's longest nn.ModuleList, "
+                             f"and {type(model).__name__} has none")
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+    return model
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model's logits on its own input ids (the
+    loss of the built-in configs, `lowmem.compress.configs`)."""
+    logits = model(input_ids)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1))
+
+
+@contextlib.contextmanager
+def _explained(what: str):
+    try:
+        yield
+    except FAKE_ERRORS as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+        where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        raise PeakTraceError(f"{what} needs tensor values{where} ({e}), which a trace on fake tensors does not "
+                             "have: peak memory can only be traced for a step without .item(), nonzero() or "
+                             "value-dependent shapes") from e
+
+
+def _prepare_quantization_maps() -> None:
+    """Build the 8-/4-bit code maps on real tensors before the trace (they are computed once per
+    device from Python numbers, which fake tensors cannot give back)."""
+    from lowmem.compress.formats import QUANTIZED
+    from lowmem.compress.optim.state import _qmap
+
+    for which in ("m", "v"):
+        for fmt in QUANTIZED:
+            with contextlib.suppress(KeyError, ValueError):
+                _qmap(which, fmt, torch.device("cpu"))
+
+
+def _meta_model(build_model: Callable[[], nn.Module], param_dtype: torch.dtype, checkpointing: bool) -> nn.Module:
+    """The model built on the meta device, cast and wrapped for checkpointing there (outside
+    ``FakeTensorMode``, which cannot swap a module's tensors); `_fake` gives it storage."""
+    with torch.device("meta"):
+        model = build_model()
+    model = model.to(param_dtype)
+    return _checkpointed(model) if checkpointing else model
+
+
+def _fake(model: nn.Module) -> nn.Module:
+    """`model` (on the meta device) with fake CPU storage (call under ``FakeTensorMode``)."""
+    return model.to_empty(device="cpu").train()
+
+
+def _input_bytes(batch: Any) -> int:
+    """Bytes of the tensors in `batch` (tuples, lists, dicts of them), each rounded up as the
+    tracker rounds (a batch is made before the trace starts, so the tracker does not see it)."""
+    if isinstance(batch, torch.Tensor):
+        return -(-batch.numel() * batch.element_size() // _ROUND) * _ROUND
+    if isinstance(batch, (tuple, list)):
+        return sum(_input_bytes(x) for x in batch)
+    if isinstance(batch, dict):
+        return sum(_input_bytes(x) for x in batch.values())
+    return 0
+
+
+def _state_bytes(tracker) -> int:
+    """The optimizer memory the tracker sees live now: after a step and ``zero_grad()``, the
+    optimizer's state alone."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    return sum(by_kind.get(_MemRefType.OPT, 0) for by_kind in tracker.get_tracker_snapshot().values())
+
+
+def _snapshot(tracker, state: int = 0, inputs: int = 0) -> dict[str, int]:
+    """Bytes by kind at the tracker's peak. The tracker counts as optimizer memory the state and
+    whatever the step allocates: the state is what the optimizer holds after it (`state`), the
+    rest were the step's temporaries."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    kinds = {k: 0 for k in _MemRefType}
+    total = 0
+    for by_kind in tracker.get_tracker_snapshot("peak").values():
+        for kind, n in by_kind.items():
+            if kind in kinds:
+                kinds[kind] += n
+            else:
+                total += n
+    opt = kinds[_MemRefType.OPT]
+    kept = min(state, opt)
+    return dict(weights=kinds[_MemRefType.PARAM], buffers=kinds[_MemRefType.BUFFER], gradients=kinds[_MemRefType.GRAD],
+                state=kept, activations=kinds[_MemRefType.ACT],
+                temporaries=kinds[_MemRefType.TEMP] + kinds[_MemRefType.OTH] + opt - kept, inputs=inputs,
+                peak=total + inputs)
+
+
+def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
+               loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+               make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
+               param_dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
+               checkpointing: bool = False) -> PeakMemory:
+    """Trace two training steps on fake tensors and return what is live at their peak (the first
+    step creates the optimizer's state, the second runs with it; the peak is over both).
+
+    Args:
+        build_model: makes the model (called under ``torch.device("meta")``: no weights are made).
+        make_batch: makes the batch (called under ``FakeTensorMode``; e.g. `resized_batch` of the
+            model's own batch).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (the ``model.py`` contract).
+        make_optimizer: ``make_optimizer(model) -> optimizer`` over the fake model.
+        param_dtype: the parameters' dtype (bf16: pure-bf16 training).
+        autocast: run forward and loss under ``torch.autocast`` in this dtype (mixed precision
+            with parameters in `param_dtype`), or None.
+        checkpointing: recompute each block of the longest ``nn.ModuleList`` in the backward
+            (`repeated_blocks`) instead of keeping its activations.
+
+    Raises:
+        PeakTraceError: the step needs tensor values, or the model has no blocks to checkpoint.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    _prepare_quantization_maps()
+    model = _meta_model(build_model, param_dtype, checkpointing)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _fake(model)
+        optimizer = make_optimizer(model)
+        batch = make_batch()
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker, _explained("the training step"):
+            for _ in range(2):
+                tracker.reset_mod_stats()   # per-module figures only: the peak is kept over both steps
+                _forward_backward(model, batch, loss_fn, autocast)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return PeakMemory(**_snapshot(tracker, _state_bytes(tracker), _input_bytes(batch)))
+
+
+def _forward_backward(model, batch, loss_fn, autocast: torch.dtype | None) -> None:
+    with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+        loss = loss_fn(model, batch)
+    loss.backward()
+
+
+def trace_forward_backward(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
+                           loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
+                           param_dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
+                           checkpointing: bool = False) -> PeakMemory:
+    """The peak of one forward and backward alone (no optimizer; gradients None at the start, as
+    after ``zero_grad()``): the part of a step that grows with the batch. `combine` adds an
+    optimizer's `trace_optimizer_step` to it; arguments as `trace_peak`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = _meta_model(build_model, param_dtype, checkpointing)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _fake(model)
+        batch = make_batch()
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker, _explained("the forward and backward"):
+            _forward_backward(model, batch, loss_fn, autocast)
+        return PeakMemory(**_snapshot(tracker, inputs=_input_bytes(batch)))
+
+
+def trace_optimizer_step(build_model: Callable[[], nn.Module],
+                         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
+                         param_dtype: torch.dtype = torch.float32) -> PeakMemory:
+    """The peak of two optimizer steps alone, over gradients of every trainable parameter (the
+    first step creates the state): the part of a training step that does not depend on the batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    _prepare_quantization_maps()
+    model = _meta_model(build_model, param_dtype, False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _fake(model)
+        optimizer = make_optimizer(model)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker, _explained("the optimizer step"):
+            for _ in range(2):
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        snap = _snapshot(tracker, _state_bytes(tracker))
+    # The gradients set here are made outside a backward, so the tracker files them as activations;
+    # with no forward run, that is all its activations are.
+    snap["gradients"], snap["activations"] = snap["gradients"] + snap["activations"], 0
+    return PeakMemory(**snap)
+
+
+def combine(forward_backward: PeakMemory, step: PeakMemory) -> PeakMemory:
+    """The peak of training steps from their two parts, exactly as `trace_peak` would trace it:
+    a steady-state step's forward and backward run with the optimizer's state live (so that
+    phase peaks at `forward_backward`'s peak plus the state), its optimizer step peaks as
+    `step` with the batch still live; the higher phase is the peak, with its own breakdown.
+    (The first step's forward
+    and backward, with no state yet, is lower than a later one's.)"""
+    with_state = forward_backward.peak + step.state
+    with_inputs = step.peak + forward_backward.inputs       # the batch stays live through the step
+    if with_state >= with_inputs:
+        return replace(forward_backward, state=step.state, peak=with_state)
+    return replace(step, inputs=forward_backward.inputs, peak=with_inputs, batch=forward_backward.batch,
+                   seq=forward_backward.seq)
+
+
+def _rss() -> tuple[int, int]:
+    """(resident set size now, its peak since the last reset) of this process, in bytes (Linux)."""
+    now = peak = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                now = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return now, peak
+
+
+def measure_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
+                 loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
+                 device: str | torch.device = "cpu", param_dtype: torch.dtype = torch.float32) -> int:
+    """The measured peak of two real training steps, in bytes above what was live before the
+    model was built: what `trace_peak` estimates, on real tensors.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensor bytes, the allocator's 512-byte rounding
+    included). On CPU (Linux): the process's peak resident set size (``VmHWM``, reset through
+    ``/proc/self/clear_refs``) above its size before; it counts every page the step touched,
+    the allocator's and the kernels' workspaces too, and is exact only where freed tensors go
+    back to the system: run it in a fresh process with ``MALLOC_MMAP_THRESHOLD_`` set low
+    (e.g. 65536), so that glibc maps every tensor of that size or more on its own.
+    """
+    device = torch.device(device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss()[0]
+    model = build_model().to(device=device, dtype=param_dtype).train()
+    optimizer = make_optimizer(model)
+    batch = make_batch()
+    for _ in range(2):
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return _rss()[1] - before
+
+
+def largest_batch(peak_at: Callable[[int], PeakMemory], budget: int, *, limit: int = 1 << 20) -> tuple[int, PeakMemory | None]:
+    """The largest micro-batch whose traced peak fits in `budget` bytes, and its figures
+    ((0, None) where not even one sample fits).
+
+    The peak grows with the batch (activations and temporaries are linear in it, the rest is
+    fixed), so two traces (batches 1 and 2) give a line whose crossing of the budget is the first
+    guess; the answer is then confirmed by tracing around it: the guess, and the next batch up
+    (bisection where the guess is off, so a peak that is not linear still gets the right answer).
+    """
+    cache: dict[int, PeakMemory] = {}
+
+    def at(b: int) -> PeakMemory:
+        if b not in cache:
+            cache[b] = peak_at(b)
+        return cache[b]
+
+    if at(1).peak > budget:
+        return 0, None
+    slope = at(2).peak - at(1).peak
+    if at(2).peak > budget:
+        return 1, at(1)
+    guess = limit if slope <= 0 else max(2, min(limit, 1 + (budget - at(1).peak) // slope))
+    lo, hi = 2, None                   # lo fits; hi (when known) does not
+    if at(guess).peak <= budget:
+        lo = guess
+        step = 1
+        while lo < limit:              # gallop up from a guess that fits
+            nxt = min(limit, lo + step)
+            if at(nxt).peak > budget:
+                hi = nxt
+                break
+            lo, step = nxt, step * 2
+        if hi is None:
+            return lo, at(lo)
+    else:
+        hi = guess
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).peak <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo, at(lo)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as people write it: ``24GiB``, ``80GB``, ``512MiB``, ``1.5TiB``, ``1000000``
+    (binary units are powers of 1024, decimal ones of 1000; a bare number is bytes).
+
+    Raises:
+        ValueError: not a positive size (the message shows the accepted forms).
+    """
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"invalid size {text!r}: a number with a unit, e.g. 24GiB, 80GB or 512MiB") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"invalid size {text!r}: it must be positive")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PeakRow:
+    """One optimizer's traced peak (None with `error` where its step could not be traced) and,
+    under a budget, the largest micro-batch that fits (0: not even one) with its peak."""
+
+    name: str
+    memory: PeakMemory | None
+    error: str | None = None
+    fits: int | None = None
+    fits_memory: PeakMemory | None = None
+
+    def to_json(self) -> dict:
+        return {"optimizer": self.name, **(self.memory.to_json() if self.memory else {}), "error": self.error,
+                "largest_batch": self.fits, "largest_batch_peak": self.fits_memory.peak if self.fits_memory else None}
+
+
+@dataclass(frozen=True)
+class PeakReport:
+    """The peak of one training step per optimizer, and the settings it was traced with."""
+
+    batch: int | None
+    seq: int | None
+    param_dtype: str
+    autocast: str | None
+    checkpointing: bool
+    budget: int | None
+    rows: list[PeakRow]
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "seq": self.seq, "param_dtype": self.param_dtype, "autocast": self.autocast,
+                "activation_checkpointing": self.checkpointing, "budget": self.budget,
+                "rows": [r.to_json() for r in self.rows]}
+
+
+def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
+                loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                optimizers: dict[str, Callable[[nn.Module], torch.optim.Optimizer]], *,
+                batch: int | None = None, seq: int | None = None, param_dtype: str = "fp32",
+                autocast: str | None = None, checkpointing: bool = False, budget: int | None = None) -> PeakReport:
+    """Trace the peak of a training step for each optimizer in `optimizers` (name -> builder over
+    the model), at `batch` × `seq` (`resized_batch` of `example_batch`; None: its own size), and
+    with a `budget` in bytes the largest micro-batch that fits for each.
+
+    The forward and backward are traced once per batch size and shared by every optimizer; each
+    optimizer's step is traced once (`combine`, exact against `trace_peak`).
+
+    Raises:
+        PeakTraceError: the forward and backward cannot be traced (an optimizer whose step cannot
+            be is a row with an error instead).
+    """
+    dtype, amp = DTYPES[param_dtype], DTYPES[autocast] if autocast else None
+    traced: dict[int | None, PeakMemory] = {}
+
+    def forward_backward(b: int | None) -> PeakMemory:
+        if b not in traced:
+            fb = trace_forward_backward(build_model, lambda: resized_batch(example_batch, b, seq), loss_fn,
+                                        param_dtype=dtype, autocast=amp, checkpointing=checkpointing)
+            traced[b] = replace(fb, batch=b, seq=seq)
+        return traced[b]
+
+    base = forward_backward(batch)
+    rows = []
+    for name, make in optimizers.items():
+        try:
+            step = trace_optimizer_step(build_model, make, param_dtype=dtype)
+        except PeakTraceError as e:
+            rows.append(PeakRow(name, None, str(e)))
+            continue
+        fits = fits_memory = None
+        if budget is not None:
+            fits, fits_memory = largest_batch(lambda b: combine(forward_backward(b), step), budget)
+        rows.append(PeakRow(name, combine(base, step), None, fits, fits_memory))
+    return PeakReport(batch, seq, param_dtype, autocast, checkpointing, budget, rows)
