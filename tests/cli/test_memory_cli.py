@@ -282,3 +282,69 @@ def test_the_readme_shows_the_format_table_as_the_command_prints_it(capsys):
     code, out, _ = memory(capsys, "--config", "llama2-7b")
     grid = out[out.index("Bytes per parameter in each state format"):]
     assert code == 0 and f"```\n{grid}```\n" in readme
+
+
+# -- peak training memory (--peak, --batch, --seq, --fit, ...) ---------------------------------
+
+def test_no_peak_table_unless_asked(capsys):
+    code, out, _ = memory(capsys, "--example", "shakespeare", "--format", "json")
+    assert code == 0 and json.loads(out)["peak"] is None
+
+
+def test_peak_rows_are_the_traced_peaks_of_each_optimizer(capsys):
+    import torch
+
+    from lowmem.compress.peak import resized_batch, trace_peak
+    from lowmem.examples import shakespeare
+
+    code, out, err = memory(capsys, "--example", "shakespeare", "--batch", 8, "--fit", "64MiB", "--format", "json")
+    assert code == 0, err
+    peak = json.loads(out)["peak"]
+    rows = {r["optimizer"]: r for r in peak["rows"]}
+    assert list(rows) == ROWS                              # the registry, AdamW first
+    assert (peak["batch"], peak["seq"], peak["budget"]) == (8, None, 64 * 2**20)
+    whole = trace_peak(shakespeare.build_model, lambda: resized_batch(shakespeare.get_batch(0), 8),
+                       shakespeare.loss_fn, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True))
+    assert 0 <= whole.peak - rows["adamw"]["peak"] <= 1024   # the whole steps keep the scalar loss too
+    assert rows["eve"]["state"] < rows["adamw"]["state"]
+    for r in rows.values():
+        if r["error"] is None:
+            assert r["largest_batch_peak"] <= 64 * 2**20 and r["largest_batch"] >= 1
+    assert "tensor values" in rows["adafactor-momentum"]["error"]    # its step calls .item()
+
+
+def test_peak_text_table_names_the_settings(capsys):
+    code, out, err = memory(capsys, "--example", "shakespeare", "--batch", 4, "--seq", 64, "--param-dtype", "bf16",
+                            "--autocast", "bf16", "--activation-checkpointing", "--fit", "24MiB")
+    assert code == 0, err
+    text = " ".join(out.split())            # the title wraps at the console's width
+    assert "Peak memory of one training step of example 'shakespeare' (batch 4 x 64, bf16 parameters, autocast " \
+           "bf16, activation checkpointing); the largest micro-batch within 24.00 MiB" in text
+    assert "max batch" in out and "cannot trace" in out
+
+
+def test_peak_of_a_config_is_next_token_loss_on_its_positions(capsys):
+    code, out, err = memory(capsys, "--config", "gpt2-124m", "--seq", 32, "--format", "json")
+    assert code == 0, err
+    peak = json.loads(out)["peak"]
+    assert (peak["batch"], peak["seq"]) == (1, 32)
+    assert peak["rows"][0]["inputs"] == 512                # 32 token ids, int64, rounded up
+
+
+def test_peak_of_a_model_py_and_its_bad_inputs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.py").write_text(MODEL)
+    code, out, err = memory(capsys, "model.py", "--peak", "--batch", 1000, "--format", "json")
+    assert code == 0, err
+    rows = json.loads(out)["peak"]["rows"]
+    assert rows[0]["inputs"] == 16384 + 8192       # x (1000 x 4) and y (1000 x 2), fp32, rounded up to 512 B
+    assert "invalid size" in refused(capsys, "model.py", "--fit", "12XB")
+    assert "longer than gpt2-124m's 1024 positions" in refused(capsys, "--config", "gpt2-124m", "--seq", 2048)
+    (tmp_path / "sync.py").write_text(MODEL.replace("return nn.functional.mse_loss(model(x), y)",
+                                                    "loss = nn.functional.mse_loss(model(x), y)\n"
+                                                    "    print(loss.item())\n    return loss"))
+    code, out, err = memory(capsys, "sync.py", "--peak")
+    assert code == 3 and out == "" and "Traceback" not in err
+    assert "needs tensor values at sync.py:" in err and "print(loss.item())" in err
+    code, out, err = memory(capsys, "model.py", "--activation-checkpointing")
+    assert code == 3 and "longest nn.ModuleList" in err

@@ -388,14 +388,17 @@ def measure_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], 
     return _rss()[1] - before
 
 
-def largest_batch(peak_at: Callable[[int], PeakMemory], budget: int, *, limit: int = 1 << 20) -> tuple[int, PeakMemory | None]:
+def largest_batch(peak_at: Callable[[int], PeakMemory], budget: int, *,
+                  limit: int = 1 << 20) -> tuple[int, PeakMemory | None]:
     """The largest micro-batch whose traced peak fits in `budget` bytes, and its figures
-    ((0, None) where not even one sample fits).
+    ((0, None) where not even one sample fits; `limit` where even that fits).
 
-    The peak grows with the batch (activations and temporaries are linear in it, the rest is
-    fixed), so two traces (batches 1 and 2) give a line whose crossing of the budget is the first
-    guess; the answer is then confirmed by tracing around it: the guess, and the next batch up
-    (bisection where the guess is off, so a peak that is not linear still gets the right answer).
+    The peak grows with the batch (activations and temporaries linearly, the rest not at all), so
+    the search doubles the batch from 1 until it no longer fits (batches 1, 2, 4, ... : the same
+    for every optimizer, so a caller that caches `peak_at` shares them), then narrows the last
+    interval by interpolation, checking the neighbour of each guess (a straight line lands on the
+    answer in one or two traces), alternating with halving so that a peak that is not straight
+    still takes no more than about twice the halving's traces.
     """
     cache: dict[int, PeakMemory] = {}
 
@@ -404,32 +407,33 @@ def largest_batch(peak_at: Callable[[int], PeakMemory], budget: int, *, limit: i
             cache[b] = peak_at(b)
         return cache[b]
 
-    if at(1).peak > budget:
+    def fits(b: int) -> bool:
+        return at(b).peak <= budget
+
+    if not fits(1):
         return 0, None
-    slope = at(2).peak - at(1).peak
-    if at(2).peak > budget:
-        return 1, at(1)
-    guess = limit if slope <= 0 else max(2, min(limit, 1 + (budget - at(1).peak) // slope))
-    lo, hi = 2, None                   # lo fits; hi (when known) does not
-    if at(guess).peak <= budget:
-        lo = guess
-        step = 1
-        while lo < limit:              # gallop up from a guess that fits
-            nxt = min(limit, lo + step)
-            if at(nxt).peak > budget:
-                hi = nxt
-                break
-            lo, step = nxt, step * 2
-        if hi is None:
+    lo, hi = 1, 2
+    while fits(hi):
+        lo = hi
+        if hi >= limit:
             return lo, at(lo)
-    else:
-        hi = guess
+        hi = min(2 * hi, limit)
+    interpolate = True
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if at(mid).peak <= budget:
+        if interpolate:
+            span = max(1, at(hi).peak - at(lo).peak)
+            mid = min(max(lo + (budget - at(lo).peak) * (hi - lo) // span, lo + 1), hi - 1)
+        else:
+            mid = (lo + hi) // 2
+        interpolate = not interpolate
+        if fits(mid):
             lo = mid
+            if hi - lo > 1 and not fits(lo + 1):
+                hi = lo + 1
         else:
             hi = mid
+            if hi - lo > 1 and fits(hi - 1):
+                lo = hi - 1
     return lo, at(lo)
 
 

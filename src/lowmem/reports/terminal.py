@@ -305,13 +305,14 @@ class PeakTable:
             settings.append(f"autocast {r.autocast}")
         if r.checkpointing:
             settings.append("activation checkpointing")
-        yield Text(f"Peak memory of one training step of {self.name} ({', '.join(settings)})")
+        fits = f"; the largest micro-batch within {format_bytes(r.budget)}" if r.budget is not None else ""
+        yield Text(f"Peak memory of one training step of {self.name} ({', '.join(settings)}){fits}")
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("optimizer", no_wrap=True)
         for header in ("weights", "grads", "state", "activations", "temporaries", "batch", "peak"):
             table.add_column(header, justify="right", no_wrap=True)
         if r.budget is not None:
-            table.add_column(f"largest batch in {format_bytes(r.budget)}", justify="right", no_wrap=True)
+            table.add_column("max batch", justify="right", no_wrap=True)
             table.add_column("its peak", justify="right", no_wrap=True)
         for row in r.rows:
             m = row.memory
