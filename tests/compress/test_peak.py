@@ -41,6 +41,12 @@ def _tiny_llama():
                        num_key_value_heads=2, vocab_size=1000).build("cpu")
 
 
+def _tiny_gpt2():
+    from lowmem.compress.configs import GPT2Config
+
+    return GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=8000, n_positions=128).build("cpu")   # tied head
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 10))
 
@@ -55,6 +61,8 @@ CASES = {
     "shakespeare-adamw": (shakespeare.build_model, lambda b: resized_batch(shakespeare.get_batch(0), b),
                           shakespeare.loss_fn, _adamw),
     "llama-eve": (_tiny_llama, lambda b: torch.zeros(b, 256, dtype=torch.long), lm_loss, _eve),
+    "gpt2-adamw": (_tiny_gpt2, lambda b: torch.zeros(b, 128, dtype=torch.long), lm_loss,
+                   _adamw),
     "mlp-adam-mini": (_mlp, lambda b: (torch.zeros(b, 512), torch.zeros(b, dtype=torch.long)), _mlp_loss, _adam_mini),
 }
 
@@ -85,7 +93,8 @@ def traced(case: str, batch: int) -> PeakMemory:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set size from /proc")
-@pytest.mark.parametrize("case, batch", [("shakespeare-adamw", 48), ("llama-eve", 16), ("mlp-adam-mini", 4096)])
+@pytest.mark.parametrize("case, batch", [("shakespeare-adamw", 48), ("llama-eve", 16), ("gpt2-adamw", 16),
+                                         ("mlp-adam-mini", 4096)])
 def test_the_traced_peak_is_the_measured_peak_of_real_steps(case, batch):
     # The measured peak counts every page the step touched (kernels' workspaces, page rounding,
     # the allocator's own): within 2% of the trace, which counts tensors alone.
@@ -125,6 +134,13 @@ def test_weights_gradients_and_adamw_state_of_the_big_configs_by_hand(name):
     published = {"llama2-7b": 6_738_415_616, "llama2-70b": 68_976_648_192}[name]
     assert sum(numel) == published
     assert step.peak >= weights * 4     # weights, gradients, m and v at least
+
+
+def test_a_tied_weight_is_one_tensor_in_the_trace():
+    # GPT-2's LM head is its token embedding: 124,439,808 parameters once, not 50257 x 768 more
+    step = trace_optimizer_step(lambda: build_config_model("gpt2-124m"), _adamw)
+    assert step.weights == sum(_rounded(4 * p.numel()) for p in build_config_model("gpt2-124m").parameters())
+    assert sum(p.numel() for p in build_config_model("gpt2-124m").parameters()) == 124_439_808
 
 
 def test_a_bf16_forward_and_backward_of_llama2_7b_traces_without_memory():

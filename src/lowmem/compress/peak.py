@@ -179,8 +179,23 @@ def _meta_model(build_model: Callable[[], nn.Module], param_dtype: torch.dtype, 
 
 
 def _fake(model: nn.Module) -> nn.Module:
-    """`model` (on the meta device) with fake CPU storage (call under ``FakeTensorMode``)."""
-    return model.to_empty(device="cpu").train()
+    """`model` (on the meta device) with fake CPU storage (call under ``FakeTensorMode``).
+
+    Not ``model.to_empty()``: from meta to fake tensors it makes a new parameter per module, so a
+    weight tied between two modules (an LM head and its token embedding) would become two, its
+    weights, gradients and state counted twice. Here a tensor shared by several modules stays
+    one."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, wrap in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    new = torch.empty_like(t, device="cpu")
+                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
+                table[name] = made[id(t)]
+    return model.train()
 
 
 def _input_bytes(batch: Any) -> int:
