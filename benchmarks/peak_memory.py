@@ -53,6 +53,11 @@ def _tiny_llama():
                        num_key_value_heads=4, vocab_size=8000).build("cpu")
 
 
+def _tiny_llama_mha():
+    return LlamaConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=8000).build("cpu")
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 2048), nn.GELU(), nn.Linear(2048, 10))
 
@@ -76,6 +81,8 @@ CASES = {
                         shakespeare.loss_fn, _eve),
     "llama-adamw": ("Llama 4 x 512, GQA (17M), batch 8 x 512, AdamW", _tiny_llama, _tokens(8, 512), lm_loss, _adamw),
     "llama-eve": ("Llama 4 x 512, GQA (17M), batch 8 x 512, Eve", _tiny_llama, _tokens(8, 512), lm_loss, _eve),
+    "llama-mha-adamw": ("Llama 4 x 512, no GQA (18M), batch 8 x 512, AdamW", _tiny_llama_mha, _tokens(8, 512),
+                        lm_loss, _adamw),
     "mlp-adam-mini": ("MLP 512-2048-2048-10 (5.3M), batch 4096, Adam-mini", _mlp,
                       lambda device="cpu": (torch.zeros(4096, 512, device=device),
                                             torch.zeros(4096, dtype=torch.long, device=device)), _mlp_loss,
@@ -106,7 +113,8 @@ def measured(name: str, device: str) -> dict:
             raise RuntimeError(out.stderr[-2000:])
         return json.loads(out.stdout.strip().splitlines()[-1])
     _, build, make_batch, loss_fn, make_opt = CASES[name]
-    measure_peak(build, lambda: resized_batch(make_batch(device), 1), loss_fn, make_opt, device=device)   # warm-up
+    measure_peak(build, lambda: resized_batch(make_batch(device), 1, device=device), loss_fn, make_opt,
+                 device=device)   # warm-up
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     reserved_before = torch.cuda.memory_reserved(device)
