@@ -7,7 +7,8 @@ evaluation, its Euclidean distance to AdamW's weights at the same steps and lear
 Zhang et al., *Adam-mini*, 2024, Figure 16), the optimizer-state bytes and its step time.
 
 An optimizer is named by a spec (`parse_spec`): a registry name (`OPTIMIZERS`), a peer's
-(`PEER_NAMES`: torchao's and bitsandbytes' 8-/4-bit AdamW, optional packages) or ``plan``, and
+(`PEER_NAMES`: torchao's and bitsandbytes' 8-/4-bit AdamW, optional packages; torch's Muon with
+AdamW beside it), ``module:Class[:{json}]`` for any other optimizer class, or ``plan``, and
 for lowmem's plan optimizers a storage format of `m` and `v` after colons: ``eve:int8`` (`m` in
 int8), ``slimadam:int8:int8`` (`m` and `v`), ``plan:bf16:bf16``. Colons survive a comma-separated
 list; in file names they are written ``+`` (``runs/eve+int8@0.001.json``), which no name holds.
@@ -91,8 +92,16 @@ class OptimizerSpec:
 
     name: str
     state_format: StateFormat | None = None
+    options: str = ""     # a ``module:Class`` spec's keyword arguments, as canonical JSON ("" for none)
+
+    @property
+    def custom(self) -> bool:
+        """Whether the spec names a class by ``module:Class`` rather than a known optimizer."""
+        return ":" in self.name
 
     def __str__(self) -> str:
+        if self.custom:
+            return self.name + (f":{self.options}" if self.options else "")
         if self.state_format is None:
             return self.name
         f = self.state_format
@@ -104,13 +113,57 @@ def format_names() -> str:
     return f"m: {', '.join(M_FORMATS)}; v: {', '.join(V_FORMATS)}"
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, split at the commas outside a spec's JSON (braces and
+    brackets)."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "{[") - (c in "}]")
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [x.strip() for x in items if x.strip()]
+
+
+def _is_class_spec(text: str) -> bool:
+    """``module:Class…``: a dotted module, or a name no optimizer has before a capitalised class
+    (``eve:BF16`` stays a format: names and formats are read in any case)."""
+    head, sep, rest = text.partition(":")
+    return bool(sep) and ("." in head or (head.lower() not in KNOWN and rest[:1].isupper()))
+
+
+def _class_spec(text: str) -> OptimizerSpec:
+    module, _, rest = text.partition(":")
+    cls, _, options = rest.partition(":")
+    if not module or not cls.isidentifier():
+        raise SpecError(f"{text!r}: expected module:Class or module:Class:{{json keyword arguments}}, "
+                        "e.g. torch.optim:SGD:{\"momentum\": 0.9}")
+    if options:
+        try:
+            kwargs = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{text!r}: the keyword arguments are not JSON ({e}); e.g. "
+                            "torch.optim:SGD:{\"momentum\": 0.9}") from None
+        if not isinstance(kwargs, dict):
+            raise SpecError(f"{text!r}: the keyword arguments must be a JSON object, {{\"name\": value, ...}}")
+        options = json.dumps(kwargs, sort_keys=True, separators=(",", ":")) if kwargs else ""
+    return OptimizerSpec(f"{module}:{cls}", options=options)
+
+
 def parse_spec(text: str) -> OptimizerSpec:
-    """``NAME``, ``NAME:M`` or ``NAME:M:V``: an optimizer and the storage of its `m` and `v`.
+    """``NAME``, ``NAME:M`` or ``NAME:M:V``: an optimizer and the storage of its `m` and `v`; or
+    ``module:Class`` / ``module:Class:{json}``: any optimizer class, built over the model's
+    trainable parameters with the sweep's ``lr`` (and its ``betas`` and ``weight_decay`` where
+    the class names them and the JSON does not).
 
     Raises:
         SpecError: an unknown name, a format given to an optimizer that keeps its own, or an
-            unknown format (the known names and formats are in the message).
+            unknown format (the known names and formats are in the message); a class spec whose
+            keyword arguments are not a JSON object.
     """
+    if _is_class_spec(text.strip()):
+        return _class_spec(text.strip())
     name, *formats = text.strip().lower().split(":")
     if name not in KNOWN:
         where = f" in {text!r}" if formats else ""
@@ -132,9 +185,84 @@ def parse_spec(text: str) -> OptimizerSpec:
 
 
 def unavailable(specs) -> dict[str, str]:
-    """The peers among `specs` (text or `OptimizerSpec`) whose package is missing, with why."""
-    names = {(s if isinstance(s, OptimizerSpec) else parse_spec(s)).name for s in specs}
-    return {n: reason for n in PEER_NAMES if n in names and (reason := PEERS[n].unavailable()) is not None}
+    """The peers and ``module:Class`` specs among `specs` (text or `OptimizerSpec`) that cannot be
+    built here (a missing package, a module that does not import, no such class), with why."""
+    specs = [s if isinstance(s, OptimizerSpec) else parse_spec(s) for s in specs]
+    names = {s.name for s in specs}
+    out = {n: reason for n in PEER_NAMES if n in names and (reason := PEERS[n].unavailable()) is not None}
+    for s in specs:
+        if s.custom:
+            try:
+                _load_class(s.name)
+            except PeerUnavailable as e:
+                out[s.name] = str(e)
+    return out
+
+
+def _load_class(name: str) -> type:
+    import importlib
+
+    module, cls = name.split(":")
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise PeerUnavailable(f"optimizer {name!r}: module {module!r} does not import ({e}); it must be "
+                              "installed, or a .py file beside model.py") from None
+    except AttributeError:
+        raise PeerUnavailable(f"optimizer {name!r}: module {module!r} has no {cls!r}") from None
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        raise PeerUnavailable(f"optimizer {name!r}: {module}.{cls} is not a torch.optim.Optimizer class")
+    return found
+
+
+def _class_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, settings: SweepSettings):
+    """A ``module:Class`` spec's optimizer: the class over the trainable parameters (or the model,
+    where its first argument is named ``model``, as lowmem's optimizers), with the JSON keyword
+    arguments, ``lr``, and ``betas`` / ``weight_decay`` where the class names them."""
+    import inspect
+
+    cls, kwargs, takes_model = _class_arguments(spec, lr, settings)
+    target = model if takes_model else [p for p in model.parameters() if p.requires_grad]
+    try:
+        return cls(target, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"optimizer {str(spec)!r} could not be built: {type(e).__name__}: {e}") from None
+
+
+def check_class_spec(spec: str | OptimizerSpec, lr: float = 1e-3) -> None:
+    """Refuse a ``module:Class`` spec whose class does not take its keyword arguments (SpecError),
+    before anything is built or written."""
+    spec = spec if isinstance(spec, OptimizerSpec) else parse_spec(spec)
+    _class_arguments(spec, lr, SweepSettings(steps=1, warmup=0))
+
+
+def _class_arguments(spec: OptimizerSpec, lr: float, settings: SweepSettings) -> tuple[type, dict, bool]:
+    """(class, keyword arguments, whether it takes the model) of a ``module:Class`` spec.
+
+    Raises:
+        PeerUnavailable: the class cannot be loaded; SpecError: its constructor does not take
+            these keyword arguments (checked against its signature, before anything is built).
+    """
+    import inspect
+
+    cls = _load_class(spec.name)
+    kwargs = json.loads(spec.options) if spec.options else {}
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        signature = None
+    named = signature.parameters if signature is not None else {}
+    shared = {"lr": lr, "betas": tuple(settings.betas), "weight_decay": settings.weight_decay}
+    for key, value in shared.items():
+        if key not in kwargs and (key in named or key == "lr"):
+            kwargs[key] = value
+    if signature is not None:
+        try:
+            signature.bind(None, **kwargs)
+        except TypeError as e:
+            raise SpecError(f"optimizer {str(spec)!r}: {cls.__name__} does not take these arguments ({e}); "
+                            f"it takes: {', '.join(list(named)[1:])}") from None
+    return cls, kwargs, next(iter(named), None) == "model"
 
 
 @dataclass(frozen=True)
@@ -236,6 +364,8 @@ def make_optimizer(spec: str | OptimizerSpec, model: nn.Module, lr: float, setti
     """
     spec = spec if isinstance(spec, OptimizerSpec) else parse_spec(spec)
     name = spec.name
+    if spec.custom:
+        return _class_optimizer(spec, model, lr, settings)
     if name == "plan" and plan is None:
         raise ValueError("optimizer 'plan' needs a plan")
     betas = tuple(settings.betas)
@@ -474,8 +604,12 @@ def has_runs(folder: Path, names=None) -> bool:
 
 def run_file(out: Path, name: str, lr: float) -> Path:
     """Where a run of spec `name` is kept (a spec's colons written ``+``: file systems that refuse
-    ``:`` take it)."""
-    return out / "runs" / f"{name.replace(':', '+')}@{lr:g}.json"
+    ``:`` take it; a ``module:Class`` spec's JSON arguments as a hash of them)."""
+    spec = parse_spec(name)
+    stem = str(spec).replace(":", "+")
+    if spec.custom and spec.options:
+        stem = f"{spec.name.replace(':', '+')}+{hashlib.sha256(spec.options.encode()).hexdigest()[:10]}"
+    return out / "runs" / f"{stem}@{lr:g}.json"
 
 
 def check_settings(out: Path, settings: SweepSettings, init_sha: str) -> None:
@@ -533,6 +667,9 @@ def run_sweep(task: Task, optimizers: list[str], lrs: list[float], settings: Swe
     missing = unavailable(specs)
     if missing:
         raise PeerUnavailable("; ".join(missing.values()))
+    for s in specs:
+        if s.custom:
+            _class_arguments(s, lrs[0], settings)     # a bad keyword: refused before any run
     order = sorted(dict.fromkeys(str(s) for s in specs), key=lambda n: n != "adamw")
     base, _ = build(task, torch.device("cpu"), lrs[0], settings.seed, with_optimizer=False)
     base = _cast_model(base, settings)

@@ -44,7 +44,8 @@ from lowmem.cli.common import (EXIT_INTERRUPTED, EXIT_OK, PROG, ArgumentParser, 
                                write_folder_report)
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compare import (KNOWN, OPTIMIZERS, PARAM_DTYPES, RunResult, SpecError, SweepMismatch, SweepSettings,
-                            format_names, has_runs, parse_spec, plan_digest, run_sweep, unavailable)
+                            check_class_spec, format_names, has_runs, parse_spec, plan_digest, run_sweep, split_specs,
+                            unavailable)
 from lowmem.compress.optim.engine import ROUNDINGS
 from lowmem.compress.optim.registry import PEER_NAMES
 from lowmem.compress import PlanError
@@ -60,7 +61,7 @@ LR_FACTORS = (0.3, 1.0, 3.0, 10.0)   # default grid around the task's lr: 4 rate
 
 def _names(text: str) -> list[str]:
     """Optimizer specs separated by commas, each in its canonical spelling (`parse_spec`)."""
-    items = [n.strip() for n in text.split(",") if n.strip()]
+    items = split_specs(text)
     if not items:
         raise argparse.ArgumentTypeError(f"no optimizer given; known: {','.join(KNOWN)}")
     specs, errors = [], []
@@ -110,9 +111,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example instead of a model.py")
     p.add_argument("--optimizers", type=_names, default=list(OPTIMIZERS), metavar="A,B,…",
                    help=f"optimizers to train (default all of lowmem's: {','.join(OPTIMIZERS)}); also the "
-                        f"peers {','.join(PEER_NAMES)} (other packages, skipped when missing) and plan (SlimAdam "
-                        "from --plan); a plan optimizer may carry the storage of m and v as NAME:M or NAME:M:V, "
-                        f"e.g. eve:int8 ({format_names()})")
+                        f"peers {','.join(PEER_NAMES)} (other packages, skipped when missing), plan (SlimAdam "
+                        "from --plan) and module:Class[:{json}] for any optimizer class (e.g. "
+                        "'torch.optim:SGD:{\"momentum\": 0.9}'; a .py file beside model.py is a module); a plan "
+                        f"optimizer may carry the storage of m and v as NAME:M or NAME:M:V, e.g. eve:int8 ({format_names()})")
     p.add_argument("--lrs", type=_lrs, metavar="LR,LR,…",
                    help="peak learning rates (default the task's lr times " + ", ".join(f"{f:g}" for f in LR_FACTORS) + ")")
     p.add_argument("--steps", type=positive_int, help=f"steps per run (default the task's, else {DEFAULTS['steps']})")
@@ -172,6 +174,15 @@ def _run(args, err: Console) -> int:
     if plan is None and any(parse_spec(s).name == "plan" for s in args.optimizers):
         raise UsageError("optimizer 'plan' is SlimAdam from --plan FILE: give --plan, or use slimadam")
     skipped = unavailable(args.optimizers)
+    named = {n: why for n, why in skipped.items() if ":" in n}    # a module:Class the user named: an error
+    if named:
+        raise UsageError("; ".join(named.values()))
+    for s in args.optimizers:
+        if parse_spec(s).custom:
+            try:
+                check_class_spec(s, settings_lr)
+            except SpecError as e:
+                raise UsageError(str(e)) from None
     for reason in skipped.values():
         if not args.quiet:
             err.print(f"{NAME}: note: skipped: {reason}", markup=False)

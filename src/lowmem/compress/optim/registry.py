@@ -172,6 +172,8 @@ class PeerEntry:
         paper: where the method comes from (authors, title, year).
         fixed: keyword arguments that make this entry of its class.
         hparams: ``(lr, betas, weight_decay) -> keyword arguments``, as `OptimizerEntry.hparams`.
+        make: ``(model, lr, betas, weight_decay) -> optimizer`` where the class is not simply
+            built over every trainable parameter (Muon: AdamW for what Muon does not take).
     """
 
     name: str
@@ -182,6 +184,7 @@ class PeerEntry:
     paper: str
     fixed: dict = field(default_factory=dict)
     hparams: Callable[[float, tuple[float, float], float], dict] = _adam_hparams
+    make: Callable[..., torch.optim.Optimizer] | None = None
 
     def unavailable(self) -> str | None:
         """Why this peer cannot be built here (its package is missing or fails to import), or None."""
@@ -223,6 +226,8 @@ class PeerEntry:
         if plan is not None:
             raise ValueError(f"optimizer {self.name!r} does not take a plan")
         cls = self.load()
+        if self.make is not None:
+            return self.make(model, lr, tuple(betas), weight_decay)
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(params, **self.fixed, **self.hparams(lr, betas, weight_decay))
 
@@ -237,7 +242,17 @@ PEERS: dict[str, PeerEntry] = {e.name: e for e in (
     PeerEntry("bnb-adamw8bit", "bitsandbytes.optim", "AdamW8bit", "bitsandbytes==0.50.2",
               "m and v as 8-bit codes, one fp32 scale per 256 entries",
               "Dettmers, Lewis, Shleifer, Zettlemoyer, 8-bit Optimizers via Block-wise Quantization (2022)"),
+    PeerEntry("muon", "torch.optim", "Muon", "torch>=2.9",
+              "one momentum buffer for hidden matrices (orthogonalised updates); AdamW's m and v for the rest",
+              "Jordan et al., Muon (2024); Liu et al., Muon is Scalable for LLM Training (2025)",
+              make=lambda model, lr, betas, weight_decay: _muon(model, lr, betas, weight_decay)),
 )}
+
+
+def _muon(model, lr, betas, weight_decay):
+    from lowmem.compress.optim.combined import muon_with_adamw
+
+    return muon_with_adamw(model, lr, betas, weight_decay)
 
 PEER_NAMES: tuple[str, ...] = tuple(PEERS)
 assert not set(PEER_NAMES) & set(NAMES), "a peer's name is not a lowmem optimizer's"
