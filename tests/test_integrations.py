@@ -95,3 +95,65 @@ def test_hf_example_runs_the_probe_plan_train_loop(tmp_path):
     assert result["plan_bytes"] == lowmem.compress.plan_state_memory(plan).plan_bytes
     assert result["adamw_bytes"] == 8 * sum(p.numel() for p in example._model().parameters())
     assert sorted({s.step for s in read_trajectory(tmp_path / "snr.csv")}) == [5, 10]
+
+
+def _train_with(tmp_path, plan, **kw):
+    """A Trainer run with a lowmem optimizer from `optimizer_cls_and_kwargs`, and the same run as a
+    plain loop with the optimizer built by hand; both models after training."""
+    from lowmem.integrations.hf import optimizer_cls_and_kwargs
+
+    model = _model()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=3e-3,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, max_grad_norm=0.0, adam_beta1=0.8,
+        adam_beta2=0.99, adam_epsilon=1e-7, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        seed=0, dataloader_num_workers=0)
+    trainer = _InOrder(model=model, args=args, train_dataset=_data(),
+                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, plan, args, **kw))
+    trainer.train()
+    return model, unwrap_optimizer(trainer.optimizer)
+
+
+@pytest.mark.parametrize("how", ["plan-file", "eve"])
+def test_a_trainer_trains_with_the_plans_optimizer_as_a_hand_written_loop(tmp_path, how):
+    if how == "plan-file":
+        plan = lowmem.build_preset("slimadam-rules", _model())
+        plan.save(tmp_path / "plan.json")
+        model, opt = _train_with(tmp_path, str(tmp_path / "plan.json"))
+        make = lambda m, groups: lowmem.SlimAdam(m, plan=plan, lr=3e-3, betas=(0.8, 0.99), eps=1e-7,  # noqa: E731
+                                                 weight_decay=0.1, param_groups=groups)
+        assert type(opt) is lowmem.SlimAdam
+    else:
+        model, opt = _train_with(tmp_path, "eve", state_format="m=int8")
+        make = lambda m, groups: lowmem.Eve(m, lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1,  # noqa: E731
+                                            param_groups=groups, state_format="m=int8")
+        assert type(opt) is lowmem.Eve
+    # weight decay where the Trainer puts it: not on biases, LayerNorms (by hand: GPT-2's names)
+    no_decay = {n for n, _ in model.named_parameters() if n.endswith(".bias") or ".ln_" in n or n.startswith("transformer.ln_f")}
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) not in decayed} == no_decay
+    assert {g["lr"] for g in opt.param_groups} == {3e-3}
+
+    reference = _model()
+    named = dict(reference.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if n not in no_decay]},
+              {"params": [named[n] for n in named if n in no_decay], "weight_decay": 0.0}]
+    ref_opt = make(reference, groups)
+    data = _data()
+    for step in range(STEPS):
+        rows = data[step * BATCH:(step + 1) * BATCH]
+        ids = torch.stack([r["input_ids"] for r in rows])
+        reference(input_ids=ids, labels=ids).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_unknown_optimizer_name_or_plan_file_is_refused(tmp_path):
+    from lowmem.integrations.hf import optimizer_cls_and_kwargs
+
+    with pytest.raises(FileNotFoundError):
+        optimizer_cls_and_kwargs(_model(), str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="Trainer's own"):
+        optimizer_cls_and_kwargs(_model(), "adamw")

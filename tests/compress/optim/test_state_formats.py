@@ -387,6 +387,19 @@ def test_codes_of_the_wrong_dtype_are_refused_before_anything_loads():
     assert torch.equal(opt.state[model.a.weight]["exp_avg"], before)
 
 
+def test_a_state_dict_before_any_step_loads_and_one_missing_its_scales_is_refused():
+    # accelerate (a Hugging Face Trainer) reloads a fresh optimizer's own state dict when it wraps it
+    model = Wide()
+    opt = ReducedAdamW(model, None, state_format="m=int8")
+    opt.load_state_dict(opt.state_dict())
+    assert len(opt.state) == 0
+    _train(model, opt, _batches(1))
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["exp_avg_scale"]
+    with pytest.raises(ValueError, match="needs 'exp_avg' and 'exp_avg_scale'"):
+        opt.load_state_dict(sd)
+
+
 def test_stochastic_rounding_is_seeded_by_the_optimizer_and_resumes_exactly():
     """The optimizer's own generator: the global RNG does not change the rounding (so replicas
     seeded per rank round alike), and a state dict carries it (a resumed run is bit-identical)."""
