@@ -156,10 +156,6 @@ def _check_codes(opt: ReducedAdamW, state_dict: dict, formats: dict[str, StateFo
             if f not in QUANTIZED:
                 continue
             codes, scales = entry.get(stored.KEYS[which]), entry.get(stored.scale_key(which))
-            if codes is None or scales is None:
-                raise ValueError(f"{type(opt).__name__}.load_state_dict: parameter {name!r}: format {f} needs "
-                                 f"{stored.KEYS[which]!r} and {stored.scale_key(which)!r}, and the state dict "
-                                 f"has {sorted(entry)}")
             if codes.dtype != torch.uint8 or not scales.dtype.is_floating_point:
                 raise ValueError(f"{type(opt).__name__}.load_state_dict: parameter {name!r}: "
                                  f"{stored.KEYS[which]!r} of format {f} must be uint8 codes with floating-point "
