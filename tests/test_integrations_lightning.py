@@ -129,3 +129,28 @@ def test_lightning_callback_under_fsdp2_writes_the_single_process_trajectory(tmp
         got = fsdp[key]
         assert got.mean_sq == pytest.approx(want.mean_sq, rel=1e-4), key
         assert got.snr == pytest.approx(want.snr, rel=1e-4 + 1e-6 * want.snr), key
+
+
+def test_lightning_trains_with_the_plans_optimizer_as_a_hand_written_loop(tmp_path):
+    plan = lowmem.build_preset("eve", Net())
+    plan.save(tmp_path / "plan.json")
+
+    class Planned(Module):
+        def configure_optimizers(self):
+            return lowmem.optimizer_from_plan(self.net, str(tmp_path / "plan.json"), lr=1e-2, weight_decay=0.1)
+
+    module = Planned()
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False))
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = lowmem.SlimAdam(net, plan=plan, lr=1e-2, weight_decay=0.1)
+    for x, y in torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False):
+        _loss(net, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert type(trainer.optimizers[0]) is lowmem.SlimAdam
+    for (name, a), b in zip(module.net.named_parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
