@@ -301,7 +301,7 @@ def test_peak_rows_are_the_traced_peaks_of_each_optimizer(capsys):
     assert code == 0, err
     peak = json.loads(out)["peak"]
     rows = {r["optimizer"]: r for r in peak["rows"]}
-    assert list(rows) == ROWS                              # the registry, AdamW first
+    assert list(rows) == ROWS + ["muon"]                  # the registry, AdamW first, then torch's Muon
     assert (peak["batch"], peak["seq"], peak["budget"]) == (8, None, 64 * 2**20)
     whole = trace_peak(shakespeare.build_model, lambda: resized_batch(shakespeare.get_batch(0), 8),
                        shakespeare.loss_fn, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True))
@@ -348,3 +348,20 @@ def test_peak_of_a_model_py_and_its_bad_inputs(capsys, tmp_path, monkeypatch):
     assert "needs tensor values at sync.py:" in err and "print(loss.item())" in err
     code, out, err = memory(capsys, "model.py", "--activation-checkpointing")
     assert code == 3 and "longest nn.ModuleList" in err
+
+
+def test_loss_gaps_from_a_compare_sweep_join_the_peak_rows(capsys, tmp_path):
+    # each optimizer's best held-out loss over its rates minus AdamW's best; a diverged run left out
+    rows = [("adamw", 1e-3, "complete", 2.50), ("adamw", 3e-3, "complete", 2.45), ("eve", 1e-3, "complete", 2.47),
+            ("eve", 3e-3, "diverged", 1.00), ("eve:int8", 1e-3, "complete", 2.49)]
+    lines = ["optimizer,lr,status,steps_done,final_train_loss,final_val_loss,state_bytes,step_seconds"]
+    lines += [f"{o},{lr},{st},10,3.0,{v},100,0.1" for o, lr, st, v in rows]
+    (tmp_path / "compare.csv").write_text("\n".join(lines) + "\n")
+    code, out, err = memory(capsys, "--example", "shakespeare", "--compare", tmp_path, "--state", "fp32,m=int8",
+                            "--format", "json")
+    assert code == 0, err
+    gaps = {r["optimizer"]: r["loss_gap"] for r in json.loads(out)["peak"]["rows"]}
+    assert gaps["adamw"] == 0.0
+    assert gaps["eve"] == pytest.approx(2.47 - 2.45) and gaps["eve:int8"] == pytest.approx(2.49 - 2.45)
+    assert gaps["slimadam:int8"] is None                   # not in the sweep
+    assert "no such file" in refused(capsys, "--example", "shakespeare", "--compare", tmp_path / "nothing")

@@ -48,11 +48,13 @@ from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import (ALL_FORMATS, PARAM_BYTES, STATE_BYTES, FormatGrid, MemoryEstimate,
                                     estimate_state_memory, format_grid)
 from lowmem.compress.optim.presets import SlimAdam
-from lowmem.compress.optim.registry import REGISTRY
+from lowmem.compress.optim.registry import PEERS, REGISTRY
 from lowmem.compress.peak import FAKE_ERRORS, PeakReport, PeakTraceError, lm_loss, parse_size, peak_report
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, call_user, user_failure
+from lowmem.compare import OptimizerSpec
+from lowmem.reports.run import RunFolderError, best_loss_gaps, read_compare_csv
 from lowmem.reports.terminal import MemoryTable, PeakTable
 
 NAME = f"{PROG} memory"
@@ -98,6 +100,9 @@ def make_parser() -> argparse.ArgumentParser:
                       help="recompute each block of the model's longest nn.ModuleList in the backward")
     peak.add_argument("--fit", type=_size, metavar="SIZE",
                       help="also the largest micro-batch whose peak fits in SIZE (e.g. 24GiB, 80GB) per optimizer")
+    peak.add_argument("--compare", metavar="DIR",
+                      help="a compare sweep's folder (or its compare.csv): add each optimizer's best held-out loss "
+                           "minus AdamW's")
     p.add_argument("-q", "--quiet", action="store_true", help="no notes or warnings on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks of failures in your code")
     return p
@@ -132,7 +137,15 @@ def _run(args) -> int:
     estimate = estimate_state_memory(model, plan, args.bytes_per_state or STATE_BYTES, layers=layers, formats=formats,
                                      param_dtype=args.param_dtype)
     grid = format_grid(model, plan, layers=layers)
+    gaps = None
+    if args.compare:
+        try:
+            gaps = best_loss_gaps(read_compare_csv(args.compare))
+        except RunFolderError as e:
+            raise UsageError(str(e)) from None
     peak = _peak(args, plan, formats) if _wants_peak(args) else None
+    if gaps is not None:
+        peak = peak.with_loss_gaps(gaps)
     if args.format == "json":
         doc = memory_document(estimate, name, args.config, args.plan, grid)
         doc["peak"] = None if peak is None else peak.to_json()
@@ -147,7 +160,8 @@ def _run(args) -> int:
 
 
 def _wants_peak(args) -> bool:
-    return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit)
+    return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit
+                or args.compare)
 
 
 def _size(text: str) -> int:
@@ -160,7 +174,8 @@ def _size(text: str) -> int:
 def peak_optimizers(plan, formats) -> dict:
     """name -> ``make(model)`` for the peak rows: torch AdamW as it runs on a GPU by default
     (``foreach=True``), every other registry optimizer on its ``foreach`` backend (the plan
-    optimizers once per state format), and the plan."""
+    optimizers once per state format), torch's Muon (with AdamW beside it), and the plan; named as ``compare`` names them
+    (``eve:int8``), so a sweep's loss gaps find their rows."""
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], foreach=True)
 
@@ -175,12 +190,22 @@ def peak_optimizers(plan, formats) -> dict:
             out[e.name] = lowmem(e)
         else:
             for fmt in formats or (None,):
-                out[e.name if fmt is None else f"{e.name} {fmt}"] = lowmem(e, backend="foreach", state_format=fmt)
+                out[_spec_name(e.name, fmt)] = lowmem(e, backend="foreach", state_format=fmt)
+    # What a user would otherwise pick: torch's Muon. (torchao's and bitsandbytes' 8-bit AdamW build
+    # their code maps from tensor values (.tolist()) in their first step, so fake tensors cannot run them.)
+    muon = PEERS["muon"]
+    if muon.unavailable() is None:
+        out[muon.name] = lambda model: muon.build(model, DEFAULTS["lr"], (0.9, 0.999), 0.0)
     if plan is not None:
         for fmt in formats or (None,):
-            out["plan" if fmt is None else f"plan {fmt}"] = (
+            out[_spec_name("plan", fmt)] = (
                 lambda f: lambda model: SlimAdam(model, plan=plan, lr=DEFAULTS["lr"], backend="foreach", state_format=f))(fmt)
     return out
+
+
+def _spec_name(name: str, fmt) -> str:
+    """`compare`'s spelling of an optimizer in a state format (fp32 state: the bare name)."""
+    return name if fmt is None or fmt == StateFormat("fp32", "fp32") else str(OptimizerSpec(name, fmt))
 
 
 def _peak(args, plan, formats) -> PeakReport:

@@ -483,10 +483,12 @@ class PeakRow:
     error: str | None = None
     fits: int | None = None
     fits_memory: PeakMemory | None = None
+    loss_gap: float | None = None      # best held-out loss minus AdamW's, from a compare sweep
 
     def to_json(self) -> dict:
         return {"optimizer": self.name, **(self.memory.to_json() if self.memory else {}), "error": self.error,
-                "largest_batch": self.fits, "largest_batch_peak": self.fits_memory.peak if self.fits_memory else None}
+                "largest_batch": self.fits, "largest_batch_peak": self.fits_memory.peak if self.fits_memory else None,
+                "loss_gap": self.loss_gap}
 
 
 @dataclass(frozen=True)
@@ -505,6 +507,11 @@ class PeakReport:
         return {"batch": self.batch, "seq": self.seq, "param_dtype": self.param_dtype, "autocast": self.autocast,
                 "activation_checkpointing": self.checkpointing, "budget": self.budget,
                 "rows": [r.to_json() for r in self.rows]}
+
+    def with_loss_gaps(self, gaps: dict[str, float]) -> "PeakReport":
+        """The report with each row's loss gap to AdamW from a compare sweep (`gaps`, by the
+        row's name, which is the sweep's spelling: ``eve``, ``eve:int8``, ``plan``)."""
+        return replace(self, rows=[replace(r, loss_gap=gaps.get(r.name)) for r in self.rows])
 
 
 def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
@@ -540,6 +547,10 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
             step = trace_optimizer_step(build_model, make, param_dtype=dtype)
         except PeakTraceError as e:
             rows.append(PeakRow(name, None, str(e)))
+            continue
+        except Exception as e:     # another package's optimizer that fake tensors cannot run: a row, not the end
+            rows.append(PeakRow(name, None, f"its step cannot run on fake tensors ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})"))
             continue
         fits = fits_memory = None
         if budget is not None:

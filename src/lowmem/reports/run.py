@@ -321,6 +321,36 @@ def _read_compare(run: Run) -> None:
         return
 
 
+def read_compare_csv(path: str | os.PathLike) -> list[dict]:
+    """A sweep's ``compare.csv`` (a file, or the folder holding it): one dict per run, numbers as
+    floats.
+
+    Raises:
+        RunFolderError: no such file, or one that is not a sweep's.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "compare.csv"
+    if not path.is_file():
+        raise RunFolderError(f"{path}: no such file (a compare run writes compare.csv in its --out folder)")
+    return _typed_rows(path, COMPARE_COLUMNS, required=("lr",))
+
+
+def best_loss_gaps(rows: list[dict]) -> dict[str, float]:
+    """Each optimizer's best final loss over its learning rates (held-out where the sweep has it;
+    diverged runs left out) minus AdamW's best: the cost in loss of choosing it, tuned as well as
+    the sweep tuned AdamW. Empty without a finished AdamW run."""
+    column = loss_column(rows)
+    best: dict[str, float] = {}
+    for r in rows:
+        value = r.get(column)
+        if r.get("status") == "complete" and isinstance(value, float):
+            best[r["optimizer"]] = min(best.get(r["optimizer"], value), value)
+    if "adamw" not in best:
+        return {}
+    return {name: loss - best["adamw"] for name, loss in best.items()}
+
+
 def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:
     try:
         with open(path, newline="") as f:

@@ -314,6 +314,9 @@ class PeakTable:
         if r.budget is not None:
             table.add_column("max batch", justify="right", no_wrap=True)
             table.add_column("its peak", justify="right", no_wrap=True)
+        gaps = any(row.loss_gap is not None for row in r.rows)
+        if gaps:
+            table.add_column("loss gap", justify="right", no_wrap=True)
         for row in r.rows:
             m = row.memory
             cells = ([format_bytes(x) for x in (m.weights + m.buffers, m.gradients, m.state, m.activations,
@@ -321,11 +324,16 @@ class PeakTable:
             if r.budget is not None:
                 cells += ["" if row.fits is None else f"{row.fits:,}",
                           format_bytes(row.fits_memory.peak) if row.fits_memory else ""]
+            if gaps:
+                cells.append("" if row.loss_gap is None else f"{row.loss_gap:+.3f}")
             table.add_row(row.name, *cells)
         yield table
         for row in r.rows:
             if row.error:
                 yield Text(f"{row.name}: {row.error}", style="dim")
+        if gaps:
+            yield Text("loss gap: the optimizer's best final loss over the sweep's learning rates minus AdamW's best "
+                       "(held-out where the sweep has it); empty: not in the sweep", style="dim")
         yield Text("traced on fake tensors (two real training steps, no memory used): tensor bytes allocated at the peak, "
                    "each rounded up to 512 B as the CUDA caching allocator does", style="dim")
         yield Text("not included: the CUDA context (~0.3-1 GiB), allocator fragmentation, NCCL buffers; leave headroom",
