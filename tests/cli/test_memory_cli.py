@@ -365,3 +365,14 @@ def test_loss_gaps_from_a_compare_sweep_join_the_peak_rows(capsys, tmp_path):
     assert gaps["eve"] == pytest.approx(2.47 - 2.45) and gaps["eve:int8"] == pytest.approx(2.49 - 2.45)
     assert gaps["slimadam:int8"] is None                   # not in the sweep
     assert "no such file" in refused(capsys, "--example", "shakespeare", "--compare", tmp_path / "nothing")
+
+
+def test_per_rank_figures_under_fsdp2(capsys):
+    code, out, err = memory(capsys, "--example", "shakespeare", "--world", 4, "--format", "json")
+    assert code == 0, err
+    peak = json.loads(out)["peak"]
+    one = {r["optimizer"]: r for r in peak["rows"]}
+    assert peak["world"] == 4
+    code, out, _ = memory(capsys, "--example", "shakespeare", "--peak", "--format", "json")
+    full = {r["optimizer"]: r for r in json.loads(out)["peak"]["rows"]}
+    assert one["adamw"]["state"] < 0.3 * full["adamw"]["state"]      # a quarter, give or take rounding

@@ -220,3 +220,26 @@ def test_the_small_configs_of_each_family_trace_too():
         fb = trace_forward_backward(lambda: build_config_model(name), lambda: torch.zeros(1, 16, dtype=torch.long),
                                     lm_loss)
         assert fb.gradients > 0, name
+
+
+def test_fsdp2_per_rank_state_is_each_ranks_shards_by_hand():
+    # FSDP2 shards dim 0 into `world` pieces (the last ones padded to the same size); each rank
+    # keeps AdamW's m and v of its own shard (each tensor rounded to 512 B) and a 4-byte step
+    # counter per parameter.
+    import math
+
+    import torch.distributed as dist
+
+    world = 4
+    build = _tiny_gpt2
+    shapes = [p.shape for p in build().parameters()]
+    make_batch = lambda: torch.zeros(2, 128, dtype=torch.long)  # noqa: E731
+    one = trace_peak(build, make_batch, lm_loss, _adamw)
+    sharded = trace_peak(build, make_batch, lm_loss, _adamw, world=world)
+    shard = [math.ceil(s[0] / world) * math.prod(s[1:]) for s in shapes]
+    # within one 512-byte block per state tensor of the hand count: how FSDP2 lays out the shards of
+    # small 1-D tensors (padding, views) is its own
+    assert abs(sharded.state - (sum(2 * _rounded(4 * n) for n in shard) + 4 * len(shapes))) <= 2 * 512 * len(shapes)
+    assert sharded.state < 0.26 * one.state
+    assert sharded.peak < one.peak
+    assert not dist.is_initialized()                  # the fake process group is gone

@@ -100,6 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
                       help="recompute each block of the model's longest nn.ModuleList in the backward")
     peak.add_argument("--fit", type=_size, metavar="SIZE",
                       help="also the largest micro-batch whose peak fits in SIZE (e.g. 24GiB, 80GB) per optimizer")
+    peak.add_argument("--world", type=positive_int, default=1, metavar="N",
+                      help="FSDP2 on N ranks: one rank's figures (--batch is one rank's micro-batch)")
     peak.add_argument("--compare", metavar="DIR",
                       help="a compare sweep's folder (or its compare.csv): add each optimizer's best held-out loss "
                            "minus AdamW's")
@@ -161,7 +163,7 @@ def _run(args) -> int:
 
 def _wants_peak(args) -> bool:
     return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit
-                or args.compare)
+                or args.compare or args.world > 1)
 
 
 def _size(text: str) -> int:
@@ -238,7 +240,7 @@ def _peak(args, plan, formats) -> PeakReport:
         with user_code():
             return peak_report(build_model, example, loss_fn, peak_optimizers(plan, formats), batch=batch, seq=seq,
                                param_dtype=args.param_dtype, autocast=args.autocast,
-                               checkpointing=args.activation_checkpointing, budget=args.fit)
+                               checkpointing=args.activation_checkpointing, budget=args.fit, world=args.world)
     except TaskError as e:
         raise TaskError(f"{e}\n(while tracing one training step of {source} on fake tensors for its peak memory: "
                         "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e

@@ -210,41 +210,81 @@ def _input_bytes(batch: Any) -> int:
     return 0
 
 
+# What each kind of the trackers (MemTracker's `_MemRefType`, FSDPMemTracker's `_FSDPRefType`)
+# counts as, by the kind's name.
+_KINDS = {"PARAM": "weights", "SHARDED_PARAM": "weights", "UNSHARDED_PARAM": "weights", "BUFFER": "buffers",
+          "GRAD": "gradients", "SHARDED_GRAD": "gradients", "UNSHARDED_GRAD": "gradients", "ACT": "activations",
+          "OPT": "optimizer", "TEMP": "temporaries", "OTH": "temporaries", "ALL_GATHER": "temporaries",
+          "REDUCE_SCATTER": "temporaries", "INP": "temporaries"}
+
+
+def _by_kind(snapshot: dict) -> tuple[dict[str, int], int]:
+    """({what: bytes} summed over devices, the total) of a tracker snapshot."""
+    out = dict.fromkeys(("weights", "buffers", "gradients", "activations", "optimizer", "temporaries"), 0)
+    total = 0
+    for by_kind in snapshot.values():
+        for kind, n in by_kind.items():
+            name = getattr(kind, "name", None)
+            if name in _KINDS:
+                out[_KINDS[name]] += n
+            elif kind == "Total":
+                total += n
+    return out, total
+
+
 def _state_bytes(tracker) -> int:
     """The optimizer memory the tracker sees live now: after a step and ``zero_grad()``, the
     optimizer's state alone."""
-    from torch.distributed._tools.mem_tracker import _MemRefType
-
-    return sum(by_kind.get(_MemRefType.OPT, 0) for by_kind in tracker.get_tracker_snapshot().values())
+    return _by_kind(tracker.get_tracker_snapshot())[0]["optimizer"]
 
 
 def _snapshot(tracker, state: int = 0, inputs: int = 0) -> dict[str, int]:
     """Bytes by kind at the tracker's peak. The tracker counts as optimizer memory the state and
     whatever the step allocates: the state is what the optimizer holds after it (`state`), the
-    rest were the step's temporaries."""
-    from torch.distributed._tools.mem_tracker import _MemRefType
-
-    kinds = {k: 0 for k in _MemRefType}
-    total = 0
-    for by_kind in tracker.get_tracker_snapshot("peak").values():
-        for kind, n in by_kind.items():
-            if kind in kinds:
-                kinds[kind] += n
-            else:
-                total += n
-    opt = kinds[_MemRefType.OPT]
+    rest were the step's temporaries. Under FSDP2, weights and gradients count both the rank's
+    shards and the gathered copies live at the peak, and temporaries the all-gather and
+    reduce-scatter buffers."""
+    kinds, total = _by_kind(tracker.get_tracker_snapshot("peak"))
+    opt = kinds.pop("optimizer")
     kept = min(state, opt)
-    return dict(weights=kinds[_MemRefType.PARAM], buffers=kinds[_MemRefType.BUFFER], gradients=kinds[_MemRefType.GRAD],
-                state=kept, activations=kinds[_MemRefType.ACT],
-                temporaries=kinds[_MemRefType.TEMP] + kinds[_MemRefType.OTH] + opt - kept, inputs=inputs,
-                peak=total + inputs)
+    return dict(kinds, state=kept, temporaries=kinds["temporaries"] + opt - kept, inputs=inputs, peak=total + inputs)
+
+
+@contextlib.contextmanager
+def _fake_world(world: int):
+    """A fake process group of `world` ranks and its device mesh (None for one rank): FSDP2
+    shards as it would on `world` ranks, with no other process and no communication."""
+    if world == 1:
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise PeakTraceError("per-rank figures (world > 1) trace on a fake process group, and this process "
+                             "already has a process group: run it outside a distributed job")
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard(model: nn.Module, mesh) -> None:
+    """FSDP2 as it is usually applied: each block of the longest ``nn.ModuleList``, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
                loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
                param_dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
-               checkpointing: bool = False) -> PeakMemory:
+               checkpointing: bool = False, world: int = 1) -> PeakMemory:
     """Trace two training steps on fake tensors and return what is live at their peak (the first
     step creates the optimizer's state, the second runs with it; the peak is over both).
 
@@ -259,21 +299,33 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
             with parameters in `param_dtype`), or None.
         checkpointing: recompute each block of the longest ``nn.ModuleList`` in the backward
             (`repeated_blocks`) instead of keeping its activations.
+        world: ranks of FSDP2 data parallelism: the figures of one rank, its model sharded as
+            FSDP2 is usually applied (`fully_shard` on each block of the longest
+            ``nn.ModuleList``, then the root), traced with PyTorch's ``FSDPMemTracker`` on a
+            fake process group; `make_batch` makes one rank's micro-batch.
 
     Raises:
-        PeakTraceError: the step needs tensor values, or the model has no blocks to checkpoint.
+        PeakTraceError: the step needs tensor values, the model has no blocks to checkpoint, or
+            (world > 1) this process is already in a process group.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, checkpointing)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True):
         model = _fake(model)
+        if mesh is not None:
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+            _shard(model, mesh)
         optimizer = make_optimizer(model)
         batch = make_batch()
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer)
+        if mesh is None:
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+        else:
+            tracker = FSDPMemTracker(model, optimizer)
         with tracker, _explained("the training step"):
             for _ in range(2):
                 tracker.reset_mod_stats()   # per-module figures only: the peak is kept over both steps
@@ -502,10 +554,11 @@ class PeakReport:
     checkpointing: bool
     budget: int | None
     rows: list[PeakRow]
+    world: int = 1            # FSDP2 ranks: the figures are one rank's
 
     def to_json(self) -> dict:
         return {"batch": self.batch, "seq": self.seq, "param_dtype": self.param_dtype, "autocast": self.autocast,
-                "activation_checkpointing": self.checkpointing, "budget": self.budget,
+                "activation_checkpointing": self.checkpointing, "budget": self.budget, "world": self.world,
                 "rows": [r.to_json() for r in self.rows]}
 
     def with_loss_gaps(self, gaps: dict[str, float]) -> "PeakReport":
@@ -518,13 +571,16 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
                 loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                 optimizers: dict[str, Callable[[nn.Module], torch.optim.Optimizer]], *,
                 batch: int | None = None, seq: int | None = None, param_dtype: str = "fp32",
-                autocast: str | None = None, checkpointing: bool = False, budget: int | None = None) -> PeakReport:
+                autocast: str | None = None, checkpointing: bool = False, budget: int | None = None,
+                world: int = 1) -> PeakReport:
     """Trace the peak of a training step for each optimizer in `optimizers` (name -> builder over
     the model), at `batch` × `seq` (`resized_batch` of `example_batch`; None: its own size), and
     with a `budget` in bytes the largest micro-batch that fits for each.
 
     The forward and backward are traced once per batch size and shared by every optimizer; each
-    optimizer's step is traced once (`combine`, exact against `trace_peak`).
+    optimizer's step is traced once (`combine`, exact against `trace_peak`). With `world` > 1
+    (FSDP2 on that many ranks; `batch` is one rank's) each optimizer's whole steps are traced
+    (`trace_peak`), per batch size the search tries.
 
     Raises:
         PeakTraceError: the forward and backward cannot be traced (an optimizer whose step cannot
@@ -540,6 +596,9 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
             traced[b] = replace(fb, batch=b, seq=seq)
         return traced[b]
 
+    if world > 1:
+        return _sharded_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast,
+                               checkpointing, budget, world)
     base = forward_backward(batch)
     rows = []
     for name, make in optimizers.items():
@@ -557,3 +616,28 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
             fits, fits_memory = largest_batch(lambda b: combine(forward_backward(b), step), budget)
         rows.append(PeakRow(name, combine(base, step), None, fits, fits_memory))
     return PeakReport(batch, seq, param_dtype, autocast, checkpointing, budget, rows)
+
+
+def _sharded_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast, checkpointing,
+                    budget, world) -> PeakReport:
+    dtype, amp = DTYPES[param_dtype], DTYPES[autocast] if autocast else None
+    rows = []
+    for name, make in optimizers.items():
+        def at(b, make=make):
+            memory = trace_peak(build_model, lambda: resized_batch(example_batch, b, seq), loss_fn, make,
+                                param_dtype=dtype, autocast=amp, checkpointing=checkpointing, world=world)
+            return replace(memory, batch=b, seq=seq)
+        try:
+            memory = at(batch)
+        except PeakTraceError as e:
+            rows.append(PeakRow(name, None, str(e)))
+            continue
+        except Exception as e:     # an optimizer that fake tensors or FSDP2 cannot run: a row, not the end
+            rows.append(PeakRow(name, None, f"its step cannot run on fake tensors under FSDP2 ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})"))
+            continue
+        fits = fits_memory = None
+        if budget is not None:
+            fits, fits_memory = largest_batch(at, budget)
+        rows.append(PeakRow(name, memory, None, fits, fits_memory))
+    return PeakReport(batch, seq, param_dtype, autocast, checkpointing, budget, rows, world)

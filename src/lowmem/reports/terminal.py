@@ -305,6 +305,8 @@ class PeakTable:
             settings.append(f"autocast {r.autocast}")
         if r.checkpointing:
             settings.append("activation checkpointing")
+        if r.world > 1:
+            settings.append(f"FSDP2 on {r.world} ranks: one rank's figures")
         fits = f"; the largest micro-batch within {format_bytes(r.budget)}" if r.budget is not None else ""
         yield Text(f"Peak memory of one training step of {self.name} ({', '.join(settings)}){fits}")
         table = Table(show_edge=False, pad_edge=False)
