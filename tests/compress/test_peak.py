@@ -243,3 +243,14 @@ def test_fsdp2_per_rank_state_is_each_ranks_shards_by_hand():
     assert sharded.state < 0.26 * one.state
     assert sharded.peak < one.peak
     assert not dist.is_initialized()                  # the fake process group is gone
+
+
+def test_what_the_users_code_caches_while_building_stays_real():
+    # the built-in example loads its text on first use (an lru_cache) inside build_model(): the
+    # trace must leave it a real CPU tensor, or every later real run would find it on meta
+    shakespeare._corpus.cache_clear()
+    trace_forward_backward(shakespeare.build_model, lambda: resized_batch(shakespeare.get_batch(0), 2),
+                           shakespeare.loss_fn)
+    x, _ = shakespeare.get_batch(0)
+    assert x.device.type == "cpu" and not x.is_meta
+    shakespeare.loss_fn(shakespeare.build_model(), (x, x)).backward()

@@ -11,7 +11,7 @@ runs under ``FakeTensorMode`` is measured by what it actually allocates, not by 
 70B model costs the machine a few hundred MB of Python objects.
 
 How the step is traced (`trace_peak`):
-- the model is built on the meta device (no initialisation work), cast there to the parameter
+- the model is built with its parameters on the meta device (no initialisation work), cast there to the parameter
   dtype, optionally wrapped for activation checkpointing, then given fake CPU storage
   (``to_empty``); the batch is made of fake tensors of the asked shapes (`resized_batch`);
 - two steps run: the first creates the optimizer's state, the second runs with it; the peak is
@@ -169,10 +169,39 @@ def _prepare_quantization_maps() -> None:
                 _qmap(which, fmt, torch.device("cpu"))
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter and buffer a module registers goes to the meta device as it is registered
+    (so initialisation then runs on meta tensors: no memory, no time), while every other tensor
+    the code makes stays where it would be. Not ``with torch.device("meta")``: that would also
+    put on meta whatever the user's code makes and keeps (a dataset cached on first use, as the
+    built-in example's is), and a later real run would find it there."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta(t):
+        return t if t is None or t.is_meta else t.to("meta")
+
+    def parameter(module, name, param):
+        register_parameter(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and not p.is_meta:
+            module._parameters[name] = type(p)(on_meta(p.data), requires_grad=p.requires_grad)
+
+    def buffer(module, name, tensor, persistent=True):
+        register_buffer(module, name, on_meta(tensor), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
 def _meta_model(build_model: Callable[[], nn.Module], param_dtype: torch.dtype, checkpointing: bool) -> nn.Module:
-    """The model built on the meta device, cast and wrapped for checkpointing there (outside
-    ``FakeTensorMode``, which cannot swap a module's tensors); `_fake` gives it storage."""
-    with torch.device("meta"):
+    """The model built with its parameters on the meta device (`_parameters_on_meta`), cast and
+    wrapped for checkpointing there (outside ``FakeTensorMode``, which cannot swap a module's
+    tensors); `_fake` gives it storage."""
+    with _parameters_on_meta():
         model = build_model()
     model = model.to(param_dtype)
     return _checkpointed(model) if checkpointing else model
@@ -289,7 +318,8 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
     step creates the optimizer's state, the second runs with it; the peak is over both).
 
     Args:
-        build_model: makes the model (called under ``torch.device("meta")``: no weights are made).
+        build_model: makes the model (its parameters and buffers are put on the meta device as
+            they are registered, `_parameters_on_meta`: no weights are made).
         make_batch: makes the batch (called under ``FakeTensorMode``; e.g. `resized_batch` of the
             model's own batch).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (the ``model.py`` contract).
