@@ -12,11 +12,13 @@ optimizers; the second gives bytes per parameter of every plan optimizer in all 
 beside torch AdamW with fp32 and with bf16 parameters (``"by_format"`` in the JSON document).
 
 With ``--peak`` (or any of ``--batch``, ``--seq``, ``--autocast``, ``--activation-checkpointing``,
-``--fit``) a third table gives the peak memory of one training step per optimizer: weights,
+``--fit``, ``--world``, ``--compare``) a third table gives the peak memory of one training step per optimizer: weights,
 gradients, optimizer state, activations and temporaries live at the peak, traced on fake tensors
 by `lowmem.compress.peak` (one real forward, backward and ``optimizer.step()`` of the model, with no
 memory used: a 70B config traces on a laptop); with ``--fit SIZE`` also the largest micro-batch
-whose peak fits in SIZE (``"peak"`` in the JSON document). The batch is ``get_batch(0)``'s with
+whose peak fits in SIZE (``"peak"`` in the JSON document); ``--world N``: one rank's figures under
+FSDP2 on N ranks; ``--compare DIR``: each optimizer's best held-out loss minus AdamW's from a
+``compare`` sweep, in the same table. The batch is ``get_batch(0)``'s with
 its first dimension set to ``--batch`` and, for tensors of two or more dimensions, its second to
 ``--seq``; a config's is token ids of ``--batch`` × ``--seq`` (default 1 × 2048, at most the
 model's positions) under next-token cross-entropy.
