@@ -626,44 +626,28 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
             traced[b] = replace(fb, batch=b, seq=seq)
         return traced[b]
 
-    if world > 1:
-        return _sharded_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast,
-                               checkpointing, budget, world)
-    base = forward_backward(batch)
+    def peak_at(make) -> Callable[[int | None], PeakMemory]:
+        """The peak of training with `make`'s optimizer at a batch size."""
+        if world > 1:
+            return lambda b: replace(trace_peak(build_model, lambda: resized_batch(example_batch, b, seq), loss_fn, make,
+                                                param_dtype=dtype, autocast=amp, checkpointing=checkpointing,
+                                                world=world), batch=b, seq=seq)
+        step = trace_optimizer_step(build_model, make, param_dtype=dtype)
+        return lambda b: combine(forward_backward(b), step)
+
+    if world == 1:
+        forward_backward(batch)     # the model's own failure ends the report, before any optimizer
     rows = []
     for name, make in optimizers.items():
         try:
-            step = trace_optimizer_step(build_model, make, param_dtype=dtype)
-        except PeakTraceError as e:
-            rows.append(PeakRow(name, None, str(e)))
-            continue
-        except Exception as e:     # another package's optimizer that fake tensors cannot run: a row, not the end
-            rows.append(PeakRow(name, None, f"its step cannot run on fake tensors ({type(e).__name__}: "
-                                            f"{str(e).splitlines()[0] if str(e) else ''})"))
-            continue
-        fits = fits_memory = None
-        if budget is not None:
-            fits, fits_memory = largest_batch(lambda b: combine(forward_backward(b), step), budget)
-        rows.append(PeakRow(name, combine(base, step), None, fits, fits_memory))
-    return PeakReport(batch, seq, param_dtype, autocast, checkpointing, budget, rows)
-
-
-def _sharded_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast, checkpointing,
-                    budget, world) -> PeakReport:
-    dtype, amp = DTYPES[param_dtype], DTYPES[autocast] if autocast else None
-    rows = []
-    for name, make in optimizers.items():
-        def at(b, make=make):
-            memory = trace_peak(build_model, lambda: resized_batch(example_batch, b, seq), loss_fn, make,
-                                param_dtype=dtype, autocast=amp, checkpointing=checkpointing, world=world)
-            return replace(memory, batch=b, seq=seq)
-        try:
+            at = peak_at(make)
             memory = at(batch)
         except PeakTraceError as e:
             rows.append(PeakRow(name, None, str(e)))
             continue
-        except Exception as e:     # an optimizer that fake tensors or FSDP2 cannot run: a row, not the end
-            rows.append(PeakRow(name, None, f"its step cannot run on fake tensors under FSDP2 ({type(e).__name__}: "
+        except Exception as e:     # another package's optimizer that fake tensors cannot run: a row, not the end
+            where = " under FSDP2" if world > 1 else ""
+            rows.append(PeakRow(name, None, f"its step cannot run on fake tensors{where} ({type(e).__name__}: "
                                             f"{str(e).splitlines()[0] if str(e) else ''})"))
             continue
         fits = fits_memory = None
