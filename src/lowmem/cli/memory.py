@@ -44,18 +44,16 @@ from rich.console import Console
 
 from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, positive_int, run_guarded, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
+from lowmem.cli.peak import peak_optimizers, trace_guarded, trace_task
 from lowmem.compress import PlanError
 from lowmem.compress.configs import CONFIGS, build_config_model
 from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import (ALL_FORMATS, PARAM_BYTES, STATE_BYTES, FormatGrid, MemoryEstimate,
                                     estimate_state_memory, format_grid)
-from lowmem.compress.optim.presets import SlimAdam
-from lowmem.compress.optim.registry import PEERS, REGISTRY
-from lowmem.compress.peak import FAKE_ERRORS, PeakReport, PeakTraceError, lm_loss, parse_size, peak_report
+from lowmem.compress.peak import PeakReport, lm_loss, parse_size, peak_report
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
-from lowmem.probe import DEFAULTS, TaskError, build, call_user, user_failure
-from lowmem.compare import OptimizerSpec
+from lowmem.probe import DEFAULTS, TaskError, build, call_user
 from lowmem.reports.run import RunFolderError, best_loss_gaps, read_compare_csv
 from lowmem.reports.terminal import MemoryTable, PeakTable
 
@@ -175,79 +173,24 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def peak_optimizers(plan, formats) -> dict:
-    """name -> ``make(model)`` for the peak rows: torch AdamW as it runs on a GPU by default
-    (``foreach=True``), every other registry optimizer on its ``foreach`` backend (the plan
-    optimizers once per state format), torch's Muon (with AdamW beside it), and the plan; named as ``compare`` names them
-    (``eve:int8``), so a sweep's loss gaps find their rows."""
-    def adamw(model):
-        return torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], foreach=True)
-
-    def lowmem(e, **kw):
-        return lambda model: e.make(model, lr=DEFAULTS["lr"], **kw)
-
-    out = {}
-    for e in REGISTRY.values():
-        if e.cls is torch.optim.AdamW:
-            out[e.name] = adamw
-        elif e.preset is None:
-            out[e.name] = lowmem(e)
-        else:
-            for fmt in formats or (None,):
-                out[_spec_name(e.name, fmt)] = lowmem(e, backend="foreach", state_format=fmt)
-    # What a user would otherwise pick: torch's Muon. (torchao's and bitsandbytes' 8-bit AdamW build
-    # their code maps from tensor values (.tolist()) in their first step, so fake tensors cannot run them.)
-    muon = PEERS["muon"]
-    if muon.unavailable() is None:
-        out[muon.name] = lambda model: muon.build(model, DEFAULTS["lr"], (0.9, 0.999), 0.0)
-    if plan is not None:
-        for fmt in formats or (None,):
-            out[_spec_name("plan", fmt)] = (
-                lambda f: lambda model: SlimAdam(model, plan=plan, lr=DEFAULTS["lr"], backend="foreach", state_format=f))(fmt)
-    return out
-
-
-def _spec_name(name: str, fmt) -> str:
-    """`compare`'s spelling of an optimizer in a state format (fp32 state: the bare name)."""
-    return name if fmt is None or fmt == StateFormat("fp32", "fp32") else str(OptimizerSpec(name, fmt))
-
-
 def _peak(args, plan, formats) -> PeakReport:
+    settings = dict(param_dtype=args.param_dtype, autocast=args.autocast, checkpointing=args.activation_checkpointing,
+                    budget=args.fit, world=args.world)
+    optimizers = peak_optimizers(plan, formats)
     if args.config:
         config = CONFIGS[args.config]
         positions = getattr(config, "n_positions", None)
         seq = args.seq or min(2048, positions or 2048)
         if positions is not None and seq > positions:
             raise UsageError(f"--seq {seq} is longer than {args.config}'s {positions} positions")
-        source, build_model = args.config, (lambda: build_config_model(args.config, "meta"))
-        example, loss_fn = torch.zeros(args.batch or 1, seq, dtype=torch.long), lm_loss
-        batch, seq = args.batch or 1, seq
-    else:
-        with user_code():
-            task = load_example(args.example) if args.example else load_task(args.target)
-            example = call_user(task, "get_batch(0)", task.get_batch, 0)
-        source, batch, seq = task.source, args.batch, args.seq
-
-        def build_model():
-            return call_user(task, "build_model()", task.build_model)
-
-        def loss_fn(model, batch):
-            try:
-                return task.loss_fn(model, batch)
-            except FAKE_ERRORS:      # the trace's own: PeakTraceError says which op needed values
-                raise
-            except Exception as e:
-                raise user_failure("loss_fn(model, batch)", task.source, e) from e
-    try:
-        with user_code():
-            return peak_report(build_model, example, loss_fn, peak_optimizers(plan, formats), batch=batch, seq=seq,
-                               param_dtype=args.param_dtype, autocast=args.autocast,
-                               checkpointing=args.activation_checkpointing, budget=args.fit, world=args.world)
-    except TaskError as e:
-        raise TaskError(f"{e}\n(while tracing one training step of {source} on fake tensors for its peak memory: "
-                        "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e
-    except PeakTraceError as e:
-        raise TaskError(f"{source}: {e}") from e
+        example = torch.zeros(args.batch or 1, seq, dtype=torch.long)
+        return trace_guarded(args.config, lambda: peak_report(lambda: build_config_model(args.config, "meta"), example,
+                                                               lm_loss, optimizers, batch=args.batch or 1, seq=seq,
+                                                               **settings))
+    with user_code():
+        task = load_example(args.example) if args.example else load_task(args.target)
+        example = call_user(task, "get_batch(0)", task.get_batch, 0)
+    return trace_task(task, example, optimizers, batch=args.batch, seq=args.seq, **settings)
 
 
 def state_formats(text: str) -> tuple[StateFormat, ...]:

@@ -1,0 +1,95 @@
+"""Peak training memory of a model.py (or built-in example) per optimizer, for the commands that
+show it: ``lowmem-analyze memory --peak`` and the decision table at the end of an analysis.
+
+`peak_optimizers` names the candidates as ``compare`` names them (so a sweep's loss gaps find
+their rows); `trace_task` traces one training step of the task for each of them on fake tensors
+(`lowmem.compress.peak.peak_report`) and turns the trace's failures into messages that say
+which of the user's calls or lines could not be traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from lowmem.cli.common import user_code
+from lowmem.compare import OptimizerSpec
+from lowmem.compress.formats import StateFormat
+from lowmem.compress.optim.presets import SlimAdam
+from lowmem.compress.optim.registry import PEERS, REGISTRY
+from lowmem.compress.peak import FAKE_ERRORS, PeakReport, PeakTraceError, peak_report
+from lowmem.probe import DEFAULTS, TaskError, call_user, user_failure
+
+__all__ = ["peak_optimizers", "spec_name", "trace_task"]
+
+
+def peak_optimizers(plan, formats) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
+    """name -> ``make(model)`` for the peak rows: torch AdamW as it runs on a GPU by default
+    (``foreach=True``), every other registry optimizer on its ``foreach`` backend (the plan
+    optimizers once per state format), torch's Muon (with AdamW beside it), and the plan; named as
+    ``compare`` names them (``eve:int8``), so a sweep's loss gaps find their rows."""
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], foreach=True)
+
+    def lowmem(e, **kw):
+        return lambda model: e.make(model, lr=DEFAULTS["lr"], **kw)
+
+    out = {}
+    for e in REGISTRY.values():
+        if e.cls is torch.optim.AdamW:
+            out[e.name] = adamw
+        elif e.preset is None:
+            out[e.name] = lowmem(e)
+        else:
+            for fmt in formats or (None,):
+                out[spec_name(e.name, fmt)] = lowmem(e, backend="foreach", state_format=fmt)
+    # What a user would otherwise pick: torch's Muon. (torchao's and bitsandbytes' 8-bit AdamW build
+    # their code maps from tensor values (.tolist()) in their first step, so fake tensors cannot run them.)
+    muon = PEERS["muon"]
+    if muon.unavailable() is None:
+        out[muon.name] = lambda model: muon.build(model, DEFAULTS["lr"], (0.9, 0.999), 0.0)
+    if plan is not None:
+        for fmt in formats or (None,):
+            out[spec_name("plan", fmt)] = (
+                lambda f: lambda model: SlimAdam(model, plan=plan, lr=DEFAULTS["lr"], backend="foreach", state_format=f))(fmt)
+    return out
+
+
+def spec_name(name: str, fmt) -> str:
+    """`compare`'s spelling of an optimizer in a state format (fp32 state: the bare name)."""
+    return name if fmt is None or fmt == StateFormat("fp32", "fp32") else str(OptimizerSpec(name, fmt))
+
+
+def trace_task(task, example: Any, optimizers: dict, **settings) -> PeakReport:
+    """`peak_report` of `task` (a loaded model.py or example) from its batch `example`, with
+    `settings` as `peak_report` takes them; the task's own functions run as user code.
+
+    Raises:
+        TaskError: the user's build_model or loss_fn failed, or their step cannot be traced on
+            fake tensors (the message names the call or line).
+    """
+    def build_model():
+        return call_user(task, "build_model()", task.build_model)
+
+    def loss_fn(model, batch):
+        try:
+            return task.loss_fn(model, batch)
+        except FAKE_ERRORS:      # the trace's own: PeakTraceError says which op needed values
+            raise
+        except Exception as e:
+            raise user_failure("loss_fn(model, batch)", task.source, e) from e
+
+    return trace_guarded(task.source, lambda: peak_report(build_model, example, loss_fn, optimizers, **settings))
+
+
+def trace_guarded(source: str, trace: Callable[[], PeakReport]) -> PeakReport:
+    """`trace()`, its failures as `TaskError` naming `source` and how it was traced."""
+    try:
+        with user_code():
+            return trace()
+    except TaskError as e:
+        raise TaskError(f"{e}\n(while tracing one training step of {source} on fake tensors for its peak memory: "
+                        "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e
+    except PeakTraceError as e:
+        raise TaskError(f"{source}: {e}") from e
