@@ -328,7 +328,7 @@ def test_peak_of_a_config_is_next_token_loss_on_its_positions(capsys):
     assert code == 0, err
     peak = json.loads(out)["peak"]
     assert (peak["batch"], peak["seq"]) == (1, 32)
-    assert peak["rows"][0]["inputs"] == 512                # 32 token ids, int64, rounded up
+    assert peak["rows"][0]["inputs"] == 32 * 8             # 32 token ids, int64
 
 
 def test_peak_of_a_model_py_and_its_bad_inputs(capsys, tmp_path, monkeypatch):
@@ -337,7 +337,7 @@ def test_peak_of_a_model_py_and_its_bad_inputs(capsys, tmp_path, monkeypatch):
     code, out, err = memory(capsys, "model.py", "--peak", "--batch", 1000, "--format", "json")
     assert code == 0, err
     rows = json.loads(out)["peak"]["rows"]
-    assert rows[0]["inputs"] == 16384 + 8192       # x (1000 x 4) and y (1000 x 2), fp32, rounded up to 512 B
+    assert rows[0]["inputs"] == 16000 + 8000       # x (1000 x 4) and y (1000 x 2), fp32
     assert "invalid size" in refused(capsys, "model.py", "--fit", "12XB")
     assert "longer than gpt2-124m's 1024 positions" in refused(capsys, "--config", "gpt2-124m", "--seq", 2048)
     (tmp_path / "sync.py").write_text(MODEL.replace("return nn.functional.mse_loss(model(x), y)",

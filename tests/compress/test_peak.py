@@ -21,7 +21,7 @@ from lowmem.compress.peak import (PeakMemory, PeakTraceError, combine, largest_b
 from lowmem.examples import shakespeare
 
 HERE = Path(__file__).resolve().parent
-ROUND = 512   # MemTracker rounds each tensor up to the CUDA caching allocator's 512 bytes
+ROUND = 512   # bytes: a small tensor's tolerance (the trace counts CPU tensors' bytes unrounded)
 
 
 def _adamw(model):
@@ -107,7 +107,7 @@ def test_the_traced_peak_is_the_measured_peak_of_real_steps(case, batch):
 @pytest.mark.parametrize("batch", [1, 16])
 def test_its_two_parts_combine_to_the_trace_of_whole_steps(make_opt, batch):
     # At batch 1 the optimizer step holds the peak, at 16 the backward does; the whole steps'
-    # trace keeps a scalar loss and its gradient (two 512-byte blocks) the parts do not.
+    # trace keeps a scalar loss and its gradient (two tiny tensors) the parts do not.
     build, make_batch, loss_fn = shakespeare.build_model, lambda: resized_batch(shakespeare.get_batch(0), batch), \
         shakespeare.loss_fn
     whole = trace_peak(build, make_batch, loss_fn, make_opt)
@@ -116,19 +116,14 @@ def test_its_two_parts_combine_to_the_trace_of_whole_steps(make_opt, batch):
     assert (parts.weights, parts.state) == (whole.weights, whole.state)
 
 
-def _rounded(n: int) -> int:
-    return -(-n // ROUND) * ROUND
-
-
 @pytest.mark.parametrize("name", ["llama2-7b", "llama2-70b"])
 def test_weights_gradients_and_adamw_state_of_the_big_configs_by_hand(name):
     # bf16 parameters: 2 bytes an entry for the weights, their gradients and torch AdamW's m and v
-    # (its states follow the parameters' dtype), each tensor rounded up to 512 bytes, plus a 4-byte
-    # fp32 step counter per tensor (0-dim: the tracker counts its 4 bytes as they are).
+    # (its states follow the parameters' dtype), plus a 4-byte fp32 step counter per tensor.
     shapes = [p.shape for p in build_config_model(name).parameters()]
     numel = [s.numel() for s in shapes]
     step = trace_optimizer_step(lambda: build_config_model(name), _adamw, param_dtype=torch.bfloat16)
-    weights = sum(_rounded(2 * n) for n in numel)
+    weights = sum(2 * n for n in numel)
     assert step.weights == weights and step.gradients == weights
     assert step.state == 2 * weights + 4 * len(numel)
     published = {"llama2-7b": 6_738_415_616, "llama2-70b": 68_976_648_192}[name]
@@ -136,17 +131,41 @@ def test_weights_gradients_and_adamw_state_of_the_big_configs_by_hand(name):
     assert step.peak >= weights * 4     # weights, gradients, m and v at least
 
 
+@pytest.mark.parametrize("fmt", ["m=int8", "m=int4,v=int8", "m=bf16"])
+def test_quantized_state_in_the_trace_is_what_a_real_step_keeps(fmt):
+    # Traced first, then stepped for real in the same process: the trace leaves the code maps and
+    # their encoders real (a real step after it quantizes as before). The tracker counts a CPU
+    # tensor's bytes as they are.
+    from lowmem.compress.formats import StateFormat
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(300, 1000), nn.GELU(), nn.Linear(1000, 7))
+
+    def make(model):
+        return lowmem.Eve(model, lr=1e-3, backend="foreach", state_format=StateFormat.parse(fmt))
+
+    step = trace_optimizer_step(build, make)
+    model = build()
+    opt = make(model)
+    model(torch.randn(4, 300)).square().mean().backward()
+    opt.step()
+    tensors = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert any(t.dtype in (torch.uint8, torch.bfloat16) for t in tensors)
+    assert step.state == sum(t.nbytes for t in tensors)
+
+
 def test_a_tied_weight_is_one_tensor_in_the_trace():
     # GPT-2's LM head is its token embedding: 124,439,808 parameters once, not 50257 x 768 more
     step = trace_optimizer_step(lambda: build_config_model("gpt2-124m"), _adamw)
-    assert step.weights == sum(_rounded(4 * p.numel()) for p in build_config_model("gpt2-124m").parameters())
+    assert step.weights == sum(4 * p.numel() for p in build_config_model("gpt2-124m").parameters())
     assert sum(p.numel() for p in build_config_model("gpt2-124m").parameters()) == 124_439_808
 
 
 def test_a_bf16_forward_and_backward_of_llama2_7b_traces_without_memory():
     fb = trace_forward_backward(lambda: build_config_model("llama2-7b"), lambda: torch.zeros(1, 128, dtype=torch.long),
                                 lm_loss, param_dtype=torch.bfloat16)
-    assert fb.weights == sum(_rounded(2 * p.numel()) for p in build_config_model("llama2-7b").parameters())
+    assert fb.weights == sum(2 * p.numel() for p in build_config_model("llama2-7b").parameters())
     assert fb.peak > fb.weights
 
 
@@ -224,8 +243,7 @@ def test_the_small_configs_of_each_family_trace_too():
 
 def test_fsdp2_per_rank_state_is_each_ranks_shards_by_hand():
     # FSDP2 shards dim 0 into `world` pieces (the last ones padded to the same size); each rank
-    # keeps AdamW's m and v of its own shard (each tensor rounded to 512 B) and a 4-byte step
-    # counter per parameter.
+    # keeps AdamW's m and v of its own shard and a 4-byte step counter per parameter.
     import math
 
     import torch.distributed as dist
@@ -237,9 +255,9 @@ def test_fsdp2_per_rank_state_is_each_ranks_shards_by_hand():
     one = trace_peak(build, make_batch, lm_loss, _adamw)
     sharded = trace_peak(build, make_batch, lm_loss, _adamw, world=world)
     shard = [math.ceil(s[0] / world) * math.prod(s[1:]) for s in shapes]
-    # within one 512-byte block per state tensor of the hand count: how FSDP2 lays out the shards of
-    # small 1-D tensors (padding, views) is its own
-    assert abs(sharded.state - (sum(2 * _rounded(4 * n) for n in shard) + 4 * len(shapes))) <= 2 * 512 * len(shapes)
+    # within 512 bytes per state tensor of the hand count: how FSDP2 lays out the shards of small
+    # 1-D tensors (padding, views) is its own
+    assert abs(sharded.state - (sum(2 * 4 * n for n in shard) + 4 * len(shapes))) <= 2 * 512 * len(shapes)
     assert sharded.state < 0.26 * one.state
     assert sharded.peak < one.peak
     assert not dist.is_initialized()                  # the fake process group is gone

@@ -46,12 +46,17 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+# A step that compares data pointers (lowmem's state formats skip a copy onto itself) reads fake
+# ones, which costs no memory either way; torch's deprecation warning about it is noise here.
+warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor", category=UserWarning)
 
 __all__ = ["PeakMemory", "PeakTraceError", "combine", "largest_batch", "resized_batch", "trace_forward_backward",
            "trace_optimizer_step", "trace_peak"]
@@ -59,7 +64,6 @@ __all__ = ["PeakMemory", "PeakTraceError", "combine", "largest_batch", "resized_
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a fake tensor raises where an op needs values it does not have.
 FAKE_ERRORS = (DataDependentOutputException, DynamicOutputShapeException)
-_ROUND = 512   # bytes: MemTracker rounds every tensor up to this, as the CUDA caching allocator does
 
 
 class PeakTraceError(RuntimeError):
@@ -97,6 +101,10 @@ class PeakMemory:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "PeakMemory":
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
 
 
 def resized_batch(example: Any, batch: int | None = None, seq: int | None = None, device="cpu") -> Any:
@@ -158,15 +166,17 @@ def _explained(what: str):
 
 
 def _prepare_quantization_maps() -> None:
-    """Build the 8-/4-bit code maps on real tensors before the trace (they are computed once per
-    device from Python numbers, which fake tensors cannot give back)."""
+    """Build the 8-/4-bit code maps and their encoders on real tensors before the trace (they are
+    computed once per device from Python numbers, which fake tensors cannot give back; made under
+    the trace they would be fake and cached so)."""
     from lowmem.compress.formats import QUANTIZED
+    from lowmem.compress.optim.quant import _encoder
     from lowmem.compress.optim.state import _qmap
 
+    cpu = torch.device("cpu")
     for which in ("m", "v"):
         for fmt in QUANTIZED:
-            with contextlib.suppress(KeyError, ValueError):
-                _qmap(which, fmt, torch.device("cpu"))
+            _encoder(_qmap(which, fmt, cpu), cpu)
 
 
 @contextlib.contextmanager
@@ -197,13 +207,14 @@ def _parameters_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def _meta_model(build_model: Callable[[], nn.Module], param_dtype: torch.dtype, checkpointing: bool) -> nn.Module:
-    """The model built with its parameters on the meta device (`_parameters_on_meta`), cast and
-    wrapped for checkpointing there (outside ``FakeTensorMode``, which cannot swap a module's
+def _meta_model(build_model: Callable[[], nn.Module], param_dtype: torch.dtype | None, checkpointing: bool) -> nn.Module:
+    """The model built with its parameters on the meta device (`_parameters_on_meta`), cast (None:
+    left in the dtypes it was built with) and wrapped for checkpointing there (outside ``FakeTensorMode``, which cannot swap a module's
     tensors); `_fake` gives it storage."""
     with _parameters_on_meta():
         model = build_model()
-    model = model.to(param_dtype)
+    if param_dtype is not None:
+        model = model.to(param_dtype)
     return _checkpointed(model) if checkpointing else model
 
 
@@ -228,10 +239,11 @@ def _fake(model: nn.Module) -> nn.Module:
 
 
 def _input_bytes(batch: Any) -> int:
-    """Bytes of the tensors in `batch` (tuples, lists, dicts of them), each rounded up as the
-    tracker rounds (a batch is made before the trace starts, so the tracker does not see it)."""
+    """Bytes of the tensors in `batch` (tuples, lists, dicts of them), counted as the tracker
+    counts CPU tensors, unrounded (a batch is made before the trace starts, so the tracker does
+    not see it)."""
     if isinstance(batch, torch.Tensor):
-        return -(-batch.numel() * batch.element_size() // _ROUND) * _ROUND
+        return batch.numel() * batch.element_size()
     if isinstance(batch, (tuple, list)):
         return sum(_input_bytes(x) for x in batch)
     if isinstance(batch, dict):
@@ -312,7 +324,7 @@ def _shard(model: nn.Module, mesh) -> None:
 def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
                loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
-               param_dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
+               param_dtype: torch.dtype | None = torch.float32, autocast: torch.dtype | None = None,
                checkpointing: bool = False, world: int = 1) -> PeakMemory:
     """Trace two training steps on fake tensors and return what is live at their peak (the first
     step creates the optimizer's state, the second runs with it; the peak is over both).
@@ -324,7 +336,7 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
             model's own batch).
         loss_fn: ``loss_fn(model, batch) -> scalar`` (the ``model.py`` contract).
         make_optimizer: ``make_optimizer(model) -> optimizer`` over the fake model.
-        param_dtype: the parameters' dtype (bf16: pure-bf16 training).
+        param_dtype: the parameters' dtype (bf16: pure-bf16 training; None: as built).
         autocast: run forward and loss under ``torch.autocast`` in this dtype (mixed precision
             with parameters in `param_dtype`), or None.
         checkpointing: recompute each block of the longest ``nn.ModuleList`` in the backward
@@ -373,7 +385,7 @@ def _forward_backward(model, batch, loss_fn, autocast: torch.dtype | None) -> No
 
 def trace_forward_backward(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
                            loss_fn: Callable[[nn.Module, Any], torch.Tensor], *,
-                           param_dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None,
+                           param_dtype: torch.dtype | None = torch.float32, autocast: torch.dtype | None = None,
                            checkpointing: bool = False) -> PeakMemory:
     """The peak of one forward and backward alone (no optimizer; gradients None at the start, as
     after ``zero_grad()``): the part of a step that grows with the batch. `combine` adds an
@@ -394,7 +406,7 @@ def trace_forward_backward(build_model: Callable[[], nn.Module], make_batch: Cal
 
 def trace_optimizer_step(build_model: Callable[[], nn.Module],
                          make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
-                         param_dtype: torch.dtype = torch.float32) -> PeakMemory:
+                         param_dtype: torch.dtype | None = torch.float32) -> PeakMemory:
     """The peak of two optimizer steps alone, over gradients of every trainable parameter (the
     first step creates the state): the part of a training step that does not depend on the batch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -570,7 +582,15 @@ class PeakRow:
     def to_json(self) -> dict:
         return {"optimizer": self.name, **(self.memory.to_json() if self.memory else {}), "error": self.error,
                 "largest_batch": self.fits, "largest_batch_peak": self.fits_memory.peak if self.fits_memory else None,
+                "largest_batch_memory": self.fits_memory.to_json() if self.fits_memory else None,
                 "loss_gap": self.loss_gap}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "PeakRow":
+        memory = PeakMemory.from_json(doc) if doc.get("peak") is not None else None
+        fits = doc.get("largest_batch_memory")
+        return cls(doc["optimizer"], memory, doc.get("error"), doc.get("largest_batch"),
+                   PeakMemory.from_json(fits) if fits else None, doc.get("loss_gap"))
 
 
 @dataclass(frozen=True)
@@ -591,6 +611,15 @@ class PeakReport:
                 "activation_checkpointing": self.checkpointing, "budget": self.budget, "world": self.world,
                 "rows": [r.to_json() for r in self.rows]}
 
+    @classmethod
+    def from_json(cls, doc: dict) -> "PeakReport":
+        """The report `to_json` wrote (ValueError: not such a document)."""
+        try:
+            return cls(doc["batch"], doc["seq"], doc["param_dtype"], doc["autocast"], doc["activation_checkpointing"],
+                       doc["budget"], [PeakRow.from_json(r) for r in doc["rows"]], doc.get("world", 1))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a peak-memory document (missing or malformed {e})") from None
+
     def with_loss_gaps(self, gaps: dict[str, float]) -> "PeakReport":
         """The report with each row's loss gap to AdamW from a compare sweep (`gaps`, by the
         row's name, which is the sweep's spelling: ``eve``, ``eve:int8``, ``plan``)."""
@@ -600,12 +629,14 @@ class PeakReport:
 def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
                 loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                 optimizers: dict[str, Callable[[nn.Module], torch.optim.Optimizer]], *,
-                batch: int | None = None, seq: int | None = None, param_dtype: str = "fp32",
+                batch: int | None = None, seq: int | None = None, param_dtype: str | None = "fp32",
                 autocast: str | None = None, checkpointing: bool = False, budget: int | None = None,
                 world: int = 1) -> PeakReport:
     """Trace the peak of a training step for each optimizer in `optimizers` (name -> builder over
     the model), at `batch` × `seq` (`resized_batch` of `example_batch`; None: its own size), and
-    with a `budget` in bytes the largest micro-batch that fits for each.
+    with a `budget` in bytes the largest micro-batch that fits for each. The model is cast to
+    `param_dtype` (a `DTYPES` name), or with None left in the dtypes `build_model` gives it
+    (recorded as ``"as built"``).
 
     The forward and backward are traced once per batch size and shared by every optimizer; each
     optimizer's step is traced once (`combine`, exact against `trace_peak`). With `world` > 1
@@ -616,7 +647,7 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
         PeakTraceError: the forward and backward cannot be traced (an optimizer whose step cannot
             be is a row with an error instead).
     """
-    dtype, amp = DTYPES[param_dtype], DTYPES[autocast] if autocast else None
+    dtype, amp = DTYPES[param_dtype] if param_dtype else None, DTYPES[autocast] if autocast else None
     traced: dict[int | None, PeakMemory] = {}
 
     def forward_backward(b: int | None) -> PeakMemory:
@@ -654,4 +685,4 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
         if budget is not None:
             fits, fits_memory = largest_batch(at, budget)
         rows.append(PeakRow(name, memory, None, fits, fits_memory))
-    return PeakReport(batch, seq, param_dtype, autocast, checkpointing, budget, rows, world)
+    return PeakReport(batch, seq, param_dtype or "as built", autocast, checkpointing, budget, rows, world)

@@ -227,17 +227,25 @@ _encoders: dict = {}
 
 
 def _encoder(qmap: torch.Tensor, device: torch.device) -> _Encoder:
-    """The encoder of `qmap` on `device`, built once per map: keyed by the map's values (a CPU
-    map) or by the tensor itself (kept alive with its encoder, so its id is not reused; a map
-    on a device is not copied to the host at every call)."""
-    key = (qmap.detach().numpy().tobytes(),) if qmap.device.type == "cpu" else (id(qmap), qmap._version)
-    key += (str(device),)
-    enc = _encoders.get(key)
+    """The encoder of `qmap` on `device`, built once per map: found by the tensor itself (kept
+    alive with its encoder, so its id is not reused), else for a CPU map by its values (maps made
+    afresh at every call share one; a map on a device is not copied to the host at every call).
+    A map seen before is found without reading its values, so the lookup also works under the
+    fake-tensor mode of `lowmem.compress.peak`, where a real tensor's values cannot be read."""
+    by_id = (id(qmap), qmap._version, str(device))
+    enc = _encoders.get(by_id)
+    if enc is not None and enc.source is qmap:
+        return enc
+    by_value = (qmap.detach().numpy().tobytes(), str(device)) if qmap.device.type == "cpu" else None
+    enc = _encoders.get(by_value)
     if enc is None:
-        if len(_encoders) >= 64:   # maps made afresh on a device at every call: forget the oldest
-            _encoders.pop(next(iter(_encoders)))
-        enc = _encoders[key] = _Encoder(qmap, device)
-        enc.source = qmap
+        enc = _Encoder(qmap, device)
+    while len(_encoders) >= 64:   # maps made afresh on a device at every call: forget the oldest
+        _encoders.pop(next(iter(_encoders)))
+    enc.source = qmap
+    _encoders[by_id] = enc
+    if by_value is not None:
+        _encoders[by_value] = enc
     return enc
 
 
