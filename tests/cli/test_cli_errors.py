@@ -186,7 +186,8 @@ def test_optimizer_without_adam_state_then_shadow_v_with_json_output(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["plan"] == json.loads((tmp_path / "o" / "plan.json").read_text())
     assert doc["run"]["status"] == "complete" and doc["run"]["steps_done"] == 4
-    assert doc["files"] == {"plan": str(Path("o") / "plan.json"), "snr": str(Path("o") / "snr.csv")}
+    assert doc["files"] == {"plan": str(Path("o") / "plan.json"), "snr": str(Path("o") / "snr.csv"),
+                            "peak": str(Path("o") / "peak.json")}
     assert csv_steps(tmp_path / "o" / "snr.csv") == [2, 4]
 
 

@@ -106,7 +106,7 @@ def test_no_html_run_beside_the_users_report_leaves_it_alone(tmp_path):
     assert (tmp_path / "proj" / "report.html").read_bytes() == b"mine\n"
     assert (tmp_path / "proj" / "notes.txt").read_bytes() == b"notes\n"
     assert sorted(p.name for p in (tmp_path / "proj" / PREVIOUS).iterdir()) == \
-        [MANIFEST, "layers.json", "memory.json", "plan.json", "precision.csv", "snr.csv"]
+        [MANIFEST, "layers.json", "memory.json", "peak.json", "plan.json", "precision.csv", "snr.csv"]
 
 
 def test_rerun_keeps_the_earlier_run_in_previous(tmp_path):

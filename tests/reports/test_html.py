@@ -21,7 +21,7 @@ from torch import nn
 
 from lowmem.cli.main import main
 from lowmem.compress import model_record, slimadam_rules
-from lowmem.compress.memory import MemoryRow
+from lowmem.compress.memory import MemoryRow, format_bytes
 from lowmem.layers import resolve_layers
 from lowmem.reports import figures
 from lowmem.reports.html import render_report, script_json, write_report
@@ -198,7 +198,8 @@ def test_every_anchor_resolves(page):
 
 
 def test_each_expected_section_is_present(page):
-    for section in ("summary", "plan", "state", "snr-heatmap", "snr-depth", "trajectories", "hessian", "compare"):
+    for section in ("summary", "decision", "plan", "state", "snr-heatmap", "snr-depth", "trajectories", "hessian",
+                    "compare"):
         assert section in page.ids, section
 
 
@@ -391,6 +392,25 @@ def test_compare_section_shows_best_lr_gap_and_divergence(run_dir):
     assert rows["slimadam"][1:4] == ["0.9700 (+0.0200)", "0.7800 (+0.0300)", "diverged"]    # gaps by hand
     assert rows["slimadam"][4] == "0.003" and rows["adamw"][4] == "0.003"
     assert rows["slimadam"][5] == "600 B" and rows["adamw"][6] == "10.0 ms"
+
+
+def test_decision_table_is_peak_json_and_the_best_gaps_of_compare_csv(run_dir):
+    # Each traced optimizer's state and peak as peak.json has them (the analysis traced them), the
+    # plan's among them; loss gaps by hand from COMPARE: best held-out loss 0.78 - 0.75 for
+    # SlimAdam, 0 for AdamW, nothing for the optimizers the sweep did not train.
+    peak = json.loads((run_dir / "peak.json").read_text())
+    traced = {r["optimizer"]: r for r in peak["rows"]}
+    assert {"adamw", "slimadam", "plan", "muon"} <= set(traced) and peak["param_dtype"] == "fp32"
+    rows = {r[0]: r for r in _table_rows(render_report(read_run(run_dir)), "decision-table")}
+    assert list(rows) == list(traced)
+    for name, r in traced.items():
+        if r["error"]:
+            assert rows[name][2] == "—"
+            continue
+        assert rows[name][1] == format_bytes(r["state"]) and rows[name][2] == format_bytes(r["peak"])
+        assert rows[name][3] == f"{r['peak'] / traced['adamw']['peak'] - 1:+.1%}"
+    assert rows["slimadam"][-1] == "+0.0300" and rows["adamw"][-1] == "+0.0000" and rows["plan"][-1] == ""
+    assert traced["adamw"]["state"] > traced["plan"]["state"] and traced["adamw"]["peak"] > traced["plan"]["peak"]
 
 
 def test_figures_leave_the_users_matplotlib_state_alone():

@@ -3,6 +3,11 @@
 ``lowmem-analyze model.py`` (or ``--example NAME``) runs the probe; ``lowmem-analyze COMMAND …``
 runs one of `SUBCOMMANDS` (``memory``: optimizer-state memory, see `lowmem.cli.memory`).
 
+After the plan (and ``--validate``), the peak memory of one training step per candidate optimizer
+is traced on fake tensors (`lowmem.cli.peak`, ``peak.json``; ``--no-peak`` skips it, ``--fit
+SIZE`` adds the largest micro-batch within SIZE) and the output ends with the decision table
+(`lowmem.reports.terminal.DecisionTable`). A step that cannot be traced is a note, not a failure.
+
 Exit codes (DESIGN §8): 0 done; 1 analysis finished but a requested bar (``--require-saved``)
 was not met; 2 usage error (bad flags, missing file, unreadable or mismatched plan); 3 the
 user's code failed or broke the `model.py` contract (including a NaN/inf loss); 4 internal
@@ -17,6 +22,7 @@ import importlib
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -27,16 +33,19 @@ from lowmem.cli.common import (EXIT_BAR, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_O
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.compress import Plan, PlanError, build_plan, build_preset, plan_state_memory
 from lowmem.compare import SweepSettings, has_runs, plan_digest, run_sweep
-from lowmem.compress.memory import estimate_state_memory, format_bytes
+from lowmem.compress.memory import MemoryEstimate, estimate_state_memory, format_bytes
+from lowmem.compress.peak import PeakReport
 from lowmem.compress.optim.registry import PLAN_PRESETS
 from lowmem.compress.plan import model_record, write_atomic
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, PRECISION_THRESHOLD, plan_bytes_per_parameter
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
-from lowmem.probe import DEFAULTS, TaskError, build, run_probe
+from lowmem.cli.peak import dtype_words, peak_optimizers, size_argument, trace_task
+from lowmem.probe import DEFAULTS, TaskError, build, call_user, run_probe
 from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
-from lowmem.reports.terminal import (CompareTable, PlanSummary, PlanTable, RoleSnrTable, StateTable, compare_rows,
-                                     print_next_steps)
+from lowmem.reports.run import Decision, decision_rows, gap_words
+from lowmem.reports.terminal import (CompareTable, DecisionTable, PlanSummary, PlanTable, RoleSnrTable, StateTable,
+                                     compare_rows, print_next_steps)
 from lowmem.snr.capture import NoAdamStateError
 from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.summary import median_by_role
@@ -105,11 +114,17 @@ def make_parser() -> argparse.ArgumentParser:
                    help="exit 1 if the plan saves less than this share of v (e.g. 0.5)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, …")
     p.add_argument("--out", default="lowmem-out", metavar="DIR",
-                   help="output folder for plan.json, snr.csv, layers.json, memory.json and report.html (default lowmem-out)")
+                   help="output folder for plan.json, snr.csv, layers.json, memory.json, peak.json and report.html (default lowmem-out)")
     p.add_argument("--no-html", action="store_true", help="do not write report.html")
     p.add_argument("--validate", type=positive_int, metavar="N",
                    help="after writing the plan, train AdamW and the plan's optimizer for N steps from the same start "
                         "and report the loss gap and memory saved (runs in OUT/validate)")
+    p.add_argument("--fit", type=size_argument, metavar="SIZE",
+                   help="the memory budget of the decision table (e.g. 24GiB, 80GB): per optimizer the largest "
+                        "micro-batch whose training step fits in it")
+    p.add_argument("--no-peak", action="store_true",
+                   help="do not trace the peak memory of a training step per optimizer (peak.json; a few seconds "
+                        "on fake tensors, no memory used)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
     p.add_argument("--seed", type=seed_int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
@@ -143,6 +158,8 @@ def _run(args, err: Console) -> int:
                          f"({PROG} --example shakespeare)")
     if args.plan and args.preset:
         raise UsageError("--plan and --preset are alternatives; give one")
+    if args.fit is not None and args.no_peak:
+        raise UsageError("--fit needs the peak trace that --no-peak turns off; give one of them")
     if args.rule == "paper" and (args.prefer != "snr" or args.depth_average):
         raise UsageError("--rule paper takes each layer's own highest SNR: leave out --prefer compression and "
                          "--depth-average")
@@ -169,7 +186,7 @@ def _run(args, err: Console) -> int:
     # user's own files, costs nothing.
     names = VALIDATE_FILES if args.plan else RUN_FILES
     writes = [n for n in names if not (n == "report.html" and args.no_html)
-              and not (n == "validate" and not args.validate)
+              and not (n == "validate" and not args.validate) and not (n == "peak.json" and args.no_peak)
               and not (n.startswith(("snr.", "precision.")) and args.preset)]
     with RunFolder(out, f"{PROG} {args.target or '--example ' + args.example}") as folder:
         folder.check(writes, " (a run of lowmem-analyze writes " + ", ".join(writes) + ")")
@@ -229,15 +246,19 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             begin()
             _write_layers(out, model, layers)
             plan.save(out / "plan.json")
-            _write_memory(out, model, layers, plan)
+            estimate = _write_memory(out, model, layers, plan)
             note(f"wrote {out / 'plan.json'}")
         validation = _maybe_validate(args, task, plan, lr, device, out, err, quiet, note, "")
         if validation is _INTERRUPTED:
             return EXIT_INTERRUPTED
+        peak = None
         if args.preset:
+            peak = _maybe_peak(args, task, plan, model, out, note, "")
             _write_report(args, out, note)
+            if peak is _INTERRUPTED:
+                return EXIT_INTERRUPTED
         return _emit(args, plan, layers, None, {"mode": "plan" if args.plan else "preset"}, out, validation, lr=lr,
-                     steps=steps)
+                     steps=steps, decision=_decision(peak, estimate.rows if args.preset else [], validation))
 
     def start(model, layers):
         begin()
@@ -280,12 +301,15 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             raise failure from None
         return EXIT_INTERRUPTED
     plan.save(out / "plan.json")
-    _write_memory(out, result.model, result.layers, plan)
+    estimate = _write_memory(out, result.model, result.layers, plan)
     skipped = "the probe was interrupted" if result.interrupted else "the loss became non-finite" if failure else ""
     validation = _maybe_validate(args, task, plan, lr, device, out, err, quiet, note, skipped)
     if validation is _INTERRUPTED:
         return EXIT_INTERRUPTED
+    peak = _maybe_peak(args, task, plan, result.model, out, note, skipped)
     _write_report(args, out, note)
+    if peak is _INTERRUPTED:
+        return EXIT_INTERRUPTED
     if failure:
         note(f"kept {len(traj.steps)} measurement(s) in {csv_path} and wrote {out / 'plan.json'} from them")
         raise failure
@@ -294,14 +318,14 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
              f"{csv_path} and wrote {out / 'plan.json'} from what was captured")
     code = _emit(args, plan, result.layers, traj, {"mode": "probe", "status": status, "steps_done": result.steps_done,
                                                     "final_loss": result.losses[-1] if result.losses else None}, out,
-                 validation, precision, lr=lr, steps=steps)
+                 validation, precision, lr=lr, steps=steps, decision=_decision(peak, estimate.rows, validation))
     return EXIT_INTERRUPTED if result.interrupted else code
 
 
 # Every entry an analysis run may leave in --out (a preset run: all but the trajectory). A new run
 # sets the earlier run's aside (lowmem.runfolder), so none of them is ever shown with another run.
 RUN_FILES = ("layers.json", "plan.json", "snr.csv", "snr.csv.part", "precision.csv", "precision.csv.part",
-             "memory.json", "report.html", "validate")
+             "memory.json", "peak.json", "report.html", "validate")
 VALIDATE_FILES = ("validate",)   # --plan FILE --validate N adds a validation to a folder
 
 
@@ -367,9 +391,37 @@ def _validate(args, task, plan: Plan, lr: float, device, out: Path, err: Console
     return results
 
 
-def _write_memory(out: Path, model, layers, plan: Plan) -> None:
+def _write_memory(out: Path, model, layers, plan: Plan) -> MemoryEstimate:
     estimate = estimate_state_memory(model, plan, layers=layers)
     write_atomic(out / "memory.json", json.dumps(estimate.to_json(), indent=2) + "\n")
+    return estimate
+
+
+def _maybe_peak(args, task, plan: Plan, model, out: Path, note, skipped: str):
+    """The peak of a training step per candidate optimizer (`lowmem.cli.peak`), traced on fake
+    tensors at ``get_batch(0)``'s size with the parameters in the dtypes the model was built with,
+    written to ``peak.json``; None when skipped or when the step cannot be traced (a note says
+    why: the plan and everything else stand), `_INTERRUPTED` after Ctrl-C."""
+    if args.no_peak or skipped:
+        return None
+    try:
+        with user_code():
+            example = call_user(task, "get_batch(0)", task.get_batch, 0)
+        peak = trace_task(task, example, peak_optimizers(plan, None), param_dtype=None, budget=args.fit)
+    except KeyboardInterrupt:
+        note(f"peak-memory trace interrupted; the plan is in {out / 'plan.json'}")
+        return _INTERRUPTED
+    except TaskError as e:
+        note(f"peak memory not traced (the decision table shows state only; --no-peak skips the trace): {e}")
+        return None
+    peak = replace(peak, param_dtype=dtype_words(model))
+    write_atomic(out / "peak.json", json.dumps(peak.to_json(), indent=1) + "\n")
+    return peak
+
+
+def _decision(peak, memory_rows, validation) -> tuple[list[Decision], PeakReport | None, list[dict]]:
+    rows = [r.row() for r in validation] if validation else []
+    return decision_rows(peak, list(memory_rows), rows), peak, rows
 
 
 def _write_report(args, out: Path, note) -> None:
@@ -422,7 +474,8 @@ def next_steps(args, run: dict, out: Path, lr: float, steps: int, validated: boo
 
 
 def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: Path, validation=None,
-          precision: PrecisionTrajectory | None = None, lr: float = DEFAULTS["lr"], steps: int = DEFAULTS["steps"]) -> int:
+          precision: PrecisionTrajectory | None = None, lr: float = DEFAULTS["lr"], steps: int = DEFAULTS["steps"],
+          decision: tuple[list[Decision], PeakReport | None, list[dict]] | None = None) -> int:
     mem = plan_state_memory(plan)
     saved = plan.summary["v_saved"]
     bar_failed = args.require_saved is not None and saved < args.require_saved
@@ -439,6 +492,12 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
             doc["snr_by_role"] = [r.__dict__ for r in median_by_role(traj, layers, args.window)]
         if validation:
             doc["validation"] = _validation_summary(validation)
+        if decision is not None:
+            rows, peak, _ = decision
+            doc["decision"] = [r.to_json() for r in rows]
+            doc["peak"] = peak.to_json() if peak is not None else None
+            if peak is not None:
+                doc["files"]["peak"] = str(out / "peak.json")
         doc["next"] = {key: text for key, _, text in after}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     else:
@@ -463,6 +522,10 @@ def _emit(args, plan: Plan, layers, traj: SnrTrajectory | None, run: dict, out: 
                 relative = "" if v["relative_gap"] is None else f" ({v['relative_gap']:+.2%})"
                 console.print(f"plan vs AdamW: {v['loss_name']} gap {v['loss_gap']:+.4f}{relative}; optimizer state {format_bytes(v['plan_state_bytes'])} vs "
                               f"{format_bytes(v['adamw_state_bytes'])} ({v['state_saved']:.1%} saved, measured)")
+        if decision is not None and decision[0]:
+            rows, peak, trained = decision
+            console.print()
+            console.print(DecisionTable(rows, peak, *gap_words(trained)))
         console.print()
         print_next_steps(console, after)
     if bar_failed:

@@ -44,13 +44,13 @@ from rich.console import Console
 
 from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, positive_int, run_guarded, user_code
 from lowmem.cli.contract import UsageError, load_example, load_task
-from lowmem.cli.peak import peak_optimizers, trace_guarded, trace_task
+from lowmem.cli.peak import peak_optimizers, size_argument, trace_guarded, trace_task
 from lowmem.compress import PlanError
 from lowmem.compress.configs import CONFIGS, build_config_model
 from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import (ALL_FORMATS, PARAM_BYTES, STATE_BYTES, FormatGrid, MemoryEstimate,
                                     estimate_state_memory, format_grid)
-from lowmem.compress.peak import PeakReport, lm_loss, parse_size, peak_report
+from lowmem.compress.peak import PeakReport, lm_loss, peak_report
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, call_user
@@ -98,7 +98,7 @@ def make_parser() -> argparse.ArgumentParser:
                            "--param-dtype)")
     peak.add_argument("--activation-checkpointing", action="store_true",
                       help="recompute each block of the model's longest nn.ModuleList in the backward")
-    peak.add_argument("--fit", type=_size, metavar="SIZE",
+    peak.add_argument("--fit", type=size_argument, metavar="SIZE",
                       help="also the largest micro-batch whose peak fits in SIZE (e.g. 24GiB, 80GB) per optimizer")
     peak.add_argument("--world", type=positive_int, default=1, metavar="N",
                       help="FSDP2 on N ranks: one rank's figures (--batch is one rank's micro-batch)")
@@ -164,13 +164,6 @@ def _run(args) -> int:
 def _wants_peak(args) -> bool:
     return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit
                 or args.compare or args.world > 1)
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _peak(args, plan, formats) -> PeakReport:

@@ -9,6 +9,7 @@ which of the user's calls or lines could not be traced.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable
 
 import torch
@@ -18,10 +19,10 @@ from lowmem.compare import OptimizerSpec
 from lowmem.compress.formats import StateFormat
 from lowmem.compress.optim.presets import SlimAdam
 from lowmem.compress.optim.registry import PEERS, REGISTRY
-from lowmem.compress.peak import FAKE_ERRORS, PeakReport, PeakTraceError, peak_report
+from lowmem.compress.peak import DTYPES, FAKE_ERRORS, PeakReport, PeakTraceError, parse_size, peak_report
 from lowmem.probe import DEFAULTS, TaskError, call_user, user_failure
 
-__all__ = ["peak_optimizers", "spec_name", "trace_task"]
+__all__ = ["dtype_words", "peak_optimizers", "size_argument", "spec_name", "trace_guarded", "trace_task"]
 
 
 def peak_optimizers(plan, formats) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
@@ -93,3 +94,23 @@ def trace_guarded(source: str, trace: Callable[[], PeakReport]) -> PeakReport:
                         "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e
     except PeakTraceError as e:
         raise TaskError(f"{source}: {e}") from e
+
+
+def size_argument(text: str) -> int:
+    """An argparse type: a memory size such as ``24GiB`` or ``80GB`` in bytes (`parse_size`)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def dtype_words(model: torch.nn.Module) -> str:
+    """The floating dtypes of `model`'s parameters as the peak tables name them: ``fp32``,
+    ``bf16``, ``fp32+bf16`` (most parameters first), ``float64``."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    count: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    ordered = sorted(count, key=lambda d: -count[d])
+    return "+".join(names.get(d, str(d).removeprefix("torch.")) for d in ordered) or "no floating"

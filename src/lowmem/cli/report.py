@@ -20,8 +20,8 @@ from rich.console import Console
 
 from lowmem.cli.common import PROG, ArgumentParser, run_guarded, write_report_html
 from lowmem.cli.contract import UsageError
-from lowmem.reports.run import RunFolderError, loss_column, read_run
-from lowmem.reports.terminal import (CompareTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
+from lowmem.reports.run import RunFolderError, gap_words, loss_column, read_run
+from lowmem.reports.terminal import (CompareTable, DecisionTable, HessianRow, HessianTable, MemoryTable, PlanSummary,
                                     PlanTable, RoleSnrTable, StateTable, compare_rows)
 from lowmem.runfolder import PREVIOUS, REPLACED, FolderBusy
 from lowmem.snr.summary import median_by_role
@@ -34,7 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog=NAME,
         description="Rebuild the terminal views and the self-contained report.html of a lowmem-analyze run "
                     "from the files in its output folder (plan.json, snr.csv, precision.csv, layers.json, "
-                    "memory.json, hessian.json, compare.csv).",
+                    "memory.json, peak.json, hessian.json, compare.csv).",
         epilog="Exit codes: 0 done; 2 usage error (missing folder, nothing to report, unreadable file); "
                "4 internal error.",
     )
@@ -76,6 +76,7 @@ def _run(args, err: Console) -> int:
                "measurements": len(run.trajectory.steps) if run.trajectory else 0,
                "precision_measurements": len(run.precision.steps) if run.precision else 0,
                "hessian_blocks": len(run.hessian_blocks), "compare_runs": len(run.compare),
+               "peak": run.peak.to_json() if run.peak else None, "decision": [r.to_json() for r in run.decisions()],
                "notes": run.notes, "report": str(html) if html else None}
         sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         return 0
@@ -105,6 +106,10 @@ def _run(args, err: Console) -> int:
         console.print()
     if run.plan is not None:
         console.print(PlanSummary(run.plan))
+    decisions = run.decisions()
+    if decisions:
+        console.print()
+        console.print(DecisionTable(decisions, run.peak, *gap_words(run.compare)))
     return 0
 
 

@@ -23,9 +23,9 @@ from markupsafe import Markup, escape
 from lowmem.compress.memory import format_bytes
 from lowmem.compress.plan import write_atomic
 from lowmem.reports import figures
-from lowmem.reports.run import Run, layer_snr, loss_column
+from lowmem.reports.run import Run, gap_words, layer_snr, loss_column
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, plan_bytes_per_parameter
-from lowmem.reports.terminal import (STATE_COLUMNS, best_measured, decision_words, error_text, shape_text,
+from lowmem.reports.terminal import (STATE_COLUMNS, best_measured, decision_words, error_text, peak_settings, shape_text,
                                      state_rows)
 from lowmem.snr.keys import format_subset
 
@@ -173,6 +173,21 @@ def _compare_section(run: Run) -> dict | None:
             "figures": [f for f in figs if f is not None]}
 
 
+def _decision_section(run: Run) -> dict | None:
+    """The decision table (`Run.decisions`) with the columns something measured."""
+    rows = run.decisions()
+    if not rows:
+        return None
+    adamw = next((r.peak for r in rows if r.name == "adamw" and r.peak), None)
+    loss_name, source = gap_words(run.compare)
+    peak = run.peak
+    return {"rows": [{**r.to_json(), "vs_adamw": r.peak / adamw - 1 if r.peak and adamw else None} for r in rows],
+            "traced": any(r.peak is not None for r in rows), "adamw": adamw is not None,
+            "budget": peak.budget if peak is not None else None, "settings": peak_settings(peak) if peak else None,
+            "gaps": any(r.loss_gap is not None for r in rows), "loss_name": loss_name, "gap_source": source,
+            "untraced": [r.name for r in rows if r.error]}
+
+
 def render_report(run: Run) -> str:
     """The report of `run` as one HTML document."""
     threshold = _threshold(run)
@@ -202,7 +217,7 @@ def render_report(run: Run) -> str:
         "plan_groups": _plan_groups(run), "state": _state_section(run), "threshold": threshold, "fig": sections,
         "steps": run.trajectory.steps if run.trajectory else [],
         "viewer": _viewer_data(snr_layers, threshold) if snr_layers else None,
-        "hessian": _hessian_section(run), "compare": _compare_section(run),
+        "hessian": _hessian_section(run), "compare": _compare_section(run), "decision": _decision_section(run),
         "plan_json": run.plan.to_json() if run.plan else None,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "notes": run.notes,

@@ -13,10 +13,14 @@ Files (all optional, but at least one of ``plan.json``, ``snr.csv``/``snr.csv.pa
                             ``precision.csv.part`` when the run was killed; absent in folders
                             from before it was measured (their plans keep fp32 state)
 ``memory.json``             `MemoryEstimate.to_json`: AdamW, each preset, AdaMeM, the plan
+``peak.json``               `PeakReport.to_json`: the traced peak of one training step per
+                            optimizer (and the largest micro-batch under a budget)
 ``hessian.json``            ``lowmem-analyze hessian``'s document, here or in ``hessian/``
 ``compare.csv``             one row per (optimizer, learning rate) training run, here or in
                             ``compare/``: `COMPARE_COLUMNS` (more columns are kept, not required)
 ``curves.csv``              beside ``compare.csv``: `CURVE_COLUMNS`, one row per run and logged step
+``validate/compare.csv``    ``--validate``'s runs (AdamW and the plan), read when there is no
+                            other ``compare.csv``
 ==========================  =====================================================================
 
 Without ``plan.json`` but with ``layers.json`` and a trajectory (a run killed before it wrote
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from lowmem.compress.builders import build_plan, is_candidate
 from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_bytes, plan_state_memory
+from lowmem.compress.peak import PeakReport
 from lowmem.compress.plan import Plan, PlanError
 from lowmem.compress.precision import PRECISION_THRESHOLD
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name
@@ -85,6 +90,8 @@ class Run:
     hessian: dict | None = None
     hessian_blocks: list[HessianBlock] = field(default_factory=list)
     compare: list[dict] = field(default_factory=list)
+    compare_path: Path | None = None
+    peak: PeakReport | None = None
     curves: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -127,6 +134,10 @@ class Run:
         m, v = plan_state_bytes(self.plan)
         return [MemoryRow("adamw", half, half, mem.adamw_bytes, 0.0, 0.0),
                 MemoryRow("plan", m, v, mem.plan_bytes, 1 - v / half if half else 0.0, mem.saved)]
+
+    def decisions(self) -> list["Decision"]:
+        """The decision table's rows from what the folder holds (`decision_rows`)."""
+        return decision_rows(self.peak, self.memory_rows(), self.compare)
 
 
 def read_run(folder: str | os.PathLike) -> Run:
@@ -193,6 +204,12 @@ def read_run(folder: str | os.PathLike) -> Run:
             run.memory = MemoryEstimate.from_json(_json(memory_path))
         except ValueError as e:
             raise RunFolderError(f"{memory_path}: {e}") from None
+    peak_path = folder / "peak.json"
+    if peak_path.exists():
+        try:
+            run.peak = PeakReport.from_json(_json(peak_path))
+        except ValueError as e:
+            raise RunFolderError(f"{peak_path}: {e}") from None
     _read_hessian(run)
     return run
 
@@ -315,6 +332,7 @@ def _read_compare(run: Run) -> None:
         if not path.exists():
             continue
         run.compare = _typed_rows(path, COMPARE_COLUMNS, required=("lr",))
+        run.compare_path = path
         curves = where / "curves.csv"
         if curves.exists():
             run.curves = _typed_rows(curves, CURVE_COLUMNS, required=("lr", "step"))
@@ -349,6 +367,63 @@ def best_loss_gaps(rows: list[dict]) -> dict[str, float]:
     if "adamw" not in best:
         return {}
     return {name: loss - best["adamw"] for name, loss in best.items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One candidate optimizer of the decision table: its state bytes, the peak of a training step
+    with it, the largest micro-batch within the budget (None: no budget or not traced) and its
+    loss gap to AdamW (None: not trained)."""
+
+    name: str
+    state: int | None
+    peak: int | None = None
+    fits: int | None = None
+    loss_gap: float | None = None
+    error: str | None = None           # why its peak could not be traced
+
+    def to_json(self) -> dict:
+        return {"optimizer": self.name, "state_bytes": self.state, "peak_bytes": self.peak,
+                "largest_batch": self.fits, "loss_gap": self.loss_gap, "error": self.error}
+
+
+def decision_rows(peak: PeakReport | None, memory: list[MemoryRow], compare: list[dict]) -> list[Decision]:
+    """What a user decides between: every optimizer with a traced peak (`peak`'s rows, in its
+    order), else every row of the state estimate `memory`, then those trained in `compare` (a
+    sweep's or ``--validate``'s rows) that neither has. State bytes: the traced state (the live
+    optimizer's, step counters included), else the estimate from shapes, else the largest
+    measured in the sweep; loss gap: `best_loss_gaps` of `compare`."""
+    gaps = best_loss_gaps(compare) if compare else {}
+    estimated = {r.name: r.total_bytes for r in memory}
+    measured: dict[str, int] = {}
+    for r in compare:
+        if isinstance(r.get("state_bytes"), (int, float)):
+            measured[r["optimizer"]] = max(measured.get(r["optimizer"], 0), int(r["state_bytes"]))
+    rows = []
+    if peak is not None:
+        for r in peak.rows:
+            m = r.memory
+            rows.append(Decision(r.name, m.state if m else estimated.get(r.name, measured.get(r.name)),
+                                 m.peak if m else None, r.fits, gaps.get(r.name), r.error))
+    else:
+        rows = [Decision(r.name, r.total_bytes, loss_gap=gaps.get(r.name)) for r in memory]
+    shown = {r.name for r in rows}
+    rows += [Decision(name, measured.get(name), loss_gap=gaps.get(name))
+             for name in dict.fromkeys(r["optimizer"] for r in compare) if name not in shown]
+    return rows
+
+
+def gap_words(rows: list[dict]) -> tuple[str, str | None]:
+    """The loss a comparison's gaps are in (``held-out loss`` or ``training loss``) and where they
+    come from, in words (None without rows): the steps, and the learning rate or how many."""
+    if not rows:
+        return "held-out loss", None
+    held_out = loss_column(rows) == "final_val_loss"
+    lrs = sorted({float(r["lr"]) for r in rows if isinstance(r.get("lr"), (int, float))})
+    steps = max((int(r["steps_done"]) for r in rows if isinstance(r.get("steps_done"), (int, float))), default=None)
+    where = f"{steps:,} steps" if steps is not None else "runs"
+    where += f" at lr {lrs[0]:g}, one run each" if len(lrs) == 1 else f", the best of {len(lrs)} learning rates"
+    return ("held-out loss" if held_out else "training loss"), where
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict]:

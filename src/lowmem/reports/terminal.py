@@ -21,7 +21,7 @@ from lowmem.compress.plan import LayerPlan, Plan
 from lowmem.compress.peak import PeakReport
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, layer_state_bytes, plan_bytes_per_parameter
 from lowmem.layers import ModelLayers
-from lowmem.reports.run import loss_column
+from lowmem.reports.run import Decision, loss_column
 from lowmem.snr.precision import M_CANDIDATES, V_CANDIDATES, WorstError
 from lowmem.snr.summary import RoleSnr
 from lowmem.snr.views import param_views, subset_words
@@ -290,6 +290,19 @@ class MemoryTable:
             yield FormatTable(self.grid)
 
 
+def peak_settings(r: PeakReport) -> str:
+    """How a `PeakReport` was traced, in words: ``batch 8 x 512, bf16 parameters, …``."""
+    shape = " x ".join(str(x) for x in (r.batch, r.seq) if x is not None) or "get_batch(0)'s size"
+    settings = [f"batch {shape}", "parameters as built" if r.param_dtype == "as built" else f"{r.param_dtype} parameters"]
+    if r.autocast:
+        settings.append(f"autocast {r.autocast}")
+    if r.checkpointing:
+        settings.append("activation checkpointing")
+    if r.world > 1:
+        settings.append(f"FSDP2 on {r.world} ranks: one rank's figures")
+    return ", ".join(settings)
+
+
 class PeakTable:
     """Peak memory of one training step per optimizer (`lowmem.compress.peak.PeakReport`): what
     is live at the peak by kind, the peak, and under a budget the largest micro-batch that fits."""
@@ -299,16 +312,8 @@ class PeakTable:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         r = self.report
-        shape = " x ".join(str(x) for x in (r.batch, r.seq) if x is not None) or "get_batch(0)'s size"
-        settings = [f"batch {shape}", f"{r.param_dtype} parameters"]
-        if r.autocast:
-            settings.append(f"autocast {r.autocast}")
-        if r.checkpointing:
-            settings.append("activation checkpointing")
-        if r.world > 1:
-            settings.append(f"FSDP2 on {r.world} ranks: one rank's figures")
         fits = f"; the largest micro-batch within {format_bytes(r.budget)}" if r.budget is not None else ""
-        yield Text(f"Peak memory of one training step of {self.name} ({', '.join(settings)}){fits}")
+        yield Text(f"Peak memory of one training step of {self.name} ({peak_settings(r)}){fits}")
         table = Table(show_edge=False, pad_edge=False)
         table.add_column("optimizer", no_wrap=True)
         for header in ("weights", "grads", "state", "activations", "temporaries", "batch", "peak"):
@@ -337,11 +342,71 @@ class PeakTable:
             yield Text("loss gap: the optimizer's best final loss over the sweep's learning rates minus AdamW's best "
                        "(held-out where the sweep has it); empty: not in the sweep", style="dim")
         yield Text("traced on fake tensors (two real training steps, no memory used): tensor bytes allocated at the peak, "
-                   "each rounded up to 512 B as the CUDA caching allocator does", style="dim")
+                   "as allocated (the CUDA caching allocator rounds each tensor up to 512 B: at most that much more per live tensor)", style="dim")
         yield Text("not included: the CUDA context (~0.3-1 GiB), allocator fragmentation, NCCL buffers; leave headroom",
                    style="dim")
         yield Text("weights include buffers; torch AdamW foreach=True (its CUDA default), lowmem's optimizers on their "
                    "foreach backend (an upper bound for the Triton kernels)", style="dim")
+
+
+class DecisionTable:
+    """What a user decides: per candidate optimizer its state, the peak of a training step with it
+    (and its share of AdamW's), the largest micro-batch within the budget, and its loss gap to
+    AdamW; the columns nothing measured are left out (`lowmem.reports.run.decision_rows`)."""
+
+    def __init__(self, rows: list[Decision], peak: PeakReport | None = None, loss_name: str = "held-out loss",
+                 gap_source: str | None = None):
+        self.rows, self.peak, self.loss_name, self.gap_source = rows, peak, loss_name, gap_source
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows, peak = self.rows, self.peak
+        budget = peak.budget if peak is not None else None
+        title = "The decision"
+        if budget is not None:
+            title += f": which optimizer fits in {format_bytes(budget)}"
+        yield Text(title, style="bold")
+        adamw = next((r.peak for r in rows if r.name == "adamw" and r.peak), None)
+        traced = any(r.peak is not None for r in rows)
+        gaps = any(r.loss_gap is not None for r in rows)
+        table = Table(show_edge=False, pad_edge=False)
+        table.add_column("optimizer", no_wrap=True)
+        table.add_column("state", justify="right", no_wrap=True)
+        if traced:
+            table.add_column("peak", justify="right", no_wrap=True)
+            if adamw:
+                table.add_column("vs AdamW", justify="right", no_wrap=True)
+        if budget is not None:
+            table.add_column("max batch", justify="right", no_wrap=True)
+        if gaps:
+            table.add_column("loss gap", justify="right", no_wrap=True)
+        for r in rows:
+            cells = [r.name, "—" if r.state is None else format_bytes(r.state)]
+            if traced:
+                cells.append("—" if r.peak is None else format_bytes(r.peak))
+                if adamw:
+                    cells.append("" if r.peak is None else f"{r.peak / adamw - 1:+.1%}")
+            if budget is not None:
+                cells.append("—" if r.fits is None else f"{r.fits:,}")
+            if gaps:
+                cells.append("" if r.loss_gap is None else f"{r.loss_gap:+.4f}")
+            table.add_row(*cells)
+        yield table
+        if traced:
+            yield Text(f"peak: one training step ({peak_settings(peak)}), traced on fake tensors; leave headroom for "
+                       "the CUDA context and fragmentation", style="dim")
+        if budget is not None:
+            yield Text(f"max batch: the largest micro-batch whose peak fits in {format_bytes(budget)} (0: not even "
+                       "one)", style="dim")
+        untraced = [r.name for r in rows if r.error]
+        if untraced:
+            yield Text(f"not traced (its step needs tensor values or cannot run on fake tensors): "
+                       f"{', '.join(untraced)}", style="dim")
+        if gaps:
+            source = f" ({self.gap_source})" if self.gap_source else ""
+            yield Text(f"loss gap: best final {self.loss_name} over the learning rates run minus AdamW's{source}; "
+                       "empty: not trained", style="dim")
+        elif not traced:
+            yield Text("state only: no peak traced and no training run to compare", style="dim")
 
 
 class FormatTable:
