@@ -132,7 +132,8 @@ def test_a_step_that_cannot_be_traced_keeps_the_analysis_and_shows_state_only(tm
 
 
 @pytest.mark.parametrize("args, message", [(("--fit", "12XB"), "invalid size"),
-                                           (("--fit", "1GiB", "--no-peak"), "--no-peak")])
+                                           (("--fit", "1GiB", "--no-peak"), "--no-peak"),
+                                           (("--fit", "1GiB", "--plan", "plan.json"), "memory MODEL --plan FILE")])
 def test_bad_budgets_are_usage_errors(tmp_path, args, message):
     code, _, err = cli(write(tmp_path), "--out", tmp_path / "out", *args)
     assert code == 2 and message in err, err

@@ -160,6 +160,9 @@ def _run(args, err: Console) -> int:
         raise UsageError("--plan and --preset are alternatives; give one")
     if args.fit is not None and args.no_peak:
         raise UsageError("--fit needs the peak trace that --no-peak turns off; give one of them")
+    if args.fit is not None and args.plan:
+        raise UsageError(f"--fit sizes the decision table of a probe or --preset run; for a plan file ask "
+                         f"'{PROG} memory MODEL --plan FILE --fit SIZE'")
     if args.rule == "paper" and (args.prefer != "snr" or args.depth_average):
         raise UsageError("--rule paper takes each layer's own highest SNR: leave out --prefer compression and "
                          "--depth-average")
