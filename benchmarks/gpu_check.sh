@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One call on a machine with a CUDA GPU: every CUDA test (the Triton step's compiled, not
 # interpreted), then the optimizer-step (a 100.7M-parameter
-# Linear stack and the built-in GPT), capture-overhead and Hessian benchmarks on CUDA, each under
-# its own time limit (at most 9 minutes in all), results as text and JSON in OUT:
+# Linear stack and the built-in GPT), capture-overhead, Hessian and measured-peak checks on CUDA, each under
+# its own time limit (at most 10 minutes in all), results as text and JSON in OUT:
 #
 #     bash benchmarks/gpu_check.sh [OUT]          # default OUT: gpu-check
 #
 # OUT/device.txt (GPU, driver, torch), OUT/tests.txt (pytest of the CUDA tests),
 # OUT/optimizer_step_linear100m.{json,txt}, OUT/optimizer_step_gpt.json, OUT/capture_overhead.json,
-# OUT/hessian.json, OUT/status.txt (each part's exit status; 124: it ran out of time). A part that
+# OUT/hessian.json, OUT/memory_measure.json (the traced peak of each optimizer beside two real
+# steps' max_memory_allocated and _reserved), OUT/status.txt (each part's exit status; 124: it ran out of time). A part that
 # fails does not stop the others. Uses the python on PATH; if it cannot import lowmem, the checkout
 # is put on PYTHONPATH (torch with CUDA must be installed already).
 set -uo pipefail
@@ -35,11 +36,14 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
 fi
 part tests 120 python -m pytest -q -p no:cacheprovider -p no:warnings \
     tests/compress/optim/test_cuda.py tests/compress/optim/test_triton.py tests/snr/test_capture_cuda.py \
-    "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" > "$OUT/tests.txt" 2>&1
+    "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" \
+    "tests/cli/test_memory_cli.py::test_measured_on_cuda_beside_the_trace" > "$OUT/tests.txt" 2>&1
 part step_linear100m 120 python benchmarks/optimizer_step.py --device cuda --model linear --layers 6 --width 4096 \
     --rounds 5 --steps 5 --warmup 2 --no-compiled --refresh-reps 1 --json > "$OUT/optimizer_step_linear100m.json" 2> "$OUT/optimizer_step_linear100m.txt"
 part step_gpt 60 python benchmarks/optimizer_step.py --device cuda --model gpt --rounds 8 --steps 5 --no-compiled \
     --refresh-reps 1 --json > "$OUT/optimizer_step_gpt.json" 2> "$OUT/optimizer_step_gpt.err"
 part capture 60 python benchmarks/capture_overhead.py --device cuda --rounds 10 --json > "$OUT/capture_overhead.json" 2> "$OUT/capture_overhead.err"
 part hessian 120 python benchmarks/hessian.py --device cuda --sizes 1024 --repeats 1 --json > "$OUT/hessian.json" 2> "$OUT/hessian.err"
+part memory_measure 60 python -m lowmem.cli.main memory --example shakespeare --batch 64 --measure --device cuda \
+    --format json > "$OUT/memory_measure.json" 2> "$OUT/memory_measure.err"
 cat "$OUT/status.txt"

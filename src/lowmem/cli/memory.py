@@ -12,13 +12,14 @@ optimizers; the second gives bytes per parameter of every plan optimizer in all 
 beside torch AdamW with fp32 and with bf16 parameters (``"by_format"`` in the JSON document).
 
 With ``--peak`` (or any of ``--batch``, ``--seq``, ``--autocast``, ``--activation-checkpointing``,
-``--fit``, ``--world``, ``--compare``) a third table gives the peak memory of one training step per optimizer: weights,
+``--fit``, ``--world``, ``--compare``, ``--measure``) a third table gives the peak memory of one training step per optimizer: weights,
 gradients, optimizer state, activations and temporaries live at the peak, traced on fake tensors
 by `lowmem.compress.peak` (one real forward, backward and ``optimizer.step()`` of the model, with no
 memory used: a 70B config traces on a laptop); with ``--fit SIZE`` also the largest micro-batch
 whose peak fits in SIZE (``"peak"`` in the JSON document); ``--world N``: one rank's figures under
 FSDP2 on N ranks; ``--compare DIR``: each optimizer's best held-out loss minus AdamW's from a
-``compare`` sweep, in the same table. The batch is ``get_batch(0)``'s with
+``compare`` sweep, in the same table; ``--measure``: beside each traced peak, two real steps'
+measured peak on ``--device`` (`lowmem.cli.measure`). The batch is ``get_batch(0)``'s with
 its first dimension set to ``--batch`` and, for tensors of two or more dimensions, its second to
 ``--seq``; a config's is token ids of ``--batch`` × ``--seq`` (default 1 × 2048, at most the
 model's positions) under next-token cross-entropy.
@@ -42,7 +43,8 @@ import sys
 import torch
 from rich.console import Console
 
-from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, positive_int, run_guarded, user_code
+from lowmem.cli.common import PROG, ArgumentParser, load_plan_file, parse_device, positive_int, run_guarded, user_code
+from lowmem.cli.measure import measure_rows
 from lowmem.cli.contract import UsageError, load_example, load_task
 from lowmem.cli.peak import peak_optimizers, size_argument, trace_guarded, trace_task
 from lowmem.compress import PlanError
@@ -102,6 +104,12 @@ def make_parser() -> argparse.ArgumentParser:
                       help="also the largest micro-batch whose peak fits in SIZE (e.g. 24GiB, 80GB) per optimizer")
     peak.add_argument("--world", type=positive_int, default=1, metavar="N",
                       help="FSDP2 on N ranks: one rank's figures (--batch is one rank's micro-batch)")
+    peak.add_argument("--measure", action="store_true",
+                      help="also train each optimizer for two real steps at these settings on --device and show "
+                           "the measured peak beside the trace (CUDA: max_memory_allocated and _reserved; CPU, "
+                           "Linux: peak resident set of a fresh process per optimizer); rows whose traced peak "
+                           "does not fit in the free memory are not run")
+    peak.add_argument("--device", default="auto", help="where --measure runs: auto (cuda when available), cpu, cuda:N")
     peak.add_argument("--compare", metavar="DIR",
                       help="a compare sweep's folder (or its compare.csv): add each optimizer's best held-out loss "
                            "minus AdamW's")
@@ -145,9 +153,18 @@ def _run(args) -> int:
             gaps = best_loss_gaps(read_compare_csv(args.compare))
         except RunFolderError as e:
             raise UsageError(str(e)) from None
+    device = _measure_device(args) if args.measure else None
     peak = _peak(args, plan, formats) if _wants_peak(args) else None
     if gaps is not None:
         peak = peak.with_loss_gaps(gaps)
+    if device is not None:
+        spec = {"config": args.config, "target": args.target, "example": args.example, "plan": args.plan,
+                "state": [str(f) for f in formats] if formats else None, "batch": peak.batch, "seq": peak.seq,
+                "param_dtype": args.param_dtype, "autocast": args.autocast,
+                "checkpointing": args.activation_checkpointing}
+        traced = {r.name: r.memory.peak if r.memory else None for r in peak.rows}
+        with user_code():
+            peak = peak.with_measurements(measure_rows(spec, traced, device), str(device))
     if args.format == "json":
         doc = memory_document(estimate, name, args.config, args.plan, grid)
         doc["peak"] = None if peak is None else peak.to_json()
@@ -163,7 +180,20 @@ def _run(args) -> int:
 
 def _wants_peak(args) -> bool:
     return bool(args.peak or args.batch or args.seq or args.autocast or args.activation_checkpointing or args.fit
-                or args.compare or args.world > 1)
+                or args.compare or args.measure or args.world > 1)
+
+
+def _measure_device(args) -> torch.device:
+    """``--device`` for ``--measure``, refused where real steps cannot be measured."""
+    if args.world > 1:
+        raise UsageError(f"--measure runs one process on one device; FSDP2 on {args.world} ranks needs {args.world} "
+                         "devices (measure a run of your own with torch.cuda.max_memory_allocated)")
+    device = parse_device(args.device)
+    if device.type not in ("cuda", "cpu"):
+        raise UsageError(f"--measure reads the peak of CUDA or of a CPU process, not of {device.type}")
+    if device.type == "cpu" and not sys.platform.startswith("linux"):
+        raise UsageError("--measure on the CPU reads the peak resident set from /proc (Linux); use a CUDA device")
+    return device
 
 
 def _peak(args, plan, formats) -> PeakReport:

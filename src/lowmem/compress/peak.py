@@ -463,9 +463,11 @@ def _rss() -> tuple[int, int]:
 def measure_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], Any],
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
-                 device: str | torch.device = "cpu", param_dtype: torch.dtype = torch.float32) -> int:
+                 device: str | torch.device = "cpu", param_dtype: torch.dtype = torch.float32,
+                 autocast: torch.dtype | None = None, checkpointing: bool = False) -> int:
     """The measured peak of two real training steps, in bytes above what was live before the
-    model was built: what `trace_peak` estimates, on real tensors.
+    model was built: what `trace_peak` estimates, on real tensors (with `autocast` and
+    `checkpointing` as `trace_peak` takes them).
 
     On CUDA: ``torch.cuda.max_memory_allocated`` (tensor bytes, the allocator's 512-byte rounding
     included). On CPU (Linux): the process's peak resident set size (``VmHWM``, reset through
@@ -485,10 +487,15 @@ def measure_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], 
             f.write("5")
         before = _rss()[0]
     model = build_model().to(device=device, dtype=param_dtype).train()
+    if checkpointing:
+        model = _checkpointed(model)
     optimizer = make_optimizer(model)
     batch = make_batch()
     for _ in range(2):
-        loss_fn(model, batch).backward()
+        with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = loss_fn(model, batch)
+        loss.backward()
+        del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -578,19 +585,20 @@ class PeakRow:
     fits: int | None = None
     fits_memory: PeakMemory | None = None
     loss_gap: float | None = None      # best held-out loss minus AdamW's, from a compare sweep
+    measured: dict | None = None       # real steps: {"allocated", "reserved"} or {"note"} (lowmem.cli.measure)
 
     def to_json(self) -> dict:
         return {"optimizer": self.name, **(self.memory.to_json() if self.memory else {}), "error": self.error,
                 "largest_batch": self.fits, "largest_batch_peak": self.fits_memory.peak if self.fits_memory else None,
                 "largest_batch_memory": self.fits_memory.to_json() if self.fits_memory else None,
-                "loss_gap": self.loss_gap}
+                "loss_gap": self.loss_gap, "measured": self.measured}
 
     @classmethod
     def from_json(cls, doc: dict) -> "PeakRow":
         memory = PeakMemory.from_json(doc) if doc.get("peak") is not None else None
         fits = doc.get("largest_batch_memory")
         return cls(doc["optimizer"], memory, doc.get("error"), doc.get("largest_batch"),
-                   PeakMemory.from_json(fits) if fits else None, doc.get("loss_gap"))
+                   PeakMemory.from_json(fits) if fits else None, doc.get("loss_gap"), doc.get("measured"))
 
 
 @dataclass(frozen=True)
@@ -605,18 +613,20 @@ class PeakReport:
     budget: int | None
     rows: list[PeakRow]
     world: int = 1            # FSDP2 ranks: the figures are one rank's
+    measured_on: str | None = None   # the device real steps ran on, when they did
 
     def to_json(self) -> dict:
         return {"batch": self.batch, "seq": self.seq, "param_dtype": self.param_dtype, "autocast": self.autocast,
                 "activation_checkpointing": self.checkpointing, "budget": self.budget, "world": self.world,
-                "rows": [r.to_json() for r in self.rows]}
+                "measured_on": self.measured_on, "rows": [r.to_json() for r in self.rows]}
 
     @classmethod
     def from_json(cls, doc: dict) -> "PeakReport":
         """The report `to_json` wrote (ValueError: not such a document)."""
         try:
             return cls(doc["batch"], doc["seq"], doc["param_dtype"], doc["autocast"], doc["activation_checkpointing"],
-                       doc["budget"], [PeakRow.from_json(r) for r in doc["rows"]], doc.get("world", 1))
+                       doc["budget"], [PeakRow.from_json(r) for r in doc["rows"]], doc.get("world", 1),
+                       doc.get("measured_on"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a peak-memory document (missing or malformed {e})") from None
 
@@ -624,6 +634,10 @@ class PeakReport:
         """The report with each row's loss gap to AdamW from a compare sweep (`gaps`, by the
         row's name, which is the sweep's spelling: ``eve``, ``eve:int8``, ``plan``)."""
         return replace(self, rows=[replace(r, loss_gap=gaps.get(r.name)) for r in self.rows])
+
+    def with_measurements(self, measured: dict[str, dict], device: str) -> "PeakReport":
+        """The report with each row's real-step measurement on `device` (by row name)."""
+        return replace(self, measured_on=device, rows=[replace(r, measured=measured.get(r.name)) for r in self.rows])
 
 
 def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,

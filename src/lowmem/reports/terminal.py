@@ -324,6 +324,13 @@ class PeakTable:
         gaps = any(row.loss_gap is not None for row in r.rows)
         if gaps:
             table.add_column("loss gap", justify="right", no_wrap=True)
+        measured = r.measured_on is not None
+        reserved = measured and any((row.measured or {}).get("reserved") is not None for row in r.rows)
+        if measured:
+            table.add_column("measured", justify="right", no_wrap=True)
+            table.add_column("/ traced", justify="right", no_wrap=True)
+        if reserved:
+            table.add_column("reserved", justify="right", no_wrap=True)
         for row in r.rows:
             m = row.memory
             cells = ([format_bytes(x) for x in (m.weights + m.buffers, m.gradients, m.state, m.activations,
@@ -333,11 +340,25 @@ class PeakTable:
                           format_bytes(row.fits_memory.peak) if row.fits_memory else ""]
             if gaps:
                 cells.append("" if row.loss_gap is None else f"{row.loss_gap:+.3f}")
+            if measured:
+                real = (row.measured or {}).get("allocated")
+                cells += ["—" if real is None else format_bytes(real),
+                          "" if real is None or not m else f"{real / m.peak:.3f}"]
+            if reserved:
+                res = (row.measured or {}).get("reserved")
+                cells.append("—" if res is None else format_bytes(res))
             table.add_row(row.name, *cells)
         yield table
         for row in r.rows:
             if row.error:
                 yield Text(f"{row.name}: {row.error}", style="dim")
+            elif (row.measured or {}).get("note"):
+                yield Text(f"{row.name}: {row.measured['note']}", style="dim")
+        if measured:
+            kind = ("max_memory_allocated (reserved: max_memory_reserved) after a warm-up" if reserved or
+                    r.measured_on.startswith("cuda") else "the peak resident set of a fresh process above its size "
+                    "before the model was built (every page the step touched)")
+            yield Text(f"measured: two real steps on {r.measured_on}, {kind}", style="dim")
         if gaps:
             yield Text("loss gap: the optimizer's best final loss over the sweep's learning rates minus AdamW's best "
                        "(held-out where the sweep has it); empty: not in the sweep", style="dim")
