@@ -61,7 +61,7 @@ from lowmem.compress.formats import M_FORMATS, V_FORMATS, StateFormat
 from lowmem.compress.memory import optimizer_state_bytes
 from lowmem.compress.optim.engine import ROUNDINGS, ReducedAdamW
 from lowmem.compress.optim.registry import NAMES, PEER_NAMES, PEERS, REGISTRY, PeerUnavailable, entry
-from lowmem.compress.plan import Plan, write_atomic
+from lowmem.compress.plan import Plan, plan_digest, write_atomic  # noqa: F401  (plan_digest: where the CLI finds it)
 from lowmem.probe import Task, TaskError, batch_at, build, call_user, check_gradients, check_loss, to_device
 from lowmem.reports.run import COMPARE_COLUMNS, CURVE_COLUMNS
 
@@ -801,10 +801,3 @@ def write_tables(out: Path, results: list[RunResult]) -> None:
             v, d = evals.get(i + 1, (None, None))
             w.writerow([r.optimizer, _cell(r.lr), i + 1, _cell(loss), _cell(v), _cell(d)])
     write_atomic(out / "curves.csv", buf.getvalue())
-
-
-def plan_digest(plan: Plan) -> str:
-    """What a plan optimizer depends on, as one string: the hash of the plan's layers."""
-    text = json.dumps(plan.to_json()["layers"], sort_keys=True)
-    return "plan sha256:" + hashlib.sha256(text.encode()).hexdigest()
-

@@ -133,7 +133,7 @@ def test_a_step_that_cannot_be_traced_keeps_the_analysis_and_shows_state_only(tm
 
 @pytest.mark.parametrize("args, message", [(("--fit", "12XB"), "invalid size"),
                                            (("--fit", "1GiB", "--no-peak"), "--no-peak"),
-                                           (("--fit", "1GiB", "--plan", "plan.json"), "memory MODEL --plan FILE")])
+                                           (("--fit", "1GiB", "--plan", "plan.json"), "--plan plan.json --peak --fit SIZE")])
 def test_bad_budgets_are_usage_errors(tmp_path, args, message):
     code, _, err = cli(write(tmp_path), "--out", tmp_path / "out", *args)
     assert code == 2 and message in err, err
@@ -146,3 +146,78 @@ def test_no_peak_writes_no_peak_json(tmp_path):
     doc = json.loads(out)
     assert doc["peak"] is None and not (tmp_path / "out" / "peak.json").exists()
     assert [r["optimizer"] for r in doc["decision"]][:2] == ["adamw", "slimadam"]
+
+
+CUSTOM_BACKWARD = '''\
+import torch
+from torch import nn
+
+class Through(torch.autograd.Function):
+    """The identity, with a backward that goes through numpy: fine for real, not on fake tensors."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.from_numpy(g.numpy().copy())
+
+def build_model():
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+
+def get_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 16, generator=g)
+    return x, x[:, :4]
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(Through.apply(model(x)), y)
+
+LOWMEM = {"steps": 8, "every": 4}
+'''
+
+
+def test_a_backward_that_fails_on_fake_tensors_is_a_note_not_a_failure(tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(CUSTOM_BACKWARD)
+    code, out, err = cli(path, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "peak memory not traced" in err and "cannot run on fake tensors" in err
+    assert (tmp_path / "out" / "report.html").is_file() and "The decision" in out
+    assert not (tmp_path / "out" / "peak.json").exists()
+
+
+def test_a_batch_that_cannot_be_resized_keeps_its_own_peak_without_a_largest_batch(tmp_path):
+    # the batch carries a (4,) weight that is not batched: at its own size the step traces, but
+    # no other size along dimension 0 works, so --fit finds no largest batch and says why
+    model = write(tmp_path).read_text().replace(
+        "    return x, x[:, :8] * 2", "    return x, x[:, :8] * 2, torch.ones(4)").replace(
+        "    x, y = batch\n", "    x, y, w = batch\n").replace(
+        "mse_loss(model(x), y)", "mse_loss(model(x), y) + (x[:, :4] * w).mean()")
+    (tmp_path / "model.py").write_text(model)
+    code, out, err = cli(tmp_path / "model.py", "--out", tmp_path / "out", "--fit", "1GiB", "--format", "json", "-q")
+    assert code == 0, err
+    rows = {r["optimizer"]: r for r in json.loads(out)["decision"]}
+    assert rows["adamw"]["peak_bytes"] > 0 and rows["adamw"]["largest_batch"] is None
+    assert "dimension 0" in rows["adamw"]["error"]
+    assert json.loads(out)["peak"]["batch"] == 32            # the batch's own size, as traced
+
+
+def test_a_validation_of_another_plan_gives_the_folders_plan_no_loss_gap(tmp_path):
+    model = write(tmp_path)
+    assert cli(model, "--out", tmp_path / "o", "--no-peak", "-q")[0] == 0
+    assert cli(model, "--preset", "adam-mini", "--out", tmp_path / "p", "--no-peak", "-q")[0] == 0
+    code, _, err = cli(model, "--plan", tmp_path / "p" / "plan.json", "--validate", 4, "--out", tmp_path / "o", "-q")
+    assert code == 0, err
+    code, out, err = cli("report", tmp_path / "o", "--no-html", "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    rows = {r["optimizer"]: r for r in doc["decision"]}
+    assert rows["plan"]["loss_gap"] is None and rows["adamw"]["loss_gap"] == 0.0
+    assert any("another plan" in n for n in doc["notes"])
+    # validated with the folder's own plan, the gap is there
+    code, _, err = cli(model, "--plan", tmp_path / "o" / "plan.json", "--validate", 4, "--out", tmp_path / "o", "-q")
+    assert code == 0, err
+    doc = json.loads(cli("report", tmp_path / "o", "--no-html", "--format", "json")[1])
+    assert {r["optimizer"]: r for r in doc["decision"]}["plan"]["loss_gap"] is not None

@@ -411,6 +411,11 @@ def test_decision_table_is_peak_json_and_the_best_gaps_of_compare_csv(run_dir):
         assert rows[name][3] == f"{r['peak'] / traced['adamw']['peak'] - 1:+.1%}"
     assert rows["slimadam"][-1] == "+0.0300" and rows["adamw"][-1] == "+0.0000" and rows["plan"][-1] == ""
     assert traced["adamw"]["state"] > traced["plan"]["state"] and traced["adamw"]["peak"] > traced["plan"]["peak"]
+    # AdamW's state by hand: fp32 m and v of every parameter and an fp32 step counter per tensor
+    from lowmem.cli.contract import load_task
+
+    params = list(load_task(str(run_dir.parent / "model.py")).build_model().parameters())
+    assert rows["adamw"][1] == format_bytes(8 * sum(p.numel() for p in params) + 4 * len(params))
 
 
 def test_figures_leave_the_users_matplotlib_state_alone():

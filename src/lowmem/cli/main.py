@@ -40,7 +40,7 @@ from lowmem.compress.plan import model_record, write_atomic
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, PRECISION_THRESHOLD, plan_bytes_per_parameter
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
-from lowmem.cli.peak import dtype_words, peak_optimizers, size_argument, trace_task
+from lowmem.cli.peak import batch_size, dtype_words, peak_optimizers, size_argument, trace_task
 from lowmem.probe import DEFAULTS, TaskError, build, call_user, run_probe
 from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
 from lowmem.reports.run import Decision, decision_rows, gap_words
@@ -123,8 +123,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the memory budget of the decision table (e.g. 24GiB, 80GB): per optimizer the largest "
                         "micro-batch whose training step fits in it")
     p.add_argument("--no-peak", action="store_true",
-                   help="do not trace the peak memory of a training step per optimizer (peak.json; a few seconds "
-                        "on fake tensors, no memory used)")
+                   help="do not trace the peak memory of a training step per optimizer (peak.json; on fake "
+                        "tensors, no memory used: seconds for small models, minutes for billions of parameters "
+                        "with --fit)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="stdout: rich tables or one JSON document")
     p.add_argument("--seed", type=seed_int, default=0, help="torch.manual_seed before build_model (default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or notes on stderr")
@@ -161,8 +162,9 @@ def _run(args, err: Console) -> int:
     if args.fit is not None and args.no_peak:
         raise UsageError("--fit needs the peak trace that --no-peak turns off; give one of them")
     if args.fit is not None and args.plan:
+        target = shlex.quote(args.target) if args.target else f"--example {args.example}"
         raise UsageError(f"--fit sizes the decision table of a probe or --preset run; for a plan file ask "
-                         f"'{PROG} memory MODEL --plan FILE --fit SIZE'")
+                         f"'{PROG} memory {target} --plan {shlex.quote(args.plan)} --peak --fit SIZE'")
     if args.rule == "paper" and (args.prefer != "snr" or args.depth_average):
         raise UsageError("--rule paper takes each layer's own highest SNR: leave out --prefer compression and "
                          "--depth-average")
@@ -405,19 +407,25 @@ def _maybe_peak(args, task, plan: Plan, model, out: Path, note, skipped: str):
     tensors at ``get_batch(0)``'s size with the parameters in the dtypes the model was built with,
     written to ``peak.json``; None when skipped or when the step cannot be traced (a note says
     why: the plan and everything else stand), `_INTERRUPTED` after Ctrl-C."""
-    if args.no_peak or skipped:
+    if args.no_peak:
+        return None
+    if skipped:
+        note(f"peak memory not traced: {skipped}")
         return None
     try:
         with user_code():
             example = call_user(task, "get_batch(0)", task.get_batch, 0)
-        peak = trace_task(task, example, peak_optimizers(plan, None), param_dtype=None, budget=args.fit)
+        how = "build_model() ran on the meta device, the batch at get_batch(0)'s size" + (
+            ", then with dimension 0 resized for --fit" if args.fit is not None else "")
+        peak = trace_task(task, example, peak_optimizers(plan, None), how, param_dtype=None, budget=args.fit)
     except KeyboardInterrupt:
         note(f"peak-memory trace interrupted; the plan is in {out / 'plan.json'}")
         return _INTERRUPTED
-    except TaskError as e:
+    except (Exception, SystemExit) as e:   # the analysis stands: a trace is an extra
         note(f"peak memory not traced (the decision table shows state only; --no-peak skips the trace): {e}")
         return None
-    peak = replace(peak, param_dtype=dtype_words(model))
+    # traced at the batch's own size: say which (dimension 0 of its first tensor), and the dtypes
+    peak = replace(peak, param_dtype=dtype_words(model), batch=batch_size(example))
     write_atomic(out / "peak.json", json.dumps(peak.to_json(), indent=1) + "\n")
     return peak
 

@@ -126,9 +126,9 @@ def measure_rows(spec: dict, traced: dict[str, int | None], device: torch.device
             except KeyboardInterrupt:
                 raise
             except Exception as e:      # out of memory, the user's code: a note on the row, not the end
-                torch.cuda.empty_cache()
                 first = str(e).splitlines()[0] if str(e) else ""
                 out[name] = {"note": f"the real steps failed ({type(e).__name__}: {first})"}
+            torch.cuda.empty_cache()    # (after the handler: the failed row's frames are gone)
         else:
             out[name] = _in_fresh_process(spec, name)
     return out
@@ -138,11 +138,16 @@ def _in_fresh_process(spec: dict, name: str) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lowmem.cli.measure", json.dumps(spec), name], env=env,
                           capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"note": f"the real steps failed ({last})"}
-    return json.loads(lines[-1])
+    if done.returncode == 0:
+        for line in reversed(done.stdout.strip().splitlines()):   # the worker's line is the last JSON one
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and "allocated" in doc:
+                return doc
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"note": f"the real steps failed ({last})"}
 
 
 if __name__ == "__main__":    # the CPU worker: one optimizer, printed as one JSON line

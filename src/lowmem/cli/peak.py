@@ -22,7 +22,7 @@ from lowmem.compress.optim.registry import PEERS, REGISTRY
 from lowmem.compress.peak import DTYPES, FAKE_ERRORS, PeakReport, PeakTraceError, parse_size, peak_report
 from lowmem.probe import DEFAULTS, TaskError, call_user, user_failure
 
-__all__ = ["dtype_words", "peak_optimizers", "size_argument", "spec_name", "trace_guarded", "trace_task"]
+__all__ = ["batch_size", "dtype_words", "peak_optimizers", "size_argument", "spec_name", "trace_guarded", "trace_task"]
 
 
 def peak_optimizers(plan, formats) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
@@ -62,9 +62,13 @@ def spec_name(name: str, fmt) -> str:
     return name if fmt is None or fmt == StateFormat("fp32", "fp32") else str(OptimizerSpec(name, fmt))
 
 
-def trace_task(task, example: Any, optimizers: dict, **settings) -> PeakReport:
+RESIZED = "build_model() ran on the meta device and the batch was resized to --batch/--seq"
+
+
+def trace_task(task, example: Any, optimizers: dict, how: str = RESIZED, **settings) -> PeakReport:
     """`peak_report` of `task` (a loaded model.py or example) from its batch `example`, with
-    `settings` as `peak_report` takes them; the task's own functions run as user code.
+    `settings` as `peak_report` takes them; the task's own functions run as user code; `how`
+    says in a failure's message how the model and batch were made.
 
     Raises:
         TaskError: the user's build_model or loss_fn failed, or their step cannot be traced on
@@ -78,22 +82,27 @@ def trace_task(task, example: Any, optimizers: dict, **settings) -> PeakReport:
             return task.loss_fn(model, batch)
         except FAKE_ERRORS:      # the trace's own: PeakTraceError says which op needed values
             raise
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise user_failure("loss_fn(model, batch)", task.source, e) from e
 
-    return trace_guarded(task.source, lambda: peak_report(build_model, example, loss_fn, optimizers, **settings))
+    return trace_guarded(task.source, lambda: peak_report(build_model, example, loss_fn, optimizers, **settings), how)
 
 
-def trace_guarded(source: str, trace: Callable[[], PeakReport]) -> PeakReport:
-    """`trace()`, its failures as `TaskError` naming `source` and how it was traced."""
+def trace_guarded(source: str, trace: Callable[[], PeakReport], how: str = RESIZED) -> PeakReport:
+    """`trace()`, its failures as `TaskError` naming `source` and `how` it was traced (also a
+    step that fails under fake tensors in a way lowmem cannot place, e.g. in a custom backward)."""
+    where = f"(while tracing one training step of {source} on fake tensors for its peak memory: {how})"
     try:
         with user_code():
             return trace()
     except TaskError as e:
-        raise TaskError(f"{e}\n(while tracing one training step of {source} on fake tensors for its peak memory: "
-                        "build_model() ran on the meta device and the batch was resized to --batch/--seq)") from e
+        raise TaskError(f"{e}\n{where}") from e
     except PeakTraceError as e:
         raise TaskError(f"{source}: {e}") from e
+    except (Exception, SystemExit) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TaskError(f"{source}: its training step cannot run on fake tensors ({type(e).__name__}: {first})\n"
+                        f"{where}") from e
 
 
 def size_argument(text: str) -> int:
@@ -102,6 +111,19 @@ def size_argument(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def batch_size(batch: Any) -> int | None:
+    """Dimension 0 of the first tensor in `batch` (tuples, lists, dicts of them), None without one:
+    the micro-batch size a model.py's own batch has."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for x in items:
+        size = batch_size(x)
+        if size is not None:
+            return size
+    return None
 
 
 def dtype_words(model: torch.nn.Module) -> str:

@@ -11,9 +11,10 @@ runs under ``FakeTensorMode`` is measured by what it actually allocates, not by 
 70B model costs the machine a few hundred MB of Python objects.
 
 How the step is traced (`trace_peak`):
-- the model is built with its parameters on the meta device (no initialisation work), cast there to the parameter
-  dtype, optionally wrapped for activation checkpointing, then given fake CPU storage
-  (``to_empty``); the batch is made of fake tensors of the asked shapes (`resized_batch`);
+- the model is built with its parameters on the meta device (no initialisation work), cast there
+  to the parameter dtype (or left as built), optionally wrapped for activation checkpointing, then
+  given fake CPU storage (`_fake`); the batch is made of fake tensors of the asked shapes
+  (`resized_batch`);
 - two steps run: the first creates the optimizer's state, the second runs with it; the peak is
   over both;
 - the optimizer's state is read from the optimizer after the steps, and what the tracker counted
@@ -44,6 +45,7 @@ What the figures are, and are not:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import traceback
 import warnings
@@ -504,8 +506,11 @@ def measure_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], 
     return _rss()[1] - before
 
 
+MAX_BATCH = 1 << 20   # where `largest_batch` stops looking: "at least this many"
+
+
 def largest_batch(peak_at: Callable[[int], PeakMemory], budget: int, *,
-                  limit: int = 1 << 20) -> tuple[int, PeakMemory | None]:
+                  limit: int = MAX_BATCH) -> tuple[int, PeakMemory | None]:
     """The largest micro-batch whose traced peak fits in `budget` bytes, and its figures
     ((0, None) where not even one sample fits; `limit` where even that fits).
 
@@ -581,7 +586,7 @@ class PeakRow:
 
     name: str
     memory: PeakMemory | None
-    error: str | None = None
+    error: str | None = None           # why it could not be traced, or (with `memory`) why `fits` is missing
     fits: int | None = None
     fits_memory: PeakMemory | None = None
     loss_gap: float | None = None      # best held-out loss minus AdamW's, from a compare sweep
@@ -661,6 +666,18 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
         PeakTraceError: the forward and backward cannot be traced (an optimizer whose step cannot
             be is a row with an error instead).
     """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")   # it logs each op that fails under fake
+    level = logger.level                                            # tensors; the rows report them
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return _peak_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast,
+                            checkpointing, budget, world)
+    finally:
+        logger.setLevel(level)
+
+
+def _peak_report(build_model, example_batch, loss_fn, optimizers, batch, seq, param_dtype, autocast, checkpointing,
+                 budget, world) -> PeakReport:
     dtype, amp = DTYPES[param_dtype] if param_dtype else None, DTYPES[autocast] if autocast else None
     traced: dict[int | None, PeakMemory] = {}
 
@@ -695,8 +712,13 @@ def peak_report(build_model: Callable[[], nn.Module], example_batch: Any,
             rows.append(PeakRow(name, None, f"its step cannot run on fake tensors{where} ({type(e).__name__}: "
                                             f"{str(e).splitlines()[0] if str(e) else ''})"))
             continue
-        fits = fits_memory = None
+        fits = fits_memory = note = None
         if budget is not None:
-            fits, fits_memory = largest_batch(at, budget)
-        rows.append(PeakRow(name, memory, None, fits, fits_memory))
+            try:
+                fits, fits_memory = largest_batch(at, budget)
+            except (PeakTraceError, *FAKE_ERRORS, Exception) as e:   # e.g. a batch whose dim 0 is not the batch
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                note = (f"no largest batch: the step fails when dimension 0 of the batch is resized ({first}); "
+                        "its peak at the batch's own size stands")
+        rows.append(PeakRow(name, memory, note, fits, fits_memory))
     return PeakReport(batch, seq, param_dtype or "as built", autocast, checkpointing, budget, rows, world)

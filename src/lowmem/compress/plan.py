@@ -424,3 +424,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
+
+
+def plan_digest(plan: Plan) -> str:
+    """What a plan optimizer depends on, as one string: the hash of the plan's layers."""
+    text = json.dumps(plan.to_json()["layers"], sort_keys=True)
+    return "plan sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -25,7 +25,7 @@ from lowmem.compress.plan import write_atomic
 from lowmem.reports import figures
 from lowmem.reports.run import Run, gap_words, layer_snr, loss_column
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, plan_bytes_per_parameter
-from lowmem.reports.terminal import (STATE_COLUMNS, best_measured, decision_words, error_text, peak_settings, shape_text,
+from lowmem.reports.terminal import (STATE_COLUMNS, batch_words, best_measured, decision_words, error_text, peak_settings, shape_text,
                                      state_rows)
 from lowmem.snr.keys import format_subset
 
@@ -185,7 +185,9 @@ def _decision_section(run: Run) -> dict | None:
             "traced": any(r.peak is not None for r in rows), "adamw": adamw is not None,
             "budget": peak.budget if peak is not None else None, "settings": peak_settings(peak) if peak else None,
             "gaps": any(r.loss_gap is not None for r in rows), "loss_name": loss_name, "gap_source": source,
-            "untraced": [r.name for r in rows if r.error]}
+            "untraced": [r.name for r in rows if r.error and r.peak is None],
+            "notes": [f"{r.name}: {r.error}" for r in rows if r.error and r.peak is not None],
+            "batches": {r.name: batch_words(r.fits) for r in rows if r.fits is not None}}
 
 
 def render_report(run: Run) -> str:

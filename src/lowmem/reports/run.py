@@ -30,6 +30,7 @@ default thresholds and said so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -40,7 +41,7 @@ from pathlib import Path
 from lowmem.compress.builders import build_plan, is_candidate
 from lowmem.compress.memory import MemoryEstimate, MemoryRow, plan_state_bytes, plan_state_memory
 from lowmem.compress.peak import PeakReport
-from lowmem.compress.plan import Plan, PlanError
+from lowmem.compress.plan import Plan, PlanError, plan_digest
 from lowmem.compress.precision import PRECISION_THRESHOLD
 from lowmem.layers import ModelLayers, ParamInfo, normalize_name
 from lowmem.snr.keys import ViewLabel
@@ -91,6 +92,7 @@ class Run:
     hessian_blocks: list[HessianBlock] = field(default_factory=list)
     compare: list[dict] = field(default_factory=list)
     compare_path: Path | None = None
+    compare_settings: dict = field(default_factory=dict)   # settings.json beside compare.csv
     peak: PeakReport | None = None
     curves: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -136,8 +138,16 @@ class Run:
                 MemoryRow("plan", m, v, mem.plan_bytes, 1 - v / half if half else 0.0, mem.saved)]
 
     def decisions(self) -> list["Decision"]:
-        """The decision table's rows from what the folder holds (`decision_rows`)."""
-        return decision_rows(self.peak, self.memory_rows(), self.compare)
+        """The decision table's rows from what the folder holds (`decision_rows`); the loss gap of
+        ``plan`` only where the runs trained this folder's plan."""
+        compare = self.compare if self.trained_this_plan() else [r for r in self.compare
+                                                                  if not str(r.get("optimizer")).startswith("plan")]
+        return decision_rows(self.peak, self.memory_rows(), compare)
+
+    def trained_this_plan(self) -> bool:
+        """Whether the runs in `compare` trained ``plan.json`` (False: another plan, by its digest)."""
+        trained = str(self.compare_settings.get("slimadam", ""))
+        return self.plan is None or not trained.startswith("plan sha256:") or trained == plan_digest(self.plan)
 
 
 def read_run(folder: str | os.PathLike) -> Run:
@@ -211,6 +221,9 @@ def read_run(folder: str | os.PathLike) -> Run:
         except ValueError as e:
             raise RunFolderError(f"{peak_path}: {e}") from None
     _read_hessian(run)
+    if run.compare and not run.trained_this_plan():
+        run.notes.append(f"{run.compare_path} trained another plan than plan.json: the plan's runs are shown "
+                         "there, not as its loss gap in the decision table")
     return run
 
 
@@ -333,6 +346,9 @@ def _read_compare(run: Run) -> None:
             continue
         run.compare = _typed_rows(path, COMPARE_COLUMNS, required=("lr",))
         run.compare_path = path
+        with contextlib.suppress(OSError, ValueError):
+            settings = json.loads((where / "settings.json").read_text())
+            run.compare_settings = settings if isinstance(settings, dict) else {}
         curves = where / "curves.csv"
         if curves.exists():
             run.curves = _typed_rows(curves, CURVE_COLUMNS, required=("lr", "step"))

@@ -18,7 +18,7 @@ from lowmem.compress.builders import is_candidate
 from lowmem.compress.formats import BLOCK_4BIT, BLOCK_8BIT, MIN_QUANTIZED_NUMEL
 from lowmem.compress.memory import FormatGrid, MemoryEstimate, MemoryRow, format_bytes, plan_state_memory
 from lowmem.compress.plan import LayerPlan, Plan
-from lowmem.compress.peak import PeakReport
+from lowmem.compress.peak import MAX_BATCH, PeakReport
 from lowmem.compress.precision import ADAMW_BYTES_PER_PARAMETER, layer_state_bytes, plan_bytes_per_parameter
 from lowmem.layers import ModelLayers
 from lowmem.reports.run import Decision, loss_column
@@ -290,6 +290,11 @@ class MemoryTable:
             yield FormatTable(self.grid)
 
 
+def batch_words(n: int) -> str:
+    """A largest batch: ``12``, or ``≥1,048,576`` where the search stopped looking."""
+    return f"≥{n:,}" if n >= MAX_BATCH else f"{n:,}"
+
+
 def peak_settings(r: PeakReport) -> str:
     """How a `PeakReport` was traced, in words: ``batch 8 x 512, bf16 parameters, …``."""
     shape = " x ".join(str(x) for x in (r.batch, r.seq) if x is not None) or "get_batch(0)'s size"
@@ -336,7 +341,7 @@ class PeakTable:
             cells = ([format_bytes(x) for x in (m.weights + m.buffers, m.gradients, m.state, m.activations,
                                                  m.temporaries, m.inputs, m.peak)] if m else ["cannot trace"] + [""] * 6)
             if r.budget is not None:
-                cells += ["" if row.fits is None else f"{row.fits:,}",
+                cells += ["" if row.fits is None else batch_words(row.fits),
                           format_bytes(row.fits_memory.peak) if row.fits_memory else ""]
             if gaps:
                 cells.append("" if row.loss_gap is None else f"{row.loss_gap:+.3f}")
@@ -357,7 +362,8 @@ class PeakTable:
         if measured:
             kind = ("max_memory_allocated (reserved: max_memory_reserved) after a warm-up" if reserved or
                     r.measured_on.startswith("cuda") else "the peak resident set of a fresh process above its size "
-                    "before the model was built (every page the step touched)")
+                    "before the model was built (every page the step touched: below about 50 MiB the process's "
+                    "own pages dominate the ratio)")
             yield Text(f"measured: two real steps on {r.measured_on}, {kind}", style="dim")
         if gaps:
             yield Text("loss gap: the optimizer's best final loss over the sweep's learning rates minus AdamW's best "
@@ -407,7 +413,7 @@ class DecisionTable:
                 if adamw:
                     cells.append("" if r.peak is None else f"{r.peak / adamw - 1:+.1%}")
             if budget is not None:
-                cells.append("—" if r.fits is None else f"{r.fits:,}")
+                cells.append("—" if r.fits is None else batch_words(r.fits))
             if gaps:
                 cells.append("" if r.loss_gap is None else f"{r.loss_gap:+.4f}")
             table.add_row(*cells)
@@ -418,14 +424,17 @@ class DecisionTable:
         if budget is not None:
             yield Text(f"max batch: the largest micro-batch whose peak fits in {format_bytes(budget)} (0: not even "
                        "one)", style="dim")
-        untraced = [r.name for r in rows if r.error]
+        untraced = [r.name for r in rows if r.error and r.peak is None]
         if untraced:
             yield Text(f"not traced (its step needs tensor values or cannot run on fake tensors): "
                        f"{', '.join(untraced)}", style="dim")
+        for r in rows:
+            if r.error and r.peak is not None:
+                yield Text(f"{r.name}: {r.error}", style="dim")
         if gaps:
             source = f" ({self.gap_source})" if self.gap_source else ""
             yield Text(f"loss gap: best final {self.loss_name} over the learning rates run minus AdamW's{source}; "
-                       "empty: not trained", style="dim")
+                       "empty: not trained, or every run diverged", style="dim")
         elif not traced:
             yield Text("state only: no peak traced and no training run to compare", style="dim")
 
