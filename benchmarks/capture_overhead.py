@@ -1,7 +1,22 @@
-"""Training steps/s of the built-in example with and without SNR capture.
+"""Training steps/s of the built-in example with and without SNR capture; on a large model, one
+measurement against one training step.
 
     python benchmarks/capture_overhead.py [--steps 10] [--rounds 30] [--warmup 10]
-        [--device auto|cpu|cuda] [--threads N] [--kernel default|foreach|fused] [--json]
+        [--device auto|cpu|cuda] [--threads N] [--kernel default|foreach|fused] [--precision] [--json]
+    python benchmarks/capture_overhead.py --model gpt2-124m [--batch 1] [--seq 64] [--direct 5] [--json]
+
+``--precision`` measures what ``lowmem-analyze`` measures: the SNR and, at the same steps, the
+error each state format would cause (`lowmem.snr.precision`).
+
+``--model CONFIG`` (a built-in config, `lowmem.compress.configs`, e.g. gpt2-124m) times, on that
+model built for real with AdamW at a batch of ``--batch`` x ``--seq`` tokens, one training step,
+one SNR measurement (`SnrCapture.measure`) and one precision measurement
+(`SnrCapture.measure_precision`), each the median of ``--direct`` repetitions, interleaved, and
+prints each measurement's cost as a share of the step (every=10 costs a tenth of that). It then
+measures each kind's peak extra memory in a fresh process whose glibc maps every allocation of
+64 KiB or more on its own (the peak resident set during the measurement above the set before it),
+against the optimizer state it reads (AdamW's m and v). Goals (issue 21): SNR and precision
+together at most 0.3 of a step; peak extra memory at most 10% of the state.
 
 Trains `lowmem.examples.shakespeare` (build_model, get_batch, loss_fn) with
 ``torch.optim.AdamW(lr=1e-3)`` in three configurations: no capture, ``lowmem.capture(every=1)``
@@ -43,6 +58,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,8 +105,17 @@ def main() -> int:
     ap.add_argument("--kernel", choices=("default", "foreach", "fused"), default="default",
                     help="AdamW implementation (default: torch's default for the device)")
     ap.add_argument("--direct", type=int, default=20, help="direct timings of one measurement (median; default 20)")
+    ap.add_argument("--precision", action="store_true",
+                    help="also measure the state formats' errors at each measurement, as lowmem-analyze does")
+    ap.add_argument("--model", default=None,
+                    help="a built-in config (e.g. gpt2-124m): time one measurement against one step on it instead")
+    ap.add_argument("--batch", type=int, default=1, help="--model: sequences per batch (default 1)")
+    ap.add_argument("--seq", type=int, default=64, help="--model: tokens per sequence (default 64)")
+    ap.add_argument("--_memory", choices=("snr", "precision"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = ap.parse_args()
+    if args.model:
+        return large_model(args)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--steps and --rounds must be >= 1, --warmup >= 0")
     if args.steps % 10:
@@ -115,7 +140,8 @@ def main() -> int:
         model = copy.deepcopy(base)
         kwargs, kernel_desc = _kernel(args.kernel, list(model.parameters()))
         opt = torch.optim.AdamW(model.parameters(), lr=LR, **kwargs)
-        cap = lowmem.capture(opt, model, every=every, out=tmp / f"snr-every{every}.csv") if every else None
+        cap = lowmem.capture(opt, model, every=every, out=tmp / f"snr-every{every}.csv",
+                             precision=args.precision) if every else None
         runs[name] = (model, opt, cap)
 
     def train(model, opt, first, steps, stamps=None):
@@ -160,7 +186,7 @@ def main() -> int:
 
         # One measurement timed directly (includes the CSV write; the rows go to a throw-away file).
         probe = lowmem.capture(runs["capture every=10"][1], runs["capture every=10"][0],
-                               every=10**9, out=tmp / "direct.csv")
+                               every=10**9, out=tmp / "direct.csv", precision=args.precision)
         probe.detach()
         costs = []
         for _ in range(args.direct):
@@ -210,6 +236,7 @@ def main() -> int:
                     "python": platform.python_version(),
                     "load_avg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "settings": {"model": "lowmem.examples.shakespeare", "parameters": sum(p.numel() for p in base.parameters()),
+                     "precision": args.precision,
                      "optimizer": f"torch.optim.AdamW(lr={LR})", "kernel": kernel_desc,
                      "steps_per_block": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                      "orders": orders},
@@ -238,7 +265,8 @@ def main() -> int:
     gpu = f" ({m['gpu']})" if m["gpu"] else ""
     print(f"machine: {m['cpu']}, {m['cpu_count']} CPUs | device {m['device']}{gpu} | torch {m['torch']} | "
           f"torch threads {m['threads']} | python {m['python']}")
-    print(f"model: {st['model']}, {st['parameters']:,} parameters | {st['optimizer']}, kernel: {st['kernel']}")
+    print(f"model: {st['model']}, {st['parameters']:,} parameters | {st['optimizer']}, kernel: {st['kernel']} | "
+          f"measuring {'SNR and precision' if args.precision else 'SNR'}")
     print(f"{args.rounds} interleaved rounds (order rotated: ABC, BCA, CAB, ...) of {args.steps}-step blocks after {args.warmup} "
           f"warm-up steps; ms/step: median over rounds; slowdown: median of per-round paired ratios")
     print(f"{'configuration':<18} {'ms/step':>9} {'steps/s':>8} {'slower':>8} {'(quartiles over rounds)':>24} {'measurements':>13}")
@@ -257,6 +285,138 @@ def main() -> int:
     print(f"capture leaves training unchanged: max |param difference| after the run = {param_diff:g}")
     print(f"goal: at most {GOAL:.0%} slower at every=10 -> {'PASS' if passed else 'FAIL'} "
           f"(measured {slow['capture every=10']:+.1%} end to end; ~{estimate10:+.1%} from the measurement cost)")
+    return 0
+
+
+def _large_setup(args, device):
+    from lowmem.compress.configs import build_config_model
+    from lowmem.compress.peak import lm_loss
+
+    torch.manual_seed(0)
+    model = build_config_model(args.model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    from lowmem.compress.configs import CONFIGS
+
+    vocab = CONFIGS[args.model].vocab_size
+    batch = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):      # the state exists, kernels are warm
+        step()
+    cap = lowmem.capture(opt, model, every=10**9, precision=True)
+    cap.detach()
+    return model, opt, step, cap
+
+
+def _rss() -> tuple[int, int]:
+    now = peak = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            now = int(line.split()[1]) * 1024
+        elif line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+    return now, peak
+
+
+def _peak_extra(args, what: str) -> int:
+    """In this (fresh) process: the peak resident set of one measurement above the set before it."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    _, _, _, cap = _large_setup(args, torch.device("cpu"))
+    run = (lambda: cap.measure_precision(0)) if what == "precision" else (lambda: SnrMeasure(cap).run())
+    run()                                    # first call: lazy imports, code maps, buffers
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss()[0]
+    run()
+    return _rss()[1] - before
+
+
+class SnrMeasure:
+    """`SnrCapture.measure` without the precision part (its own row in the table)."""
+
+    def __init__(self, cap):
+        self.cap = cap
+
+    def run(self):
+        precision, self.cap.precision = self.cap.precision, False
+        try:
+            return self.cap.measure(0)
+        finally:
+            self.cap.precision = precision
+
+
+def large_model(args) -> int:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args._memory:
+        print(json.dumps({"extra": _peak_extra(args, args._memory)}))
+        return 0
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, opt, step, cap = _large_setup(args, device)
+    snr = SnrMeasure(cap)
+    times = {"step": [], "snr": [], "precision": []}
+    runs = {"step": step, "snr": snr.run, "precision": lambda: cap.measure_precision(0)}
+    runs["snr"]()
+    runs["precision"]()                      # warm: lazy imports, code maps
+    for r in range(args.direct):             # interleaved, so drifts of the machine hit all three
+        for name in ("step", "snr", "precision"):
+            sync(device)
+            t0 = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
+                if k in ("exp_avg", "exp_avg_sq"))
+    memory = {}
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        for what in ("snr", "precision"):
+            cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--seq",
+                   str(args.seq), "--device", "cpu", "--_memory", what]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            memory[what] = json.loads(done.stdout.strip().splitlines()[-1])["extra"] if done.returncode == 0 else None
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "load_avg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "settings": {"model": args.model, "parameters": params, "batch": [args.batch, args.seq],
+                     "optimizer": "torch.optim.AdamW(lr=1e-4)", "repetitions": args.direct},
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "share_of_step": {"snr": round(med["snr"] / med["step"], 4),
+                          "precision": round(med["precision"] / med["step"], 4),
+                          "both": round((med["snr"] + med["precision"]) / med["step"], 4)},
+        "state_bytes": state,
+        "peak_extra_bytes": memory,
+        "peak_extra_share_of_state": {k: (round(v / state, 4) if v is not None else None) for k, v in memory.items()},
+        "goals": {"share_of_step": 0.3, "peak_extra_share_of_state": 0.10},
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cpu_count']} CPUs | device {m['device']} | torch {m['torch']} | "
+          f"torch threads {m['threads']} | python {m['python']}")
+    print(f"model: {args.model}, {params:,} parameters, batch {args.batch} x {args.seq} tokens | AdamW | "
+          f"medians of {args.direct} interleaved repetitions")
+    print(f"{'':<24} {'seconds':>9} {'/ step':>8} {'peak extra':>12} {'/ state':>8}")
+    print(f"{'training step':<24} {med['step']:>9.3f}")
+    for what, label in (("snr", "SNR measurement"), ("precision", "precision measurement")):
+        extra = memory.get(what)
+        print(f"{label:<24} {med[what]:>9.3f} {med[what] / med['step']:>8.3f} "
+              f"{'' if extra is None else f'{extra / 2**20:.0f} MiB':>12} "
+              f"{'' if extra is None else f'{extra / state:.3f}':>8}")
+    both = result["share_of_step"]["both"]
+    print(f"both: {both:.3f} of a step -> every=10 costs about {both / 10:.1%} (goal: 0.3 of a step, 3%); "
+          f"optimizer state read: {state / 2**20:.0f} MiB (goal: peak extra at most 10% of it)")
     return 0
 
 
