@@ -65,7 +65,8 @@ def test_zero_and_constant_slices_are_left_out_not_averaged_as_zero_or_inf():
     assert got.var == pytest.approx((a.var() + b.var()) / 2, rel=1e-12)
 
 
-@pytest.mark.parametrize("shape, constant", [((6, 7), 0.1), ((5, 1000), 0.3), ((3, 4, 130), 1.7)])
+@pytest.mark.parametrize("shape, constant", [((6, 7), 0.1), ((5, 1000), 0.3), ((3, 4, 130), 1.7),
+                                             ((3, 300_000), 0.37)])
 def test_an_exactly_constant_float32_slice_is_left_out(reference_snr, shape, constant):
     # A float32 sum of n copies of c is inexact, so a float32 two-pass variance of a constant slice
     # came out ~1e-17, not 0, and its SNR (~1e13) swamped the mean: the audit's case is the first.

@@ -101,6 +101,27 @@ def test_recorded_errors_equal_a_numpy_float64_computation(tmp_path):
     assert {s.step for s in cap.precision_samples} == {3}
 
 
+@pytest.mark.parametrize("chunk", [1000, 300, 1])
+def test_row_chunks_give_the_whole_tensors_errors(monkeypatch, chunk):
+    # error_sums works through whole rows a chunk at a time (at least one row): 3 rows, 1 row, and
+    # a chunk smaller than a row; the errors are those of the whole tensor's round trip, by numpy.
+    from lowmem.snr import precision
+
+    model, opt = make()
+    train(model, opt, 4)
+    monkeypatch.setattr(precision, "CHUNK", chunk)
+    for p in (model.emb.weight, model.fc.weight, model.ln.weight):
+        st = opt.state[p]
+        got = precision.errors_from_sums(precision.error_sums(st["exp_avg"], st["exp_avg_sq"], st["step"],
+                                                              GROUPS[p is model.ln.weight]["betas"],
+                                                              GROUPS[p is model.ln.weight]["eps"], p.shape), p.shape)
+        want = reference_errors(st["exp_avg"], st["exp_avg_sq"], 4, GROUPS[p is model.ln.weight]["betas"],
+                                GROUPS[p is model.ln.weight]["eps"])
+        assert {(w, f) for w, f, *_ in got} == set(want)
+        for which, fmt, state_error, update_error in got:
+            np.testing.assert_allclose([state_error, update_error], want[(which, fmt)], rtol=1e-4)
+
+
 def test_parameters_too_small_to_quantize_measure_only_bf16():
     model, opt = make()
     with lowmem.capture(opt, model, every=1, precision=True) as cap:

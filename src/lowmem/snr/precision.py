@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem.compress.formats import QUANTIZED, quantizable
+from lowmem.compress.formats import QUANTIZED, quantizable, rows_of
 from lowmem.snr.keys import format_shape, parse_shape
 from lowmem.snr.trajectory import TrajectoryError, TrajectoryWriter, _fmt, _Parsed, read_rows
 
@@ -92,23 +92,40 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
     n = 3 + 2 * (len(m_formats) + len(v_formats))
     if exp_avg.numel() == 0:   # a rank holding no rows of this parameter
         return torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
-    m, v = exp_avg.detach().float(), exp_avg_sq.detach().float()
-    t = step.to(device=m.device, dtype=torch.float32) if isinstance(step, torch.Tensor) else float(step)
+    t = step.to(device=exp_avg.device, dtype=torch.float32) if isinstance(step, torch.Tensor) else float(step)
     bc1 = 1 - betas[0] ** t
     sqrt_bc2 = (1 - betas[1] ** t) ** 0.5
-    inv_denom = 1 / (v.sqrt() / sqrt_bc2 + eps)
-    m_hat = m / bc1
-    u = m_hat * inv_denom
-    sums = [m.square().sum(), v.square().sum(), u.square().sum()]
-    for fmt in m_formats:
-        d = roundtrip("m", fmt, m).sub_(m)
-        sums += [d.square().sum(), (d / bc1).mul_(inv_denom).square_().sum()]
-    for fmt in v_formats:
-        q = roundtrip("v", fmt, v)
-        dv = q - v
-        du = m_hat / (q.sqrt_().div_(sqrt_bc2).add_(eps)) - u
-        sums += [dv.square().sum(), du.square().sum()]
-    return torch.stack(sums).double()
+    # Whole rows at a time (blocks run along rows, so a chunk of rows quantizes as in the whole):
+    # the temporaries are a few chunks, not a few copies of the state.
+    rows, length = rows_of(tuple(exp_avg.shape))
+    m_rows, v_rows = exp_avg.detach().reshape(rows, length), exp_avg_sq.detach().reshape(rows, length)
+    per_chunk = max(1, CHUNK // max(length, 1))
+    total = torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
+    for first in range(0, rows, per_chunk):
+        m, v = m_rows[first:first + per_chunk].float(), v_rows[first:first + per_chunk].float()
+        inv_denom = 1 / (v.sqrt() / sqrt_bc2 + eps)
+        m_hat = m / bc1
+        u = m_hat * inv_denom
+        sums = [_square_sum(m), _square_sum(v), _square_sum(u)]
+        for fmt in m_formats:
+            d = roundtrip("m", fmt, m).sub_(m)
+            sums += [_square_sum(d), _square_sum(d.div_(bc1).mul_(inv_denom))]
+        for fmt in v_formats:
+            q = roundtrip("v", fmt, v)
+            dv = q - v
+            du = m_hat / (q.sqrt_().div_(sqrt_bc2).add_(eps)) - u
+            sums += [_square_sum(dv), _square_sum(du)]
+        total += torch.stack(sums).double()
+    return total
+
+
+CHUNK = 1 << 18   # entries of `m` (and `v`) `error_sums` works on at once (whole rows; at least one row)
+
+
+def _square_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ x², with no temporary of x's size."""
+    flat = x.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def errors_from_sums(sums, shape) -> list[tuple[str, str, float, float]]:
