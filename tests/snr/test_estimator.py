@@ -166,3 +166,22 @@ def test_explicit_subsets_only_and_empty_list(reference_snr):
     assert list(got) == [(2,), (0, 2)]
     assert got[(0, 2)].snr == pytest.approx(reference_snr(v.numpy(), (0, 2))[0], rel=1e-9)
     assert estimate_snr(v, []) == {}
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (9, 6, 13), (200, 3)])
+def test_in_chunks_along_dim_0_every_subset_matches_float64(monkeypatch, reference_snr, shape):
+    # A tensor past estimator.CHUNK entries is worked through along dim 0 (slices within a chunk,
+    # or sums of deviations accumulated over chunks); here CHUNK is made tiny so every path runs
+    # in many pieces, against numpy float64. Row 2 is constant: its slices stay left out.
+    from lowmem.snr import estimator
+
+    monkeypatch.setattr(estimator, "CHUNK", 20)
+    rng = np.random.default_rng(1)
+    v = rng.exponential(size=shape).astype(np.float32)
+    v[2] = 0.3
+    for subset in _every_subset(len(shape)):
+        want = reference_snr(v, subset)
+        got = estimate_snr(torch.from_numpy(v), [subset])[subset]
+        assert got.snr == pytest.approx(want[0], rel=1e-4), subset
+        assert got.mean_sq == pytest.approx(want[1], rel=1e-4), subset
+        assert got.var == pytest.approx(want[2], rel=1e-4), subset

@@ -45,7 +45,7 @@ from torch import nn
 
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
-from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms
+from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms, work_size
 from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums, errors_from_sums
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
@@ -129,8 +129,10 @@ class SnrCapture:
                     self._shards[p] = (shards, {(view.name, s): sharded_region(
                         shards, tuple(info.shape), view.shape, s, view.dim, view.start or 0, view.stop or 0)
                         for view, subs in zip(views, subsets) for s in subs})
-        self._largest = max((p.to_local().numel() if is_sharded(p) else p.numel() for p, *_ in self._tracked),
-                            default=0)
+        # The scratch buffer of a measurement: what `snr_sums` needs for the largest view, at most
+        # about `CHUNK` entries or one dim-0 row (sharded: a rank's rows are measured whole).
+        self._largest = max((p.to_local().numel() if is_sharded(p) else max(work_size(v.shape) for v in views)
+                             for p, _, views, _ in self._tracked if views), default=0)
         writes = not self._shards or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._writer = TrajectoryWriter(out) if out is not None and writes else None
         self._precision_writer = PrecisionWriter(precision_out) \
@@ -261,9 +263,11 @@ class SnrCapture:
                         continue
                     v = v.to_local()
                 dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+                need = v.numel() if shards is not None else max((work_size(view.shape) for view in views), default=0)
                 buf = work.get((v.device, dtype))
-                if buf is None or buf.numel() < v.numel():
-                    buf = work[(v.device, dtype)] = torch.empty(self._largest, dtype=dtype, device=v.device)
+                if buf is None or buf.numel() < need:
+                    buf = work[(v.device, dtype)] = torch.empty(max(self._largest, need), dtype=dtype,
+                                                                device=v.device)
                 done: dict[tuple[str, tuple[int, ...]], int] = {}
                 for view, subs in zip(views, subsets):
                     x = view.apply(v) if shards is None else \

@@ -13,6 +13,7 @@ Adam?", 2025.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from itertools import combinations
 
 import torch
@@ -44,10 +45,52 @@ def snr_terms(v: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | Non
     return sums[:3] / sums[3]    # 0/0 -> NaN flags "no finite slice"
 
 
+CHUNK = 1 << 20   # entries: past this, `snr_sums` works through dim 0 in pieces of about this size
+
+
+def work_size(shape) -> int:
+    """Entries of the `work` buffer `snr_sums` needs for a tensor of `shape`: all of it up to
+    `CHUNK`, else whole dim-0 rows of about `CHUNK` entries (one row at least)."""
+    n = math.prod(shape)
+    if n <= CHUNK or len(shape) == 0:
+        return n
+    row = n // shape[0]
+    return max(1, CHUNK // max(row, 1)) * row
+
+
 def snr_sums(v: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None = None) -> torch.Tensor:
     """The sums over the kept slices of SNR, mean_sq and var, and their count: `snr_terms` before
-    its division, so the sums of shards of `v` (whole slices each) add up to those of `v`."""
+    its division, so the sums of shards of `v` (whole slices each) add up to those of `v`.
+
+    A tensor of more than `CHUNK` entries is worked through along dim 0, `work_size` entries of
+    temporaries at a time: slices that do not span dim 0 chunk by chunk; slices that do with their
+    means first, then the deviations' sums accumulated over the chunks (the same arithmetic)."""
     x = v if v.dtype in (torch.float32, torch.float64) else v.float()
+    if x.numel() <= CHUNK or x.dim() == 0:
+        return _whole_sums(x, subset, work)
+    size = work_size(tuple(x.shape))
+    if work is None or work.dtype != x.dtype or work.device != x.device or work.numel() < size:
+        work = torch.empty(size, dtype=x.dtype, device=x.device)
+    rows = size // (x.numel() // x.shape[0])
+    pieces = range(0, x.shape[0], rows)
+    if 0 not in subset:              # each chunk holds whole slices: their sums add up
+        return sum(_whole_sums(x[a:a + rows], subset, work) for a in pieces)
+    m = x.mean(dim=subset, keepdim=True)
+    c = torch.zeros_like(m)
+    square = torch.zeros_like(m)
+    for a in pieces:
+        part = x[a:a + rows]
+        dev = torch.sub(part, m, out=work[: part.numel()].view(part.shape))
+        c += dev.sum(dim=subset, keepdim=True)
+        square += dev.mul_(dev).sum(dim=subset, keepdim=True)
+    count = math.prod(x.shape[i] for i in subset)
+    c = c.div_(count).reshape(-1)
+    var = (square.div_(count).reshape(-1) - c * c).clamp_(min=0)
+    return slice_sums(m.reshape(-1) + c, var)
+
+
+def _whole_sums(x: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None) -> torch.Tensor:
+    """`snr_sums` of `x` (float32 or float64) in one piece."""
     # Passes of the tensor's own dtype only: a float32 reduction accumulating in float64
     # (``mean(dtype=float64)``) ran up to 20x slower on CPU than the float32 one, and var_mean's
     # Welford kernel as slow. So: the mean m of each slice, then the deviations d = x - m and their
