@@ -29,9 +29,14 @@ Precision (``precision=True``, or a ``precision_out`` file): at the same measure
 each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``, ``step`` and the
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
 one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none. It
-costs five quantizations of each parameter per measurement (on the state's device), nothing
-between measurements: on the built-in example on one CPU thread about 0.12 µs per entry, 95 ms a
-measurement, eight times the SNR's and 7% of the training time when measuring every 10 steps.
+costs five quantizations of each parameter per measurement (on the state's device, a chunk of
+rows at a time), nothing between measurements: on gpt2-124m on 2 CPU threads about 22 ns per
+entry, about 3x a training step at a batch of 64 tokens, ten times the SNR's; on the built-in
+example every=10 costs about 7.5% with it (`BENCHMARKS.md`).
+
+Memory: a measurement's temporaries are chunks of about 2^20 entries (`lowmem.snr.estimator.CHUNK`,
+one dim-0 row at least) for the SNR and 2^18 for the precision (`lowmem.snr.precision.CHUNK`), not
+copies of the state: on gpt2-124m the peak extra memory was 6 and 10 MiB against 949 MiB of state.
 """
 
 from __future__ import annotations
