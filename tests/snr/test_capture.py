@@ -430,3 +430,28 @@ def test_torn_last_line_of_a_killed_writer_is_dropped(tmp_path):
     first_end = whole.index(b"\n") + 1
     torn.write_bytes(whole[:first_end + 5])
     assert read_trajectory(torn) == []
+
+
+def test_a_measurements_temporaries_are_chunks_not_copies_of_the_state():
+    # A 4096 x 1024 weight: each of its m and v is 16 MiB. Measuring SNR and precision allocates
+    # nothing bigger than the SNR's chunk (2^20 fp32 entries, 4 MiB), read from torch's profiler.
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowmem.snr import estimator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.Linear(4096, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(4, 1024)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    cap = lowmem.capture(opt, model, every=10**9, precision=True)
+    cap.detach()
+    cap.measure(0)                                   # first call: code maps, lazy imports
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cap.measure(0)
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations and max(allocations) <= 4 * estimator.CHUNK == 4 * 2**20
+    assert 4 * 4096 * 1024 == 16 * 2**20                # one state tensor: four times that
+    assert len(cap.precision_samples) > 0
