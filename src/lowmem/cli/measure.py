@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lowmem.compress.peak import DTYPES, lm_loss, measure_peak, resized_batch
+from lowmem.hessian.exact import available_memory
 
 __all__ = ["free_memory", "measure_one", "measure_rows"]
 
@@ -38,14 +39,7 @@ def free_memory(device: torch.device) -> int | None:
     unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return available_memory()
 
 
 def _to(batch: Any, device: torch.device) -> Any:
