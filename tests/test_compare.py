@@ -4,9 +4,7 @@ trajectory, resume after an interruption, divergence, the CSV schema, and bad in
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 import signal
@@ -21,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowmem.cli.contract import load_task
-from lowmem.cli.main import main
+from cli_runner import cli
 from lowmem.compare import (EXTRA_COLUMNS, OPTIMIZERS, SweepMismatch, SweepSettings, plan_digest, run_sweep,
                             train_one)
 from lowmem.compress import Plan
@@ -228,16 +226,6 @@ def test_every_optimizer_name_trains(task, tmp_path):
 
 
 # -- the command ---------------------------------------------------------------------------------
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_compare_command_table_json_and_rerun(tmp_path):

@@ -5,9 +5,7 @@ a bf16 copy of the same start (AdamW's run equal to torch's AdamW on bf16 weight
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
 import sys
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from lowmem.cli.contract import load_task
-from lowmem.cli.main import main
+from cli_runner import cli
 from lowmem.compare import (OptimizerSpec, SpecError, SweepMismatch, SweepSettings, make_optimizer, parse_spec,
                             run_file, run_sweep, train_one)
 from lowmem.compress.formats import StateFormat
@@ -59,16 +57,6 @@ def task(tmp_path_factory):
 
 def settings(**kw) -> SweepSettings:
     return SweepSettings(**{"steps": 6, "warmup": 1, "eval_every": 3, "eval_batches": 2, "tail": 2, **kw})
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def lr_at(step: int, lr: float) -> float:   # warm-up 1 step, cosine over steps 1..5 to 0.1·lr

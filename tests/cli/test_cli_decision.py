@@ -6,15 +6,13 @@ be traced keeps everything else.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 
 import lowmem
-from lowmem.cli.main import main
+from cli_runner import cli
 from lowmem.compress.peak import resized_batch, trace_peak
 from lowmem.cli.contract import load_task
 
@@ -43,16 +41,6 @@ def write(tmp_path, cast: str = "", extra: str = ""):
     path = tmp_path / "model.py"
     path.write_text(MODEL.format(cast=cast, extra=extra))
     return path
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _shapes():

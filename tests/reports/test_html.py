@@ -5,7 +5,6 @@ a real HTML parser against the files and against numbers recomputed here."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import io
 import json
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from lowmem.cli.main import main
+from cli_runner import cli
 from lowmem.compress import model_record, slimadam_rules
 from lowmem.compress.memory import MemoryRow, format_bytes
 from lowmem.layers import resolve_layers
@@ -72,16 +71,6 @@ def loss_fn(model, batch):
 
 LOWMEM = {{"steps": 40, "every": 4, "lr": 3e-3}}
 '''
-
-
-def cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 # Comparison results in the documented schema (lowmem.reports.run), written by hand: AdamW and
