@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import lowmem
+from lowmem.compress.optim import native
 from lowmem.compress.optim.state import roundtrip
+from lowmem.snr import precision
 from lowmem.snr.precision import (HEADER, PrecisionSample, PrecisionTrajectory, PrecisionWriter, candidates,
                                   read_precision)
 from lowmem.snr.trajectory import TrajectoryError
@@ -120,6 +122,79 @@ def test_row_chunks_give_the_whole_tensors_errors(monkeypatch, chunk):
         assert {(w, f) for w, f, *_ in got} == set(want)
         for which, fmt, state_error, update_error in got:
             np.testing.assert_allclose([state_error, update_error], want[(which, fmt)], rtol=1e-4)
+
+
+def reference_sums(m, v, step, betas, eps, shape) -> np.ndarray:
+    """`error_sums`' numbers in numpy float64 (only the round trips Q come from lowmem)."""
+    m64, v64 = m.double().numpy(), v.double().numpy()
+    bc1, bc2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+    update = lambda mm, vv: (mm / bc1) / (np.sqrt(vv) / math.sqrt(bc2) + eps)
+    u = update(m64, v64)
+    out = [(m64 ** 2).sum(), (v64 ** 2).sum(), (u ** 2).sum()]
+    for fmt in candidates("m", shape):
+        q = roundtrip("m", fmt, m).double().numpy()
+        out += [((q - m64) ** 2).sum(), ((update(q, v64) - u) ** 2).sum()]
+    for fmt in candidates("v", shape):
+        q = roundtrip("v", fmt, v).double().numpy()
+        out += [((q - v64) ** 2).sum(), ((update(m64, q) - u) ** 2).sum()]
+    return np.array(out)
+
+
+def native_states():
+    """Shapes the native kernel cuts differently: rows longer than its work items (2 x 300,000),
+    rows ending in short blocks (257), 4-D, 1-D and too small to quantize, an all-zero state, and
+    rows of zeros among the others; m of varied scale per row, v heavy-tailed."""
+    g = torch.Generator().manual_seed(0)
+    states = []
+    for shape in [(2, 300_000), (50, 257), (7, 3, 5, 33), (300,), (8, 64), (64, 80)]:
+        m = torch.randn(shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g)
+        v = torch.rand(shape, generator=g) ** 4 * 1e-4
+        if len(shape) > 1:
+            m[1], v[1] = 0, 0
+        states.append((m, v, torch.tensor(7.0), (0.9, 0.95), 1e-8, shape))
+    states.append((torch.zeros(64, 80), torch.zeros(64, 80), 3, (0.8, 0.99), 1e-3, (64, 80)))
+    return states
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernel cannot be built")
+def test_native_kernel_sums_equal_numpy_float64():
+    states = native_states()
+    got = precision.error_sums_all(states)
+    for state, sums in zip(states, got):
+        want = reference_sums(state[0], state[1], 7 if state[2] != 3 else 3, *state[3:])
+        assert sums.dtype == torch.float64 and sums.shape == want.shape
+        np.testing.assert_allclose(sums.numpy(), want, rtol=1e-5, atol=0, err_msg=str(state[5]))
+    assert torch.equal(got[-1], torch.zeros(13, dtype=torch.float64))   # zero state: zero norms and errors
+    # the torch path (GPU, bf16 state, no compiler) gives the same numbers
+    for state, sums in zip(states, got):
+        np.testing.assert_allclose(precision.error_sums(*state).numpy(), sums.numpy(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernel cannot be built")
+def test_native_sums_do_not_depend_on_the_number_of_threads():
+    states = native_states()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = precision.error_sums_all(states)
+        torch.set_num_threads(3)
+        three = precision.error_sums_all(states)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three):
+        assert torch.equal(a, b)
+
+
+def test_states_the_kernel_cannot_read_go_through_torch():
+    # bf16 state and a non-contiguous one: the torch path, the numbers of their fp32 copies
+    g = torch.Generator().manual_seed(1)
+    m, v = torch.randn(64, 80, generator=g), torch.rand(64, 80, generator=g)
+    states = [(m.bfloat16(), v.bfloat16(), 5, (0.9, 0.999), 1e-8, (64, 80)),
+              (m.t().contiguous().t(), v, 5, (0.9, 0.999), 1e-8, (64, 80))]
+    got = precision.error_sums_all(states)
+    np.testing.assert_allclose(got[0].numpy(), reference_sums(m.bfloat16().float(), v.bfloat16().float(), 5,
+                                                              (0.9, 0.999), 1e-8, (64, 80)), rtol=1e-5)
+    np.testing.assert_allclose(got[1].numpy(), reference_sums(m, v, 5, (0.9, 0.999), 1e-8, (64, 80)), rtol=1e-5)
 
 
 def test_parameters_too_small_to_quantize_measure_only_bf16():

@@ -51,7 +51,7 @@ from torch import nn
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
 from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms, work_size
-from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums, errors_from_sums
+from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums_all, errors_from_sums
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
 
@@ -318,8 +318,8 @@ class SnrCapture:
         """The error each storage format of `m` and `v` causes for every tracked parameter with
         Adam state (`lowmem.snr.precision`); one host transfer (collective when parameters are
         sharded: every rank must measure at the same step)."""
-        found: list[tuple[ParamInfo, torch.Tensor]] = []
-        sharded: list[tuple[torch.Tensor, object]] = []
+        found: list[tuple[ParamInfo, tuple]] = []
+        groups: list[object] = []   # each one's process group (sharded), or None
         with torch.no_grad():
             for p, info, *_ in self._tracked:
                 st = self.optimizer.state.get(p) or {}
@@ -334,11 +334,11 @@ class SnrCapture:
                     m, v = m.to_local(), v.to_local()
                 group = self._group[p]
                 betas = tuple(float(b) for b in group.get("betas", (0.9, 0.999)))
-                sums = error_sums(m, v, st["step"], betas, float(group.get("eps", 1e-8)), info.shape)
-                found.append((info, sums))
-                if shards is not None:
-                    sharded.append((sums, shards[0].group))
-            all_reduce_by_group(sharded)
+                found.append((info, (m, v, st["step"], betas, float(group.get("eps", 1e-8)), info.shape)))
+                groups.append(shards[0].group if shards is not None else None)
+            # all parameters together: on CPU one native kernel call (each state read once)
+            found = [(info, sums) for (info, _), sums in zip(found, error_sums_all([args for _, args in found]))]
+            all_reduce_by_group([(sums, g) for (_, sums), g in zip(found, groups) if g is not None])
             by_device: dict[torch.device, list[int]] = {}
             for i, (_, sums) in enumerate(found):
                 by_device.setdefault(sums.device, []).append(i)

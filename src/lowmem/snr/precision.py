@@ -103,7 +103,8 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
     total = torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
     for first in range(0, rows, per_chunk):
         m, v = m_rows[first:first + per_chunk].float(), v_rows[first:first + per_chunk].float()
-        inv_denom = 1 / (v.sqrt() / sqrt_bc2 + eps)
+        sqrt_v = v.sqrt()
+        inv_denom = 1 / (sqrt_v / sqrt_bc2 + eps)
         m_hat = m / bc1
         u = m_hat * inv_denom
         sums = [_square_sum(m), _square_sum(v), _square_sum(u)]
@@ -113,13 +114,50 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
         for fmt in v_formats:
             q = roundtrip("v", fmt, v)
             dv = q - v
-            du = m_hat / (q.sqrt_().div_(sqrt_bc2).add_(eps)) - u
+            # u(m, q) − u(m, v) = −u (sqrt(q) − sqrt(v)) / (sqrt(q)/√bc2 + ε) / √bc2, with
+            # sqrt(q) − sqrt(v) = (q − v) / (sqrt(q) + sqrt(v)): no cancellation of nearby updates
+            sqrt_q = q.sqrt_()
+            du = torch.where(dv == 0, 0.0, dv / (sqrt_q + sqrt_v) * u / (sqrt_q / sqrt_bc2 + eps) / -sqrt_bc2)
             sums += [_square_sum(dv), _square_sum(du)]
         total += torch.stack(sums).double()
     return total
 
 
 CHUNK = 1 << 18   # entries of `m` (and `v`) `error_sums` works on at once (whole rows; at least one row)
+
+
+def error_sums_all(states: list[tuple]) -> list[torch.Tensor]:
+    """`error_sums` of each of `states` (tuples of its arguments), in order: those whose `m` and
+    `v` are contiguous fp32 CPU tensors in one call of the native kernel
+    (`lowmem.compress.optim.native.precision_sums`: each state read once, every format's round
+    trip made 256 entries at a time, on ``torch.get_num_threads()`` threads), where it is
+    available (a C compiler; not ``LOWMEM_NATIVE=0``); the others (GPU, bf16 state, no
+    compiler) through `error_sums`. The same numbers up to float rounding."""
+    from lowmem.compress.optim import native
+
+    out: list[torch.Tensor | None] = [None] * len(states)
+    batch = []
+    if any(_native_reads(s) for s in states) and native.available():
+        for i, (m, v, step, betas, eps, shape) in enumerate(states):
+            if not _native_reads(states[i]):
+                continue
+            t = int(step)   # (a CPU tensor or a number: no device sync)
+            quantized = quantizable(tuple(shape)) and m.numel() > 0
+            out[i] = torch.zeros(3 + 2 * (len(candidates("m", shape)) + len(candidates("v", shape))),
+                                 dtype=torch.float64)
+            if m.numel():
+                batch.append((m.detach(), v.detach(), out[i], 1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5, eps,
+                              quantized))
+        native.precision_sums(batch)
+    return [o if o is not None else error_sums(*s) for o, s in zip(out, states)]
+
+
+def _native_reads(state: tuple) -> bool:
+    m, v, step = state[:3]
+    cpu = torch.device("cpu")
+    return (m.device == cpu and v.device == cpu and m.dtype == v.dtype == torch.float32 and m.is_contiguous()
+            and v.is_contiguous() and m.numel() == v.numel()
+            and (not isinstance(step, torch.Tensor) or step.device == cpu))
 
 
 def _square_sum(x: torch.Tensor) -> torch.Tensor:
@@ -230,4 +268,4 @@ class PrecisionTrajectory:
 
 
 __all__ = ["HEADER", "M_CANDIDATES", "PrecisionKey", "PrecisionSample", "PrecisionTrajectory", "PrecisionWriter",
-           "V_CANDIDATES", "WorstError", "candidates", "error_sums", "errors_from_sums", "read_precision"]
+           "V_CANDIDATES", "WorstError", "candidates", "error_sums", "error_sums_all", "errors_from_sums", "read_precision"]

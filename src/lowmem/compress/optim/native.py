@@ -64,6 +64,12 @@ class _Scalars(ctypes.Structure):
                                                       "step_size", "bc2")] + [("maximize", ctypes.c_int32)]
 
 
+class _PrecTask(ctypes.Structure):
+    _fields_ = [("m", ctypes.c_void_p), ("v", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("qlen", ctypes.c_int64), ("bc1", ctypes.c_float), ("sbc2", ctypes.c_float), ("eps", ctypes.c_float),
+                ("quantized", ctypes.c_int32)]
+
+
 class _Codec(ctypes.Structure):
     _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("block", ctypes.c_int32),
                 ("shift", ctypes.c_int32)]
@@ -173,6 +179,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lowmem_step.restype = ctypes.c_int
     lib.lowmem_step.argtypes = [ctypes.c_int64, ctypes.POINTER(_Task), ctypes.POINTER(_Scalars),
                                 ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.c_int]
+    lib.lowmem_precision.restype = ctypes.c_int
+    lib.lowmem_precision.argtypes = [ctypes.c_int64, ctypes.POINTER(_PrecTask), ctypes.POINTER(_Codec),
+                                     ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.c_int]
     return lib
 
 
@@ -387,4 +396,31 @@ def serves(key) -> bool:
     return ok and available()
 
 
-__all__ = ["available", "cache_dir", "library", "native_step", "serves"]
+# -- the precision measurement ---------------------------------------------------------------------
+def precision_sums(entries: list[tuple]) -> None:
+    """`lowmem.snr.precision.error_sums` of many parameters in one kernel call (`lowmem_precision`
+    in `kernels/step.c`: each state read once, every format's round trip made a tile at a time).
+
+    Each entry is ``(m, v, out, bc1, sqrt_bc2, eps, quantized)``: `m` and `v` contiguous fp32 CPU
+    tensors of equal size, their quantization rows dim 0 (`rows_of`); `out` a float64 CPU tensor
+    of ``13`` sums (``7`` where not `quantized`: bf16 formats only), written in place; the
+    caller checks `available` first."""
+    tasks = []
+    for m, v, out, bc1, sqrt_bc2, eps, quantized in entries:
+        if not (fits(m, m.numel(), torch.float32, _CPU) and fits(v, m.numel(), torch.float32, _CPU)
+                and fits(out, 13 if quantized else 7, torch.float64, _CPU)):
+            raise ValueError("precision_sums takes contiguous fp32 CPU states of equal size and a float64 output")
+        out.zero_()
+        qlen = rows_of(tuple(m.shape))[1] if quantized else 0
+        tasks.append(_PrecTask(m.data_ptr(), v.data_ptr(), out.data_ptr(), m.numel(), qlen, bc1, sqrt_bc2, eps,
+                               int(quantized)))
+    if not tasks:
+        return
+    array = (_PrecTask * len(tasks))(*tasks)
+    if library().lowmem_precision(len(tasks), array, ctypes.byref(_codec("m", "int8")),
+                                  ctypes.byref(_codec("m", "int4")), ctypes.byref(_codec("v", "int8")),
+                                  torch.get_num_threads()) != 0:
+        raise MemoryError("lowmem: the native precision kernel could not allocate its work list")
+
+
+__all__ = ["available", "cache_dir", "library", "native_step", "precision_sums", "serves"]

@@ -172,6 +172,35 @@ static void load_state(const void *s, const float *scale, int fmt, const Codec *
     }
 }
 
+/* The scale of a block y[0..k): its absmax, at least 1e-12; NaN where it holds a NaN (as torch's
+ * aminmax makes it). */
+static float block_scale(const float *y, int64_t k) {
+    float hi = -INFINITY, lo = INFINITY;
+    int nan = 0;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 vh = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
+    __mmask16 vn = 0;
+    for (; j + 16 <= k; j += 16) {
+        __m512 z = _mm512_loadu_ps(y + j);
+        vh = _mm512_max_ps(vh, z);
+        vl = _mm512_min_ps(vl, z);
+        vn |= _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q);
+    }
+    hi = _mm512_reduce_max_ps(vh);
+    lo = _mm512_reduce_min_ps(vl);
+    nan = vn != 0;
+#endif
+    for (; j < k; j++) {
+        hi = y[j] > hi ? y[j] : hi;
+        lo = y[j] < lo ? y[j] : lo;
+        nan |= y[j] != y[j];
+    }
+    float sc = hi > -lo ? hi : -lo;
+    if (sc < 1e-12f) sc = 1e-12f;
+    return nan ? NAN : sc;
+}
+
 static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t qlen, int64_t row, int64_t at,
                         int64_t i, int64_t k, const float *x) {
     if (fmt == F32) { memcpy((float *)s + i, x, k * sizeof(float)); return; }
@@ -180,30 +209,7 @@ static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t 
     for (int64_t j0 = 0; j0 < k; j0 += c->block) {
         int64_t k1 = k - j0 < c->block ? k - j0 : c->block, a = at + j0;
         const float *y = x + j0;
-        float hi = -INFINITY, lo = INFINITY;
-        int nan = 0;   /* a NaN makes the scale NaN, as torch's aminmax does */
-        int64_t j1 = 0;
-#ifdef __AVX512F__
-        __m512 vh = _mm512_set1_ps(-INFINITY), vl = _mm512_set1_ps(INFINITY);
-        __mmask16 vn = 0;
-        for (; j1 + 16 <= k1; j1 += 16) {
-            __m512 z = _mm512_loadu_ps(y + j1);
-            vh = _mm512_max_ps(vh, z);
-            vl = _mm512_min_ps(vl, z);
-            vn |= _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q);
-        }
-        hi = _mm512_reduce_max_ps(vh);
-        lo = _mm512_reduce_min_ps(vl);
-        nan = vn != 0;
-#endif
-        for (; j1 < k1; j1++) {
-            hi = y[j1] > hi ? y[j1] : hi;
-            lo = y[j1] < lo ? y[j1] : lo;
-            nan |= y[j1] != y[j1];
-        }
-        float sc = hi > -lo ? hi : -lo;
-        if (sc < 1e-12f) sc = 1e-12f;
-        if (nan) sc = NAN;
+        float sc = block_scale(y, k1);
         scale[row * nb + (a >> c->shift)] = sc;
         if (fmt == Q8) {
             encode_all(c, y, sc, k1, (uint8_t *)s + row * qlen + a);
@@ -497,3 +503,148 @@ int lowmem_step(int64_t ntasks, const Task *tasks, const Scalars *s, const Codec
 
 /* The codes of x[0..n) (entries in [-1, 1]) under a codec: for tests of the encoder alone. */
 void lowmem_encode(const Codec *c, const float *x, int64_t n, uint8_t *out) { encode_all(c, x, 1.0f, n, out); }
+
+/* ---- The precision measurement (lowmem.snr.precision.error_sums, for many parameters at once).
+ *
+ * For each parameter: the squared norms of m, v and the update direction u = m̂ / (sqrt(v̂) + ε),
+ * then, for each candidate format, the squared error it causes in the state and in u: m stored
+ * as bf16, int8, int4, then v as bf16, int8 (bf16 only where the parameter is not quantizable).
+ * Each state is read once: a tile of at most 256 entries of one quantization row (a whole 8-bit
+ * block; two 4-bit blocks) is loaded, every format's round trip of it is made in registers and
+ * tile buffers, and its sums are added. The sums of a work item accumulate in double, tile by
+ * tile; a parameter's are its items' added in order, so the result does not depend on the
+ * number of threads. Arithmetic in fp32, as the torch reference, with the bias corrections
+ * applied as multiplications by their reciprocals (the same up to rounding). */
+typedef struct {
+    const float *m, *v;   /* fp32, contiguous, n entries each */
+    double *out;          /* PREC_SUMS (quantized) or PREC_SUMS_BF16 sums, in the order above */
+    int64_t n, qlen;      /* entries; entries per quantization row */
+    float bc1, sbc2, eps; /* 1 − β1^t, sqrt(1 − β2^t), ε */
+    int32_t quantized;    /* whether the int8 / int4 formats are measured */
+} PrecTask;
+
+enum { PREC_SUMS = 13, PREC_SUMS_BF16 = 7 };
+
+/* Σ a[j]² over j < k ≤ TILE: sixteen float lanes of at most TILE/16 terms each (vectorisable),
+ * added in double in a fixed order. */
+static double tile_sq(const float *a, int64_t k) {
+    float acc[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[j + l] * a[j + l];
+    for (; j < k; j++) acc[j & 15] += a[j] * a[j];
+    double sum = 0;
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    return sum;
+}
+
+/* x[0..k) stored under codec `c` (blocks of c->block from x[0]) and read back into `out`. */
+static void roundtrip_blocks(const Codec *c, const float *x, int64_t k, float *out) {
+    uint8_t codes[TILE];
+    for (int64_t j0 = 0; j0 < k; j0 += c->block) {
+        int64_t k1 = k - j0 < c->block ? k - j0 : c->block;
+        const float *y = x + j0;
+        float sc = block_scale(y, k1);
+        encode_all(c, y, sc, k1, codes);
+        for (int64_t j = 0; j < k1; j++) out[j0 + j] = c->qmap[codes[j]] * sc;
+    }
+}
+
+static inline float bf16_trip(float x) { return bf16_load(bf16_round(x)); }
+
+/* The sums of one tile (k ≤ TILE entries of m and v) added to acc. */
+static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, const Codec *v8, const float *m,
+                           const float *v, int64_t k, double *acc) {
+    float sv[TILE], inv[TILE], mh[TILE], u[TILE], q[TILE], e[TILE], eu[TILE];
+    const float rbc1 = 1.0f / t->bc1, rsbc2 = 1.0f / t->sbc2, eps = t->eps;
+    for (int64_t j = 0; j < k; j++) {
+        sv[j] = sqrtf(v[j]);
+        inv[j] = 1.0f / (sv[j] * rsbc2 + eps);
+        mh[j] = m[j] * rbc1;
+        u[j] = mh[j] * inv[j];
+    }
+    int a = 0;
+    acc[a++] += tile_sq(m, k);
+    acc[a++] += tile_sq(v, k);
+    acc[a++] += tile_sq(u, k);
+    const Codec *mformats[3] = {NULL, m8, m4}, *vformats[2] = {NULL, v8};
+    int formats = t->quantized ? 3 : 1;
+    for (int f = 0; f < formats; f++) {          /* m: bf16, int8, int4 */
+        if (f == 0) for (int64_t j = 0; j < k; j++) q[j] = bf16_trip(m[j]);
+        else roundtrip_blocks(mformats[f], m, k, q);
+        for (int64_t j = 0; j < k; j++) {
+            e[j] = q[j] - m[j];
+            eu[j] = e[j] * rbc1 * inv[j];
+        }
+        acc[a++] += tile_sq(e, k);
+        acc[a++] += tile_sq(eu, k);
+    }
+    formats = t->quantized ? 2 : 1;
+    for (int f = 0; f < formats; f++) {          /* v: bf16, int8 */
+        if (f == 0) for (int64_t j = 0; j < k; j++) q[j] = bf16_trip(v[j]);
+        else roundtrip_blocks(vformats[f], v, k, q);
+        /* u(m, q) − u(m, v) without the cancellation of subtracting two nearby updates: with
+         * s = sqrt(v), r = sqrt(q), it is m̂ (s − r) / ((s/√bc2 + ε)(r/√bc2 + ε) √bc2), and
+         * s − r = (v − q) / (s + r), where v − q has no cancellation (exact where q is within a
+         * factor 2 of v, as bf16's is) */
+        for (int64_t j = 0; j < k; j++) {
+            float sq = sqrtf(q[j]);
+            e[j] = q[j] - v[j];
+            eu[j] = e[j] == 0.0f ? 0.0f : -(mh[j] * inv[j]) * rsbc2 * (e[j] / (sv[j] + sq)) / (sq * rsbc2 + eps);
+        }
+        acc[a++] += tile_sq(e, k);
+        acc[a++] += tile_sq(eu, k);
+    }
+}
+
+/* Work items of a precision task: whole quantization rows of about ITEM entries, or pieces of
+ * ITEM entries (a multiple of every block) of a longer row. */
+static int64_t precision_items(const PrecTask *t, int64_t k, Item *out) {
+    int64_t qlen = t->qlen > 0 ? t->qlen : t->n, count = 0;
+    if (qlen <= ITEM) {
+        int64_t per = (ITEM / qlen) * qlen;
+        for (int64_t a = 0; a < t->n; a += per, count++)
+            if (out) { out[count].task = k; out[count].start = a; out[count].stop = a + per < t->n ? a + per : t->n; }
+        return count;
+    }
+    for (int64_t r = 0; r < t->n; r += qlen)
+        for (int64_t a = r; a < r + qlen; a += ITEM, count++)
+            if (out) { out[count].task = k; out[count].start = a; out[count].stop = a + ITEM < r + qlen ? a + ITEM : r + qlen; }
+    return count;
+}
+
+/* Returns 0, or -1 when out of memory (then no sums were written). */
+int lowmem_precision(int64_t ntasks, const PrecTask *tasks, const Codec *m8, const Codec *m4, const Codec *v8,
+                     int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    int64_t count = 0, total = 0;
+    for (int64_t k = 0; k < ntasks; k++) { count += precision_items(&tasks[k], k, NULL); total += tasks[k].n; }
+    Item *items = malloc((size_t)count * sizeof(Item) + 1);
+    double *part = items ? calloc((size_t)count * PREC_SUMS + 1, sizeof(double)) : NULL;
+    if (!part) { free(items); return -1; }
+    count = 0;
+    for (int64_t k = 0; k < ntasks; k++) count += precision_items(&tasks[k], k, items + count);
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1 && total >= PARALLEL_MIN)
+    for (int64_t w = 0; w < count; w++) {
+        const PrecTask *t = &tasks[items[w].task];
+        int64_t qlen = t->qlen > 0 ? t->qlen : t->n, a = items[w].start, b = items[w].stop;
+        double *acc = part + w * PREC_SUMS;
+        /* tiles from the item's start (a row's start, or ITEM entries into one) to the end of
+         * its row, or of the item */
+        for (int64_t i = a; i < b;) {
+            int64_t row_end = (i / qlen + 1) * qlen, end = row_end < b ? row_end : b;
+            int64_t k = end - i < TILE ? end - i : TILE;
+            precision_tile(t, m8, m4, v8, t->m + i, t->v + i, k, acc);
+            i += k;
+        }
+    }
+    for (int64_t w = 0, k = -1; w < count; w++) {
+        const PrecTask *t = &tasks[items[w].task];
+        int sums = t->quantized ? PREC_SUMS : PREC_SUMS_BF16;
+        if (items[w].task != k) { k = items[w].task; for (int j = 0; j < sums; j++) t->out[j] = 0; }
+        for (int j = 0; j < sums; j++) t->out[j] += part[w * PREC_SUMS + j];
+    }
+    free(items);
+    free(part);
+    return 0;
+}
