@@ -185,3 +185,30 @@ def test_in_chunks_along_dim_0_every_subset_matches_float64(monkeypatch, referen
         assert got.snr == pytest.approx(want[0], rel=1e-4), subset
         assert got.mean_sq == pytest.approx(want[1], rel=1e-4), subset
         assert got.var == pytest.approx(want[2], rel=1e-4), subset
+
+
+@pytest.mark.parametrize("chunk", [None, 20], ids=["whole", "chunked"])
+@pytest.mark.parametrize("shape", [(37, 11), (9, 6, 13), (5, 3, 4, 2)])
+def test_subsets_combined_from_finer_ones_equal_direct_and_float64(monkeypatch, reference_snr, shape, chunk):
+    # snr_terms_many reads the tensor once per subset that no smaller requested one divides and
+    # combines the others from slice statistics (law of total variance); every subset against
+    # the direct one-subset estimator and numpy float64, with a constant block whose coarser
+    # slices are constant too (left out, exactly) and a zero row.
+    from lowmem.snr import estimator
+
+    if chunk:
+        monkeypatch.setattr(estimator, "CHUNK", chunk)
+    rng = np.random.default_rng(2)
+    v = (rng.exponential(size=shape) * rng.uniform(0.1, 10, size=shape[-1])).astype(np.float32)
+    v[2] = 0.3
+    v[0] = 0.0
+    t = torch.from_numpy(v)
+    subsets = _every_subset(len(shape))
+    many = estimator.snr_terms_many(t, subsets)
+    for subset, got in zip(subsets, many):
+        direct = estimator.snr_terms(t, subset)
+        want = reference_snr(v, subset)
+        np.testing.assert_allclose(got.numpy(), direct.numpy(), rtol=1e-5, err_msg=str(subset))
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, err_msg=str(subset))
+    # a subset asked alone, or beside only coarser ones, is read directly: the same numbers
+    assert torch.equal(estimator.snr_terms_many(t, [subsets[-1]])[0], estimator.snr_terms(t, subsets[-1]))

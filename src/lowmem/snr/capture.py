@@ -50,7 +50,7 @@ from torch import nn
 
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
-from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms, work_size
+from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms_many, work_size
 from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums_all, errors_from_sums
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
@@ -277,18 +277,21 @@ class SnrCapture:
                 for view, subs in zip(views, subsets):
                     x = view.apply(v) if shards is None else \
                         local_region(v, shards.rows, view.dim, view.start or 0, view.stop or 0)
+                    new = []
                     for s in subs:
                         # A head-view subset equal to an unsplit one reuses its numbers.
                         same = unsplit_subset(view, s)
                         index = done.get(same) if same else None
                         if index is None:
                             index = done[(view.name, s)] = len(terms)
-                            if shards is None:
-                                terms.append(snr_terms(x, s, buf))
-                            else:
-                                terms.append(None)
+                            terms.append(None)
+                            new.append((index, s))
+                            if shards is not None:
                                 sharded.add(index, regions[(view.name, s)], x, shards.group, buf)
                         rows.append((index, info, view, s))
+                    if shards is None and new:   # the view's subsets together (`snr_terms_many`)
+                        for (index, _), t in zip(new, snr_terms_many(x, [s for _, s in new], buf)):
+                            terms[index] = t
             sharded.finish(terms)
             pending: dict[torch.device, list[int]] = {}
             for i, t in enumerate(terms):

@@ -60,21 +60,29 @@ def work_size(shape) -> int:
 
 def snr_sums(v: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None = None) -> torch.Tensor:
     """The sums over the kept slices of SNR, mean_sq and var, and their count: `snr_terms` before
-    its division, so the sums of shards of `v` (whole slices each) add up to those of `v`.
+    its division, so the sums of shards of `v` (whole slices each) add up to those of `v`."""
+    return slice_sums(*slice_stats(v, subset, work))
+
+
+def slice_stats(v: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the population variance of each slice of `v` along `subset`: two tensors of
+    `v`'s shape with the `subset` axes of size 1 (float32, or float64 for a float64 `v`).
 
     A tensor of more than `CHUNK` entries is worked through along dim 0, `work_size` entries of
     temporaries at a time: slices that do not span dim 0 chunk by chunk; slices that do with their
     means first, then the deviations' sums accumulated over the chunks (the same arithmetic)."""
     x = v if v.dtype in (torch.float32, torch.float64) else v.float()
     if x.numel() <= CHUNK or x.dim() == 0:
-        return _whole_sums(x, subset, work)
+        return _whole_stats(x, subset, work)
     size = work_size(tuple(x.shape))
     if work is None or work.dtype != x.dtype or work.device != x.device or work.numel() < size:
         work = torch.empty(size, dtype=x.dtype, device=x.device)
     rows = size // (x.numel() // x.shape[0])
     pieces = range(0, x.shape[0], rows)
-    if 0 not in subset:              # each chunk holds whole slices: their sums add up
-        return sum(_whole_sums(x[a:a + rows], subset, work) for a in pieces)
+    if 0 not in subset:              # each chunk holds whole slices
+        parts = [_whole_stats(x[a:a + rows], subset, work) for a in pieces]
+        return torch.cat([m for m, _ in parts]), torch.cat([var for _, var in parts])
     m = x.mean(dim=subset, keepdim=True)
     c = torch.zeros_like(m)
     square = torch.zeros_like(m)
@@ -84,13 +92,14 @@ def snr_sums(v: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None
         c += dev.sum(dim=subset, keepdim=True)
         square += dev.mul_(dev).sum(dim=subset, keepdim=True)
     count = math.prod(x.shape[i] for i in subset)
-    c = c.div_(count).reshape(-1)
-    var = (square.div_(count).reshape(-1) - c * c).clamp_(min=0)
-    return slice_sums(m.reshape(-1) + c, var)
+    c = c.div_(count)
+    var = (square.div_(count) - c * c).clamp_(min=0)
+    return m.add_(c), var
 
 
-def _whole_sums(x: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None) -> torch.Tensor:
-    """`snr_sums` of `x` (float32 or float64) in one piece."""
+def _whole_stats(x: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`slice_stats` of `x` (float32 or float64) in one piece."""
     # Passes of the tensor's own dtype only: a float32 reduction accumulating in float64
     # (``mean(dtype=float64)``) ran up to 20x slower on CPU than the float32 one, and var_mean's
     # Welford kernel as slow. So: the mean m of each slice, then the deviations d = x - m and their
@@ -105,11 +114,46 @@ def _whole_sums(x: torch.Tensor, subset: tuple[int, ...], work: torch.Tensor | N
     else:
         dev = torch.sub(x, m, out=work[: x.numel()].view(x.shape))
     c = dev.mean(dim=subset, keepdim=True)
-    square = dev.mul_(dev).mean(dim=subset)
-    c = c.reshape(square.shape)
+    square = dev.mul_(dev).mean(dim=subset, keepdim=True)
     var = (square - c * c).clamp_(min=0)    # rounding must not make a tiny variance negative
-    mean = m.reshape(var.shape) + c
-    return slice_sums(mean, var)
+    return m.add_(c), var
+
+
+def combine_stats(mean: torch.Tensor, var: torch.Tensor, axes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `slice_stats` of the coarser slices that join the slices of (`mean`, `var`) along
+    `axes` (slices of equal size): the mean of the means, and by the law of total variance the
+    mean of the variances plus the variance of the means. It reads the slices' statistics, not
+    the tensor: a subset's numbers from a finer subset's at a fraction of a pass. The means'
+    variance is taken as `_whole_stats` takes one, so slices that are all constant and equal
+    give exactly 0."""
+    m, between = _whole_stats(mean, axes, None)
+    return m, var.mean(dim=axes, keepdim=True).add_(between)
+
+
+def snr_sums_many(v: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.Tensor | None = None
+                  ) -> list[torch.Tensor]:
+    """`snr_sums` of `v` along each of `subsets`, reading `v` once per subset that no smaller
+    one among them divides: a subset that contains a computed one is combined from that one's
+    slice statistics (`combine_stats`, the one with the fewest slices), so the three subsets of
+    a matrix take two passes and the seven of a 3-D view three. The same numbers up to float
+    rounding."""
+    x = v if v.dtype in (torch.float32, torch.float64) else v.float()
+    computed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for s in sorted(subsets, key=len):
+        finer = [k for k in computed if set(k) < set(s)]
+        if finer:
+            base = min(finer, key=lambda k: computed[k][0].numel())
+            stats = combine_stats(*computed[base], tuple(a for a in s if a not in base))
+        else:
+            stats = slice_stats(x, s, work)
+        computed[s] = stats
+    return [slice_sums(*computed[s]) for s in subsets]
+
+
+def snr_terms_many(v: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.Tensor | None = None
+                   ) -> list[torch.Tensor]:
+    """`snr_terms` of `v` along each of `subsets` (`snr_sums_many`)."""
+    return [sums[:3] / sums[3] for sums in snr_sums_many(v, subsets, work)]
 
 
 def slice_sums(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -130,10 +174,11 @@ def estimate_snr(v: torch.Tensor, subsets: list[tuple[int, ...]] | None = None) 
         subsets: axis subsets to evaluate; default `axis_subsets(v.dim())`.
 
     Returns:
-        ``{subset: SnrValue}``; one host transfer for all subsets.
+        ``{subset: SnrValue}``; one host transfer for all subsets, each subset that contains
+        another one combined from that one's slice statistics (`snr_sums_many`).
     """
     subsets = axis_subsets(v.dim()) if subsets is None else subsets
     if not subsets:
         return {}
-    values = torch.stack([snr_terms(v, s) for s in subsets]).double().cpu().tolist()
+    values = torch.stack(snr_terms_many(v, subsets)).double().cpu().tolist()
     return {s: SnrValue(*row) for s, row in zip(subsets, values)}
