@@ -46,3 +46,48 @@ def test_capture_on_cuda_syncs_only_when_a_measurement_may_be_due():
     for subset, axis in (((0,), 0), ((1,), 1)):
         mean, var = v.mean(axis=axis), v.var(axis=axis)
         assert sample[subset].snr == pytest.approx(np.mean(mean ** 2 / var), rel=1e-4)
+
+
+def _train_captured(stream: bool, steps: int = 12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)     # foreach: `step` stays on the host
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [(torch.randn(64, 16, device="cuda", generator=g), torch.randn(64, 4, device="cuda", generator=g))
+               for _ in range(steps)]
+    cap = lowmem.capture(opt, model, every=3, precision=True, stream=stream)
+    seen_before_close = []
+    try:
+        for i, (x, y) in enumerate(batches):
+            F.mse_loss(model(x), y).backward()
+            # nothing in the hook or the side-stream launch synchronises with the host, once the
+            # first measurement (step 3) has put the quantization maps on the device
+            if stream and i >= 3:
+                torch.cuda.set_sync_debug_mode("error")
+            opt.step()
+            torch.cuda.set_sync_debug_mode("default")
+            opt.zero_grad(set_to_none=True)
+        seen_before_close = list(cap.samples)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        cap.close()
+    return model, cap, seen_before_close
+
+
+def test_side_stream_measures_the_same_numbers_without_blocking_training():
+    plain_model, plain, _ = _train_captured(stream=False)
+    side_model, side, before_close = _train_captured(stream=True)
+    assert side.measured_steps == plain.measured_steps == [3, 6, 9, 12]
+    key = lambda s: (s.step, s.name, s.view, s.subset)
+    assert sorted(map(key, side.samples)) == sorted(map(key, plain.samples))
+    for a, b in zip(sorted(side.samples, key=key), sorted(plain.samples, key=key)):
+        assert (a.snr, a.mean_sq, a.var) == pytest.approx((b.snr, b.mean_sq, b.var), rel=1e-6, nan_ok=True)
+    pkey = lambda s: (s.step, s.name, s.state, s.format)
+    for a, b in zip(sorted(side.precision_samples, key=pkey), sorted(plain.precision_samples, key=pkey)):
+        assert pkey(a) == pkey(b)
+        assert (a.state_error, a.update_error) == pytest.approx((b.state_error, b.update_error), rel=1e-6)
+    # the last measurement (launched by the last step's hook) arrives at close; training is
+    # unchanged by the side stream
+    assert {s.step for s in before_close} <= {3, 6, 9} and 12 in {s.step for s in side.samples}
+    for p, q in zip(plain_model.parameters(), side_model.parameters()):
+        assert torch.equal(p, q)

@@ -28,15 +28,34 @@ full-size tensor per parameter and counts steps by hook calls.
 Precision (``precision=True``, or a ``precision_out`` file): at the same measurements, the error
 each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``, ``step`` and the
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
-one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none. It
-costs five quantizations of each parameter per measurement (on the state's device, a chunk of
-rows at a time), nothing between measurements: on gpt2-124m on 2 CPU threads about 22 ns per
-entry, about 3x a training step at a batch of 64 tokens, ten times the SNR's; on the built-in
-example every=10 costs about 7.5% with it (`BENCHMARKS.md`).
+one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none.
+On CPU all parameters go through one call of a native kernel that reads each state once and makes
+the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`; where it cannot
+be built, torch ops a chunk of rows at a time).
+
+Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
+others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`). Measured on
+gpt2-124m, 2 CPU threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR about 0.2 of a training
+step, the precision about 0.4, nothing between measurements; so every=10 costs about 2% with the
+SNR alone and about 6% with both.
+
+CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
+waits for the step that wrote the state (on the device), and returns; its numbers come back by one
+non-blocking copy into pinned host memory, and are taken in (``samples``, the files, `on_sample`)
+at a later step's hook once they have arrived, or at `flush`/`close`. The next ``optimizer.step()``
+makes its stream wait for the measurement before it writes the state (a step pre-hook, on the
+device). So forward and backward run beside the measurement, and the host never waits for it,
+except where the optimizer keeps ``step`` on the device (fused/capturable AdamW), whose value is
+read once per measurement, as without a side stream. The trade-off is memory: the measurement's
+temporaries (below) are alive during the next forward and backward, on top of their activations.
+The first measurement also copies the quantization maps to the device once.
 
 Memory: a measurement's temporaries are chunks of about 2^20 entries (`lowmem.snr.estimator.CHUNK`,
-one dim-0 row at least) for the SNR and 2^18 for the precision (`lowmem.snr.precision.CHUNK`), not
-copies of the state: on gpt2-124m the peak extra memory was 6 and 10 MiB against 949 MiB of state.
+one dim-0 row at least) for the SNR, with the slice statistics of one view at a time (a mean and
+a variance per slice: for a matrix a row and a column's worth, for a 12-head view about a fifth
+of its size), and, for the precision, on CPU a few kilobytes per thread,
+elsewhere chunks of 2^18 entries (`lowmem.snr.precision.CHUNK`): not copies of the state. On
+gpt2-124m the peak extra memory was 6 MiB and under 1 MiB against 949 MiB of state.
 """
 
 from __future__ import annotations
@@ -78,17 +97,22 @@ class SnrCapture:
             module docstring); default: when `precision_out` is given.
         precision_out: precision CSV path, streamed like `out` (`lowmem.snr.precision`); None keeps
             the precision samples in memory only (``precision_samples``).
+        stream: on CUDA, run each measurement on a side stream (see the module docstring): the
+            hook returns at once and training goes on beside it; its samples arrive (``samples``,
+            the files, `on_sample`) at a later step or at `close`. Needs every tracked parameter
+            on one CUDA device, unsharded.
 
     Raises:
-        ValueError: `every` is not a positive integer, or no parameter of `optimizer` belongs to
-            `model` (another model's optimizer would measure nothing).
+        ValueError: `every` is not a positive integer, no parameter of `optimizer` belongs to
+            `model` (another model's optimizer would measure nothing), or ``stream=True`` where
+            the parameters are not all on one CUDA device or are sharded.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 10,
                  out: str | os.PathLike | None = None, shadow: bool = False,
                  beta2: float | None = None, layers: ModelLayers | None = None,
                  on_sample: Callable[[list[Sample]], None] | None = None, precision: bool | None = None,
-                 precision_out: str | os.PathLike | None = None):
+                 precision_out: str | os.PathLike | None = None, stream: bool = False):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         _check_belongs(optimizer, model)
@@ -138,6 +162,10 @@ class SnrCapture:
         # about `CHUNK` entries or one dim-0 row (sharded: a rank's rows are measured whole).
         self._largest = max((p.to_local().numel() if is_sharded(p) else max(work_size(v.shape) for v in views)
                              for p, _, views, _ in self._tracked if views), default=0)
+        self._stream = _side_stream([p for p, *_ in self._tracked], bool(self._shards)) if stream else None
+        self._pending: list[_Pending] = []      # launched on the side stream, not yet on the host
+        self._unwaited: list = []               # their events, not yet waited for by a step
+        self._pre_handle = None
         writes = not self._shards or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._writer = TrajectoryWriter(out) if out is not None and writes else None
         self._precision_writer = PrecisionWriter(precision_out) \
@@ -147,13 +175,28 @@ class SnrCapture:
     def attach(self) -> "SnrCapture":
         if self._handle is None:
             self._handle = self.optimizer.register_step_post_hook(self._hook)
+            if self._stream is not None:
+                self._pre_handle = self.optimizer.register_step_pre_hook(self._before_step)
             self._known_step = None   # steps taken while detached are not in the hook count
         return self
 
     def detach(self) -> None:
+        """Remove the hook; a measurement still running on the side stream is finished first."""
+        self.flush()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+
+    def flush(self, wait: bool = True) -> None:
+        """Take in the measurements launched on the side stream: all of them (waiting for the
+        device), or with ``wait=False`` those whose numbers are already on the host."""
+        while self._pending and (wait or self._pending[0].done.query()):
+            self._finish(self._pending.pop(0))
+        if wait:
+            self._unwaited.clear()
 
     def close(self):
         """Detach and move the trajectory file (and the precision file) into place (safe to call
@@ -180,8 +223,17 @@ class SnrCapture:
         return self._precision_writer.path if self._precision_writer else None
 
     # -- the hook --------------------------------------------------------------------------
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """The step writes the state a side-stream measurement may still be reading: the step's
+        stream waits for it on the device (no host synchronisation)."""
+        for done in self._unwaited:
+            torch.cuda.current_stream(self._stream.device).wait_event(done)
+        self._unwaited.clear()
+
     def _hook(self, optimizer, args, kwargs) -> None:
         self._calls += 1
+        if self._pending:
+            self.flush(wait=False)
         if self.shadow:
             self._update_shadow()
             step = self._calls
@@ -190,7 +242,10 @@ class SnrCapture:
             if step is None:
                 return
         if step % self.every == 0 and step != self._last_measured:
-            self.measure(step)
+            if self._stream is None:
+                self.measure(step)
+            else:
+                self._pending.append(self._launch(step, self._stream))
 
     def _state_step(self) -> tuple[int, bool] | None:
         """(step, on_device) of the first tracked parameter with Adam state, or None before any."""
@@ -249,7 +304,61 @@ class SnrCapture:
 
     def measure(self, step: int) -> list[Sample]:
         """Measure every tracked parameter now; one host transfer per device (collective when
-        parameters are sharded: every rank must measure at the same step)."""
+        parameters are sharded: every rank must measure at the same step). Returns the samples
+        (with ``stream=True`` too: an explicit call waits for its own results)."""
+        return self._finish(self._launch(step, None))
+
+    def _launch(self, step: int, stream) -> "_Pending":
+        """The device work of a measurement, on `stream` (a CUDA side stream, or None: the current
+        one), ending in one copy of its numbers to the host per device: non-blocking into pinned
+        memory on a side stream, an event marking when they have arrived."""
+        self.measured_steps.append(step)
+        self._last_measured = step
+        if stream is None:
+            snr = self._snr_terms()
+            precision = self._precision_sums() if self.precision else ([], {})
+            return _Pending(step, snr, precision, None)
+        main = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(main)   # the step that wrote the state comes first
+        with torch.cuda.stream(stream):
+            snr = self._snr_terms(stream)
+            precision = self._precision_sums(stream) if self.precision else ([], {})
+            done = torch.cuda.Event()
+            done.record(stream)
+        self._unwaited.append(done)
+        return _Pending(step, snr, precision, done)
+
+    def _finish(self, pending: "_Pending") -> list[Sample]:
+        """The samples of a launched measurement (waiting for its numbers if they are not on the
+        host yet), kept, written and reported."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        step = pending.step
+        rows, host = pending.snr
+        samples = []
+        for i, info, view, s in rows:
+            snr, mean_sq, var = host[i].tolist()
+            samples.append(Sample(step, info.name, tuple(info.shape), view.label(), tuple(s), snr, mean_sq, var))
+        self.samples.extend(samples)
+        if self._writer is not None:
+            self._writer.write(samples)
+        if self.precision:
+            found, sums = pending.precision
+            precision = []
+            for i, info in enumerate(found):
+                for which, fmt, state_error, update_error in errors_from_sums(sums[i].tolist(), info.shape):
+                    precision.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
+                                                     update_error))
+            self.precision_samples.extend(precision)
+            if self._precision_writer is not None:
+                self._precision_writer.write(precision)
+        if self.on_sample is not None:
+            self.on_sample(samples)
+        return samples
+
+    def _snr_terms(self, stream=None) -> tuple[list, dict[int, torch.Tensor]]:
+        """(rows, host numbers): each sample's (index, info, view, subset), and each index's
+        [SNR, mean_sq, var] on the host (see `_to_host`)."""
         terms: list[torch.Tensor | None] = []
         rows: list[tuple[int, ParamInfo, View, tuple[int, ...]]] = []
         sharded = _ShardedMeasurement()
@@ -267,6 +376,8 @@ class SnrCapture:
                     if not is_sharded(v):   # not a state sharded like the parameter: nothing to measure
                         continue
                     v = v.to_local()
+                if stream is not None:
+                    v.record_stream(stream)   # read on the side stream: not reused before it is done
                 dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
                 need = v.numel() if shards is not None else max((work_size(view.shape) for view in views), default=0)
                 buf = work.get((v.device, dtype))
@@ -293,34 +404,23 @@ class SnrCapture:
                         for (index, _), t in zip(new, snr_terms_many(x, [s for _, s in new], buf)):
                             terms[index] = t
             sharded.finish(terms)
-            pending: dict[torch.device, list[int]] = {}
-            for i, t in enumerate(terms):
-                pending.setdefault(t.device, []).append(i)
-            host = {}
-            for dev, indices in pending.items():
-                for i, values in zip(indices, torch.stack([terms[i] for i in indices]).double().cpu()):
-                    host[i] = values
-        samples = []
-        for i, info, view, s in rows:
-            snr, mean_sq, var = host[i].tolist()
-            samples.append(Sample(step, info.name, tuple(info.shape), view.label(), tuple(s), snr, mean_sq, var))
-        self.samples.extend(samples)
-        self.measured_steps.append(step)
-        self._last_measured = step
-        if self._writer is not None:
-            self._writer.write(samples)
-        if self.precision:
-            precision = self.measure_precision(step)
-            if self._precision_writer is not None:
-                self._precision_writer.write(precision)
-        if self.on_sample is not None:
-            self.on_sample(samples)
-        return samples
+            return rows, _to_host(terms, stream)
 
     def measure_precision(self, step: int) -> list[PrecisionSample]:
         """The error each storage format of `m` and `v` causes for every tracked parameter with
-        Adam state (`lowmem.snr.precision`); one host transfer (collective when parameters are
-        sharded: every rank must measure at the same step)."""
+        Adam state (`lowmem.snr.precision`), kept in ``precision_samples``; one host transfer
+        (collective when parameters are sharded: every rank must measure at the same step)."""
+        found, sums = self._precision_sums()
+        samples = []
+        for i, info in enumerate(found):
+            for which, fmt, state_error, update_error in errors_from_sums(sums[i].tolist(), info.shape):
+                samples.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
+                                               update_error))
+        self.precision_samples.extend(samples)
+        return samples
+
+    def _precision_sums(self, stream=None) -> tuple[list[ParamInfo], dict[int, torch.Tensor]]:
+        """(the parameters measured, each one's `error_sums` on the host by position)."""
         found: list[tuple[ParamInfo, tuple]] = []
         groups: list[object] = []   # each one's process group (sharded), or None
         with torch.no_grad():
@@ -335,28 +435,56 @@ class SnrCapture:
                     if not (is_sharded(m) and is_sharded(v)):   # not sharded like the parameter
                         continue
                     m, v = m.to_local(), v.to_local()
+                if stream is not None:
+                    m.record_stream(stream)
+                    v.record_stream(stream)
                 group = self._group[p]
                 betas = tuple(float(b) for b in group.get("betas", (0.9, 0.999)))
                 found.append((info, (m, v, st["step"], betas, float(group.get("eps", 1e-8)), info.shape)))
                 groups.append(shards[0].group if shards is not None else None)
             # all parameters together: on CPU one native kernel call (each state read once)
-            found = [(info, sums) for (info, _), sums in zip(found, error_sums_all([args for _, args in found]))]
-            all_reduce_by_group([(sums, g) for (_, sums), g in zip(found, groups) if g is not None])
-            by_device: dict[torch.device, list[int]] = {}
-            for i, (_, sums) in enumerate(found):
-                by_device.setdefault(sums.device, []).append(i)
-            host: dict[int, list[float]] = {}
-            for indices in by_device.values():
-                flat = torch.cat([found[i][1] for i in indices]).cpu()
-                for i, part in zip(indices, flat.split([found[i][1].numel() for i in indices])):
-                    host[i] = part.tolist()
-        samples = []
-        for i, (info, _) in enumerate(found):
-            for which, fmt, state_error, update_error in errors_from_sums(host[i], info.shape):
-                samples.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
-                                               update_error))
-        self.precision_samples.extend(samples)
-        return samples
+            sums = error_sums_all([args for _, args in found])
+            all_reduce_by_group([(t, g) for t, g in zip(sums, groups) if g is not None])
+            return [info for info, _ in found], _to_host(sums, stream)
+
+
+class _Pending:
+    """A launched measurement: its step, its SNR rows and numbers, its precision numbers, and the
+    event after which they are on the host (None: they are already)."""
+
+    def __init__(self, step: int, snr, precision, done):
+        self.step, self.snr, self.precision, self.done = step, snr, precision, done
+
+
+def _to_host(tensors: list[torch.Tensor], stream) -> dict[int, torch.Tensor]:
+    """The 1-D tensors (any lengths) in one transfer per device, as {position: host tensor}: on a
+    side stream into pinned memory without waiting (valid once the stream's event has passed)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    host: dict[int, torch.Tensor] = {}
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).double()
+        if stream is not None and flat.device.type == "cuda":
+            pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            pinned.copy_(flat, non_blocking=True)
+            flat = pinned
+        else:
+            flat = flat.cpu()
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            host[i] = part
+    return host
+
+
+def _side_stream(params: list[torch.Tensor], sharded: bool):
+    """The side stream of ``stream=True``: a new CUDA stream on the parameters' one device."""
+    devices = {p.device for p in params}
+    if sharded or len(devices) != 1 or next(iter(devices)).type != "cuda":
+        where = "sharded parameters" if sharded else ", ".join(sorted(str(d) for d in devices)) or "no parameters"
+        raise ValueError(f"stream=True measures on a CUDA side stream and needs every tracked parameter on one "
+                         f"CUDA device, unsharded; found {where}. Leave stream off (the default): the "
+                         "measurement then runs on the training stream.")
+    return torch.cuda.Stream(next(iter(devices)))
 
 
 def _check_belongs(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

@@ -92,7 +92,9 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
     n = 3 + 2 * (len(m_formats) + len(v_formats))
     if exp_avg.numel() == 0:   # a rank holding no rows of this parameter
         return torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
-    t = step.to(device=exp_avg.device, dtype=torch.float32) if isinstance(step, torch.Tensor) else float(step)
+    # a step on the host stays a number (a copy to the device would synchronise)
+    on_device = isinstance(step, torch.Tensor) and step.device.type != "cpu"
+    t = step.to(device=exp_avg.device, dtype=torch.float32) if on_device else float(step)
     bc1 = 1 - betas[0] ** t
     sqrt_bc2 = (1 - betas[1] ** t) ** 0.5
     # Whole rows at a time (blocks run along rows, so a chunk of rows quantizes as in the whole):
