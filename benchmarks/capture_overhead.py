@@ -16,7 +16,9 @@ prints each measurement's cost as a share of the step (every=10 costs a tenth of
 measures each kind's peak extra memory in a fresh process whose glibc maps every allocation of
 64 KiB or more on its own (the peak resident set during the measurement above the set before it),
 against the optimizer state it reads (AdamW's m and v). Goals (issue 21): SNR and precision
-together at most 0.3 of a step; peak extra memory at most 10% of the state.
+together at most 0.3 of a step; peak extra memory at most 10% of the state. On CUDA it also
+times two training steps of which one measures, with no capture, measuring on the training
+stream, and on a side stream (``stream=True``), interleaved.
 
 Trains `lowmem.examples.shakespeare` (build_model, get_batch, loss_fn) with
 ``torch.optim.AdamW(lr=1e-3)`` in three configurations: no capture, ``lowmem.capture(every=1)``
@@ -348,6 +350,40 @@ class SnrMeasure:
             self.cap.precision = precision
 
 
+def _stream_pairs(model, opt, step, repetitions: int, device) -> dict[str, float]:
+    """CUDA: the median time of two training steps of which one measures (SNR and precision,
+    through the real hooks at every=2) with no capture, measuring on the training stream, and
+    measuring on a side stream (``stream=True``: its results taken in at the end), interleaved."""
+    caps = {"no capture": None,
+            "training stream": lowmem.capture(opt, model, every=2, precision=True),
+            "side stream": lowmem.capture(opt, model, every=2, precision=True, stream=True)}
+    for cap in caps.values():
+        if cap is not None:
+            cap.detach()
+    # the first step of each pair is the one that measures, so a side-stream measurement has the
+    # second step to run beside
+    if int(next(iter(opt.state.values()))["step"]) % 2 == 0:
+        step()
+    times = {k: [] for k in caps}
+    for r in range(repetitions + 1):          # the first round warms up
+        for name, cap in caps.items():
+            if cap is not None:
+                cap.attach()
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            step()
+            if cap is not None:
+                cap.detach()                  # (takes in a side-stream measurement)
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    for cap in caps.values():
+        if cap is not None:
+            cap.close()
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
+
+
 def large_model(args) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args._memory:
@@ -368,6 +404,7 @@ def large_model(args) -> int:
             sync(device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = _stream_pairs(model, opt, step, args.direct, device) if device.type == "cuda" else None
     params = sum(p.numel() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
                 if k in ("exp_avg", "exp_avg_sq"))
@@ -398,6 +435,7 @@ def large_model(args) -> int:
         "peak_extra_bytes": memory,
         "peak_extra_share_of_state": {k: (round(v / state, 4) if v is not None else None) for k, v in memory.items()},
         "goals": {"share_of_step": 0.3, "peak_extra_share_of_state": 0.10},
+        "two_steps_one_measuring": pairs,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -414,6 +452,9 @@ def large_model(args) -> int:
         print(f"{label:<24} {med[what]:>9.3f} {med[what] / med['step']:>8.3f} "
               f"{'' if extra is None else f'{extra / 2**20:.0f} MiB':>12} "
               f"{'' if extra is None else f'{extra / state:.3f}':>8}")
+    if pairs:
+        print("two training steps, one of them measuring (SNR and precision), seconds: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in pairs.items()))
     both = result["share_of_step"]["both"]
     print(f"both: {both:.3f} of a step -> every=10 costs about {both / 10:.1%} (goal: 0.3 of a step, 3%); "
           f"optimizer state read: {state / 2**20:.0f} MiB (goal: peak extra at most 10% of it)")

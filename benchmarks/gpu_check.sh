@@ -8,6 +8,7 @@
 #
 # OUT/device.txt (GPU, driver, torch), OUT/tests.txt (pytest of the CUDA tests),
 # OUT/optimizer_step_linear100m.{json,txt}, OUT/optimizer_step_gpt.json, OUT/capture_overhead.json,
+# OUT/capture_overhead_124m.json (gpt2-124m: one measurement against a step, and on a side stream),
 # OUT/hessian.json, OUT/memory_measure.json (the traced peak of each optimizer beside two real
 # steps' max_memory_allocated and _reserved), OUT/status.txt (each part's exit status; 124: it ran out of time). A part that
 # fails does not stop the others. Uses the python on PATH; if it cannot import lowmem, the checkout
@@ -46,4 +47,7 @@ part capture 60 python benchmarks/capture_overhead.py --device cuda --rounds 10 
 part hessian 120 python benchmarks/hessian.py --device cuda --sizes 1024 --repeats 1 --json > "$OUT/hessian.json" 2> "$OUT/hessian.err"
 part memory_measure 60 python -m lowmem.cli.main memory --example shakespeare --batch 64 --measure --device cuda \
     --format json > "$OUT/memory_measure.json" 2> "$OUT/memory_measure.err"
+# last: were the parts before it to run to their limits, this is the one a 10-minute limit cuts
+part capture_124m 60 python benchmarks/capture_overhead.py --device cuda --model gpt2-124m --batch 8 --seq 512 --direct 5 \
+    --json > "$OUT/capture_overhead_124m.json" 2> "$OUT/capture_overhead_124m.err"
 cat "$OUT/status.txt"
