@@ -212,3 +212,29 @@ def test_subsets_combined_from_finer_ones_equal_direct_and_float64(monkeypatch, 
         np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-4, err_msg=str(subset))
     # a subset asked alone, or beside only coarser ones, is read directly: the same numbers
     assert torch.equal(estimator.snr_terms_many(t, [subsets[-1]])[0], estimator.snr_terms(t, subsets[-1]))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5)])
+def test_stacked_tensors_give_each_ones_numbers(reference_snr, shape):
+    # snr_sums_stacked measures same-shaped tensors stacked along a new dim 0 in one set of
+    # passes: each row equals that tensor measured alone and numpy float64, a zero tensor (no
+    # finite slice: NaN) and one with a constant row among them.
+    from lowmem.snr import estimator
+
+    rng = np.random.default_rng(3)
+    members = [rng.exponential(size=shape).astype(np.float32) for _ in range(4)]
+    members[1][:] = 0.0
+    members[2][1] = 0.7
+    stacked = torch.from_numpy(np.stack(members))
+    subsets = _every_subset(len(shape))
+    sums = estimator.snr_sums_stacked(stacked, subsets)
+    for subset, per_member in zip(subsets, sums):
+        assert per_member.shape == (4, 4)
+        for i, v in enumerate(members):
+            alone = estimator.snr_sums_many(torch.from_numpy(v), [subset])[0]
+            np.testing.assert_allclose(per_member[i].numpy(), alone.numpy(), rtol=1e-5, err_msg=f"{subset} {i}")
+            got = (per_member[i, :3] / per_member[i, 3]).double().numpy()
+            if i == 1:
+                assert np.isnan(got).all()
+            else:
+                np.testing.assert_allclose(got, reference_snr(v, subset), rtol=1e-4, err_msg=f"{subset} {i}")

@@ -60,6 +60,7 @@ gpt2-124m the peak extra memory was 6 MiB and under 1 MiB against 949 MiB of sta
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable
@@ -69,7 +70,7 @@ from torch import nn
 
 from lowmem.layers import ModelLayers, ParamInfo, is_sharded, normalize_name, resolve_layers
 from lowmem.sharding import RowShards, ShardedRegion, all_reduce_by_group, local_region, row_shards, sharded_region
-from lowmem.snr.estimator import axis_subsets, slice_sums, snr_sums, snr_terms_many, work_size
+from lowmem.snr.estimator import CHUNK, axis_subsets, slice_sums, snr_sums, snr_sums_stacked, snr_terms_many, work_size
 from lowmem.snr.precision import PrecisionSample, PrecisionWriter, error_sums_all, errors_from_sums
 from lowmem.snr.trajectory import Sample, TrajectoryWriter
 from lowmem.snr.views import View, param_views, unsplit_subset
@@ -362,9 +363,11 @@ class SnrCapture:
         terms: list[torch.Tensor | None] = []
         rows: list[tuple[int, ParamInfo, View, tuple[int, ...]]] = []
         sharded = _ShardedMeasurement()
-        # One scratch buffer per device and dtype for the deviations, instead of a full-size
-        # temporary per subset: on CPU those allocations slowed the next training steps.
-        work: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        jobs: list[tuple[torch.Tensor, list[tuple[int, tuple[int, ...]]]]] = []   # (view, [(index, subset)])
+        # Scratch buffers per device and dtype (`_scratch`) for the deviations and the stacks,
+        # instead of a full-size temporary per subset: on CPU those allocations slowed the next
+        # training steps.
+        work: dict[tuple, torch.Tensor] = {}
         with torch.no_grad():
             for p, info, views, subsets in self._tracked:
                 v = self._v_of(p)
@@ -378,12 +381,9 @@ class SnrCapture:
                     v = v.to_local()
                 if stream is not None:
                     v.record_stream(stream)   # read on the side stream: not reused before it is done
-                dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
-                need = v.numel() if shards is not None else max((work_size(view.shape) for view in views), default=0)
-                buf = work.get((v.device, dtype))
-                if buf is None or buf.numel() < need:
-                    buf = work[(v.device, dtype)] = torch.empty(max(self._largest, need), dtype=dtype,
-                                                                device=v.device)
+                if shards is not None:   # (a rank's rows are measured whole)
+                    dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+                    buf = _scratch(work, v.device, dtype, max(self._largest, v.numel()))
                 done: dict[tuple[str, tuple[int, ...]], int] = {}
                 for view, subs in zip(views, subsets):
                     x = view.apply(v) if shards is None else \
@@ -400,9 +400,9 @@ class SnrCapture:
                             if shards is not None:
                                 sharded.add(index, regions[(view.name, s)], x, shards.group, buf)
                         rows.append((index, info, view, s))
-                    if shards is None and new:   # the view's subsets together (`snr_terms_many`)
-                        for (index, _), t in zip(new, snr_terms_many(x, [s for _, s in new], buf)):
-                            terms[index] = t
+                    if shards is None and new:
+                        jobs.append((x, new))
+            _unsharded_terms(jobs, terms, work, self._largest)
             sharded.finish(terms)
             return rows, _to_host(terms, stream)
 
@@ -446,6 +446,47 @@ class SnrCapture:
             sums = error_sums_all([args for _, args in found])
             all_reduce_by_group([(t, g) for t, g in zip(sums, groups) if g is not None])
             return [info for info, _ in found], _to_host(sums, stream)
+
+
+def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
+    """The SNR terms of each (view, [(index, subset)]) job into ``terms[index]``: a view's subsets
+    together (`snr_terms_many`), and views of one shape, dtype, device and subsets stacked, up to
+    `largest` entries (the largest view's scratch, at most `CHUNK`) at a time
+    (`snr_sums_stacked`), so that many small same-shaped tensors (every layer's q, k, v, ...) cost
+    the ops of a few; the temporaries are then a stack and its deviations, each no bigger than
+    the largest view's scratch."""
+    groups: dict[tuple, list] = {}
+    for x, new in jobs:
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (tuple(x.shape), tuple(s for _, s in new), dtype, x.device)
+        groups.setdefault(key, []).append((x, new))
+    for (shape, subsets, dtype, device), members in groups.items():
+        n = max(1, math.prod(shape))
+        per = max(1, min(CHUNK, largest) // n)   # a stack is no bigger than the largest view's own scratch
+        for first in range(0, len(members), per):
+            batch = members[first:first + per]
+            # deviations: a view's chunk (`work_size`, within `largest`), or a whole stack
+            buf = _scratch(work, device, dtype, largest)
+            if len(batch) == 1:
+                x, new = batch[0]
+                for (index, _), t in zip(new, snr_terms_many(x, list(subsets), buf)):
+                    terms[index] = t
+                continue
+            stacked = _scratch(work, device, dtype, len(batch) * n, "stack")[: len(batch) * n].view(len(batch), *shape)
+            for row, (x, _) in zip(stacked, batch):
+                row.copy_(x)
+            for k, sums in enumerate(snr_sums_stacked(stacked, list(subsets), buf)):
+                values = sums[:, :3] / sums[:, 3:]
+                for (_, new), t in zip(batch, values):
+                    terms[new[k][0]] = t
+
+
+def _scratch(work: dict, device: torch.device, dtype: torch.dtype, need: int, kind: str = "work") -> torch.Tensor:
+    """A buffer of at least `need` entries from `work`, kept per (device, dtype, kind)."""
+    buf = work.get((device, dtype, kind))
+    if buf is None or buf.numel() < need:
+        buf = work[(device, dtype, kind)] = torch.empty(need, dtype=dtype, device=device)
+    return buf
 
 
 class _Pending:

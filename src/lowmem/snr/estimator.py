@@ -138,16 +138,35 @@ def snr_sums_many(v: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.T
     a matrix take two passes and the seven of a 3-D view three. The same numbers up to float
     rounding."""
     x = v if v.dtype in (torch.float32, torch.float64) else v.float()
+    computed = _subset_stats(x, subsets, work, 0)
+    return [slice_sums(*computed[s]) for s in subsets]
+
+
+def snr_sums_stacked(stacked: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.Tensor | None = None
+                     ) -> list[torch.Tensor]:
+    """`snr_sums_many` of each of ``stacked[0], stacked[1], …`` (same-shaped tensors stacked
+    along a new dim 0; `subsets` name their own axes) in one set of passes: for each subset an
+    (L, 4) tensor, row i the sums of ``stacked[i]``. Many small tensors of one shape (every
+    layer's q, k, v, ...) then cost the ops of one."""
+    x = stacked if stacked.dtype in (torch.float32, torch.float64) else stacked.float()
+    computed = _subset_stats(x, subsets, work, 1)
+    return [slice_sums(*computed[s], batch=True) for s in subsets]
+
+
+def _subset_stats(x: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.Tensor | None, shift: int
+                  ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+    """`slice_stats` of `x` along each of `subsets` (axes counted from dim `shift` of `x`), each
+    combined from a computed finer one where there is one (`snr_sums_many`)."""
     computed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     for s in sorted(subsets, key=len):
         finer = [k for k in computed if set(k) < set(s)]
         if finer:
             base = min(finer, key=lambda k: computed[k][0].numel())
-            stats = combine_stats(*computed[base], tuple(a for a in s if a not in base))
+            stats = combine_stats(*computed[base], tuple(a + shift for a in s if a not in base))
         else:
-            stats = slice_stats(x, s, work)
+            stats = slice_stats(x, tuple(a + shift for a in s), work)
         computed[s] = stats
-    return [slice_sums(*computed[s]) for s in subsets]
+    return computed
 
 
 def snr_terms_many(v: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.Tensor | None = None
@@ -156,14 +175,17 @@ def snr_terms_many(v: torch.Tensor, subsets: list[tuple[int, ...]], work: torch.
     return [sums[:3] / sums[3] for sums in snr_sums_many(v, subsets, work)]
 
 
-def slice_sums(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``[Σ mean²/var, Σ mean², Σ var, count]`` over the slices whose ratio is finite."""
+def slice_sums(mean: torch.Tensor, var: torch.Tensor, batch: bool = False) -> torch.Tensor:
+    """``[Σ mean²/var, Σ mean², Σ var, count]`` over the slices whose ratio is finite; with
+    `batch`, one such row for each index of dim 0 (an (L, 4) tensor)."""
     mean_sq = mean * mean
     ratio = mean_sq / var
     keep = torch.isfinite(ratio)
-    terms = torch.stack([ratio, mean_sq, var]).reshape(3, -1)
-    kept = torch.where(keep.reshape(1, -1), terms, 0).sum(dim=1)
-    return torch.cat([kept, keep.sum().to(kept.dtype).reshape(1)])
+    rows = mean.shape[0] if batch else 1
+    terms = torch.stack([ratio, mean_sq, var]).reshape(3, rows, -1)
+    kept = torch.where(keep.reshape(1, rows, -1), terms, 0).sum(dim=2)                     # (3, rows)
+    sums = torch.cat([kept, keep.reshape(rows, -1).sum(dim=1).to(kept.dtype).reshape(1, rows)]).t()
+    return sums if batch else sums[0]
 
 
 def estimate_snr(v: torch.Tensor, subsets: list[tuple[int, ...]] | None = None) -> dict[tuple[int, ...], SnrValue]:
