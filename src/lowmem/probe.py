@@ -178,7 +178,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
               out: str | os.PathLike | None = None, seed: int = 0, shadow: bool = False,
               on_step: Callable[[int, float], None] | None = None,
               on_start: Callable[[nn.Module, ModelLayers], None] | None = None,
-              precision_out: str | os.PathLike | None = None) -> ProbeResult:
+              precision_out: str | os.PathLike | None = None, stream: bool = False) -> ProbeResult:
     """Train `task` for `steps` steps with capture attached; stop cleanly on Ctrl-C.
 
     Args:
@@ -195,6 +195,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
             writes ``layers.json`` there, so even a killed run can be reported).
         precision_out: precision CSV, streamed: at each measurement the error each storage format
             of `m` and `v` causes (`lowmem.snr.precision`; none in shadow mode).
+        stream: measure on a CUDA side stream (`lowmem.snr.capture`, ``stream=True``).
 
     Returns:
         A `ProbeResult`; ``interrupted`` is True when Ctrl-C stopped it, ``nonfinite`` holds the
@@ -209,7 +210,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     if on_start is not None:
         on_start(model, layers)
     cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers,
-                     precision_out=precision_out)
+                     precision_out=precision_out, stream=stream)
     result = ProbeResult(model, optimizer, cap, layers)
     cap.attach()
     try:

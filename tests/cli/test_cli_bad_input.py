@@ -130,7 +130,9 @@ def test_plan_for_another_model_and_corrupt_plans(tmp_path):
 def test_bad_flags_and_require_saved_bar(tmp_path):
     for flags, text in ((["--every", "0"], "expected a positive integer, got '0'"),
                         (["--window", "5:2"], "window start 5 is after its end 2"),
-                        (["--threshold", "-1"], "expected a finite number >= 0")):
+                        (["--threshold", "-1"], "expected a finite number >= 0"),
+                        (["--side-stream"], "--side-stream measures on a CUDA side stream; this run trains on cpu"),
+                        (["--side-stream", "--preset", "eve"], "--plan and --preset run no probe")):
         r = run(tmp_path, "model.py", *flags, source=TINY)
         assert r.returncode == 2 and text in r.stderr, (flags, r.stderr)
     r = run(tmp_path, "model.py", "--steps", "4", "--every", "2", "--require-saved", "0.99999", "--out", "o", "-q")

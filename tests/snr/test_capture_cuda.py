@@ -91,3 +91,33 @@ def test_side_stream_measures_the_same_numbers_without_blocking_training():
     assert {s.step for s in before_close} <= {3, 6, 9} and 12 in {s.step for s in side.samples}
     for p, q in zip(plain_model.parameters(), side_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_lowmem_analyze_with_a_side_stream_measures_what_it_measures_without(tmp_path):
+    # the front door on the built-in example: --side-stream changes where the measurements run,
+    # not what they are; the plans make the same choices (CUDA's embedding backward adds in no
+    # fixed order, so two runs agree to float rounding, not bit for bit)
+    from cli_runner import cli
+    from lowmem.snr.precision import read_precision
+    from lowmem.snr.trajectory import read_trajectory
+
+    runs = {}
+    for name, extra in (("plain", []), ("side", ["--side-stream"])):
+        out = tmp_path / name
+        code, _, err = cli("--example", "shakespeare", "--device", "cuda", "--steps", "12", "--every", "4",
+                           "--no-peak", "--no-html", "-q", "--out", out, *extra)
+        assert code == 0, err
+        runs[name] = out
+    key = lambda s: (s.step, s.name, s.view, s.subset)
+    plain = sorted(read_trajectory(runs["plain"] / "snr.csv"), key=key)
+    side = sorted(read_trajectory(runs["side"] / "snr.csv"), key=key)
+    assert [key(s) for s in side] == [key(s) for s in plain] and {s.step for s in side} == {4, 8, 12}
+    for a, b in zip(side, plain):
+        assert a.snr == pytest.approx(b.snr, rel=1e-3, nan_ok=True)
+    assert len(read_precision(runs["side"] / "precision.csv")) == len(read_precision(runs["plain"] / "precision.csv"))
+    from lowmem.compress import Plan
+
+    plans = {name: Plan.load(out / "plan.json") for name, out in runs.items()}
+    choices = lambda plan: {n: (lp.view, lp.reduce, [(p.name, p.reduce) for p in lp.parts or []], lp.state)
+                            for n, lp in plan.layers.items()}
+    assert choices(plans["side"]) == choices(plans["plain"])

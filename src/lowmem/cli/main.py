@@ -108,6 +108,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "paper: SlimAdam as published (every subset of each tensor's own axes, token included, no "
                         "head view, highest SNR)")
     p.add_argument("--shadow-v", action="store_true", help="estimate v from gradients when the optimizer keeps no exp_avg_sq")
+    p.add_argument("--side-stream", action="store_true",
+                   help="CUDA: run each measurement on a side stream beside training (its temporaries then "
+                        "coexist with the next step's activations)")
     p.add_argument("--preset", choices=PLAN_PRESETS, help="write a preset plan for the model without training")
     p.add_argument("--plan", metavar="FILE", help="check an existing plan against the model and show it, without training")
     p.add_argument("--require-saved", type=fraction, metavar="FRACTION",
@@ -179,6 +182,11 @@ def _run(args, err: Console) -> int:
     quiet = args.quiet or not err.is_terminal
     note = (lambda msg: None) if args.quiet else (lambda msg: err.print(msg, markup=False))
 
+    if args.side_stream and (args.plan or args.preset):
+        raise UsageError("--side-stream places the probe's measurements; --plan and --preset run no probe")
+    if args.side_stream and device.type != "cuda":
+        raise UsageError(f"--side-stream measures on a CUDA side stream; this run trains on {device} "
+                         "(give --device cuda, or leave --side-stream out)")
     if every > steps and not (args.plan or args.preset):
         raise UsageError(f"measuring every {every} steps (--every or LOWMEM['every']) needs at least that many "
                          f"steps; the probe runs {steps} (--steps or LOWMEM['steps'])")
@@ -276,7 +284,7 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
     with progress, user_code():
         result = run_probe(task, steps, every, lr, device, csv_path, args.seed, args.shadow_v,
                            on_step=lambda s, loss: progress.update(bar, completed=s, loss=f"{loss:.4f}"),
-                           on_start=start, precision_out=precision_path)
+                           on_start=start, precision_out=precision_path, stream=args.side_stream)
     traj = SnrTrajectory(result.capture.samples)
     precision = PrecisionTrajectory(result.capture.precision_samples) if result.capture.precision else None
     if precision is None and args.precision_threshold > 0:

@@ -25,6 +25,14 @@ only to `quantizable` shapes (`lowmem.compress.formats`: at least 2 dims and `MI
 entries); for other parameters they fall back to fp32 anyway (`effective_format`), so only bf16 is
 measured there.
 
+Computed on CPU by one native kernel call for all parameters (`error_sums_all`: each state read
+once, every format's round trip made 256 entries at a time, in fp32 as below, a tile's sums in
+float and the tiles' in double);
+elsewhere (GPU, bf16 state, no C compiler) by torch ops a chunk of rows at a time (`error_sums`).
+A `v` format's update error is computed as −u·(sqrt(q) − sqrt(v))/(sqrt(q)/√bc2 + ε)/√bc2 with
+sqrt(q) − sqrt(v) = (q − v)/(sqrt(q) + sqrt(v)), not as the difference of two nearby updates,
+which in fp32 lost about 1e-4 of it to cancellation.
+
 Sharded (FSDP2) parameters: blocks run along rows (dim 0) and a rank holds whole rows, so each
 rank's rows quantize exactly as in one process; each rank sums the squared errors and squared
 norms of its rows, and one all-reduce of those partial sums per process group gives every rank the
