@@ -34,10 +34,12 @@ the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all
 be built, torch ops a chunk of rows at a time).
 
 Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
-others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`). Measured on
-gpt2-124m, 2 CPU threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR about 0.2 of a training
-step, the precision about 0.4, nothing between measurements; so every=10 costs about 2% with the
-SNR alone and about 6% with both.
+others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), and views of
+one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
+threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.17-0.33 of a training step, the
+precision 0.36-0.41, nothing between measurements; so every=10 costs about 2-3% with the SNR
+alone and 5-7% with both. On the built-in example a measurement with both takes about 12 ms
+(every=10: about 1-2%).
 
 CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
 waits for the step that wrote the state (on the device), and returns; its numbers come back by one
