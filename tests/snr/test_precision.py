@@ -265,3 +265,24 @@ def test_worst_error_is_the_largest_over_the_window_by_hand():
     assert (w.update_error, w.state_error, w.samples) == (0.07, 0.035, 3)
     assert traj.worst((25, 35))[("w", "m", "int8")].update_error == 0.03
     assert traj.by_layer((25, 35)) == {"w": {("m", "int8"): traj.worst((25, 35))[("w", "m", "int8")]}}
+
+
+def test_same_shaped_states_off_the_kernel_are_stacked_and_give_each_ones_numbers(monkeypatch):
+    # Off the native kernel (here: as without a compiler; on a GPU always) same-shaped states are
+    # stacked and measured in one set of ops: each tensor's sums equal its own measurement and
+    # numpy float64; a state of another step, and a large one, are measured alone.
+    monkeypatch.setattr(native, "available", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    states = []
+    for i in range(5):
+        m = torch.randn(24, 300, generator=g) * (i + 1)
+        v = torch.rand(24, 300, generator=g) ** 3
+        if i == 2:
+            m[3], v[3] = 0, 0
+        states.append((m, v, 6 if i != 4 else torch.tensor(9.0), (0.9, 0.95), 1e-8, (24, 300)))
+    states.append((torch.randn(4, 50), torch.rand(4, 50), 6, (0.9, 0.95), 1e-8, (4, 50)))   # bf16 formats only
+    got = precision.error_sums_all(states)
+    for state, sums in zip(states, got):
+        step = int(state[2])
+        np.testing.assert_allclose(sums.numpy(), precision.error_sums(*state).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(sums.numpy(), reference_sums(state[0], state[1], step, *state[3:]), rtol=1e-5)

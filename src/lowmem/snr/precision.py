@@ -93,18 +93,11 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
         betas, eps: the parameter group's.
         shape: the whole parameter's shape (which formats apply).
     """
-    # Imported here: lowmem.compress.optim imports the plan, which imports lowmem.snr (this package).
-    from lowmem.compress.optim.state import roundtrip
-
     m_formats, v_formats = candidates("m", shape), candidates("v", shape)
     n = 3 + 2 * (len(m_formats) + len(v_formats))
     if exp_avg.numel() == 0:   # a rank holding no rows of this parameter
         return torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
-    # a step on the host stays a number (a copy to the device would synchronise)
-    on_device = isinstance(step, torch.Tensor) and step.device.type != "cpu"
-    t = step.to(device=exp_avg.device, dtype=torch.float32) if on_device else float(step)
-    bc1 = 1 - betas[0] ** t
-    sqrt_bc2 = (1 - betas[1] ** t) ** 0.5
+    bc1, sqrt_bc2 = _corrections(step, betas, exp_avg.device)
     # Whole rows at a time (blocks run along rows, so a chunk of rows quantizes as in the whole):
     # the temporaries are a few chunks, not a few copies of the state.
     rows, length = rows_of(tuple(exp_avg.shape))
@@ -112,25 +105,60 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
     per_chunk = max(1, CHUNK // max(length, 1))
     total = torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
     for first in range(0, rows, per_chunk):
-        m, v = m_rows[first:first + per_chunk].float(), v_rows[first:first + per_chunk].float()
-        sqrt_v = v.sqrt()
-        inv_denom = 1 / (sqrt_v / sqrt_bc2 + eps)
-        m_hat = m / bc1
-        u = m_hat * inv_denom
-        sums = [_square_sum(m), _square_sum(v), _square_sum(u)]
-        for fmt in m_formats:
-            d = roundtrip("m", fmt, m).sub_(m)
-            sums += [_square_sum(d), _square_sum(d.div_(bc1).mul_(inv_denom))]
-        for fmt in v_formats:
-            q = roundtrip("v", fmt, v)
-            dv = q - v
-            # u(m, q) − u(m, v) = −u (sqrt(q) − sqrt(v)) / (sqrt(q)/√bc2 + ε) / √bc2, with
-            # sqrt(q) − sqrt(v) = (q − v) / (sqrt(q) + sqrt(v)): no cancellation of nearby updates
-            sqrt_q = q.sqrt_()
-            du = torch.where(dv == 0, 0.0, dv / (sqrt_q + sqrt_v) * u / (sqrt_q / sqrt_bc2 + eps) / -sqrt_bc2)
-            sums += [_square_sum(dv), _square_sum(du)]
-        total += torch.stack(sums).double()
+        total += _chunk_sums(m_rows[first:first + per_chunk].float(), v_rows[first:first + per_chunk].float(),
+                             bc1, sqrt_bc2, eps, shape, 1)[0]
     return total
+
+
+def _corrections(step, betas: tuple[float, float], device: torch.device):
+    """(1 − β1^t, sqrt(1 − β2^t)): numbers for a step on the host (a copy to the device would
+    synchronise), float32 tensors on `device` for a step there."""
+    on_device = isinstance(step, torch.Tensor) and step.device.type != "cpu"
+    t = step.to(device=device, dtype=torch.float32) if on_device else float(step)
+    return 1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5
+
+
+def _chunk_sums(m: torch.Tensor, v: torch.Tensor, bc1, sqrt_bc2, eps: float, shape, members: int) -> torch.Tensor:
+    """`error_sums`' numbers of float32 (rows, length) `m` and `v` whose rows are `members` equal
+    runs, one per tensor (stacked same-shaped tensors; 1: one tensor): (members, n) float64."""
+    # Imported here: lowmem.compress.optim imports the plan, which imports lowmem.snr (this package).
+    from lowmem.compress.optim.state import roundtrip
+
+    sq = (lambda x: _square_sum(x).reshape(1)) if members == 1 else (lambda x: _square_sums(x, members))
+    sqrt_v = v.sqrt()
+    inv_denom = 1 / (sqrt_v / sqrt_bc2 + eps)
+    m_hat = m / bc1
+    u = m_hat * inv_denom
+    sums = [sq(m), sq(v), sq(u)]
+    for fmt in candidates("m", shape):
+        d = roundtrip("m", fmt, m).sub_(m)
+        sums += [sq(d), sq(d.div_(bc1).mul_(inv_denom))]
+    for fmt in candidates("v", shape):
+        q = roundtrip("v", fmt, v)
+        dv = q - v
+        # u(m, q) − u(m, v) = −u (sqrt(q) − sqrt(v)) / (sqrt(q)/√bc2 + ε) / √bc2, with
+        # sqrt(q) − sqrt(v) = (q − v) / (sqrt(q) + sqrt(v)): no cancellation of nearby updates
+        sqrt_q = q.sqrt_()
+        du = torch.where(dv == 0, 0.0, dv / (sqrt_q + sqrt_v) * u / (sqrt_q / sqrt_bc2 + eps) / -sqrt_bc2)
+        sums += [sq(dv), sq(du)]
+    return torch.stack(sums, dim=1).double()
+
+
+def _square_sums(x: torch.Tensor, members: int) -> torch.Tensor:
+    """Σ x² over each of `members` equal runs of x's rows, with no temporary of x's size."""
+    flat = x.reshape(members, 1, -1)
+    return torch.bmm(flat, flat.transpose(1, 2)).reshape(members)
+
+
+def _stacked_sums(states: list[tuple]) -> list[torch.Tensor]:
+    """`error_sums` of same-shaped states (same dtypes, device, betas, eps and step) from one
+    set of ops on their stack (at most `CHUNK` entries of each of `m` and `v`)."""
+    m0, _, step, betas, eps, shape = states[0]
+    rows, length = rows_of(tuple(m0.shape))
+    m = torch.stack([s[0].detach().reshape(rows, length) for s in states]).float().reshape(-1, length)
+    v = torch.stack([s[1].detach().reshape(rows, length) for s in states]).float().reshape(-1, length)
+    bc1, sqrt_bc2 = _corrections(step, betas, m.device)
+    return list(_chunk_sums(m, v, bc1, sqrt_bc2, eps, shape, len(states)))
 
 
 CHUNK = 1 << 18   # entries of `m` (and `v`) `error_sums` works on at once (whole rows; at least one row)
@@ -142,7 +170,8 @@ def error_sums_all(states: list[tuple]) -> list[torch.Tensor]:
     (`lowmem.compress.optim.native.precision_sums`: each state read once, every format's round
     trip made 256 entries at a time, on ``torch.get_num_threads()`` threads), where it is
     available (a C compiler; not ``LOWMEM_NATIVE=0``); the others (GPU, bf16 state, no
-    compiler) through `error_sums`. The same numbers up to float rounding."""
+    compiler) through torch ops, same-shaped small ones stacked (at most `CHUNK` entries at a
+    time), the rest one by one (`error_sums`). The same numbers up to float rounding."""
     from lowmem.compress.optim import native
 
     out: list[torch.Tensor | None] = [None] * len(states)
@@ -159,7 +188,26 @@ def error_sums_all(states: list[tuple]) -> list[torch.Tensor]:
                 batch.append((m.detach(), v.detach(), out[i], 1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5, eps,
                               quantized))
         native.precision_sums(batch)
-    return [o if o is not None else error_sums(*s) for o, s in zip(out, states)]
+    # The rest: same-shaped small states (every layer's q, k, v, ... on a GPU) stacked, so that
+    # they cost the ops of one; the others one by one.
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, v, step, betas, eps, shape) in enumerate(states):
+        if out[i] is not None:
+            continue
+        host_step = not isinstance(step, torch.Tensor) or step.device.type == "cpu"
+        if host_step and 0 < m.numel() <= CHUNK // 2 and m.shape == v.shape:
+            key = (tuple(m.shape), tuple(shape), m.dtype, v.dtype, m.device, tuple(betas), eps, float(step))
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = error_sums(*states[i])
+    for members in groups.values():
+        per = max(1, CHUNK // states[members[0]][0].numel())
+        for first in range(0, len(members), per):
+            batch = members[first:first + per]
+            sums = [error_sums(*states[batch[0]])] if len(batch) == 1 else _stacked_sums([states[i] for i in batch])
+            for i, t in zip(batch, sums):
+                out[i] = t
+    return out
 
 
 def _native_reads(state: tuple) -> bool:
