@@ -30,8 +30,8 @@ each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
 one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none.
 On CPU all parameters go through one call of a native kernel that reads each state once and makes
-the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`; where it cannot
-be built, torch ops a chunk of rows at a time).
+the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`); elsewhere (on
+a GPU, for bf16 state, without a C compiler) torch ops, same-shaped small states stacked.
 
 Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
 others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), and views of
