@@ -50,7 +50,9 @@ device). So forward and backward run beside the measurement, and the host never 
 except where the optimizer keeps ``step`` on the device (fused/capturable AdamW), whose value is
 read once per measurement, as without a side stream. The trade-off is memory: the measurement's
 temporaries (below) are alive during the next forward and backward, on top of their activations.
-The first measurement also copies the quantization maps to the device once.
+The first measurement also copies the quantization maps to the device once. A process killed
+outright loses the measurement still in flight; closing the capture (as a ``with`` block and
+`lowmem-analyze` do on Ctrl-C or an exception) takes it in.
 
 Memory: a measurement's temporaries are chunks of about 2^20 entries (`lowmem.snr.estimator.CHUNK`,
 one dim-0 row at least) for the SNR, with the slice statistics of one view at a time (a mean and
