@@ -310,7 +310,9 @@ class SnrCapture:
     def measure(self, step: int) -> list[Sample]:
         """Measure every tracked parameter now; one host transfer per device (collective when
         parameters are sharded: every rank must measure at the same step). Returns the samples
-        (with ``stream=True`` too: an explicit call waits for its own results)."""
+        (with ``stream=True`` too: an explicit call first takes in the measurements still in
+        flight, then waits for its own results)."""
+        self.flush()
         return self._finish(self._launch(step, None))
 
     def _launch(self, step: int, stream) -> "_Pending":
