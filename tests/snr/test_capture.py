@@ -455,3 +455,31 @@ def test_a_measurements_temporaries_are_chunks_not_copies_of_the_state():
     assert allocations and max(allocations) <= 4 * estimator.CHUNK == 4 * 2**20
     assert 4 * 4096 * 1024 == 16 * 2**20                # one state tensor: four times that
     assert len(cap.precision_samples) > 0
+
+
+def test_same_shaped_empty_parameters_are_measured_beside_the_others(reference_snr):
+    # two (0, 8) parameters stack like any same-shaped pair: no slice, no finite SNR, no crash;
+    # the other parameters' numbers as numpy's
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.e0, self.e1 = nn.Parameter(torch.zeros(0, 8)), nn.Parameter(torch.zeros(0, 8))
+
+        def forward(self, x):
+            return self.fc(x).pow(2).sum() + self.e0.sum() + self.e1.sum()
+
+    torch.manual_seed(0)
+    model = WithEmpty()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with lowmem.capture(opt, model, every=1) as cap:
+        model(torch.randn(4, 8)).backward()
+        opt.step()
+    by_name = {}
+    for s in cap.samples:
+        by_name.setdefault(s.name, []).append(s)
+    assert {s.subset for s in by_name["e0"]} == {s.subset for s in by_name["e1"]} == {(0,), (1,), (0, 1)}
+    assert all(math.isnan(s.snr) for s in by_name["e0"] + by_name["e1"])
+    v = opt.state[model.fc.weight]["exp_avg_sq"].double().numpy()
+    for s in by_name["fc.weight"]:
+        assert s.snr == pytest.approx(reference_snr(v, s.subset)[0], rel=1e-4)

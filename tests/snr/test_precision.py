@@ -286,3 +286,21 @@ def test_same_shaped_states_off_the_kernel_are_stacked_and_give_each_ones_number
         step = int(state[2])
         np.testing.assert_allclose(sums.numpy(), precision.error_sums(*state).numpy(), rtol=1e-5)
         np.testing.assert_allclose(sums.numpy(), reference_sums(state[0], state[1], step, *state[3:]), rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernel cannot be built")
+def test_native_sums_of_a_tiny_state_do_not_underflow_and_empty_ones_are_zero():
+    # v about 1e-22 (a weight that sees almost no gradient): its squares are below float32's
+    # range, so they are taken in double; the errors equal numpy float64's. An empty state
+    # has zero sums.
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(16, 300, generator=g) * 1e-11
+    v = torch.rand(16, 300, generator=g) * 1e-22
+    state = (m, v, 5, (0.9, 0.95), 1e-8, (16, 300))
+    got = precision.error_sums_all([state])[0]
+    want = reference_sums(m, v, 5, (0.9, 0.95), 1e-8, (16, 300))
+    assert (want > 0).all()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    out = torch.ones(13, dtype=torch.float64)
+    native.precision_sums([(torch.zeros(3, 0), torch.zeros(3, 0), out, 0.5, 0.5, 1e-8, True)])
+    assert torch.equal(out, torch.zeros(13, dtype=torch.float64))

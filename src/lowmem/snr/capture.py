@@ -49,7 +49,9 @@ makes its stream wait for the measurement before it writes the state (a step pre
 device). So forward and backward run beside the measurement, and the host never waits for it,
 except where the optimizer keeps ``step`` on the device (fused/capturable AdamW), whose value is
 read once per measurement, as without a side stream. The trade-off is memory: the measurement's
-temporaries (below) are alive during the next forward and backward, on top of their activations.
+temporaries (below) are alive during the next forward and backward, on top of their activations,
+and the caching allocator keeps the blocks they used reserved for the side stream afterwards
+(until ``torch.cuda.empty_cache()``).
 The first measurement also copies the quantization maps to the device once. A process killed
 outright loses the measurement still in flight; closing the capture (as a ``with`` block and
 `lowmem-analyze` do on Ctrl-C or an exception) takes it in.
@@ -186,32 +188,38 @@ class SnrCapture:
         return self
 
     def detach(self) -> None:
-        """Remove the hook; a measurement still running on the side stream is finished first."""
-        self.flush()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        if self._pre_handle is not None:
-            self._pre_handle.remove()
-            self._pre_handle = None
+        """Remove the hook; a measurement still running on the side stream is taken in first
+        (the hooks are removed even when that fails)."""
+        try:
+            self.flush()
+        finally:
+            if self._handle is not None:
+                self._handle.remove()
+                self._handle = None
+            if self._pre_handle is not None:
+                self._pre_handle.remove()
+                self._pre_handle = None
 
     def flush(self, wait: bool = True) -> None:
         """Take in the measurements launched on the side stream: all of them (waiting for the
         device), or with ``wait=False`` those whose numbers are already on the host."""
         while self._pending and (wait or self._pending[0].done.query()):
-            self._finish(self._pending.pop(0))
+            pending = self._pending.pop(0)   # (taken off first: one that fails is not retried forever)
+            self._finish(pending)
         if wait:
             self._unwaited.clear()
 
     def close(self):
         """Detach and move the trajectory file (and the precision file) into place (safe to call
-        twice); returns the trajectory's path."""
-        self.detach()
-        if self._precision_writer is not None:
-            self._precision_writer.close()
-        if self._writer is not None:
-            return self._writer.close()
-        return None
+        twice); returns the trajectory's path. The files are moved into place even when taking
+        in a side-stream measurement fails (then that error is raised after)."""
+        try:
+            self.detach()
+        finally:
+            if self._precision_writer is not None:
+                self._precision_writer.close()
+            path = self._writer.close() if self._writer is not None else None
+        return path
 
     def __enter__(self) -> "SnrCapture":
         return self.attach()
@@ -319,8 +327,7 @@ class SnrCapture:
         """The device work of a measurement, on `stream` (a CUDA side stream, or None: the current
         one), ending in one copy of its numbers to the host per device: non-blocking into pinned
         memory on a side stream, an event marking when they have arrived."""
-        self.measured_steps.append(step)
-        self._last_measured = step
+        self._last_measured = step   # (a hook at this same step count measures no second time)
         if stream is None:
             snr = self._snr_terms()
             precision = self._precision_sums() if self.precision else ([], {})
@@ -341,6 +348,7 @@ class SnrCapture:
         if pending.done is not None:
             pending.done.synchronize()
         step = pending.step
+        self.measured_steps.append(step)
         rows, host = pending.snr
         samples = []
         for i, info, view, s in rows:
@@ -385,7 +393,7 @@ class SnrCapture:
                     if not is_sharded(v):   # not a state sharded like the parameter: nothing to measure
                         continue
                     v = v.to_local()
-                if stream is not None:
+                if stream is not None and v.is_cuda:
                     v.record_stream(stream)   # read on the side stream: not reused before it is done
                 if shards is not None:   # (a rank's rows are measured whole)
                     dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
@@ -442,8 +450,9 @@ class SnrCapture:
                         continue
                     m, v = m.to_local(), v.to_local()
                 if stream is not None:
-                    m.record_stream(stream)
-                    v.record_stream(stream)
+                    for t in (m, v):
+                        if t.is_cuda:
+                            t.record_stream(stream)
                 group = self._group[p]
                 betas = tuple(float(b) for b in group.get("betas", (0.9, 0.999)))
                 found.append((info, (m, v, st["step"], betas, float(group.get("eps", 1e-8)), info.shape)))
@@ -467,8 +476,8 @@ def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
         key = (tuple(x.shape), tuple(s for _, s in new), dtype, x.device)
         groups.setdefault(key, []).append((x, new))
     for (shape, subsets, dtype, device), members in groups.items():
-        n = max(1, math.prod(shape))
-        per = max(1, min(CHUNK, largest) // n)   # a stack is no bigger than the largest view's own scratch
+        n = math.prod(shape)
+        per = max(1, min(CHUNK, largest) // max(1, n))   # a stack is no bigger than the largest view's own scratch
         for first in range(0, len(members), per):
             batch = members[first:first + per]
             # deviations: a view's chunk (`work_size`, within `largest`), or a whole stack

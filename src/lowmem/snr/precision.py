@@ -26,8 +26,8 @@ entries); for other parameters they fall back to fp32 anyway (`effective_format`
 measured there.
 
 Computed on CPU by one native kernel call for all parameters (`error_sums_all`: each state read
-once, every format's round trip made 256 entries at a time, in fp32 as below, a tile's sums in
-float and the tiles' in double);
+once, every format's round trip made 256 entries at a time, in fp32 as below, the squares and
+their sums in double);
 elsewhere (GPU, bf16 state, no C compiler) by torch ops a chunk of rows at a time (`error_sums`).
 A `v` format's update error is computed as −u·(sqrt(q) − sqrt(v))/(sqrt(q)/√bc2 + ε)/√bc2 with
 sqrt(q) − sqrt(v) = (q − v)/(sqrt(q) + sqrt(v)), not as the difference of two nearby updates,
@@ -145,9 +145,12 @@ def _chunk_sums(m: torch.Tensor, v: torch.Tensor, bc1, sqrt_bc2, eps: float, sha
 
 
 def _square_sums(x: torch.Tensor, members: int) -> torch.Tensor:
-    """Σ x² over each of `members` equal runs of x's rows, with no temporary of x's size."""
-    flat = x.reshape(members, 1, -1)
-    return torch.bmm(flat, flat.transpose(1, 2)).reshape(members)
+    """Σ x² over each of `members` equal runs of x's rows (no matrix product, which TF32 or a
+    reduced matmul precision would round); on a GPU squared in double, as `_square_sum`."""
+    rows = x.reshape(members, -1)
+    if rows.is_cuda:
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square()
+    return rows.square().sum(dim=1)
 
 
 def _stacked_sums(states: list[tuple]) -> list[torch.Tensor]:
@@ -219,8 +222,12 @@ def _native_reads(state: tuple) -> bool:
 
 
 def _square_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ x², with no temporary of x's size."""
+    """Σ x², with no temporary of x's size: on a GPU squared and added in double (a float square
+    of a state below about 1e-19 would be 0, as it still is on the CPU fallback here, where a
+    float64 reduction ran 15x slower; the CPU's native kernel squares in double)."""
     flat = x.reshape(-1)
+    if flat.is_cuda:
+        return torch.linalg.vector_norm(flat, dtype=torch.float64).square()
     return torch.dot(flat, flat)
 
 

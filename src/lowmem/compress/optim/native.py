@@ -411,6 +411,8 @@ def precision_sums(entries: list[tuple]) -> None:
                 and fits(out, 13 if quantized else 7, torch.float64, _CPU)):
             raise ValueError("precision_sums takes contiguous fp32 CPU states of equal size and a float64 output")
         out.zero_()
+        if m.numel() == 0:   # nothing to measure: zero sums
+            continue
         qlen = rows_of(tuple(m.shape))[1] if quantized else 0
         tasks.append(_PrecTask(m.data_ptr(), v.data_ptr(), out.data_ptr(), m.numel(), qlen, bc1, sqrt_bc2, eps,
                                int(quantized)))

@@ -511,8 +511,8 @@ void lowmem_encode(const Codec *c, const float *x, int64_t n, uint8_t *out) { en
  * as bf16, int8, int4, then v as bf16, int8 (bf16 only where the parameter is not quantizable).
  * Each state is read once: a tile of at most 256 entries of one quantization row (a whole 8-bit
  * block; two 4-bit blocks) is loaded, every format's round trip of it is made in registers and
- * tile buffers, and its sums are added. The sums of a work item accumulate in double, tile by
- * tile; a parameter's are its items' added in order, so the result does not depend on the
+ * tile buffers, and its sums are added (squares in double). The sums of a work item accumulate
+ * tile by tile; a parameter's are its items' added in order, so the result does not depend on the
  * number of threads. Arithmetic in fp32, as the torch reference, with the bias corrections
  * applied as multiplications by their reciprocals (the same up to rounding). */
 typedef struct {
@@ -525,17 +525,15 @@ typedef struct {
 
 enum { PREC_SUMS = 13, PREC_SUMS_BF16 = 7 };
 
-/* Σ a[j]² over j < k ≤ TILE: sixteen float lanes of at most TILE/16 terms each (vectorisable),
- * added in double in a fixed order. */
+/* Σ a[j]² over j < k, squared and added in double (a float square of a state below about 1e-19
+ * would be 0), eight lanes added in a fixed order. */
 static double tile_sq(const float *a, int64_t k) {
-    float acc[16] = {0};
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t j = 0;
-    for (; j + 16 <= k; j += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[j + l] * a[j + l];
-    for (; j < k; j++) acc[j & 15] += a[j] * a[j];
-    double sum = 0;
-    for (int l = 0; l < 16; l++) sum += acc[l];
-    return sum;
+    for (; j + 8 <= k; j += 8)
+        for (int l = 0; l < 8; l++) { double x = a[j + l]; acc[l] += x * x; }
+    for (; j < k; j++) { double x = a[j]; acc[j & 7] += x * x; }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 /* x[0..k) stored under codec `c` (blocks of c->block from x[0]) and read back into `out`. */
@@ -601,6 +599,7 @@ static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, 
  * ITEM entries (a multiple of every block) of a longer row. */
 static int64_t precision_items(const PrecTask *t, int64_t k, Item *out) {
     int64_t qlen = t->qlen > 0 ? t->qlen : t->n, count = 0;
+    if (t->n <= 0 || qlen <= 0) return 0;   /* nothing to measure: its sums stay 0 */
     if (qlen <= ITEM) {
         int64_t per = (ITEM / qlen) * qlen;
         for (int64_t a = 0; a < t->n; a += per, count++)
