@@ -26,8 +26,8 @@ entries); for other parameters they fall back to fp32 anyway (`effective_format`
 measured there.
 
 Computed on CPU by one native kernel call for all parameters (`error_sums_all`: each state read
-once, every format's round trip made 256 entries at a time, in fp32 as below, the squares and
-their sums in double);
+once, every format's round trip made 256 entries at a time, in fp32 as below, sums in double,
+squares in double where fp32 ones would underflow);
 elsewhere (GPU, bf16 state, no C compiler) by torch ops a chunk of rows at a time (`error_sums`).
 A `v` format's update error is computed as −u·(sqrt(q) − sqrt(v))/(sqrt(q)/√bc2 + ε)/√bc2 with
 sqrt(q) − sqrt(v) = (q − v)/(sqrt(q) + sqrt(v)), not as the difference of two nearby updates,
