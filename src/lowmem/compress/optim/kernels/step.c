@@ -560,6 +560,17 @@ static inline float bf16_trip(float x) { return bf16_load(bf16_round(x)); }
 /* The sums of one tile (k ≤ TILE entries of m and v) added to acc. */
 static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, const Codec *v8, const float *m,
                            const float *v, int64_t k, double *acc) {
+    /* A tile of zeros in m and v (embedding rows never seen) adds nothing: every format stores
+     * 0 exactly, and u = 0 there (for ε > 0; with ε = 0 the update is undefined there and such
+     * tiles are left out, where torch ops would give NaN). */
+    uint32_t bits = 0;
+    for (int64_t j = 0; j < k; j++) {
+        uint32_t a, b;
+        memcpy(&a, m + j, 4);
+        memcpy(&b, v + j, 4);
+        bits |= (a | b) & 0x7fffffffu;
+    }
+    if (!bits) return;
     float sv[TILE], inv[TILE], mh[TILE], u[TILE], q[TILE], e[TILE], eu[TILE];
     const float rbc1 = 1.0f / t->bc1, rsbc2 = 1.0f / t->sbc2, eps = t->eps;
     for (int64_t j = 0; j < k; j++) {
