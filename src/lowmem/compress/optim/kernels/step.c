@@ -511,8 +511,8 @@ void lowmem_encode(const Codec *c, const float *x, int64_t n, uint8_t *out) { en
  * as bf16, int8, int4, then v as bf16, int8 (bf16 only where the parameter is not quantizable).
  * Each state is read once: a tile of at most 256 entries of one quantization row (a whole 8-bit
  * block; two 4-bit blocks) is loaded, every format's round trip of it is made in registers and
- * tile buffers, and its sums are added (tile_sq: squares in double where float's would
- * underflow). The sums of a work item accumulate in double, tile by tile; a parameter's are
+ * tile buffers, and its sums are added (squares in double for v, whose entries are about g²,
+ * and wherever else float's would underflow). The sums of a work item accumulate in double, tile by tile; a parameter's are
  * its items' added in order, so the result does not depend on the number of threads.
  * Arithmetic in fp32, as the torch reference, with the bias corrections applied as
  * multiplications by their reciprocals (the same up to rounding). */
@@ -526,9 +526,19 @@ typedef struct {
 
 enum { PREC_SUMS = 13, PREC_SUMS_BF16 = 7 };
 
+/* Σ a[j]² over j < k, squared and added in double, eight lanes added in a fixed order. */
+static double tile_sq_wide(const float *a, int64_t k) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8)
+        for (int l = 0; l < 8; l++) { double x = a[j + l]; acc[l] += x * x; }
+    for (; j < k; j++) { double x = a[j]; acc[j & 7] += x * x; }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 /* Σ a[j]² over j < k ≤ TILE: sixteen float lanes (vectorisable), added in double in a fixed
  * order; where that sum is tiny (below 2^-100, where float squares of 1e-19 and less would have
- * been lost) or huge (near float's range), again with squares and sums in double. */
+ * been lost) or huge (near float's range), again by `tile_sq_wide`. */
 static double tile_sq(const float *a, int64_t k) {
     float acc[16] = {0};
     int64_t j = 0;
@@ -537,10 +547,7 @@ static double tile_sq(const float *a, int64_t k) {
     for (; j < k; j++) acc[j & 15] += a[j] * a[j];
     double sum = 0;
     for (int l = 0; l < 16; l++) sum += acc[l];
-    if (sum >= 0x1p-100 && sum <= 0x1p100) return sum;
-    double wide[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (j = 0; j < k; j++) { double x = a[j]; wide[j & 7] += x * x; }
-    return ((wide[0] + wide[1]) + (wide[2] + wide[3])) + ((wide[4] + wide[5]) + (wide[6] + wide[7]));
+    return sum >= 0x1p-100 && sum <= 0x1p100 ? sum : tile_sq_wide(a, k);
 }
 
 /* x[0..k) stored under codec `c` (blocks of c->block from x[0]) and read back into `out`. */
@@ -580,8 +587,10 @@ static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, 
         u[j] = mh[j] * inv[j];
     }
     int a = 0;
+    /* v ~ g²: its squares (and its formats' errors') are the ones a float would lose, so
+     * they are taken in double outright */
     acc[a++] += tile_sq(m, k);
-    acc[a++] += tile_sq(v, k);
+    acc[a++] += tile_sq_wide(v, k);
     acc[a++] += tile_sq(u, k);
     const Codec *mformats[3] = {NULL, m8, m4}, *vformats[2] = {NULL, v8};
     int formats = t->quantized ? 3 : 1;
@@ -608,7 +617,7 @@ static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, 
             e[j] = q[j] - v[j];
             eu[j] = e[j] == 0.0f ? 0.0f : -(mh[j] * inv[j]) * rsbc2 * (e[j] / (sv[j] + sq)) / (sq * rsbc2 + eps);
         }
-        acc[a++] += tile_sq(e, k);
+        acc[a++] += tile_sq_wide(e, k);
         acc[a++] += tile_sq(eu, k);
     }
 }
