@@ -36,9 +36,9 @@ a GPU, for bf16 state, without a C compiler) torch ops, same-shaped small states
 Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
 others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), and views of
 one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
-threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.17-0.33 of a training step, the
-precision 0.36-0.41, nothing between measurements; so every=10 costs about 2-3% with the SNR
-alone and 5-7% with both. On the built-in example a measurement with both takes about 12 ms
+threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.17-0.37 of a training step, the
+precision 0.36-0.44, nothing between measurements; so every=10 costs about 2-4% with the SNR
+alone and 6-8% with both. On the built-in example a measurement with both takes about 12 ms
 (every=10: about 1-2%).
 
 CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
