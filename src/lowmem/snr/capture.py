@@ -358,12 +358,7 @@ class SnrCapture:
         if self._writer is not None:
             self._writer.write(samples)
         if self.precision:
-            found, sums = pending.precision
-            precision = []
-            for i, info in enumerate(found):
-                for which, fmt, state_error, update_error in errors_from_sums(sums[i].tolist(), info.shape):
-                    precision.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
-                                                     update_error))
+            precision = _precision_samples(step, *pending.precision)
             self.precision_samples.extend(precision)
             if self._precision_writer is not None:
                 self._precision_writer.write(precision)
@@ -424,12 +419,7 @@ class SnrCapture:
         """The error each storage format of `m` and `v` causes for every tracked parameter with
         Adam state (`lowmem.snr.precision`), kept in ``precision_samples``; one host transfer
         (collective when parameters are sharded: every rank must measure at the same step)."""
-        found, sums = self._precision_sums()
-        samples = []
-        for i, info in enumerate(found):
-            for which, fmt, state_error, update_error in errors_from_sums(sums[i].tolist(), info.shape):
-                samples.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error,
-                                               update_error))
+        samples = _precision_samples(step, *self._precision_sums())
         self.precision_samples.extend(samples)
         return samples
 
@@ -502,6 +492,15 @@ def _scratch(work: dict, device: torch.device, dtype: torch.dtype, need: int, ki
     if buf is None or buf.numel() < need:
         buf = work[(device, dtype, kind)] = torch.empty(need, dtype=dtype, device=device)
     return buf
+
+
+def _precision_samples(step: int, found: list[ParamInfo], sums: dict[int, torch.Tensor]) -> list[PrecisionSample]:
+    """The `PrecisionSample`s of the parameters `found`, from their sums on the host by position."""
+    samples = []
+    for i, info in enumerate(found):
+        for which, fmt, state_error, update_error in errors_from_sums(sums[i].tolist(), info.shape):
+            samples.append(PrecisionSample(step, info.name, tuple(info.shape), which, fmt, state_error, update_error))
+    return samples
 
 
 class _Pending:
