@@ -468,10 +468,10 @@ def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
     for (shape, subsets, dtype, device), members in groups.items():
         n = math.prod(shape)
         per = max(1, min(CHUNK, largest) // max(1, n))   # a stack is no bigger than the largest view's own scratch
+        # deviations: a view's chunk (`work_size`, within `largest`), or a whole stack
+        buf = _scratch(work, device, dtype, largest)
         for first in range(0, len(members), per):
             batch = members[first:first + per]
-            # deviations: a view's chunk (`work_size`, within `largest`), or a whole stack
-            buf = _scratch(work, device, dtype, largest)
             if len(batch) == 1:
                 x, new = batch[0]
                 for (index, _), t in zip(new, snr_terms_many(x, list(subsets), buf)):

@@ -28,7 +28,8 @@ measured there.
 Computed on CPU by one native kernel call for all parameters (`error_sums_all`: each state read
 once, every format's round trip made 256 entries at a time, in fp32 as below, sums in double,
 squares in double where fp32 ones would underflow);
-elsewhere (GPU, bf16 state, no C compiler) by torch ops a chunk of rows at a time (`error_sums`).
+elsewhere (GPU, bf16 state, no C compiler) by torch ops a chunk of rows at a time (`error_sums`),
+same-shaped small states stacked and measured together.
 A `v` format's update error is computed as −u·(sqrt(q) − sqrt(v))/(sqrt(q)/√bc2 + ε)/√bc2 with
 sqrt(q) − sqrt(v) = (q − v)/(sqrt(q) + sqrt(v)), not as the difference of two nearby updates,
 which in fp32 lost about 1e-4 of it to cancellation.
@@ -93,8 +94,7 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
         betas, eps: the parameter group's.
         shape: the whole parameter's shape (which formats apply).
     """
-    m_formats, v_formats = candidates("m", shape), candidates("v", shape)
-    n = 3 + 2 * (len(m_formats) + len(v_formats))
+    n = _sum_count(shape)
     if exp_avg.numel() == 0:   # a rank holding no rows of this parameter
         return torch.zeros(n, dtype=torch.float64, device=exp_avg.device)
     bc1, sqrt_bc2 = _corrections(step, betas, exp_avg.device)
@@ -108,6 +108,11 @@ def error_sums(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step, betas: tup
         total += _chunk_sums(m_rows[first:first + per_chunk].float(), v_rows[first:first + per_chunk].float(),
                              bc1, sqrt_bc2, eps, shape, 1)[0]
     return total
+
+
+def _sum_count(shape) -> int:
+    """How many numbers `error_sums` gives for a parameter of `shape`."""
+    return 3 + 2 * (len(candidates("m", shape)) + len(candidates("v", shape)))
 
 
 def _corrections(step, betas: tuple[float, float], device: torch.device):
@@ -184,12 +189,9 @@ def error_sums_all(states: list[tuple]) -> list[torch.Tensor]:
             if not _native_reads(states[i]):
                 continue
             t = int(step)   # (a CPU tensor or a number: no device sync)
-            quantized = quantizable(tuple(shape)) and m.numel() > 0
-            out[i] = torch.zeros(3 + 2 * (len(candidates("m", shape)) + len(candidates("v", shape))),
-                                 dtype=torch.float64)
-            if m.numel():
-                batch.append((m.detach(), v.detach(), out[i], 1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5, eps,
-                              quantized))
+            out[i] = torch.empty(_sum_count(shape), dtype=torch.float64)   # (an empty state: zeros)
+            batch.append((m.detach(), v.detach(), out[i], 1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5, eps,
+                          quantizable(tuple(shape))))
         native.precision_sums(batch)
     # The rest: same-shaped small states (every layer's q, k, v, ... on a GPU) stacked, so that
     # they cost the ops of one; the others one by one.
