@@ -178,7 +178,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
               out: str | os.PathLike | None = None, seed: int = 0, shadow: bool = False,
               on_step: Callable[[int, float], None] | None = None,
               on_start: Callable[[nn.Module, ModelLayers], None] | None = None,
-              precision_out: str | os.PathLike | None = None, stream: bool = False) -> ProbeResult:
+              precision_out: str | os.PathLike | None = None, stream: bool = False,
+              precision_every: int | None = None) -> ProbeResult:
     """Train `task` for `steps` steps with capture attached; stop cleanly on Ctrl-C.
 
     Args:
@@ -195,6 +196,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
             writes ``layers.json`` there, so even a killed run can be reported).
         precision_out: precision CSV, streamed: at each measurement the error each storage format
             of `m` and `v` causes (`lowmem.snr.precision`; none in shadow mode).
+        precision_every: measure the precision only at steps that are multiples of this (a
+            multiple of `every`); default: at every measurement.
         stream: measure on a CUDA side stream (`lowmem.snr.capture`, ``stream=True``).
 
     Returns:
@@ -210,7 +213,7 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
     if on_start is not None:
         on_start(model, layers)
     cap = SnrCapture(optimizer, model, every=every, out=out, shadow=shadow, layers=layers,
-                     precision_out=precision_out, stream=stream)
+                     precision_out=precision_out, precision_every=precision_every, stream=stream)
     result = ProbeResult(model, optimizer, cap, layers)
     cap.attach()
     try:

@@ -290,6 +290,42 @@ def test_bad_flag_values_are_usage_errors(tmp_path, flags, expected):
     assert not (tmp_path / "o").exists()
 
 
+def test_precision_every_measures_the_precision_at_its_multiples_and_the_plan_follows_them(tmp_path):
+    model_file = write(tmp_path, MODEL)
+    r = lowmem_analyze(tmp_path, "model.py", "--steps", "8", "--every", "2", "--precision-every", "4", "--out", "o",
+                       "--no-peak", "--no-html")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "o"
+    assert csv_steps(out / "snr.csv") == [2, 4, 6, 8]
+    assert {s.step for s in PrecisionTrajectory.read(out / "precision.csv").samples} == {4, 8}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["source"]["precision_every"] == 4
+    assert {lp["state"]["m"] for lp in plan["layers"].values()} == {"bf16"}   # chosen from steps 4 and 8
+    assert_plan_is_from(out, model_file)
+    # a window between the precision measurements: said, and every layer keeps fp32 state
+    r = lowmem_analyze(tmp_path, "model.py", "--steps", "8", "--every", "2", "--precision-every", "4",
+                       "--window", "5:7", "--out", "w", "--no-peak", "--no-html")
+    assert r.returncode == 0, r.stderr
+    assert "the window 5:7 holds no precision measurement (every 4 steps)" in r.stderr
+    states = {lp["state"]["m"] for lp in json.loads((tmp_path / "w" / "plan.json").read_text())["layers"].values()}
+    assert states == {"fp32"}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--every", "2", "--precision-every", "3"], "--precision-every 3 must be a multiple of --every (2)"),
+    (["--steps", "8", "--every", "2", "--precision-every", "10"], "--precision-every 10 needs at least that many steps"),
+    (["--precision-every", "20", "--shadow-v"], "--shadow-v reads no m and measures none"),
+    (["--precision-every", "20", "--preset", "eve"], "--plan and --preset run no probe"),
+    (["--precision-every", "0"], "argument --precision-every: expected a positive integer, got '0'"),
+], ids=["not-a-multiple", "past-the-steps", "shadow", "preset", "zero"])
+def test_bad_precision_every_is_a_usage_error(tmp_path, flags, expected):
+    write(tmp_path, MODEL)
+    r = lowmem_analyze(tmp_path, "model.py", *flags, "--out", "o")
+    assert r.returncode == 2 and r.stdout == ""
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flag", [["--prefer", "compression"], ["--depth-average"]])
 def test_the_paper_rule_with_options_it_does_not_have_is_a_usage_error(tmp_path, flag):
     write(tmp_path, MODEL)

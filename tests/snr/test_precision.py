@@ -103,6 +103,32 @@ def test_recorded_errors_equal_a_numpy_float64_computation(tmp_path):
     assert {s.step for s in cap.precision_samples} == {3}
 
 
+def test_precision_every_measures_at_its_multiples_only_and_the_numbers_are_those_of_that_step(tmp_path):
+    model, opt = make()
+    out = tmp_path / "precision.csv"
+    with lowmem.capture(opt, model, every=2, precision_out=out, precision_every=6) as cap:
+        train(model, opt, 6)
+        states = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+                  for n, p in model.named_parameters()}
+        train(model, opt, 7, start=6)
+        assert cap.measure(13) and cap.measured_steps[-1] == 13   # an explicit measure off the cadence
+    assert cap.measured_steps == [2, 4, 6, 8, 10, 12, 13]
+    assert {s.step for s in cap.precision_samples} == {6, 12}
+    assert read_precision(out) == cap.precision_samples
+    settings = {n: GROUPS[0] if not n.startswith("ln.") else GROUPS[1] for n in states}
+    got = {(s.name, s.state, s.format): (s.state_error, s.update_error) for s in cap.precision_samples if s.step == 6}
+    for name, (m, v) in states.items():
+        for (which, fmt), errors in reference_errors(m, v, 6, settings[name]["betas"], settings[name]["eps"]).items():
+            np.testing.assert_allclose(got[(name, which, fmt)], errors, rtol=1e-4, err_msg=str((name, which, fmt)))
+
+
+@pytest.mark.parametrize("bad", [0, 3, 5, -4, 4.0, "4"])
+def test_precision_every_must_be_a_positive_multiple_of_every(bad):
+    model, opt = make()
+    with pytest.raises(ValueError, match="precision_every must be a positive multiple of every"):
+        lowmem.capture(opt, model, every=2, precision=True, precision_every=bad)
+
+
 @pytest.mark.parametrize("chunk", [1000, 300, 1])
 def test_row_chunks_give_the_whole_tensors_errors(monkeypatch, chunk):
     # error_sums works through whole rows a chunk at a time (at least one row): 3 rows, 1 row, and

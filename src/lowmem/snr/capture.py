@@ -25,7 +25,8 @@ Shadow-v mode (``shadow=True``) keeps ``v ← β2 v + (1−β2) g²`` from the g
 optimizers that keep no ``exp_avg_sq`` (SGD, Adafactor, lowmem's own optimizers); it costs one
 full-size tensor per parameter and counts steps by hook calls.
 
-Precision (``precision=True``, or a ``precision_out`` file): at the same measurements, the error
+Precision (``precision=True``, or a ``precision_out`` file): at the same measurements (or, with
+``precision_every``, at those whose step is a multiple of it), the error
 each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``, ``step`` and the
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
 one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none.
@@ -104,13 +105,19 @@ class SnrCapture:
             module docstring); default: when `precision_out` is given.
         precision_out: precision CSV path, streamed like `out` (`lowmem.snr.precision`); None keeps
             the precision samples in memory only (``precision_samples``).
+        precision_every: measure the precision only at the measurements whose step is a multiple of
+            this (a multiple of `every`, e.g. ``4 * every``): on a large CPU model the precision
+            costs about twice the SNR, so this brings a measurement's average cost down, at the
+            price of fewer precision samples for the plan (the plan's `window` must hold at least
+            one). Default: at every measurement.
         stream: on CUDA, run each measurement on a side stream (see the module docstring): the
             hook returns at once and training goes on beside it; its samples arrive (``samples``,
             the files, `on_sample`) at a later step or at `close`. Needs every tracked parameter
             on one CUDA device, unsharded.
 
     Raises:
-        ValueError: `every` is not a positive integer, no parameter of `optimizer` belongs to
+        ValueError: `every` is not a positive integer, `precision_every` not a positive multiple of
+            it, no parameter of `optimizer` belongs to
             `model` (another model's optimizer would measure nothing), or ``stream=True`` where
             the parameters are not all on one CUDA device or are sharded.
     """
@@ -119,9 +126,14 @@ class SnrCapture:
                  out: str | os.PathLike | None = None, shadow: bool = False,
                  beta2: float | None = None, layers: ModelLayers | None = None,
                  on_sample: Callable[[list[Sample]], None] | None = None, precision: bool | None = None,
-                 precision_out: str | os.PathLike | None = None, stream: bool = False):
+                 precision_out: str | os.PathLike | None = None, precision_every: int | None = None,
+                 stream: bool = False):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        if precision_every is not None and not (isinstance(precision_every, int) and precision_every >= every
+                                                and precision_every % every == 0):
+            raise ValueError(f"precision_every must be a positive multiple of every ({every}): the precision is "
+                             f"measured at some of the SNR's measurements; got {precision_every!r}")
         _check_belongs(optimizer, model)
         self.optimizer = optimizer
         self.every = every
@@ -131,6 +143,7 @@ class SnrCapture:
         self.samples: list[Sample] = []
         self.precision = (precision_out is not None if precision is None else bool(precision)) and not shadow
         self.precision_samples: list[PrecisionSample] = []
+        self.precision_every = precision_every
         self.measured_steps: list[int] = []
         self._handle = None
         self._calls = 0
@@ -317,9 +330,10 @@ class SnrCapture:
 
     def measure(self, step: int) -> list[Sample]:
         """Measure every tracked parameter now; one host transfer per device (collective when
-        parameters are sharded: every rank must measure at the same step). Returns the samples
-        (with ``stream=True`` too: an explicit call first takes in the measurements still in
-        flight, then waits for its own results)."""
+        parameters are sharded: every rank must measure at the same step), and the precision
+        where it is measured at `step` (``precision_every``). Returns the samples (with
+        ``stream=True`` too: an explicit call first takes in the measurements still in flight,
+        then waits for its own results)."""
         self.flush()
         return self._finish(self._launch(step, None))
 
@@ -328,15 +342,16 @@ class SnrCapture:
         one), ending in one copy of its numbers to the host per device: non-blocking into pinned
         memory on a side stream, an event marking when they have arrived."""
         self._last_measured = step   # (a hook at this same step count measures no second time)
+        with_precision = self.precision and (self.precision_every is None or step % self.precision_every == 0)
         if stream is None:
             snr = self._snr_terms()
-            precision = self._precision_sums() if self.precision else ([], {})
+            precision = self._precision_sums() if with_precision else None
             return _Pending(step, snr, precision, None)
         main = torch.cuda.current_stream(stream.device)
         stream.wait_stream(main)   # the step that wrote the state comes first
         with torch.cuda.stream(stream):
             snr = self._snr_terms(stream)
-            precision = self._precision_sums(stream) if self.precision else ([], {})
+            precision = self._precision_sums(stream) if with_precision else None
             done = torch.cuda.Event()
             done.record(stream)
         self._unwaited.append(done)
@@ -357,7 +372,7 @@ class SnrCapture:
         self.samples.extend(samples)
         if self._writer is not None:
             self._writer.write(samples)
-        if self.precision:
+        if pending.precision is not None:
             precision = _precision_samples(step, *pending.precision)
             self.precision_samples.extend(precision)
             if self._precision_writer is not None:
@@ -504,8 +519,8 @@ def _precision_samples(step: int, found: list[ParamInfo], sums: dict[int, torch.
 
 
 class _Pending:
-    """A launched measurement: its step, its SNR rows and numbers, its precision numbers, and the
-    event after which they are on the host (None: they are already)."""
+    """A launched measurement: its step, its SNR rows and numbers, its precision numbers (None
+    where it measures none), and the event after which they are on the host (None: they are already)."""
 
     def __init__(self, step: int, snr, precision, done):
         self.step, self.snr, self.precision, self.done = step, snr, precision, done
