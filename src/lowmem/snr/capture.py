@@ -39,7 +39,8 @@ others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`)
 one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
 threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.17-0.37 of a training step, the
 precision 0.36-0.44, nothing between measurements; so every=10 costs about 2-4% with the SNR
-alone and 6-8% with both. On the built-in example a measurement with both takes about 12 ms
+alone and 6-8% with both, about 3-5% with the precision at every fourth measurement
+(``precision_every=4 * every``). On the built-in example a measurement with both takes about 12 ms
 (every=10: about 1-2%).
 
 CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
