@@ -48,14 +48,14 @@ def test_capture_on_cuda_syncs_only_when_a_measurement_may_be_due():
         assert sample[subset].snr == pytest.approx(np.mean(mean ** 2 / var), rel=1e-4)
 
 
-def _train_captured(stream: bool, steps: int = 12):
+def _train_captured(stream: bool, steps: int = 12, precision_every=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)     # foreach: `step` stays on the host
     g = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.randn(64, 16, device="cuda", generator=g), torch.randn(64, 4, device="cuda", generator=g))
                for _ in range(steps)]
-    cap = lowmem.capture(opt, model, every=3, precision=True, stream=stream)
+    cap = lowmem.capture(opt, model, every=3, precision=True, stream=stream, precision_every=precision_every)
     seen_before_close = []
     try:
         for i, (x, y) in enumerate(batches):
@@ -91,6 +91,18 @@ def test_side_stream_measures_the_same_numbers_without_blocking_training():
     assert {s.step for s in before_close} <= {3, 6, 9} and 12 in {s.step for s in side.samples}
     for p, q in zip(plain_model.parameters(), side_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_side_stream_with_precision_every_measures_the_precision_at_its_multiples_only():
+    _, plain, _ = _train_captured(stream=False)
+    _, side, _ = _train_captured(stream=True, precision_every=6)
+    assert side.measured_steps == [3, 6, 9, 12] and {s.step for s in side.precision_samples} == {6, 12}
+    pkey = lambda s: (s.step, s.name, s.state, s.format)
+    want = {pkey(s): s for s in plain.precision_samples if s.step in (6, 12)}
+    assert sorted(map(pkey, side.precision_samples)) == sorted(want)
+    for a in side.precision_samples:
+        b = want[pkey(a)]
+        assert (a.state_error, a.update_error) == pytest.approx((b.state_error, b.update_error), rel=1e-6)
 
 
 def test_lowmem_analyze_with_a_side_stream_measures_what_it_measures_without(tmp_path):
