@@ -37,9 +37,9 @@ a GPU, for bf16 state, without a C compiler) torch ops, same-shaped small states
 Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
 others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), and views of
 one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
-threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.17-0.37 of a training step, the
-precision 0.36-0.44, nothing between measurements; so every=10 costs about 2-4% with the SNR
-alone and 6-8% with both, about 3-5% with the precision at every fourth measurement
+threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.13-0.37 of a training step, the
+precision 0.28-0.44, nothing between measurements; so every=10 costs about 1-4% with the SNR
+alone and 4-8% with both, about 2-4% with the precision at every fourth measurement
 (``precision_every=4 * every``). On the built-in example a measurement with both takes about 12 ms
 (every=10: about 1-2%).
 
@@ -108,7 +108,7 @@ class SnrCapture:
             the precision samples in memory only (``precision_samples``).
         precision_every: measure the precision only at the measurements whose step is a multiple of
             this (a multiple of `every`, e.g. ``4 * every``): on a large CPU model the precision
-            costs about twice the SNR, so this brings a measurement's average cost down, at the
+            costs one to two times the SNR, so this brings a measurement's average cost down, at the
             price of fewer precision samples for the plan (the plan's `window` must hold at least
             one). Default: at every measurement.
         stream: on CUDA, run each measurement on a side stream (see the module docstring): the
