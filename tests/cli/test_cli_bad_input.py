@@ -193,7 +193,15 @@ def test_a_killed_run_can_still_be_reported(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "plan rebuilt from the trajectory" in r.stderr and "Compression plan" in r.stdout
+    assert "state formats below 5% update error" in r.stderr
     assert "status: interrupted" in (out / "report.html").read_text()
+    # a precision file with no measurement (a run stopped before its --precision-every step): said
+    precision = out / "precision.csv.part"
+    precision.write_text(precision.read_text().splitlines()[0] + "\n")
+    r = subprocess.run([sys.executable, "-m", "lowmem.cli.main", "report", "o"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "no precision measurement: fp32 state" in r.stderr
 
 
 def test_builtin_example_end_to_end(tmp_path):

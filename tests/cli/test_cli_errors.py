@@ -302,22 +302,33 @@ def test_precision_every_measures_the_precision_at_its_multiples_and_the_plan_fo
     assert plan["source"]["precision_every"] == 4
     assert {lp["state"]["m"] for lp in plan["layers"].values()} == {"bf16"}   # chosen from steps 4 and 8
     assert_plan_is_from(out, model_file)
-    # a window between the precision measurements: said, and every layer keeps fp32 state
-    r = lowmem_analyze(tmp_path, "model.py", "--steps", "8", "--every", "2", "--precision-every", "4",
-                       "--window", "5:7", "--out", "w", "--no-peak", "--no-html")
-    assert r.returncode == 0, r.stderr
-    assert "the window 5:7 holds no precision measurement (every 4 steps)" in r.stderr
-    states = {lp["state"]["m"] for lp in json.loads((tmp_path / "w" / "plan.json").read_text())["layers"].values()}
-    assert states == {"fp32"}
+
+
+def test_a_run_stopped_before_its_first_precision_measurement_says_so_and_keeps_fp32_state(tmp_path):
+    source = patched("def loss_fn(model, batch):\n    x, y = batch\n    return nn.functional.mse_loss(model(x), y)",
+                     "calls = 0\n\ndef loss_fn(model, batch):\n    global calls\n    x, y = batch\n"
+                     "    loss = nn.functional.mse_loss(model(x), y)\n    calls += 1\n"
+                     "    return loss * float('nan') if calls == 6 else loss")
+    write(tmp_path, source)
+    err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "20", "--every", "2", "--precision-every", "10",
+                                "--out", "o", "--no-peak", "--no-html"), 3)
+    assert "the run took no precision measurement (every 10 steps): the plan keeps every layer's state in fp32" in err
+    out = tmp_path / "o"
+    assert csv_steps(out / "snr.csv") == [2, 4] and PrecisionTrajectory.read(out / "precision.csv").samples == []
+    assert {lp["state"]["m"] for lp in json.loads((out / "plan.json").read_text())["layers"].values()} == {"fp32"}
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--every", "2", "--precision-every", "3"], "--precision-every 3 must be a multiple of --every (2)"),
+    (["--every", "2", "--precision-every", "3"], "--precision-every 3 must be a multiple of the SNR's every 2 steps"),
     (["--steps", "8", "--every", "2", "--precision-every", "10"], "--precision-every 10 needs at least that many steps"),
+    (["--steps", "8", "--every", "2", "--precision-every", "4", "--window", "5:7"],
+     "--window 5:7 holds no step that measures the precision (every 4 steps, up to step 8)"),
+    (["--steps", "10", "--every", "2", "--precision-every", "4", "--window", "9:"],
+     "--window 9: holds no step that measures the precision (every 4 steps, up to step 10)"),
     (["--precision-every", "20", "--shadow-v"], "--shadow-v reads no m and measures none"),
     (["--precision-every", "20", "--preset", "eve"], "--plan and --preset run no probe"),
     (["--precision-every", "0"], "argument --precision-every: expected a positive integer, got '0'"),
-], ids=["not-a-multiple", "past-the-steps", "shadow", "preset", "zero"])
+], ids=["not-a-multiple", "past-the-steps", "window-between", "window-after-the-last", "shadow", "preset", "zero"])
 def test_bad_precision_every_is_a_usage_error(tmp_path, flags, expected):
     write(tmp_path, MODEL)
     r = lowmem_analyze(tmp_path, "model.py", *flags, "--out", "o")

@@ -122,11 +122,22 @@ def test_precision_every_measures_at_its_multiples_only_and_the_numbers_are_thos
             np.testing.assert_allclose(got[(name, which, fmt)], errors, rtol=1e-4, err_msg=str((name, which, fmt)))
 
 
-@pytest.mark.parametrize("bad", [0, 3, 5, -4, 4.0, "4"])
+@pytest.mark.parametrize("bad", [0, 3, 5, -4, 4.0, "4", True])
 def test_precision_every_must_be_a_positive_multiple_of_every(bad):
     model, opt = make()
     with pytest.raises(ValueError, match="precision_every must be a positive multiple of every"):
-        lowmem.capture(opt, model, every=2, precision=True, precision_every=bad)
+        lowmem.capture(opt, model, every=1 if bad is True else 2, precision=True, precision_every=bad)
+
+
+def test_precision_every_of_a_capture_that_measures_no_precision_is_refused_and_numpy_integers_are_taken():
+    model, opt = make()
+    for kwargs in ({}, {"precision": False}, {"shadow": True, "precision": True}):
+        with pytest.raises(ValueError, match="this capture measures none"):
+            lowmem.capture(opt, model, every=2, precision_every=4, **kwargs)
+    cap = lowmem.capture(opt, model, every=2, precision=True, precision_every=np.int64(4))
+    with cap:
+        train(model, opt, 4)
+    assert cap.measured_steps == [2, 4] and {s.step for s in cap.precision_samples} == {4}
 
 
 @pytest.mark.parametrize("chunk", [1000, 300, 1])

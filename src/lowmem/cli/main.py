@@ -104,8 +104,8 @@ def make_parser() -> argparse.ArgumentParser:
                         f"(default {PRECISION_THRESHOLD:g}: 8-bit passes, 4-bit rarely); 0 keeps all state in fp32")
     p.add_argument("--precision-every", type=positive_int, metavar="N",
                    help="measure the state formats' precision only every N steps, a multiple of --every "
-                        "(default: at every SNR measurement); on a large model on CPU it costs one to two "
-                        "times the SNR, so e.g. 4x --every cuts the probe's measuring time by 40-50%")
+                        "(default: at every SNR measurement); on a large model on CPU it costs 1.2-2.3 "
+                        "times the SNR, so e.g. 4x --every cuts the probe's measuring time by 40-50%%")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
     p.add_argument("--rule", choices=("lowmem", "paper"), default="lowmem",
                    help="lowmem (default): per-head subsets are candidates too, an embedding's token axis is not; "
@@ -191,23 +191,30 @@ def _run(args, err: Console) -> int:
     if args.side_stream and device.type != "cuda":
         raise UsageError(f"--side-stream measures on a CUDA side stream; this run trains on {device} "
                          "(give --device cuda, or leave --side-stream out)")
-    if args.precision_every is not None:
-        if args.plan or args.preset or args.shadow_v:
-            raise UsageError("--precision-every places the probe's precision measurements; "
-                             + ("--shadow-v reads no m and measures none" if args.shadow_v
-                                else "--plan and --preset run no probe"))
-        if args.precision_every % every:
-            raise UsageError(f"--precision-every {args.precision_every} must be a multiple of --every ({every}): "
-                             "the precision is measured at some of the SNR's measurements")
-        if args.precision_every > steps:
-            raise UsageError(f"--precision-every {args.precision_every} needs at least that many steps; the probe "
-                             f"runs {steps} (--steps or LOWMEM['steps'])")
     if every > steps and not (args.plan or args.preset):
         raise UsageError(f"measuring every {every} steps (--every or LOWMEM['every']) needs at least that many "
                          f"steps; the probe runs {steps} (--steps or LOWMEM['steps'])")
     if args.window and args.window[0] is not None and args.window[0] > steps and not (args.plan or args.preset):
         raise UsageError(f"--window {args.window[0]}:{'' if args.window[1] is None else args.window[1]} starts after "
                          f"the last step the probe runs ({steps}); every measured step lies in 1:{steps}")
+    if args.precision_every is not None:
+        pe = args.precision_every
+        if args.plan or args.preset or args.shadow_v:
+            raise UsageError("--precision-every places the probe's precision measurements; "
+                             + ("--shadow-v reads no m and measures none" if args.shadow_v
+                                else "--plan and --preset run no probe"))
+        if pe % every:
+            raise UsageError(f"--precision-every {pe} must be a multiple of the SNR's every {every} steps "
+                             "(--every or LOWMEM['every']): the precision is measured at some of its measurements")
+        if pe > steps:
+            raise UsageError(f"--precision-every {pe} needs at least that many steps; the probe runs {steps} "
+                             "(--steps or LOWMEM['steps'])")
+        start, end = args.window or (None, None)
+        first = -(-max(start or 1, 1) // pe) * pe   # the first multiple of pe in the window
+        if first > min(steps, end if end is not None else steps) and args.precision_threshold > 0:
+            raise UsageError(f"--window {'' if start is None else start}:{'' if end is None else end} holds no step "
+                             f"that measures the precision (every {pe} steps, up to step {steps}): widen the "
+                             "window or give a smaller --precision-every")
     if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
         return _check_plan(args, task, device, lr, note, steps)
     # The folder is locked and checked before any training: a busy folder, or one holding the
@@ -330,11 +337,11 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
         if failure:
             raise failure from None
         return EXIT_INTERRUPTED
-    if precision is not None and precision.samples and args.precision_threshold > 0 \
-            and not precision.worst(args.window):
-        start, end = ("" if x is None else x for x in args.window)
-        note(f"the window {start}:{end} holds no precision measurement (every "
-             f"{args.precision_every or every} steps): the plan keeps every layer's state in fp32")
+    if precision is not None and args.precision_threshold > 0 and not precision.worst(args.window):
+        # (possible with --precision-every: a run that stopped before the precision's step)
+        where = "the run took no precision measurement" if not precision.samples else \
+            "the window {}:{} holds no precision measurement".format(*("" if x is None else x for x in args.window))
+        note(f"{where} (every {args.precision_every or every} steps): the plan keeps every layer's state in fp32")
     plan.save(out / "plan.json")
     estimate = _write_memory(out, result.model, result.layers, plan)
     skipped = "the probe was interrupted" if result.interrupted else "the loss became non-finite" if failure else ""

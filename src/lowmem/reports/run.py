@@ -201,8 +201,9 @@ def read_run(folder: str | os.PathLike) -> Run:
         except PlanError as e:   # e.g. a trajectory of another model than layers.json's
             raise RunFolderError(f"{run.trajectory_path}: no plan can be rebuilt from it with "
                                  f"{folder / 'layers.json'}: {e}") from None
+        measured = run.precision is not None and run.precision.samples
         run.notes.append("no plan.json: plan rebuilt from the trajectory (threshold 1.0, all measured steps"
-                         + (f"; state formats below {PRECISION_THRESHOLD:.0%} update error)" if run.precision else
+                         + (f"; state formats below {PRECISION_THRESHOLD:.0%} update error)" if measured else
                             "; no precision measurement: fp32 state)"))
     elif run.plan is None and run.trajectory is not None:
         run.notes.append("no plan.json and no layers.json: SNR shown, no plan")

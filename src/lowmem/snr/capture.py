@@ -39,7 +39,7 @@ others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`)
 one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
 threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.13-0.37 of a training step, the
 precision 0.28-0.44, nothing between measurements; so every=10 costs about 1-4% with the SNR
-alone and 4-8% with both, about 2-4% with the precision at every fourth measurement
+alone and 4-8% with both, about 2-5% with the precision at every fourth measurement
 (``precision_every=4 * every``). On the built-in example a measurement with both takes about 12 ms
 (every=10: about 1-2%).
 
@@ -69,6 +69,7 @@ gpt2-124m the peak extra memory was 6 MiB and under 1 MiB against 949 MiB of sta
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from typing import Callable
@@ -106,35 +107,40 @@ class SnrCapture:
             module docstring); default: when `precision_out` is given.
         precision_out: precision CSV path, streamed like `out` (`lowmem.snr.precision`); None keeps
             the precision samples in memory only (``precision_samples``).
-        precision_every: measure the precision only at the measurements whose step is a multiple of
-            this (a multiple of `every`, e.g. ``4 * every``): on a large CPU model the precision
-            costs one to two times the SNR, so this brings a measurement's average cost down, at the
-            price of fewer precision samples for the plan (the plan's `window` must hold at least
-            one). Default: at every measurement.
         stream: on CUDA, run each measurement on a side stream (see the module docstring): the
             hook returns at once and training goes on beside it; its samples arrive (``samples``,
             the files, `on_sample`) at a later step or at `close`. Needs every tracked parameter
             on one CUDA device, unsharded.
+        precision_every: measure the precision only at the measurements whose step is a multiple of
+            this (a multiple of `every`, e.g. ``4 * every``): on a large CPU model the precision
+            costs 1.2-2.3 times the SNR, so this brings a measurement's average cost down, at the
+            price of fewer precision samples for the plan (the plan's `window` must hold at least
+            one). Default: at every measurement.
 
     Raises:
         ValueError: `every` is not a positive integer, `precision_every` not a positive multiple of
-            it, no parameter of `optimizer` belongs to
-            `model` (another model's optimizer would measure nothing), or ``stream=True`` where
-            the parameters are not all on one CUDA device or are sharded.
+            it or given to a capture that measures no precision, no parameter of `optimizer`
+            belongs to `model` (another model's optimizer would measure nothing), or
+            ``stream=True`` where the parameters are not all on one CUDA device or are sharded.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 10,
                  out: str | os.PathLike | None = None, shadow: bool = False,
                  beta2: float | None = None, layers: ModelLayers | None = None,
                  on_sample: Callable[[list[Sample]], None] | None = None, precision: bool | None = None,
-                 precision_out: str | os.PathLike | None = None, precision_every: int | None = None,
-                 stream: bool = False):
+                 precision_out: str | os.PathLike | None = None, stream: bool = False,
+                 precision_every: int | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        if precision_every is not None and not (isinstance(precision_every, int) and precision_every >= every
-                                                and precision_every % every == 0):
-            raise ValueError(f"precision_every must be a positive multiple of every ({every}): the precision is "
-                             f"measured at some of the SNR's measurements; got {precision_every!r}")
+        if precision_every is not None:
+            if not (isinstance(precision_every, numbers.Integral) and not isinstance(precision_every, bool)
+                    and precision_every >= every and precision_every % every == 0):
+                raise ValueError(f"precision_every must be a positive multiple of every ({every}): the precision is "
+                                 f"measured at some of the SNR's measurements; got {precision_every!r}")
+            if shadow or not (precision_out is not None if precision is None else precision):
+                raise ValueError("precision_every says when the precision is measured; this capture measures none "
+                                 "(shadow mode reads no m; otherwise give precision=True or precision_out)")
+            precision_every = int(precision_every)
         _check_belongs(optimizer, model)
         self.optimizer = optimizer
         self.every = every
