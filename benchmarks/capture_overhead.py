@@ -18,7 +18,9 @@ measures each kind's peak extra memory in a fresh process whose glibc maps every
 against the optimizer state it reads (AdamW's m and v). Goals (issue 21): SNR and precision
 together at most 0.3 of a step; peak extra memory at most 10% of the state. It also prints,
 derived from the same medians, the average measurement when the precision is taken at every
-K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K. On CUDA it also
+K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K. And, for
+comparison, the SNR with one torch thread and one read of all of `v` (on this 2-core machine
+the two-thread SNR has two speeds, set by the machine's thread scheduling: `BENCHMARKS.md`). On CUDA it also
 times two training steps of which one measures, with no capture, measuring on the training
 stream, and on a side stream (``stream=True``), interleaved.
 
@@ -395,12 +397,23 @@ def large_model(args) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, opt, step, cap = _large_setup(args, device)
     snr = SnrMeasure(cap)
-    times = {"step": [], "snr": [], "precision": []}
-    runs = {"step": step, "snr": snr.run, "precision": lambda: cap.measure_precision(0)}
+    vs = [st["exp_avg_sq"] for st in opt.state.values()]
+    threads = torch.get_num_threads()
+
+    def snr_one_thread():                    # the SNR's ops without intra-op parallel regions
+        torch.set_num_threads(1)
+        try:
+            snr.run()
+        finally:
+            torch.set_num_threads(threads)
+
+    times = {"step": [], "snr": [], "precision": [], "snr_one_thread": [], "read_v": []}
+    runs = {"step": step, "snr": snr.run, "precision": lambda: cap.measure_precision(0),
+            "snr_one_thread": snr_one_thread, "read_v": lambda: [v.sum() for v in vs]}
     runs["snr"]()
     runs["precision"]()                      # warm: lazy imports, code maps
-    for r in range(args.direct):             # interleaved, so drifts of the machine hit all three
-        for name in ("step", "snr", "precision"):
+    for r in range(args.direct):             # interleaved, so drifts of the machine hit all of them
+        for name in runs:
             sync(device)
             t0 = time.perf_counter()
             runs[name]()
@@ -463,6 +476,9 @@ def large_model(args) -> int:
         print("two training steps, one of them measuring (SNR and precision), seconds: "
               + ", ".join(f"{k} {v:.3f}" for k, v in pairs.items()))
     both = result["share_of_step"]["both"]
+    if device.type == "cpu":
+        print(f"for comparison: the SNR with one torch thread {med['snr_one_thread']:.3f} s; one read of all of v "
+              f"(a sum) {med['read_v']:.3f} s")
     print(f"both: {both:.3f} of a step -> every=10 costs about {both / 10:.1%} (goal: 0.3 of a step, 3%); "
           f"optimizer state read: {state / 2**20:.0f} MiB (goal: peak extra at most 10% of it)")
     print("the precision at every K-th measurement only (precision_every = K x every), the average measurement: "
