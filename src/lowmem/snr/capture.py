@@ -132,12 +132,13 @@ class SnrCapture:
                  precision_every: int | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        measures_precision = (precision_out is not None if precision is None else bool(precision)) and not shadow
         if precision_every is not None:
             if not (isinstance(precision_every, numbers.Integral) and not isinstance(precision_every, bool)
                     and precision_every >= every and precision_every % every == 0):
                 raise ValueError(f"precision_every must be a positive multiple of every ({every}): the precision is "
                                  f"measured at some of the SNR's measurements; got {precision_every!r}")
-            if shadow or not (precision_out is not None if precision is None else precision):
+            if not measures_precision:
                 raise ValueError("precision_every says when the precision is measured; this capture measures none "
                                  "(shadow mode reads no m; otherwise give precision=True or precision_out)")
             precision_every = int(precision_every)
@@ -148,7 +149,7 @@ class SnrCapture:
         self.layers = layers if layers is not None else resolve_layers(model)
         self.on_sample = on_sample
         self.samples: list[Sample] = []
-        self.precision = (precision_out is not None if precision is None else bool(precision)) and not shadow
+        self.precision = measures_precision
         self.precision_samples: list[PrecisionSample] = []
         self.precision_every = precision_every
         self.measured_steps: list[int] = []
