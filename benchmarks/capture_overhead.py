@@ -18,10 +18,10 @@ measures each kind's peak extra memory in a fresh process whose glibc maps every
 against the optimizer state it reads (AdamW's m and v). Goals (issue 21): SNR and precision
 together at most 0.3 of a step; peak extra memory at most 10% of the state. It also prints,
 derived from the same medians, the average measurement when the precision is taken at every
-K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K. And, for
+K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K. And, on CPU, for
 comparison, the SNR with one torch thread and one read of all of `v` (on this 2-core machine
-the two-thread SNR has two speeds, set by the machine's thread scheduling: `BENCHMARKS.md`). On CUDA it also
-times two training steps of which one measures, with no capture, measuring on the training
+the two-thread SNR has two speeds, set by the machine's thread scheduling: `BENCHMARKS.md`).
+On CUDA it also times two training steps of which one measures, with no capture, measuring on the training
 stream, and on a side stream (``stream=True``), interleaved.
 
 Trains `lowmem.examples.shakespeare` (build_model, get_batch, loss_fn) with
@@ -407,9 +407,10 @@ def large_model(args) -> int:
         finally:
             torch.set_num_threads(threads)
 
-    times = {"step": [], "snr": [], "precision": [], "snr_one_thread": [], "read_v": []}
-    runs = {"step": step, "snr": snr.run, "precision": lambda: cap.measure_precision(0),
-            "snr_one_thread": snr_one_thread, "read_v": lambda: [v.sum() for v in vs]}
+    runs = {"step": step, "snr": snr.run, "precision": lambda: cap.measure_precision(0)}
+    if device.type == "cpu":                 # (the comparison the CPU's thread phases need)
+        runs.update(snr_one_thread=snr_one_thread, read_v=lambda: [v.sum() for v in vs])
+    times = {name: [] for name in runs}
     runs["snr"]()
     runs["precision"]()                      # warm: lazy imports, code maps
     for r in range(args.direct):             # interleaved, so drifts of the machine hit all of them
