@@ -34,14 +34,22 @@ On CPU all parameters go through one call of a native kernel that reads each sta
 the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`); elsewhere (on
 a GPU, for bf16 state, without a C compiler) torch ops, same-shaped small states stacked.
 
-Cost: the SNR reads `v` once per axis subset that no smaller one of the same view divides (the
-others are combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), and views of
-one shape are stacked and measured together (`snr_sums_stacked`). Measured on gpt2-124m, 2 CPU
-threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.13-0.37 of a training step, the
-precision 0.28-0.44, nothing between measurements; so every=10 costs about 1-4% with the SNR
-alone and 4-8% with both, about 2-5% with the precision at every fourth measurement
-(``precision_every=4 * every``). On the built-in example a measurement with both takes about 12 ms
-(every=10: about 1-2%).
+Cost: on CPU every fp32 view goes through one call of a native kernel
+(`lowmem.compress.optim.native.snr_sums`, `lowmem_snr` in ``kernels/step.c``): each view is read
+once for all its subsets, each entry adding its deviation from a fixed entry of its slice, and
+that deviation's square, to the slice's sums in double, on all threads with one parallel region
+per measurement; the numbers equal numpy float64's to about 1e-12, whatever the number of
+threads. Elsewhere (a GPU, bf16 or float64 state, no C compiler) torch ops in the state's
+dtype: `v` read once per axis subset that no smaller one of the same view divides (the others
+combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), views of one shape
+stacked and measured together (`snr_sums_stacked`); the same numbers up to float32 rounding,
+except that a slice whose variance is below float32's range (a `v` of about 1e-21) is lost
+there as constant. Measured on gpt2-124m, 2 CPU threads, a batch of 64 tokens
+(`BENCHMARKS.md`): the SNR 0.06-0.08 of a training step (the torch ops took 0.13-0.37), the
+precision 0.3-0.44, nothing between measurements; so every=10 costs under 1% with the SNR alone
+and 4-5% with both, about 3% with the precision at every second measurement
+(``precision_every=2 * every``). On the built-in example a measurement with both takes about
+12 ms (every=10: about 1-2%).
 
 CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
 waits for the step that wrote the state (on the device), and returns; its numbers come back by one
@@ -58,12 +66,14 @@ The first measurement also copies the quantization maps to the device once. A pr
 outright loses the measurement still in flight; closing the capture (as a ``with`` block and
 `lowmem-analyze` do on Ctrl-C or an exception) takes it in.
 
-Memory: a measurement's temporaries are chunks of about 2^20 entries (`lowmem.snr.estimator.CHUNK`,
-one dim-0 row at least) for the SNR, with the slice statistics of one view at a time (a mean and
-a variance per slice: for a matrix a row and a column's worth, for a 12-head view about a fifth
-of its size), and, for the precision, on CPU a few kilobytes per thread,
-elsewhere chunks of 2^18 entries (`lowmem.snr.precision.CHUNK`): not copies of the state. On
-gpt2-124m the peak extra memory was 6 MiB and under 1 MiB against 949 MiB of state.
+Memory: on CPU the SNR kernel holds, per view being read (one per thread), two doubles and a
+float per slice of each subset (per work item for a subset across dim 0, those at most a quarter
+of the view's bytes or 1 MiB): about 2% of a matrix's `v`, half of a 12-head view's, and no
+copy of the state; elsewhere the SNR's temporaries are chunks of about 2^20 entries
+(`lowmem.snr.estimator.CHUNK`, one dim-0 row at least) with the slice statistics of one view at
+a time. The precision takes, on CPU, a few kilobytes per thread, elsewhere chunks of 2^18
+entries (`lowmem.snr.precision.CHUNK`). On gpt2-124m the peak extra memory was 3 MiB and under
+1 MiB against 949 MiB of state.
 """
 
 from __future__ import annotations
@@ -477,12 +487,22 @@ class SnrCapture:
 
 
 def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
-    """The SNR terms of each (view, [(index, subset)]) job into ``terms[index]``: a view's subsets
-    together (`snr_terms_many`), and views of one shape, dtype, device and subsets stacked, up to
+    """The SNR terms of each (view, [(index, subset)]) job into ``terms[index]``: the fp32 CPU views
+    in one call of the native kernel (`native.snr_sums`) where it is available; the others a
+    view's subsets together (`snr_terms_many`), and views of one shape, dtype, device and subsets stacked, up to
     `largest` entries (the largest view's scratch, at most `CHUNK`) at a time
     (`snr_sums_stacked`), so that many small same-shaped tensors (every layer's q, k, v, ...) cost
     the ops of a few; the temporaries are then a stack and its deviations, each no bigger than
     the largest view's scratch."""
+    from lowmem.compress.optim import native
+
+    if any(native.snr_reads(x) for x, _ in jobs) and native.available():
+        # fp32 CPU views: one native kernel call for all, each view read once for all its subsets
+        fast = [(x, new) for x, new in jobs if native.snr_reads(x)]
+        jobs = [(x, new) for x, new in jobs if not native.snr_reads(x)]
+        for (_, new), sums in zip(fast, native.snr_sums([(x, [s for _, s in new]) for x, new in fast])):
+            for (index, _), t in zip(new, (sums[:, :3] / sums[:, 3:]).to(torch.float32)):
+                terms[index] = t
     groups: dict[tuple, list] = {}
     for x, new in jobs:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

@@ -12,6 +12,8 @@ over each row (or column) block, updates `v`, then `m` and the parameter in the 
 decodes / encodes stored formats (bf16, block-wise 8- and 4-bit codes) in registers, so a
 quantized state never exists in fp32 outside a 256-entry tile. Threads: OpenMP, as many as
 ``torch.get_num_threads()``; the library links the OpenMP runtime that torch itself loaded.
+The same library holds the SNR capture's two CPU measurements: the state formats' round trips
+(`precision_sums`) and the slice sums of the SNR (`snr_sums`), each one call per measurement.
 
 The build lands in ``$LOWMEM_CACHE_DIR`` (default ``~/.cache/lowmem``; a folder in the temporary
 directory where that cannot be written) under a name that hashes the source, the compiler's
@@ -68,6 +70,15 @@ class _PrecTask(ctypes.Structure):
     _fields_ = [("m", ctypes.c_void_p), ("v", ctypes.c_void_p), ("out", ctypes.c_void_p), ("n", ctypes.c_int64),
                 ("qlen", ctypes.c_int64), ("bc1", ctypes.c_float), ("sbc2", ctypes.c_float), ("eps", ctypes.c_float),
                 ("quantized", ctypes.c_int32)]
+
+
+SNR_MAXDIM = 8   # dims of a view, at most (`snr_sums`)
+
+
+class _SnrTask(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("ndim", ctypes.c_int64), ("shape", ctypes.c_int64 * SNR_MAXDIM),
+                ("stride", ctypes.c_int64 * SNR_MAXDIM), ("nsub", ctypes.c_int64), ("subs", ctypes.c_void_p),
+                ("out", ctypes.c_void_p)]
 
 
 class _Codec(ctypes.Structure):
@@ -182,6 +193,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lowmem_precision.restype = ctypes.c_int
     lib.lowmem_precision.argtypes = [ctypes.c_int64, ctypes.POINTER(_PrecTask), ctypes.POINTER(_Codec),
                                      ctypes.POINTER(_Codec), ctypes.POINTER(_Codec), ctypes.c_int]
+    lib.lowmem_snr.restype = ctypes.c_int
+    lib.lowmem_snr.argtypes = [ctypes.c_int64, ctypes.POINTER(_SnrTask), ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
     return lib
 
 
@@ -425,4 +438,51 @@ def precision_sums(entries: list[tuple]) -> None:
         raise MemoryError("lowmem: the native precision kernel could not allocate its work list")
 
 
-__all__ = ["available", "cache_dir", "library", "native_step", "precision_sums", "serves"]
+# -- the SNR measurement ---------------------------------------------------------------------------
+def snr_reads(x: torch.Tensor) -> bool:
+    """Whether `snr_sums` takes `x`: an fp32 CPU tensor (any strides) of at most `SNR_MAXDIM` dims."""
+    return x.device == _CPU and x.dtype == torch.float32 and 1 <= x.dim() <= SNR_MAXDIM
+
+
+def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]], report: dict | None = None
+             ) -> list[torch.Tensor]:
+    """`lowmem.snr.estimator.snr_sums` of each view along each of its subsets, in one kernel call
+    (`lowmem_snr` in `kernels/step.c`: each view read once for all its subsets, the slices' sums
+    in double, on ``torch.get_num_threads()`` threads; the numbers do not depend on them).
+
+    Each entry is ``(x, subsets)``, `x` a view that `snr_reads` takes (no copy is made); returns
+    for each entry a float64 ``(len(subsets), 4)`` tensor, row i ``[Σ mean²/var, Σ mean², Σ var,
+    count]`` over the slices along ``subsets[i]`` whose ratio is finite. The caller checks
+    `available` first. Its memory (`report`, a dict, gets it as ``"scratch_bytes"``: the most
+    held at once): per view being read (one per thread at most), 16 bytes per slice of each
+    subset (per work item for a subset across dim 0, those together at most a quarter of the
+    view's own bytes or 1 MiB) and 4 per slice, e.g. 0.021 of a 4096 x 1024 matrix's `v` for its
+    three subsets."""
+    tasks, outs, keep = [], [], []
+    for x, subsets in entries:
+        if not snr_reads(x):
+            raise ValueError("snr_sums takes fp32 CPU tensors of 1 to 8 dims")
+        if any(not s or len(set(s)) != len(s) or not all(0 <= a < x.dim() for a in s) for s in subsets):
+            raise ValueError(f"subsets {subsets} are not subsets of the axes of a {x.dim()}-dim view")
+        out = torch.zeros(len(subsets), 4, dtype=torch.float64)
+        outs.append(out)
+        if not subsets or x.numel() == 0:   # no slice: zero sums
+            continue
+        masks = (ctypes.c_int32 * len(subsets))(*(sum(1 << a for a in s) for s in subsets))
+        pad = (0,) * (SNR_MAXDIM - x.dim())
+        tasks.append(_SnrTask(x.data_ptr(), x.dim(), (ctypes.c_int64 * SNR_MAXDIM)(*x.shape, *pad),
+                              (ctypes.c_int64 * SNR_MAXDIM)(*x.stride(), *pad), len(subsets),
+                              ctypes.cast(masks, ctypes.c_void_p), out.data_ptr()))
+        keep.append((x, masks))
+    peak = ctypes.c_int64(0)
+    if tasks:
+        array = (_SnrTask * len(tasks))(*tasks)
+        if library().lowmem_snr(len(tasks), array, torch.get_num_threads(), ctypes.byref(peak)) != 0:
+            raise MemoryError("lowmem: the native SNR kernel could not allocate its sums")
+    if report is not None:
+        report["scratch_bytes"] = peak.value
+    return outs
+
+
+__all__ = ["available", "cache_dir", "library", "native_step", "precision_sums", "serves", "snr_reads",
+           "snr_sums"]

@@ -681,3 +681,327 @@ int lowmem_precision(int64_t ntasks, const PrecTask *tasks, const Codec *m8, con
     free(part);
     return 0;
 }
+
+/* ---- the SNR measurement (lowmem.snr.capture; lowmem.snr.estimator is its reference) ----------
+ *
+ * For each view of a second moment (any strides) and each of its axis subsets S, the statistics
+ * of every slice along S (the entries that share their indices on the other axes), and from them
+ * Σ mean²/var, Σ mean², Σ var and the count over the slices whose ratio is finite. One read of
+ * the view serves all its subsets: each entry x adds d = x − x0 and d² to its slice's sums in
+ * double, x0 being a fixed entry of the slice (its first along S), so a constant slice has d = 0
+ * and a variance of exactly 0, and the shifted sums lose to cancellation only a factor of about
+ * the slice's own SNR out of double's 1e-16. Work items are ranges of dim 0; a subset that
+ * reduces dim 0 sums each item apart and adds the items in order at the end, so the result
+ * depends on the shapes alone, never on the number of threads. A view's sums are allocated when
+ * its first item starts and freed when its last ends. */
+#define SNR_MAXDIM 8
+#define SNR_ITEM 262144   /* entries per work item, about (whole indices of dim 0) */
+
+typedef struct {
+    const float *x;
+    int64_t ndim;
+    int64_t shape[SNR_MAXDIM];
+    int64_t stride[SNR_MAXDIM];   /* in entries */
+    int64_t nsub;
+    const int32_t *subs;          /* a bit per reduced axis */
+    double *out;                  /* 4 per subset: Σ ratio, Σ mean², Σ var, count of slices kept */
+} SnrTask;
+
+typedef struct {
+    int64_t slices;
+    int64_t kst[SNR_MAXDIM];      /* an axis's step in the slice index (0 where reduced) */
+    int spans;                    /* reduces dim 0: sums per item */
+    double *s1;                   /* 2 x slices doubles (Σd, Σd²), per item where spans */
+    float *shift;                 /* x0 of each slice */
+} SnrSub;
+
+typedef struct {
+    int64_t nd, n, items, rows, remaining;
+    int64_t shape[SNR_MAXDIM], stride[SNR_MAXDIM];
+    int ready;                    /* 0 not yet, 1 allocated, -1 out of memory */
+    SnrSub *subs;
+    void *mem;
+    int64_t bytes;                /* what subs and mem take */
+} SnrState;
+
+/* The task's shape with a unit dim 0 before a 1-D view (so that items are ranges of dim 0 and a
+ * row is the last dim), and its items: whole indices of dim 0, about SNR_ITEM entries, fewer
+ * where the per-item sums of the subsets that reduce dim 0 would pass a quarter of the view's
+ * bytes (or 256 KiB). */
+static void snr_layout(const SnrTask *t, SnrState *st) {
+    int64_t nd = t->ndim, off = nd == 1 ? 1 : 0;
+    st->nd = nd + off;
+    st->shape[0] = 1; st->stride[0] = 0;
+    st->n = 1;
+    for (int64_t d = 0; d < nd; d++) {
+        st->shape[d + off] = t->shape[d];
+        st->stride[d + off] = t->stride[d];
+        st->n *= t->shape[d];
+    }
+    st->items = 0;
+    if (st->n == 0 || nd == 0 || t->nsub == 0) return;
+    int64_t d0 = st->shape[0], row = st->n / d0, per = row >= SNR_ITEM ? 1 : SNR_ITEM / row;
+    int64_t spanning = 0;   /* per-item sums of the subsets that reduce dim 0, bytes */
+    for (int64_t s = 0; s < t->nsub; s++) {
+        int32_t mask = off ? t->subs[s] << 1 : t->subs[s];
+        if (mask & 1) {
+            int64_t slices = 1;
+            for (int64_t d = 0; d < st->nd; d++) if (!(mask >> d & 1)) slices *= st->shape[d];
+            spanning += 16 * slices;
+        }
+    }
+    int64_t items = (d0 + per - 1) / per, budget = st->n > (1 << 20) ? st->n : (1 << 20);
+    if (spanning > 0 && items * spanning > budget) items = budget / spanning > 1 ? budget / spanning : 1;
+    st->rows = (d0 + items - 1) / items;
+    st->items = (d0 + st->rows - 1) / st->rows;
+}
+
+/* Allocates the task's sums and takes each slice's x0. Returns -1 when out of memory. */
+static int snr_prepare(const SnrTask *t, SnrState *st) {
+    int64_t nd = st->nd, off = nd - t->ndim, doubles = 0, floats = 0;
+    SnrSub *subs = calloc((size_t)t->nsub, sizeof(SnrSub));
+    if (!subs) return -1;
+    for (int64_t s = 0; s < t->nsub; s++) {
+        int32_t mask = off ? t->subs[s] << 1 : t->subs[s];
+        SnrSub *u = &subs[s];
+        u->spans = mask & 1;
+        u->slices = 1;
+        for (int64_t d = nd - 1; d >= 0; d--) {
+            u->kst[d] = (mask >> d & 1) ? 0 : u->slices;
+            if (!(mask >> d & 1)) u->slices *= st->shape[d];
+        }
+        doubles += 2 * u->slices * (u->spans ? st->items : 1);
+        floats += u->slices;
+    }
+    double *mem = calloc((size_t)(doubles + (floats + 1) / 2 + 1), sizeof(double));
+    if (!mem) { free(subs); return -1; }
+    double *at = mem;
+    float *fat = (float *)(mem + doubles);
+    for (int64_t s = 0; s < t->nsub; s++) {
+        SnrSub *u = &subs[s];
+        u->s1 = at;
+        at += 2 * u->slices * (u->spans ? st->items : 1);
+        u->shift = fat;
+        fat += u->slices;
+        if (!u->spans) continue;   /* the others' x0 are taken as their first rows are read */
+        /* x0: the slice's entry at index 0 of every reduced axis, slices in index order */
+        int64_t idx[SNR_MAXDIM] = {0}, o = 0;
+        for (int64_t i = 0; i < u->slices; i++) {
+            u->shift[i] = t->x[o];
+            for (int64_t d = nd - 1; d >= 0; d--) {
+                if (!u->kst[d]) continue;
+                o += st->stride[d];
+                if (++idx[d] < st->shape[d]) break;
+                idx[d] = 0;
+                o -= st->shape[d] * st->stride[d];
+            }
+        }
+    }
+    st->subs = subs;
+    st->mem = mem;
+    st->bytes = (int64_t)(t->nsub * sizeof(SnrSub) + (doubles + (floats + 1) / 2 + 1) * sizeof(double));
+    return 0;
+}
+
+/* Σd and Σd² of one row, d = x − x0, in double. */
+static inline void snr_row_sums(const float *restrict p, int64_t len, int64_t s, double x0, double *o1, double *o2) {
+    int64_t j = 0;
+    double r1 = 0, r2 = 0;
+#ifdef __AVX512F__
+    if (s == 1 && len >= 16) {
+        const __m512d c = _mm512_set1_pd(x0);
+        __m512d a1 = _mm512_setzero_pd(), a2 = _mm512_setzero_pd(), b1 = a1, b2 = a1;
+        for (; j + 16 <= len; j += 16) {
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + j)), c);
+            __m512d e = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + j + 8)), c);
+            a1 = _mm512_add_pd(a1, d);
+            a2 = _mm512_add_pd(a2, _mm512_mul_pd(d, d));
+            b1 = _mm512_add_pd(b1, e);
+            b2 = _mm512_add_pd(b2, _mm512_mul_pd(e, e));
+        }
+        double l1[8], l2[8];
+        _mm512_storeu_pd(l1, _mm512_add_pd(a1, b1));
+        _mm512_storeu_pd(l2, _mm512_add_pd(a2, b2));
+        r1 = ((l1[0] + l1[1]) + (l1[2] + l1[3])) + ((l1[4] + l1[5]) + (l1[6] + l1[7]));
+        r2 = ((l2[0] + l2[1]) + (l2[2] + l2[3])) + ((l2[4] + l2[5]) + (l2[6] + l2[7]));
+    }
+#endif
+    for (; j < len; j++) {
+        double d = (double)p[j * s] - x0;
+        r1 += d;
+        r2 += d * d;
+    }
+    *o1 = r1;
+    *o2 = r2;
+}
+
+/* Each entry of one row to its own slice (consecutive slices). */
+static inline void snr_row_spread(const float *restrict p, int64_t len, int64_t s, const float *restrict x0,
+                                  double *restrict s1, double *restrict s2) {
+    if (s == 1)
+        for (int64_t j = 0; j < len; j++) {
+            double d = (double)p[j] - (double)x0[j];
+            s1[j] += d;
+            s2[j] += d * d;
+        }
+    else
+        for (int64_t j = 0; j < len; j++) {
+            double d = (double)p[j * s] - (double)x0[j];
+            s1[j] += d;
+            s2[j] += d * d;
+        }
+}
+
+/* The sums of item k: indices [k·rows, (k+1)·rows) of dim 0, a row (the last dim) at a time. A
+ * subset that reduces the last dim takes the row's own sums, shifted by its first entry, moved to
+ * the slice's shift x0: Σ(x − x0) = r1 + len·δ and Σ(x − x0)² = r2 + 2δ·r1 + len·δ², δ = x_r − x0
+ * (0 in a constant slice, whose sums stay exactly 0); the others add each entry to its slice.
+ * A slice's x0 is its first entry in index order: where the slice lies in one item (the subset
+ * keeps dim 0), taken when the row that holds it is read (the first row whose indices on the
+ * subset's reduced dims are all 0), else beforehand (snr_prepare). */
+static void snr_item(const SnrTask *t, const SnrState *st, int64_t k) {
+    int64_t nd = st->nd, last = nd - 1, len = st->shape[last], sl = st->stride[last], nsub = t->nsub;
+    int64_t a = k * st->rows, b = a + st->rows < st->shape[0] ? a + st->rows : st->shape[0];
+    int64_t idx[SNR_MAXDIM] = {0}, outer = b - a, off = a * st->stride[0], reduce = 0;
+    int64_t base[nsub > 0 ? nsub : 1];
+    uint32_t rmask[nsub > 0 ? nsub : 1], zero = (1u << last) - 1;   /* dims (but the last) at index 0 */
+    idx[0] = a;
+    if (a) zero &= ~1u;
+    for (int64_t d = 1; d < last; d++) outer *= st->shape[d];
+    for (int64_t s = 0; s < nsub; s++) {
+        const SnrSub *u = &st->subs[s];
+        base[s] = a * u->kst[0];
+        reduce |= u->kst[last] == 0;
+        rmask[s] = 0;
+        for (int64_t d = 0; d < last; d++) if (!u->kst[d]) rmask[s] |= 1u << d;
+    }
+    for (int64_t o = 0; o < outer; o++) {
+        const float *p = t->x + off;
+        double r1 = 0, r2 = 0, xr = p[0];
+        if (reduce) snr_row_sums(p, len, sl, xr, &r1, &r2);
+        for (int64_t s = 0; s < nsub; s++) {
+            const SnrSub *u = &st->subs[s];
+            double *s1 = u->s1 + (u->spans ? 2 * u->slices * k : 0) + base[s], *s2 = s1 + u->slices;
+            int first = !u->spans && (zero & rmask[s]) == rmask[s];
+            if (u->kst[last] == 0) {
+                if (first) u->shift[base[s]] = p[0];
+                double delta = xr - (double)u->shift[base[s]];
+                s1[0] += r1 + (double)len * delta;
+                s2[0] += r2 + 2 * delta * r1 + (double)len * delta * delta;
+            } else if (first) {   /* the slices' x0 are this row: d = 0 */
+                for (int64_t j = 0; j < len; j++) u->shift[base[s] + j] = p[j * sl];
+            } else {
+                snr_row_spread(p, len, sl, u->shift + base[s], s1, s2);
+            }
+        }
+        for (int64_t d = last - 1; d >= 0; d--) {   /* the next row: indices, offset and bases */
+            off += st->stride[d];
+            for (int64_t s = 0; s < nsub; s++) base[s] += st->subs[s].kst[d];
+            zero &= ~(1u << d);
+            if (++idx[d] < st->shape[d] || d == 0) break;
+            idx[d] = 0;
+            zero |= 1u << d;
+            off -= st->shape[d] * st->stride[d];
+            for (int64_t s = 0; s < nsub; s++) base[s] -= st->shape[d] * st->subs[s].kst[d];
+        }
+    }
+}
+
+/* The task's per-item sums added in order, each slice's mean and variance, the kept slices'
+ * sums into out; then its memory freed. */
+static void snr_finish(const SnrTask *t, SnrState *st) {
+    for (int64_t s = 0; s < t->nsub; s++) {
+        const SnrSub *u = &st->subs[s];
+        double *s1 = u->s1, *s2 = s1 + u->slices, count = (double)(st->n / u->slices);
+        if (u->spans)
+            for (int64_t k = 1; k < st->items; k++) {
+                const double *p1 = u->s1 + 2 * u->slices * k, *p2 = p1 + u->slices;
+                for (int64_t i = 0; i < u->slices; i++) { s1[i] += p1[i]; s2[i] += p2[i]; }
+            }
+        /* eight lanes of sums (a fixed order), each slice's ratio kept where finite; a variance
+         * that rounding made negative, or NaN, is 0 (its ratio is then not finite either) */
+        double lane[4][8] = {{0}}, inv = 1.0 / count, sum[4];
+        int64_t i = 0;
+        for (; i + 8 <= u->slices; i += 8)
+            for (int l = 0; l < 8; l++) {
+                double c = s1[i + l] * inv, var = s2[i + l] * inv - c * c;
+                var = var > 0 ? var : 0;
+                double mean = (double)u->shift[i + l] + c, mean_sq = mean * mean, ratio = mean_sq / var;
+                int keep = fabs(ratio) < INFINITY;
+                lane[0][l] += keep ? ratio : 0;
+                lane[1][l] += keep ? mean_sq : 0;
+                lane[2][l] += keep ? var : 0;
+                lane[3][l] += keep ? 1 : 0;
+            }
+        for (; i < u->slices; i++) {
+            double c = s1[i] * inv, var = s2[i] * inv - c * c;
+            var = var > 0 ? var : 0;
+            double mean = (double)u->shift[i] + c, mean_sq = mean * mean, ratio = mean_sq / var;
+            if (fabs(ratio) < INFINITY) { lane[0][0] += ratio; lane[1][0] += mean_sq; lane[2][0] += var; lane[3][0] += 1; }
+        }
+        for (int j = 0; j < 4; j++) {
+            const double *l = lane[j];
+            sum[j] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        }
+        for (int j = 0; j < 4; j++) t->out[4 * s + j] = sum[j];
+    }
+    free(st->mem);
+    free(st->subs);
+    st->mem = NULL;
+    st->subs = NULL;
+}
+
+/* Returns 0, or -1 when out of memory (then the sums are not all written); *peak: the most bytes
+ * of views' sums held at once. */
+int lowmem_snr(int64_t ntasks, const SnrTask *tasks, int nthreads, int64_t *peak) {
+    if (nthreads < 1) nthreads = 1;
+    SnrState *states = calloc((size_t)ntasks + 1, sizeof(SnrState));
+    if (!states) return -1;
+    int64_t count = 0, total = 0;
+    for (int64_t k = 0; k < ntasks; k++) {
+        for (int64_t j = 0; j < 4 * tasks[k].nsub; j++) tasks[k].out[j] = 0;
+        if (tasks[k].ndim > SNR_MAXDIM || tasks[k].ndim < 0) { free(states); return -2; }
+        snr_layout(&tasks[k], &states[k]);
+        states[k].remaining = states[k].items;
+        count += states[k].items;
+        total += states[k].n;
+    }
+    Item *items = malloc((size_t)count * sizeof(Item) + 1);
+    if (!items) { free(states); return -1; }
+    count = 0;
+    for (int64_t k = 0; k < ntasks; k++)
+        for (int64_t i = 0; i < states[k].items; i++, count++) { items[count].task = k; items[count].start = i; }
+    int failed = 0;
+    int64_t live = 0, most = 0;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1 && total >= PARALLEL_MIN)
+    for (int64_t w = 0; w < count; w++) {
+        const SnrTask *t = &tasks[items[w].task];
+        SnrState *st = &states[items[w].task];
+        int ready;
+        #pragma omp critical(lowmem_snr)
+        {
+            if (!st->ready) {
+                st->ready = snr_prepare(t, st) == 0 ? 1 : -1;
+                if (st->ready > 0) { live += st->bytes; most = live > most ? live : most; }
+            }
+            ready = st->ready;
+        }
+        if (ready > 0) snr_item(t, st, items[w].start);
+        int64_t left;
+        #pragma omp critical(lowmem_snr)
+        {
+            left = --st->remaining;
+            if (ready < 0) failed = 1;
+        }
+        if (left == 0 && ready > 0) {
+            int64_t bytes = st->bytes;
+            snr_finish(t, st);
+            #pragma omp critical(lowmem_snr)
+            live -= bytes;
+        }
+    }
+    free(items);
+    free(states);
+    if (peak) *peak = most;
+    return failed ? -1 : 0;
+}
