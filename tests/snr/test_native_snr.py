@@ -130,6 +130,11 @@ def test_empty_views_and_no_subsets_give_zero_sums_and_bad_input_is_refused():
         native.snr_sums([(torch.rand(3, 4), [(2,)])])
     with pytest.raises(ValueError, match="not subsets"):
         native.snr_sums([(torch.rand(3, 4), [(0, 0)])])
+    # an expanded view of 2^61 entries whose sums would need 2^65 doubles: out of memory, where
+    # the sizes once wrapped around to a few bytes and the kernel wrote past them
+    huge = torch.rand(1).expand(2, 2**60, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(MemoryError, match="could not allocate"):
+        native.snr_sums([(huge, [(2,), (3,), (4,), (5,), (6,), (7,), (2, 3), (4, 5)])])
 
 
 def test_capture_measures_with_the_kernel_what_the_torch_estimator_measures(monkeypatch):

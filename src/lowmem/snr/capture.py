@@ -38,8 +38,8 @@ Cost: on CPU every fp32 view goes through one call of a native kernel
 (`lowmem.compress.optim.native.snr_sums`, `lowmem_snr` in ``kernels/step.c``): each view is read
 once for all its subsets, each entry adding its deviation from a fixed entry of its slice, and
 that deviation's square, to the slice's sums in double, on all threads with one parallel region
-per measurement; the numbers equal numpy float64's to about 1e-12, whatever the number of
-threads. Elsewhere (a GPU, bf16 or float64 state, no C compiler) torch ops in the state's
+per measurement; the numbers equal numpy float64's to about 1e-12 on real models' views (the
+kernel's comment bounds it), whatever the number of threads. Elsewhere (a GPU, bf16 or float64 state, no C compiler) torch ops in the state's
 dtype: `v` read once per axis subset that no smaller one of the same view divides (the others
 combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), views of one shape
 stacked and measured together (`snr_sums_stacked`); the same numbers up to float32 rounding,

@@ -689,8 +689,11 @@ int lowmem_precision(int64_t ntasks, const PrecTask *tasks, const Codec *m8, con
  * Σ mean²/var, Σ mean², Σ var and the count over the slices whose ratio is finite. One read of
  * the view serves all its subsets: each entry x adds d = x − x0 and d² to its slice's sums in
  * double, x0 being a fixed entry of the slice (its first along S), so a constant slice has d = 0
- * and a variance of exactly 0, and the shifted sums lose to cancellation only a factor of about
- * the slice's own SNR out of double's 1e-16. Work items are ranges of dim 0; a subset that
+ * and a variance of exactly 0; var = Σd²/n − (Σd/n)² then loses to cancellation a factor of about
+ * 1 + (x0 − mean)²/var (how far x0 lies from the slice's mean, in variances) of the sums' own
+ * relative rounding, about 1e-16 times the square root of the slice's size, or its size at
+ * worst: 1e-12 or better on the tests' and gpt2's views, 1e-8 for a slice of 4M entries whose
+ * first entry is an outlier (float32 sums lose 1e-7 and more). Work items are ranges of dim 0; a subset that
  * reduces dim 0 sums each item apart and adds the items in order at the end, so the result
  * depends on the shapes alone, never on the number of threads. A view's sums are allocated when
  * its first item starts and freed when its last ends. */
@@ -747,11 +750,12 @@ static void snr_layout(const SnrTask *t, SnrState *st) {
         if (mask & 1) {
             int64_t slices = 1;
             for (int64_t d = 0; d < st->nd; d++) if (!(mask >> d & 1)) slices *= st->shape[d];
-            spanning += 16 * slices;
+            if (__builtin_mul_overflow(slices, 16, &slices) || __builtin_add_overflow(spanning, slices, &spanning))
+                spanning = INT64_MAX;   /* (an expanded view too large to allocate anyway) */
         }
     }
     int64_t items = (d0 + per - 1) / per, budget = st->n > (1 << 20) ? st->n : (1 << 20);
-    if (spanning > 0 && items * spanning > budget) items = budget / spanning > 1 ? budget / spanning : 1;
+    if (spanning > 0 && items > budget / spanning) items = budget / spanning > 1 ? budget / spanning : 1;
     st->rows = (d0 + items - 1) / items;
     st->items = (d0 + st->rows - 1) / st->rows;
 }
@@ -768,10 +772,17 @@ static int snr_prepare(const SnrTask *t, SnrState *st) {
         u->slices = 1;
         for (int64_t d = nd - 1; d >= 0; d--) {
             u->kst[d] = (mask >> d & 1) ? 0 : u->slices;
-            if (!(mask >> d & 1)) u->slices *= st->shape[d];
+            if (!(mask >> d & 1)) u->slices *= st->shape[d];   /* at most n: no overflow */
         }
-        doubles += 2 * u->slices * (u->spans ? st->items : 1);
-        floats += u->slices;
+        /* sizes that do not fit (an expanded view of 2^60 entries) are out of memory, not a
+         * wrapped count */
+        int64_t need;
+        if (__builtin_mul_overflow(2 * u->slices, u->spans ? st->items : 1, &need)
+            || __builtin_add_overflow(doubles, need, &doubles) || __builtin_add_overflow(floats, u->slices, &floats)
+            || doubles > (int64_t)(SIZE_MAX / 16) || floats > (int64_t)(SIZE_MAX / 16)) {
+            free(subs);
+            return -1;
+        }
     }
     double *mem = calloc((size_t)(doubles + (floats + 1) / 2 + 1), sizeof(double));
     if (!mem) { free(subs); return -1; }
