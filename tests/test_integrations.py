@@ -13,6 +13,7 @@ pytest.importorskip("accelerate")
 import lowmem  # noqa: E402
 from lowmem.integrations import unwrap_optimizer  # noqa: E402
 from lowmem.integrations.hf import LowmemCallback  # noqa: E402
+from lowmem.snr.precision import read_precision  # noqa: E402
 from lowmem.snr.trajectory import read_trajectory  # noqa: E402
 
 STEPS, BATCH, VOCAB, T = 6, 4, 50, 12
@@ -49,14 +50,16 @@ def test_trainer_callback_writes_the_core_api_trajectory(tmp_path):
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=1e-3,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0)
-    callback = LowmemCallback(every=2, out=tmp_path / "hf.csv")
+    callback = LowmemCallback(every=2, out=tmp_path / "hf.csv", precision_out=tmp_path / "hf-precision.csv",
+                              precision_every=4)
     _InOrder(model=model, args=args, train_dataset=_data(), callbacks=[callback]).train()
     assert callback.capture is None                                   # closed at the end of training
 
     reference = _model()
     opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
     data = _data()
-    with lowmem.capture(opt, reference, every=2, out=tmp_path / "core.csv"):
+    with lowmem.capture(opt, reference, every=2, out=tmp_path / "core.csv",
+                        precision_out=tmp_path / "core-precision.csv", precision_every=4):
         for step in range(STEPS):
             rows = data[step * BATCH:(step + 1) * BATCH]
             ids = torch.stack([r["input_ids"] for r in rows])
@@ -67,6 +70,13 @@ def test_trainer_callback_writes_the_core_api_trajectory(tmp_path):
     hf = {(s.step, s.name, s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "hf.csv")}
     core = {(s.step, s.name, s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "core.csv")}
     assert set(hf) == set(core) and {k[0] for k in core} == {2, 4, 6}
+    for key, value in core.items():
+        assert hf[key] == pytest.approx(value, rel=1e-4, abs=1e-8), key
+    # the precision, passed through as well: at step 4 only, as the core API measures it
+    hf = {(s.step, s.name, s.state, s.format): s.update_error for s in read_precision(tmp_path / "hf-precision.csv")}
+    core = {(s.step, s.name, s.state, s.format): s.update_error
+            for s in read_precision(tmp_path / "core-precision.csv")}
+    assert set(hf) == set(core) and {k[0] for k in core} == {4}
     for key, value in core.items():
         assert hf[key] == pytest.approx(value, rel=1e-4, abs=1e-8), key
 

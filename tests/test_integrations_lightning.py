@@ -14,6 +14,7 @@ L = pytest.importorskip("lightning")
 import lowmem  # noqa: E402
 from lowmem.integrations import unwrap_optimizer  # noqa: E402
 from lowmem.integrations.lightning import LowmemCallback  # noqa: E402
+from lowmem.snr.precision import read_precision  # noqa: E402
 from lowmem.snr.trajectory import read_trajectory  # noqa: E402
 
 STEPS, BATCH = 6, 8
@@ -56,7 +57,8 @@ class Module(L.LightningModule):
 
 
 def test_lightning_callback_writes_the_core_api_trajectory(tmp_path):
-    callback = LowmemCallback(every=2, out=tmp_path / "pl.csv")
+    callback = LowmemCallback(every=2, out=tmp_path / "pl.csv", precision_out=tmp_path / "pl-precision.csv",
+                              precision_every=4)
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                         default_root_dir=str(tmp_path))
@@ -66,7 +68,8 @@ def test_lightning_callback_writes_the_core_api_trajectory(tmp_path):
     torch.manual_seed(0)
     net = Net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv"):
+    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv", precision_out=tmp_path / "core-precision.csv",
+                        precision_every=4):
         for x, y in torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False):
             _loss(net, x, y).backward()
             opt.step()
@@ -75,6 +78,14 @@ def test_lightning_callback_writes_the_core_api_trajectory(tmp_path):
     pl = {(s.step, s.name.removeprefix("net."), s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "pl.csv")}
     core = {(s.step, s.name, s.view, s.subset): s.snr for s in read_trajectory(tmp_path / "core.csv")}
     assert set(pl) == set(core) and {k[0] for k in core} == {2, 4, 6}
+    for key, value in core.items():
+        assert pl[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    # the precision, passed through as well: at step 4 only, as the core API measures it
+    pl = {(s.step, s.name.removeprefix("net."), s.state, s.format): s.update_error
+          for s in read_precision(tmp_path / "pl-precision.csv")}
+    core = {(s.step, s.name, s.state, s.format): s.update_error
+            for s in read_precision(tmp_path / "core-precision.csv")}
+    assert set(pl) == set(core) and {k[0] for k in core} == {4}
     for key, value in core.items():
         assert pl[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
@@ -116,7 +127,8 @@ def test_lightning_callback_under_fsdp2_writes_the_single_process_trajectory(tmp
     torch.manual_seed(0)
     net = Net()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv"):
+    with lowmem.capture(opt, net, every=2, out=tmp_path / "core.csv", precision_out=tmp_path / "core-precision.csv",
+                        precision_every=4):
         for x, y in torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False):
             _loss(net, x, y).backward()
             opt.step()

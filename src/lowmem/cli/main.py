@@ -104,8 +104,9 @@ def make_parser() -> argparse.ArgumentParser:
                         f"(default {PRECISION_THRESHOLD:g}: 8-bit passes, 4-bit rarely); 0 keeps all state in fp32")
     p.add_argument("--precision-every", type=positive_int, metavar="N",
                    help="measure the state formats' precision only every N steps, a multiple of --every "
-                        "(default: at every SNR measurement); on a large model on CPU it costs 1.2-2.3 "
-                        "times the SNR, so e.g. 4x --every cuts the probe's measuring time by 40-50%%")
+                        "(default: at every SNR measurement); on a large model on CPU it costs 4-6 "
+                        "times the SNR, so e.g. 2x --every cuts the probe's measuring time by about 40%%, "
+                        "4x by 60%%")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
     p.add_argument("--rule", choices=("lowmem", "paper"), default="lowmem",
                    help="lowmem (default): per-head subsets are candidates too, an embedding's token axis is not; "

@@ -122,8 +122,8 @@ class SnrCapture:
             the files, `on_sample`) at a later step or at `close`. Needs every tracked parameter
             on one CUDA device, unsharded.
         precision_every: measure the precision only at the measurements whose step is a multiple of
-            this (a multiple of `every`, e.g. ``4 * every``): on a large CPU model the precision
-            costs 1.2-2.3 times the SNR, so this brings a measurement's average cost down, at the
+            this (a multiple of `every`, e.g. ``2 * every``): on a large CPU model the precision
+            costs 4-6 times the SNR, so this brings a measurement's average cost down, at the
             price of fewer precision samples for the plan (the plan's `window` must hold at least
             one). Default: at every measurement.
 
