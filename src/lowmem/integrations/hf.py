@@ -19,49 +19,21 @@ Needs ``pip install lowmem[hf]`` (transformers, accelerate).
 
 from __future__ import annotations
 
-import os
-
 from transformers import TrainerCallback
 
-from lowmem.integrations import captures_here, unwrap_optimizer
-from lowmem.snr.capture import SnrCapture
+from lowmem.integrations import CaptureCallback
 
 
-class LowmemCallback(TrainerCallback):
-    """Attach `lowmem.capture` to a `Trainer`'s optimizer for the whole run.
-
-    Args:
-        every: measure every `every` optimizer steps.
-        out: the trajectory CSV (streamed to ``out.part``, moved into place when training ends).
-        shadow: estimate `v` from gradients when the optimizer keeps no ``exp_avg_sq``.
-        precision_out: also measure the error each storage format of `m` and `v` would cause,
-            into this CSV (``lowmem.build_plan(..., precision=PrecisionTrajectory.read(path))``
-            then picks each layer's formats); default none.
-        precision_every: measure that precision only at the measurements whose step is a
-            multiple of this (a multiple of `every`); default at every measurement.
-        stream: on CUDA, measure on a side stream beside training (see `lowmem.capture`).
-
-    The arguments are checked as `lowmem.capture` checks them, when training starts.
-    """
-
-    def __init__(self, every: int = 10, out: str | os.PathLike = "lowmem-out/snr.csv", shadow: bool = False,
-                 precision_out: str | os.PathLike | None = None, precision_every: int | None = None,
-                 stream: bool = False):
-        self.every, self.out, self.shadow = every, out, shadow
-        self.precision_out, self.precision_every, self.stream = precision_out, precision_every, stream
-        self.capture: SnrCapture | None = None
+class LowmemCallback(CaptureCallback, TrainerCallback):
+    """Attach `lowmem.capture` to a `Trainer`'s optimizer for the whole run; its arguments are
+    `lowmem.integrations.CaptureCallback`'s (every, out, shadow, precision_out, precision_every,
+    stream)."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if optimizer is None or model is None or not captures_here(model, state.is_world_process_zero):
-            return
-        self.capture = SnrCapture(unwrap_optimizer(optimizer), model, every=self.every, out=self.out,
-                                  shadow=self.shadow, precision_out=self.precision_out,
-                                  precision_every=self.precision_every, stream=self.stream).attach()
+        self.start(optimizer, model, state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
+        self.stop()
 
 
 def optimizer_cls_and_kwargs(model, plan="lowmem-out/plan.json", args=None, *, lr: float | None = None,
