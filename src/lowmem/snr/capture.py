@@ -39,17 +39,17 @@ Cost: on CPU every fp32 view goes through one call of a native kernel
 once for all its subsets, each entry adding its deviation from a fixed entry of its slice, and
 that deviation's square, to the slice's sums in double, on all threads with one parallel region
 per measurement; the numbers equal numpy float64's to about 1e-12 on real models' views (the
-kernel's comment bounds it), whatever the number of threads. Elsewhere (a GPU, bf16 or float64 state, no C compiler) torch ops in the state's
-dtype: `v` read once per axis subset that no smaller one of the same view divides (the others
-combined from slice statistics, `lowmem.snr.estimator.snr_sums_many`), views of one shape
-stacked and measured together (`snr_sums_stacked`); the same numbers up to float32 rounding,
-except that a slice whose variance is below float32's range (a `v` of about 1e-21) is lost
-there as constant. Measured on gpt2-124m, 2 CPU threads, a batch of 64 tokens
-(`BENCHMARKS.md`): the SNR 0.06-0.08 of a training step (the torch ops took 0.13-0.37), the
-precision 0.3-0.44, nothing between measurements; so every=10 costs under 1% with the SNR alone
-and 4-5% with both, about 3% with the precision at every second measurement
-(``precision_every=2 * every``). On the built-in example a measurement with both takes about
-12 ms (every=10: about 1-2%).
+kernel's comment bounds it), whatever the number of threads. Elsewhere (a GPU, bf16 or float64
+state, no C compiler) torch ops in the state's dtype: `v` read once per axis subset that no
+smaller one of the same view divides (the others combined from slice statistics,
+`lowmem.snr.estimator.snr_sums_many`), views of one shape stacked and measured together
+(`snr_sums_stacked`); the same numbers up to float32 rounding, except that a slice whose
+variance is below float32's range (a `v` of about 1e-21) is lost there as constant. Measured on
+gpt2-124m, 2 CPU threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.075-0.087 of a
+training step (the torch ops took 0.13-0.37), the precision 0.38-0.42, nothing between
+measurements; so every=10 costs under 1% with the SNR alone and about 5% with both, about 3%
+with the precision at every second measurement (``precision_every=2 * every``). On the built-in
+example a measurement with both takes about 8 ms (every=10: about 1%).
 
 CUDA side stream (``stream=True``): the hook launches the measurement on a side stream that first
 waits for the step that wrote the state (on the device), and returns; its numbers come back by one

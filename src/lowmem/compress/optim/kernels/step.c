@@ -693,10 +693,10 @@ int lowmem_precision(int64_t ntasks, const PrecTask *tasks, const Codec *m8, con
  * 1 + (x0 − mean)²/var (how far x0 lies from the slice's mean, in variances) of the sums' own
  * relative rounding, about 1e-16 times the square root of the slice's size, or its size at
  * worst: 1e-12 or better on the tests' and gpt2's views, 1e-8 for a slice of 4M entries whose
- * first entry is an outlier (float32 sums lose 1e-7 and more). Work items are ranges of dim 0; a subset that
- * reduces dim 0 sums each item apart and adds the items in order at the end, so the result
- * depends on the shapes alone, never on the number of threads. A view's sums are allocated when
- * its first item starts and freed when its last ends. */
+ * first entry is an outlier (float32 sums lose 1e-7 and more). Work items are ranges of dim 0;
+ * a subset that reduces dim 0 sums each item apart and adds the items in order at the end, so
+ * the result depends on the shapes alone, never on the number of threads. A view's sums are
+ * allocated when its first item starts and freed when its last ends. */
 #define SNR_MAXDIM 8
 #define SNR_ITEM 262144   /* entries per work item, about (whole indices of dim 0) */
 
@@ -730,7 +730,7 @@ typedef struct {
 /* The task's shape with a unit dim 0 before a 1-D view (so that items are ranges of dim 0 and a
  * row is the last dim), and its items: whole indices of dim 0, about SNR_ITEM entries, fewer
  * where the per-item sums of the subsets that reduce dim 0 would pass a quarter of the view's
- * bytes (or 256 KiB). */
+ * bytes (or 1 MiB). */
 static void snr_layout(const SnrTask *t, SnrState *st) {
     int64_t nd = t->ndim, off = nd == 1 ? 1 : 0;
     st->nd = nd + off;
