@@ -35,7 +35,8 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "no CUDA device visible to torch: nothing else to run" | tee -a "$OUT/status.txt"
     exit 1
 fi
-part tests 120 python -m pytest -q -p no:cacheprovider -p no:warnings \
+# one process (-o addopts= drops pyproject's `-n auto`, so pytest-xdist need not be installed)
+part tests 120 python -m pytest -o addopts= -q -p no:cacheprovider -p no:warnings \
     tests/compress/optim/test_cuda.py tests/compress/optim/test_triton.py tests/snr/test_capture_cuda.py \
     "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" \
     "tests/cli/test_memory_cli.py::test_measured_on_cuda_beside_the_trace" > "$OUT/tests.txt" 2>&1

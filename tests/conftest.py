@@ -9,6 +9,7 @@ import os
 # torch loads it, so it is set before the import; the processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Without CUDA the triton backend's tests run its kernels in Triton's interpreter on CPU tensors.
@@ -18,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(optionalhook=True)   # a hook of pytest-xdist; without it (`-p no:xdist`) unused
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per core this process may use, at most four (each worker holds torch,
     and the distributed tests start two to four processes of their own)."""
