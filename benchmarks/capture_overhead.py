@@ -18,7 +18,8 @@ measures each kind's peak extra memory in a fresh process whose glibc maps every
 against the optimizer state it reads (AdamW's m and v). Goals (issue 21): SNR and precision
 together at most 0.3 of a step; peak extra memory at most 10% of the state. It also prints,
 derived from the same medians, the average measurement when the precision is taken at every
-K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K. And, on CPU, for
+K-th measurement only (``precision_every``, K = 2, 4, 8): SNR + precision / K (over a long run;
+the first measurement, which measures the precision too, adds one). And, on CPU, for
 comparison, the SNR with one torch thread and one read of all of `v` (on this 2-core machine
 the two-thread SNR has two speeds, set by the machine's thread scheduling: `BENCHMARKS.md`).
 On CUDA it also times two training steps of which one measures, with no capture, measuring on the training

@@ -2,9 +2,10 @@
 
 Reads a finished analysis folder that measured the precision at every SNR measurement (the
 default), keeps only the precision measurements a run with ``--precision-every K * every`` would
-have taken (steps that are multiples of it, in the plan's window), and chooses every layer's state
-format from them with lowmem's own rule (`lowmem.compress.precision.choose_state`, the plan's
-threshold). Prints, per K: the layers whose format differs from the one chosen from every
+have taken (the first measurement and the steps that are multiples of K * every, in the plan's
+window; also, for comparison, the multiples alone, as lowmem took them before 2026-12-05), and
+chooses every layer's state format from them with lowmem's own rule
+(`lowmem.compress.precision.choose_state`, the plan's threshold). Prints, per K: the layers whose format differs from the one chosen from every
 measurement, and how the largest update error of each (layer, state, format) moved (the ratio of
 the thinned largest to the full one: 1 where the full run's largest falls on a kept step). Also
 says at which step the largest errors fall, since a thinned run skips the first measurement.
@@ -62,20 +63,23 @@ def main(argv=None) -> int:
     print(f"the largest update error of a (layer, state, format) falls at step {first} (the first "
           f"measurement) for {at[first]} of {len(worst_full)}; the most common others: "
           + ", ".join(f"step {s}: {c}" for s, c in at.most_common(4) if s != first))
-    print(f"{'K':>3} {'measurements':>12} {'formats that differ':>20}   largest update error, thinned / full: "
-          "min, median")
+    print(f"{'K':>3} {'steps kept':>18} {'measurements':>12} {'formats that differ':>20}   largest update error, "
+          "thinned / full: min, median")
     for k in (int(x) for x in args.ks.split(",")):
-        kept = [s for s in full.samples if s.step % (k * every) == 0]
-        thinned = PrecisionTrajectory(kept)
-        ours = formats(plan, thinned, window, threshold)
-        differ = {n: (reference[n], ours[n]) for n in reference if ours[n] != reference[n]}
-        worst = thinned.worst(window)
-        ratios = [worst[key].update_error / w.update_error for key, w in worst_full.items()
-                  if key in worst and w.update_error > 0]
-        print(f"{k:>3} {len(thinned.steps):>12} {len(differ):>20}   "
-              f"{min(ratios):.3f}, {statistics.median(ratios):.3f}")
-        for name, (a, b) in differ.items():
-            print(f"      {name}: {a} -> {b}")
+        for rule in ("first+multiples", "multiples"):
+            kept = [s for s in full.samples if s.step % (k * every) == 0 or (rule != "multiples" and s.step == first)]
+            thinned = PrecisionTrajectory(kept)
+            ours = formats(plan, thinned, window, threshold)
+            differ = {n: (reference[n], ours[n]) for n in reference if ours[n] != reference[n]}
+            worst = thinned.worst(window)
+            ratios = [worst[key].update_error / w.update_error for key, w in worst_full.items()
+                      if key in worst and w.update_error > 0]
+            print(f"{k:>3} {rule:>18} {len(thinned.steps):>12} {len(differ):>20}   "
+                  f"{min(ratios):.3f}, {statistics.median(ratios):.3f}")
+            for name, (a, b) in differ.items():
+                print(f"      {name}: {a} -> {b}")
+            if k == 1:
+                break
     return 0
 
 

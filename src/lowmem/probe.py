@@ -196,8 +196,8 @@ def run_probe(task: Task, steps: int, every: int, lr: float, device: torch.devic
             writes ``layers.json`` there, so even a killed run can be reported).
         precision_out: precision CSV, streamed: at each measurement the error each storage format
             of `m` and `v` causes (`lowmem.snr.precision`; none in shadow mode).
-        precision_every: measure the precision only at steps that are multiples of this (a
-            multiple of `every`); default: at every measurement.
+        precision_every: measure the precision only at the first measurement and at steps that
+            are multiples of this (a multiple of `every`); default: at every measurement.
         stream: measure on a CUDA side stream (`lowmem.snr.capture`, ``stream=True``).
 
     Returns:

@@ -290,31 +290,40 @@ def test_bad_flag_values_are_usage_errors(tmp_path, flags, expected):
     assert not (tmp_path / "o").exists()
 
 
-def test_precision_every_measures_the_precision_at_its_multiples_and_the_plan_follows_them(tmp_path):
+def test_precision_every_measures_the_precision_at_the_first_step_and_its_multiples_and_the_plan_follows_them(
+        tmp_path):
     model_file = write(tmp_path, MODEL)
-    r = lowmem_analyze(tmp_path, "model.py", "--steps", "8", "--every", "2", "--precision-every", "4", "--out", "o",
+    r = lowmem_analyze(tmp_path, "model.py", "--steps", "12", "--every", "2", "--precision-every", "6", "--out", "o",
                        "--no-peak", "--no-html")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "o"
-    assert csv_steps(out / "snr.csv") == [2, 4, 6, 8]
-    assert {s.step for s in PrecisionTrajectory.read(out / "precision.csv").samples} == {4, 8}
+    assert csv_steps(out / "snr.csv") == [2, 4, 6, 8, 10, 12]
+    precision = PrecisionTrajectory.read(out / "precision.csv")
+    assert {s.step for s in precision.samples} == {2, 6, 12}
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["source"]["precision_every"] == 4
-    assert {lp["state"]["m"] for lp in plan["layers"].values()} == {"bf16"}   # chosen from steps 4 and 8
+    assert plan["source"]["precision_every"] == 6
+    # each layer's format is the one its largest errors at steps 2, 6 and 12 give
+    for name, lp in plan["layers"].items():
+        worst = {fmt: max(s.update_error for s in precision.samples if (s.name, s.state, s.format) == (name, "m", fmt))
+                 for fmt in ("bf16", "int8", "int4") if any(s.name == name and s.format == fmt for s in precision.samples)}
+        passing = [fmt for fmt in ("int4", "int8", "bf16") if worst.get(fmt, 1.0) < 0.05]
+        assert lp["state"]["m"] == (passing[0] if passing else "fp32"), name
     assert_plan_is_from(out, model_file)
 
 
-def test_a_run_stopped_before_its_first_precision_measurement_says_so_and_keeps_fp32_state(tmp_path):
+def test_a_run_stopped_before_its_windows_first_precision_measurement_says_so_and_keeps_fp32_state(tmp_path):
     source = patched("def loss_fn(model, batch):\n    x, y = batch\n    return nn.functional.mse_loss(model(x), y)",
                      "calls = 0\n\ndef loss_fn(model, batch):\n    global calls\n    x, y = batch\n"
                      "    loss = nn.functional.mse_loss(model(x), y)\n    calls += 1\n"
                      "    return loss * float('nan') if calls == 6 else loss")
     write(tmp_path, source)
     err = failed(lowmem_analyze(tmp_path, "model.py", "--steps", "20", "--every", "2", "--precision-every", "10",
-                                "--out", "o", "--no-peak", "--no-html"), 3)
-    assert "the run took no precision measurement (every 10 steps): the plan keeps every layer's state in fp32" in err
+                                "--window", "3:", "--out", "o", "--no-peak", "--no-html"), 3)
+    assert "the window 3: holds no precision measurement (every 10 steps): the plan keeps every layer's state in fp32" \
+        in err
     out = tmp_path / "o"
-    assert csv_steps(out / "snr.csv") == [2, 4] and PrecisionTrajectory.read(out / "precision.csv").samples == []
+    assert csv_steps(out / "snr.csv") == [2, 4]
+    assert {s.step for s in PrecisionTrajectory.read(out / "precision.csv").samples} == {2}   # outside the window
     assert {lp["state"]["m"] for lp in json.loads((out / "plan.json").read_text())["layers"].values()} == {"fp32"}
 
 
@@ -322,9 +331,9 @@ def test_a_run_stopped_before_its_first_precision_measurement_says_so_and_keeps_
     (["--every", "2", "--precision-every", "3"], "--precision-every 3 must be a multiple of the SNR's every 2 steps"),
     (["--steps", "8", "--every", "2", "--precision-every", "10"], "--precision-every 10 needs at least that many steps"),
     (["--steps", "8", "--every", "2", "--precision-every", "4", "--window", "5:7"],
-     "--window 5:7 holds no step that measures the precision (every 4 steps, up to step 8)"),
+     "--window 5:7 holds no step that measures the precision (step 2, then every 4 steps up to step 8)"),
     (["--steps", "10", "--every", "2", "--precision-every", "4", "--window", "9:"],
-     "--window 9: holds no step that measures the precision (every 4 steps, up to step 10)"),
+     "--window 9: holds no step that measures the precision (step 2, then every 4 steps up to step 10)"),
     (["--precision-every", "20", "--shadow-v"], "--shadow-v reads no m and measures none"),
     (["--precision-every", "20", "--preset", "eve"], "--plan and --preset run no probe"),
     (["--precision-every", "0"], "argument --precision-every: expected a positive integer, got '0'"),

@@ -93,12 +93,12 @@ def test_side_stream_measures_the_same_numbers_without_blocking_training():
         assert torch.equal(p, q)
 
 
-def test_side_stream_with_precision_every_measures_the_precision_at_its_multiples_only():
+def test_side_stream_with_precision_every_measures_the_precision_at_the_first_and_its_multiples_only():
     _, plain, _ = _train_captured(stream=False)
     _, side, _ = _train_captured(stream=True, precision_every=6)
-    assert side.measured_steps == [3, 6, 9, 12] and {s.step for s in side.precision_samples} == {6, 12}
+    assert side.measured_steps == [3, 6, 9, 12] and {s.step for s in side.precision_samples} == {3, 6, 12}
     pkey = lambda s: (s.step, s.name, s.state, s.format)
-    want = {pkey(s): s for s in plain.precision_samples if s.step in (6, 12)}
+    want = {pkey(s): s for s in plain.precision_samples if s.step in (3, 6, 12)}
     assert sorted(map(pkey, side.precision_samples)) == sorted(want)
     for a in side.precision_samples:
         b = want[pkey(a)]

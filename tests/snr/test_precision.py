@@ -103,7 +103,7 @@ def test_recorded_errors_equal_a_numpy_float64_computation(tmp_path):
     assert {s.step for s in cap.precision_samples} == {3}
 
 
-def test_precision_every_measures_at_its_multiples_only_and_the_numbers_are_those_of_that_step(tmp_path):
+def test_precision_every_measures_at_the_first_measurement_and_its_multiples_only_with_those_steps_numbers(tmp_path):
     model, opt = make()
     out = tmp_path / "precision.csv"
     with lowmem.capture(opt, model, every=2, precision_out=out, precision_every=6) as cap:
@@ -113,7 +113,7 @@ def test_precision_every_measures_at_its_multiples_only_and_the_numbers_are_thos
         train(model, opt, 7, start=6)
         assert cap.measure(13) and cap.measured_steps[-1] == 13   # an explicit measure off the cadence
     assert cap.measured_steps == [2, 4, 6, 8, 10, 12, 13]
-    assert {s.step for s in cap.precision_samples} == {6, 12}
+    assert {s.step for s in cap.precision_samples} == {2, 6, 12}   # the first measurement, then 6's multiples
     assert read_precision(out) == cap.precision_samples
     settings = {n: GROUPS[0] if not n.startswith("ln.") else GROUPS[1] for n in states}
     got = {(s.name, s.state, s.format): (s.state_error, s.update_error) for s in cap.precision_samples if s.step == 6}
@@ -134,10 +134,10 @@ def test_precision_every_of_a_capture_that_measures_no_precision_is_refused_and_
     for kwargs in ({}, {"precision": False}, {"shadow": True, "precision": True}):
         with pytest.raises(ValueError, match="this capture measures none"):
             lowmem.capture(opt, model, every=2, precision_every=4, **kwargs)
-    cap = lowmem.capture(opt, model, every=2, precision=True, precision_every=np.int64(4))
+    cap = lowmem.capture(opt, model, every=2, precision=True, precision_every=np.int64(6))
     with cap:
-        train(model, opt, 4)
-    assert cap.measured_steps == [2, 4] and {s.step for s in cap.precision_samples} == {4}
+        train(model, opt, 6)
+    assert cap.measured_steps == [2, 4, 6] and {s.step for s in cap.precision_samples} == {2, 6}
 
 
 @pytest.mark.parametrize("chunk", [1000, 300, 1])

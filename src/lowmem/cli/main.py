@@ -103,8 +103,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "whose measured update-direction error stays below X at every measurement "
                         f"(default {PRECISION_THRESHOLD:g}: 8-bit passes, 4-bit rarely); 0 keeps all state in fp32")
     p.add_argument("--precision-every", type=positive_int, metavar="N",
-                   help="measure the state formats' precision only every N steps, a multiple of --every "
-                        "(default: at every SNR measurement); on a large model on CPU it costs 4-6 "
+                   help="measure the state formats' precision only at the first SNR measurement and every N "
+                        "steps, a multiple of --every (default: at every SNR measurement); on a large model on CPU "
+                        "it costs 4-6 "
                         "times the SNR, so e.g. 2x --every cuts the probe's measuring time by about 40%%, "
                         "4x by 60%%")
     p.add_argument("--depth-average", action="store_true", help="average SNR over depth for layers of one role and shape")
@@ -211,11 +212,12 @@ def _run(args, err: Console) -> int:
             raise UsageError(f"--precision-every {pe} needs at least that many steps; the probe runs {steps} "
                              "(--steps or LOWMEM['steps'])")
         start, end = args.window or (None, None)
+        last = min(steps, end if end is not None else steps)
         first = -(-max(start or 1, 1) // pe) * pe   # the first multiple of pe in the window
-        if first > min(steps, end if end is not None else steps) and args.precision_threshold > 0:
+        if first > last and not (start or 1) <= every <= last and args.precision_threshold > 0:
             raise UsageError(f"--window {'' if start is None else start}:{'' if end is None else end} holds no step "
-                             f"that measures the precision (every {pe} steps, up to step {steps}): widen the "
-                             "window or give a smaller --precision-every")
+                             f"that measures the precision (step {every}, then every {pe} steps up to step {steps}): "
+                             "widen the window or give a smaller --precision-every")
     if args.plan and not args.validate:   # only checks the plan: writes nothing, so needs no folder
         return _check_plan(args, task, device, lr, note, steps)
     # The folder is locked and checked before any training: a busy folder, or one holding the
@@ -339,7 +341,8 @@ def _run_in(args, task, device, steps, every, lr, out: Path, quiet, note, err, b
             raise failure from None
         return EXIT_INTERRUPTED
     if precision is not None and args.precision_threshold > 0 and not precision.worst(args.window):
-        # (possible with --precision-every: a run that stopped before the precision's step)
+        # (possible with --precision-every and a --window: a run that stopped before the window's
+        # first precision step)
         where = "the run took no precision measurement" if not precision.samples else \
             "the window {}:{} holds no precision measurement".format(*("" if x is None else x for x in args.window))
         note(f"{where} (every {args.precision_every or every} steps): the plan keeps every layer's state in fp32")

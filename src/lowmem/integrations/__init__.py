@@ -43,8 +43,8 @@ class CaptureCallback:
         precision_out: also measure the error each storage format of `m` and `v` would cause,
             into this CSV (``lowmem.build_plan(..., precision=PrecisionTrajectory.read(path))``
             then picks each layer's formats); default none.
-        precision_every: measure that precision only at the measurements whose step is a
-            multiple of this (a multiple of `every`); default at every measurement.
+        precision_every: measure that precision only at the first measurement and at those
+            whose step is a multiple of this (a multiple of `every`); default at every measurement.
         stream: on CUDA, measure on a side stream beside training (see `lowmem.capture`).
 
     The arguments are checked as `lowmem.capture` checks them, when training starts.

@@ -26,7 +26,7 @@ optimizers that keep no ``exp_avg_sq`` (SGD, Adafactor, lowmem's own optimizers)
 full-size tensor per parameter and counts steps by hook calls.
 
 Precision (``precision=True``, or a ``precision_out`` file): at the same measurements (or, with
-``precision_every``, at those whose step is a multiple of it), the error
+``precision_every``, at the first and at those whose step is a multiple of it), the error
 each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``, ``step`` and the
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
 one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none.
@@ -121,11 +121,13 @@ class SnrCapture:
             hook returns at once and training goes on beside it; its samples arrive (``samples``,
             the files, `on_sample`) at a later step or at `close`. Needs every tracked parameter
             on one CUDA device, unsharded.
-        precision_every: measure the precision only at the measurements whose step is a multiple of
-            this (a multiple of `every`, e.g. ``2 * every``): on a large CPU model the precision
-            costs 4-6 times the SNR, so this brings a measurement's average cost down, at the
-            price of fewer precision samples for the plan (the plan's `window` must hold at least
-            one). Default: at every measurement.
+        precision_every: measure the precision only at the first measurement and at those whose
+            step is a multiple of this (a multiple of `every`, e.g. ``2 * every``): on a large CPU
+            model the precision costs 4-6 times the SNR, so this brings a measurement's average
+            cost down, at the price of fewer precision samples for the plan (the plan's `window`
+            must hold at least one). The first is kept because it is often the worst: on the
+            built-in example the largest error of a (layer, state, format) falls there in 55 of
+            148 cases (`benchmarks/precision_cadence.py`). Default: at every measurement.
 
     Raises:
         ValueError: `every` is not a positive integer, `precision_every` not a positive multiple of
@@ -162,6 +164,7 @@ class SnrCapture:
         self.precision = measures_precision
         self.precision_samples: list[PrecisionSample] = []
         self.precision_every = precision_every
+        self._precision_taken = False   # whether a measurement has measured the precision yet
         self.measured_steps: list[int] = []
         self._handle = None
         self._calls = 0
@@ -360,7 +363,9 @@ class SnrCapture:
         one), ending in one copy of its numbers to the host per device: non-blocking into pinned
         memory on a side stream, an event marking when they have arrived."""
         self._last_measured = step   # (a hook at this same step count measures no second time)
-        with_precision = self.precision and (self.precision_every is None or step % self.precision_every == 0)
+        with_precision = self.precision and (self.precision_every is None or not self._precision_taken
+                                             or step % self.precision_every == 0)
+        self._precision_taken |= with_precision
         if stream is None:
             snr = self._snr_terms()
             precision = self._precision_sums() if with_precision else None
