@@ -311,6 +311,20 @@ def test_precision_every_measures_the_precision_at_the_first_step_and_its_multip
     assert_plan_is_from(out, model_file)
 
 
+def test_a_window_holding_only_the_first_measurement_is_accepted_and_plans_from_it(tmp_path):
+    # steps 2 (the first measurement) and 8 measure the precision; the window 1:5 holds step 2 only
+    write(tmp_path, MODEL)
+    r = lowmem_analyze(tmp_path, "model.py", "--steps", "8", "--every", "2", "--precision-every", "8", "--window",
+                       "1:5", "--out", "o", "--no-peak", "--no-html")
+    assert r.returncode == 0, r.stderr
+    precision = PrecisionTrajectory.read(tmp_path / "o" / "precision.csv")
+    assert {s.step for s in precision.samples} == {2, 8}
+    for name, lp in json.loads((tmp_path / "o" / "plan.json").read_text())["layers"].items():
+        at2 = {s.format: s.update_error for s in precision.samples if (s.step, s.name, s.state) == (2, name, "m")}
+        passing = [fmt for fmt in ("int4", "int8", "bf16") if at2.get(fmt, 1.0) < 0.05]
+        assert lp["state"]["m"] == (passing[0] if passing else "fp32"), name
+
+
 def test_a_run_stopped_before_its_windows_first_precision_measurement_says_so_and_keeps_fp32_state(tmp_path):
     source = patched("def loss_fn(model, batch):\n    x, y = batch\n    return nn.functional.mse_loss(model(x), y)",
                      "calls = 0\n\ndef loss_fn(model, batch):\n    global calls\n    x, y = batch\n"
