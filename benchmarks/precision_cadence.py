@@ -5,8 +5,8 @@ default), keeps only the precision measurements a run with ``--precision-every K
 have taken (the first measurement and the steps that are multiples of K * every, in the plan's
 window; also, for comparison, the multiples alone, as lowmem took them before 2026-12-05), and
 chooses every layer's state format from them with lowmem's own rule
-(`lowmem.compress.precision.choose_state`, the plan's threshold). Prints, per K: the layers whose format differs from the one chosen from every
-measurement, and how the largest update error of each (layer, state, format) moved (the ratio of
+(`lowmem.compress.precision.choose_state`, the plan's threshold). Prints, per K: the layers
+whose format differs from the one chosen from every measurement, and how the largest update error of each (layer, state, format) moved (the ratio of
 the thinned largest to the full one: 1 where the full run's largest falls on a kept step). Also
 says at which step the largest errors fall, since a thinned run skips the first measurement.
 
@@ -55,10 +55,12 @@ def main(argv=None) -> int:
     print(f"{args.folder}: {len(plan.layers)} layers, precision measured at steps {full.steps[0]}.."
           f"{full.steps[-1]} every {every} ({len(full.steps)} measurements), window {window}, "
           f"threshold {threshold:g}")
-    at = Counter()
-    for key, w in worst_full.items():
-        at[min(s.step for s in full.samples if (s.name, s.state, s.format) == key
-               and s.update_error == w.update_error)] += 1
+    first_at = {}   # (layer, state, format) -> the first step of its largest update error
+    for s in sorted(full.samples, key=lambda s: s.step):
+        key = (s.name, s.state, s.format)
+        if key in worst_full and key not in first_at and s.update_error == worst_full[key].update_error:
+            first_at[key] = s.step
+    at = Counter(first_at.values())
     first = full.steps[0]
     print(f"the largest update error of a (layer, state, format) falls at step {first} (the first "
           f"measurement) for {at[first]} of {len(worst_full)}; the most common others: "

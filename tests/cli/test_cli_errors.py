@@ -290,6 +290,16 @@ def test_bad_flag_values_are_usage_errors(tmp_path, flags, expected):
     assert not (tmp_path / "o").exists()
 
 
+def m_format_of(name: str, samples) -> str:
+    """By hand, the `m` format a layer gets from these precision samples: the smallest (int4 <
+    int8 < bf16) whose largest update error stays below the default 5%, else fp32."""
+    worst = {}
+    for s in samples:
+        if (s.name, s.state) == (name, "m"):
+            worst[s.format] = max(worst.get(s.format, 0.0), s.update_error)
+    return next((fmt for fmt in ("int4", "int8", "bf16") if worst.get(fmt, 1.0) < 0.05), "fp32")
+
+
 def test_precision_every_measures_the_precision_at_the_first_step_and_its_multiples_and_the_plan_follows_them(
         tmp_path):
     model_file = write(tmp_path, MODEL)
@@ -304,10 +314,7 @@ def test_precision_every_measures_the_precision_at_the_first_step_and_its_multip
     assert plan["source"]["precision_every"] == 6
     # each layer's format is the one its largest errors at steps 2, 6 and 12 give
     for name, lp in plan["layers"].items():
-        worst = {fmt: max(s.update_error for s in precision.samples if (s.name, s.state, s.format) == (name, "m", fmt))
-                 for fmt in ("bf16", "int8", "int4") if any(s.name == name and s.format == fmt for s in precision.samples)}
-        passing = [fmt for fmt in ("int4", "int8", "bf16") if worst.get(fmt, 1.0) < 0.05]
-        assert lp["state"]["m"] == (passing[0] if passing else "fp32"), name
+        assert lp["state"]["m"] == m_format_of(name, precision.samples), name
     assert_plan_is_from(out, model_file)
 
 
@@ -319,10 +326,9 @@ def test_a_window_holding_only_the_first_measurement_is_accepted_and_plans_from_
     assert r.returncode == 0, r.stderr
     precision = PrecisionTrajectory.read(tmp_path / "o" / "precision.csv")
     assert {s.step for s in precision.samples} == {2, 8}
+    at2 = [s for s in precision.samples if s.step == 2]
     for name, lp in json.loads((tmp_path / "o" / "plan.json").read_text())["layers"].items():
-        at2 = {s.format: s.update_error for s in precision.samples if (s.step, s.name, s.state) == (2, name, "m")}
-        passing = [fmt for fmt in ("int4", "int8", "bf16") if at2.get(fmt, 1.0) < 0.05]
-        assert lp["state"]["m"] == (passing[0] if passing else "fp32"), name
+        assert lp["state"]["m"] == m_format_of(name, at2), name
 
 
 def test_a_run_stopped_before_its_windows_first_precision_measurement_says_so_and_keeps_fp32_state(tmp_path):
