@@ -63,6 +63,22 @@ def test_encoder_equals_a_numpy_nearest_value_search_on_every_switch_point_and_a
     np.testing.assert_array_equal(kernel_codes(which, fmt, x), numpy_codes(x, qmap))
 
 
+@pytest.mark.parametrize("which, fmt, kind, bits", [("m", "int8", "dynamic", 8), ("m", "int4", "dynamic", 4),
+                                                    ("v", "int8", "dynamic-unsigned", 8)])
+def test_encoder_codes_a_nan_as_the_torch_encoder_does_wherever_it_falls(which, fmt, kind, bits):
+    # A NaN block (a NaN gradient) is coded, not skipped: the 4-bit map's search, which a NaN
+    # would fall through, hands such runs to the table, so the codes equal the torch path's.
+    from lowmem.compress.optim.quant import _encoder
+
+    qmap = quantization_map(kind, bits)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1.0 if qmap[0] < 0 else 0.0, 1.0, 100).astype(np.float32)
+    x[[0, 17, 40, 41, 99]] = np.float32("nan")
+    x[63] = -np.float32("nan")
+    want = _encoder(qmap, torch.device("cpu")).nearest(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(kernel_codes(which, fmt, x), want)
+
+
 # -- fp32: the numpy oracle -----------------------------------------------------------------------
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("info", CASES, ids=lambda i: i.name)

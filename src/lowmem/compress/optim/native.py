@@ -82,8 +82,8 @@ class _SnrTask(ctypes.Structure):
 
 
 class _Codec(ctypes.Structure):
-    _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("block", ctypes.c_int32),
-                ("shift", ctypes.c_int32)]
+    _fields_ = [("qmap", ctypes.c_void_p), ("cells", ctypes.c_void_p), ("cuts", ctypes.c_void_p),
+                ("block", ctypes.c_int32), ("shift", ctypes.c_int32)]
 
 
 _lock = threading.Lock()
@@ -250,7 +250,7 @@ def _codec(which: str, fmt: str) -> _Codec:
     """The lookup tables of `which`'s map in `fmt` (kept alive with the struct that points at them)."""
     key = (which, fmt)
     if key not in _codecs:
-        from lowmem.compress.optim.quant import _encoder
+        from lowmem.compress.optim.quant import _encoder, _switch_points
         from lowmem.compress.optim.state import _qmap
 
         qmap = _qmap(which, fmt, torch.device("cpu")).contiguous()
@@ -261,13 +261,17 @@ def _codec(which: str, fmt: str) -> _Codec:
         block = block_of(fmt)
         if block & (block - 1):   # the kernel finds a block by a shift
             raise AssertionError(f"block size {block} of {fmt} is not a power of two")
-        c = _Codec(qmap.data_ptr(), cells.data_ptr(), block, block.bit_length() - 1)
-        c.keep = (qmap, cells)
+        # a 16-value map's switch points in one register (the kernel's search), +inf after them
+        cuts = (torch.cat((_switch_points(qmap.float()), torch.tensor([torch.inf]))).contiguous()
+                if qmap.numel() == 16 else None)
+        c = _Codec(qmap.data_ptr(), cells.data_ptr(), None if cuts is None else cuts.data_ptr(), block,
+                   block.bit_length() - 1)
+        c.keep = (qmap, cells, cuts)
         _codecs[key] = c
     return _codecs[key]
 
 
-_EMPTY = _Codec(None, None, 0, 0)
+_EMPTY = _Codec(None, None, None, 0, 0)
 
 
 def _cells(enc) -> torch.Tensor:

@@ -71,6 +71,7 @@ typedef struct {
 typedef struct {          /* one quantization map */
     const float *qmap;    /* 2^bits values */
     const int32_t *cells; /* 2^17 cells: lowest code << 16 | switch point (see encode_all) */
+    const float *cuts;    /* a 16-value map: its 15 switch points in order, then +inf; else NULL */
     int32_t block;
     int32_t shift;        /* log2(block): blocks are powers of two */
 } Codec;
@@ -110,6 +111,22 @@ static void encode_all(const Codec *c, const float *x, float sc, int64_t k, uint
 #ifdef __AVX512F__
     const __m512 vs = _mm512_set1_ps(sc);
     const __m512i mask = _mm512_set1_epi32(0x7fff), half = _mm512_set1_epi32(0xffff), one = _mm512_set1_epi32(1);
+    if (c->cuts) {
+        /* A 16-value map: the code is the number of switch points at or below y, found by a
+         * binary search in one register (four permutes and compares; a third of the gather's
+         * time). A NaN compares below every switch point: such lanes take the table's code. */
+        const __m512 cuts = _mm512_loadu_ps(c->cuts);
+        for (; j + 16 <= k; j += 16) {
+            __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vs);
+            if (_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q)) break;
+            __m512i code = _mm512_setzero_si512();
+            for (int step = 8; step >= 1; step >>= 1) {   /* is y at or above switch point code + step − 1? */
+                __m512 cut = _mm512_permutexvar_ps(_mm512_add_epi32(code, _mm512_set1_epi32(step - 1)), cuts);
+                code = _mm512_mask_add_epi32(code, _mm512_cmp_ps_mask(y, cut, _CMP_GE_OQ), code, _mm512_set1_epi32(step));
+            }
+            _mm_storeu_si128((__m128i *)(out + j), _mm512_cvtepi32_epi8(code));
+        }
+    }
     for (; j + 16 <= k; j += 16) {
         __m512i u = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(x + j), vs));
         __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 15), cells, 4);
@@ -120,6 +137,43 @@ static void encode_all(const Codec *c, const float *x, float sc, int64_t k, uint
     }
 #endif
     for (; j < k; j++) out[j] = encode_one(cells, x[j] / sc);
+}
+
+#ifdef __AVX512F__
+/* The values of 16 codes (0-255) of a 256-value map held in 16 registers: 8 two-register
+ * permutes, then 7 blends by index bits 5-7 (faster than a gather here). */
+static inline __m512 map256(const __m512 *tab, __m512i idx) {
+    __m512 r[8];
+    for (int l = 0; l < 8; l++) r[l] = _mm512_permutex2var_ps(tab[2 * l], idx, tab[2 * l + 1]);
+    __mmask16 m5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), m6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)),
+              m7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    __m512 s0 = _mm512_mask_blend_ps(m5, r[0], r[1]), s1 = _mm512_mask_blend_ps(m5, r[2], r[3]);
+    __m512 s2 = _mm512_mask_blend_ps(m5, r[4], r[5]), s3 = _mm512_mask_blend_ps(m5, r[6], r[7]);
+    __m512 u0 = _mm512_mask_blend_ps(m6, s0, s1), u1 = _mm512_mask_blend_ps(m6, s2, s3);
+    return _mm512_mask_blend_ps(m7, u0, u1);
+}
+#endif
+
+/* out[j] = qmap[codes[j]] · sc for j < k, codes one per byte of a map of 256 values (Q8) or 16 (Q4). */
+static void decode_codes(const float *restrict qm, int fmt, const uint8_t *restrict q, float sc, int64_t k,
+                         float *restrict o) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 vs = _mm512_set1_ps(sc);
+    if (fmt == Q8) {
+        __m512 tab[16];
+        for (int l = 0; l < 16; l++) tab[l] = _mm512_loadu_ps(qm + 16 * l);
+        for (; j + 16 <= k; j += 16)
+            _mm512_storeu_ps(o + j, _mm512_mul_ps(map256(tab, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j)))), vs));
+    } else {
+        const __m512 table = _mm512_loadu_ps(qm);
+        for (; j + 16 <= k; j += 16)
+            _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j))), table), vs));
+    }
+#else
+    (void)fmt;
+#endif
+    for (; j < k; j++) o[j] = qm[q[j]] * sc;
 }
 
 /* State entries [i, i+k) into floats; a quantized state's blocks lie whole in [i, i+k) (tiles
@@ -135,26 +189,7 @@ static void load_state(const void *s, const float *scale, int fmt, const Codec *
         const float *restrict qm = c->qmap;
         int64_t j = 0;
         if (fmt == Q8) {
-            const uint8_t *restrict q = (const uint8_t *)s + row * qlen + a;
-#ifdef __AVX512F__
-            /* the 256 map values in 16 registers: 8 two-register permutes, then 7 blends by
-             * index bits 5-7 (faster than a gather here) */
-            __m512 tab[16];
-            for (int l = 0; l < 16; l++) tab[l] = _mm512_loadu_ps(qm + 16 * l);
-            const __m512i b5 = _mm512_set1_epi32(32), b6 = _mm512_set1_epi32(64), b7 = _mm512_set1_epi32(128);
-            for (; j + 16 <= k1; j += 16) {
-                __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j)));
-                __m512 r[8];
-                for (int l = 0; l < 8; l++) r[l] = _mm512_permutex2var_ps(tab[2 * l], idx, tab[2 * l + 1]);
-                __mmask16 m5 = _mm512_test_epi32_mask(idx, b5), m6 = _mm512_test_epi32_mask(idx, b6),
-                          m7 = _mm512_test_epi32_mask(idx, b7);
-                __m512 s0 = _mm512_mask_blend_ps(m5, r[0], r[1]), s1 = _mm512_mask_blend_ps(m5, r[2], r[3]);
-                __m512 s2 = _mm512_mask_blend_ps(m5, r[4], r[5]), s3 = _mm512_mask_blend_ps(m5, r[6], r[7]);
-                __m512 u0 = _mm512_mask_blend_ps(m6, s0, s1), u1 = _mm512_mask_blend_ps(m6, s2, s3);
-                _mm512_storeu_ps(o + j, _mm512_mul_ps(_mm512_mask_blend_ps(m7, u0, u1), _mm512_set1_ps(sc)));
-            }
-#endif
-            for (; j < k1; j++) o[j] = qm[(int32_t)q[j]] * sc;
+            decode_codes(qm, Q8, (const uint8_t *)s + row * qlen + a, sc, k1, o);
         } else {                              /* a is even: blocks have an even size */
             const uint8_t *restrict q = (const uint8_t *)s + row * ((qlen + 1) / 2) + a / 2;
 #ifdef __AVX512F__
@@ -557,15 +592,16 @@ static double tile_sq(const float *a, int64_t k) {
     return sum >= 0x1p-100 && sum <= 0x1p100 ? sum : tile_sq_wide(a, k);
 }
 
-/* x[0..k) stored under codec `c` (blocks of c->block from x[0]) and read back into `out`. */
-static void roundtrip_blocks(const Codec *c, const float *x, int64_t k, float *out) {
+/* x[0..k) stored under codec `c` of format `fmt` (Q8, Q4; blocks of c->block from x[0]) and
+ * read back into `out`. */
+static void roundtrip_blocks(const Codec *c, int fmt, const float *x, int64_t k, float *out) {
     uint8_t codes[TILE];
     for (int64_t j0 = 0; j0 < k; j0 += c->block) {
         int64_t k1 = k - j0 < c->block ? k - j0 : c->block;
         const float *y = x + j0;
         float sc = block_scale(y, k1);
         encode_all(c, y, sc, k1, codes);
-        for (int64_t j = 0; j < k1; j++) out[j0 + j] = c->qmap[codes[j]] * sc;
+        decode_codes(c->qmap, fmt, codes, sc, k1, out + j0);
     }
 }
 
@@ -600,10 +636,11 @@ static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, 
     acc[a++] += tile_sq_wide(v, k);
     acc[a++] += tile_sq(u, k);
     const Codec *mformats[3] = {NULL, m8, m4}, *vformats[2] = {NULL, v8};
+    const int mfmt[3] = {BF16, Q8, Q4};
     int formats = t->quantized ? 3 : 1;
     for (int f = 0; f < formats; f++) {          /* m: bf16, int8, int4 */
         if (f == 0) for (int64_t j = 0; j < k; j++) q[j] = bf16_trip(m[j]);
-        else roundtrip_blocks(mformats[f], m, k, q);
+        else roundtrip_blocks(mformats[f], mfmt[f], m, k, q);
         for (int64_t j = 0; j < k; j++) {
             e[j] = q[j] - m[j];
             eu[j] = e[j] * rbc1 * inv[j];
@@ -614,15 +651,16 @@ static void precision_tile(const PrecTask *t, const Codec *m8, const Codec *m4, 
     formats = t->quantized ? 2 : 1;
     for (int f = 0; f < formats; f++) {          /* v: bf16, int8 */
         if (f == 0) for (int64_t j = 0; j < k; j++) q[j] = bf16_trip(v[j]);
-        else roundtrip_blocks(vformats[f], v, k, q);
+        else roundtrip_blocks(vformats[f], Q8, v, k, q);
         /* u(m, q) − u(m, v) without the cancellation of subtracting two nearby updates: with
          * s = sqrt(v), r = sqrt(q), it is m̂ (s − r) / ((s/√bc2 + ε)(r/√bc2 + ε) √bc2), and
          * s − r = (v − q) / (s + r), where v − q has no cancellation (exact where q is within a
-         * factor 2 of v, as bf16's is) */
+         * factor 2 of v, as bf16's is); one division (a second cost this measurement a fifth
+         * of its time) */
         for (int64_t j = 0; j < k; j++) {
             float sq = sqrtf(q[j]);
             e[j] = q[j] - v[j];
-            eu[j] = e[j] == 0.0f ? 0.0f : -(mh[j] * inv[j]) * rsbc2 * (e[j] / (sv[j] + sq)) / (sq * rsbc2 + eps);
+            eu[j] = e[j] == 0.0f ? 0.0f : -(u[j] * rsbc2 * e[j]) / ((sv[j] + sq) * (sq * rsbc2 + eps));
         }
         acc[a++] += tile_sq_wide(e, k);
         acc[a++] += tile_sq(eu, k);
