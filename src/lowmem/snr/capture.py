@@ -46,8 +46,8 @@ smaller one of the same view divides (the others combined from slice statistics,
 (`snr_sums_stacked`); the same numbers up to float32 rounding, except that a slice whose
 variance is below float32's range (a `v` of about 1e-21) is lost there as constant. Measured on
 gpt2-124m, 2 CPU threads, a batch of 64 tokens (`BENCHMARKS.md`): the SNR 0.075-0.087 of a
-training step (the torch ops took 0.13-0.37), the precision 0.38-0.42, nothing between
-measurements; so every=10 costs under 1% with the SNR alone and about 5% with both, about 3%
+training step (the torch ops took 0.13-0.37), the precision 0.33-0.35, nothing between
+measurements; so every=10 costs under 1% with the SNR alone and about 4% with both, about 2.5%
 with the precision at every second measurement (``precision_every=2 * every``). On the built-in
 example a measurement with both takes about 8 ms (every=10: about 1%).
 

@@ -17,7 +17,9 @@
  * number of threads), so results are reproducible. Codes: an entry divided by its block's scale
  * takes the nearest map value, ties upward (torchao's rule), found by table lookup: the upper 17
  * bits of the float name a cell, `base[cell]` is the code of the cell's lowest value and
- * `cut[cell]` the one switch point inside it (quant._Encoder, which proves that one suffices).
+ * `cut[cell]` the one switch point inside it (quant._Encoder, which proves that one suffices);
+ * with AVX-512, a 16-value map's codes come from a search over its 15 switch points in one
+ * register instead (the same codes). Codes are read back by permutes of the map in registers.
  *
  * Memory: a core that reads one stream alone (a pass that only sums g²) gets about half the
  * bandwidth of one reading two or more side by side (measured on a 2-core Xeon: 28 against
