@@ -31,8 +31,9 @@ each storage format of `m` and `v` would cause, from ``exp_avg``, ``exp_avg_sq``
 group's betas and eps (`lowmem.snr.precision`); sharded parameters from per-rank partial sums, in
 one all-reduce per process group. Shadow mode, and parameters without ``exp_avg``, measure none.
 On CPU all parameters go through one call of a native kernel that reads each state once and makes
-the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`); elsewhere (on
-a GPU, for bf16 state, without a C compiler) torch ops, same-shaped small states stacked.
+the five round trips 256 entries at a time (`lowmem.snr.precision.error_sums_all`); on CUDA (where
+Triton is installed) all go through two Triton kernel launches, with no host sync; elsewhere (bf16
+CPU state, no C compiler, no Triton) torch ops, same-shaped small states stacked.
 
 Cost: on CPU every fp32 view goes through one call of a native kernel
 (`lowmem.compress.optim.native.snr_sums`, `lowmem_snr` in ``kernels/step.c``): each view is read

@@ -45,6 +45,12 @@ even by their bits (as torch does; the interpreter's casts truncate). Not served
 preference takes them): sharded parameters, layouts of several parts or with reduce dims that
 are neither leading nor trailing, 0-d tensors, fp16 and fp64 parameters, Kahan or stochastic
 rounding, 4-bit `m` beside 8-bit `v`, and tensors not contiguous.
+
+It also measures the precision of Adam's state on CUDA (`precision_sums`, for
+`lowmem.snr.precision.error_sums_all`): one program per `PREC_PER` tiles of a quantization row,
+each tile's five round trips (m in bf16, int8, int4; v in bf16, int8) made in registers as the
+update kernel codes them, and a second launch adding each parameter's programs' fp64 sums in
+order; where it does not compile, torch ops measure instead, after one warning.
 """
 
 from __future__ import annotations
@@ -359,4 +365,99 @@ def _rest(b: Bucket, s: StepScalars, rest) -> None:
     torch_ops_step(other, s)
 
 
-__all__ = ["available", "interpreting", "serves", "triton_step"]
+# -- the precision measurement ---------------------------------------------------------------------
+PREC_TILE = 256    # entries of a quantization row per tile: one 8-bit block, two 4-bit ones
+PREC_PER = 8       # tiles per program (the partial sums: 128 B per program, 0.2% of fp32 state)
+PREC_CB = 64       # partial rows a total program adds at a time
+
+
+def precision_reads(state: tuple) -> bool:
+    """Whether `precision_sums` takes a state (`error_sums`' arguments): `m` and `v` contiguous
+    fp32 or bf16 tensors of one size on one CUDA device (or the CPU under the interpreter), the
+    step a number, a CPU tensor or a tensor on that device."""
+    m, v, step = state[:3]
+    return (m.device == v.device and (m.is_cuda or (m.device.type == "cpu" and interpreting()))
+            and m.dtype in (torch.float32, torch.bfloat16) and v.dtype in (torch.float32, torch.bfloat16)
+            and m.is_contiguous() and v.is_contiguous() and m.numel() == v.numel()
+            and (not isinstance(step, torch.Tensor) or step.device.type == "cpu" or step.device == m.device))
+
+
+def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
+    """`lowmem.snr.precision.error_sums` of each of `states` (tuples of its arguments, all
+    `precision_reads` and on one device), in two launches per pair of state dtypes, with no
+    host synchronisation: one program per `PREC_PER` tiles of `PREC_TILE` entries of a
+    quantization row (every format's round trip in registers, fp32 as the torch ops, sums in
+    fp64), then one per parameter adding its programs' sums in order (so the numbers do not
+    depend on scheduling). Returns float64 tensors on the device (views of one buffer). Raises
+    `KernelUnavailable` before anything runs where a kernel does not compile."""
+    from lowmem.compress.formats import block_of, quantizable, rows_of
+    from lowmem.snr.precision import _sum_count
+
+    if block_of("int8") != PREC_TILE or block_of("int4") * 2 != PREC_TILE:
+        raise KernelUnavailable(f"the kernel's tiles ({PREC_TILE}) do not hold the formats' blocks")
+    triton, tl, *_ = _kernels()
+    from lowmem.compress.optim.triton_kernels import precision_tiles, precision_total
+
+    device = states[0][0].device
+    counts = [_sum_count(s[5]) for s in states]
+    out = torch.zeros(max(sum(counts), 1), dtype=torch.float64, device=device)
+    scalars, on_device = [], []
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, v, step, betas, eps, shape) in enumerate(states):
+        if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+            on_device.append(i)
+            scalars.append([1.0, 1.0, eps, 0.0])
+        else:
+            t = float(step)
+            scalars.append([1 - betas[0] ** t, (1 - betas[1] ** t) ** 0.5, eps, 0.0])
+        if m.numel():
+            groups.setdefault((m.dtype, v.dtype), []).append(i)
+    scal = _to_device([torch.tensor(scalars, dtype=torch.float32)], device)[0]
+    if on_device:   # bias corrections of steps kept on the device, computed there (no sync)
+        t = torch.stack([states[i][2].reshape(()) for i in on_device]).to(torch.float32)
+        betas, rows = _to_device([torch.tensor([states[i][3] for i in on_device], dtype=torch.float32),
+                                  torch.tensor(on_device, dtype=torch.int64)], device)
+        scal[rows, 0] = 1 - betas[:, 0] ** t
+        scal[rows, 1] = (1 - betas[:, 1] ** t).sqrt()
+    offsets = [0]
+    for c in counts[:-1]:
+        offsets.append(offsets[-1] + c)
+    maps = [x for which, fmt in (("m", "int8"), ("m", "int4"), ("v", "int8")) for x in _map(which, fmt, device)]
+    calls = []
+    for (m_dtype, v_dtype), members in groups.items():
+        sizes, ptrs, starts, first = [], [], [], 0
+        for i in members:
+            m, v, _, _, _, shape = states[i]
+            quant = quantizable(tuple(shape))
+            rows, qlen = rows_of(tuple(m.shape)) if quant else (1, m.numel())
+            per_row = -(-qlen // PREC_TILE)
+            programs = -(-rows * per_row // PREC_PER)
+            sizes.append([qlen, per_row, rows * per_row, int(quant), offsets[i], first, programs, i])
+            ptrs += [m.data_ptr(), v.data_ptr()]
+            starts.append(first)
+            first += programs
+        sizes_d, ptrs_d, ids_d, starts_d = _to_device(
+            [torch.tensor(sizes, dtype=torch.int64), torch.tensor(ptrs, dtype=torch.int64),
+             torch.arange(len(members), dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)], device)
+        partial = torch.empty(first * 16, dtype=torch.float64, device=device)
+        n = len(members)
+        calls.append((precision_tiles, first, (ptrs_d, sizes_d, scal, ids_d, starts_d, n, partial, *maps),
+                      dict(LOG=max(1, n.bit_length()), MT=_tl_dtype(tl, m_dtype), VT=_tl_dtype(tl, v_dtype),
+                           TILE=PREC_TILE, PER=PREC_PER)))
+        calls.append((precision_total, n, (partial, sizes_d, out), dict(CB=PREC_CB)))
+    with torch.cuda.device(device) if device.type == "cuda" else _nothing():
+        for kernel, programs, args, kw in calls:
+            signature = (kernel, str(device), tuple(sorted((k, str(v)) for k, v in kw.items())))
+            if signature in _compiled:
+                continue
+            try:
+                kernel.run(*args, grid=(programs,), warmup=True, **kw)
+            except Exception as e:   # (a compiler error of any kind): nothing has run yet
+                raise KernelUnavailable(f"{getattr(kernel, '__name__', kernel)}: {type(e).__name__}: {e}") from e
+            _compiled.add(signature)
+        for kernel, programs, args, kw in calls:
+            kernel[(programs,)](*args, **kw)
+    return list(torch.split(out[: sum(counts)], counts))
+
+
+__all__ = ["available", "interpreting", "precision_reads", "precision_sums", "serves", "triton_step"]

@@ -218,3 +218,130 @@ def update(ptrs, tasks, ids, starts, count, dens, m_map, m_thr, v_map, v_thr, de
     _encode(ptrs, t, 2, 3, m, flat, within, qrow, tb, mask, m_thr, qlen, MF, BLOCK)
     p = p * decay + neg_step_size * tl.div_rn(m, den)
     tl.store(pp + flat, _out(p, PT), mask=mask)
+
+
+# -- the precision measurement (lowmem.snr.precision.error_sums; gpu.precision_sums drives it) ----
+# fields of a task's row in its size table (8 int64 each, as gpu.precision_sums writes them)
+P_QLEN = tl.constexpr(0)
+P_PER_ROW = tl.constexpr(1)
+P_TILES = tl.constexpr(2)
+P_QUANT = tl.constexpr(3)
+P_OUT = tl.constexpr(4)
+P_FIRST = tl.constexpr(5)
+P_PROGRAMS = tl.constexpr(6)
+P_SCALARS = tl.constexpr(7)   # its row of the scalars table (bc1, sqrt(bc2), eps, 0: fp32)
+
+
+@triton.jit
+def _sq(x):
+    """Σ x² in fp64 (v's squares and their errors' are below fp32's range)."""
+    x = x.to(tl.float64)
+    return tl.sum(x * x, 0)
+
+
+@triton.jit
+def _at(col, j, s):
+    """s in lane j of a 16-lane fp64 row."""
+    return tl.where(col == j, s, 0.0)
+
+
+@triton.jit
+def _roundtrip(x, mask, half, qmap, thr, BITS: tl.constexpr):
+    """x (a tile of one quantization row, zero where masked) stored in a block-wise quantized
+    format and read back: one block per tile (8 bits) or per half tile (4 bits); the scale is the
+    block's absmax, at least 1e-12, NaN where it holds a NaN (as `quant.quantize`); the code the
+    nearest map value, ties up (a binary search over the switch points, as the step's)."""
+    a = tl.where(mask, tl.abs(x), 0.0)
+    bad = tl.where(mask & (x != x), 1, 0)
+    if BITS == 8:
+        scale = tl.maximum(tl.max(a, 0), 1e-12)
+        scale = tl.where(tl.max(bad, 0) > 0, float("nan"), scale)
+    else:
+        lo = tl.maximum(tl.max(tl.where(half, 0.0, a), 0), 1e-12)
+        hi = tl.maximum(tl.max(tl.where(half, a, 0.0), 0), 1e-12)
+        lo = tl.where(tl.max(tl.where(half, 0, bad), 0) > 0, float("nan"), lo)
+        hi = tl.where(tl.max(tl.where(half, bad, 0), 0) > 0, float("nan"), hi)
+        scale = tl.where(half, hi, lo)
+    y = tl.div_rn(x, scale)
+    code = tl.zeros(x.shape, tl.int32)
+    for i in tl.static_range(BITS):
+        cand = code + (1 << (BITS - 1 - i))
+        code = tl.where(y >= tl.load(thr + cand - 1), cand, code)
+    return tl.load(qmap + code) * scale
+
+
+@triton.jit
+def precision_tiles(mv, sizes, scalars, ids, starts, count, partial, m8_map, m8_thr, m4_map, m4_thr, v8_map, v8_thr,
+                    LOG: tl.constexpr, MT: tl.constexpr, VT: tl.constexpr, TILE: tl.constexpr, PER: tl.constexpr):
+    """`PER` tiles of `TILE` entries of one quantization row each, of one parameter: the squared
+    norms of m, v and the update u, and the squared errors of each format in the state and in u
+    (fp32 round trips, fp64 sums), added over the tiles into this program's row of `partial`
+    (16 fp64: m², v², u², then (state, update) for m bf16, int8, int4, v bf16, int8)."""
+    t, local = _find(ids, starts, count, LOG)
+    qlen = tl.load(sizes + t * 8 + P_QLEN)
+    per_row = tl.load(sizes + t * 8 + P_PER_ROW)
+    tiles = tl.load(sizes + t * 8 + P_TILES)
+    mp = tl.load(mv + t * 2).to(tl.pointer_type(MT))
+    vp = tl.load(mv + t * 2 + 1).to(tl.pointer_type(VT))
+    at = scalars + tl.load(sizes + t * 8 + P_SCALARS) * 4
+    rbc1 = tl.div_rn(1.0, tl.load(at))
+    rsbc2 = tl.div_rn(1.0, tl.load(at + 1))
+    eps = tl.load(at + 2)
+    lane = tl.arange(0, TILE)
+    half = lane >= TILE // 2
+    col = tl.arange(0, 16)
+    acc = tl.zeros([16], tl.float64)
+    for k in range(PER):
+        tile = local * PER + k
+        within = (tile % per_row) * TILE + lane
+        mask = within < tl.where(tile < tiles, qlen, 0)   # (past the task's last tile: nothing)
+        flat = (tile // per_row) * qlen + within
+        m = tl.load(mp + flat, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(vp + flat, mask=mask, other=0.0).to(tl.float32)
+        # a tile of zeros adds nothing (every format stores 0 exactly; u = 0 there for ε > 0)
+        live = tl.max(tl.where(mask & ((m != 0) | (v != 0)), 1, 0), 0) > 0
+        sv = tl.sqrt_rn(v)
+        inv = tl.div_rn(1.0, sv * rsbc2 + eps)
+        w = rbc1 * inv   # Δu of a change e of m is e·w
+        u = tl.where(mask, m * w, 0.0)
+        row = _at(col, 0, _sq(m)) + _at(col, 1, _sq(v)) + _at(col, 2, _sq(u))
+        for f in tl.static_range(3):   # m: bf16, int8, int4
+            if f == 0:
+                q = _bf16(m).to(tl.float32)
+            elif f == 1:
+                q = _roundtrip(m, mask, half, m8_map, m8_thr, 8)
+            else:
+                q = _roundtrip(m, mask, half, m4_map, m4_thr, 4)
+            e = tl.where(mask, q - m, 0.0)
+            row += _at(col, 3 + 2 * f, _sq(e)) + _at(col, 4 + 2 * f, _sq(e * w))
+        for f in tl.static_range(2):   # v: bf16, int8
+            if f == 0:
+                q = _bf16(v).to(tl.float32)
+            else:
+                q = _roundtrip(v, mask, half, v8_map, v8_thr, 8)
+            e = tl.where(mask, q - v, 0.0)
+            sq = tl.sqrt_rn(q)
+            # u(m, q) − u(m, v) without the cancellation of two nearby updates (as the CPU kernel)
+            eu = tl.where(e == 0.0, 0.0, tl.div_rn(-(u * rsbc2 * e), (sv + sq) * (sq * rsbc2 + eps)))
+            row += _at(col, 9 + 2 * f, _sq(e)) + _at(col, 10 + 2 * f, _sq(eu))
+        acc += tl.where(live, row, 0.0)
+    tl.store(partial + tl.program_id(0).to(tl.int64) * 16 + col, acc)
+
+
+@triton.jit
+def precision_total(partial, sizes, out, CB: tl.constexpr):
+    """One parameter's sums: its programs' rows of `partial` added in order (`CB` at a time),
+    written at its offset of `out`: all 13, or the 7 of a parameter measured in bf16 only."""
+    t = tl.program_id(0)
+    first = tl.load(sizes + t * 8 + P_FIRST)
+    programs = tl.load(sizes + t * 8 + P_PROGRAMS)
+    col = tl.arange(0, 16)
+    acc = tl.zeros([CB, 16], tl.float64)
+    for i in range(0, programs, CB):
+        r = i + tl.arange(0, CB)
+        acc += tl.load(partial + (first + r)[:, None] * 16 + col[None, :], mask=(r < programs)[:, None], other=0.0)
+    s = tl.sum(acc, 0)
+    quant = tl.load(sizes + t * 8 + P_QUANT) != 0
+    short = tl.where(col < 5, col, tl.where(col == 9, 5, tl.where(col == 10, 6, -1)))   # bf16 sums only
+    dest = tl.where(quant, col, short)
+    tl.store(out + tl.load(sizes + t * 8 + P_OUT) + dest, s, mask=tl.where(quant, col < 13, short >= 0))
