@@ -101,7 +101,7 @@ def test_on_cuda_error_sums_all_takes_the_kernels_without_a_host_sync_and_device
     monkeypatch.setattr(gpu, "precision_sums", lambda states: calls.append(len(states)) or real(states))
     states = [on_device(s) for s in small_states()]
     # fused AdamW keeps each step as a float32 tensor on the device
-    device_steps = [(m, v, torch.tensor(float(step_of(s)), device="cuda"), *rest) for m, v, _, *rest in states]
+    device_steps = [(s[0], s[1], torch.tensor(float(step_of(s)), device="cuda"), *s[3:]) for s in states]
     host = precision.error_sums_all(states)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
