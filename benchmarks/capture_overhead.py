@@ -320,6 +320,23 @@ def _large_setup(args, device):
     return model, opt, step, cap
 
 
+def _torch_ops(run) -> int:
+    """How many torch ops `run()` dispatches (kernels of lowmem's own, native or Triton, are not
+    torch ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return Count.n
+
+
 def _rss() -> tuple[int, int]:
     now = peak = 0
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -422,6 +439,7 @@ def large_model(args) -> int:
             sync(device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ops = {what: _torch_ops(runs[what]) for what in ("snr", "precision")}
     pairs = _stream_pairs(model, opt, step, args.direct, device) if device.type == "cuda" else None
     params = sum(p.numel() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
@@ -458,6 +476,7 @@ def large_model(args) -> int:
         "peak_extra_share_of_state": {k: (round(v / state, 4) if v is not None else None) for k, v in memory.items()},
         "goals": {"share_of_step": 0.3, "peak_extra_share_of_state": 0.10},
         "two_steps_one_measuring": pairs,
+        "torch_ops_per_measurement": ops,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -474,6 +493,9 @@ def large_model(args) -> int:
         print(f"{label:<24} {med[what]:>9.3f} {med[what] / med['step']:>8.3f} "
               f"{'' if extra is None else f'{extra / 2**20:.0f} MiB':>12} "
               f"{'' if extra is None else f'{extra / state:.3f}':>8}")
+    print(f"torch ops dispatched per measurement (views included; on a GPU the others are kernel launches; "
+          f"lowmem's native and Triton kernels count as none): "
+          f"SNR {ops['snr']:,}, precision {ops['precision']:,}")
     if pairs:
         print("two training steps, one of them measuring (SNR and precision), seconds: "
               + ", ".join(f"{k} {v:.3f}" for k, v in pairs.items()))
