@@ -80,11 +80,12 @@ def test_a_kernel_that_does_not_compile_leaves_the_measurement_to_torch_ops_afte
         raise gpu.KernelUnavailable("precision_tiles: CompilationError: (test)")
 
     monkeypatch.setattr(gpu, "precision_sums", broken)
-    monkeypatch.setattr(precision, "_triton_broken", None)
+    monkeypatch.setattr(gpu, "_measure_broken", {})
     states = [on_device(s) for s in small_states()[:2]]
-    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+    with pytest.warns(RuntimeWarning, match="precision measurement could not be compiled"):
         assert precision._triton_sums(states) is None
-    assert precision._triton_broken is not None and not precision._triton_reads(states[0])
+    assert not gpu.measurement_runs("precision") and not precision._triton_reads(states[0])
+    assert gpu.measurement_runs("snr")   # the other measurement's kernels are not given up
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         if CUDA:   # error_sums_all goes on with the torch ops, without warning again

@@ -40,8 +40,12 @@ Cost: on CPU every fp32 view goes through one call of a native kernel
 once for all its subsets, each entry adding its deviation from a fixed entry of its slice, and
 that deviation's square, to the slice's sums in double, on all threads with one parallel region
 per measurement; the numbers equal numpy float64's to about 1e-12 on real models' views (the
-kernel's comment bounds it), whatever the number of threads. Elsewhere (a GPU, bf16 or float64
-state, no C compiler) torch ops in the state's dtype: `v` read once per axis subset that no
+kernel's comment bounds it), whatever the number of threads. On CUDA, where Triton is installed,
+every fp32, bf16 or fp16 view goes through a handful of Triton launches per measurement
+(`lowmem.compress.optim.gpu.snr_sums`: the same sums in fp64 for each view and subset, no host
+sync; the torch ops were about 15,000 launches on gpt2-124m). Elsewhere (bf16 or float64 CPU
+state, no C compiler, no Triton, or a kernel that did not compile: one warning) torch ops in the
+state's dtype: `v` read once per axis subset that no
 smaller one of the same view divides (the others combined from slice statistics,
 `lowmem.snr.estimator.snr_sums_many`), views of one shape stacked and measured together
 (`snr_sums_stacked`); the same numbers up to float32 rounding, except that a slice whose
@@ -494,7 +498,8 @@ class SnrCapture:
 
 def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
     """The SNR terms of each (view, [(index, subset)]) job into ``terms[index]``: the fp32 CPU views
-    in one call of the native kernel (`native.snr_sums`) where it is available; the others a
+    in one call of the native kernel (`native.snr_sums`) where it is available, the CUDA views in
+    a handful of Triton launches per device (`gpu.snr_sums`) where Triton is installed; the others a
     view's subsets together (`snr_terms_many`), and views of one shape, dtype, device and subsets stacked, up to
     `largest` entries (the largest view's scratch, at most `CHUNK`) at a time
     (`snr_sums_stacked`), so that many small same-shaped tensors (every layer's q, k, v, ...) cost
@@ -502,13 +507,32 @@ def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
     the largest view's scratch."""
     from lowmem.compress.optim import native
 
+    def kernel_terms(taken: list, sums: list[torch.Tensor]) -> None:
+        if not taken:
+            return
+        rows = torch.cat(sums)   # one division for all (on a GPU: a few launches, not a few per view)
+        done = iter((rows[:, :3] / rows[:, 3:]).to(torch.float32))
+        for _, new in taken:
+            for index, _ in new:
+                terms[index] = next(done)
+
     if any(native.snr_reads(x) for x, _ in jobs) and native.available():
         # fp32 CPU views: one native kernel call for all, each view read once for all its subsets
         fast = [(x, new) for x, new in jobs if native.snr_reads(x)]
         jobs = [(x, new) for x, new in jobs if not native.snr_reads(x)]
-        for (_, new), sums in zip(fast, native.snr_sums([(x, [s for _, s in new]) for x, new in fast])):
-            for (index, _), t in zip(new, (sums[:, :3] / sums[:, 3:]).to(torch.float32)):
-                terms[index] = t
+        kernel_terms(fast, native.snr_sums([(x, [s for _, s in new]) for x, new in fast]))
+    if any(x.is_cuda for x, _ in jobs):
+        from lowmem.compress.optim import gpu
+
+        devices: dict[torch.device, list] = {}
+        for job in jobs:
+            if job[0].is_cuda and gpu.measurement_runs("snr") and gpu.snr_reads(job[0]):
+                devices.setdefault(job[0].device, []).append(job)
+        for taken in devices.values():
+            sums = gpu.measured("snr", lambda: gpu.snr_sums([(x, [s for _, s in new]) for x, new in taken]))
+            if sums is not None:
+                kernel_terms(taken, sums)
+                jobs = [job for job in jobs if not any(job is t for t in taken)]
     groups: dict[tuple, list] = {}
     for x, new in jobs:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

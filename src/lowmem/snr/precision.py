@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,29 +228,18 @@ def error_sums_all(states: list[tuple]) -> list[torch.Tensor]:
     return out
 
 
-_triton_broken: str | None = None   # why the Triton kernels cannot run here, after one failed compile
-
-
 def _triton_reads(state: tuple) -> bool:
     from lowmem.compress.optim import gpu
 
-    return _triton_broken is None and gpu.available() and gpu.precision_reads(state)
+    return gpu.measurement_runs("precision") and gpu.precision_reads(state)
 
 
 def _triton_sums(states: list[tuple]) -> list[torch.Tensor] | None:
     """`gpu.precision_sums` of `states`, or None (after one warning, and for every later call)
     where its kernels do not compile here: the torch ops measure them instead."""
-    global _triton_broken
     from lowmem.compress.optim import gpu
 
-    try:
-        return gpu.precision_sums(states)
-    except gpu.KernelUnavailable as e:
-        _triton_broken = str(e)
-        warnings.warn(f"lowmem: the Triton kernel of the precision measurement could not be compiled ({e}); "
-                      "torch ops measure it instead (slower, same numbers up to rounding).", RuntimeWarning,
-                      stacklevel=3)
-        return None
+    return gpu.measured("precision", lambda: gpu.precision_sums(states))
 
 
 def _native_reads(state: tuple) -> bool:

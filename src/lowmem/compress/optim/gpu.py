@@ -46,16 +46,20 @@ preference takes them): sharded parameters, layouts of several parts or with red
 are neither leading nor trailing, 0-d tensors, fp16 and fp64 parameters, Kahan or stochastic
 rounding, 4-bit `m` beside 8-bit `v`, and tensors not contiguous.
 
-It also measures the precision of Adam's state on CUDA (`precision_sums`, for
-`lowmem.snr.precision.error_sums_all`): one program per `PREC_PER` tiles of a quantization row,
-each tile's five round trips (m in bf16, int8, int4; v in bf16, int8) made in registers as the
-update kernel codes them, and a second launch adding each parameter's programs' fp64 sums in
-order; where it does not compile, torch ops measure instead, after one warning.
+It also takes the capture's two measurements on CUDA, as the native kernel does on the CPU: the
+precision of Adam's state (`precision_sums`, for `lowmem.snr.precision.error_sums_all`: one
+program per `PREC_PER` tiles of a quantization row, each tile's five round trips (m in bf16, int8,
+int4; v in bf16, int8) made in registers as the update kernel codes them, and a second launch
+adding each parameter's programs' fp64 sums in order) and the SNR of `v`'s views (`snr_sums`, for
+the capture: per view and axis subset, each slice's deviations from its first entry summed in
+fp64, then the terms of the slices, then each task's in order). Where one of them does not
+compile, torch ops take that measurement instead, after one warning (`measured`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import sys
@@ -312,18 +316,7 @@ def _launch(tables: _Tables, ptrs: torch.Tensor, s: StepScalars, device) -> None
                                              -1.0 if s.maximize else 1.0),
                           dict(LOG=log, PT=_tl_dtype(tl, p_dtype), MF=FORMATS[m_fmt], VF=FORMATS[v_fmt], FULL=full,
                                BLOCK=_block(m_fmt, v_fmt))))
-    with torch.cuda.device(device) if device.type == "cuda" else _nothing():
-        for kernel, programs, args, kw in calls:
-            signature = (kernel, str(device), tuple(sorted((k, str(v)) for k, v in kw.items())))
-            if signature in _compiled:
-                continue
-            try:
-                kernel.run(*args, grid=(programs,), warmup=True, **kw)
-            except Exception as e:   # (a compiler error of any kind): nothing has run yet
-                raise KernelUnavailable(f"{getattr(kernel, '__name__', kernel)}: {type(e).__name__}: {e}") from e
-            _compiled.add(signature)
-        for kernel, programs, args, kw in calls:
-            kernel[(programs,)](*args, **kw)
+    _run(calls, device)
 
 
 _compiled: set = set()   # kernels compiled for their constants (or interpreted)
@@ -445,6 +438,121 @@ def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
                       dict(LOG=max(1, n.bit_length()), MT=_tl_dtype(tl, m_dtype), VT=_tl_dtype(tl, v_dtype),
                            TILE=PREC_TILE, PER=PREC_PER)))
         calls.append((precision_total, n, (partial, sizes_d, out), dict(CB=PREC_CB)))
+    _run(calls, device)
+    return list(torch.split(out[: sum(counts)], counts))
+
+
+# -- the SNR measurement -----------------------------------------------------------------------------
+SNR_BLOCK = 2048    # entries a program reads at a time: SB slices x NB of their entries
+SNR_SEG = 1 << 16   # entries of a slice one program adds at most (longer ones: pieces, added in order)
+SNR_CB = 64         # partial rows a total program adds at a time
+
+
+def snr_reads(x: torch.Tensor) -> bool:
+    """Whether `snr_sums` takes `x`: an fp32, bf16 or fp16 view (any strides) of 1 to 8 dims on
+    a CUDA device (or the CPU under the interpreter)."""
+    return ((x.is_cuda or (x.device.type == "cpu" and interpreting()))
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and 1 <= x.dim() <= 8)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[torch.Tensor]:
+    """`lowmem.snr.estimator.snr_sums` of each view along each of its subsets, as
+    `native.snr_sums` gives them on the CPU: for each entry ``(x, subsets)`` (views that
+    `snr_reads` takes, on one device) a float64 ``(len(subsets), 4)`` tensor on the device, row i
+    ``[Σ mean²/var, Σ mean², Σ var, count]`` over the slices along ``subsets[i]`` whose ratio is
+    finite. Each (view, subset) is a task: programs of `SNR_BLOCK` entries at a time add each
+    slice's deviations from its first entry, and their squares, in fp64 (slices longer than
+    `SNR_SEG` in pieces, added in order by a second launch), turn them into the four terms, and a
+    last launch adds each task's programs' terms in order; so a handful of launches in all, no
+    host synchronisation, and numbers that do not depend on scheduling. Temporaries: 32 bytes per
+    program and 16 per slice and piece of a long slice. Raises `KernelUnavailable` before
+    anything runs where a kernel does not compile."""
+    triton, tl, *_ = _kernels()
+    from lowmem.compress.optim import triton_kernels as k
+
+    device = entries[0][0].device
+    rows = sum(len(subsets) for _, subsets in entries)
+    out = torch.zeros(max(rows, 1), 4, dtype=torch.float64, device=device)
+    table, xs, launches = [], [], {}
+    first = scratch = at = 0
+    for x, subsets in entries:
+        for subset in subsets:
+            if x.numel() and subset:
+                kept = [a for a in range(x.dim()) if a not in subset]
+                red = sorted(subset)
+                slices, n = math.prod(x.shape[a] for a in kept), math.prod(x.shape[a] for a in red)
+                segments = -(-n // SNR_SEG)
+                if segments == 1:
+                    nb = min(256, max(16, _pow2(n)))
+                    sb = SNR_BLOCK // nb
+                else:
+                    sb = min(8, max(2, _pow2(slices)))
+                    nb = SNR_BLOCK // sb
+                blocks = -(-slices // sb)
+                pad = lambda values, fill: values + [fill] * (8 - len(values))
+                row = [slices, n, segments, first, scratch, at, blocks, 0,
+                       *pad([x.shape[a] for a in reversed(kept)], 1), *pad([x.stride(a) for a in reversed(kept)], 0),
+                       *pad([x.shape[a] for a in reversed(red)], 1), *pad([x.stride(a) for a in reversed(red)], 0)]
+                t = len(table)
+                table.append(row)
+                xs.append(x.data_ptr())
+                if segments == 1:
+                    launches.setdefault(("whole", x.dtype, sb, nb), ([], []))
+                    ids, counts = launches[("whole", x.dtype, sb, nb)]
+                    ids.append(t)
+                    counts.append(blocks)
+                else:
+                    for what, programs in (("split", blocks * segments), ("split_terms", blocks)):
+                        ids, counts = launches.setdefault((what, x.dtype, sb, nb), ([], []))
+                        ids.append(t)
+                        counts.append(programs)
+                    scratch += 2 * slices * segments
+                first += blocks
+            at += 1
+    if not table:
+        return _entry_rows(out, entries)
+    host = [torch.tensor(table, dtype=torch.int64), torch.tensor(xs, dtype=torch.int64)]
+    order = {"whole": 0, "split": 0, "split_terms": 1}
+    kinds = sorted(launches.items(), key=lambda kv: order[kv[0][0]])
+    for _, (ids, counts) in kinds:
+        host += [torch.tensor(ids, dtype=torch.int64), torch.tensor([0] + list(itertools.accumulate(counts))[:-1],
+                                                                    dtype=torch.int64)]
+    moved = _to_device(host, device)
+    table_d, xs_d = moved[0], moved[1]
+    partial = torch.empty(first * 4, dtype=torch.float64, device=device)
+    scratch_d = torch.empty(max(scratch, 1), dtype=torch.float64, device=device)
+    calls = []
+    for i, ((what, dtype, sb, nb), (ids, counts)) in enumerate(kinds):
+        ids_d, starts_d = moved[2 + 2 * i], moved[3 + 2 * i]
+        common = (xs_d, table_d, ids_d, starts_d, len(ids))
+        kw = dict(LOG=max(1, len(ids).bit_length()), XT=_tl_dtype(tl, dtype), SB=sb)
+        if what == "whole":
+            calls.append((k.snr_whole, sum(counts), (*common, partial), dict(kw, NB=nb)))
+        elif what == "split":
+            calls.append((k.snr_split, sum(counts), (*common, scratch_d), dict(kw, NB=nb, SEG=SNR_SEG)))
+        else:
+            calls.append((k.snr_split_terms, sum(counts), (*common, scratch_d, partial), kw))
+    calls.append((k.snr_total, len(table), (partial, table_d, out), dict(CB=SNR_CB)))
+    _run(calls, device)
+    return _entry_rows(out, entries)
+
+
+def _entry_rows(out: torch.Tensor, entries) -> list[torch.Tensor]:
+    rows, at = [], 0
+    for _, subsets in entries:
+        rows.append(out[at:at + len(subsets)])
+        at += len(subsets)
+    return rows
+
+
+def _run(calls: list, device: torch.device) -> None:
+    """Launch `calls` ((kernel, programs, args, constants)) in order, each kernel compiled for its
+    constants first, all of them before any runs: one that does not compile raises
+    `KernelUnavailable` with nothing run."""
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
         for kernel, programs, args, kw in calls:
             signature = (kernel, str(device), tuple(sorted((k, str(v)) for k, v in kw.items())))
@@ -457,7 +565,27 @@ def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
             _compiled.add(signature)
         for kernel, programs, args, kw in calls:
             kernel[(programs,)](*args, **kw)
-    return list(torch.split(out[: sum(counts)], counts))
 
 
-__all__ = ["available", "interpreting", "precision_reads", "precision_sums", "serves", "triton_step"]
+_measure_broken: dict[str, str] = {}   # measurements whose kernels did not compile here, and why
+
+
+def measurement_runs(what: str) -> bool:
+    """Whether the Triton kernels of measurement `what` ("snr", "precision") may run here."""
+    return what not in _measure_broken and available()
+
+
+def measured(what: str, run):
+    """``run()`` (a measurement's kernels), or None where they do not compile here: then, after
+    one warning, `measurement_runs` says no for the rest of the process (torch ops measure)."""
+    try:
+        return run()
+    except KernelUnavailable as e:
+        _measure_broken[what] = str(e)
+        warnings.warn(f"lowmem: a Triton kernel of the {what} measurement could not be compiled ({e}); torch "
+                      "ops measure it instead (slower, same numbers up to rounding).", RuntimeWarning, stacklevel=3)
+        return None
+
+
+__all__ = ["available", "interpreting", "measured", "measurement_runs", "precision_reads", "precision_sums", "serves",
+           "snr_reads", "snr_sums", "triton_step"]

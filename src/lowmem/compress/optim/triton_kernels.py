@@ -345,3 +345,140 @@ def precision_total(partial, sizes, out, CB: tl.constexpr):
     short = tl.where(col < 5, col, tl.where(col == 9, 5, tl.where(col == 10, 6, -1)))   # bf16 sums only
     dest = tl.where(quant, col, short)
     tl.store(out + tl.load(sizes + t * 8 + P_OUT) + dest, s, mask=tl.where(quant, col < 13, short >= 0))
+
+
+# -- the SNR measurement (lowmem.snr.estimator.snr_sums of many views; gpu.snr_sums drives it) --
+# a task is one view along one axis subset; fields of its row in the table (40 int64, as
+# gpu.snr_sums writes them), then the kept axes' sizes and strides (8 each, innermost first,
+# padded with 1 and 0) and the reduced axes' likewise
+S_SLICES = tl.constexpr(0)
+S_N = tl.constexpr(1)          # entries per slice
+S_SEGMENTS = tl.constexpr(2)   # pieces of `SEG` entries a slice is split into (1: whole)
+S_FIRST = tl.constexpr(3)      # its first row of `partial`
+S_SCRATCH = tl.constexpr(4)    # its first double of `scratch` (split tasks)
+S_OUT = tl.constexpr(5)        # its row of `out`
+S_BLOCKS = tl.constexpr(6)     # blocks of slices (and rows of `partial`)
+S_KEPT = tl.constexpr(8)
+S_REDUCED = tl.constexpr(24)
+
+
+@triton.jit
+def _offsets(row, index, FIELD: tl.constexpr):
+    """Offsets (in entries) of flat row-major indices over the axes whose sizes are at
+    ``row[FIELD:FIELD + 8]`` and strides at ``row[FIELD + 8:FIELD + 16]`` (innermost first)."""
+    off = index * 0
+    rem = index
+    for k in tl.static_range(8):
+        size = tl.load(row + FIELD + k)
+        off += (rem % size) * tl.load(row + FIELD + 8 + k)
+        rem = rem // size
+    return off
+
+
+@triton.jit
+def _slices(row, xp, block, SB: tl.constexpr):
+    """(indices, mask, offsets, first entry in fp64) of the block's `SB` slices."""
+    s = block * SB + tl.arange(0, SB).to(tl.int64)
+    smask = s < tl.load(row + S_SLICES)
+    base = _offsets(row, s, S_KEPT)
+    x0 = tl.load(xp + base, mask=smask, other=0.0).to(tl.float32).to(tl.float64)
+    return s, smask, base, x0
+
+
+@triton.jit
+def _deviation_sums(row, xp, base, smask, x0, start, stop, SB: tl.constexpr, NB: tl.constexpr):
+    """Σ d and Σ d² (fp64) of each slice over its entries [start, stop), d = x − x0: `NB` of
+    them at a time."""
+    s1 = tl.zeros([SB], tl.float64)
+    s2 = tl.zeros([SB], tl.float64)
+    for r0 in range(start, stop, NB):
+        r = r0 + tl.arange(0, NB).to(tl.int64)
+        mask = smask[:, None] & (r < stop)[None, :]
+        x = tl.load(xp + base[:, None] + _offsets(row, r, S_REDUCED)[None, :], mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32).to(tl.float64) - x0[:, None], 0.0)
+        s1 += tl.sum(d, 1)
+        s2 += tl.sum(d * d, 1)
+    return s1, s2
+
+
+@triton.jit
+def _store_terms(at, s1, s2, x0, n, smask):
+    """[Σ mean²/var, Σ mean², Σ var, count] over the block's slices whose ratio is finite (a
+    variance that rounding made negative, or NaN, is 0, as the CPU kernel's), into at[0:4]."""
+    inv = 1.0 / n.to(tl.float64)
+    c = s1 * inv
+    var = s2 * inv - c * c
+    var = tl.where(var > 0, var, 0.0)
+    mean = x0 + c
+    mean_sq = mean * mean
+    ratio = mean_sq / var
+    keep = smask & (tl.abs(ratio) < float("inf"))
+    col = tl.arange(0, 4)
+    terms = (tl.where(col == 0, tl.sum(tl.where(keep, ratio, 0.0), 0), 0.0)
+             + tl.where(col == 1, tl.sum(tl.where(keep, mean_sq, 0.0), 0), 0.0)
+             + tl.where(col == 2, tl.sum(tl.where(keep, var, 0.0), 0), 0.0)
+             + tl.where(col == 3, tl.sum(tl.where(keep, 1.0, 0.0), 0), 0.0))
+    tl.store(at + col, terms)
+
+
+@triton.jit
+def snr_whole(xs, table, ids, starts, count, partial, LOG: tl.constexpr, XT: tl.constexpr, SB: tl.constexpr,
+              NB: tl.constexpr):
+    """`SB` whole slices of one task: their deviation sums, then their terms into its row of
+    `partial`."""
+    t, block = _find(ids, starts, count, LOG)
+    row = table + t * 40
+    xp = tl.load(xs + t).to(tl.pointer_type(XT))
+    _, smask, base, x0 = _slices(row, xp, block, SB)
+    n = tl.load(row + S_N)
+    s1, s2 = _deviation_sums(row, xp, base, smask, x0, 0, n, SB, NB)
+    _store_terms(partial + (tl.load(row + S_FIRST) + block) * 4, s1, s2, x0, n, smask)
+
+
+@triton.jit
+def snr_split(xs, table, ids, starts, count, scratch, LOG: tl.constexpr, XT: tl.constexpr, SB: tl.constexpr,
+              NB: tl.constexpr, SEG: tl.constexpr):
+    """One piece of `SEG` entries of `SB` long slices: their deviation sums into `scratch`."""
+    t, local = _find(ids, starts, count, LOG)
+    row = table + t * 40
+    xp = tl.load(xs + t).to(tl.pointer_type(XT))
+    blocks = tl.load(row + S_BLOCKS)
+    block, seg = local % blocks, local // blocks
+    s, smask, base, x0 = _slices(row, xp, block, SB)
+    n = tl.load(row + S_N)
+    s1, s2 = _deviation_sums(row, xp, base, smask, x0, seg * SEG, tl.minimum(seg * SEG + SEG, n), SB, NB)
+    at = scratch + tl.load(row + S_SCRATCH) + (seg * tl.load(row + S_SLICES) + s) * 2
+    tl.store(at, s1, mask=smask)
+    tl.store(at + 1, s2, mask=smask)
+
+
+@triton.jit
+def snr_split_terms(xs, table, ids, starts, count, scratch, partial, LOG: tl.constexpr, XT: tl.constexpr,
+                    SB: tl.constexpr):
+    """`SB` long slices: their pieces' sums added in order, then their terms into `partial`."""
+    t, block = _find(ids, starts, count, LOG)
+    row = table + t * 40
+    xp = tl.load(xs + t).to(tl.pointer_type(XT))
+    s, smask, _, x0 = _slices(row, xp, block, SB)
+    slices = tl.load(row + S_SLICES)
+    s1 = tl.zeros([SB], tl.float64)
+    s2 = tl.zeros([SB], tl.float64)
+    for seg in range(0, tl.load(row + S_SEGMENTS)):
+        at = scratch + tl.load(row + S_SCRATCH) + (seg * slices + s) * 2
+        s1 += tl.load(at, mask=smask, other=0.0)
+        s2 += tl.load(at + 1, mask=smask, other=0.0)
+    _store_terms(partial + (tl.load(row + S_FIRST) + block) * 4, s1, s2, x0, tl.load(row + S_N), smask)
+
+
+@triton.jit
+def snr_total(partial, table, out, CB: tl.constexpr):
+    """One task's terms: its blocks' rows of `partial` added in order (`CB` at a time)."""
+    row = table + tl.program_id(0).to(tl.int64) * 40
+    first = tl.load(row + S_FIRST)
+    blocks = tl.load(row + S_BLOCKS)
+    col = tl.arange(0, 4)
+    acc = tl.zeros([CB, 4], tl.float64)
+    for i in range(0, blocks, CB):
+        r = i + tl.arange(0, CB)
+        acc += tl.load(partial + (first + r)[:, None] * 4 + col[None, :], mask=(r < blocks)[:, None], other=0.0)
+    tl.store(out + tl.load(row + S_OUT) * 4 + col, tl.sum(acc, 0))
