@@ -63,6 +63,20 @@ def test_triton_sums_equal_numpy_float64_and_the_torch_ops():
     assert zero and all(not t.any() for s, t in zip(states, got) if not s[0].any())   # zero state: zeros
 
 
+def test_with_eps_zero_the_entries_past_a_row_add_nothing():
+    # ε = 0: the update of a zero entry is 0/0, but lanes past a row's end (rows of 200 and 3000
+    # entries fill 256-entry tiles partly) are no entries: the sums stay those of the entries
+    from lowmem.compress.optim import gpu
+
+    g = torch.Generator().manual_seed(3)
+    states = [((torch.randn(shape, generator=g) * 1e-3), torch.rand(shape, generator=g) * 1e-6 + 1e-9, 5,
+               (0.9, 0.999), 0.0, shape) for shape in [(64, 200), (3000,)]]
+    for state, sums in zip(states, gpu.precision_sums([on_device(s) for s in states])):
+        want = reference_sums(state[0], state[1], 5, *state[3:])
+        assert np.isfinite(want).all()
+        np.testing.assert_allclose(sums.cpu().numpy(), want, rtol=1e-5, atol=0, err_msg=str(state[5]))
+
+
 def test_triton_sums_do_not_depend_on_which_states_are_measured_together():
     # each parameter's sums are its own programs' added in order: alone or among others, the same bits
     from lowmem.compress.optim import gpu

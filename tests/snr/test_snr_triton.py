@@ -70,13 +70,16 @@ def test_slices_longer_than_a_program_are_added_in_pieces_and_constant_ones_left
     assert got[0][0, 3].item() == 2   # the constant row is not a slice of the (1,) subset
 
 
-def test_bf16_views_and_grouping_do_not_change_the_numbers():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_views_and_grouping_do_not_change_the_numbers(dtype):
+    # AdamW keeps v in the parameters' dtype: bf16 or fp16 (`.half()` models)
     from lowmem.compress.optim import gpu
 
     g = torch.Generator().manual_seed(2)
-    x = (torch.rand(48, 40, generator=g) ** 2).bfloat16().to(DEVICE)
+    x = (torch.rand(48, 40, generator=g) ** 2).to(dtype).to(DEVICE)
     alone = gpu.snr_sums([(x, [(0,), (1,)])])[0]
-    assert_sums_match(alone, x, [(0,), (1,)], "bf16")
+    assert_sums_match(alone, x, [(0,), (1,)], str(dtype))
+    assert_sums_match(gpu.snr_sums([(x.t(), [(0,)])])[0], x.t(), [(0,)], f"{dtype}, transposed")
     others = list(device_views().values())[:3]
     together = gpu.snr_sums([(others[0], [(0,)]), (x, [(0,), (1,)]), (others[1], [(1,)])])
     assert torch.equal(together[1], alone)   # each task's programs add in order, whatever else runs

@@ -252,7 +252,7 @@ def _tables(taken, device) -> _Tables:
 
 
 def _tl_dtype(tl, dtype: torch.dtype):
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
 
 
 def triton_step(b: Bucket, s: StepScalars) -> None:
@@ -359,6 +359,9 @@ def _rest(b: Bucket, s: StepScalars, rest) -> None:
 
 
 # -- the precision measurement ---------------------------------------------------------------------
+# The measurements' kernels round every product and sum as the CPU kernels and the torch ops do:
+# no fused multiply-adds (Triton's default changes between versions).
+EXACT = {"enable_fp_fusion": False}
 PREC_TILE = 256    # entries of a quantization row per tile: one 8-bit block, two 4-bit ones
 PREC_PER = 8       # tiles per program (the partial sums: 128 B per program, 0.2% of fp32 state)
 PREC_CB = 64       # partial rows a total program adds at a time
@@ -436,8 +439,8 @@ def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
         n = len(members)
         calls.append((precision_tiles, first, (ptrs_d, sizes_d, scal, ids_d, starts_d, n, partial, *maps),
                       dict(LOG=max(1, n.bit_length()), MT=_tl_dtype(tl, m_dtype), VT=_tl_dtype(tl, v_dtype),
-                           TILE=PREC_TILE, PER=PREC_PER)))
-        calls.append((precision_total, n, (partial, sizes_d, out), dict(CB=PREC_CB)))
+                           TILE=PREC_TILE, PER=PREC_PER, **EXACT)))
+        calls.append((precision_total, n, (partial, sizes_d, out), dict(CB=PREC_CB, **EXACT)))
     _run(calls, device)
     return list(torch.split(out[: sum(counts)], counts))
 
@@ -500,14 +503,14 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
                 t = len(table)
                 table.append(row)
                 xs.append(x.data_ptr())
+                dims = (len(kept), len(red))
                 if segments == 1:
-                    launches.setdefault(("whole", x.dtype, sb, nb), ([], []))
-                    ids, counts = launches[("whole", x.dtype, sb, nb)]
+                    ids, counts = launches.setdefault(("whole", x.dtype, sb, nb, dims), ([], []))
                     ids.append(t)
                     counts.append(blocks)
                 else:
                     for what, programs in (("split", blocks * segments), ("split_terms", blocks)):
-                        ids, counts = launches.setdefault((what, x.dtype, sb, nb), ([], []))
+                        ids, counts = launches.setdefault((what, x.dtype, sb, nb, dims), ([], []))
                         ids.append(t)
                         counts.append(programs)
                     scratch += 2 * slices * segments
@@ -526,17 +529,17 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
     partial = torch.empty(first * 4, dtype=torch.float64, device=device)
     scratch_d = torch.empty(max(scratch, 1), dtype=torch.float64, device=device)
     calls = []
-    for i, ((what, dtype, sb, nb), (ids, counts)) in enumerate(kinds):
+    for i, ((what, dtype, sb, nb, (kd, rd)), (ids, counts)) in enumerate(kinds):
         ids_d, starts_d = moved[2 + 2 * i], moved[3 + 2 * i]
         common = (xs_d, table_d, ids_d, starts_d, len(ids))
-        kw = dict(LOG=max(1, len(ids).bit_length()), XT=_tl_dtype(tl, dtype), SB=sb)
+        kw = dict(LOG=max(1, len(ids).bit_length()), XT=_tl_dtype(tl, dtype), SB=sb, KD=kd, **EXACT)
         if what == "whole":
-            calls.append((k.snr_whole, sum(counts), (*common, partial), dict(kw, NB=nb)))
+            calls.append((k.snr_whole, sum(counts), (*common, partial), dict(kw, NB=nb, RD=rd)))
         elif what == "split":
-            calls.append((k.snr_split, sum(counts), (*common, scratch_d), dict(kw, NB=nb, SEG=SNR_SEG)))
+            calls.append((k.snr_split, sum(counts), (*common, scratch_d), dict(kw, NB=nb, RD=rd, SEG=SNR_SEG)))
         else:
             calls.append((k.snr_split_terms, sum(counts), (*common, scratch_d, partial), kw))
-    calls.append((k.snr_total, len(table), (partial, table_d, out), dict(CB=SNR_CB)))
+    calls.append((k.snr_total, len(table), (partial, table_d, out), dict(CB=SNR_CB, **EXACT)))
     _run(calls, device)
     return _entry_rows(out, entries)
 
@@ -559,7 +562,10 @@ def _run(calls: list, device: torch.device) -> None:
             if signature in _compiled:
                 continue
             try:
-                kernel.run(*args, grid=(programs,), warmup=True, **kw)
+                compiled = kernel.run(*args, grid=(programs,), warmup=True, **kw)
+                load = getattr(compiled, "_init_handles", None)   # (loaded on the device: resources checked)
+                if load is not None:
+                    load()
             except Exception as e:   # (a compiler error of any kind): nothing has run yet
                 raise KernelUnavailable(f"{getattr(kernel, '__name__', kernel)}: {type(e).__name__}: {e}") from e
             _compiled.add(signature)
@@ -578,6 +584,8 @@ def measurement_runs(what: str) -> bool:
 def measured(what: str, run):
     """``run()`` (a measurement's kernels), or None where they do not compile here: then, after
     one warning, `measurement_runs` says no for the rest of the process (torch ops measure)."""
+    if what in _measure_broken:
+        return None
     try:
         return run()
     except KernelUnavailable as e:

@@ -270,7 +270,7 @@ def _roundtrip(x, mask, half, qmap, thr, BITS: tl.constexpr):
     return tl.load(qmap + code) * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def precision_tiles(mv, sizes, scalars, ids, starts, count, partial, m8_map, m8_thr, m4_map, m4_thr, v8_map, v8_thr,
                     LOG: tl.constexpr, MT: tl.constexpr, VT: tl.constexpr, TILE: tl.constexpr, PER: tl.constexpr):
     """`PER` tiles of `TILE` entries of one quantization row each, of one parameter: the squared
@@ -302,7 +302,7 @@ def precision_tiles(mv, sizes, scalars, ids, starts, count, partial, m8_map, m8_
         live = tl.max(tl.where(mask & ((m != 0) | (v != 0)), 1, 0), 0) > 0
         sv = tl.sqrt_rn(v)
         inv = tl.div_rn(1.0, sv * rsbc2 + eps)
-        w = rbc1 * inv   # Δu of a change e of m is e·w
+        w = tl.where(mask, rbc1 * inv, 0.0)   # Δu of a change e of m is e·w (0 past the row: ε may be 0)
         u = tl.where(mask, m * w, 0.0)
         row = _at(col, 0, _sq(m)) + _at(col, 1, _sq(v)) + _at(col, 2, _sq(u))
         for f in tl.static_range(3):   # m: bf16, int8, int4
@@ -363,12 +363,12 @@ S_REDUCED = tl.constexpr(24)
 
 
 @triton.jit
-def _offsets(row, index, FIELD: tl.constexpr):
-    """Offsets (in entries) of flat row-major indices over the axes whose sizes are at
+def _offsets(row, index, FIELD: tl.constexpr, DIMS: tl.constexpr):
+    """Offsets (in entries) of flat row-major indices over the `DIMS` axes whose sizes are at
     ``row[FIELD:FIELD + 8]`` and strides at ``row[FIELD + 8:FIELD + 16]`` (innermost first)."""
     off = index * 0
     rem = index
-    for k in tl.static_range(8):
+    for k in tl.static_range(DIMS):
         size = tl.load(row + FIELD + k)
         off += (rem % size) * tl.load(row + FIELD + 8 + k)
         rem = rem // size
@@ -376,17 +376,17 @@ def _offsets(row, index, FIELD: tl.constexpr):
 
 
 @triton.jit
-def _slices(row, xp, block, SB: tl.constexpr):
-    """(indices, mask, offsets, first entry in fp64) of the block's `SB` slices."""
+def _slices(row, xp, block, SB: tl.constexpr, KD: tl.constexpr):
+    """(indices, mask, offsets, first entry in fp64) of the block's `SB` slices (`KD` kept axes)."""
     s = block * SB + tl.arange(0, SB).to(tl.int64)
     smask = s < tl.load(row + S_SLICES)
-    base = _offsets(row, s, S_KEPT)
+    base = _offsets(row, s, S_KEPT, KD)
     x0 = tl.load(xp + base, mask=smask, other=0.0).to(tl.float32).to(tl.float64)
     return s, smask, base, x0
 
 
 @triton.jit
-def _deviation_sums(row, xp, base, smask, x0, start, stop, SB: tl.constexpr, NB: tl.constexpr):
+def _deviation_sums(row, xp, base, smask, x0, start, stop, SB: tl.constexpr, NB: tl.constexpr, RD: tl.constexpr):
     """Σ d and Σ d² (fp64) of each slice over its entries [start, stop), d = x − x0: `NB` of
     them at a time."""
     s1 = tl.zeros([SB], tl.float64)
@@ -394,7 +394,7 @@ def _deviation_sums(row, xp, base, smask, x0, start, stop, SB: tl.constexpr, NB:
     for r0 in range(start, stop, NB):
         r = r0 + tl.arange(0, NB).to(tl.int64)
         mask = smask[:, None] & (r < stop)[None, :]
-        x = tl.load(xp + base[:, None] + _offsets(row, r, S_REDUCED)[None, :], mask=mask, other=0.0)
+        x = tl.load(xp + base[:, None] + _offsets(row, r, S_REDUCED, RD)[None, :], mask=mask, other=0.0)
         d = tl.where(mask, x.to(tl.float32).to(tl.float64) - x0[:, None], 0.0)
         s1 += tl.sum(d, 1)
         s2 += tl.sum(d * d, 1)
@@ -421,45 +421,45 @@ def _store_terms(at, s1, s2, x0, n, smask):
     tl.store(at + col, terms)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def snr_whole(xs, table, ids, starts, count, partial, LOG: tl.constexpr, XT: tl.constexpr, SB: tl.constexpr,
-              NB: tl.constexpr):
+              KD: tl.constexpr, NB: tl.constexpr, RD: tl.constexpr):
     """`SB` whole slices of one task: their deviation sums, then their terms into its row of
     `partial`."""
     t, block = _find(ids, starts, count, LOG)
     row = table + t * 40
     xp = tl.load(xs + t).to(tl.pointer_type(XT))
-    _, smask, base, x0 = _slices(row, xp, block, SB)
+    _, smask, base, x0 = _slices(row, xp, block, SB, KD)
     n = tl.load(row + S_N)
-    s1, s2 = _deviation_sums(row, xp, base, smask, x0, 0, n, SB, NB)
+    s1, s2 = _deviation_sums(row, xp, base, smask, x0, 0, n, SB, NB, RD)
     _store_terms(partial + (tl.load(row + S_FIRST) + block) * 4, s1, s2, x0, n, smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def snr_split(xs, table, ids, starts, count, scratch, LOG: tl.constexpr, XT: tl.constexpr, SB: tl.constexpr,
-              NB: tl.constexpr, SEG: tl.constexpr):
+              KD: tl.constexpr, NB: tl.constexpr, RD: tl.constexpr, SEG: tl.constexpr):
     """One piece of `SEG` entries of `SB` long slices: their deviation sums into `scratch`."""
     t, local = _find(ids, starts, count, LOG)
     row = table + t * 40
     xp = tl.load(xs + t).to(tl.pointer_type(XT))
     blocks = tl.load(row + S_BLOCKS)
     block, seg = local % blocks, local // blocks
-    s, smask, base, x0 = _slices(row, xp, block, SB)
+    s, smask, base, x0 = _slices(row, xp, block, SB, KD)
     n = tl.load(row + S_N)
-    s1, s2 = _deviation_sums(row, xp, base, smask, x0, seg * SEG, tl.minimum(seg * SEG + SEG, n), SB, NB)
+    s1, s2 = _deviation_sums(row, xp, base, smask, x0, seg * SEG, tl.minimum(seg * SEG + SEG, n), SB, NB, RD)
     at = scratch + tl.load(row + S_SCRATCH) + (seg * tl.load(row + S_SLICES) + s) * 2
     tl.store(at, s1, mask=smask)
     tl.store(at + 1, s2, mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def snr_split_terms(xs, table, ids, starts, count, scratch, partial, LOG: tl.constexpr, XT: tl.constexpr,
-                    SB: tl.constexpr):
+                    SB: tl.constexpr, KD: tl.constexpr):
     """`SB` long slices: their pieces' sums added in order, then their terms into `partial`."""
     t, block = _find(ids, starts, count, LOG)
     row = table + t * 40
     xp = tl.load(xs + t).to(tl.pointer_type(XT))
-    s, smask, _, x0 = _slices(row, xp, block, SB)
+    s, smask, _, x0 = _slices(row, xp, block, SB, KD)
     slices = tl.load(row + S_SLICES)
     s1 = tl.zeros([SB], tl.float64)
     s2 = tl.zeros([SB], tl.float64)
