@@ -1,8 +1,9 @@
-"""The measurements' Triton kernels compile for a CUDA GPU (sm_90), here, without one: Triton's
-interpreter, which the other Triton tests run on a CPU, accepts programs that its GPU compiler
-rejects (a loop-carried value that changes type, a mask of the wrong shape, ...). Each kernel is
-compiled to machine code (ptx and cubin, with the ptxas that Triton ships) for every kind of
-launch `gpu.precision_sums` and `gpu.snr_sums` make, with the constants they pass."""
+"""The Triton kernels (the measurements' and the optimizer step's) compile for a CUDA GPU (sm_90),
+here, without one: Triton's interpreter, which the other Triton tests run on a CPU, accepts
+programs that its GPU compiler rejects (a loop-carried value that changes type, a mask of the
+wrong shape, ...). Each kernel is compiled to machine code (ptx and cubin, with the ptxas that
+Triton ships) for the kinds of launch `gpu.precision_sums`, `gpu.snr_sums` and
+`gpu.triton_step` make, with the constants they pass."""
 
 from __future__ import annotations
 
@@ -38,6 +39,19 @@ def _launches():
         out.append(("snr_split_terms", dict(xs="*i64", table="*i64", **table, scratch="*fp64", partial="*fp64"),
                     dict(LOG=1, XT=xt, SB=8, KD=1)))
     out.append(("snr_total", dict(partial="*fp64", table="*i64", out="*fp64"), dict(CB=64)))
+    # the optimizer step's (`gpu.triton_step`), with the same compile-first launcher
+    step = dict(ptrs="*i64", tasks="*i64", **table)
+    scalars = ("decay", "omb1", "beta2", "omb2", "bc2", "eps", "neg_step_size", "sign")
+    for t in dtypes[:2]:
+        out.append(("row_sums", dict(step, partial="*fp32"), dict(LOG=3, GT=t, CH=4096, BLOCK=1024)))
+        out.append(("col_sums", dict(step, partial="*fp32"), dict(LOG=3, GT=t, RB=16, WIDTH=64, ROWS=256)))
+        out.append(("finalize", dict(step, partial="*fp32", dens="*fp32", beta2="fp32", omb2="fp32", bc2="fp32",
+                                     eps="fp32"), dict(LOG=3, VT=t, BLOCK=128, CB=32)))
+        for mf, vf, full, block in ((0, 0, False, 1024), (1, 1, True, 1024), (2, 0, False, 256), (3, 0, False, 128),
+                                    (2, 2, True, 256)):
+            out.append(("update", dict(step, dens="*fp32", m_map="*fp32", m_thr="*fp32", v_map="*fp32", v_thr="*fp32",
+                                       **{name: "fp32" for name in scalars}),
+                        dict(LOG=3, PT=t, MF=mf, VF=vf, FULL=full, BLOCK=block)))
     return out
 
 
@@ -60,8 +74,9 @@ def main() -> int:
         fn = getattr(triton_kernels, name)
         full = {**signature, **{c: "constexpr" for c in constants}}
         src = ASTSource(fn, {a: full[a] for a in fn.arg_names}, constexprs=constants)
+        options = dict(gpu.EXACT) if name.startswith(("precision", "snr")) else {}
         try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(gpu.EXACT))
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         except RuntimeError as e:
             if "ptxas" in str(e).lower() and "not found" in str(e).lower():
                 print(f"no ptxas: {e}")
@@ -80,7 +95,7 @@ def test_every_measurement_kernel_compiles_for_a_cuda_gpu():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     compiled = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("compiled ")}
     assert compiled == {"precision_tiles", "precision_total", "snr_whole", "snr_split", "snr_split_terms",
-                        "snr_total"}, done.stdout
+                        "snr_total", "row_sums", "col_sums", "finalize", "update"}, done.stdout
 
 
 if __name__ == "__main__":

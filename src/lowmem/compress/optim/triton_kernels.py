@@ -5,7 +5,9 @@ Every kernel reads three tables: ``ptrs`` (per task, this step's addresses: p, g
 v, v's scales; 8 int64 each), ``tasks`` (per task, its sizes: 16 int64 each, fields as
 `gpu.N` … `gpu.CBLOCKS`) and its launch's ``ids`` / ``starts`` (the tasks it covers and the first
 program of each): a program finds its task by binary search over ``starts``, so the tables grow
-with the number of tensors, not of programs."""
+with the number of tensors, not of programs. The kernels that take ``count`` (the tasks of a
+launch) are not specialised on it, so that a new number of tensors does not compile a new
+version at launch, outside `gpu._run`'s compile-first step."""
 
 import triton
 import triton.language as tl
@@ -75,7 +77,7 @@ def _chunk_of(ids, starts, count, tasks, LOG: tl.constexpr):
     return t, local // chunks, local % chunks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def row_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl.constexpr, CH: tl.constexpr,
              BLOCK: tl.constexpr):
     """Σ g² over one chunk of `CH` entries of one row (its partial sum)."""
@@ -91,7 +93,7 @@ def row_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl
     tl.store(partial + _field(tasks, t, PBASE) + chunk * _field(tasks, t, KEPT) + seg, tl.sum(acc, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def col_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl.constexpr, RB: tl.constexpr,
              WIDTH: tl.constexpr, ROWS: tl.constexpr):
     """Σ g² down `ROWS` rows of `WIDTH` columns (their partial sums)."""
@@ -110,7 +112,7 @@ def col_sums(ptrs, tasks, ids, starts, count, partial, LOG: tl.constexpr, GT: tl
     tl.store(partial + _field(tasks, t, PBASE) + chunk * cols + c, tl.sum(acc, 0), mask=c < cols)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def finalize(ptrs, tasks, ids, starts, count, partial, dens, beta2, omb2, bc2, eps, LOG: tl.constexpr,
              VT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr):
     """For `BLOCK` kept entries: their chunks' partial sums added in order (`CB` chunks at a
@@ -186,7 +188,7 @@ def _encode(ptrs, t, ptr_field, scale_field, x, flat, within, qrow, tb, mask, th
             tl.store(codes + qrow * width + j, (even | (odd << 4)).to(tl.uint8), mask=j < width)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def update(ptrs, tasks, ids, starts, count, dens, m_map, m_thr, v_map, v_thr, decay, omb1, beta2, omb2, bc2, eps,
            neg_step_size, sign, LOG: tl.constexpr, PT: tl.constexpr, MF: tl.constexpr, VF: tl.constexpr,
            FULL: tl.constexpr, BLOCK: tl.constexpr):
