@@ -40,7 +40,7 @@ fi
 # measurements' Triton kernels compile on first use here (a few seconds each)
 part tests 180 python -m pytest -o addopts= -q -p no:cacheprovider -p no:warnings \
     tests/compress/optim/test_cuda.py tests/compress/optim/test_triton.py tests/snr/test_capture_cuda.py \
-    tests/snr/test_precision_triton.py tests/snr/test_snr_triton.py \
+    tests/snr/test_triton_measurements.py \
     "tests/hessian/test_structure.py::test_structure_of_a_cuda_block_matches_the_cpu" \
     "tests/cli/test_memory_cli.py::test_measured_on_cuda_beside_the_trace" > "$OUT/tests.txt" 2>&1
 part step_linear100m 120 python benchmarks/optimizer_step.py --device cuda --model linear --layers 6 --width 4096 \
