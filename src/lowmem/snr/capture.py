@@ -532,7 +532,8 @@ def _unsharded_terms(jobs: list, terms: list, work: dict, largest: int) -> None:
             sums = gpu.measured("snr", lambda: gpu.snr_sums([(x, [s for _, s in new]) for x, new in taken]))
             if sums is not None:
                 kernel_terms(taken, sums)
-                jobs = [job for job in jobs if not any(job is t for t in taken)]
+                done = {id(job) for job in taken}
+                jobs = [job for job in jobs if id(job) not in done]
     groups: dict[tuple, list] = {}
     for x, new in jobs:
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

@@ -156,10 +156,7 @@ class _Tables:
         host = [torch.tensor(tasks, dtype=torch.int64).reshape(-1, NF)]
         kinds = []
         for what, (ids, counts) in launches.items():
-            starts = [0]
-            for c in counts[:-1]:
-                starts.append(starts[-1] + c)
-            host += [torch.tensor(ids, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)]
+            host += [torch.tensor(ids, dtype=torch.int64), torch.tensor(_firsts(counts), dtype=torch.int64)]
             kinds.append((what, len(ids), sum(counts)))
         moved = _to_device(host, device)
         self.sizes = moved[0]
@@ -167,6 +164,11 @@ class _Tables:
                          for i, (what, n, programs) in enumerate(kinds)]
         self.partial = torch.empty(max(partial, 1), dtype=torch.float32, device=device)
         self.dens = torch.empty(max(dens, 1), dtype=torch.float32, device=device)
+
+
+def _firsts(counts: list[int]) -> list[int]:
+    """Where each of consecutive runs of `counts` items starts (0, then the running sums)."""
+    return [0, *itertools.accumulate(counts)][:-1]
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -391,7 +393,7 @@ def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
 
     if block_of("int8") != PREC_TILE or block_of("int4") * 2 != PREC_TILE:
         raise KernelUnavailable(f"the kernel's tiles ({PREC_TILE}) do not hold the formats' blocks")
-    triton, tl, *_ = _kernels()
+    tl = _kernels()[1]
     from lowmem.compress.optim.triton_kernels import precision_tiles, precision_total
 
     device = states[0][0].device
@@ -415,9 +417,7 @@ def precision_sums(states: list[tuple]) -> list[torch.Tensor]:
                                   torch.tensor(on_device, dtype=torch.int64)], device)
         scal[rows, 0] = 1 - betas[:, 0] ** t
         scal[rows, 1] = (1 - betas[:, 1] ** t).sqrt()
-    offsets = [0]
-    for c in counts[:-1]:
-        offsets.append(offsets[-1] + c)
+    offsets = _firsts(counts)
     maps = [x for which, fmt in (("m", "int8"), ("m", "int4"), ("v", "int8")) for x in _map(which, fmt, device)]
     calls = []
     for (m_dtype, v_dtype), members in groups.items():
@@ -474,7 +474,7 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
     host synchronisation, and numbers that do not depend on scheduling. Temporaries: 32 bytes per
     program and 16 per slice and piece of a long slice. Raises `KernelUnavailable` before
     anything runs where a kernel does not compile."""
-    triton, tl, *_ = _kernels()
+    tl = _kernels()[1]
     from lowmem.compress.optim import triton_kernels as k
 
     device = entries[0][0].device
@@ -482,6 +482,7 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
     out = torch.zeros(max(rows, 1), 4, dtype=torch.float64, device=device)
     table, xs, launches = [], [], {}
     first = scratch = at = 0
+    pad = lambda values, fill: values + [fill] * (8 - len(values))   # (the kernels read 8 axes of each)
     for x, subsets in entries:
         for subset in subsets:
             if x.numel() and subset:
@@ -496,7 +497,6 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
                     sb = min(8, max(2, _pow2(slices)))
                     nb = SNR_BLOCK // sb
                 blocks = -(-slices // sb)
-                pad = lambda values, fill: values + [fill] * (8 - len(values))
                 row = [slices, n, segments, first, scratch, at, blocks, 0,
                        *pad([x.shape[a] for a in reversed(kept)], 1), *pad([x.stride(a) for a in reversed(kept)], 0),
                        *pad([x.shape[a] for a in reversed(red)], 1), *pad([x.stride(a) for a in reversed(red)], 0)]
@@ -516,14 +516,14 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
                     scratch += 2 * slices * segments
                 first += blocks
             at += 1
+    per_entry = [len(subsets) for _, subsets in entries]
     if not table:
-        return _entry_rows(out, entries)
+        return list(torch.split(out[:rows], per_entry))
     host = [torch.tensor(table, dtype=torch.int64), torch.tensor(xs, dtype=torch.int64)]
     order = {"whole": 0, "split": 0, "split_terms": 1}
     kinds = sorted(launches.items(), key=lambda kv: order[kv[0][0]])
     for _, (ids, counts) in kinds:
-        host += [torch.tensor(ids, dtype=torch.int64), torch.tensor([0] + list(itertools.accumulate(counts))[:-1],
-                                                                    dtype=torch.int64)]
+        host += [torch.tensor(ids, dtype=torch.int64), torch.tensor(_firsts(counts), dtype=torch.int64)]
     moved = _to_device(host, device)
     table_d, xs_d = moved[0], moved[1]
     partial = torch.empty(first * 4, dtype=torch.float64, device=device)
@@ -541,15 +541,7 @@ def snr_sums(entries: list[tuple[torch.Tensor, list[tuple[int, ...]]]]) -> list[
             calls.append((k.snr_split_terms, sum(counts), (*common, scratch_d, partial), kw))
     calls.append((k.snr_total, len(table), (partial, table_d, out), dict(CB=SNR_CB, **EXACT)))
     _run(calls, device)
-    return _entry_rows(out, entries)
-
-
-def _entry_rows(out: torch.Tensor, entries) -> list[torch.Tensor]:
-    rows, at = [], 0
-    for _, subsets in entries:
-        rows.append(out[at:at + len(subsets)])
-        at += len(subsets)
-    return rows
+    return list(torch.split(out[:rows], per_entry))
 
 
 def _run(calls: list, device: torch.device) -> None:

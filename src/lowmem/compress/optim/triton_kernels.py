@@ -331,18 +331,24 @@ def precision_tiles(mv, sizes, scalars, ids, starts, count, partial, m8_map, m8_
 
 
 @triton.jit
+def _add_rows(partial, first, rows, WIDTH: tl.constexpr, CB: tl.constexpr):
+    """Rows first, first + 1, … (`rows` of them, `WIDTH` fp64 each) of `partial` added in order,
+    `CB` at a time: a task's programs' sums, the same whatever ran them when."""
+    col = tl.arange(0, WIDTH)
+    acc = tl.zeros([CB, WIDTH], tl.float64)
+    for i in range(0, rows, CB):
+        r = i + tl.arange(0, CB)
+        acc += tl.load(partial + (first + r)[:, None] * WIDTH + col[None, :], mask=(r < rows)[:, None], other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
 def precision_total(partial, sizes, out, CB: tl.constexpr):
     """One parameter's sums: its programs' rows of `partial` added in order (`CB` at a time),
     written at its offset of `out`: all 13, or the 7 of a parameter measured in bf16 only."""
     t = tl.program_id(0)
-    first = tl.load(sizes + t * 8 + P_FIRST)
-    programs = tl.load(sizes + t * 8 + P_PROGRAMS)
+    s = _add_rows(partial, tl.load(sizes + t * 8 + P_FIRST), tl.load(sizes + t * 8 + P_PROGRAMS), 16, CB)
     col = tl.arange(0, 16)
-    acc = tl.zeros([CB, 16], tl.float64)
-    for i in range(0, programs, CB):
-        r = i + tl.arange(0, CB)
-        acc += tl.load(partial + (first + r)[:, None] * 16 + col[None, :], mask=(r < programs)[:, None], other=0.0)
-    s = tl.sum(acc, 0)
     quant = tl.load(sizes + t * 8 + P_QUANT) != 0
     short = tl.where(col < 5, col, tl.where(col == 9, 5, tl.where(col == 10, 6, -1)))   # bf16 sums only
     dest = tl.where(quant, col, short)
@@ -476,11 +482,5 @@ def snr_split_terms(xs, table, ids, starts, count, scratch, partial, LOG: tl.con
 def snr_total(partial, table, out, CB: tl.constexpr):
     """One task's terms: its blocks' rows of `partial` added in order (`CB` at a time)."""
     row = table + tl.program_id(0).to(tl.int64) * 40
-    first = tl.load(row + S_FIRST)
-    blocks = tl.load(row + S_BLOCKS)
-    col = tl.arange(0, 4)
-    acc = tl.zeros([CB, 4], tl.float64)
-    for i in range(0, blocks, CB):
-        r = i + tl.arange(0, CB)
-        acc += tl.load(partial + (first + r)[:, None] * 4 + col[None, :], mask=(r < blocks)[:, None], other=0.0)
-    tl.store(out + tl.load(row + S_OUT) * 4 + col, tl.sum(acc, 0))
+    s = _add_rows(partial, tl.load(row + S_FIRST), tl.load(row + S_BLOCKS), 4, CB)
+    tl.store(out + tl.load(row + S_OUT) * 4 + tl.arange(0, 4), s)
