@@ -142,3 +142,33 @@ def test_a_bad_class_spec_is_a_usage_error_before_anything_is_written(capsys, tm
     assert code == 2 and out == "" and "Traceback" not in err
     assert words in err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_steps_every_optimizer_past_a_zero_element_parameter(capsys, tmp_path, monkeypatch):
+    # A model with a parameter of 0 elements (a 0-width projection, an empty table) once made
+    # Eve, AdaMeM and AdafactorMomentum raise, so `compare` exited 4. Each optimizer now trains
+    # the other parameters exactly as it does without it: the same losses, bit for bit.
+    (tmp_path / "plain.py").write_text("from lowmem.examples.shakespeare import *\n")
+    (tmp_path / "void.py").write_text(
+        "import torch\nfrom torch import nn\nfrom lowmem.examples import shakespeare\n"
+        "from lowmem.examples.shakespeare import LOWMEM, get_batch, vocab_size\n\n"
+        "def build_model():\n    model = shakespeare.build_model()\n"
+        "    model.void = nn.Parameter(torch.zeros(3, 0))\n    model.stub = nn.Linear(0, 4, bias=False)\n"
+        "    return model\n\n"
+        "def loss_fn(model, batch):\n"
+        "    return shakespeare.loss_fn(model, batch) + model.void.sum() + model.stub.weight.sum()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = "adamw,eve,adamem,adafactor-momentum,slimadam,adam-mini"
+    losses = {}
+    for model in ("plain", "void"):
+        code, _, err = _compare(capsys, f"{model}.py", "--optimizers", names, "--lrs", "1e-3", "--steps", 3,
+                                "--out", f"cmp-{model}")
+        assert code == 0, err
+        with open(tmp_path / f"cmp-{model}" / "compare.csv", newline="") as f:
+            rows = {r["optimizer"]: r for r in csv.DictReader(f)}
+        assert set(rows) == set(names.split(","))
+        assert all(r["status"] == "complete" and int(r["steps_done"]) == 3 for r in rows.values()), rows
+        losses[model] = {name: (r["final_train_loss"], r["final_val_loss"]) for name, r in rows.items()}
+    assert all(float(train) > 0 and float(val) > 0 for train, val in losses["plain"].values())
+    assert losses["void"] == losses["plain"]
