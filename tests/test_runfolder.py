@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lowmem import runfolder
-from lowmem.runfolder import MANIFEST, PREVIOUS, REPLACED, FolderError, RunFolder
+from lowmem.runfolder import FINISHED, MANIFEST, PREVIOUS, REPLACED, FolderError, RunFolder
 
 NAMES = ["layers.json", "plan.json", "snr.csv"]
 
@@ -108,3 +108,88 @@ def test_previous_holding_the_users_file_is_never_written_over(tmp_path):
         RunFolder(tmp_path).settle(useful)
     assert (tmp_path / PREVIOUS / "plan.json").read_text() == "mine\n"
     assert (tmp_path / REPLACED / "plan.json").read_text() == "A plan.json\n"   # A waits, whole
+
+
+def finished(folder, names):
+    """A finished run has its snr.csv; a run killed or interrupted after its first results has
+    a plan but no snr.csv (as `write_unfinished` leaves it)."""
+    return (folder / "snr.csv").is_file()
+
+
+def write_unfinished(folder, tag: str):
+    f = RunFolder(folder)
+    f.claim(NAMES[:2])
+    for n in NAMES[:2]:
+        (folder / n).write_text(f"{tag} {n}\n")
+
+
+def run(folder, write, tag):
+    """One whole run: the earlier one set aside, this one written, then settled."""
+    RunFolder(folder).begin(NAMES, useful, finished=finished)
+    write(folder, tag)
+    RunFolder(folder).settle(useful, finished=finished)
+
+
+def test_an_unfinished_run_never_pushes_a_finished_one_out(tmp_path):
+    # A finished; B killed after its first results; C finished: C, B in previous/, and A (the last
+    # finished run before) in previous/finished/, byte for byte, where two generations dropped it
+    run(tmp_path, write_run, "A")
+    a = files(tmp_path)
+    run(tmp_path, write_unfinished, "B")
+    b = files(tmp_path)
+    assert files(tmp_path / PREVIOUS) == a
+    run(tmp_path, write_run, "C")
+    assert files(tmp_path / PREVIOUS) == {**{k: v for k, v in b.items() if "/" not in k},
+                                          **{f"{FINISHED}/{k}": v for k, v in a.items()}}
+    # D unfinished: C (finished) goes to previous/; A's place behind it is no longer needed
+    run(tmp_path, write_unfinished, "D")
+    c_files = {n: f"C {n}\n".encode() for n in NAMES}
+    assert files(tmp_path / PREVIOUS) == c_files
+    # E unfinished too: D replaces C in previous/, C is kept behind it; then F finished: E in
+    # previous/, C still behind it; G finished: F in previous/ and nothing behind it
+    run(tmp_path, write_unfinished, "E")
+    d_files = {n: f"D {n}\n".encode() for n in NAMES[:2]}
+    assert files(tmp_path / PREVIOUS) == {**d_files, **{f"{FINISHED}/{k}": v for k, v in c_files.items()}}
+    run(tmp_path, write_run, "F")
+    e_files = {n: f"E {n}\n".encode() for n in NAMES[:2]}
+    assert files(tmp_path / PREVIOUS) == {**e_files, **{f"{FINISHED}/{k}": v for k, v in c_files.items()}}
+    run(tmp_path, write_run, "G")
+    assert files(tmp_path / PREVIOUS) == {n: f"F {n}\n".encode() for n in NAMES}
+    assert files(tmp_path) == {**{n: f"G {n}\n".encode() for n in NAMES},
+                               **{f"{PREVIOUS}/{n}": f"F {n}\n".encode() for n in NAMES}}
+    assert not (tmp_path / PREVIOUS / FINISHED).exists()
+
+
+@pytest.mark.parametrize("k", range(1, 10))
+def test_keeping_the_finished_run_stopped_anywhere_is_finished_by_the_next_settle(tmp_path, monkeypatch, k):
+    run(tmp_path, write_run, "A")
+    a = files(tmp_path)
+    run(tmp_path, write_unfinished, "B")
+    b = files(tmp_path)
+    RunFolder(tmp_path).begin(NAMES, useful, finished=finished)   # C starts: B set aside
+    write_run(tmp_path, "C")
+    undo = stop_at(monkeypatch, k)
+    try:
+        RunFolder(tmp_path).settle(useful, finished=finished)
+    except Stop:
+        pass
+    undo()
+    RunFolder(tmp_path).settle(useful, finished=finished)
+    assert not (tmp_path / REPLACED).exists()
+    assert files(tmp_path) == {**{n: f"C {n}\n".encode() for n in NAMES},
+                               **{f"{PREVIOUS}/{k}": v for k, v in b.items() if "/" not in k},
+                               **{f"{PREVIOUS}/{FINISHED}/{k}": v for k, v in a.items()}}
+
+
+def test_a_finished_folder_lowmem_did_not_make_is_never_written_into(tmp_path):
+    run(tmp_path, write_run, "A")
+    run(tmp_path, write_unfinished, "B")
+    (tmp_path / PREVIOUS / FINISHED).mkdir()
+    (tmp_path / PREVIOUS / FINISHED / "mine.txt").write_text("mine\n")
+    RunFolder(tmp_path).begin(NAMES, useful, finished=finished)
+    write_run(tmp_path, "C")
+    # A is finished and B is not, but previous/finished/ is the user's: nothing moves, A waits
+    with pytest.raises(FolderError, match="not a folder lowmem made"):
+        RunFolder(tmp_path).settle(useful, finished=finished)
+    assert (tmp_path / PREVIOUS / FINISHED / "mine.txt").read_text() == "mine\n"
+    assert (tmp_path / PREVIOUS / "snr.csv").read_text() == "A snr.csv\n"

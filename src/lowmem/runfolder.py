@@ -14,7 +14,9 @@ Nothing lost. A new run does not destroy the run before it until it has somethin
 moves them into ``previous/`` (replacing the run kept there) when the new run produced results, or
 back in place when it produced none. A run killed in between (SIGKILL) is settled the same way by
 the next `begin`. So a folder holds the newest run with results and, in ``previous/``, the one
-before it.
+before it. Where a kind of run says which runs finished (``finished``), an unfinished run (killed,
+interrupted) never displaces a finished one: the finished run in ``previous/`` moves into
+``previous/finished/`` and stays there until a newer finished run reaches ``previous/``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MANIFEST = ".lowmem.json"
 LOCK = ".lowmem.lock"
 REPLACED = ".lowmem-replaced"
 PREVIOUS = "previous"
+FINISHED = "finished"
 _SCHEMA = "lowmem.folder/1"
 # errno values that mean the place or the machine, not lowmem: the user can fix them.
 ENVIRONMENT_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -90,6 +93,11 @@ def _read_manifest(folder: Path) -> list[str]:
 def _aside(kind: str) -> str:
     """The folder where a run of `kind` keeps the earlier run while it runs."""
     return REPLACED if kind == "run" else f"{REPLACED}-{kind}"
+
+
+def _finished(kind: str) -> str:
+    """The folder in ``previous/`` that keeps the last finished run of `kind` behind an unfinished one."""
+    return FINISHED if kind == "run" else f"{FINISHED}-{kind}"
 
 
 def _plain_name(name: str) -> bool:
@@ -264,7 +272,7 @@ class RunFolder:
     # -- one run replacing another ---------------------------------------------------------------
 
     def begin(self, names: Iterable[str], useful: Useful, writes: Iterable[str] | None = None,
-              kind: str = "run") -> None:
+              kind: str = "run", finished: Useful | None = None) -> None:
         """Start a run that writes `names`: set aside the earlier run's entries among them.
 
         Args:
@@ -276,11 +284,13 @@ class RunFolder:
                 someone else. The others may be the user's and are left where they are.
             kind: what kind of run (an analysis, a sweep, Hessian blocks): each kind sets its
                 earlier run aside in a folder of its own and settles only its own.
+            finished: ``finished(folder, names)``, whether the run in `folder` ran to its end
+                (see `settle`); default: every run with results counts as finished.
         """
         names = list(dict.fromkeys(names))
         aside_name = _aside(kind)
         self.check([*(names if writes is None else writes), aside_name, PREVIOUS])
-        self.settle(useful, kind)
+        self.settle(useful, kind, finished)
         mine = set(self.owned())
         present = [n for n in names if n in mine and _lexists(self.path / n)]
         if not present:
@@ -301,9 +311,12 @@ class RunFolder:
         except OSError as e:
             raise environment_error(e, "set aside the earlier run in") from None
 
-    def settle(self, useful: Useful, kind: str = "run") -> str | None:
+    def settle(self, useful: Useful, kind: str = "run", finished: Useful | None = None) -> str | None:
         """End the run of `kind` that set entries aside (this one, or one that was stopped): keep
         it when it has results (the entries set aside go to ``previous/``), else put them back.
+        With `finished` given, an unfinished run set aside does not displace a finished run from
+        ``previous/``: that one moves into ``previous/finished/`` (and a finished run reaching
+        ``previous/`` replaces both).
 
         Every stage is recorded in the aside folder's manifest before it is carried out, so a
         settle stopped half-way is finished by the next one without losing or repeating anything.
@@ -334,7 +347,7 @@ class RunFolder:
                 doc["outcome"] = outcome
                 _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
             if outcome == "kept":
-                self._keep(aside, names, listed, held, doc)
+                self._keep(aside, names, listed, held, doc, finished, kind)
             else:
                 self._restore(aside, names, listed, held, doc)
             _clear(aside)
@@ -342,8 +355,10 @@ class RunFolder:
             raise environment_error(e, "settle the earlier run in") from None
         return outcome
 
-    def _keep(self, aside: Path, names: list[str], listed: list[str], held: list[str], doc: dict) -> None:
-        """The entries set aside replace the run in ``previous/``, whole."""
+    def _keep(self, aside: Path, names: list[str], listed: list[str], held: list[str], doc: dict,
+              finished: Useful | None = None, kind: str = "run") -> None:
+        """The entries set aside replace the run in ``previous/``, whole (a finished one there
+        behind an unfinished one set aside: into ``previous/finished/``, see `settle`)."""
         prev = self.path / PREVIOUS
         if prev.is_symlink() or (prev.exists() and not prev.is_dir()):
             raise FolderError(f"{prev} is not a folder lowmem made; it keeps the earlier run in {aside}. Move "
@@ -356,16 +371,50 @@ class RunFolder:
             raise FolderError(f"{prev} holds {', '.join(theirs)}, which lowmem did not write; it keeps the earlier "
                               f"run in {aside}. Move them away and run again")
         if not doc.get("cleared"):
-            for n in names:              # the run before the one set aside
+            gone = list(names)           # the run before the one set aside
+            if finished is not None:
+                if finished(aside, names):   # a finished run also replaces the one kept behind the run before
+                    gone.append(_finished(kind))
+                elif self._keep_finished(prev, names, kept, doc, finished, kind, aside, listed):
+                    kept = self.owned(prev)
+            for n in gone:
                 if n in kept:
                     _remove(prev / n)
-            kept = [n for n in kept if n not in names]
+            kept = [n for n in kept if n not in gone]
             _write_manifest(prev, kept)
             doc["cleared"] = True
             _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
         _write_manifest(prev, [*kept, *held])   # listed before they move: a name is never unowned
         for n in held:
             os.replace(aside / n, prev / n)
+
+    def _keep_finished(self, prev: Path, names: list[str], kept: list[str], doc: dict, finished: Useful,
+                       kind: str, aside: Path, listed: list[str]) -> bool:
+        """Move a finished run in `prev` into its ``finished/`` folder, behind the unfinished one
+        about to take its place; whether it did. The choice is recorded (in the aside folder's
+        manifest) before anything moves, so a move stopped half-way is finished the same way."""
+        fin = prev / _finished(kind)
+        if "finishing" not in doc:
+            here = [n for n in names if n in kept and _lexists(prev / n)]
+            doc["finishing"] = bool(here) and finished(prev, names)
+            if doc["finishing"] and _finished(kind) in kept:
+                _remove(fin)             # an older finished run, behind an unfinished one: this one is newer
+                kept = [n for n in kept if n != _finished(kind)]
+                _write_manifest(prev, kept)
+            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+        if not doc["finishing"]:
+            return False
+        if _lexists(fin) and _finished(kind) not in kept:
+            raise FolderError(f"{fin} is not a folder lowmem made; it would keep the finished run now in {prev}. "
+                              f"Move {fin} away and run again")
+        moving = [n for n in names if n in kept and _lexists(prev / n)]
+        _write_manifest(prev, [*kept, _finished(kind)])   # listed before it is made
+        fin.mkdir(exist_ok=True)
+        _write_manifest(fin, [*self.owned(fin), *moving])
+        for n in moving:
+            os.replace(prev / n, fin / n)
+        _write_manifest(prev, [n for n in self.owned(prev) if n not in moving])
+        return True
 
     def _restore(self, aside: Path, names: list[str], listed: list[str], held: list[str], doc: dict) -> None:
         """The new run has nothing: its leftovers go, the earlier run returns as it was."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem.runfolder import LOCK, MANIFEST, PREVIOUS, REPLACED
+from lowmem.runfolder import FINISHED, LOCK, MANIFEST, PREVIOUS, REPLACED
 from lowmem.snr.trajectory import read_trajectory
 from tiny_models import MLP_MODEL_PY
 
@@ -213,8 +213,12 @@ def test_rerun_after_sigkill_keeps_the_killed_runs_samples_and_takes_over_the_st
     r = run(tmp_path, "good.py", "--steps", 6, "--every", 2, "--out", "out", "--device", "cpu", "--no-html")
     assert r.returncode == 0, r.stderr
     assert "took over" in r.stderr
-    # the killed run had samples: it is the run before this one, whole; the complete one made room for it
+    # the killed run had samples: it is the run before this one, whole; the complete run, which an
+    # unfinished one never pushes out, is kept behind it, byte for byte
     assert (tmp_path / "out" / PREVIOUS / "snr.csv.part").read_bytes() == killed_part
+    assert {k: v for k, v in snapshot(tmp_path / "out" / PREVIOUS / FINISHED).items() if k != MANIFEST} == \
+        {k: v for k, v in complete.items() if k != MANIFEST}
+    assert "previous/finished" in r.stderr
     assert not (tmp_path / "out" / REPLACED).exists() and not (tmp_path / "out" / LOCK).exists()
 
 
@@ -454,3 +458,19 @@ def test_sigterm_stops_like_ctrl_c_keeping_what_was_measured(tmp_path):
     steps = sorted({s.step for s in read_trajectory(tmp_path / "out" / "snr.csv")})
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
     assert not (tmp_path / "out" / LOCK).exists()
+
+
+@pytest.mark.parametrize("plan, done", [
+    ({"source": {"status": "complete"}}, True),
+    ({"source": {"method": "preset"}}, True),                  # a preset's plan: nothing to run to its end
+    ({"source": {"status": "interrupted"}}, False),
+    ({"source": {"status": "nonfinite_loss"}}, False),
+    (None, False),                                             # killed before its plan: samples only
+    ("{not json", False),
+])
+def test_a_run_is_finished_when_its_plan_says_its_probe_completed(tmp_path, plan, done):
+    from lowmem.cli.main import run_finished
+    (tmp_path / "snr.csv.part").write_text("step,key\n1,a\n")
+    if plan is not None:
+        (tmp_path / "plan.json").write_text(plan if isinstance(plan, str) else json.dumps(plan))
+    assert run_finished(tmp_path) is done

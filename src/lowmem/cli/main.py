@@ -42,7 +42,7 @@ from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.cli.peak import batch_size, dtype_words, peak_optimizers, size_argument, trace_task
 from lowmem.probe import DEFAULTS, TaskError, build, call_user, run_probe
-from lowmem.runfolder import LOCK, PREVIOUS, FolderError, RunFolder
+from lowmem.runfolder import FINISHED, LOCK, PREVIOUS, FolderError, RunFolder
 from lowmem.reports.run import Decision, decision_rows, gap_words
 from lowmem.reports.terminal import (CompareTable, DecisionTable, PlanSummary, PlanTable, RoleSnrTable, StateTable,
                                      compare_rows, print_next_steps)
@@ -232,7 +232,8 @@ def _run(args, err: Console) -> int:
             note(f"took over {out / LOCK}, left by a process that no longer runs")
         try:
             return _run_in(args, task, device, steps, every, lr, out, quiet, note, err,
-                           lambda: (folder.begin(names, has_results, writes), folder.claim(writes)))
+                           lambda: (folder.begin(names, has_results, writes, finished=run_finished),
+                                    folder.claim(writes)))
         finally:
             _settle(folder, out, note)
 
@@ -241,14 +242,16 @@ def _settle(folder: RunFolder, out: Path, note) -> None:
     """Keep or put back the earlier run; a failure here is a note, never in place of the run's own
     outcome (what was set aside stays recorded and is settled by the next run)."""
     try:
-        outcome = folder.settle(has_results)
+        outcome = folder.settle(has_results, finished=run_finished)
     except FolderError as e:
         note(f"{PROG}: warning: {e}")
         return
     if outcome == "restored":
         note(f"this run left no results; the earlier run in {out} is back in place")
     elif outcome == "kept":
-        note(f"the earlier run in {out} is now in {out / PREVIOUS}")
+        behind = out / PREVIOUS / FINISHED
+        note(f"the earlier run in {out} is now in {out / PREVIOUS}"
+             + (f"; the last finished run before it is in {behind}" if behind.is_dir() else ""))
 
 
 def _check_plan(args, task, device, lr, note, steps: int) -> int:
@@ -390,6 +393,19 @@ def has_results(folder: Path, names=RUN_FILES) -> bool:
         except OSError:
             pass
     return "validate" in names and has_runs(folder / "validate")
+
+
+def run_finished(folder: Path, names=RUN_FILES) -> bool:
+    """Whether the run in `folder` ran to its end: its plan comes from a probe that completed (not
+    one killed, interrupted or stopped by a non-finite loss) or from a preset; a validation added
+    to a folder (no plan among `names`) counts when it has results."""
+    if "plan.json" not in names:
+        return has_results(folder, names)
+    try:
+        source = json.loads((folder / "plan.json").read_text()).get("source") or {}
+        return source.get("status", "complete") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_layers(out: Path, model, layers) -> None:
