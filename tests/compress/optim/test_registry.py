@@ -11,8 +11,10 @@ import torch
 
 from lowmem.cli.main import make_parser
 from lowmem.compare import OPTIMIZERS, SweepSettings, make_optimizer
-from lowmem.compress import PRESETS, estimate_state_memory
+from lowmem.compress import PRESETS, builders, estimate_state_memory
 from lowmem.compress.optim import registry
+from lowmem.compress.optim.engine import ReducedAdamW
+from lowmem.layers import resolve_layers
 
 from optim_cases import tiny_loss, tiny_model
 
@@ -47,6 +49,29 @@ def test_every_entry_builds_from_compare_settings_and_steps(name):
     opt.step()
     moved = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
     assert all(moved), f"{name}: some parameters did not move"
+
+
+def test_a_new_v_averaging_optimizer_is_a_preset_and_an_entry(monkeypatch):
+    # What a newcomer adds: a preset's rules in lowmem.compress.builders and an entry whose class
+    # is the engine itself. Here the new preset repeats Eve's rules under a new name, so the
+    # optimizer the entry builds must step exactly as Eve, and count Eve's state.
+    monkeypatch.setitem(builders._ROLE_RULES, "rows-again", builders._ROLE_RULES["eve"])
+    new = registry.OptimizerEntry("rows-again", ReducedAdamW, "one v per output row", "none",
+                                  registry._preset_count("rows-again"), preset="rows-again")
+    eve = registry.entry("eve")
+    models = [tiny_model(), tiny_model()]
+    opts = [e.build(m, 1e-2, (0.9, 0.99), 0.1) for e, m in zip((new, eve), models)]
+    assert type(opts[0]) is ReducedAdamW
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            tiny_loss(model, step).backward()
+            opt.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+    layers = resolve_layers(models[0], warn=False)
+    assert new.count(models[0], layers) == eve.count(models[0], layers)
+    assert new.count(models[0], layers).v < eve.count(models[0], layers).m   # v averaged, not full
 
 
 def test_readme_peer_table_is_the_registry():

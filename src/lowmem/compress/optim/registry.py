@@ -4,7 +4,8 @@ its state size from shapes, and its paper.
 `compare` (``--optimizers``), ``lowmem-analyze memory`` (its rows), ``--preset`` (the plan
 presets), the README's optimizer table (`markdown_table`, checked by a test) and the optimizer
 test battery all read `REGISTRY`. Adding an optimizer is one `OptimizerEntry` here (and its
-class); a `v`-averaging one needs only a preset in `lowmem.compress.builders` and an entry.
+class); a `v`-averaging one needs only a preset in `lowmem.compress.builders` and an entry whose
+class is `ReducedAdamW` (a class of its own, as Eve's, only gives it an importable name).
 
 `PEERS` lists optimizers of other packages (torchao, bitsandbytes) that `compare` can train
 beside lowmem's as baselines. Their packages are optional, so an entry imports its class only
@@ -23,6 +24,7 @@ from torch import nn
 
 from lowmem.compress.builders import PRESETS, build_preset
 from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM, adafactor_state_numel, adamem_state_numel
+from lowmem.compress.optim.engine import ReducedAdamW
 from lowmem.compress.optim.presets import AdaLayer, AdamMini, Eve, SlimAdam
 from lowmem.compress.plan import Plan
 from lowmem.layers import ModelLayers
@@ -74,6 +76,7 @@ class OptimizerEntry:
     Attributes:
         name: its one spelling (compare's ``--optimizers``, memory's rows, the test battery).
         cls: the optimizer class; lowmem's take the model first, torch's its parameters.
+            `ReducedAdamW` itself: the plan engine with `preset`'s plan (no class needed).
         fixed: keyword arguments that make this entry of its class (e.g. ``variant="paper"``).
         keeps: what it keeps of Adam's state, in a few words (the README table).
         paper: where the method comes from (authors, title, year).
@@ -97,7 +100,11 @@ class OptimizerEntry:
         return self.cls is not torch.optim.AdamW
 
     def make(self, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
-        """The optimizer for `model`, with `kwargs` as its class takes them."""
+        """The optimizer for `model`, with `kwargs` as its class takes them (an entry of
+        `ReducedAdamW` itself: the engine with the entry's preset plan, so a `v`-averaging
+        optimizer needs no class of its own)."""
+        if self.cls is ReducedAdamW:
+            return ReducedAdamW(model, build_preset(self.preset, model), **self.fixed, **kwargs)
         target = model if self.takes_model else model.parameters()
         return self.cls(target, **self.fixed, **kwargs)
 
