@@ -255,6 +255,7 @@ def _plan_on_one_process(kind: str, path) -> lowmem.Plan:
 
 
 DCP_OPTIMIZERS = ("slimadam", "adamem", "adafactor-momentum")
+REFERENCE_OPTIMIZERS = ("slimadam", "eve", "adam-mini", "adalayer")   # the plan engine's presets
 
 
 def _compressed_v(opt) -> dict:
@@ -323,7 +324,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         result = {"params": {}, "from_plan": {}, "resumed": {}, "from_adamw": {}, "whole_v": {}, "dcp": {},
-                  "formats": {}, "formats_resumed": {}}
+                  "formats": {}, "formats_resumed": {}, "reference": {}}
         for kind in FSDP_RUNS[world]:
             for name in OPTIMIZERS:
                 model = _fsdp_model(kind, shard=True)
@@ -331,6 +332,15 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
                 opt = make_optimizer(name, model, 1e-2, SETTINGS)
                 train(model, opt, rows, capture_to=os.path.join(out, f"{kind}.csv") if name == "adamw" else None)
                 result["params"][kind, name] = _gather(model)
+            for name in REFERENCE_OPTIMIZERS:   # the readable backend's sharded branch
+                model = _fsdp_model(kind, shard=True)
+                torch.manual_seed(0)
+                opt = make_optimizer(name, model, 1e-2, SETTINGS)
+                for g in opt.param_groups:
+                    g["backend"] = "reference"
+                train(model, opt, rows)
+                ran = sorted({opt.backend_of(p).name for g in opt.param_groups for p in g["params"]})
+                result["reference"][kind, name] = (_gather(model), ran)
             model = _fsdp_model(kind, shard=True)
             train(model, _plan_optimizer(model, os.path.join(out, f"{kind}.plan.json")), rows)
             result["from_plan"][kind] = _gather(model)
@@ -398,6 +408,17 @@ def test_fsdp2_parameters_equal_a_single_process_run(fsdp_run, name):
     world, _, result = fsdp_run
     for kind in FSDP_RUNS[world]:
         _assert_params_equal(result["params"][kind, name], _single(kind, name), f"{name} on {kind}, {world} ranks")
+
+
+def test_fsdp2_reference_backend_equals_a_single_process_run(fsdp_run):
+    """The readable backend, asked for by a group's ``backend``, serves sharded buckets too (its
+    own means across shards, not the foreach backend's): the same parameters as one process."""
+    world, _, result = fsdp_run
+    for kind in FSDP_RUNS[world]:
+        for name in REFERENCE_OPTIMIZERS:
+            params, ran = result["reference"][kind, name]
+            assert ran == ["reference"], (kind, name, ran)
+            _assert_params_equal(params, _single(kind, name), f"{name}, reference backend, on {kind}, {world} ranks")
 
 
 def test_fsdp2_captured_snr_equals_the_single_process_snr(fsdp_run, tmp_path):
