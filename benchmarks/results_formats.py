@@ -14,8 +14,7 @@ on the grid 1e-3, 3e-3, 1e-2. Seed S is ``--seed S`` (initial weights, stochasti
 with the factory ``seedS`` (batches). Every other setting is compare's default (400 steps,
 warm-up 20, cosine to 0.1·lr, betas 0.9/0.95, no weight decay, 4 held-out batches).
 
-Phases (the default, 1 and 2, is what RESULTS.md reports; the others did not fit the time of a
-shared 2-core machine and are here to extend it):
+Phases (RESULTS.md reports all six, run over three sessions; the default runs 1 and 2):
   1. teacher: fp32 parameters (adamw, eve, eve:int8, eve:int4, the peers) and bf16 parameters
      (adamw; eve:bf16:bf16 with each rounding), seeds 0-2;
   2. shakespeare, fp32: adamw, eve:int8, eve:int4, torchao-adamw8bit, torchao-adamw4bit, seed 0;
@@ -23,7 +22,9 @@ shared 2-core machine and are here to extend it):
      layer the state formats its precision probe chose) as ``plan``, seed 0;
   3. the same, seeds 1 and 2 (the plan is seed 0's analysis, applied to every seed);
   4. shakespeare, fp32: eve and bnb-adamw8bit, seeds 0-2;
-  5. shakespeare, bf16 parameters as in phase 1, seeds 0-2.
+  5. shakespeare, bf16 parameters as in phase 1, seeds 0-2;
+  6. teacher: the measured plan (``lowmem-analyze examples/teacher_mlp.py``, seed 0) as ``plan``,
+     seeds 0-2 (its gaps pair with phase 1's AdamW).
 
 A peer whose package is missing is skipped by compare with a note (bitsandbytes is not a
 dependency: put it on PYTHONPATH to include it).
@@ -54,9 +55,9 @@ ROUNDINGS = ("nearest", "stochastic", "kahan")
 BF16_PLAN = "eve:bf16:bf16"
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}   # two-sided 95% Student t quantiles by degrees of freedom
 
-TASKS = {
-    "teacher": {"target": "examples/teacher_mlp.py", "lr": 3e-3},
-    "shakespeare": {"target": "examples/shakespeare_seeds.py", "lr": 1e-3},
+TASKS = {   # target: compare's (a factory seedS is added); analyze: lowmem-analyze's, for seed 0's plan
+    "teacher": {"target": "examples/teacher_mlp.py", "lr": 3e-3, "analyze": ["examples/teacher_mlp.py"]},
+    "shakespeare": {"target": "examples/shakespeare_seeds.py", "lr": 1e-3, "analyze": ["--example", "shakespeare"]},
 }
 
 # (phase, task, seeds, sweep folder, optimizers, extra flags)
@@ -73,6 +74,7 @@ SWEEPS = [
     (5, "shakespeare", SEEDS, "bf16-nearest", ["adamw", BF16_PLAN], ["--param-dtype", "bf16"]),
     *[(5, "shakespeare", SEEDS, f"bf16-{r}", [BF16_PLAN], ["--param-dtype", "bf16", "--param-rounding", r])
       for r in ROUNDINGS[1:]],
+    (6, "teacher", SEEDS, "fp32-plan", ["plan"], ["--plan", "{out}/teacher/analysis/plan.json"]),
 ]
 
 
@@ -84,7 +86,7 @@ def run_sweeps(out: Path, phases: set[int]) -> None:
         if phase not in phases:
             continue
         if "--plan" in flags and not (out / task / "analysis" / "plan.json").exists():
-            cmd = [sys.executable, "-m", "lowmem.cli.main", "--example", task, "--out", str(out / task / "analysis"),
+            cmd = [sys.executable, "-m", "lowmem.cli.main", *TASKS[task]["analyze"], "--out", str(out / task / "analysis"),
                    "-q", "--format", "json"]
             print(f"[{time.strftime('%H:%M:%S')}] phase {phase}: {task}: the measured plan", file=sys.stderr, flush=True)
             t0 = time.time()
@@ -215,7 +217,7 @@ def tables(out: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results-formats", help="where the sweeps go (default results-formats)")
-    p.add_argument("--phases", default="1,2", help="which phases to run (default 1,2: RESULTS.md's)")
+    p.add_argument("--phases", default="1,2", help="which phases to run (default 1,2; RESULTS.md's tables ran 1-6)")
     p.add_argument("--tables-only", action="store_true", help="print the tables from what has finished")
     args = p.parse_args()
     out = Path(args.out).resolve()
