@@ -161,6 +161,34 @@ def test_torchao_adamw8bit_in_a_sweep_is_torchaos_optimizer_run_by_hand(task, tm
     assert result.state_bytes == 2 * (quantized(128 * 32) + quantized(256 * 128) + 128 * 4 + 10 * 256 * 4)
 
 
+def test_bnb_adamw8bit_in_a_sweep_is_bitsandbytes_optimizer_run_by_hand(task, tmp_path):
+    optim = pytest.importorskip("bitsandbytes.optim")
+    s = settings(weight_decay=0.1)
+    result = run_sweep(task, ["bnb-adamw8bit"], [1e-2], s, tmp_path)[0]
+
+    torch.manual_seed(0)
+    model = task.build_model()
+    opt = optim.AdamW8bit(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    losses = []
+    for step in range(6):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, 1e-2)
+        loss = task.loss_fn(model, task.get_batch(step))
+        losses.append(float(loss))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        val = sum(float(task.loss_fn(model, task.get_val_batch(i))) for i in range(2)) / 2
+    assert result.train_loss == losses                          # the same optimizer: bit for bit
+    assert result.final_val_loss == val
+    # As torchao's: 8-bit codes, a 4-byte absmax per 256 entries and a 256-entry fp32 code map per
+    # quantized tensor (m and v); tensors under 4,096 entries (the bias, the head) fp32.
+    quantized = lambda n: n + n // 256 * 4 + 256 * 4  # noqa: E731
+    assert result.state_bytes == 2 * (quantized(128 * 32) + quantized(256 * 128) + 128 * 4 + 10 * 256 * 4)
+
+
 def test_torchao_adamw4bit_state_is_half_a_byte_per_entry(task, tmp_path):
     pytest.importorskip("torchao.optim")
     result = run_sweep(task, ["torchao-adamw4bit"], [1e-2], settings(), tmp_path)[0]
