@@ -253,7 +253,16 @@ static void store_state(void *s, float *scale, int fmt, const Codec *c, int64_t 
         } else {
             uint8_t *q = (uint8_t *)s + row * ((qlen + 1) / 2) + a / 2, codes[TILE];
             encode_all(c, y, sc, k1, codes);
-            for (int64_t j = 0; j + 1 < k1; j += 2) q[j >> 1] = (uint8_t)(codes[j] | (codes[j + 1] << 4));
+            int64_t j = 0;
+#ifdef __AVX512BW__
+            /* 64 codes at a time: as 16-bit lanes lo | hi << 8, so lane | lane >> 4 holds
+             * lo | hi << 4 in its low byte (the scalar loop cost a 4-bit step a fifth of its time) */
+            for (; j + 64 <= k1; j += 64) {
+                __m512i x = _mm512_loadu_si512((const void *)(codes + j));
+                _mm256_storeu_si256((__m256i *)(q + j / 2), _mm512_cvtepi16_epi8(_mm512_or_si512(x, _mm512_srli_epi16(x, 4))));
+            }
+#endif
+            for (; j + 1 < k1; j += 2) q[j >> 1] = (uint8_t)(codes[j] | (codes[j + 1] << 4));
             if (k1 & 1) q[k1 >> 1] = codes[k1 - 1];
         }
     }
