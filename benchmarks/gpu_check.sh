@@ -2,8 +2,10 @@
 # One call on a machine with a CUDA GPU: every CUDA test (the Triton step's compiled, not
 # interpreted), then the optimizer-step (a 100.7M-parameter
 # Linear stack and the built-in GPT), capture-overhead, Hessian and measured-peak checks on CUDA, each under
-# its own time limit (the limits add up to 12.5 minutes; the parts take far less, and the last one,
-# capture_124m, is the one a 10-minute limit on the call would cut), results as text and JSON in OUT:
+# its own time limit and all within one budget, 9 minutes by default (GPU_CHECK_SECONDS): a part
+# gets its own limit or what is left of the budget, whichever is less, and a part that finds the
+# budget spent is skipped (status.txt says so), so the call ends in time and says what it cut.
+# Results as text and JSON in OUT:
 #
 #     bash benchmarks/gpu_check.sh [OUT]          # default OUT: gpu-check
 #
@@ -23,12 +25,19 @@ cd "$ROOT"
 python -c "import lowmem" 2>/dev/null || export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 : > "$OUT/status.txt"
 
-part() {   # part NAME SECONDS COMMAND...: run with a limit, record the exit status
+BUDGET=${GPU_CHECK_SECONDS:-540}
+part() {   # part NAME SECONDS COMMAND...: run with a limit (at most what is left of BUDGET), record the exit status
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 10 ]; then
+        echo "$name skipped: the ${BUDGET}-second budget is spent" >> "$OUT/status.txt"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0=$SECONDS
     timeout "$limit" "$@"
-    echo "$name rc=$? seconds=$((SECONDS - t0))" >> "$OUT/status.txt"
+    echo "$name rc=$? seconds=$((SECONDS - t0)) limit=$limit" >> "$OUT/status.txt"
 }
 
 part device 60 bash -c "nvidia-smi > '$OUT/device.txt' 2>&1; python -c 'import torch, platform; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), platform.python_version())' >> '$OUT/device.txt' 2>&1"
@@ -51,7 +60,7 @@ part capture 60 python benchmarks/capture_overhead.py --device cuda --rounds 10 
 part hessian 120 python benchmarks/hessian.py --device cuda --sizes 1024 --repeats 1 --json > "$OUT/hessian.json" 2> "$OUT/hessian.err"
 part memory_measure 60 python -m lowmem.cli.main memory --example shakespeare --batch 64 --measure --device cuda \
     --format json > "$OUT/memory_measure.json" 2> "$OUT/memory_measure.err"
-# last: were the parts before it to run to their limits, this is the one a 10-minute limit cuts
+# last: were the parts before it to run to their limits, this is the one the budget cuts
 part capture_124m 90 python benchmarks/capture_overhead.py --device cuda --model gpt2-124m --batch 8 --seq 512 --direct 5 \
     --json > "$OUT/capture_overhead_124m.json" 2> "$OUT/capture_overhead_124m.err"
 cat "$OUT/status.txt"
