@@ -344,23 +344,49 @@ def test_vit_fused_qkv_proj_mlp_patch_conv_and_head():
 
 
 class GQAFusedAttention(nn.Module):
-    """MPT/Phi-style `Wqkv` with grouped K/V: out = (8 + 2 * 2) heads * 8 = 96 rows."""
+    """Phi-3-style `qkv_proj` with grouped K/V: out = (8 + 2 * 2) heads * 8 = 96 rows."""
 
     def __init__(self):
         super().__init__()
         self.num_heads, self.num_kv_heads = 8, 2
-        self.Wqkv = nn.Linear(64, 96, bias=False)
+        self.qkv_proj = nn.Linear(64, 96, bias=False)
         self.out_proj = nn.Linear(64, 64, bias=False)
 
 
 def test_fused_qkv_with_gqa_splits_q_larger_than_k_and_v():
     layers = resolve_layers(nn.ModuleDict({"attn": GQAFusedAttention()}))
-    qkv = layers["attn.Wqkv.weight"]
+    qkv = layers["attn.qkv_proj.weight"]
     assert qkv.role == "attn_qkv"
     assert qkv.parts == (("q", 64), ("k", 16), ("v", 16))
     assert qkv.part_heads == (8, 2, 2)
     assert qkv.head_dim == 8
     assert layers["attn.out_proj.weight"].role == "attn_out"
+
+
+@pytest.mark.parametrize("name", ["query_key_value", "wqkv", "Wqkv"])
+def test_a_fused_qkv_whose_layout_codebases_disagree_on_is_kept_whole_without_a_config(name):
+    # Megatron's and GPT-NeoX's query_key_value interleave each head's q, k and v rows, ChatGLM's
+    # does not; InternLM2's wqkv interleaves per key-value group, MPT's does not. Without a
+    # transformers config nothing says which, so the widths alone (3 x 32 rows) must not split it.
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            setattr(self, name, nn.Linear(32, 96))
+            self.dense = nn.Linear(32, 32)
+
+    info = resolve_layers(nn.ModuleDict({"attention": Attention()}))[f"attention.{name}.weight"]
+    assert info.role == "attn_qkv" and info.qkv_layout == "unknown" and not info.parts
+    assert "kept whole" in info.found and "config" in info.found
+    # the same widths under a name one convention holds are split, q, k and v one after the other
+    class Contiguous(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.qkv = nn.Linear(32, 96)
+
+    split = resolve_layers(nn.ModuleDict({"attention": Contiguous()}))["attention.qkv.weight"]
+    assert split.parts == (("q", 32), ("k", 32), ("v", 32)) and split.qkv_layout == "contiguous"
 
 
 def test_torch_multihead_attention_in_proj_is_fused_qkv():
@@ -621,7 +647,7 @@ def test_views_of_gpt2_conv1d_c_attn_slice_dim_1_and_split_out_in_place(gpt2):
 
 
 def test_views_of_gqa_fused_qkv_use_each_parts_own_heads():
-    info = resolve_layers(nn.ModuleDict({"attn": GQAFusedAttention()}))["attn.Wqkv.weight"]
+    info = resolve_layers(nn.ModuleDict({"attn": GQAFusedAttention()}))["attn.qkv_proj.weight"]
     views = _views(info)
     assert (views["q"].start, views["q"].stop, views["q.heads"].shape) == (0, 64, (8, 8, 64))
     assert (views["k"].start, views["k"].stop, views["k.heads"].shape) == (64, 80, (2, 8, 64))

@@ -41,6 +41,10 @@ _Q_NAMES = {"q", "q_proj", "query", "wq", "to_q", "q_lin"}
 _K_NAMES = {"k", "k_proj", "key", "wk", "to_k", "k_lin"}
 _V_NAMES = {"v", "v_proj", "value", "wv", "to_v", "v_lin"}
 _QKV_NAMES = {"c_attn", "qkv", "wqkv", "qkv_proj", "in_proj", "query_key_value", "to_qkv"}
+# fused projections whose q, k, v layout differs between codebases: only a config can say which
+# (query_key_value: per head in GPT-NeoX, BLOOM and Megatron, one after the other in ChatGLM;
+# wqkv: per key-value group in InternLM2, one after the other in MPT)
+_QKV_AMBIGUOUS = {"query_key_value", "wqkv"}
 _OUT_NAMES = {"o_proj", "out_proj", "wo", "to_out", "o", "out_lin", "attn_out", "output_proj"}
 # Meta's Llama/Mixtral: w2(silu(w1 x) * w3 x), so w1 is the gate and w3 the up projection.
 # A fused gate and up projection (Phi-3's `gate_up_proj`) is an up projection: every preset and
@@ -517,7 +521,11 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
             if getattr(cfg, "model_type", None) == "falcon" and getattr(cfg, "multi_query", False) and \
                     not getattr(cfg, "new_decoder_architecture", False):
                 hkv = 1   # Falcon's multi-query: one key and one value head, whatever num_kv_heads says
-            layout = _qkv_layout(cfg, out_features, in_features, hq, hkv)
+            layout = _qkv_layout(cfg, out_features, in_features, hq, hkv, last)
+            if layout == "unknown" and last in _QKV_AMBIGUOUS and not isinstance(getattr(cfg, "model_type", None), str):
+                found = (f"{found}; codebases lay out its q, k and v rows differently (GPT-NeoX and Megatron "
+                         f"per head, InternLM2 per key-value group, ChatGLM and MPT one after the other) and no "
+                         f"transformers config says which: kept whole")
             if layout == "grouped" and hkv == 1:   # one key-value group: q, k, v one after the other
                 layout = "contiguous"
             if layout in ("per_head", "grouped"):
@@ -747,15 +755,19 @@ def _model_config(chain, config):
     return config
 
 
-def _qkv_layout(config, out_features: int, in_features: int, hq, hkv) -> str:
+def _qkv_layout(config, out_features: int, in_features: int, hq, hkv, name: str = "") -> str:
     """How a fused Q/K/V projection lays out q, k and v (`ParamInfo.qkv_layout`): a transformers
     model by its ``model_type``; a model without a transformers config as nanoGPT, timm's ViT and
     `nn.MultiheadAttention` do, one after the other, but only where the widths say it is that
-    projection (q, k, v each as wide as the input, or GQA widths from the heads); any other
-    (GPT-2's keys-and-values-only cross-attention, timm EfficientFormer's per-head q, k, v of
-    unequal widths) is ``unknown`` and kept whole."""
+    projection (q, k, v each as wide as the input, or GQA widths from the heads) and its name is
+    not one that codebases lay out in different ways (`_QKV_AMBIGUOUS`: Megatron's and GPT-NeoX's
+    ``query_key_value`` interleave heads); any other (those, GPT-2's keys-and-values-only
+    cross-attention, timm EfficientFormer's per-head q, k, v of unequal widths) is ``unknown`` and
+    kept whole."""
     kind = getattr(config, "model_type", None)
     if not isinstance(kind, str):
+        if name in _QKV_AMBIGUOUS:
+            return "unknown"
         return "contiguous" if out_features == 3 * in_features or (hq and hkv and hq != hkv) else "unknown"
     if kind == "gpt_bigcode":   # multi-query: q, then one head's k and v; else each head's q, k, v together
         return "contiguous" if getattr(config, "multi_query", True) else "per_head"
