@@ -356,9 +356,9 @@ def test_peak_of_a_model_py_and_its_bad_inputs(capsys, tmp_path, monkeypatch):
 def test_loss_gaps_from_a_compare_sweep_join_the_peak_rows(capsys, tmp_path):
     # each optimizer's best held-out loss over its rates minus AdamW's best; a diverged run left out
     rows = [("adamw", 1e-3, "complete", 2.50), ("adamw", 3e-3, "complete", 2.45), ("eve", 1e-3, "complete", 2.47),
-            ("eve", 3e-3, "diverged", 1.00), ("eve:int8", 1e-3, "complete", 2.49)]
+            ("eve", 3e-3, "diverged", 1.00), ("eve:int8", 1e-3, "complete", 2.49), ("mine:Sign", 1e-3, "complete", 2.60)]
     lines = ["optimizer,lr,status,steps_done,final_train_loss,final_val_loss,state_bytes,step_seconds"]
-    lines += [f"{o},{lr},{st},10,3.0,{v},100,0.1" for o, lr, st, v in rows]
+    lines += [f"{o},{lr},{st},10,3.0,{v},{4321 if o == 'mine:Sign' else 100},0.1" for o, lr, st, v in rows]
     (tmp_path / "compare.csv").write_text("\n".join(lines) + "\n")
     code, out, err = memory(capsys, "--example", "shakespeare", "--compare", tmp_path, "--state", "fp32,m=int8",
                             "--format", "json")
@@ -367,6 +367,14 @@ def test_loss_gaps_from_a_compare_sweep_join_the_peak_rows(capsys, tmp_path):
     assert gaps["adamw"] == 0.0
     assert gaps["eve"] == pytest.approx(2.47 - 2.45) and gaps["eve:int8"] == pytest.approx(2.49 - 2.45)
     assert gaps["slimadam:int8"] is None                   # not in the sweep
+    # a candidate memory does not build (a module:Class, another package's) keeps its row: its gap,
+    # no trace, and the state the sweep measured, in the JSON and in the table
+    mine = next(r for r in json.loads(out)["peak"]["rows"] if r["optimizer"] == "mine:Sign")
+    assert mine["loss_gap"] == pytest.approx(2.60 - 2.45) and mine.get("peak") is None
+    assert "not traced" in mine["error"] and "4,321 bytes" in mine["error"]
+    code, out, err = memory(capsys, "--example", "shakespeare", "--compare", tmp_path)
+    assert code == 0, err
+    assert "mine:Sign" in out and "+0.150" in out and "4,321 bytes" in out
     assert "no such file" in refused(capsys, "--example", "shakespeare", "--compare", tmp_path / "nothing")
 
 

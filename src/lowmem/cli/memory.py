@@ -56,7 +56,7 @@ from lowmem.compress.peak import PeakReport, lm_loss, peak_report
 from lowmem.examples import EXAMPLES
 from lowmem.layers import resolve_layers
 from lowmem.probe import DEFAULTS, TaskError, build, call_user
-from lowmem.reports.run import RunFolderError, best_loss_gaps, read_compare_csv
+from lowmem.reports.run import RunFolderError, best_loss_gaps, measured_states, read_compare_csv
 from lowmem.reports.terminal import MemoryTable, PeakTable
 
 NAME = f"{PROG} memory"
@@ -147,16 +147,15 @@ def _run(args) -> int:
     estimate = estimate_state_memory(model, plan, args.bytes_per_state or STATE_BYTES, layers=layers, formats=formats,
                                      param_dtype=args.param_dtype)
     grid = format_grid(model, plan, layers=layers)
-    gaps = None
+    gaps = states = None
     if args.compare:
         try:
-            gaps = best_loss_gaps(read_compare_csv(args.compare))
+            swept = read_compare_csv(args.compare)
         except RunFolderError as e:
             raise UsageError(str(e)) from None
+        gaps, states = best_loss_gaps(swept), measured_states(swept)
     device = _measure_device(args) if args.measure else None
     peak = _peak(args, plan, formats) if _wants_peak(args) else None
-    if gaps is not None:
-        peak = peak.with_loss_gaps(gaps)
     if device is not None:
         spec = {"config": args.config, "target": args.target, "example": args.example, "plan": args.plan,
                 "state": [str(f) for f in formats] if formats else None, "batch": peak.batch, "seq": peak.seq,
@@ -165,6 +164,8 @@ def _run(args) -> int:
         traced = {r.name: r.memory.peak if r.memory else None for r in peak.rows}
         with user_code():
             peak = peak.with_measurements(measure_rows(spec, traced, device), str(device))
+    if gaps is not None:   # after the measurement: a sweep's own candidates are not measured here
+        peak = peak.with_loss_gaps(gaps, states)
     if args.format == "json":
         doc = memory_document(estimate, name, args.config, args.plan, grid)
         doc["peak"] = None if peak is None else peak.to_json()

@@ -635,10 +635,21 @@ class PeakReport:
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a peak-memory document (missing or malformed {e})") from None
 
-    def with_loss_gaps(self, gaps: dict[str, float]) -> "PeakReport":
+    def with_loss_gaps(self, gaps: dict[str, float], states: dict[str, int] | None = None) -> "PeakReport":
         """The report with each row's loss gap to AdamW from a compare sweep (`gaps`, by the
-        row's name, which is the sweep's spelling: ``eve``, ``eve:int8``, ``plan``)."""
-        return replace(self, rows=[replace(r, loss_gap=gaps.get(r.name)) for r in self.rows])
+        row's name, which is the sweep's spelling: ``eve``, ``eve:int8``, ``plan``). A candidate
+        of the sweep the report has no row for (another package's optimizer, a ``module:Class``)
+        gets a row of its own: its gap, no trace, and in its note the state bytes the sweep
+        measured (`states`, by name)."""
+        rows = [replace(r, loss_gap=gaps.get(r.name)) for r in self.rows]
+        have = {r.name for r in rows}
+        for name, gap in gaps.items():
+            if name not in have:
+                state = (states or {}).get(name)
+                rows.append(PeakRow(name, None, "not traced (memory traces lowmem's optimizers, Muon and a plan); "
+                                    "trained in the sweep" + (f", whose live optimizer kept {state:,} bytes of state"
+                                                              if state is not None else ""), loss_gap=gap))
+        return replace(self, rows=rows)
 
     def with_measurements(self, measured: dict[str, dict], device: str) -> "PeakReport":
         """The report with each row's real-step measurement on `device` (by row name)."""

@@ -404,6 +404,16 @@ class Decision:
                 "largest_batch": self.fits, "loss_gap": self.loss_gap, "error": self.error}
 
 
+def measured_states(compare: list[dict]) -> dict[str, int]:
+    """Each optimizer's state bytes as a sweep measured them from the live optimizer (the largest
+    over its runs), by name."""
+    measured: dict[str, int] = {}
+    for r in compare:
+        if isinstance(r.get("state_bytes"), (int, float)):
+            measured[r["optimizer"]] = max(measured.get(r["optimizer"], 0), int(r["state_bytes"]))
+    return measured
+
+
 def decision_rows(peak: PeakReport | None, memory: list[MemoryRow], compare: list[dict]) -> list[Decision]:
     """What a user decides between: every optimizer with a traced peak (`peak`'s rows, in its
     order), else every row of the state estimate `memory`, then those trained in `compare` (a
@@ -412,10 +422,7 @@ def decision_rows(peak: PeakReport | None, memory: list[MemoryRow], compare: lis
     measured in the sweep; loss gap: `best_loss_gaps` of `compare`."""
     gaps = best_loss_gaps(compare) if compare else {}
     estimated = {r.name: r.total_bytes for r in memory}
-    measured: dict[str, int] = {}
-    for r in compare:
-        if isinstance(r.get("state_bytes"), (int, float)):
-            measured[r["optimizer"]] = max(measured.get(r["optimizer"], 0), int(r["state_bytes"]))
+    measured = measured_states(compare)
     rows = []
     if peak is not None:
         for r in peak.rows:
