@@ -668,6 +668,11 @@ def _generic_axes(shape) -> list[str]:
     return [f"d{i}" for i in range(len(shape))]
 
 
+def is_generic_axis(axis: str) -> bool:
+    """Whether an axis is one the resolver could not name (``d0``, ``d1``, …)."""
+    return axis[:1] == "d" and axis[1:].isdigit()
+
+
 def _is_rmsnorm(m: nn.Module) -> bool:
     return "rmsnorm" in type(m).__name__.lower() or "layernorm" in type(m).__name__.lower() \
         or type(m).__name__.lower().endswith("norm")

@@ -27,7 +27,7 @@ from torch import nn
 
 from lowmem.compress.plan import LayerPlan, PartPlan, Plan, PlanError, kept_entries, model_record
 from lowmem.compress.precision import PRECISION_THRESHOLD, choose_state
-from lowmem.layers import ModelLayers, ParamInfo, resolve_layers
+from lowmem.layers import ModelLayers, ParamInfo, is_generic_axis, resolve_layers
 from lowmem.snr.keys import SnrKey, ViewLabel, format_subset
 from lowmem.snr.precision import PrecisionTrajectory
 from lowmem.snr.trajectory import SnrTrajectory
@@ -423,9 +423,7 @@ def _rule_view(shape, axes, heads, rule) -> tuple[list[int], list[int] | None, s
     return list(shape), None, _RULE_WORDS["full"]
 
 
-def _generic(axis: str) -> bool:
-    """Whether an axis is one the resolver could not name (``d0``, ``d1``, …)."""
-    return axis[:1] == "d" and axis[1:].isdigit()
+_generic = is_generic_axis
 
 
 def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:

@@ -18,14 +18,16 @@ from lowmem.compress.optim.adamem import (adafactor_state_numel, adamem_directio
 
 class Net(nn.Module):
     """An embedding (Adafactor), a wide and a tall matrix (projected; the tall one transposed),
-    a bias and a 3-D weight (projected as 4 × 6)."""
+    a bias, a convolution's 3-D weight (projected as 4 × 6) and a 3-D tensor whose axes lowmem
+    cannot name (a full statistic: which dims form its matrix is unknown)."""
 
     def __init__(self, dtype=torch.float64):
         super().__init__()
         self.wte = nn.Embedding(7, 6, dtype=dtype)
         self.wide = nn.Linear(10, 6, bias=True, dtype=dtype)      # (6, 10)
         self.tall = nn.Linear(5, 12, bias=False, dtype=dtype)     # (12, 5)
-        self.cube = nn.Parameter(torch.randn(4, 2, 3, dtype=dtype))
+        self.conv = nn.Conv1d(2, 4, 3, bias=False, dtype=dtype)   # weight (4, 2, 3): out, in, kw
+        self.blob = nn.Parameter(torch.randn(3, 2, 2, dtype=dtype))
 
     def loss(self, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(step)
@@ -33,8 +35,9 @@ class Net(nn.Module):
         x = torch.randn(5, 10, generator=g, dtype=self.wide.weight.dtype)
         h = torch.tanh(self.wide(x) + self.wte(idx))                          # (5, 6)
         y = self.tall(torch.cat([h[:, :5]], dim=1))                            # (5, 12)
-        z = torch.einsum("bi,ijk->bjk", h[:, :4], self.cube)                   # (5, 2, 3)
-        return (y ** 2).mean() + (z.sin() ** 2).mean() + 0.1 * (h ** 3).mean()
+        z = torch.einsum("bi,ijk->bjk", h[:, :4], self.conv.weight)            # (5, 2, 3)
+        u = torch.einsum("bi,ijk->bjk", h[:, :3], self.blob)                   # (5, 2, 2)
+        return (y ** 2).mean() + (z.sin() ** 2).mean() + 0.1 * (h ** 3).mean() + (u.cos() ** 2).mean()
 
 
 def grads_of(model):
@@ -48,10 +51,10 @@ class NumpyAdaMeM:
     statistic per column (what Claim 3.1's proof uses), residual columns at round-off taken as 0,
     and Adafactor without momentum for the embedding and vectors."""
 
-    def __init__(self, params, lr, beta1, beta2, eps, wd, rank, gap, projected):
+    def __init__(self, params, lr, beta1, beta2, eps, wd, rank, gap, projected, full=()):
         self.p = {k: v.copy() for k, v in params.items()}
         self.lr, self.b1, self.b2, self.eps, self.wd, self.rank, self.gap = lr, beta1, beta2, eps, wd, rank, gap
-        self.projected, self.s, self.t = projected, {}, 0
+        self.projected, self.full, self.s, self.t = projected, set(full), {}, 0
 
     def step(self, grads):
         self.t += 1
@@ -81,7 +84,7 @@ class NumpyAdaMeM:
                 N2 = live * S / (np.sqrt(s["os"] / (1 - b2 ** t)) + eps)
                 U = P @ N1 + N2
                 U = (U.T if tr else U).reshape(shape)
-            elif g.ndim >= 2:
+            elif g.ndim >= 2 and k not in self.full:
                 G = g.reshape(shape[0], -1)
                 s["r"] = b2 * s.get("r", 0) + (1 - b2) * (G ** 2).mean(axis=1)
                 s["c"] = b2 * s.get("c", 0) + (1 - b2) * (G ** 2).mean(axis=0)
@@ -99,7 +102,7 @@ def test_adamem_equals_a_numpy_transcription_of_the_paper_in_float64():
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opt = AdaMeM(model, rank=2, update_proj_gap=1000, **kw)   # one projector: SVD sign conventions
     ref = NumpyAdaMeM({n: p.detach().numpy() for n, p in model.named_parameters()}, 1e-2, 0.9, 0.95,
-                      1e-8, 0.1, 2, 1000, projected={"wide.weight", "tall.weight", "cube"})
+                      1e-8, 0.1, 2, 1000, projected={"wide.weight", "tall.weight", "conv.weight"}, full={"blob"})
     for step in range(12):
         opt.zero_grad()
         model.loss(step).backward()
@@ -336,8 +339,10 @@ def test_adamem_memory_is_m_plus_n_times_r_plus_adafactor_statistics():
     model.loss(0).backward()
     opt.step()
     # by hand: wide 6×10: (6+10)·2 + 2 + 2·10 = 54; tall 12×5 → 5×12: 17·2 + 2 + 24 = 60;
-    # cube 4×6: 10·2 + 2 + 12 = 34; embedding 7×6 (Adafactor): 13; bias: 6
-    assert _state_numel(opt) == 54 + 60 + 34 + 13 + 6 == adamem_state_numel(model, rank=2)
+    # conv 4×6: 10·2 + 2 + 12 = 34; embedding 7×6 (Adafactor): 13; bias: 6; blob 3×2×2 (axes
+    # unnamed): its 12 entries
+    assert _state_numel(opt) == 54 + 60 + 34 + 13 + 6 + 12 == adamem_state_numel(model, rank=2)
+    assert opt.state[model.blob]["variance"].shape == (3, 2, 2) and "proj" not in opt.state[model.blob]
     w = opt.state[model.tall.weight]
     assert w["proj"].shape == (5, 2) and w["exp_avg"].shape == (2, 12)
 
