@@ -134,10 +134,39 @@ def tiny_phi3() -> nn.Module:
                bos_token_id=2)
 
 
+def hf_gpt2() -> nn.Module:
+    """transformers' own GPT-2 (lowmem's layout copy is `tiny_gpt2`): Conv1D projections."""
+    return _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+
+
+def hf_llama() -> nn.Module:
+    return _hf("LlamaForCausalLM", "LlamaConfig", vocab_size=64, hidden_size=32, intermediate_size=48,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+
+
+def hf_convnext() -> nn.Module:
+    """ConvNeXt: depthwise convolutions, pointwise Linears, layer scale."""
+    return _hf("ConvNextForImageClassification", "ConvNextConfig", num_channels=3, num_stages=2,
+               hidden_sizes=[8, 16], depths=[1, 1], num_labels=5, image_size=32)
+
+
+def hf_olmoe() -> nn.Module:
+    return _hf("OlmoeForCausalLM", "OlmoeConfig", vocab_size=64, hidden_size=24, intermediate_size=16,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)
+
+
+def hf_dbrx() -> nn.Module:
+    """DBRX: experts as 2-D stacks (experts x rows, in), which lowmem does not name (role other)."""
+    return _hf("DbrxForCausalLM", "DbrxConfig", vocab_size=64, d_model=24, n_layers=1, n_heads=4,
+               ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
+               attn_config=dict(kv_n_heads=2, rope_theta=10000.0))
+
+
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss, tiny_neox,
-                                   tiny_vit, tiny_resnet, tiny_mixtral, tiny_bert, tiny_t5, tiny_phi3],
+                                   tiny_vit, tiny_resnet, tiny_mixtral, tiny_bert, tiny_t5, tiny_phi3, hf_gpt2,
+                                   hf_llama, hf_convnext, hf_olmoe, hf_dbrx],
                          ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit", "resnet",
-                              "mixtral", "bert", "t5", "phi3"])
+                              "mixtral", "bert", "t5", "phi3", "hf-gpt2", "hf-llama-gqa", "convnext", "olmoe", "dbrx"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")
