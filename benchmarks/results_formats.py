@@ -26,8 +26,8 @@ Phases (RESULTS.md reports all six, run over three sessions; the default runs 1 
   6. teacher: the measured plan (``lowmem-analyze examples/teacher_mlp.py``, seed 0) as ``plan``,
      seeds 0-2 (its gaps pair with phase 1's AdamW).
 
-A peer whose package is missing is skipped by compare with a note (bitsandbytes is not a
-dependency: put it on PYTHONPATH to include it).
+A peer whose package is missing is skipped by compare with a note (``pip install -e '.[peers]'``
+installs torchao and bitsandbytes).
 """
 
 from __future__ import annotations

@@ -184,12 +184,23 @@ def test_keeping_the_finished_run_stopped_anywhere_is_finished_by_the_next_settl
 def test_a_finished_folder_lowmem_did_not_make_is_never_written_into(tmp_path):
     run(tmp_path, write_run, "A")
     run(tmp_path, write_unfinished, "B")
-    (tmp_path / PREVIOUS / FINISHED).mkdir()
-    (tmp_path / PREVIOUS / FINISHED / "mine.txt").write_text("mine\n")
+    mine = tmp_path / PREVIOUS / FINISHED
+    mine.mkdir()
+    (mine / "mine.txt").write_text("mine\n")
+    before = files(tmp_path)
+    # there before a run: refused at once, nothing moved
+    with pytest.raises(FolderError, match="not a folder lowmem made"):
+        RunFolder(tmp_path).begin(NAMES, useful, finished=finished)
+    assert files(tmp_path) == before
+    # made while a run ran: A is finished and B is not, but previous/finished/ is the user's, so
+    # the settle moves nothing and A waits
+    (mine / "mine.txt").unlink()
+    mine.rmdir()
     RunFolder(tmp_path).begin(NAMES, useful, finished=finished)
     write_run(tmp_path, "C")
-    # A is finished and B is not, but previous/finished/ is the user's: nothing moves, A waits
+    mine.mkdir()
+    (mine / "mine.txt").write_text("mine\n")
     with pytest.raises(FolderError, match="not a folder lowmem made"):
         RunFolder(tmp_path).settle(useful, finished=finished)
-    assert (tmp_path / PREVIOUS / FINISHED / "mine.txt").read_text() == "mine\n"
+    assert (mine / "mine.txt").read_text() == "mine\n"
     assert (tmp_path / PREVIOUS / "snr.csv").read_text() == "A snr.csv\n"

@@ -290,6 +290,10 @@ class RunFolder:
         names = list(dict.fromkeys(names))
         aside_name = _aside(kind)
         self.check([*(names if writes is None else writes), aside_name, PREVIOUS])
+        behind = self.path / PREVIOUS / _finished(kind)
+        if finished is not None and _lexists(behind) and _finished(kind) not in self.owned(behind.parent):
+            raise FolderError(f"{behind} is not a folder lowmem made; lowmem keeps a finished run there when an "
+                              f"unfinished one takes its place. Move it away, or choose another {self.flag}")
         self.settle(useful, kind, finished)
         mine = set(self.owned())
         present = [n for n in names if n in mine and _lexists(self.path / n)]

@@ -474,3 +474,40 @@ def test_a_run_is_finished_when_its_plan_says_its_probe_completed(tmp_path, plan
     if plan is not None:
         (tmp_path / "plan.json").write_text(plan if isinstance(plan, str) else json.dumps(plan))
     assert run_finished(tmp_path) is done
+
+
+def test_validations_never_touch_the_finished_analysis_kept_behind_an_unfinished_one(tmp_path):
+    # A finished analysis A, then B interrupted (A goes to previous/), C interrupted (B to
+    # previous/, A behind it in previous/finished/), then two --plan --validate runs, each setting
+    # aside only validate/: A stays, byte for byte (the real predicates of lowmem-analyze).
+    from lowmem.cli.main import RUN_FILES, VALIDATE_FILES, has_results, run_finished
+    from lowmem.runfolder import RunFolder
+
+    def analysis(tag, status):
+        f = RunFolder(tmp_path)
+        f.begin(RUN_FILES, has_results, finished=run_finished)
+        f.claim(["plan.json", "snr.csv", "validate"])
+        (tmp_path / "plan.json").write_text(json.dumps({"source": {"status": status}, "tag": tag}))
+        (tmp_path / "snr.csv").write_text(f"step,key\n10,{tag}\n")
+        (tmp_path / "validate" / "runs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "validate" / "runs" / "adamw@0.001.json").write_text(f"{tag}\n")   # a finished run
+        f.settle(has_results, finished=run_finished)
+
+    def validation(tag):
+        f = RunFolder(tmp_path)
+        f.begin(VALIDATE_FILES, has_results, finished=run_finished)
+        f.claim(["validate"])
+        (tmp_path / "validate" / "runs").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "validate" / "runs" / "adamw@0.001.json").write_text(f"{tag}\n")
+        f.settle(has_results, finished=run_finished)
+
+    analysis("A", "complete")
+    a_plan = (tmp_path / "plan.json").read_bytes()
+    analysis("B", "interrupted")
+    analysis("C", "interrupted")
+    assert (tmp_path / PREVIOUS / FINISHED / "plan.json").read_bytes() == a_plan
+    validation("V1")
+    validation("V2")
+    assert (tmp_path / PREVIOUS / FINISHED / "plan.json").read_bytes() == a_plan
+    assert json.loads((tmp_path / "plan.json").read_text())["tag"] == "C"
+    assert (tmp_path / "validate" / "runs" / "adamw@0.001.json").read_text() == "V2\n"

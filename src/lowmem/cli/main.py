@@ -251,7 +251,8 @@ def _settle(folder: RunFolder, out: Path, note) -> None:
     elif outcome == "kept":
         behind = out / PREVIOUS / FINISHED
         note(f"the earlier run in {out} is now in {out / PREVIOUS}"
-             + (f"; the last finished run before it is in {behind}" if behind.is_dir() else ""))
+             + (f"; the last finished run before it is in {behind}" if FINISHED in folder.owned(behind.parent)
+                else ""))
 
 
 def _check_plan(args, task, device, lr, note, steps: int) -> int:
@@ -396,11 +397,12 @@ def has_results(folder: Path, names=RUN_FILES) -> bool:
 
 
 def run_finished(folder: Path, names=RUN_FILES) -> bool:
-    """Whether the run in `folder` ran to its end: its plan comes from a probe that completed (not
-    one killed, interrupted or stopped by a non-finite loss) or from a preset; a validation added
-    to a folder (no plan among `names`) counts when it has results."""
+    """Whether the analysis in `folder` ran to its end: its plan comes from a probe that completed
+    (not one killed, interrupted or stopped by a non-finite loss) or from a preset. A validation
+    added to a folder (`VALIDATE_FILES`: no plan among `names`) is no analysis: it never counts,
+    so it neither pushes a finished analysis out of ``previous/`` nor is kept behind one."""
     if "plan.json" not in names:
-        return has_results(folder, names)
+        return False
     try:
         source = json.loads((folder / "plan.json").read_text()).get("source") or {}
         return source.get("status", "complete") == "complete"

@@ -646,9 +646,11 @@ class PeakReport:
         for name, gap in gaps.items():
             if name not in have:
                 state = (states or {}).get(name)
-                rows.append(PeakRow(name, None, "not traced (memory traces lowmem's optimizers, Muon and a plan); "
-                                    "trained in the sweep" + (f", whose live optimizer kept {state:,} bytes of state"
-                                                              if state is not None else ""), loss_gap=gap))
+                rows.append(PeakRow(name, None, "not traced: memory traces lowmem's optimizers in the --state formats "
+                                    "asked for, Muon and the --plan given, not other packages' optimizers or a "
+                                    "module:Class; trained in the sweep" +
+                                    (f", whose live optimizer kept {state:,} bytes of state" if state is not None
+                                     else ""), loss_gap=gap))
         return replace(self, rows=rows)
 
     def with_measurements(self, measured: dict[str, dict], device: str) -> "PeakReport":

@@ -80,7 +80,7 @@ def optimizer_cls_and_kwargs(model, plan="lowmem-out/plan.json", args=None, *, l
         e = entry(plan)
         if e.cls is torch.optim.AdamW:
             raise ValueError("optimizer 'adamw' is the Trainer's own: use optim='adamw_torch' in TrainingArguments")
-        cls, kwargs = e.cls, dict(e.fixed)
+        cls, kwargs = e.cls, e.entry_kwargs(model)
         if e.hparams is not REGISTRY["adamw"].hparams and "betas" in settings:   # Adafactor: beta1 alone
             settings["beta1"] = settings.pop("betas")[0]
             settings.pop("eps", None)

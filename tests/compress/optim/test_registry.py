@@ -72,6 +72,13 @@ def test_a_new_v_averaging_optimizer_is_a_preset_and_an_entry(monkeypatch):
     layers = resolve_layers(models[0], warn=False)
     assert new.count(models[0], layers) == eve.count(models[0], layers)
     assert new.count(models[0], layers).v < eve.count(models[0], layers).m   # v averaged, not full
+    # every builder of an entry's optimizer takes its preset: the Hugging Face integration too
+    pytest.importorskip("transformers")
+    from lowmem.integrations.hf import optimizer_cls_and_kwargs
+    monkeypatch.setitem(registry.REGISTRY, "rows-again", new)
+    cls, kwargs = optimizer_cls_and_kwargs(models[0], "rows-again", lr=1e-2)
+    hf = cls(**kwargs)
+    assert [lp.reduce for lp in hf.plan.layers.values()] == [lp.reduce for lp in opts[1].plan.layers.values()]
 
 
 def test_readme_peer_table_is_the_registry():

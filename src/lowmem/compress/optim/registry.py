@@ -99,14 +99,19 @@ class OptimizerEntry:
     def takes_model(self) -> bool:
         return self.cls is not torch.optim.AdamW
 
-    def make(self, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
-        """The optimizer for `model`, with `kwargs` as its class takes them (an entry of
-        `ReducedAdamW` itself: the engine with the entry's preset plan, so a `v`-averaging
-        optimizer needs no class of its own)."""
+    def entry_kwargs(self, model: nn.Module) -> dict:
+        """The keyword arguments that make this entry of its class for `model`: `fixed`, and for
+        an entry of `ReducedAdamW` itself its preset's plan (so a `v`-averaging optimizer needs no
+        class of its own). Every builder of an entry's optimizer (`make`, the Hugging Face
+        integration) takes them from here."""
         if self.cls is ReducedAdamW:
-            return ReducedAdamW(model, build_preset(self.preset, model), **self.fixed, **kwargs)
+            return {"plan": build_preset(self.preset, model), **self.fixed}
+        return dict(self.fixed)
+
+    def make(self, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
+        """The optimizer for `model`, with `kwargs` as its class takes them."""
         target = model if self.takes_model else model.parameters()
-        return self.cls(target, **self.fixed, **kwargs)
+        return self.cls(target, **self.entry_kwargs(model), **kwargs)
 
     def build(self, model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
               weight_decay: float = 0.0, plan: Plan | None = None) -> torch.optim.Optimizer:
