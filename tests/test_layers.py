@@ -704,3 +704,24 @@ def test_meta_llama_names_w1_gate_w3_up_w2_down_and_t5_wo_is_mlp_down():
     # 4 query heads of 16/4 = 4; GQA: 2 kv heads of 8/2 = 4.
     assert (layers["attention.wq.weight"].heads, layers["attention.wq.weight"].head_dim) == (4, 4)
     assert (layers["attention.wk.weight"].heads, layers["attention.wk.weight"].head_dim) == (2, 4)
+
+
+@pytest.mark.parametrize("heads, role", [(4, "embedding"), (3, "other")])
+def test_a_relative_position_bias_table_is_positions_by_heads(heads, role):
+    # Swin's and BEiT's raw (relative positions, heads) table, as T5's relative_attention_bias is
+    # read: a row per relative position, a column per head (never averaged over the heads); where
+    # its width is not the module's heads it is not such a table and stays unknown
+    class WindowAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = heads
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(49, 4))
+            self.qkv = nn.Linear(16, 48)
+            self.proj = nn.Linear(16, 16)
+
+    info = resolve_layers(nn.ModuleDict({"attn": WindowAttention()}))["attn.relative_position_bias_table"]
+    assert info.role == role
+    if role == "embedding":
+        assert info.axes == ("token", "head") and "relative positions by heads" in info.found
+    else:
+        assert info.axes == ("d0", "d1")

@@ -480,6 +480,13 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         if any(h in last for h in _HEAD_TABLES):   # T5's relative position buckets × heads
             return info("embedding", ["token", "head"], f"module type {mod_name}, name {last} (a table of heads)")
         return info("embedding", ["token", "model"])
+    if p.dim() == 2 and not isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) and \
+            any(h in attr.lower() for h in _HEAD_TABLES):
+        # Swin's, BEiT's relative_position_bias_table: (relative positions, heads), a raw parameter
+        hq, _ = _heads(owner, ancestors, config, heads, kv_heads)
+        if not isinstance(hq, int) or shape[1] == hq:
+            return info("embedding", ["token", "head"],
+                        f"name {attr} (a table of relative positions by heads{'' if isinstance(hq, int) else ', heads unknown'})")
     if _is_raw_embedding(attr, owner) and p.dim() >= 2:
         # ViT's position embeddings and class token, (1, tokens, width): a table of token rows
         return info("embedding", ["token"] * (p.dim() - 1) + ["model"], f"name {attr}")
