@@ -134,17 +134,18 @@ def test_int4_m_takes_half_a_byte_per_entry(task, tmp_path):
 
 # -- peers ---------------------------------------------------------------------------------------------
 
-def test_torchao_adamw8bit_in_a_sweep_is_torchaos_optimizer_run_by_hand(task, tmp_path):
-    optim = pytest.importorskip("torchao.optim")
-    s = settings(weight_decay=0.1)
-    result = run_sweep(task, ["torchao-adamw8bit"], [1e-2], s, tmp_path)[0]
-
+def _peer_sweep_is_the_optimizer_run_by_hand(task, tmp_path, name: str, cls, set_lr) -> None:
+    """A sweep's run of peer `name` equals `cls` (its package's 8-bit AdamW) run by hand, bit for
+    bit, with the sweep's schedule set by ``set_lr(optimizer, lr)``; its state, measured: 8-bit
+    codes, a 4-byte scale per 256 entries and a 256-entry fp32 code map per quantized tensor (m
+    and v), fp32 for tensors under 4,096 entries (the bias and the head)."""
+    result = run_sweep(task, [name], [1e-2], settings(weight_decay=0.1), tmp_path)[0]
     torch.manual_seed(0)
     model = task.build_model()
-    opt = optim.AdamW8bit(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = cls(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     losses = []
     for step in range(6):
-        opt.param_groups[0]["lr"].fill_(lr_at(step, 1e-2))
+        set_lr(opt, lr_at(step, 1e-2))
         loss = task.loss_fn(model, task.get_batch(step))
         losses.append(float(loss))
         loss.backward()
@@ -155,38 +156,24 @@ def test_torchao_adamw8bit_in_a_sweep_is_torchaos_optimizer_run_by_hand(task, tm
         val = sum(float(task.loss_fn(model, task.get_val_batch(i))) for i in range(2)) / 2
     assert result.train_loss == losses                          # the same optimizer: bit for bit
     assert result.final_val_loss == val
-    # Its state, measured: 8-bit codes, a 4-byte scale per 256 entries and a 256-entry fp32 code
-    # map per quantized tensor (m and v), fp32 for the bias and the head.
     quantized = lambda n: n + n // 256 * 4 + 256 * 4  # noqa: E731
     assert result.state_bytes == 2 * (quantized(128 * 32) + quantized(256 * 128) + 128 * 4 + 10 * 256 * 4)
+
+
+def test_torchao_adamw8bit_in_a_sweep_is_torchaos_optimizer_run_by_hand(task, tmp_path):
+    optim = pytest.importorskip("torchao.optim")   # its lr is a tensor, filled in place
+    _peer_sweep_is_the_optimizer_run_by_hand(task, tmp_path, "torchao-adamw8bit", optim.AdamW8bit,
+                                             lambda opt, lr: opt.param_groups[0]["lr"].fill_(lr))
 
 
 def test_bnb_adamw8bit_in_a_sweep_is_bitsandbytes_optimizer_run_by_hand(task, tmp_path):
     optim = pytest.importorskip("bitsandbytes.optim")
-    s = settings(weight_decay=0.1)
-    result = run_sweep(task, ["bnb-adamw8bit"], [1e-2], s, tmp_path)[0]
 
-    torch.manual_seed(0)
-    model = task.build_model()
-    opt = optim.AdamW8bit(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    losses = []
-    for step in range(6):
+    def set_lr(opt, lr):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, 1e-2)
-        loss = task.loss_fn(model, task.get_batch(step))
-        losses.append(float(loss))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        val = sum(float(task.loss_fn(model, task.get_val_batch(i))) for i in range(2)) / 2
-    assert result.train_loss == losses                          # the same optimizer: bit for bit
-    assert result.final_val_loss == val
-    # As torchao's: 8-bit codes, a 4-byte absmax per 256 entries and a 256-entry fp32 code map per
-    # quantized tensor (m and v); tensors under 4,096 entries (the bias, the head) fp32.
-    quantized = lambda n: n + n // 256 * 4 + 256 * 4  # noqa: E731
-    assert result.state_bytes == 2 * (quantized(128 * 32) + quantized(256 * 128) + 128 * 4 + 10 * 256 * 4)
+            group["lr"] = lr
+
+    _peer_sweep_is_the_optimizer_run_by_hand(task, tmp_path, "bnb-adamw8bit", optim.AdamW8bit, set_lr)
 
 
 def test_torchao_adamw4bit_state_is_half_a_byte_per_entry(task, tmp_path):
