@@ -895,8 +895,11 @@ class AdafactorMomentum(torch.optim.Adafactor):
         eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1   # torch's default: the parameter's eps
 
         step_count += 1
-        t = step_count.item()
-        one_minus_beta2_t = t ** group["beta2_decay"]
+        # No .item(): the step count, the RMS of the parameter and of the update stay tensors
+        # (no host sync on a GPU; traceable on fake tensors, lowmem.compress.peak). torch's
+        # Adafactor reads them as Python floats; the step count is an exact integer in `dtype`.
+        t = step_count.to(device=grad.device, dtype=dtype)
+        one_minus_beta2_t = t.pow(group["beta2_decay"])
         split_columns = shards is not None and grad.dim() == 2     # column sums cross ranks
         param_norm = torch.linalg.vector_norm(param)
         sums = [param_norm.square().reshape(1)]
@@ -910,7 +913,7 @@ class AdafactorMomentum(torch.optim.Adafactor):
         if shards is not None:
             all_reduce_sum(sums, shards.group)
             param_norm = sums[0].sqrt()
-        alpha = max(eps2, param_norm.item() / p.numel() ** 0.5) * min(lr, 1 / t ** 0.5)
+        alpha = (param_norm / p.numel() ** 0.5).clamp(min=eps2) * t.rsqrt().clamp(max=lr)
         if wd != 0:
             param.mul_(1 - lr * wd)
         if grad.dim() > 1:
@@ -926,9 +929,9 @@ class AdafactorMomentum(torch.optim.Adafactor):
             update_sq = update_norm.square().reshape(1)
             all_reduce_sum([update_sq], shards.group)
             update_norm = update_sq.sqrt()
-        update.div_(max(1.0, update_norm.item() / (p.numel() ** 0.5 * d)))
+        update.div_((update_norm / (p.numel() ** 0.5 * d)).clamp(min=1.0))
         if group["beta1"] > 0:
             update = state["exp_avg"].lerp_(update, 1 - group["beta1"])
-        param.add_(update, alpha=-alpha)
+        param.sub_(update * alpha)
         if param is not shard:
             shard.copy_(param)
