@@ -349,7 +349,7 @@ class RunFolder:
                 else:
                     outcome = "kept" if useful(self.path, names) else "restored"
                 doc["outcome"] = outcome
-                _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+                _record(aside, listed, doc)
             if outcome == "kept":
                 self._keep(aside, names, listed, held, doc, finished, kind)
             else:
@@ -387,7 +387,7 @@ class RunFolder:
             kept = [n for n in kept if n not in gone]
             _write_manifest(prev, kept)
             doc["cleared"] = True
-            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+            _record(aside, listed, doc)
         _write_manifest(prev, [*kept, *held])   # listed before they move: a name is never unowned
         for n in held:
             os.replace(aside / n, prev / n)
@@ -405,7 +405,7 @@ class RunFolder:
                 _remove(fin)             # an older finished run, behind an unfinished one: this one is newer
                 kept = [n for n in kept if n != _finished(kind)]
                 _write_manifest(prev, kept)
-            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+            _record(aside, listed, doc)
         if not doc["finishing"]:
             return False
         if _lexists(fin) and _finished(kind) not in kept:
@@ -428,7 +428,7 @@ class RunFolder:
                 if n in mine:
                     _remove(self.path / n)
             doc["cleared"] = True
-            _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
+            _record(aside, listed, doc)
         self.claim([n for n in held if not _lexists(self.path / n)])   # listed again before they move back
         for n in held:
             if not _lexists(self.path / n):
@@ -437,6 +437,12 @@ class RunFolder:
 
 Useful = Callable[[Path, list], bool]
 _MANIFEST_KEYS = ("schema", "about", "entries")
+
+
+def _record(aside: Path, listed: list[str], doc: dict) -> None:
+    """Write the aside folder's manifest with the stage `doc` has reached (its own keys, with the
+    entries `listed`), before that stage is carried out."""
+    _write_manifest(aside, listed, **{k: v for k, v in doc.items() if k not in _MANIFEST_KEYS})
 
 
 def _lexists(path: Path) -> bool:
