@@ -214,7 +214,7 @@ def _listing(items: list[str], n: int, tail: bool = True) -> str:
 def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token, heads: bool = True) -> LayerPlan:
     if info.role in _NEVER:
         return _full(info, _NEVER[info.role], _snr_record(info, snr) or None)
-    if info.role == "other" and all(_generic(a) for a in info.axes):
+    if info.role == "other" and all(is_generic_axis(a) for a in info.axes):
         return _full(info, "unknown layer type and axes: full Adam", _snr_record(info, snr) or None)
     if not snr:
         return _full(info, "no SNR samples (no gradient seen): full Adam")
@@ -270,7 +270,7 @@ def is_candidate(view: View, dims: tuple[int, ...], allow_token: bool = False) -
     axis lowmem could not name."""
     if not allow_token and any(view.axes[d] == "token" for d in dims):
         return False
-    return not any(view.axes[d] in ("head", "expert") or _generic(view.axes[d]) for d in dims)
+    return not any(view.axes[d] in ("head", "expert") or is_generic_axis(view.axes[d]) for d in dims)
 
 
 def _candidates(views, snr, allow_token):
@@ -403,7 +403,7 @@ def _rule_view(shape, axes, heads, rule) -> tuple[list[int], list[int] | None, s
     experts keeps its ``expert`` axis (a rule applies to each expert's matrix); a tensor with an
     axis the resolver could not name (``d0``, …) keeps full Adam: no rule averages over it."""
     shape, axes = tuple(shape), tuple(axes)
-    if rule != "full" and any(_generic(a) for a in axes):
+    if rule != "full" and any(is_generic_axis(a) for a in axes):
         return list(shape), None, f"{_RULE_WORDS['full']} (axes not known)"
     words = _RULE_WORDS[rule] + (" of each expert" if "expert" in axes and rule != "full" else "")
     if rule == "head":
@@ -421,9 +421,6 @@ def _rule_view(shape, axes, heads, rule) -> tuple[list[int], list[int] | None, s
         dims = [d for d, a in enumerate(axes) if a != "expert"]
         return list(shape), dims, words
     return list(shape), None, _RULE_WORDS["full"]
-
-
-_generic = is_generic_axis
 
 
 def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = None) -> Plan:
