@@ -70,7 +70,7 @@ from lowmem.compress.optim._common import (StateSpec, as_float, check_grad, chec
                                            param_groups_for, row_sharding, rows_state, state_dtype_for)
 from lowmem.sharding import RowShards, all_reduce_sum
 from lowmem.compress.optim.engine import mean_sq
-from lowmem.layers import is_generic_axis, resolve_layers
+from lowmem.layers import ModelLayers, is_generic_axis, resolve_layers
 
 # Roles that get Adafactor without momentum instead of a projected momentum (the paper's "first
 # and last layers").
@@ -101,17 +101,18 @@ def _projected(model: nn.Module) -> dict[torch.Tensor, bool]:
     shape is a vector, as a stack of experts' biases is, and so is a tensor of 3+ dims with an
     unnamed axis, see `_vectors`)."""
     layers = resolve_layers(model, warn=False)
-    vectors = _vectors(model)
+    vectors = _vectors(model, layers)
     return {p: layers[name].role not in PLAIN_ROLES + ("bias",) and p.dim() >= 2 and p.numel() > 0
             and p not in vectors for name, p in _trainable(model)}
 
 
-def _vectors(model: nn.Module) -> set[torch.Tensor]:
+def _vectors(model: nn.Module, layers: ModelLayers | None = None) -> set[torch.Tensor]:
     """Parameters AdaMeM keeps a full statistic for: vectors, biases of any shape (a stack of
     experts' biases, (expert, out), is one vector per expert: never factored across experts), and
     tensors of 3+ dims with an axis `lowmem.layers` could not name: which dims form the matrix is
-    unknown there, so none is projected or factored across (a matrix of 2 dims stays a matrix)."""
-    layers = resolve_layers(model, warn=False)
+    unknown there, so none is projected or factored across (a matrix of 2 dims stays a matrix).
+    `layers`: the model's, where the caller has them already."""
+    layers = layers if layers is not None else resolve_layers(model, warn=False)
     return {p for name, p in _trainable(model) if p.dim() < 2 or layers[name].role == "bias"
             or (p.dim() > 2 and any(is_generic_axis(a) for a in layers[name].axes))}
 
