@@ -111,6 +111,10 @@ class ParamInfo:
         found: how the role was found, in words: ``name c_fc``, ``module type LayerNorm``,
             ``structure: …`` (what in the module graph or shapes decided it), ``given`` (the
             caller's `roles`), or why it is ``other``. Plans say it in their ``why``.
+        view: the shape the tensor is read as when `axes` name the dims of a reshape of it, not
+            its own: DBRX's experts, a 2-D (experts·rows, cols) stack read as (experts, rows,
+            cols). None (the default) where `axes` name the tensor's own dims. Every consumer
+            that reads `axes` reads them on `view_shape`.
     """
 
     name: str
@@ -127,6 +131,12 @@ class ParamInfo:
     qkv_layout: str | None = None
     found: str = ""
     part_groups: int | None = None
+    view: tuple[int, ...] | None = None
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The shape whose dims `axes` name: `view` where there is one, else the tensor's shape."""
+        return tuple(self.view) if self.view is not None else tuple(self.shape)
 
     @property
     def numel(self) -> int:
@@ -162,9 +172,9 @@ class ParamInfo:
         per group), the other axes as they are; None where the parts slice the tensor itself."""
         if not self.parts or not self.part_groups:
             return None
-        d = self.axes.index("out")
+        d, shape = self.axes.index("out"), self.view_shape
         g = self.part_groups
-        return (*self.shape[:d], g, self.shape[d] // g, *self.shape[d + 1:])
+        return (*shape[:d], g, shape[d] // g, *shape[d + 1:])
 
     @property
     def part_dim(self) -> int:
@@ -218,7 +228,8 @@ class ModelLayers:
                 parts=None if r.get("parts") is None else tuple((str(n), int(s)) for n, s in r["parts"]),
                 part_heads=None if r.get("part_heads") is None else tuple(r["part_heads"]),
                 is_bias=bool(r["is_bias"]) if "is_bias" in r else _is_bias(r["name"].rpartition(".")[2]),
-                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""), part_groups=None if r.get("part_groups") is None else int(r["part_groups"]))
+                qkv_layout=r.get("qkv_layout"), found=str(r.get("found") or ""), part_groups=None if r.get("part_groups") is None else int(r["part_groups"]),
+                view=None if r.get("view") is None else tuple(int(s) for s in r["view"]))
                 for r in doc["params"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed parameter record: {e!r}") from None
@@ -233,7 +244,8 @@ def _info_json(p: ParamInfo) -> dict:
             "axes": list(p.axes), "module": p.module, "heads": p.heads, "head_dim": p.head_dim,
             "parts": None if p.parts is None else [list(x) for x in p.parts],
             "part_heads": None if p.part_heads is None else list(p.part_heads), "is_bias": p.is_bias,
-            "qkv_layout": p.qkv_layout, "found": p.found, "part_groups": p.part_groups}
+            "qkv_layout": p.qkv_layout, "found": p.found, "part_groups": p.part_groups,
+            "view": None if p.view is None else list(p.view)}
 
 
 _PREFIXES = ("_orig_mod.", "module.")

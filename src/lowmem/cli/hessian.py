@@ -158,10 +158,15 @@ def _out_size(info: ParamInfo) -> int:
 def rows_first(p: Piece, info: ParamInfo) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     """(permutation, shape) that put the piece's output axis first, as `classify` reads rows;
     the permutation is None when it already is (an ``nn.Linear``; HF ``Conv1D`` is (in, out))."""
+    shape = tuple(p.box)
+    if info.view is not None:   # axes name the dims of a reshape (DBRX's 2-D expert stacks)
+        if shape != tuple(info.shape):
+            return None, shape      # a slice of it: its rows as stored
+        shape = info.view_shape
     out = info.fan_out_dims[0] if info.fan_out_dims else 0
-    if out == 0 or len(p.box) < 2:
-        return None, tuple(p.box)
-    order = torch.arange(p.numel).view(p.box).movedim(out, 0)
+    if out == 0 or len(shape) < 2:
+        return None, shape
+    order = torch.arange(p.numel).view(shape).movedim(out, 0)
     return order.reshape(-1), tuple(order.shape)
 
 

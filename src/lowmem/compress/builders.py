@@ -230,7 +230,7 @@ def _decide(info: ParamInfo, snr: Measured, threshold, prefer, allow_token, head
         if all(p.reduce is None for p in parts):   # nothing averaged: one whole full-Adam layer (its v
             # whole, so a state format may store it), not parts that each keep theirs
             return _full(info, "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr))
-        lp = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
+        lp = LayerPlan(list(info.shape), info.role, list(info.part_source or info.view_shape), None,
                        "; ".join(f"{p.name}: {p.why}" for p in parts), _snr_record(info, snr),
                        parts, list(info.aliases))
         return lp
@@ -347,7 +347,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
                 dims = [d for d, a in enumerate(view.axes) if a in axes]
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, list(view.shape), dims,
                                       f"published rule for {_PART_ROLE[view.part]}: average over {describe_subset(view.axes, tuple(dims))}"))
-            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.view_shape), None,
                                                "published rules per part", None, parts, list(info.aliases))
             continue
         axes = _SLIMADAM_RULES.get(info.role)
@@ -355,7 +355,7 @@ def slimadam_rules(model: nn.Module, layers: ModelLayers | None = None) -> Plan:
         if not dims:
             plan_layers[info.name] = _full(info, f"published rules keep full Adam for {info.role}{_unsplit(info)}")
             continue
-        plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.shape), dims,
+        plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.view_shape), dims,
                                            f"published rule for {info.role}: average over {describe_subset(info.axes, tuple(dims))}",
                                            None, None, list(info.aliases))
     say_roles(plan_layers, layers)
@@ -445,10 +445,10 @@ def role_rule_plan(name: str, model: nn.Module, layers: ModelLayers | None = Non
                 vshape, reduce, words = _rule_view(view.shape, view.axes, h, rules[prole])
                 parts.append(PartPlan(view.part, view.dim, view.start, view.stop, vshape, reduce,
                                       f"{name} for {prole}: {words}"))
-            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.shape), None,
+            plan_layers[info.name] = LayerPlan(list(info.shape), info.role, list(info.part_source or info.view_shape), None,
                                                f"{name} rules per part", None, parts, list(info.aliases))
             continue
-        vshape, reduce, words = _rule_view(info.shape, info.axes, info.heads, rules.get(role, "full"))
+        vshape, reduce, words = _rule_view(info.view_shape, info.axes, info.heads, rules.get(role, "full"))
         plan_layers[info.name] = LayerPlan(list(info.shape), info.role, vshape, reduce,
                                            f"{name} for {role}: {words}{_unsplit(info)}", None, None,
                                            list(info.aliases))

@@ -167,7 +167,7 @@ def plan_from_partitions(model: nn.Module, partitions: dict[str, Partition], bas
         if partition.size != info.numel:
             raise ValueError(f"{info.name}: partition {partition.name!r} covers {partition.size} indices, the "
                              f"parameter has {info.numel} (a partition of a sub-view cannot make a plan)")
-        layout = layout_for(partition, info.shape, info.axes)
+        layout = layout_for(partition, info.view_shape, info.axes)
         found = f"Hessian partition {partition.name!r}, {_describe(partition)}"
         why = f"{found}: {layout.words}" if layout.exact else \
             f"{found}, not a view/reduce layout; its coarsest expressible refinement: {layout.words}"

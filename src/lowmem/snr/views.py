@@ -88,7 +88,7 @@ def split_heads(shape, axes, heads):
 
 def param_views(info: ParamInfo) -> list[View]:
     """Every view in which the SNR of this parameter is measured (DESIGN §3)."""
-    shape, axes = tuple(info.shape), tuple(info.axes)
+    shape, axes = info.view_shape, tuple(info.axes)
     if info.parts:
         views = []
         d = axes.index("out")

@@ -117,12 +117,15 @@ def _vectors(model: nn.Module, layers: ModelLayers | None = None) -> set[torch.T
             or (p.dim() > 2 and any(is_generic_axis(a) for a in layers[name].axes))}
 
 
-def _expert_stacks(model: nn.Module) -> dict[torch.Tensor, int]:
-    """``param -> experts`` of every stack of expert matrices (axes ``(expert, ·, ·)``, see
-    `lowmem.layers`): AdaMeM projects each expert's matrix on its own."""
+def _expert_stacks(model: nn.Module) -> dict[torch.Tensor, tuple[int, int, int]]:
+    """``param -> (experts, rows, cols)`` of every stack of expert matrices (axes ``(expert, ·, ·)``
+    on `ParamInfo.view_shape`, see `lowmem.layers`: a 3-D stack, or a 2-D one such as DBRX's
+    (experts·rows, cols) read as (experts, rows, cols)): AdaMeM projects each expert's matrix on its
+    own."""
     layers = resolve_layers(model, warn=False)
-    return {p: int(p.shape[0]) for name, p in _trainable(model)
-            if p.dim() == 3 and layers[name].axes[:1] == ("expert",) and layers[name].role != "bias"}
+    return {p: layers[name].view_shape for name, p in _trainable(model)
+            if len(layers[name].view_shape) == 3 and layers[name].axes[:1] == ("expert",)
+            and layers[name].role != "bias"}
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -154,9 +157,9 @@ def adamem_state_numel(model: nn.Module, rank: int | None = None, rank_fraction:
         if mn is None or p in vectors:
             total += p.numel()
             continue
-        experts = stacks.get(p, 1)
+        experts = stacks[p][0] if p in stacks else 1
         if p in stacks:
-            mn = tuple(p.shape[1:])
+            mn = tuple(stacks[p][1:])
         m, n = sorted(mn)
         if projected[p]:
             r = adamem_rank(m, n, rank, rank_fraction)
@@ -532,10 +535,10 @@ class AdaMeM(torch.optim.Optimizer):
         if p.numel() == 0:
             return {}, {}
         if self._projected.get(p):
-            e = self._experts.get(p)
-            m, n = sorted(p.shape[1:] if e else mn)
+            stack = self._experts.get(p)
+            m, n = sorted(stack[1:] if stack else mn)
             r = adamem_rank(m, n, group["rank"], group["rank_fraction"])
-            lead = (e,) if e else ()
+            lead = (stack[0],) if stack else ()
             return {"proj": ((*lead, m, r),), "exp_avg": ((*lead, r, n),), "row_var": ((*lead, r),),
                     "col_var": ((*lead, n),), "res_col_var": ((*lead, n),)}, {}
         if mn is None or p in self._vectors:
@@ -679,7 +682,8 @@ class AdaMeM(torch.optim.Optimizer):
         together by `adamem_update_stacked`; as each expert alone would be, up to the order of
         sums."""
         state, t = self._init_step(p)
-        experts, big_m, big_n = p.shape
+        experts, big_m, big_n = stack = self._experts[p]
+        grad, into = grad.reshape(stack), into.view(stack)   # a 2-D stack (DBRX's) as its experts' matrices
         transposed = big_m > big_n
         g = grad.mT if transposed else grad                 # (E, m, n), m ≤ n
         m, n = g.shape[1:]
