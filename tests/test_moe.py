@@ -69,6 +69,15 @@ def switch():
     return _quiet(lambda: transformers.SwitchTransformersForConditionalGeneration(c))
 
 
+def dbrx():
+    """DBRX: each expert projection a 2-D stack (experts·rows, hidden), `w2` read as x @ w2[e]; the
+    router a Linear inside `router`."""
+    c = transformers.DbrxConfig(vocab_size=96, d_model=H, n_layers=1, n_heads=4, max_seq_len=32,
+                                attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                ffn_config={"ffn_hidden_size": I, "moe_num_experts": E, "moe_top_k": 2})
+    return _quiet(lambda: transformers.DbrxForCausalLM(c))
+
+
 class GroupedExperts(nn.Module):
     """torchtitan's layout and names: `dim` the model's width, `hidden_dim` the FFN's, w1/w3 (E, F, D)."""
 
@@ -88,8 +97,9 @@ def titan():
     return model
 
 
-# Per model: (name fragment -> (role, axes)) for one layer's MoE tensors, written from each
-# library's modeling code (F.linear(x, w[e]) reads w[e] as (out, in); x @ w[e] as (in, out)).
+# Per model: (name fragment -> (role, axes, shape[, view])) for one layer's MoE tensors, written
+# from each library's modeling code (F.linear(x, w[e]) reads w[e] as (out, in); x @ w[e] as (in,
+# out)); the view where the axes name a reshape of the tensor (`ParamInfo.view`), else None.
 EXPECTED = {
     "qwen2-moe": (qwen2_moe, {
         "layers.0.mlp.gate.weight": ("router", ("out", "in"), (E, H)),
@@ -121,6 +131,12 @@ EXPECTED = {
         "encoder.block.0.layer.1.mlp.experts.expert_0.wi.weight": ("mlp_up", ("out", "in"), (I, H)),
         "encoder.block.0.layer.1.mlp.experts.expert_0.wo.weight": ("mlp_down", ("out", "in"), (H, I)),
     }),
+    "dbrx": (dbrx, {
+        "transformer.blocks.0.ffn.router.layer.weight": ("router", ("out", "in"), (E, H)),
+        "transformer.blocks.0.ffn.experts.mlp.w1": ("mlp_gate", ("expert", "out", "in"), (E * I, H), (E, I, H)),
+        "transformer.blocks.0.ffn.experts.mlp.v1": ("mlp_up", ("expert", "out", "in"), (E * I, H), (E, I, H)),
+        "transformer.blocks.0.ffn.experts.mlp.w2": ("mlp_down", ("expert", "in", "out"), (E * I, H), (E, I, H)),
+    }),
     "torchtitan": (titan, {
         "moe.router.weight": ("router", ("out", "in"), (E, H)),
         "moe.experts.w1": ("mlp_gate", ("expert", "out", "in"), (E, I, H)),
@@ -135,9 +151,9 @@ def test_expert_stacks_and_routers_resolve_to_their_roles_and_axes(arch):
     build, expected = EXPECTED[arch]
     layers = resolve_layers(build(), warn=False)
     by_suffix = {info.name.removeprefix("model."): info for info in layers}
-    for name, (role, axes, shape) in expected.items():
+    for name, (role, axes, shape, *view) in expected.items():
         info = by_suffix[name]
-        assert (info.role, info.axes, info.shape) == (role, axes, shape), name
+        assert (info.role, info.axes, info.shape, info.view) == (role, axes, shape, (view or [None])[0]), name
     assert layers.unknown == []   # nothing of these models falls to `other`
 
 
@@ -155,6 +171,26 @@ def test_the_hidden_axis_is_found_by_a_gradient():
     g = experts.gate_up_proj.grad
     d = info.axes.index("in")
     assert g.select(d, 5).abs().max() == 0 and g.abs().max() > 0
+
+
+def test_dbrx_expert_and_hidden_axes_are_found_by_a_gradient():
+    # DBRX's own forward picks expert e's matrices out of its 2-D stacks: route every token to
+    # experts 0 and 2 only and exactly those slices of lowmem's view get a gradient; zero hidden
+    # unit 5 of the input and the first projections' gradient vanishes along their `in` axis.
+    model = dbrx()
+    experts = model.transformer.blocks[0].ffn.experts
+    layers = resolve_layers(model, warn=False)
+    x = torch.randn(6, H)
+    x[:, 5] = 0
+    experts(x, torch.tensor([[0, 2]] * 6), torch.full((6, 2), 0.5)).square().sum().backward()
+    for attr in ("w1", "v1", "w2"):
+        info = layers[f"transformer.blocks.0.ffn.experts.mlp.{attr}"]
+        g = getattr(experts.mlp, attr).grad.view(info.view)
+        e = info.axes.index("expert")
+        hit = [bool(g.select(e, k).abs().max() > 0) for k in range(E)]
+        assert hit == [True, False, True, False], attr
+        if attr != "w2":
+            assert g.select(info.axes.index("in"), 5).abs().max() == 0, attr
 
 
 def test_presets_keep_an_expert_axis_and_never_average_over_it():
@@ -176,6 +212,21 @@ def test_presets_keep_an_expert_axis_and_never_average_over_it():
         assert n == kept, preset
     router = build_preset("eve", model).layers["model.layers.0.mlp.gate.weight"]
     assert router.reduce == [1]   # one v per expert's routing row
+    # DBRX's 2-D stacks, (E·I, H) read as (E, I, H): the same rules on each expert's matrix
+    model = dbrx()
+    want = {  # kept v entries of w1 (expert, out, in) and w2 (expert, in, out), by hand
+        "eve": (E * I, E * H),            # one per row (output unit) of each expert
+        "adam-mini": (E * I, E * H),
+        "adam-mini-paper": (E, E),        # one scalar per expert
+        "adalayer": (E, E),
+        "slimadam-rules": (E * H, E * I),  # averaged over fan_out: one per input unit of each expert
+    }
+    for preset, kept in want.items():
+        plan = build_preset(preset, model)
+        for attr, k in zip(("w1", "w2"), kept):
+            lp = plan.layers[f"transformer.blocks.0.ffn.experts.mlp.{attr}"]
+            assert lp.view == [E, I, H] and lp.reduce is not None and 0 not in lp.reduce, (preset, attr)
+            assert lowmem.compress.plan.kept_entries(lp.view, lp.reduce) == k, (preset, attr)
 
 
 def test_the_snr_plan_never_averages_over_experts():
@@ -279,3 +330,109 @@ def test_adamem_refuses_nothing_and_counts_expert_states():
         "proj": (E, H, 6), "exp_avg": (E, 6, I), "row_var": (E, 6), "col_var": (E, I), "res_col_var": (E, I)}
     assert lowmem.compress.optim.adamem_state_numel(model) == sum(
         v.numel() for s in opt.state.values() for k, v in s.items() if k != "step")
+
+
+class _FlatExperts(nn.Module):
+    """DBRX's layout and names: w1 (gate), v1 (up), w2 (down), each (E·I, H); w2[e] read as (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe_num_experts, self.hidden_size = E, H
+        self.w1 = nn.Parameter(torch.randn(E * I, H) / H ** 0.5)
+        self.v1 = nn.Parameter(torch.randn(E * I, H) / H ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(E * I, H) / I ** 0.5)
+
+
+def test_adamem_projects_each_expert_of_a_2d_stack_as_its_own_matrix():
+    # DBRX-style 2-D stacks against AdaMeM on each expert's matrices as separate Linear weights
+    # (its per-matrix path), over four steps with a projector refresh at steps 1 and 3.
+    torch.manual_seed(0)
+    stacked = nn.Module()
+    stacked.ffn = nn.Module()
+    stacked.ffn.router = nn.Module()
+    stacked.ffn.router.layer = nn.Linear(H, E, bias=False)
+    stacked.ffn.experts = nn.Module()
+    stacked.ffn.experts.mlp = _FlatExperts()
+    separate = nn.Module()
+    separate.mlp = nn.Module()
+    separate.mlp.gate = nn.Linear(H, E, bias=False)
+    separate.mlp.experts = nn.ModuleList()
+    mlp = stacked.ffn.experts.mlp
+    with torch.no_grad():
+        separate.mlp.gate.weight.copy_(stacked.ffn.router.layer.weight)
+        for e in range(E):
+            ex = nn.Module()
+            ex.gate_proj, ex.up_proj, ex.down_proj = nn.Linear(H, I, bias=False), nn.Linear(H, I, bias=False), \
+                nn.Linear(I, H, bias=False)
+            ex.gate_proj.weight.copy_(mlp.w1.view(E, I, H)[e])
+            ex.up_proj.weight.copy_(mlp.v1.view(E, I, H)[e])
+            ex.down_proj.weight.copy_(mlp.w2.view(E, I, H)[e].T)
+            separate.mlp.experts.append(ex)
+    layers = resolve_layers(stacked, warn=False)
+    assert layers["ffn.router.layer.weight"].role == "router" and layers["ffn.experts.mlp.w2"].view == (E, I, H)
+    kw = dict(lr=1e-2, weight_decay=0.1, update_proj_gap=2, rank_fraction=0.25)
+    opt_s, opt_p = AdaMeM(stacked, **kw), AdaMeM(separate, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        grads = {a: torch.randn(E * I, H, generator=gen) for a in ("w1", "v1", "w2")}
+        g_gate = torch.randn(E, H, generator=gen)
+        for a, g in grads.items():
+            getattr(mlp, a).grad = g
+        stacked.ffn.router.layer.weight.grad = g_gate
+        separate.mlp.gate.weight.grad = g_gate.clone()
+        for e, ex in enumerate(separate.mlp.experts):
+            ex.gate_proj.weight.grad = grads["w1"].view(E, I, H)[e].clone()
+            ex.up_proj.weight.grad = grads["v1"].view(E, I, H)[e].clone()
+            ex.down_proj.weight.grad = grads["w2"].view(E, I, H)[e].T.clone()
+        opt_s.step()
+        opt_p.step()
+    for e, ex in enumerate(separate.mlp.experts):
+        torch.testing.assert_close(mlp.w1.view(E, I, H)[e], ex.gate_proj.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mlp.v1.view(E, I, H)[e], ex.up_proj.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mlp.w2.view(E, I, H)[e].T, ex.down_proj.weight, rtol=1e-5, atol=1e-6)
+    assert opt_s.state[mlp.w1]["proj"].shape == (E, H, H // 4)   # (E, m, r): m = min(I, H), r = m / 4
+    assert lowmem.compress.optim.adamem_state_numel(stacked) == sum(
+        v.numel() for s in opt_s.state.values() for k, v in s.items() if k != "step")
+
+
+def _snr(x, axis):
+    """mean over the other axes' slices of (mean along `axis`)² / variance along it, float64."""
+    import numpy as np
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1).reshape(-1, x.shape[axis])
+    mean, var = x.mean(axis=1), x.var(axis=1)
+    return float((mean * mean / var).mean())
+
+
+def test_dbrx_end_to_end_measures_plans_and_steps_each_experts_matrix(tmp_path):
+    # DBRX trained for three steps with SNR captured: the SNR of its 2-D stacks is measured per
+    # expert's matrix (numpy on exp_avg_sq read as DBRX's own (E, I, H)); the plan built from it
+    # keeps the view, and the optimizer it describes steps with one v per kept (expert, row).
+    from lowmem.snr.capture import capture
+    model = dbrx()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    csv = tmp_path / "snr.csv"
+    with capture(opt, model, every=1, out=csv):
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.arange(step, step + 12).view(1, 12) % 96).logits.square().mean().backward()
+            opt.step()
+    name = "transformer.blocks.0.ffn.experts.mlp.w1"
+    w1 = model.transformer.blocks[0].ffn.experts.mlp.w1
+    v = opt.state[w1]["exp_avg_sq"].numpy().reshape(E, I, H)
+    traj = lowmem.SnrTrajectory.read(csv)
+    got = {(s.view.name, s.subset): s.snr for s in traj.samples if s.name == name and s.step == 3}
+    assert got[("raw", (2,))] == pytest.approx(_snr(v, 2), rel=1e-5)    # fan_in of each expert's rows
+    assert got[("raw", (1,))] == pytest.approx(_snr(v, 1), rel=1e-5)    # fan_out of each expert's columns
+    import json
+    from lowmem.layers import ModelLayers
+    layers = resolve_layers(model, warn=False)
+    assert ModelLayers.from_json(json.loads(json.dumps(layers.to_json())))[name].view == (E, I, H)   # layers.json
+    plan = lowmem.build_plan(model, traj, threshold=0.0, prefer="compression")
+    lp = plan.layers[name]
+    assert lp.view == [E, I, H] and lp.reduce is not None and 0 not in lp.reduce
+    reduced = lowmem.optimizer_from_plan(model, plan, lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    reduced.step()
+    kept = E * (1 if 1 in lp.reduce else I) * (1 if 2 in lp.reduce else H)
+    assert reduced.state[w1]["exp_avg_sq"].numel() == kept

@@ -69,7 +69,7 @@ _HIDDEN_ATTRS = ("hidden_size", "d_model", "n_embd", "embed_dim", "model_dim", "
 # hidden state (a fused gate+up is an up projection: every preset and rule treats gate and up
 # alike), the last one writes it.
 _EXPERT_UP = {"gate_up_proj", "gate_up", "w13", "w1_w3", "up_proj", "w3", "fc1", "wi", "w_in", "linear_fc1",
-              "experts_up", "up"}
+              "experts_up", "up", "v1"}
 _EXPERT_GATE = {"gate_proj", "w1"}
 _EXPERT_DOWN = {"down_proj", "w2", "fc2", "wo", "w_out", "linear_fc2", "experts_down", "down"}
 # Names a router goes by (its module's or its own); structure decides: one output per expert of
@@ -358,21 +358,26 @@ def _experts_count(modules_chain, config) -> int | None:
 
 
 def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id: dict, config) -> dict[str, int]:
-    """``MoE block path -> experts count``: the parent of every module that holds a stack of
+    """``MoE block path -> experts count``: the block around every module that holds a stack of
     experts (a 3-D parameter whose first dim is the experts count its module, an ancestor or the
-    config gives; or, without a count, a module named like ``experts``) or that is a
-    ``ModuleList`` or ``ModuleDict`` of experts (named like ``experts``, as many as the count where
-    one is given: Switch Transformers and NLLB-MoE key theirs ``expert_0``, …)."""
+    config gives, or, without a count, held by a module named like ``experts``; a 2-D one,
+    `_flat_stack`) or that is a ``ModuleList`` or ``ModuleDict`` of experts (named like
+    ``experts``, as many as the count where one is given: Switch Transformers and NLLB-MoE key
+    theirs ``expert_0``, …). The block of a stack is the parent of the nearest module on its path
+    named like ``experts`` (DBRX: ``ffn`` of ``ffn.experts.mlp.w1``), else of its holder."""
     blocks: dict[str, int] = {}
     for pid, names in names_by_param.items():
         p = param_by_id[pid]
-        if p.dim() != 3:
+        if p.dim() not in (2, 3):
             continue
-        path, _, _ = normalize_name(names[0]).rpartition(".")
+        path, _, attr = normalize_name(names[0]).rpartition(".")
         chain = _chain(path, modules)
         count = _experts_count(chain, config)
-        if count == p.shape[0] or (count is None and "expert" in path.rpartition(".")[2].lower()):
-            blocks[path.rpartition(".")[0]] = int(p.shape[0])
+        if p.dim() == 2:
+            if _flat_stack(attr, tuple(p.shape), chain, config) is not None:
+                blocks[_stack_block(path)] = int(count)
+        elif count == p.shape[0] or (count is None and "expert" in path.rpartition(".")[2].lower()):
+            blocks[_stack_block(path)] = int(p.shape[0])
     for path, m in modules.items():
         leaf = path.rpartition(".")[2].lower()
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and len(m) > 1 and "expert" in leaf and "shared" not in leaf:
@@ -380,6 +385,41 @@ def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id
             if count is None or count == len(m):
                 blocks.setdefault(path.rpartition(".")[0], len(m))
     return blocks
+
+
+def _stack_block(holder: str) -> str:
+    """The MoE block of a stack of experts held by the module at `holder`: the parent of the
+    nearest module on the path named like ``experts``, else the holder's parent."""
+    parts = holder.split(".") if holder else []
+    for i in range(len(parts) - 1, -1, -1):
+        if "expert" in parts[i].lower():
+            return ".".join(parts[:i])
+    return holder.rpartition(".")[0]
+
+
+def _flat_stack(attr: str, shape: tuple[int, ...], chain: list, config) -> tuple[int, int, int] | None:
+    """(experts, rows, cols): the view of a 2-D raw parameter that stacks experts' matrices along
+    its rows, (experts·rows, cols), as DBRX's ``w1``, ``v1`` and ``w2`` do; else None. It is one
+    where its holder is no layer of its own (not a Linear, embedding or conv), its name is an
+    expert projection's, its holder or an ancestor (or their config) gives an experts count E > 1
+    that divides its rows into runs longer than one, and its columns are the hidden width."""
+    owner = chain[0] if chain else None
+    if len(shape) != 2 or owner is None or _expert_role(attr) is None or _linear_shape(owner) is not None \
+            or isinstance(owner, (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)):
+        return None
+    experts, hidden = _experts_count(chain, config), _chain_attr(chain, config, _HIDDEN_ATTRS)
+    if not experts or experts < 2 or shape[0] % experts or shape[0] == experts or shape[1] != hidden:
+        return None
+    return experts, shape[0] // experts, shape[1]
+
+
+def _block_path(path: str, blocks: dict[str, int]) -> str | None:
+    """The path of the MoE block that `path` (a module path) lies in, or None."""
+    while path:
+        if path in blocks:
+            return path
+        path = path.rpartition(".")[0]
+    return "" if "" in blocks else None
 
 
 def _chain(path: str, modules: dict[str, nn.Module]) -> list[nn.Module]:
@@ -411,24 +451,33 @@ def _expert_role(attr: str) -> str | None:
 def _stack_convention(owner, experts: int, hidden: int) -> str | None:
     """How the expert stacks of `owner` lay out their matrices, from those whose hidden-width axis
     shows it: ``"linear"`` (expert, out, in), as `F.linear` reads them, or ``"bmm"`` (expert, in,
-    out); None where they show none or disagree."""
+    out); None where they show none or disagree. A 2-D stack (experts·rows, cols) is read as
+    (experts, rows, cols)."""
     seen = set()
     for name, p in owner.named_parameters(recurse=False) if owner is not None else ():
         role = _expert_role(name)
-        if p.dim() != 3 or p.shape[0] != experts or role is None or (p.shape[1] == hidden) == (p.shape[2] == hidden):
+        shape = tuple(p.shape) if p.dim() == 3 else (experts, p.shape[0] // experts, p.shape[1]) \
+            if p.dim() == 2 and p.shape[0] % experts == 0 else None
+        if shape is None or shape[0] != experts or role is None or (shape[1] == hidden) == (shape[2] == hidden):
             continue
         reads_hidden = role != "mlp_down"
-        seen.add("linear" if (p.shape[2] == hidden) == reads_hidden else "bmm")
+        seen.add("linear" if (shape[2] == hidden) == reads_hidden else "bmm")
     return seen.pop() if len(seen) == 1 else None
 
 
-def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
+def _expert_info(info, attr: str, shape, chain, config, flat: bool = False) -> ParamInfo:
     """A stack of expert matrices (expert, ·, ·): role by name, the hidden width's axis decides
     which of the two is ``in`` (first projections) or ``out`` (the last); a square stack follows
-    its siblings' layout (gpt-oss, where the model's and the FFN's widths are equal)."""
+    its siblings' layout (gpt-oss, where the model's and the FFN's widths are equal). `flat`: the
+    tensor is 2-D, (experts·rows, cols), and `shape` its view (experts, rows, cols), which the
+    axes name (`ParamInfo.view`)."""
     role = _expert_role(attr)
     hidden = _chain_attr(chain, config, _HIDDEN_ATTRS)
     stack = f"structure: a stack of {shape[0]} experts' matrices"
+    if flat:
+        stack += f", ({shape[0]}·{shape[1]}, {shape[2]}) read as ({shape[0]}, {shape[1]}, {shape[2]})"
+        plain = info
+        info = lambda role, axes, found: plain(role, axes, found, view=tuple(shape))   # noqa: E731
     if role is None or hidden is None or (shape[1] == hidden) == (shape[2] == hidden):
         convention = _stack_convention(chain[0], shape[0], hidden) if role is not None and \
             shape[1] == shape[2] == hidden else None
@@ -445,12 +494,15 @@ def _expert_info(info, attr: str, shape, chain, config) -> ParamInfo:
                 f"{stack}, name {attr}; its axis of the hidden width {hidden} is {hidden_axis}")
 
 
-def _router_info(info, attr: str, last: str, shape, experts: int, is_linear: bool, axes) -> ParamInfo | None:
+def _router_info(info, attr: str, below: list[str], shape, experts: int, is_linear: bool, axes) -> ParamInfo | None:
     """A gating projection of an MoE block (one output per expert, or one: a shared expert's
-    gate), or None."""
-    if len(shape) != 2 or not (last in _ROUTER_NAMES or attr.lower() in _ROUTER_NAMES or "router" in last):
+    gate), or None. `below`: the components of its module's path inside the block (DBRX's
+    ``router.layer``: a router's own Linear)."""
+    named = next((c for c in reversed(below) if c in _ROUTER_NAMES or "router" in c), None) or \
+        (attr if attr.lower() in _ROUTER_NAMES else None)
+    if len(shape) != 2 or named is None:
         return None
-    found = f"structure: in an MoE block of {experts} experts, named {last if last in _ROUTER_NAMES else attr}, " \
+    found = f"structure: in an MoE block of {experts} experts, named {named}, " \
             f"one output per expert (or one: a shared expert's gate)"
     if is_linear:
         out = shape[axes.index("out")]
@@ -481,6 +533,7 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     if isinstance(owner, _NORM_TYPES) or _is_rmsnorm(owner):
         return info("norm", ["model"] * len(shape))
     experts = _in_block(path, moe or {})
+    block = _block_path(path, moe or {}) if experts is not None else None
     if _is_bias(attr) or (p.dim() == 1 and attr != "weight"):
         if p.dim() == 1:
             return info("bias", ["out"], f"name {attr}" if _is_bias(attr) else "shape: one-dimensional")
@@ -506,12 +559,16 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     if experts is not None:
         is_conv1d = type(owner).__name__ == "Conv1D" and p.dim() == 2
         is_linear = isinstance(owner, nn.Linear) or is_conv1d
-        router = _router_info(info, attr, last, shape, experts, is_linear,
+        below = [c.lower() for c in path[len(block):].split(".") if c]
+        router = _router_info(info, attr, below, shape, experts, is_linear,
                               (("in", "out") if is_conv1d else ("out", "in")))
         if router is not None:
             return router
         if p.dim() == 3 and shape[0] == experts and not isinstance(owner, nn.modules.conv._ConvNd):
             return _expert_info(info, attr, shape, [owner, *ancestors], config)
+        flat = _flat_stack(attr, shape, [owner, *ancestors], config) if p.dim() == 2 else None
+        if flat is not None:
+            return _expert_info(info, attr, flat, [owner, *ancestors], config, flat=True)
 
     if isinstance(owner, nn.MultiheadAttention) and attr == "in_proj_weight":
         h = heads or owner.num_heads

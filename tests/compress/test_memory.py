@@ -156,7 +156,7 @@ def hf_olmoe() -> nn.Module:
 
 
 def hf_dbrx() -> nn.Module:
-    """DBRX: experts as 2-D stacks (experts x rows, in), which lowmem does not name (role other)."""
+    """DBRX: experts as 2-D stacks (experts x rows, in), read as (experts, rows, in)."""
     return _hf("DbrxForCausalLM", "DbrxConfig", vocab_size=64, d_model=24, n_layers=1, n_heads=4,
                ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
                attn_config=dict(kv_n_heads=2, rope_theta=10000.0))
