@@ -2,9 +2,8 @@
 what lowmem reads each parameter as, against hand-written expectations and, for fused Q/K/V
 layouts, against the gradients of the model itself.
 
-timm and torchvision are not tested: their wheels for this torch (2.13) are CUDA builds whose
-torchvision fails to import with the CPU build of torch (`operator torchvision::nms does not
-exist`), timm needs torchvision, and no CPU build is installable here."""
+timm and torchvision models are tested in tests/test_vision_models.py (in a Python of their own:
+their wheels need another torch than the CPU build this suite runs on)."""
 
 from __future__ import annotations
 
