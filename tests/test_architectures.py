@@ -227,6 +227,33 @@ def resnet():
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5))
 
 
+def deepseek_v3():
+    """Multi-head latent attention (MLA): queries through a rank-16 compression, keys and values
+    through a rank-8 one plus a shared 4-wide rope key; 4 heads."""
+    return _build(transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=8,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_group=1, topk_group=1))
+
+
+def deepseek_v2():
+    """MLA without the queries' compression (DeepSeek-V2-Lite): q_proj straight from the hidden width."""
+    return _build(transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=8,
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))
+
+
+def mamba():
+    return _build(transformers.MambaForCausalLM, transformers.MambaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8))
+
+
+def mamba2():
+    return _build(transformers.Mamba2ForCausalLM, transformers.Mamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8, num_heads=8, head_dim=8, n_groups=1))
+
+
 # Per architecture: roles and axes of the parameters that are easy to get wrong, and every
 # parameter left `other` (hand-written from each library's modeling code).
 EXPECTED = {
@@ -261,6 +288,30 @@ EXPECTED = {
     "phi3": (phi3, {"model.layers.0.mlp.gate_up_proj.weight": ("mlp_up", ("out", "in"))}, []),
     "llama-gqa": (llama, {"model.layers.0.self_attn.k_proj.weight": ("attn_k", ("out", "in"))}, []),
     "gpt2": (gpt2, {"transformer.h.0.mlp.c_fc.weight": ("mlp_up", ("in", "out"))}, []),
+    # MLA: q_b_proj makes the queries (4 heads of 6 + 4), kv_b_proj each head's key and value; the two
+    # compressions (32 -> 16 for queries, 32 -> 8 + 4 for keys and values) have no role of ours
+    "deepseek-v3": (deepseek_v3, {
+        "model.layers.0.self_attn.q_b_proj.weight": ("attn_q", ("out", "in")),
+        "model.layers.0.self_attn.kv_b_proj.weight": ("attn_qkv", ("out", "in")),
+        "model.layers.0.self_attn.o_proj.weight": ("attn_out", ("out", "in")),
+    }, ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]),
+    "deepseek-v2": (deepseek_v2, {
+        "model.layers.0.self_attn.q_proj.weight": ("attn_q", ("out", "in")),
+        "model.layers.0.self_attn.kv_b_proj.weight": ("attn_qkv", ("out", "in")),
+    }, ["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]),
+    # Mamba: in_proj widens the model width into the scan's input and its gate, out_proj writes it
+    # back, as an MLP's pair (not attention, whatever the names); x_proj, dt_proj and the state
+    # matrix A_log (channels x states) have no role of ours
+    "mamba": (mamba, {
+        "backbone.layers.0.mixer.in_proj.weight": ("mlp_up", ("out", "in")),
+        "backbone.layers.0.mixer.out_proj.weight": ("mlp_down", ("out", "in")),
+        "backbone.layers.0.mixer.conv1d.weight": ("conv", ("out", "in", "kw")),
+    }, ["backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.x_proj.weight",
+        "backbone.layers.0.mixer.dt_proj.weight"]),
+    "mamba2": (mamba2, {
+        "backbone.layers.0.mixer.in_proj.weight": ("mlp_up", ("out", "in")),
+        "backbone.layers.0.mixer.out_proj.weight": ("mlp_down", ("out", "in")),
+    }, []),
 }
 
 
@@ -499,3 +550,53 @@ def test_hessian_pieces_of_interleaved_parts_are_the_models_rows():
         assert p.index.tolist() == index[rows[part][16:24]].reshape(-1).tolist()
     with pytest.raises(HessianError, match="interleaved"):
         piece(model, f"{name}[part=q, 0:4]")
+
+
+@pytest.mark.parametrize("build", [deepseek_v3, deepseek_v2], ids=["deepseek-v3", "deepseek-v2"])
+def test_mla_heads_and_key_value_rows_are_read_right_and_checked_by_gradient(build):
+    # kv_b_proj's rows per head: 6 of the key (no position), then 8 of the value (DeepSeek's
+    # `view(..., heads, 6 + 8)` and split). Zero the rows lowmem calls `v` and the attention's
+    # output is zero, so no gradient reaches o_proj; zero those it calls `k` and it is not (the
+    # rope part of the keys still varies the scores): only the values' rows silence it.
+    layers = resolve_layers(build(), warn=False)
+    q_name = "model.layers.0.self_attn." + ("q_b_proj" if build is deepseek_v3 else "q_proj") + ".weight"
+    q = layers[q_name]
+    assert (q.heads, q.head_dim) == (4, 10)
+    kv = layers["model.layers.0.self_attn.kv_b_proj.weight"]
+    assert (kv.parts, kv.part_heads, kv.part_groups, kv.qkv_layout) == ((("k", 6), ("v", 8)), (4, 4), 4, "per_head")
+    views = {v.name: v for v in param_views(kv)}
+    assert views["k"].shape == (24, 8) and views["v.heads"].shape == (4, 8, 8)
+    silenced = {}
+    for part in ("k", "v"):
+        model = build()
+        attn = model.model.layers[0].self_attn
+        with torch.no_grad():
+            rows = views[part].apply(torch.arange(kv.shape[0] * kv.shape[1]).view(kv.shape)).reshape(-1)
+            attn.kv_b_proj.weight.view(-1)[rows] = 0
+        model(torch.arange(10).view(1, 10) % 64).logits.square().mean().backward()
+        silenced[part] = bool(attn.o_proj.weight.grad.abs().max() == 0)
+    assert silenced == {"k": False, "v": True}
+    for preset in ("eve", "adam-mini", "slimadam-rules"):   # per part, as any fused projection
+        lp = build_preset(preset, build()).layers["model.layers.0.self_attn.kv_b_proj.weight"]
+        assert [p.name for p in lp.parts] == ["k", "v"], preset
+
+
+def test_mla_key_and_value_parts_are_measured_on_the_models_own_rows():
+    # DeepSeek-V3 trained for two steps, SNR captured: kv_b_proj's k and v parts (of unequal
+    # widths, 6 and 8 rows per head) are measured on each head's rows that its modeling code
+    # takes for keys and values, in numpy from exp_avg_sq.
+    from lowmem.snr.capture import capture
+    model = deepseek_v3()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cap = capture(opt, model, every=1)
+    for step in range(2):
+        opt.zero_grad()
+        model(torch.arange(step, step + 10).view(1, 10) % 64).logits.square().mean().backward()
+        opt.step()
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    v = opt.state[model.model.layers[0].self_attn.kv_b_proj.weight]["exp_avg_sq"].numpy().reshape(4, 14, 8)
+    got = {(s.view.name, s.subset): s.snr for s in cap.samples if s.name == name and s.step == 2}
+    for part, rows in (("k", slice(0, 6)), ("v", slice(6, 14))):
+        x = v[:, rows].reshape(-1, 8)                        # (heads·width, in), head-major
+        assert got[(part, (1,))] == pytest.approx(_snr(x, 1), rel=1e-5)                    # fan_in
+        assert got[(f"{part}.heads", (1,))] == pytest.approx(_snr(v[:, rows], 1), rel=1e-5)  # per head

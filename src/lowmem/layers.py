@@ -583,9 +583,15 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
     if isinstance(owner, nn.Linear) or is_conv1d_hf:
         axes = ("in", "out") if is_conv1d_hf else ("out", "in")
         out_features = shape[axes.index("out")]
+        parent = modules.get(path.rpartition(".")[0]) if "." in path else modules.get("")
+        if _is_ssm_mixer(parent):   # Mamba's in_proj / out_proj are no attention, whatever their names
+            return _ssm_info(info, axes, shape, [owner, *ancestors], config, last)
         role = _linear_role(last, context, attr)
         found = f"name {last}" if role != "other" else None
         if role == "other" and p.dim() == 2:
+            mla = _mla_info(info, axes, shape, parent, config, last)
+            if mla is not None:
+                return mla
             role, found = _pair_role(path, owner, modules)
         if role == "other" and p.dim() == 2:
             # A Linear with a name we do not know is still a Linear: its axes are known, its role is not.
@@ -903,6 +909,59 @@ def _interleaved_info(info, axes, out_features, in_features, hq, hkv, layout: st
     return info("attn_qkv", axes, found, heads=hq, head_dim=head_dim, qkv_layout=layout,
                 parts=(("q", per * head_dim), ("k", head_dim), ("v", head_dim)), part_heads=(hq, hkv, hkv),
                 part_groups=hkv)
+
+
+def _is_ssm_mixer(m) -> bool:
+    """Whether `m` is a selective state-space (Mamba) mixer: it holds its state matrix ``A_log``
+    itself (Mamba, Mamba-2, Jamba, Falcon-H1, Zamba, Bamba and NemotronH all name it so)."""
+    return m is not None and any(n == "A_log" for n, _ in m.named_parameters(recurse=False))
+
+
+def _ssm_info(info, axes, shape, chain, config, last: str) -> ParamInfo:
+    """A Linear of a state-space mixer: the one that reads the model's width and widens it (the
+    input and its gate) is ``mlp_up``, the one that writes the model's width back ``mlp_down``,
+    as an MLP's pair; the mixer's inner projections (Mamba's ``x_proj``, ``dt_proj``) ``other``."""
+    hidden = _chain_attr(chain, config, _HIDDEN_ATTRS)
+    width_in, width_out = shape[axes.index("in")], shape[axes.index("out")]
+    where = f"in a state-space mixer (it holds A_log), named {last}"
+    if hidden is not None and width_in == hidden and width_out > hidden:
+        return info("mlp_up", axes, f"structure: {where}, reads the model width {hidden} and widens it to {width_out}")
+    if hidden is not None and width_out == hidden and width_in != hidden:
+        return info("mlp_down", axes, f"structure: {where}, writes the model width {hidden} back")
+    return info("other", axes, f"structure: {where}, one of its inner projections: no role of ours")
+
+
+_MLA_ATTRS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _mla_info(info, axes, shape, attn, config, last: str) -> ParamInfo | None:
+    """A Linear of multi-head latent attention (DeepSeek-V2/V3, Kimi-K2: an attention module, or
+    its config, with ``kv_lora_rank``), from its widths and the config: the queries (heads of
+    ``qk_nope_head_dim + qk_rope_head_dim`` rows, from the hidden width or ``q_lora_rank``) are
+    ``attn_q``; ``kv_b_proj``'s rows, each head's key (``qk_nope_head_dim``) then its value
+    (``v_head_dim``) as its modeling code splits them, are ``attn_qkv`` with k and v parts per
+    head; the two low-rank compressions (queries', keys' and values') are ``other``. None where
+    `attn` is no MLA module or the widths fit none of these."""
+    cfg = getattr(attn, "config", None) or config
+    dims = [_find_attr([attn, cfg], (a,)) for a in _MLA_ATTRS]
+    heads = _find_attr([attn, cfg], _HEAD_ATTRS)
+    if attn is None or None in dims or heads is None:
+        return None
+    rank, nope, rope, v_dim = dims
+    q_rank = _find_attr([attn, cfg], ("q_lora_rank",))
+    hidden = _find_attr([attn, cfg], _HIDDEN_ATTRS)
+    width_in, width_out = shape[axes.index("in")], shape[axes.index("out")]
+    mla = f"structure: multi-head latent attention (kv_lora_rank {rank}), named {last}"
+    if width_out == heads * (nope + rope) and width_in in (hidden, q_rank):
+        return info("attn_q", axes, f"{mla}: {heads} query heads of {nope + rope}", heads=heads, head_dim=nope + rope)
+    if width_in == rank and width_out == heads * (nope + v_dim):
+        return info("attn_qkv", axes, f"{mla}: each of {heads} heads' key ({nope} rows) and value ({v_dim} rows)",
+                    heads=heads, qkv_layout="per_head", parts=(("k", nope), ("v", v_dim)), part_heads=(heads, heads),
+                    part_groups=heads)
+    if width_in == hidden and width_out in (rank + rope, q_rank):
+        what = "keys' and values'" if width_out == rank + rope else "queries'"
+        return info("other", axes, f"{mla}: the {what} low-rank compression: no role of ours")
+    return None
 
 
 def _with_role(info: ParamInfo, role: str, heads, kv_heads, found: str = "given") -> ParamInfo:

@@ -162,11 +162,24 @@ def hf_dbrx() -> nn.Module:
                attn_config=dict(kv_n_heads=2, rope_theta=10000.0))
 
 
+def hf_deepseek_v3() -> nn.Module:
+    """Multi-head latent attention (kv_b_proj split per head into key and value parts) and MoE."""
+    return _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", vocab_size=64, hidden_size=32, intermediate_size=48,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8,
+               qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=16, n_group=1, topk_group=1)
+
+
+def hf_mamba() -> nn.Module:
+    return _hf("MambaForCausalLM", "MambaConfig", vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8)
+
+
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama, shakespeare_gpt, tiny_qwen2_moe, tiny_gpt_oss, tiny_neox,
                                    tiny_vit, tiny_resnet, tiny_mixtral, tiny_bert, tiny_t5, tiny_phi3, hf_gpt2,
-                                   hf_llama, hf_convnext, hf_olmoe, hf_dbrx],
+                                   hf_llama, hf_convnext, hf_olmoe, hf_dbrx, hf_deepseek_v3, hf_mamba],
                          ids=["gpt2", "llama-gqa", "shakespeare", "qwen2-moe", "gpt-oss", "gpt-neox", "vit", "resnet",
-                              "mixtral", "bert", "t5", "phi3", "hf-gpt2", "hf-llama-gqa", "convnext", "olmoe", "dbrx"])
+                              "mixtral", "bert", "t5", "phi3", "hf-gpt2", "hf-llama-gqa", "convnext", "olmoe", "dbrx",
+                              "deepseek-v3", "mamba"])
 def test_estimate_equals_the_bytes_of_real_state_tensors_after_one_step(build, tmp_path):
     model = build()
     plan_path = unlike_any_preset(model).save(tmp_path / "plan.json")

@@ -172,9 +172,10 @@ def rows_first(p: Piece, info: ParamInfo) -> tuple[torch.Tensor | None, tuple[in
 
 def heads_of(p: Piece, info: ParamInfo) -> int | None:
     """Attention heads along the piece's output axis: its rows hold whole heads of width head_dim
-    (`lowmem.layers`; a fused part's head width is its size over ``part_heads``)."""
+    (`lowmem.layers`; a fused part's head width is its size over ``part_heads``, where the parts lie
+    one after the other; interleaved parts without one `head_dim`, MLA's keys and values, say none)."""
     head_dim = info.head_dim
-    if head_dim is None and info.parts and info.part_heads:
+    if head_dim is None and info.parts and info.part_heads and not info.part_groups:
         head_dim = info.parts[0][1] // info.part_heads[0]
     if not head_dim or not info.fan_out_dims:
         return None
