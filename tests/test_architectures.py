@@ -600,3 +600,84 @@ def test_mla_key_and_value_parts_are_measured_on_the_models_own_rows():
         x = v[:, rows].reshape(-1, 8)                        # (heads·width, in), head-major
         assert got[(part, (1,))] == pytest.approx(_snr(x, 1), rel=1e-5)                    # fan_in
         assert got[(f"{part}.heads", (1,))] == pytest.approx(_snr(v[:, rows], 1), rel=1e-5)  # per head
+
+
+# Every parameter of each model, as (pattern of names, role, axes), each name matched by exactly
+# one pattern; written from the libraries' modeling code (HF Conv1D is (in, out); tied embeddings
+# and LM heads are one parameter, named as the embedding).
+_L, _C1D, _V, _N = ("out", "in"), ("in", "out"), ("out",), ("model",)
+_TOK = ("token", "model")
+EVERY = {
+    "gpt2": (gpt2, [
+        (r"transformer\.w[tp]e\.weight", "embedding", _TOK), (r"transformer\.(h\.\d\.ln_[12]|ln_f)\.(weight|bias)", "norm", _N),
+        (r"transformer\.h\.\d\.attn\.c_attn\.weight", "attn_qkv", _C1D), (r"transformer\.h\.\d\.attn\.c_proj\.weight", "attn_out", _C1D),
+        (r"transformer\.h\.\d\.mlp\.c_fc\.weight", "mlp_up", _C1D), (r"transformer\.h\.\d\.mlp\.c_proj\.weight", "mlp_down", _C1D),
+        (r"transformer\.h\.\d\.(attn|mlp)\.c_\w+\.bias", "bias", _V)]),
+    "llama-gqa": (llama, [
+        (r"model\.embed_tokens\.weight", "embedding", _TOK),
+        (r"model\.(layers\.\d\.(input|post_attention)_layernorm|norm)\.weight", "norm", _N),
+        *[(rf"model\.layers\.\d\.self_attn\.{x}_proj\.weight", f"attn_{r}", _L) for x, r in
+          (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out"))],
+        *[(rf"model\.layers\.\d\.mlp\.{x}_proj\.weight", f"mlp_{x}", _L) for x in ("gate", "up", "down")],
+        (r"lm_head\.weight", "lm_head", _L)]),
+    "bert": (bert, [
+        (r"bert\.embeddings\.(word|position|token_type)_embeddings\.weight", "embedding", _TOK),
+        (r"(bert\.embeddings|bert\.encoder\.layer\.\d\.(attention\.)?output|cls\.predictions\.transform)\.LayerNorm\."
+         r"(weight|bias)", "norm", _N),
+        *[(rf"bert\.encoder\.layer\.\d\.attention\.self\.{x}\.weight", f"attn_{x[0]}", _L) for x in ("query", "key", "value")],
+        (r"bert\.encoder\.layer\.\d\.attention\.output\.dense\.weight", "attn_out", _L),
+        (r"bert\.encoder\.layer\.\d\.intermediate\.dense\.weight", "mlp_up", _L),
+        (r"bert\.encoder\.layer\.\d\.output\.dense\.weight", "mlp_down", _L),
+        (r"cls\.predictions\.transform\.dense\.weight", "other", _L),   # the MLM head's square transform
+        (r"(bert\.encoder\.layer\.\d\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|"
+         r"output\.dense)|cls\.predictions(\.transform\.dense)?)\.bias", "bias", _V)]),
+    "t5": (t5, [
+        (r"shared\.weight", "embedding", _TOK),
+        (r"(encoder|decoder)\.block\.\d\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "embedding",
+         ("token", "head")),
+        (r"((encoder|decoder)\.block\.\d\.layer\.\d\.layer_norm|(encoder|decoder)\.final_layer_norm)\.weight", "norm", _N),
+        *[(rf"(encoder|decoder)\.block\.\d\.layer\.[01]\.(SelfAttention|EncDecAttention)\.{x}\.weight", f"attn_{r}", _L)
+          for x, r in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out"))],
+        (r"(encoder|decoder)\.block\.\d\.layer\.[12]\.DenseReluDense\.wi\.weight", "mlp_up", _L),
+        (r"(encoder|decoder)\.block\.\d\.layer\.[12]\.DenseReluDense\.wo\.weight", "mlp_down", _L)]),
+    "gpt-neox": (neox, [
+        (r"gpt_neox\.embed_in\.weight", "embedding", _TOK),
+        (r"gpt_neox\.(layers\.\d\.(input|post_attention)_layernorm|final_layer_norm)\.(weight|bias)", "norm", _N),
+        (r"gpt_neox\.layers\.\d\.attention\.query_key_value\.weight", "attn_qkv", _L),
+        (r"gpt_neox\.layers\.\d\.attention\.dense\.weight", "attn_out", _L),
+        (r"gpt_neox\.layers\.\d\.mlp\.dense_h_to_4h\.weight", "mlp_up", _L),
+        (r"gpt_neox\.layers\.\d\.mlp\.dense_4h_to_h\.weight", "mlp_down", _L),
+        (r"gpt_neox\.layers\.\d\.(attention\.(query_key_value|dense)|mlp\.dense_\w+)\.bias", "bias", _V),
+        (r"lm_head\.weight", "lm_head", _L)]),
+    "phi3": (phi3, [
+        (r"model\.embed_tokens\.weight", "embedding", _TOK),
+        (r"model\.(layers\.\d\.(input|post_attention)_layernorm|norm)\.weight", "norm", _N),
+        (r"model\.layers\.\d\.self_attn\.qkv_proj\.weight", "attn_qkv", _L),
+        (r"model\.layers\.\d\.self_attn\.o_proj\.weight", "attn_out", _L),
+        (r"model\.layers\.\d\.mlp\.gate_up_proj\.weight", "mlp_up", _L),
+        (r"model\.layers\.\d\.mlp\.down_proj\.weight", "mlp_down", _L), (r"lm_head\.weight", "lm_head", _L)]),
+    "vit": (vit, [
+        (r"vit\.embeddings\.(cls_token|position_embeddings)", "embedding", ("token", "token", "model")),
+        (r"vit\.embeddings\.patch_embeddings\.projection\.weight", "conv", ("out", "in", "kh", "kw")),
+        (r"vit\.(layers\.\d\.layernorm_(before|after)|layernorm)\.(weight|bias)", "norm", _N),
+        *[(rf"vit\.layers\.\d\.attention\.{x}_proj\.weight", f"attn_{r}", _L) for x, r in
+          (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out"))],
+        (r"vit\.layers\.\d\.mlp\.fc1\.weight", "mlp_up", _L), (r"vit\.layers\.\d\.mlp\.fc2\.weight", "mlp_down", _L),
+        (r"classifier\.weight", "lm_head", _L),
+        (r"(vit\.embeddings\.patch_embeddings\.projection|vit\.layers\.\d\.(attention\.[qkvo]_proj|mlp\.fc[12])|"
+         r"classifier)\.bias", "bias", _V)]),
+}
+
+
+@pytest.mark.parametrize("arch", list(EVERY))
+def test_every_parameter_of_real_architectures(arch):
+    import re
+    build, expected = EVERY[arch]
+    layers = resolve_layers(build(), warn=False)
+    used = set()
+    for info in layers:
+        hits = [i for i, (pattern, _, _) in enumerate(expected) if re.fullmatch(pattern, info.name)]
+        assert len(hits) == 1, f"{info.name} matches {len(hits)} expectations"
+        assert (info.role, info.axes) == expected[hits[0]][1:], f"{info.name}: {info.found}"
+        used.add(hits[0])
+    assert used == set(range(len(expected))), "expectations that match nothing"

@@ -436,3 +436,46 @@ def test_dbrx_end_to_end_measures_plans_and_steps_each_experts_matrix(tmp_path):
     reduced.step()
     kept = E * (1 if 1 in lp.reduce else I) * (1 if 2 in lp.reduce else H)
     assert reduced.state[w1]["exp_avg_sq"].numel() == kept
+
+
+# Every parameter of the MoE models, as (pattern of names, role, axes[, view]), each name matched
+# by exactly one pattern (from the modeling code, as EXPECTED above).
+_ATTN = [(rf"model\.layers\.\d\.self_attn\.{x}_proj\.weight", f"attn_{r}", ("out", "in")) for x, r in
+         (("q", "q"), ("k", "k"), ("v", "v"), ("o", "out"))]
+_LLAMA_REST = [(r"model\.embed_tokens\.weight", "embedding", ("token", "model")),
+               (r"model\.(layers\.\d\.(input|post_attention)_layernorm|norm)\.weight", "norm", ("model",)),
+               (r"lm_head\.weight", "lm_head", ("out", "in")), (r"model\.layers\.\d\.mlp\.gate\.weight", "router", ("out", "in")),
+               (r"model\.layers\.\d\.mlp\.experts\.gate_up_proj", "mlp_up", ("expert", "out", "in")),
+               (r"model\.layers\.\d\.mlp\.experts\.down_proj", "mlp_down", ("expert", "out", "in"))]
+EVERY = {
+    "qwen2-moe": (qwen2_moe, [*_ATTN, *_LLAMA_REST,
+                              (r"model\.layers\.\d\.self_attn\.[qkv]_proj\.bias", "bias", ("out",)),
+                              *[(rf"model\.layers\.\d\.mlp\.shared_expert\.{x}_proj\.weight", f"mlp_{x}", ("out", "in"))
+                                for x in ("gate", "up", "down")],
+                              (r"model\.layers\.\d\.mlp\.shared_expert_gate\.weight", "router", ("out", "in"))]),
+    "mixtral": (mixtral, [*_ATTN, *_LLAMA_REST]),
+    "dbrx": (dbrx, [
+        (r"transformer\.wte\.weight", "embedding", ("token", "model")),
+        (r"transformer\.(blocks\.0\.norm_attn_norm\.norm_[12]|norm_f)\.weight", "norm", ("model",)),
+        (r"transformer\.blocks\.0\.norm_attn_norm\.attn\.Wqkv\.weight", "attn_qkv", ("out", "in")),
+        (r"transformer\.blocks\.0\.norm_attn_norm\.attn\.out_proj\.weight", "attn_out", ("out", "in")),
+        (r"transformer\.blocks\.0\.ffn\.router\.layer\.weight", "router", ("out", "in")),
+        (r"transformer\.blocks\.0\.ffn\.experts\.mlp\.w1", "mlp_gate", ("expert", "out", "in"), (E, I, H)),
+        (r"transformer\.blocks\.0\.ffn\.experts\.mlp\.v1", "mlp_up", ("expert", "out", "in"), (E, I, H)),
+        (r"transformer\.blocks\.0\.ffn\.experts\.mlp\.w2", "mlp_down", ("expert", "in", "out"), (E, I, H)),
+        (r"lm_head\.weight", "lm_head", ("out", "in"))]),
+}
+
+
+@pytest.mark.parametrize("arch", list(EVERY))
+def test_every_parameter_of_the_moe_models(arch):
+    import re
+    build, expected = EVERY[arch]
+    used = set()
+    for info in resolve_layers(build(), warn=False):
+        hits = [i for i, (pattern, *_) in enumerate(expected) if re.fullmatch(pattern, info.name)]
+        assert len(hits) == 1, f"{info.name} matches {len(hits)} expectations"
+        role, axes, *view = expected[hits[0]][1:]
+        assert (info.role, info.axes, info.view) == (role, axes, (view or [None])[0]), f"{info.name}: {info.found}"
+        used.add(hits[0])
+    assert used == set(range(len(expected))), "expectations that match nothing"
