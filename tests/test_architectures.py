@@ -681,3 +681,22 @@ def test_every_parameter_of_real_architectures(arch):
         assert (info.role, info.axes) == expected[hits[0]][1:], f"{info.name}: {info.found}"
         used.add(hits[0])
     assert used == set(range(len(expected))), "expectations that match nothing"
+
+
+def test_a_lone_square_proj_in_an_mlp_is_not_its_down_projection():
+    # gMLP (timm's layout): the spatial gating unit's `proj` is a Linear over token positions
+    # (seq x seq), alone in its module: no MLP projection. A square MLP's c_proj beside its c_fc
+    # (GPT-2 with n_inner = n_embd) still is one.
+    block = torch.nn.Module()
+    block.mlp_channels = torch.nn.Module()
+    block.mlp_channels.fc1 = torch.nn.Linear(16, 64)
+    block.mlp_channels.gate = torch.nn.Module()
+    block.mlp_channels.gate.norm = torch.nn.LayerNorm(32)
+    block.mlp_channels.gate.proj = torch.nn.Linear(10, 10)       # 10 token positions
+    block.mlp_channels.fc2 = torch.nn.Linear(32, 16)
+    roles = {i.name: i.role for i in resolve_layers(block, warn=False) if not i.is_bias and i.role != "norm"}
+    assert roles == {"mlp_channels.fc1.weight": "mlp_up", "mlp_channels.gate.proj.weight": "other",
+                     "mlp_channels.fc2.weight": "mlp_down"}
+    square = _build(transformers.GPT2LMHeadModel, transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_inner=32, n_layer=1, n_head=4, n_positions=16))
+    assert resolve_layers(square, warn=False)["transformer.h.0.mlp.c_proj.weight"].role == "mlp_down"

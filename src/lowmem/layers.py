@@ -586,7 +586,9 @@ def _resolve_one(name, p, modules, config, heads, kv_heads, moe=None) -> ParamIn
         parent = modules.get(path.rpartition(".")[0]) if "." in path else modules.get("")
         if _is_ssm_mixer(parent):   # Mamba's in_proj / out_proj are no attention, whatever their names
             return _ssm_info(info, axes, shape, [owner, *ancestors], config, last)
-        role = _linear_role(last, context, attr)
+        lone_square = out_features == shape[axes.index("in")] and parent is not None and \
+            sum(_linear_shape(m) is not None for m in parent.children()) == 1
+        role = _linear_role(last, context, attr, lone_square=lone_square)
         found = f"name {last}" if role != "other" else None
         if role == "other" and p.dim() == 2:
             mla = _mla_info(info, axes, shape, parent, config, last)
@@ -760,7 +762,11 @@ def _is_rmsnorm(m: nn.Module) -> bool:
         or type(m).__name__.lower().endswith("norm")
 
 
-def _linear_role(last: str, context: str, attr: str) -> str:
+def _linear_role(last: str, context: str, attr: str, lone_square: bool = False) -> str:
+    """The role a Linear's name (`last`) and its path (`context`) say. `lone_square`: it maps a
+    width to itself and is its module's only Linear, which an MLP's projection named only ``proj``
+    / ``c_proj`` / ``dense`` never is (gMLP's spatial gating ``mlp_channels.gate.proj`` mixes token
+    positions: ``other``)."""
     if last in _QKV_NAMES:
         return "attn_qkv"
     if last in _Q_NAMES:
@@ -785,6 +791,8 @@ def _linear_role(last: str, context: str, attr: str) -> str:
     if last in _OUT_NAMES or (last in ("c_proj", "proj", "dense") and in_attn and not in_mlp):
         return "attn_out"
     if last in ("c_proj", "proj", "dense") and in_mlp:
+        if lone_square:
+            return "other"
         return "mlp_up" if "intermediate" in parent.split(".")[-1:] else "mlp_down"
     if last == "dense" and parent.endswith("output"):
         # BERT: `layer.N.output.dense` is the MLP's down projection.
