@@ -17,8 +17,13 @@ axis of the hidden width (from the module, an ancestor or the config) is ``in`` 
 projection (``gate_up_proj``, ``w1``, ``up_proj``, …) and ``out`` of the last (``down_proj``,
 ``w2``, …), so both layouts in use, (expert, out, in) as `F.linear` reads it and (expert, in,
 out) as `torch.bmm` does, are read right; a stack whose axes cannot be told apart keeps
-generic axes. The block's gating projections (one output per expert, or one for a shared
+generic axes. DBRX's 2-D stacks (experts·rows, hidden) are read as (experts, rows, hidden):
+`ParamInfo.view`. The block's gating projections (one output per expert, or one for a shared
 expert) are ``router``.
+
+Other families are read from structure where their names mislead or say nothing: a state-space
+mixer (a module holding ``A_log``) has an MLP's pair of projections, not attention; multi-head
+latent attention (``kv_lora_rank``) has its queries and its per-head keys and values.
 """
 
 from __future__ import annotations
