@@ -479,3 +479,22 @@ def test_every_parameter_of_the_moe_models(arch):
         assert (info.role, info.axes, info.view) == (role, axes, (view or [None])[0]), f"{info.name}: {info.found}"
         used.add(hits[0])
     assert used == set(range(len(expected))), "expectations that match nothing"
+
+
+def test_a_dense_mlp_of_raw_matrices_in_an_moe_model_is_no_stack():
+    # A model whose config counts experts, with a dense MLP kept as raw (I, H) matrices named like
+    # experts' (w1, w2): rows divisible by the experts count, but no module of its own says it
+    # holds experts, so it is not read as a stack (DBRX's holder carries moe_num_experts itself).
+    class DenseMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden_size = H
+            self.w1, self.w2 = nn.Parameter(torch.randn(I, H)), nn.Parameter(torch.randn(I, H))
+
+    model = nn.Module()
+    model.config = type("Config", (), {"num_experts": E, "hidden_size": H})()
+    model.mlp = DenseMLP()
+    layers = resolve_layers(model, warn=False)
+    assert layers["mlp.w1"].view is None and layers["mlp.w1"].role == "other"
+    model.mlp.moe_num_experts = E          # the holder says it: a stack, read per expert
+    assert resolve_layers(model, warn=False)["mlp.w1"].view == (E, I // E, H)

@@ -379,8 +379,9 @@ def _moe_blocks(modules: dict[str, nn.Module], names_by_param: dict, param_by_id
         chain = _chain(path, modules)
         count = _experts_count(chain, config)
         if p.dim() == 2:
-            if _flat_stack(attr, tuple(p.shape), chain, config) is not None:
-                blocks[_stack_block(path)] = int(count)
+            flat = _flat_stack(attr, tuple(p.shape), chain, config)
+            if flat is not None:
+                blocks[_stack_block(path)] = flat[0]
         elif count == p.shape[0] or (count is None and "expert" in path.rpartition(".")[2].lower()):
             blocks[_stack_block(path)] = int(p.shape[0])
     for path, m in modules.items():
@@ -406,13 +407,14 @@ def _flat_stack(attr: str, shape: tuple[int, ...], chain: list, config) -> tuple
     """(experts, rows, cols): the view of a 2-D raw parameter that stacks experts' matrices along
     its rows, (experts·rows, cols), as DBRX's ``w1``, ``v1`` and ``w2`` do; else None. It is one
     where its holder is no layer of its own (not a Linear, embedding or conv), its name is an
-    expert projection's, its holder or an ancestor (or their config) gives an experts count E > 1
-    that divides its rows into runs longer than one, and its columns are the hidden width."""
+    expert projection's, its holder or the holder's parent itself (not a model-wide config: a
+    dense layer of an MoE model is no stack) gives an experts count E > 1 that divides its rows
+    into runs longer than one, and its columns are the hidden width."""
     owner = chain[0] if chain else None
     if len(shape) != 2 or owner is None or _expert_role(attr) is None or _linear_shape(owner) is not None \
             or isinstance(owner, (nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)):
         return None
-    experts, hidden = _experts_count(chain, config), _chain_attr(chain, config, _HIDDEN_ATTRS)
+    experts, hidden = _find_attr(chain[:2], _EXPERT_ATTRS), _chain_attr(chain, config, _HIDDEN_ATTRS)
     if not experts or experts < 2 or shape[0] % experts or shape[0] == experts or shape[1] != hidden:
         return None
     return experts, shape[0] // experts, shape[1]
