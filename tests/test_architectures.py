@@ -700,3 +700,41 @@ def test_a_lone_square_proj_in_an_mlp_is_not_its_down_projection():
     square = _build(transformers.GPT2LMHeadModel, transformers.GPT2Config(
         vocab_size=64, n_embd=32, n_inner=32, n_layer=1, n_head=4, n_positions=16))
     assert resolve_layers(square, warn=False)["transformer.h.0.mlp.c_proj.weight"].role == "mlp_down"
+
+
+def test_linear_attention_with_a_decay_is_no_state_space_mixer():
+    # Qwen3-Next's gated delta net holds A_log (a decay) and a short conv, but no D: its projections
+    # are attention's, as their names say, not an MLP pair (Mamba's mixer holds A_log and D).
+    attn = torch.nn.Module()
+    attn.A_log, attn.dt_bias = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    attn.conv1d = torch.nn.Conv1d(64, 64, 4, groups=64)
+    attn.in_proj_qkvz, attn.out_proj, attn.hidden_size = torch.nn.Linear(32, 64), torch.nn.Linear(32, 32), 32
+    model = torch.nn.Module()
+    model.linear_attn = attn
+    layers = resolve_layers(model, warn=False)
+    assert layers["linear_attn.out_proj.weight"].role == "attn_out"
+    assert layers["linear_attn.in_proj_qkvz.weight"].role == "other"
+    attn.D = torch.nn.Parameter(torch.ones(4))          # with D it is Mamba's mixer: an MLP pair by widths
+    layers = resolve_layers(model, warn=False)
+    assert layers["linear_attn.in_proj_qkvz.weight"].role == "mlp_up"
+
+
+def test_a_square_bert_intermediate_is_still_its_up_projection():
+    square = _build(transformers.BertForMaskedLM, transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32))
+    layers = resolve_layers(square, warn=False)
+    assert layers["bert.encoder.layer.0.intermediate.dense.weight"].role == "mlp_up"
+    assert layers["bert.encoder.layer.0.output.dense.weight"].role == "mlp_down"
+
+
+def test_hessian_heads_of_mla_key_and_value_parts():
+    # kv_b_proj's k part is 4 heads of 6 rows, its v part 4 heads of 8 (per-head interleaved)
+    from lowmem.cli.hessian import heads_of
+    from lowmem.hessian import piece
+    model = deepseek_v3()
+    layers = resolve_layers(model, warn=False)
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    for part, rows in (("k", 24), ("v", 32)):
+        p = piece(model, f"{name}[part={part}]", layers)
+        assert p.box == (rows, 8) and heads_of(p, layers[name]) == 4
+    assert heads_of(piece(model, f"{name}[part=v, head=1]", layers), layers[name]) is None   # one head

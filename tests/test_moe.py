@@ -498,3 +498,53 @@ def test_a_dense_mlp_of_raw_matrices_in_an_moe_model_is_no_stack():
     assert layers["mlp.w1"].view is None and layers["mlp.w1"].role == "other"
     model.mlp.moe_num_experts = E          # the holder says it: a stack, read per expert
     assert resolve_layers(model, warn=False)["mlp.w1"].view == (E, I // E, H)
+
+
+def _small_flat_stack():
+    """DBRX's layout, small enough for a dense Hessian: 2 experts of (6, 4), w2 read as (in, out)."""
+    mlp = _FlatExperts.__new__(_FlatExperts)
+    nn.Module.__init__(mlp)
+    mlp.moe_num_experts, mlp.hidden_size = 2, 4
+    mlp.w1, mlp.v1, mlp.w2 = (nn.Parameter(torch.randn(12, 4)) for _ in range(3))
+    model = nn.Module()
+    model.ffn = nn.Module()
+    model.ffn.router = nn.Module()
+    model.ffn.router.layer = nn.Linear(4, 2, bias=False)
+    model.ffn.experts = nn.Module()
+    model.ffn.experts.mlp = mlp
+    return model
+
+
+def test_hessian_blocks_of_a_2d_stack_are_sliced_and_read_per_expert():
+    # Selectors slice the (experts, rows, hidden) view; rows of the Hessian are (expert, output
+    # unit) pairs, so a Hessian that is block-diagonal per (expert, output unit) gives one group
+    # per pair and a plan with one v per output unit of each expert; a dense one is still split
+    # by expert (one learning rate is never shared across experts).
+    from lowmem.cli.hessian import analyze_block, rows_first
+    from lowmem.hessian import HessianError, piece
+    from lowmem.hessian.plans import plan_from_partitions
+    model = _small_flat_stack()
+    layers = resolve_layers(model, warn=False)
+    name = "ffn.experts.mlp.w2"                       # view (2, 6, 4): (expert, in, out)
+    assert piece(model, f"{name}[1]", layers).box == (1, 6, 4)
+    assert piece(model, f"{name}[1]", layers).index.tolist() == list(range(24, 48))   # expert 1's rows
+    with pytest.raises(HessianError):
+        piece(model, f"{name}[head=0]", layers)
+    p = piece(model, name, layers)
+    perm, shape = rows_first(p, layers[name])
+    assert shape == (8, 6)                              # 2 experts x 4 output units, 6 inputs each
+    flat = torch.arange(48).view(2, 6, 4)
+    pair = (flat // 24) * 4 + flat % 4                  # (expert, output unit) of every entry, by hand
+    labels = pair.reshape(-1)
+    block = (labels[:, None] == labels[None, :]).double() * (1.0 + torch.rand(48, 48, dtype=torch.float64))
+    block = block + block.T + 48 * torch.eye(48, dtype=torch.float64)
+    _, use, _, _ = analyze_block(block, p, layers[name])
+    assert len(use) == 8
+    lp = plan_from_partitions(model, {name: use}, layers=layers).layers[name]
+    assert lp.view == [2, 6, 4] and lp.reduce == [1]    # one v per output unit of each expert
+    a = torch.randn(48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, use, _, _ = analyze_block(a @ a.T, p, layers[name])    # dense: one group
+    assert len(use) == 1
+    lp = plan_from_partitions(model, {name: use}, layers=layers).layers[name]
+    assert lp.reduce is not None and 0 not in lp.reduce and \
+        lowmem.compress.plan.kept_entries(lp.view, lp.reduce) == 2   # one per expert, not one in all

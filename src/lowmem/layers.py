@@ -160,7 +160,8 @@ class ParamInfo:
         return len(self.names) > 1
 
     def dims(self, *axis_names: str) -> tuple[int, ...]:
-        """Dims of the raw tensor whose axis name is one of `axis_names`."""
+        """Dims of `view_shape` (the tensor itself where there is no `view`) whose axis name is one
+        of `axis_names`."""
         return tuple(i for i, a in enumerate(self.axes) if a in axis_names)
 
     @property
@@ -772,8 +773,9 @@ def _is_rmsnorm(m: nn.Module) -> bool:
 def _linear_role(last: str, context: str, attr: str, lone_square: bool = False) -> str:
     """The role a Linear's name (`last`) and its path (`context`) say. `lone_square`: it maps a
     width to itself and is its module's only Linear, which an MLP's projection named only ``proj``
-    / ``c_proj`` / ``dense`` never is (gMLP's spatial gating ``mlp_channels.gate.proj`` mixes token
-    positions: ``other``)."""
+    or ``c_proj`` never is (gMLP's spatial gating ``mlp_channels.gate.proj`` mixes token positions:
+    ``other``; BERT's ``intermediate.dense``, alone in its module, is its up projection even where
+    the two widths are equal)."""
     if last in _QKV_NAMES:
         return "attn_qkv"
     if last in _Q_NAMES:
@@ -798,7 +800,7 @@ def _linear_role(last: str, context: str, attr: str, lone_square: bool = False) 
     if last in _OUT_NAMES or (last in ("c_proj", "proj", "dense") and in_attn and not in_mlp):
         return "attn_out"
     if last in ("c_proj", "proj", "dense") and in_mlp:
-        if lone_square:
+        if lone_square and last != "dense":   # (BERT's intermediate.dense stays mlp_up when square)
             return "other"
         return "mlp_up" if "intermediate" in parent.split(".")[-1:] else "mlp_down"
     if last == "dense" and parent.endswith("output"):
@@ -927,9 +929,12 @@ def _interleaved_info(info, axes, out_features, in_features, hq, hkv, layout: st
 
 
 def _is_ssm_mixer(m) -> bool:
-    """Whether `m` is a selective state-space (Mamba) mixer: it holds its state matrix ``A_log``
-    itself (Mamba, Mamba-2, Jamba, Falcon-H1, Zamba, Bamba and NemotronH all name it so)."""
-    return m is not None and any(n == "A_log" for n, _ in m.named_parameters(recurse=False))
+    """Whether `m` is a selective state-space (Mamba) mixer: it holds its state matrix ``A_log`` and
+    its skip weight ``D`` itself (Mamba, Mamba-2, Jamba, Falcon-H1, Zamba, Bamba and NemotronH all
+    name them so). Linear attention that keeps an ``A_log`` decay without ``D`` (Qwen3-Next's gated
+    delta net, Kimi's forget gate) is not one: its projections are queries, keys and values."""
+    names = {n for n, _ in m.named_parameters(recurse=False)} if m is not None else set()
+    return {"A_log", "D"} <= names
 
 
 def _ssm_info(info, axes, shape, chain, config, last: str) -> ParamInfo:
@@ -982,9 +987,9 @@ def _mla_info(info, axes, shape, attn, config, last: str) -> ParamInfo | None:
 def _with_role(info: ParamInfo, role: str, heads, kv_heads, found: str = "given") -> ParamInfo:
     d = dict(info.__dict__)
     d["role"], d["found"] = role, found
-    if role in ("attn_q", "attn_k", "attn_v") and len(info.shape) == 2:
+    if role in ("attn_q", "attn_k", "attn_v") and len(info.view_shape) == 2:
         h = heads if role == "attn_q" else (kv_heads or heads)
-        out = info.shape[info.axes.index("out")] if "out" in info.axes else info.shape[0]
+        out = info.view_shape[info.axes.index("out")] if "out" in info.axes else info.view_shape[0]
         if h and out % h == 0:
             d["heads"], d["head_dim"] = h, out // h
     return ParamInfo(**d)

@@ -152,34 +152,48 @@ def default_blocks(layers: ModelLayers, max_entries: int) -> tuple[list[str], li
 
 
 def _out_size(info: ParamInfo) -> int:
-    return info.shape[info.fan_out_dims[0]] if info.fan_out_dims else info.shape[0]
+    return info.view_shape[info.fan_out_dims[0]] if info.fan_out_dims else info.view_shape[0]
 
 
 def rows_first(p: Piece, info: ParamInfo) -> tuple[torch.Tensor | None, tuple[int, ...]]:
-    """(permutation, shape) that put the piece's output axis first, as `classify` reads rows;
-    the permutation is None when it already is (an ``nn.Linear``; HF ``Conv1D`` is (in, out))."""
+    """(permutation, shape) that put the piece's output axis first, as `classify` reads rows; in a
+    stack of experts the expert axis before it, the two as one axis of rows (expert, output unit),
+    so that no row spans two experts. The permutation is None when the order already is that (an
+    ``nn.Linear``; HF ``Conv1D`` is (in, out)). The piece's box is in `ParamInfo.view_shape`'s
+    dims (`lowmem.hessian.piece`)."""
     shape = tuple(p.box)
-    if info.view is not None:   # axes name the dims of a reshape (DBRX's 2-D expert stacks)
-        if shape != tuple(info.shape):
-            return None, shape      # a slice of it: its rows as stored
-        shape = info.view_shape
     out = info.fan_out_dims[0] if info.fan_out_dims else 0
-    if out == 0 or len(shape) < 2:
+    expert = info.axes.index("expert") if "expert" in info.axes and len(shape) == len(info.axes) else None
+    if len(shape) < 2 or (out == 0 and expert is None):
         return None, shape
-    order = torch.arange(p.numel).view(shape).movedim(out, 0)
+    order = torch.arange(p.numel).view(shape)
+    if expert is not None:
+        order = order.movedim((expert, out), (0, 1)).reshape(shape[expert] * shape[out],
+                                                              *(s for d, s in enumerate(shape) if d not in (expert, out)))
+    else:
+        order = order.movedim(out, 0)
     return order.reshape(-1), tuple(order.shape)
 
 
 def heads_of(p: Piece, info: ParamInfo) -> int | None:
     """Attention heads along the piece's output axis: its rows hold whole heads of width head_dim
-    (`lowmem.layers`; a fused part's head width is its size over ``part_heads``, where the parts lie
-    one after the other; interleaved parts without one `head_dim`, MLA's keys and values, say none)."""
+    (`lowmem.layers`; a fused part's head width is its size over ``part_heads``; interleaved parts
+    without one `head_dim`, MLA's keys and values, each their own)."""
     head_dim = info.head_dim
-    if head_dim is None and info.parts and info.part_heads and not info.part_groups:
+    out = info.fan_out_dims[0] if info.fan_out_dims else None
+    if head_dim is None and info.parts and info.part_heads and out is not None and info.part_groups:
+        # an interleaved part's piece (its rows in the part's view): heads of the part's own width
+        # (MLA's keys and values differ), found by the piece's rows
+        rows = p.box[out]
+        widths = {rows // h for (_, size), h in zip(info.parts, info.part_heads) if info.part_groups * size == rows}
+        if len(widths) != 1:
+            return None
+        width = widths.pop()
+        return rows // width if rows // width >= 2 else None
+    if head_dim is None and info.parts and info.part_heads:
         head_dim = info.parts[0][1] // info.part_heads[0]
-    if not head_dim or not info.fan_out_dims:
+    if not head_dim or out is None:
         return None
-    out = info.fan_out_dims[0]
     size = p.box[out]
     start = (int(p.index[0]) // math.prod(p.shape[out + 1:])) % p.shape[out]
     if size % head_dim or start % head_dim or size // head_dim < 2:

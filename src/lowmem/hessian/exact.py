@@ -70,9 +70,11 @@ class DisconnectedError(HessianError):
 # -- pieces -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Piece:
-    """A parameter or a sub-view of it: `name` (canonical), the parameter's `shape`, `index`,
-    the flat row-major positions it takes (ascending), `box`, the shape of the sub-view, and
-    `label`, the selector as the user wrote it."""
+    """A parameter or a sub-view of it: `name` (canonical), the parameter's `shape` (as
+    `lowmem.layers` reads it: `ParamInfo.view_shape`, e.g. DBRX's (experts·rows, hidden) stack as
+    (experts, rows, hidden)), `index`, the flat row-major positions it takes (ascending; the same
+    in the tensor and in that reshape), `box`, the shape of the sub-view, and `label`, the
+    selector as the user wrote it."""
 
     name: str
     shape: tuple[int, ...]
@@ -96,7 +98,9 @@ def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
     of a fused Q/K/V projection and ``head=K`` one head (of that part, for a fused weight), both
     along the parameter's output axis (`lowmem.layers` says which dim that is and how wide a
     head is); ``a:b`` or ``i`` then slice the dims in order (as numpy does, without steps) within
-    what part/head took, wherever they are written: ``W[0:2, head=1]`` is rows 0-1 of head 1.
+    what part/head took, wherever they are written: ``W[0:2, head=1]`` is rows 0-1 of head 1. A
+    parameter that `lowmem.layers` reads as a reshape (`ParamInfo.view`: DBRX's expert stacks) is
+    sliced in that shape: ``w1[0]`` is expert 0's matrix.
 
     Raises:
         HessianError: unknown, frozen or empty parameter, malformed selector, a part/head the
@@ -106,9 +110,9 @@ def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
     if isinstance(selector, Piece):
         layers = layers if layers is not None else resolve_layers(model, warn=False)
         info = _trainable(model, layers, selector.name, selector.label)
-        if tuple(info.shape) != selector.shape:
+        if info.view_shape != selector.shape:
             raise HessianError(f"{selector.label!r}: the Piece is of a parameter of shape {selector.shape}, but "
-                               f"{info.name} in this model has shape {tuple(info.shape)}")
+                               f"{info.name} in this model has shape {info.view_shape}")
         return selector
     if not isinstance(selector, str):
         raise TypeError(f"a block selector is a string such as 'fc.weight[0:4]' or a Piece, got "
@@ -119,7 +123,7 @@ def piece(model: nn.Module, selector: str | Piece, layers=None) -> Piece:
                            "NAME[a:b, part=q, head=0]")
     layers = layers if layers is not None else resolve_layers(model, warn=False)
     info = _trainable(model, layers, normalize_name(m.group("name").strip()), selector)
-    shape = tuple(info.shape)
+    shape = info.view_shape     # slices apply to the dims that the layer's axes name
     if math.prod(shape) == 0:
         raise HessianError(f"{selector!r}: {info.name} has no entries (shape {shape})")
     keys, slices = {}, []
@@ -191,7 +195,7 @@ def _trainable(model: nn.Module, layers, name: str, selector: str) -> ParamInfo:
 def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | None) -> slice:
     """The span of the output axis that ``part=`` and ``head=`` select."""
     out = info.fan_out_dims[0] if info.fan_out_dims else 0
-    start, stop, heads = 0, info.shape[out], info.heads
+    start, stop, heads = 0, info.view_shape[out], info.heads
     if part is not None:
         if not info.parts:
             raise HessianError(f"{selector!r}: {info.name} is not a fused Q/K/V projection (it has no parts)")
@@ -205,7 +209,7 @@ def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | N
         if info.part_groups and head is not None:   # interleaved: head h's rows lie in its group
             h = _head_index(head, heads, selector)
             per = heads // info.part_groups                     # this part's heads per group
-            group_rows = info.shape[out] // info.part_groups
+            group_rows = info.view_shape[out] // info.part_groups
             width = (stop - start) // per
             first = (h // per) * group_rows + start + (h % per) * width
             return slice(first, first + width)

@@ -72,7 +72,8 @@ def layout_for(partition: Partition, shape: tuple[int, ...] | list[int], axes: t
         partition: a partition of the parameter's flat (row-major) indices.
         shape: the parameter's shape.
         axes: the meaning of its dims (`lowmem.layers.ParamInfo.axes`); default rows ``out``,
-            then ``in``.
+            then ``in``. With an ``expert`` axis, a group that spans experts is split by expert
+            first: one learning rate is never shared across experts.
     """
     shape = [int(s) for s in shape]
     n = math.prod(shape)
@@ -80,12 +81,18 @@ def layout_for(partition: Partition, shape: tuple[int, ...] | list[int], axes: t
         raise ValueError(f"partition {partition.name!r} covers {partition.size} indices, shape {shape} has {n}")
     axes = tuple(axes) if axes is not None else ("out", *(["in"] * (len(shape) - 1)))
     groups = partition.labels()
-    k = len(partition)
+    if "expert" in axes and len(axes) == len(shape):
+        # a stack of experts: no learning rate is shared across experts (as no preset or SNR plan
+        # shares one), so each group is first split by expert
+        e = axes.index("expert")
+        expert = torch.arange(shape[e]).view([-1 if d == e else 1 for d in range(len(shape))]).expand(*shape)
+        groups = torch.unique(groups * shape[e] + expert.reshape(-1), return_inverse=True)[1]
+    k = int(groups.max()) + 1 if groups.numel() else len(partition)
     candidates = sorted(enumerate(_candidates(shape, axes, k)), key=lambda c: (kept_entries(c[1][0], c[1][1]), c[0]))
     for _, (view, reduce, words) in candidates:
         kept = kept_entries(view, reduce)
         if kept >= k and _refines(layout_labels(view, reduce), kept, groups):
-            return Layout(view, reduce, kept == k, words)
+            return Layout(view, reduce, kept == k == len(partition), words)
     raise AssertionError("full Adam refines every partition")   # unreachable: reduce None is a candidate
 
 
