@@ -155,6 +155,38 @@ def test_quantized_state_in_the_trace_is_what_a_real_step_keeps(fmt):
     assert step.state == sum(t.nbytes for t in tensors)
 
 
+@pytest.mark.parametrize("peer", ["torchao-adamw8bit", "torchao-adamw4bit"])
+def test_torchaos_quantized_adamw_traces_to_the_state_a_real_step_keeps(peer):
+    # torchao builds its code maps from tensor values and compiles its step: the maps are made
+    # real before the trace, the step runs eagerly in it. The traced state is the bytes of the
+    # real optimizer's state after a real (compiled) step; torch.compile is itself again after.
+    from lowmem.compress.optim.registry import PEERS
+
+    entry = PEERS[peer]
+    if entry.unavailable():
+        pytest.skip(entry.unavailable())
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 7))
+
+    compile_ = torch.compile
+    step = trace_optimizer_step(build, lambda model: entry.build(model, 1e-3))
+    assert torch.compile is compile_
+    model = build()
+    opt = entry.build(model, 1e-3)
+    model(torch.randn(4, 256)).square().mean().backward()
+    opt.step()
+    real = lowmem.compress.memory.optimizer_state_bytes(opt)
+    assert step.state == real.total
+    # By hand: torchao quantizes a tensor of at least 4096 entries (the 512 x 256 weight): a code of 1
+    # or 1/2 byte an entry, an fp32 scale per block of 256 or 128, its map (256 or 16 fp32 values);
+    # the others (7 x 512 = 3584 entries and the biases) stay fp32.
+    code, block, levels = (1, 256, 256) if peer.endswith("8bit") else (0.5, 128, 16)
+    big, small = 512 * 256, 512 + 7 * 512 + 7
+    assert real.by_key["exp_avg"] == big * code + 4 * big // block + 4 * levels + 4 * small
+
+
 def test_a_tied_weight_is_one_tensor_in_the_trace():
     # GPT-2's LM head is its token embedding: 124,439,808 parameters once, not 50257 x 768 more
     step = trace_optimizer_step(lambda: build_config_model("gpt2-124m"), _adamw)

@@ -36,7 +36,9 @@ What the figures are, and are not:
   ``scaled_dot_product_attention`` saves what the fused (flash) kernels save on both; torch's
   AdamW is built with ``foreach=True`` (its default on CUDA, with one parameter-sized temporary
   per step); lowmem's optimizers step on their ``foreach`` backend (the Triton kernels on a GPU
-  keep no temporaries, so their real peak is at most this);
+  keep no temporaries, so their real peak is at most this); a step that compiles its kernels
+  (torchao's 8- and 4-bit AdamW) runs eagerly in the trace (`_eager_compile`): the same state,
+  and the eager ops' temporaries, an upper bound on the compiled kernel's;
 - the step is the one your code runs: a model that synchronises with the host or branches on
   values (``.item()``, ``nonzero``, data-dependent shapes) cannot be traced and raises
   `PeakTraceError` naming the op.
@@ -47,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -170,7 +173,8 @@ def _explained(what: str):
 def _prepare_quantization_maps() -> None:
     """Build the 8-/4-bit code maps and their encoders on real tensors before the trace (they are
     computed once per device from Python numbers, which fake tensors cannot give back; made under
-    the trace they would be fake and cached so)."""
+    the trace they would be fake and cached so). torchao's too, where a caller has imported its
+    optimizers (its maps are cached per process from ``.tolist()`` of a tensor)."""
     from lowmem.compress.formats import QUANTIZED
     from lowmem.compress.optim.quant import _encoder
     from lowmem.compress.optim.state import _qmap
@@ -179,6 +183,29 @@ def _prepare_quantization_maps() -> None:
     for which in ("m", "v"):
         for fmt in QUANTIZED:
             _encoder(_qmap(which, fmt, cpu), cpu)
+    if "torchao.optim" in sys.modules:
+        for module in ("torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit"):
+            maps = sys.modules.get(module)
+            for name in ("get_qmap_signed", "get_qmap_unsigned"):
+                if callable(getattr(maps, name, None)):
+                    getattr(maps, name)()
+
+
+@contextlib.contextmanager
+def _eager_compile():
+    """``torch.compile`` as the identity while a step is traced: a compiled step (torchao's 8- and
+    4-bit AdamW compile theirs with ``fullgraph=True``) runs its Python ops eagerly on the fake
+    tensors, as dynamo cannot trace under a fake-tensor mode. Its state is the same; its
+    temporaries are those of the eager ops, at least as many as a fused kernel's."""
+    def identity(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    compile_ = torch.compile
+    torch.compile = identity
+    try:
+        yield
+    finally:
+        torch.compile = compile_
 
 
 @contextlib.contextmanager
@@ -357,7 +384,7 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, checkpointing)
-    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True):
+    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), _eager_compile():
         model = _fake(model)
         if mesh is not None:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -416,7 +443,7 @@ def trace_optimizer_step(build_model: Callable[[], nn.Module],
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, False)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), _eager_compile():
         model = _fake(model)
         optimizer = make_optimizer(model)
         tracker = MemTracker()
