@@ -305,9 +305,9 @@ def test_peak_rows_are_the_traced_peaks_of_each_optimizer(capsys):
     peak = json.loads(out)["peak"]
     rows = {r["optimizer"]: r for r in peak["rows"]}
     from lowmem.compress.optim.registry import PEERS
-    torchao = [] if PEERS["torchao-adamw8bit"].unavailable() else ["torchao-adamw8bit", "torchao-adamw4bit"]
-    assert list(rows) == ROWS + ["muon", *torchao]        # the registry, AdamW first, then the peers
-    for name in torchao:                                  # traced (maps made real, step run eagerly)
+    peers = [n for n in ("torchao-adamw8bit", "torchao-adamw4bit", "bnb-adamw8bit") if not PEERS[n].unavailable()]
+    assert list(rows) == ROWS + ["muon", *peers]          # the registry, AdamW first, then the peers
+    for name in peers:                                    # traced (maps made real, step run eagerly)
         assert rows[name]["error"] is None and rows[name]["state"] < rows["adamw"]["state"] / 3
     assert (peak["batch"], peak["seq"], peak["budget"]) == (8, None, 64 * 2**20)
     whole = trace_peak(shakespeare.build_model, lambda: resized_batch(shakespeare.get_batch(0), 8),

@@ -29,7 +29,7 @@ def peak_optimizers(plan, formats) -> dict[str, Callable[[torch.nn.Module], torc
     """name -> ``make(model)`` for the peak rows: torch AdamW as it runs on a GPU by default
     (``foreach=True``), every other registry optimizer on its ``foreach`` backend (the plan
     optimizers once per state format), torch's Muon (with AdamW beside it), torchao's 8- and 4-bit
-    AdamW where torchao is installed, and the plan; named as ``compare`` names them
+    and bitsandbytes' 8-bit AdamW where installed, and the plan; named as ``compare`` names them
     (``eve:int8``), so a sweep's loss gaps find their rows."""
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=DEFAULTS["lr"], foreach=True)
@@ -46,11 +46,10 @@ def peak_optimizers(plan, formats) -> dict[str, Callable[[torch.nn.Module], torc
         else:
             for fmt in formats or (None,):
                 out[spec_name(e.name, fmt)] = lowmem(e, backend="foreach", state_format=fmt)
-    # What a user would otherwise pick: torch's Muon, torchao's 8- and 4-bit AdamW where torchao is
-    # installed (their code maps are built on real tensors before the trace, their compiled step runs
-    # eagerly in it). bitsandbytes' 8-bit AdamW builds its maps from tensor values when it is made,
-    # which fake tensors cannot give: no row.
-    for name in ("muon", "torchao-adamw8bit", "torchao-adamw4bit"):
+    # What a user would otherwise pick: torch's Muon, and torchao's and bitsandbytes' 8-bit (and
+    # torchao's 4-bit) AdamW where installed (their code maps are built on real tensors, before the
+    # trace or with its fake mode unset, and a compiled step runs eagerly in it).
+    for name in ("muon", "torchao-adamw8bit", "torchao-adamw4bit", "bnb-adamw8bit"):
         peer = PEERS[name]
         if peer.unavailable() is None:
             out[peer.name] = (lambda e: lambda model: e.build(model, DEFAULTS["lr"], (0.9, 0.999), 0.0))(peer)

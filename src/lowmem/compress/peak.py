@@ -38,7 +38,9 @@ What the figures are, and are not:
   per step); lowmem's optimizers step on their ``foreach`` backend (the Triton kernels on a GPU
   keep no temporaries, so their real peak is at most this); a step that compiles its kernels
   (torchao's 8- and 4-bit AdamW) runs eagerly in the trace (`_eager_compile`): the same state,
-  and the eager ops' temporaries, an upper bound on the compiled kernel's;
+  and the eager ops' temporaries, an upper bound on the compiled kernel's; code maps that a
+  package computes from tensor values (torchao's, bitsandbytes') are made on real tensors
+  (`_peer_maps`, `_make_optimizer`);
 - the step is the one your code runs: a model that synchronises with the host or branches on
   values (``.item()``, ``nonzero``, data-dependent shapes) cannot be traced and raises
   `PeakTraceError` naming the op.
@@ -173,8 +175,7 @@ def _explained(what: str):
 def _prepare_quantization_maps() -> None:
     """Build the 8-/4-bit code maps and their encoders on real tensors before the trace (they are
     computed once per device from Python numbers, which fake tensors cannot give back; made under
-    the trace they would be fake and cached so). torchao's too, where a caller has imported its
-    optimizers (its maps are cached per process from ``.tolist()`` of a tensor)."""
+    the trace they would be fake and cached so); torchao's too (`_peer_maps`)."""
     from lowmem.compress.formats import QUANTIZED
     from lowmem.compress.optim.quant import _encoder
     from lowmem.compress.optim.state import _qmap
@@ -183,12 +184,34 @@ def _prepare_quantization_maps() -> None:
     for which in ("m", "v"):
         for fmt in QUANTIZED:
             _encoder(_qmap(which, fmt, cpu), cpu)
-    if "torchao.optim" in sys.modules:
-        for module in ("torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit"):
-            maps = sys.modules.get(module)
-            for name in ("get_qmap_signed", "get_qmap_unsigned"):
-                if callable(getattr(maps, name, None)):
-                    getattr(maps, name)()
+    _peer_maps()
+
+
+def _peer_maps() -> None:
+    """torchao's code maps, where its optimizers are imported: cached per process from
+    ``.tolist()`` of a tensor, so they are made on real tensors (call with no fake mode active)."""
+    for module in ("torchao.optim.subclass_8bit", "torchao.optim.subclass_4bit"):
+        maps = sys.modules.get(module)
+        for name in ("get_qmap_signed", "get_qmap_unsigned"):
+            if callable(getattr(maps, name, None)):
+                getattr(maps, name)()
+
+
+def _make_optimizer(make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], model: nn.Module):
+    """`make_optimizer(model)` under the trace's fake-tensor mode; where its constructor needs
+    tensor values (bitsandbytes builds its code maps there), made again with the mode unset, so
+    that what it builds from Python numbers is real (its state, made in the step, is fake). The
+    maps of a package it imported (torchao) are then made real too, before its first step."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        optimizer = make_optimizer(model)
+    except FAKE_ERRORS:
+        with unset_fake_temporarily():
+            optimizer = make_optimizer(model)
+    with unset_fake_temporarily():
+        _peer_maps()
+    return optimizer
 
 
 @contextlib.contextmanager
@@ -390,7 +413,7 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
             _shard(model, mesh)
-        optimizer = make_optimizer(model)
+        optimizer = _make_optimizer(make_optimizer, model)
         batch = make_batch()
         if mesh is None:
             tracker = MemTracker()
@@ -445,7 +468,7 @@ def trace_optimizer_step(build_model: Callable[[], nn.Module],
     model = _meta_model(build_model, param_dtype, False)
     with FakeTensorMode(allow_non_fake_inputs=True), _eager_compile():
         model = _fake(model)
-        optimizer = make_optimizer(model)
+        optimizer = _make_optimizer(make_optimizer, model)
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         with tracker, _explained("the optimizer step"):
