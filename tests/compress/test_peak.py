@@ -216,6 +216,28 @@ def test_the_8_and_4_bit_adamw_of_torchao_and_bitsandbytes_trace_to_the_state_a_
     assert real == hand + (16 if peer.startswith("torchao") else 0)   # torchao's four step counters
 
 
+@pytest.mark.parametrize("arch", ["gpt-neox", "deepseek-v3"])
+def test_interleaved_parts_trace_to_the_state_a_real_step_keeps(arch):
+    # Each head's q/k/v rows (GPT-NeoX) or key/value rows (DeepSeek-V3's MLA) are strided parts,
+    # not viewable in their view shape: updated through their own path, in the trace as for real
+    # (a fake tensor refuses such a view with ValueError where a real one raises RuntimeError).
+    pytest.importorskip("transformers")
+    import test_architectures
+
+    build = {"gpt-neox": test_architectures.neox, "deepseek-v3": test_architectures.deepseek_v3}[arch]
+
+    def make(model):
+        return lowmem.Eve(model, lr=1e-3, backend="foreach")
+
+    step = trace_optimizer_step(build, make)
+    model = build()
+    opt = make(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert step.state == sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
 def test_a_tied_weight_is_one_tensor_in_the_trace():
     # GPT-2's LM head is its token embedding: 124,439,808 parameters once, not 50257 x 768 more
     step = trace_optimizer_step(lambda: build_config_model("gpt2-124m"), _adamw)

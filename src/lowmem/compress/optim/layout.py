@@ -119,10 +119,7 @@ class Layout:
         """Block i of `param` as a view in its view shape, for batched in-place updates, or None
         where it is not viewable (a strided part: the update goes through `land`)."""
         block = self.blocks[i]
-        try:
-            return block.narrow(param).view(block.view)
-        except RuntimeError:
-            return None
+        return _view(block.narrow(param), block.view)
 
 
 def layout_of(shape: tuple[int, ...], lp: LayerPlan | None) -> Layout:
@@ -332,12 +329,20 @@ def mean_sq(x: torch.Tensor, reduce: tuple[int, ...]) -> torch.Tensor:
     return (x * x).mean(dim=reduce, keepdim=True)
 
 
+def _view(t: torch.Tensor, shape) -> torch.Tensor | None:
+    """`t` viewed as `shape`, or None where its strides do not allow it (a real tensor raises
+    RuntimeError there, a fake one, as in the peak trace, ValueError)."""
+    try:
+        return t.view(shape)
+    except (RuntimeError, ValueError):
+        return None
+
+
 def _add_update(target: torch.Tensor, block: Block, m: torch.Tensor, denom: torch.Tensor, value: float) -> None:
     """``target[block] += value · m[block] / denom``, in place on the parameter."""
     region = block.narrow(target)
-    try:
-        region_view = region.view(block.view)
-    except RuntimeError:   # a non-contiguous parameter whose view needs a copy: update through one
+    region_view = _view(region, block.view)
+    if region_view is None:   # a strided part (interleaved rows) or a non-contiguous parameter: through a copy
         region.add_((block.region(m) / denom).mul_(value).reshape(region.shape))
         return
     region_view.addcdiv_(block.region(m), denom, value=value)
