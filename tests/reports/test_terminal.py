@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from rich.console import Console
+import torch
 from torch import nn
 
 from lowmem.compress.formats import StateFormat
@@ -81,6 +82,32 @@ def test_role_snr_table_marks_passing_medians():
     rows = [RoleSnr("attn_q", "raw", "1", "fan_in", 2.3333, 4), RoleSnr("attn_q", "raw", "0", "fan_out", 0.86, 4)]
     text = _render(RoleSnrTable(rows, threshold=1.0))
     assert "2.33*" in text and "0.86 " in text and "0.86*" not in text
+
+
+def test_role_snr_table_never_marks_what_no_plan_averages_over():
+    # An MoE stack's expert axis (and a head axis) is measured, but no plan averages over it: a
+    # median above the threshold there gets no star (the DBRX run showed "expert 5.39*")
+    from lowmem.snr.summary import median_by_role
+    from lowmem.snr.trajectory import Sample, SnrTrajectory
+    from lowmem.snr.views import param_views
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts, self.hidden_size = 2, 4
+            self.gate_up_proj = nn.Parameter(torch.zeros(2, 6, 4))   # (expert, out, in)
+
+    model = nn.Module()
+    model.mlp = nn.Module()
+    model.mlp.experts = Stack()
+    layers = resolve_layers(model, warn=False)
+    (raw,) = param_views(layers["mlp.experts.gate_up_proj"])
+    traj = SnrTrajectory([Sample(1, "mlp.experts.gate_up_proj", (2, 6, 4), raw.label(), dims, 5.0, 0.0, 0.0)
+                          for dims in ((0,), (2,))])
+    rows = {r.subset: r for r in median_by_role(traj, layers)}
+    assert (rows["0"].axes, rows["0"].plannable) == ("expert", False) and rows["2"].plannable
+    text = _render(RoleSnrTable(list(rows.values()), threshold=1.0))
+    assert "5.00*" in text and text.count("5.00*") == 1      # fan_in marked, expert not
 
 
 def test_long_names_wrap_at_dots_never_inside_a_component():

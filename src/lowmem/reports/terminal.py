@@ -238,7 +238,9 @@ class RoleSnrTable:
                       title_justify="left", show_edge=False, pad_edge=False,
                       caption=f"* the median layer of this role could average v over these axes (SNR > "
                               f"{self.threshold:g}); each layer is decided by its own SNR (the plan table), and "
-                              "norms and tensors whose axes are unknown keep full Adam whatever theirs is",
+                              "norms and tensors whose axes are unknown keep full Adam whatever theirs is; "
+                              "averages across experts, heads or unnamed axes are measured but never planned, "
+                              "so never marked",
                       caption_justify="left", caption_style="dim")
         table.add_column("role", no_wrap=True)
         table.add_column("view", no_wrap=True)
@@ -246,7 +248,7 @@ class RoleSnrTable:
         table.add_column("median SNR", justify="right", no_wrap=True)
         table.add_column("layers", justify="right", no_wrap=True)
         for r in self.rows:
-            mark = "*" if r.median > self.threshold else " "
+            mark = "*" if r.median > self.threshold and r.plannable else " "
             table.add_row(r.role, r.view, r.axes, f"{snr_text(r.median)}{mark}", str(r.layers))
         yield table
 

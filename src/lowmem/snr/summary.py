@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lowmem.layers import ModelLayers
+from lowmem.layers import ModelLayers, is_generic_axis
 from lowmem.snr.keys import format_subset
 from lowmem.snr.trajectory import SnrTrajectory
 from lowmem.snr.views import describe_subset, param_views
@@ -25,6 +25,7 @@ class RoleSnr:
     axes: str          # the same in words, "fan_out+fan_in"
     median: float
     layers: int
+    plannable: bool = True   # a plan may average over these axes (none over expert, head or unnamed ones)
 
 
 def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
@@ -35,6 +36,7 @@ def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
         by_name[name].append((label, dims, m))
     values: dict[tuple[str, str, tuple[int, ...]], list[float]] = defaultdict(list)
     words: dict[tuple[str, str, tuple[int, ...]], str] = {}
+    plannable: dict[tuple[str, str, tuple[int, ...]], bool] = {}
     for info in layers:
         for view in param_views(info):
             for label, dims, m in by_name.get(info.name, ()):
@@ -43,5 +45,8 @@ def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
                 key = (info.role, view.name, dims)
                 values[key].append(m.snr)
                 words[key] = describe_subset(view.axes, dims)
-    return [RoleSnr(role, view, format_subset(dims), words[(role, view, dims)], statistics.median(v), len(v))
+                plannable[key] = not any(view.axes[d] in ("expert", "head") or is_generic_axis(view.axes[d])
+                                         for d in dims)
+    return [RoleSnr(role, view, format_subset(dims), words[(role, view, dims)], statistics.median(v), len(v),
+                    plannable[(role, view, dims)])
             for (role, view, dims), v in values.items()]
