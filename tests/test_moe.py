@@ -528,7 +528,7 @@ def test_hessian_blocks_of_a_2d_stack_are_sliced_and_read_per_expert():
     name = "ffn.experts.mlp.w2"                       # view (2, 6, 4): (expert, in, out)
     assert piece(model, f"{name}[1]", layers).box == (1, 6, 4)
     assert piece(model, f"{name}[1]", layers).index.tolist() == list(range(24, 48))   # expert 1's rows
-    with pytest.raises(HessianError):
+    with pytest.raises(HessianError, match=r"a stack of experts.*no heads.*w2\[0:2\], of 2"):
         piece(model, f"{name}[head=0]", layers)
     p = piece(model, name, layers)
     perm, shape = rows_first(p, layers[name])

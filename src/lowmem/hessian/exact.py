@@ -219,8 +219,12 @@ def _output_rows(info: ParamInfo, selector: str, part: str | None, head: str | N
     if head is None:
         return slice(start, stop)
     if not heads or (stop - start) % heads:
-        raise HessianError(f"{selector!r}: the number of heads of {info.name} is not known "
-                           "(select rows with a slice instead, e.g. [0:16])")
+        first = info.view_shape[0] if info.view_shape else 0
+        example = f"[0:{min(16, first)}]" if first > 1 else "[0]"
+        what = f"{info.name} is a stack of experts, not an attention projection: it has no heads" \
+            if "expert" in info.axes else f"the number of heads of {info.name} is not known"
+        raise HessianError(f"{selector!r}: {what} (select with a slice of its first dim instead, e.g. "
+                           f"{info.name}{example}, of {first})")
     h = _head_index(head, heads, selector)
     width = (stop - start) // heads
     return slice(start + h * width, start + (h + 1) * width)
