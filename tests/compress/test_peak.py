@@ -238,6 +238,31 @@ def test_interleaved_parts_trace_to_the_state_a_real_step_keeps(arch):
     assert step.state == sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
+def test_transformers_moe_experts_trace_in_fp32():
+    # transformers 5 runs an MoE layer's experts with torch._grouped_mm, whose meta kernel (what fake
+    # tensors run) takes bf16 only while the CPU kernel takes fp32: traced all the same, its weights
+    # and AdamW's state by hand; torch's own meta kernel is back after the trace.
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, first_k_dense_replace=1,
+            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
+            qk_nope_head_dim=6, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            n_group=1, topk_group=1))
+
+    def loss(model, ids):
+        return model(ids).logits.float().square().mean()
+
+    peak = trace_peak(build, lambda: torch.zeros(2, 16, dtype=torch.long), loss, _adamw)
+    numel = [p.numel() for p in build().parameters()]
+    assert peak.weights == 4 * sum(numel) and peak.state == 8 * sum(numel) + 4 * len(numel)
+    a, b = torch.empty(8, 4, device="meta"), torch.empty(2, 4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="BF16"):
+        torch._grouped_mm(a, b, offs=torch.tensor([4, 8], dtype=torch.int32, device="meta"))
+
+
 def test_a_tied_weight_is_one_tensor_in_the_trace():
     # GPT-2's LM head is its token embedding: 124,439,808 parameters once, not 50257 x 768 more
     step = trace_optimizer_step(lambda: build_config_model("gpt2-124m"), _adamw)

@@ -32,7 +32,8 @@ What the figures are, and are not:
   reserved: the caching allocator's rounding and fragmentation, the CUDA context (about 0.3–1 GiB
   per process) and NCCL buffers come on top; leave headroom under a device's capacity;
 - the trace runs on fake *CPU* tensors (torch's CPU build cannot run autograd on fake CUDA
-  tensors), so the kernels chosen are the CPU ones. Attention through
+  tensors), so the kernels chosen are the CPU ones (and `_cpu_meta_kernels` lets grouped matrix
+  products, transformers 5's experts, run in fp32 as the CPU kernel does). Attention through
   ``scaled_dot_product_attention`` saves what the fused (flash) kernels save on both; torch's
   AdamW is built with ``foreach=True`` (its default on CUDA, with one parameter-sized temporary
   per step); lowmem's optimizers step on their ``foreach`` backend (the Triton kernels on a GPU
@@ -212,6 +213,31 @@ def _make_optimizer(make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     with unset_fake_temporarily():
         _peer_maps()
     return optimizer
+
+
+@contextlib.contextmanager
+def _cpu_meta_kernels():
+    """torch's meta kernel of ``aten._grouped_mm`` (what fake tensors run) accepts bf16 inputs only,
+    the CUDA kernel's rule, while the CPU kernel, which transformers 5's mixture-of-experts layers
+    call with fp32 parameters, takes any float dtype: while a step is traced, the meta kernel gives
+    the same output for any float dtype (torch's own shape rule), and torch's is back after."""
+    try:
+        from torch._meta_registrations import _create_grouped_mm_output_tensor
+    except ImportError:      # a torch without it: its own meta kernel stands
+        yield
+        return
+
+    def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():   # "overriding a previously registered kernel": on purpose
+            warnings.simplefilter("ignore")
+            lib.impl("_grouped_mm", grouped_mm, "Meta")
+        yield
+    finally:
+        lib._destroy()
 
 
 @contextlib.contextmanager
@@ -407,7 +433,8 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, checkpointing)
-    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), _eager_compile():
+    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), _eager_compile(), \
+            _cpu_meta_kernels():
         model = _fake(model)
         if mesh is not None:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -446,7 +473,7 @@ def trace_forward_backward(build_model: Callable[[], nn.Module], make_batch: Cal
     from torch.distributed._tools.mem_tracker import MemTracker
 
     model = _meta_model(build_model, param_dtype, checkpointing)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_meta_kernels():
         model = _fake(model)
         batch = make_batch()
         tracker = MemTracker()
@@ -466,7 +493,7 @@ def trace_optimizer_step(build_model: Callable[[], nn.Module],
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, False)
-    with FakeTensorMode(allow_non_fake_inputs=True), _eager_compile():
+    with FakeTensorMode(allow_non_fake_inputs=True), _eager_compile(), _cpu_meta_kernels():
         model = _fake(model)
         optimizer = _make_optimizer(make_optimizer, model)
         tracker = MemTracker()
