@@ -213,15 +213,26 @@ class PeerEntry:
             PeerUnavailable: its package is missing or fails to import (the message says what to install).
         """
         import importlib
+        import logging
         import warnings
 
+        # On import, torchao logs the CUDA kernels a CPU build lacks (and makes torch log its pytree
+        # registrations), bitsandbytes the kernels it could not fetch: not the user's concern, and
+        # `-q` promises an empty stderr.
+        loggers = [logging.getLogger(n) for n in ("torchao", "bitsandbytes", "torch.utils._pytree")]
+        levels = [lg.level for lg in loggers]
         try:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
             with warnings.catch_warnings():   # torchao warns on import about kernels a CPU build lacks
                 warnings.simplefilter("ignore")
                 module = importlib.import_module(self.module)
         except Exception as e:   # a broken install raises more than ImportError (OSError, RuntimeError)
             raise PeerUnavailable(f"optimizer {self.name!r} needs {self.requirement.split('=')[0]}, which does not "
                                   f"import here ({type(e).__name__}: {e}); pip install '{self.requirement}'") from None
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
         cls = getattr(module, self.attr, None)
         if cls is None:
             raise PeerUnavailable(f"optimizer {self.name!r}: {self.module} has no {self.attr} in this version; "
