@@ -505,9 +505,10 @@ def _one_block(task: Task, model, batches, selector: str, p: Piece, info: ParamI
 
     own = next(model.parameters()).dtype
     where = " while computing the Hessian (it runs in eval() mode" + (
-        f", on a {args.dtype} copy of the model: tensors loss_fn makes itself need the batch's dtype, and some "
-        f"kernels have no {args.dtype} version, e.g. the grouped matrix products of transformers' MoE experts; "
-        f"or use --dtype {str(own).replace('torch.', '')})" if dtype != own else ")")
+        f", on a {args.dtype} copy of the model: tensors loss_fn makes itself need the batch's dtype"
+        + (", and some kernels have no float64 version, e.g. the grouped matrix products of transformers' MoE "
+           "experts" if dtype == torch.float64 else "")
+        + f"; or use --dtype {str(own).replace('torch.', '')})" if dtype != own else ")")
 
     def loss_fn(model, batch):     # the user's code raising here fails the same for every block: exit 3
         try:

@@ -166,7 +166,8 @@ def _explained(what: str):
     try:
         yield
     except FAKE_ERRORS as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename
+                  and not (f.filename == __file__ and f.name == "__torch_dispatch__")]   # (`_cpu_meta_kernels`)
         where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
         raise PeakTraceError(f"{what} needs tensor values{where} ({e}), which a trace on fake tensors does not "
                              "have: peak memory can only be traced for a step without .item(), nonzero() or "
@@ -198,16 +199,27 @@ def _peer_maps() -> None:
                 getattr(maps, name)()
 
 
+# Packages whose optimizers (`lowmem.compress.optim.registry.PEERS`) build code maps from tensor
+# values: their constructors run with the fake mode unset (`_make_optimizer`).
+_PEER_PACKAGES = ("bitsandbytes", "torchao")
+
+
 def _make_optimizer(make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], model: nn.Module):
-    """`make_optimizer(model)` under the trace's fake-tensor mode; where its constructor needs
-    tensor values (bitsandbytes builds its code maps there), made again with the mode unset, so
-    that what it builds from Python numbers is real (its state, made in the step, is fake). The
-    maps of a package it imported (torchao) are then made real too, before its first step."""
+    """`make_optimizer(model)` under the trace's fake-tensor mode. Where the constructor of a peer
+    package (bitsandbytes, torchao: `_PEER_PACKAGES`) needs tensor values (bitsandbytes builds its
+    code maps there), it is made again with the mode unset, so that what it builds from Python
+    numbers is real (its state, made in the step, is fake); any other constructor that needs values
+    stays an error (made for real, it could allocate a real state the size of the model). The maps
+    of a package it imported (torchao) are then made real too, before its first step."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     try:
         optimizer = make_optimizer(model)
-    except FAKE_ERRORS:
+    except FAKE_ERRORS as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        if not any(f"{os.sep}{package}{os.sep}" in f.filename for f in frames for package in _PEER_PACKAGES):
+            with _explained("making the optimizer"):
+                raise
         with unset_fake_temporarily():
             optimizer = make_optimizer(model)
     with unset_fake_temporarily():
@@ -219,33 +231,55 @@ def _make_optimizer(make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
 def _cpu_meta_kernels():
     """torch's meta kernel of ``aten._grouped_mm`` (what fake tensors run) accepts bf16 inputs only,
     the CUDA kernel's rule, while the CPU kernel, which transformers 5's mixture-of-experts layers
-    call with fp32 parameters, takes any float dtype: while a step is traced, the meta kernel gives
-    the same output for any float dtype (torch's own shape rule), and torch's is back after."""
+    call with fp32 parameters, takes fp32 too. While a step is traced (inside the fake-tensor mode,
+    below the memory tracker), a dispatch mode of its own answers that op for fp32 and fp16
+    operands: torch's checks of shapes and offsets (not its bf16 alignment of strides), then
+    torch's output rule in the operands' dtype. Nothing global changes; other dtypes and ops go on
+    to torch's kernels."""
     try:
         from torch._meta_registrations import _create_grouped_mm_output_tensor
-    except ImportError:      # a torch without it: its own meta kernel stands
+        from torch.utils._python_dispatch import TorchDispatchMode
+        op = torch.ops.aten._grouped_mm.default
+    except (ImportError, AttributeError):   # a torch without them: its own meta kernel stands
         yield
         return
 
     def grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+        torch._check(mat_a.dim() in (2, 3) and mat_b.dim() in (2, 3), lambda: "Multiplicands must be 2D or 3D")
+        torch._check(a2 and b2 or mat_a.size(-1) == mat_b.size(-2),
+                     lambda: "contraction dimension of mat_a and mat_b must match")
+        if a2 or b2:
+            torch._check(offs is not None and offs.dim() == 1 and offs.dtype == torch.int32,
+                         lambda: "a 2D multiplicand needs a 1D int32 offsets tensor")
+        else:
+            torch._check(offs is None, lambda: "Offsets tensor provided, but is not needed for 3D/3D")
+        torch._check(bias is None, lambda: "Bias tensor provided, but it is not supported yet.")
         return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
 
-    lib = torch.library.Library("aten", "IMPL")
-    try:
-        with warnings.catch_warnings():   # "overriding a previously registered kernel": on purpose
-            warnings.simplefilter("ignore")
-            lib.impl("_grouped_mm", grouped_mm, "Meta")
+    class AnyFloat(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is op:
+                bound = dict(zip(("mat_a", "mat_b", "offs", "bias", "out_dtype"), args), **kwargs)
+                bound = {{"self": "mat_a", "mat2": "mat_b"}.get(k, k): v for k, v in bound.items()}
+                a, b = bound["mat_a"], bound["mat_b"]
+                if a.dtype == b.dtype and a.dtype in (torch.float32, torch.float16) \
+                        and bound.get("out_dtype") in (None, a.dtype):
+                    return grouped_mm(**bound)
+            return func(*args, **kwargs)
+
+    with AnyFloat():
         yield
-    finally:
-        lib._destroy()
 
 
 @contextlib.contextmanager
 def _eager_compile():
-    """``torch.compile`` as the identity while a step is traced: a compiled step (torchao's 8- and
-    4-bit AdamW compile theirs with ``fullgraph=True``) runs its Python ops eagerly on the fake
-    tensors, as dynamo cannot trace under a fake-tensor mode. Its state is the same; its
-    temporaries are those of the eager ops, at least as many as a fused kernel's."""
+    """``torch.compile`` as the identity while a step runs in the trace (not while the model and
+    optimizer are made, so a package imported then compiles as it means to): a compiled step
+    (torchao's 8- and 4-bit AdamW compile theirs with ``fullgraph=True``) runs its Python ops
+    eagerly on the fake tensors, as dynamo cannot trace under a fake-tensor mode. Its state is the
+    same; its temporaries are those of the eager ops, at least as many as a fused kernel's."""
     def identity(model=None, **kwargs):
         return model if model is not None else (lambda fn: fn)
 
@@ -433,8 +467,7 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, checkpointing)
-    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), _eager_compile(), \
-            _cpu_meta_kernels():
+    with _fake_world(world) as mesh, FakeTensorMode(allow_non_fake_inputs=True), _cpu_meta_kernels():
         model = _fake(model)
         if mesh is not None:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
@@ -447,7 +480,7 @@ def trace_peak(build_model: Callable[[], nn.Module], make_batch: Callable[[], An
             tracker.track_external(model, optimizer)
         else:
             tracker = FSDPMemTracker(model, optimizer)
-        with tracker, _explained("the training step"):
+        with tracker, _explained("the training step"), _eager_compile():
             for _ in range(2):
                 tracker.reset_mod_stats()   # per-module figures only: the peak is kept over both steps
                 _forward_backward(model, batch, loss_fn, autocast)
@@ -478,7 +511,7 @@ def trace_forward_backward(build_model: Callable[[], nn.Module], make_batch: Cal
         batch = make_batch()
         tracker = MemTracker()
         tracker.track_external(model)
-        with tracker, _explained("the forward and backward"):
+        with tracker, _explained("the forward and backward"), _eager_compile():
             _forward_backward(model, batch, loss_fn, autocast)
         return PeakMemory(**_snapshot(tracker, inputs=_input_bytes(batch)))
 
@@ -493,12 +526,12 @@ def trace_optimizer_step(build_model: Callable[[], nn.Module],
 
     _prepare_quantization_maps()
     model = _meta_model(build_model, param_dtype, False)
-    with FakeTensorMode(allow_non_fake_inputs=True), _eager_compile(), _cpu_meta_kernels():
+    with FakeTensorMode(allow_non_fake_inputs=True), _cpu_meta_kernels():
         model = _fake(model)
         optimizer = _make_optimizer(make_optimizer, model)
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
-        with tracker, _explained("the optimizer step"):
+        with tracker, _explained("the optimizer step"), _eager_compile():
             for _ in range(2):
                 for p in model.parameters():
                     if p.requires_grad:

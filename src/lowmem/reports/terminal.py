@@ -239,8 +239,8 @@ class RoleSnrTable:
                       caption=f"* the median layer of this role could average v over these axes (SNR > "
                               f"{self.threshold:g}); each layer is decided by its own SNR (the plan table), and "
                               "norms and tensors whose axes are unknown keep full Adam whatever theirs is; "
-                              "averages across experts, heads or unnamed axes are measured but never planned, "
-                              "so never marked",
+                              "averages across experts, heads, unnamed axes or (by default) tokens are measured "
+                              "but not planned, so not marked",
                       caption_justify="left", caption_style="dim")
         table.add_column("role", no_wrap=True)
         table.add_column("view", no_wrap=True)

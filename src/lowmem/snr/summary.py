@@ -6,7 +6,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lowmem.layers import ModelLayers, is_generic_axis
+from lowmem.layers import ModelLayers
 from lowmem.snr.keys import format_subset
 from lowmem.snr.trajectory import SnrTrajectory
 from lowmem.snr.views import describe_subset, param_views
@@ -25,12 +25,15 @@ class RoleSnr:
     axes: str          # the same in words, "fan_out+fan_in"
     median: float
     layers: int
-    plannable: bool = True   # a plan may average over these axes (none over expert, head or unnamed ones)
+    plannable: bool = True   # the SNR plan may average over these axes (`lowmem.compress.builders.is_candidate`)
 
 
 def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
                    window: tuple[int | None, int | None] | None = None) -> list[RoleSnr]:
-    """Median over layers of each role of the time-mean SNR, per view and subset, in model order."""
+    """Median over layers of each role of the time-mean SNR, per view and subset, in model order;
+    `plannable` as the SNR plan's own rule (`is_candidate`, tokens not averaged: the default)."""
+    from lowmem.compress.builders import is_candidate   # (builders reads the snr modules: imported here)
+
     by_name: dict[str, list] = defaultdict(list)
     for (name, label, dims), m in trajectory.time_mean(window).items():
         by_name[name].append((label, dims, m))
@@ -45,8 +48,7 @@ def median_by_role(trajectory: SnrTrajectory, layers: ModelLayers,
                 key = (info.role, view.name, dims)
                 values[key].append(m.snr)
                 words[key] = describe_subset(view.axes, dims)
-                plannable[key] = not any(view.axes[d] in ("expert", "head") or is_generic_axis(view.axes[d])
-                                         for d in dims)
+                plannable[key] = is_candidate(view, dims)
     return [RoleSnr(role, view, format_subset(dims), words[(role, view, dims)], statistics.median(v), len(v),
                     plannable[(role, view, dims)])
             for (role, view, dims), v in values.items()]

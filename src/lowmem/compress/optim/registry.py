@@ -224,8 +224,12 @@ class PeerEntry:
         try:
             for lg in loggers:
                 lg.setLevel(logging.ERROR)
-            with warnings.catch_warnings():   # torchao warns on import about kernels a CPU build lacks
-                warnings.simplefilter("ignore")
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            # real tensors even when first imported inside a peak trace: a package's module-level
+            # tables (bitsandbytes' code maps) made fake there would stay fake for the process
+            with warnings.catch_warnings(), unset_fake_temporarily():   # torchao warns on import about
+                warnings.simplefilter("ignore")                        # kernels a CPU build lacks
                 module = importlib.import_module(self.module)
         except Exception as e:   # a broken install raises more than ImportError (OSError, RuntimeError)
             raise PeerUnavailable(f"optimizer {self.name!r} needs {self.requirement.split('=')[0]}, which does not "
