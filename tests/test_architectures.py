@@ -464,17 +464,24 @@ def _snr(x, axis):
     return float((mean * mean / var).mean())
 
 
+def _trained_with_capture(model, tokens: int, steps: int = 2):
+    """(optimizer, capture) after `steps` AdamW steps of `model` (vocabulary 64) on `tokens` tokens
+    each, SNR captured at every step."""
+    from lowmem.snr.capture import capture
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cap = capture(opt, model, every=1)
+    for step in range(steps):
+        opt.zero_grad()
+        model(torch.arange(step, step + tokens).view(1, tokens) % 64).logits.square().mean().backward()
+        opt.step()
+    return opt, cap
+
+
 def test_interleaved_parts_are_measured_on_the_models_own_rows():
     # GPT-NeoX trained for two steps, SNR captured: each part's SNR is that of the rows the model
     # uses for it (each head's q, k, v rows, from its modeling code), in numpy from exp_avg_sq.
-    from lowmem.snr.capture import capture
     model = neox()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cap = capture(opt, model, every=1)
-    for step in range(2):
-        opt.zero_grad()
-        model(torch.arange(step, step + 12).view(1, 12) % 64).logits.square().mean().backward()
-        opt.step()
+    opt, cap = _trained_with_capture(model, 12)
     name = "gpt_neox.layers.0.attention.query_key_value.weight"
     v = opt.state[model.get_submodule(name.rpartition(".")[0]).weight]["exp_avg_sq"].numpy()
     rows = _rows("per_head", 4, 4, 8)
@@ -585,14 +592,8 @@ def test_mla_key_and_value_parts_are_measured_on_the_models_own_rows():
     # DeepSeek-V3 trained for two steps, SNR captured: kv_b_proj's k and v parts (of unequal
     # widths, 6 and 8 rows per head) are measured on each head's rows that its modeling code
     # takes for keys and values, in numpy from exp_avg_sq.
-    from lowmem.snr.capture import capture
     model = deepseek_v3()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cap = capture(opt, model, every=1)
-    for step in range(2):
-        opt.zero_grad()
-        model(torch.arange(step, step + 10).view(1, 10) % 64).logits.square().mean().backward()
-        opt.step()
+    opt, cap = _trained_with_capture(model, 10)
     name = "model.layers.0.self_attn.kv_b_proj.weight"
     v = opt.state[model.model.layers[0].self_attn.kv_b_proj.weight]["exp_avg_sq"].numpy().reshape(4, 14, 8)
     got = {(s.view.name, s.subset): s.snr for s in cap.samples if s.name == name and s.step == 2}
@@ -671,16 +672,10 @@ EVERY = {
 
 @pytest.mark.parametrize("arch", list(EVERY))
 def test_every_parameter_of_real_architectures(arch):
-    import re
+    from expectations import check_every
+
     build, expected = EVERY[arch]
-    layers = resolve_layers(build(), warn=False)
-    used = set()
-    for info in layers:
-        hits = [i for i, (pattern, _, _) in enumerate(expected) if re.fullmatch(pattern, info.name)]
-        assert len(hits) == 1, f"{info.name} matches {len(hits)} expectations"
-        assert (info.role, info.axes) == expected[hits[0]][1:], f"{info.name}: {info.found}"
-        used.add(hits[0])
-    assert used == set(range(len(expected))), "expectations that match nothing"
+    check_every([(i.name, (i.role, i.axes)) for i in resolve_layers(build(), warn=False)], expected)
 
 
 def test_a_lone_square_proj_in_an_mlp_is_not_its_down_projection():

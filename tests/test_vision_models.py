@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -136,15 +135,11 @@ def report():
 
 @pytest.mark.parametrize("model", list(EXPECTED))
 def test_every_parameter_has_the_role_and_axes_its_library_gives_it(report, model):
+    from expectations import check_every
+
     got = report["models"][model]
-    used = set()
-    for name, info in got["layers"].items():
-        hits = [i for i, (pattern, _, _) in enumerate(EXPECTED[model]) if re.fullmatch(pattern, name)]
-        assert len(hits) == 1, f"{model}: {name} matches {len(hits)} expectations"
-        _, role, axes = EXPECTED[model][hits[0]]
-        assert (info["role"], tuple(info["axes"])) == (role, axes), f"{model}: {name}: {info['found']}"
-        used.add(hits[0])
-    assert used == set(range(len(EXPECTED[model]))), f"{model}: expectations that match nothing"
+    check_every([(name, (i["role"], tuple(i["axes"]))) for name, i in got["layers"].items()], EXPECTED[model],
+                f"{model}: ")
     assert sorted(got["unknown"]) == sorted(n for n, i in got["layers"].items() if i["role"] == "other")
 
 

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import timm
 import torch
 import torchvision
 from torch import nn
 
-import lowmem
 from lowmem.compress import slimadam_rules
 from lowmem.compress.memory import estimate_state_memory, optimizer_state_bytes
-from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM
 from lowmem.layers import resolve_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_rows import OPTIMIZERS  # noqa: E402  (the rows tests/compress/test_memory.py checks)
 
 IMAGE = 32
 
@@ -50,19 +52,6 @@ def models() -> dict[str, nn.Module]:
         "tv-swin": SwinTransformer(patch_size=[2, 2], embed_dim=12, depths=[1, 1], num_heads=[2, 4],
                                    window_size=[4, 4], num_classes=10),
     }
-
-
-OPTIMIZERS = {
-    "adamw": lambda model, plan: torch.optim.AdamW(model.parameters()),
-    "slimadam": lambda model, plan: lowmem.SlimAdam(model),
-    "eve": lambda model, plan: lowmem.Eve(model),
-    "adam-mini": lambda model, plan: lowmem.AdamMini(model),
-    "adam-mini-paper": lambda model, plan: lowmem.AdamMini(model, variant="paper"),
-    "adalayer": lambda model, plan: lowmem.AdaLayer(model),
-    "adamem": lambda model, plan: AdaMeM(model),
-    "adafactor-momentum": lambda model, plan: AdafactorMomentum(model),
-    "plan": lambda model, plan: lowmem.optimizer_from_plan(model, plan),
-}
 
 
 def _loss(model: nn.Module, gen: torch.Generator) -> torch.Tensor:

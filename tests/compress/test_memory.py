@@ -8,27 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-import lowmem
 from lowmem.compress import PlanMismatchError, slimadam_rules
 from lowmem.compress.optim import registry
 from lowmem.compress.configs import CONFIGS, GPT2Config, LlamaConfig, build_config_model
 from lowmem.compress.memory import StateCount, estimate_state_memory, optimizer_state_bytes
-from lowmem.compress.optim.adamem import AdafactorMomentum, AdaMeM
+from lowmem.compress.optim.adamem import AdafactorMomentum
 from lowmem.compress.plan import model_shapes
 from lowmem.layers import resolve_layers
 
-# Every row of the estimate and the optimizer that keeps that state (the plan row: the plan file).
-OPTIMIZERS = {
-    "adamw": lambda model, plan: torch.optim.AdamW(model.parameters()),
-    "slimadam": lambda model, plan: lowmem.SlimAdam(model),
-    "eve": lambda model, plan: lowmem.Eve(model),
-    "adam-mini": lambda model, plan: lowmem.AdamMini(model),
-    "adam-mini-paper": lambda model, plan: lowmem.AdamMini(model, variant="paper"),
-    "adalayer": lambda model, plan: lowmem.AdaLayer(model),
-    "adamem": lambda model, plan: AdaMeM(model),
-    "adafactor-momentum": lambda model, plan: AdafactorMomentum(model),
-    "plan": lambda model, plan: lowmem.optimizer_from_plan(model, plan),
-}
+from memory_rows import OPTIMIZERS  # noqa: E402  (every row and the optimizer that keeps its state)
 
 
 def tiny_gpt2() -> nn.Module:
