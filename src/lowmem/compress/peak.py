@@ -177,7 +177,8 @@ def _explained(what: str):
 def _prepare_quantization_maps() -> None:
     """Build the 8-/4-bit code maps and their encoders on real tensors before the trace (they are
     computed once per device from Python numbers, which fake tensors cannot give back; made under
-    the trace they would be fake and cached so); torchao's too (`_peer_maps`)."""
+    the trace they would be fake and cached so). A peer package's maps are made where its
+    optimizer is (`_make_optimizer`)."""
     from lowmem.compress.formats import QUANTIZED
     from lowmem.compress.optim.quant import _encoder
     from lowmem.compress.optim.state import _qmap
@@ -186,7 +187,6 @@ def _prepare_quantization_maps() -> None:
     for which in ("m", "v"):
         for fmt in QUANTIZED:
             _encoder(_qmap(which, fmt, cpu), cpu)
-    _peer_maps()
 
 
 def _peer_maps() -> None:
